@@ -1,1 +1,28 @@
-//! ferry-engine
+//! ferry-engine: the library behind the `ferry` command.
+//!
+//! Data flows one way: a [`Source`](adapters::Source) yields ops, they are
+//! written as segments in object storage (or streamed), and a
+//! [`Sink`](adapters::Sink) replays them. The modules:
+//!
+//! - [`order`]: seq contiguity (G1) as a checked operation.
+//! - [`segment`]: the segment format, its writer and its checked reader.
+//! - [`manifest`]: the JSON document that seals a backup.
+//! - [`store`]: backups in object storage, addressed by URL.
+//! - [`backup`]: writing, reading and verifying whole backups.
+//! - [`adapters`]: sources and sinks, one module per control plane.
+//! - [`pipeline`]: the extract and restore jobs end to end.
+//! - [`progress`]: counters the CLI shows as progress.
+//! - [`error`]: the crate error and its kinds.
+
+pub mod adapters;
+pub mod backup;
+pub mod error;
+pub mod manifest;
+pub mod order;
+pub mod pipeline;
+pub mod progress;
+pub mod segment;
+pub mod store;
+
+pub use error::{Error, ErrorKind, Result};
+pub use ferry_proto::v1::Op;

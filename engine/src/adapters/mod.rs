@@ -1,0 +1,144 @@
+//! Adapters: one module per control plane, each a [`Source`] of ops, a
+//! [`Sink`] for them, or both. They are opened by URL:
+//!
+//! | URL | adapter |
+//! | --- | --- |
+//! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
+
+pub mod jsonl;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::error::ErrorKind;
+use crate::manifest::SourceInfo;
+use crate::order::OrderError;
+use crate::progress::Progress;
+use crate::{Op, Result};
+
+/// A source's ops, and what it is.
+pub struct Extraction {
+    /// What the ops were taken from, for the manifest.
+    pub info: SourceInfo,
+    /// The ops in batches, seqs contiguous from 1 in source order (G1, G2).
+    /// The stream ends after the last op; an `Err` ends it early.
+    pub ops: BoxStream<'static, Result<Vec<Op>>>,
+}
+
+/// Where ops come from.
+///
+/// # Contract
+/// - Ops carry seqs contiguous from 1, in the source's commit order (G1, G2).
+/// - Ops of one source transaction are adjacent and share `txn`; the last
+///   has `txn_last` set (G3).
+/// - Batches are bounded (about a thousand ops or a MiB), and the stream is
+///   produced as it is consumed: memory does not grow with the source.
+/// - Errors name what and where (the file and line, the key, the revision).
+#[async_trait]
+pub trait Source: Send {
+    /// Starts reading. `progress` receives bytes read as the source goes.
+    async fn open(self: Box<Self>, progress: Arc<Progress>) -> Result<Extraction>;
+}
+
+/// Where ops go.
+///
+/// # Contract
+/// - `apply` receives batches in seq order, contiguous from 1, and never
+///   reorders them (G2).
+/// - Once `finish` returns `Ok`, every op applied is durable on the target;
+///   an `Err` from either means the target may hold only a prefix of them.
+#[async_trait]
+pub trait Sink: Send {
+    /// Applies a batch of ops, in order.
+    async fn apply(&mut self, ops: Vec<Op>) -> Result<()>;
+    /// Makes everything applied durable and releases the target.
+    async fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// A source or a sink failed, or gave bad input.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// No adapter takes this URL.
+    #[error("cannot use {url}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading the source failed.
+    #[error("cannot read {source_name}: {error}")]
+    Read {
+        /// The source, for people (a path, `stdin`).
+        source_name: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A record of the source is not a valid op.
+    #[error("{source_name} line {line}: {reason}")]
+    InvalidRecord {
+        /// The source, for people.
+        source_name: String,
+        /// The 1-based line (or record) number.
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A source handed out ops out of order (G1): a bug in the adapter.
+    #[error("the source gave ops out of order: {source}")]
+    SourceOutOfOrder {
+        /// The gap or repeat.
+        source: OrderError,
+    },
+    /// Writing to the target failed.
+    #[error("cannot write {target_name}: {error}")]
+    Write {
+        /// The target, for people (a path, `stdout`).
+        target_name: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+}
+
+impl AdapterError {
+    pub(crate) fn kind(&self) -> ErrorKind {
+        match self {
+            AdapterError::BadUrl { .. } => ErrorKind::Usage,
+            AdapterError::Read { .. }
+            | AdapterError::InvalidRecord { .. }
+            | AdapterError::SourceOutOfOrder { .. } => ErrorKind::Source,
+            AdapterError::Write { .. } => ErrorKind::Target,
+        }
+    }
+}
+
+/// Opens the source a URL names.
+pub fn source_from_url(url: &str) -> Result<Box<dyn Source>> {
+    match url.split_once("://") {
+        Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSource::new(jsonl::Location::parse(
+            url,
+        )?))),
+        _ => Err(unknown_scheme(url, "a source")),
+    }
+}
+
+/// Opens the sink a URL names.
+pub fn sink_from_url(url: &str) -> Result<Box<dyn Sink>> {
+    match url.split_once("://") {
+        Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSink::create(jsonl::Location::parse(
+            url,
+        )?)?)),
+        _ => Err(unknown_scheme(url, "a target")),
+    }
+}
+
+fn unknown_scheme(url: &str, role: &str) -> crate::Error {
+    AdapterError::BadUrl {
+        url: url.to_owned(),
+        reason: format!("no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-"),
+    }
+    .into()
+}

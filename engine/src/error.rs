@@ -1,0 +1,64 @@
+//! The crate error: the per-module errors, kept whole so callers can match
+//! on them, and sorted into [`ErrorKind`]s, the one place that decides how
+//! a failure is reported (process exit codes in the CLI, gRPC codes in the
+//! agents).
+
+use crate::adapters::AdapterError;
+use crate::backup::BackupError;
+use crate::manifest::ManifestError;
+use crate::segment::SegmentError;
+use crate::store::StoreError;
+
+/// Any failure of the engine.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A segment failed one of its own checks.
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    /// A manifest is unreadable or inconsistent.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A backup as a whole is missing, incomplete or damaged.
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// The object store failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A source or a sink failed, or gave bad input.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+/// What sort of failure an [`Error`] is, from the user's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Stored data is damaged: a checksum, a length, a seq or a manifest
+    /// does not add up. Restore from another backup.
+    Damaged,
+    /// The backup asked for does not exist or was never sealed.
+    NotFound,
+    /// The source gave bad input or failed.
+    Source,
+    /// The target refused or failed.
+    Target,
+    /// The object store failed (unreachable, denied, full).
+    Storage,
+    /// The request itself is wrong: a bad URL or option.
+    Usage,
+}
+
+impl Error {
+    /// Sorts the error for reporting.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Segment(_) | Error::Manifest(_) => ErrorKind::Damaged,
+            Error::Backup(error) => error.kind(),
+            Error::Store(error) => error.kind(),
+            Error::Adapter(error) => error.kind(),
+        }
+    }
+}
+
+/// The engine's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,227 @@
+//! Reading a segment: every check before the bytes are trusted.
+
+use bytes::{Buf, Bytes};
+use prost::Message;
+
+use super::{Codec, FORMAT_VERSION, MAGIC, PREFIX_LEN, SegmentError, SegmentHeader};
+use crate::Op;
+use crate::order::SeqTracker;
+
+/// How much a reader is willing to inflate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentLimits {
+    /// The most bytes one segment may decompress to. A header that declares
+    /// more is refused before anything is allocated.
+    pub max_uncompressed_bytes: u64,
+}
+
+impl Default for SegmentLimits {
+    fn default() -> Self {
+        Self {
+            // 32 times the default segment size: room for larger segments,
+            // not for a crafted header to exhaust memory.
+            max_uncompressed_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A segment whose header, checksums and length have been checked, and whose
+/// payload has been inflated; its ops decode from one shared buffer.
+#[derive(Debug, Clone)]
+pub struct DecodedSegment {
+    /// The segment's name as the caller gave it (for errors).
+    pub segment: String,
+    /// Its header.
+    pub header: SegmentHeader,
+    payload: Bytes,
+}
+
+/// Checks and inflates one segment object. `segment` names it in errors.
+///
+/// The checks, in order: layout and magic, format version, header checksum,
+/// header sanity, length (truncation), payload CRC-32C, the decompression
+/// limit, zstd's own content checksum and the declared length.
+pub fn decode_segment(
+    segment: &str,
+    object: Bytes,
+    limits: SegmentLimits,
+) -> Result<DecodedSegment, SegmentError> {
+    let segment = segment.to_owned();
+    let actual_bytes = object.len() as u64;
+    if object.len() < PREFIX_LEN {
+        return Err(SegmentError::Truncated {
+            segment,
+            expected_bytes: PREFIX_LEN as u64,
+            actual_bytes,
+        });
+    }
+    if &object[..8] != MAGIC {
+        return Err(SegmentError::BadMagic { segment });
+    }
+    let version = u32::from_le_bytes(object[8..12].try_into().expect("4 bytes"));
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(SegmentError::UnsupportedVersion { segment, version });
+    }
+    let header_len = u32::from_le_bytes(object[12..16].try_into().expect("4 bytes")) as usize;
+    let header_end = PREFIX_LEN + header_len;
+    if object.len() < header_end + 4 {
+        return Err(SegmentError::Truncated {
+            segment,
+            expected_bytes: (header_end + 4) as u64,
+            actual_bytes,
+        });
+    }
+    let header_bytes = &object[PREFIX_LEN..header_end];
+    let stored_crc = u32::from_le_bytes(
+        object[header_end..header_end + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if crc32c::crc32c(header_bytes) != stored_crc {
+        return Err(SegmentError::HeaderChecksum { segment });
+    }
+    let header =
+        SegmentHeader::decode(header_bytes).map_err(|error| SegmentError::InvalidHeader {
+            segment: segment.clone(),
+            reason: error.to_string(),
+        })?;
+    check_header(&segment, &header)?;
+
+    let payload_start = header_end + 4;
+    let expected_bytes = payload_start as u64 + header.compressed_bytes;
+    if actual_bytes != expected_bytes {
+        return Err(SegmentError::Truncated {
+            segment,
+            expected_bytes,
+            actual_bytes,
+        });
+    }
+    let compressed = object.slice(payload_start..);
+    let actual_crc = crc32c::crc32c(&compressed);
+    if actual_crc != header.payload_crc32c {
+        return Err(SegmentError::PayloadChecksum {
+            segment,
+            first_seq: header.first_seq,
+            last_seq: header.last_seq,
+            expected: header.payload_crc32c,
+            actual: actual_crc,
+        });
+    }
+    if header.uncompressed_bytes > limits.max_uncompressed_bytes {
+        return Err(SegmentError::TooLarge {
+            segment,
+            uncompressed_bytes: header.uncompressed_bytes,
+            limit: limits.max_uncompressed_bytes,
+        });
+    }
+    let payload = inflate(&segment, &header, &compressed)?;
+    Ok(DecodedSegment {
+        segment,
+        header,
+        payload,
+    })
+}
+
+fn check_header(segment: &str, header: &SegmentHeader) -> Result<(), SegmentError> {
+    let invalid = |reason: String| SegmentError::InvalidHeader {
+        segment: segment.to_owned(),
+        reason,
+    };
+    if header.codec != Codec::Zstd as i32 {
+        return Err(invalid(format!("unknown codec {}", header.codec)));
+    }
+    if header.op_count == 0 || header.first_seq == 0 || header.last_seq < header.first_seq {
+        return Err(invalid(format!(
+            "seq range {}..={} with {} ops",
+            header.first_seq, header.last_seq, header.op_count
+        )));
+    }
+    if header.last_seq - header.first_seq + 1 != header.op_count {
+        return Err(invalid(format!(
+            "seq range {}..={} cannot hold {} ops",
+            header.first_seq, header.last_seq, header.op_count
+        )));
+    }
+    Ok(())
+}
+
+fn inflate(
+    segment: &str,
+    header: &SegmentHeader,
+    compressed: &[u8],
+) -> Result<Bytes, SegmentError> {
+    let decompress_error = |reason: String| SegmentError::Decompress {
+        segment: segment.to_owned(),
+        first_seq: header.first_seq,
+        last_seq: header.last_seq,
+        reason,
+    };
+    let declared = header.uncompressed_bytes as usize;
+    // One shot into a buffer of exactly the declared size: zstd cannot write
+    // past it, and needs no window of its own beside it.
+    let mut payload = Vec::with_capacity(declared);
+    let mut decompressor =
+        zstd::bulk::Decompressor::new().map_err(|error| decompress_error(error.to_string()))?;
+    let written = decompressor
+        .decompress_to_buffer(compressed, &mut payload)
+        .map_err(|error| decompress_error(error.to_string()))?;
+    if written != declared {
+        return Err(decompress_error(format!(
+            "inflated to {written} bytes, the header declares {declared}"
+        )));
+    }
+    Ok(Bytes::from(payload))
+}
+
+impl DecodedSegment {
+    /// Decodes every op and checks them against the header: a contiguous run
+    /// (G1) from `first_seq` to `last_seq`, exactly `op_count` of them, and
+    /// nothing after the last.
+    pub fn into_ops(self) -> Result<Vec<Op>, SegmentError> {
+        let header = &self.header;
+        let mut ops = Vec::with_capacity(header.op_count.min(1 << 20) as usize);
+        let mut tracker = SeqTracker::starting_at(header.first_seq);
+        let total = self.payload.len();
+        let mut payload = self.payload.clone();
+        while payload.has_remaining() {
+            let offset = total - payload.remaining();
+            let op = Op::decode_length_delimited(&mut payload).map_err(|error| {
+                SegmentError::OpDecode {
+                    segment: self.segment.clone(),
+                    after_seq: tracker.last_seq(),
+                    offset,
+                    reason: error.to_string(),
+                }
+            })?;
+            tracker
+                .try_advance(op.seq)
+                .map_err(|source| SegmentError::OutOfOrder {
+                    segment: self.segment.clone(),
+                    source,
+                })?;
+            if op.seq > header.last_seq {
+                return Err(self.mismatch(format!("ops through seq {}", op.seq)));
+            }
+            ops.push(op);
+        }
+        if tracker.last_seq() != header.last_seq {
+            return Err(self.mismatch(format!(
+                "{} ops, through seq {}",
+                ops.len(),
+                tracker.last_seq()
+            )));
+        }
+        Ok(ops)
+    }
+
+    fn mismatch(&self, found: String) -> SegmentError {
+        SegmentError::HeaderMismatch {
+            segment: self.segment.clone(),
+            declared: format!(
+                "{} ops, seq {}..={}",
+                self.header.op_count, self.header.first_seq, self.header.last_seq
+            ),
+            found,
+        }
+    }
+}

@@ -71,7 +71,6 @@ pub async fn restore(
         sink.apply(batch).await?;
         ops += count;
         Progress::add(&progress.ops, count);
-        Progress::add(&progress.segments, 1);
     }
     sink.finish().await?;
     info!(backup_id = %manifest.backup_id, ops, "restore finished");

@@ -69,8 +69,8 @@ pub enum StoreError {
         path: String,
         /// The store, as ferry displays it.
         store: String,
-        /// What object_store said.
-        source: object_store::Error,
+        /// What object_store said (boxed: it is large, and errors are rare).
+        source: Box<object_store::Error>,
     },
     /// A create-only put found the object already there.
     #[error("{path} already exists in {store}; ferry never overwrites a sealed backup")]
@@ -144,10 +144,11 @@ impl BackupStore {
                 ));
             }
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-            let endpoint = builder
-                .get_config_value(&AmazonS3ConfigKey::Endpoint)
-                .unwrap_or_default();
-            if endpoint.starts_with("http://") {
+            let plain_http = [AmazonS3ConfigKey::Endpoint, AmazonS3ConfigKey::S3Endpoint]
+                .iter()
+                .filter_map(|key| builder.get_config_value(key))
+                .any(|endpoint| endpoint.starts_with("http://"));
+            if plain_http {
                 // An S3-compatible server on a private network or loopback.
                 builder = builder.with_allow_http(true);
             }
@@ -235,7 +236,7 @@ impl BackupStore {
             action,
             path: path.to_string(),
             store: self.display.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use super::BackupError;
 use crate::manifest::{Manifest, SegmentEntry};
 use crate::order::SeqTracker;
-use crate::segment::{SegmentLimits, decode_segment};
+use crate::segment::{DecodedSegment, SegmentLimits, decode_segment};
 use crate::store::BackupStore;
 use crate::{Op, Result};
 
@@ -66,9 +66,14 @@ pub async fn find_backup(store: &BackupStore, backup_id: Option<&str>) -> Result
     .into())
 }
 
-/// Streams a backup's ops, one segment's worth at a time, in seq order.
-/// Every segment is checked before its ops are handed out, and the order
-/// across segments is checked again (G1).
+/// Ops handed to a sink at once. Ops are decoded batch by batch from the
+/// segment's buffer, so a segment is never held as ops all at once.
+const BATCH_OPS: usize = 1024;
+
+/// Streams a backup's ops in batches, in seq order. Every segment passes
+/// its checks (checksums, header against the manifest, SHA-256) before any
+/// of its ops is handed out; the ops' own order is checked as they decode,
+/// and across segments too (G1).
 pub fn read_backup(
     store: BackupStore,
     manifest: Arc<Manifest>,
@@ -84,29 +89,38 @@ pub fn read_backup(
         })
         .buffered(options.prefetch_segments.max(1))
         .map(move |segment| {
-            let (entry, ops) = segment?;
-            if let Some(first) = ops.first() {
-                tracker
-                    .try_advance(first.seq)
-                    .map_err(|source| BackupError::OutOfOrder {
-                        backup_id: manifest.backup_id.clone(),
-                        segment: entry.name.clone(),
-                        source,
-                    })?;
-                // The segment checked its own ops; resume after its last.
-                tracker = SeqTracker::starting_at(entry.last_seq + 1);
-            }
-            Ok(ops)
+            let segment = segment?;
+            tracker
+                .try_advance(segment.header.first_seq)
+                .map_err(|source| BackupError::OutOfOrder {
+                    backup_id: manifest.backup_id.clone(),
+                    segment: segment.segment.clone(),
+                    source,
+                })?;
+            // The segment checks its own ops; resume after its last.
+            tracker = SeqTracker::starting_at(segment.header.last_seq + 1);
+            let mut ops = segment.ops();
+            let batches = std::iter::from_fn(move || {
+                let batch: Result<Vec<Op>, _> = ops.by_ref().take(BATCH_OPS).collect();
+                match batch {
+                    Ok(batch) if batch.is_empty() => None,
+                    Ok(batch) => Some(Ok(batch)),
+                    Err(error) => Some(Err(crate::Error::from(error))),
+                }
+            });
+            Ok::<_, crate::Error>(futures::stream::iter(batches))
         })
+        .try_flatten()
 }
 
-/// Fetches one segment of a backup and checks it in full; returns its ops.
+/// Fetches one segment of a backup and checks it in full (everything but
+/// the ops themselves, which are checked as they decode).
 pub async fn read_segment(
     store: &BackupStore,
     backup_id: &str,
     entry: &SegmentEntry,
     limits: SegmentLimits,
-) -> Result<(SegmentEntry, Vec<Op>)> {
+) -> Result<DecodedSegment> {
     let object = store
         .get_object(backup_id, &entry.path)
         .await?
@@ -116,12 +130,9 @@ pub async fn read_segment(
         })?;
     let backup_id = backup_id.to_owned();
     let entry = entry.clone();
-    tokio::task::spawn_blocking(move || {
-        let ops = check_segment(&backup_id, &entry, object, limits)?;
-        Ok((entry, ops))
-    })
-    .await
-    .expect("segment checks do not panic")
+    tokio::task::spawn_blocking(move || check_segment(&backup_id, &entry, object, limits))
+        .await
+        .expect("segment checks do not panic")
 }
 
 /// The segment's own checks first (so damage is named for what it is),
@@ -131,7 +142,7 @@ fn check_segment(
     entry: &SegmentEntry,
     object: Bytes,
     limits: SegmentLimits,
-) -> Result<Vec<Op>> {
+) -> Result<DecodedSegment> {
     let sha256 = hex::encode(Sha256::digest(&object));
     let decoded = decode_segment(&entry.name, object, limits)?;
     let header = &decoded.header;
@@ -176,5 +187,5 @@ fn check_segment(
         }
         .into());
     }
-    Ok(decoded.into_ops()?)
+    Ok(decoded)
 }

@@ -11,7 +11,7 @@ mod reader;
 mod writer;
 
 pub use ferry_proto::v1::{Codec, SegmentHeader};
-pub use reader::{DecodedSegment, SegmentLimits, decode_segment};
+pub use reader::{DecodedSegment, SegmentLimits, SegmentOps, decode_segment};
 pub use writer::{SealedSegment, SegmentEncoder, SegmentOptions};
 
 use std::fmt;

@@ -174,44 +174,23 @@ fn inflate(
 }
 
 impl DecodedSegment {
-    /// Decodes every op and checks them against the header: a contiguous run
-    /// (G1) from `first_seq` to `last_seq`, exactly `op_count` of them, and
-    /// nothing after the last.
+    /// Decodes every op into one `Vec` (see [`DecodedSegment::ops`]).
     pub fn into_ops(self) -> Result<Vec<Op>, SegmentError> {
-        let header = &self.header;
-        let mut ops = Vec::with_capacity(header.op_count.min(1 << 20) as usize);
-        let mut tracker = SeqTracker::starting_at(header.first_seq);
-        let total = self.payload.len();
-        let mut payload = self.payload.clone();
-        while payload.has_remaining() {
-            let offset = total - payload.remaining();
-            let op = Op::decode_length_delimited(&mut payload).map_err(|error| {
-                SegmentError::OpDecode {
-                    segment: self.segment.clone(),
-                    after_seq: tracker.last_seq(),
-                    offset,
-                    reason: error.to_string(),
-                }
-            })?;
-            tracker
-                .try_advance(op.seq)
-                .map_err(|source| SegmentError::OutOfOrder {
-                    segment: self.segment.clone(),
-                    source,
-                })?;
-            if op.seq > header.last_seq {
-                return Err(self.mismatch(format!("ops through seq {}", op.seq)));
-            }
-            ops.push(op);
+        self.ops().collect()
+    }
+
+    /// The ops, decoded one at a time from the shared buffer and checked
+    /// against the header as they come: a contiguous run (G1) from
+    /// `first_seq` to `last_seq`, exactly `op_count` of them, nothing after
+    /// the last. A broken segment yields its error and then ends.
+    pub fn ops(self) -> SegmentOps {
+        SegmentOps {
+            tracker: SeqTracker::starting_at(self.header.first_seq),
+            total: self.payload.len(),
+            rest: self.payload.clone(),
+            segment: self,
+            finished: false,
         }
-        if tracker.last_seq() != header.last_seq {
-            return Err(self.mismatch(format!(
-                "{} ops, through seq {}",
-                ops.len(),
-                tracker.last_seq()
-            )));
-        }
-        Ok(ops)
     }
 
     fn mismatch(&self, found: String) -> SegmentError {
@@ -222,6 +201,72 @@ impl DecodedSegment {
                 self.header.op_count, self.header.first_seq, self.header.last_seq
             ),
             found,
+        }
+    }
+}
+
+/// The ops of a [`DecodedSegment`], in order; see [`DecodedSegment::ops`].
+#[derive(Debug)]
+pub struct SegmentOps {
+    segment: DecodedSegment,
+    rest: Bytes,
+    total: usize,
+    tracker: SeqTracker,
+    finished: bool,
+}
+
+impl SegmentOps {
+    fn next_op(&mut self) -> Result<Option<Op>, SegmentError> {
+        let header = &self.segment.header;
+        if !self.rest.has_remaining() {
+            if self.tracker.last_seq() != header.last_seq {
+                return Err(self.segment.mismatch(format!(
+                    "{} ops, through seq {}",
+                    self.tracker.last_seq() + 1 - header.first_seq,
+                    self.tracker.last_seq()
+                )));
+            }
+            return Ok(None);
+        }
+        let offset = self.total - self.rest.remaining();
+        let op = Op::decode_length_delimited(&mut self.rest).map_err(|error| {
+            SegmentError::OpDecode {
+                segment: self.segment.segment.clone(),
+                after_seq: self.tracker.last_seq(),
+                offset,
+                reason: error.to_string(),
+            }
+        })?;
+        self.tracker
+            .try_advance(op.seq)
+            .map_err(|source| SegmentError::OutOfOrder {
+                segment: self.segment.segment.clone(),
+                source,
+            })?;
+        if op.seq > header.last_seq {
+            return Err(self.segment.mismatch(format!("ops through seq {}", op.seq)));
+        }
+        Ok(Some(op))
+    }
+}
+
+impl Iterator for SegmentOps {
+    type Item = Result<Op, SegmentError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished {
+            return None;
+        }
+        match self.next_op() {
+            Ok(Some(op)) => Some(Ok(op)),
+            Ok(None) => {
+                self.finished = true;
+                None
+            }
+            Err(error) => {
+                self.finished = true;
+                Some(Err(error))
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //!   (encode, stream through zstd with its content checksum, CRC-32C, SHA-256).
 //! - `encode_compress/raw_zstd`: the already-encoded ops through
 //!   `zstd::bulk::compress` at the same level: the physical limit.
-//! - `decompress_decode/ferry`: `decode_segment` + `into_ops`, every check on.
+//! - `decompress_decode/ferry`: `decode_segment` + every op decoded and
+//!   handed on one at a time, as a restore does, every check on.
 //! - `decompress_decode/raw_zstd`: `zstd::bulk::decompress` of the raw frame.
 //!
 //! Throughput is in uncompressed encoded op bytes for all four. Once criterion
@@ -20,13 +21,25 @@
 //! of its time that is.
 
 use std::hint::black_box;
+
+/// The allocator the `ferry` binary uses, so the bench measures what it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
 use ferry_benches::{SEED, encode_length_delimited, pachyderm_commit_ops};
 use ferry_engine::Op;
+use std::sync::Arc;
+
+use ferry_engine::adapters::Extraction;
+use ferry_engine::backup::{ExtractOptions, RestoreOptions, read_backup, write_backup};
+use ferry_engine::manifest::{Manifest, SourceInfo};
+use ferry_engine::progress::Progress;
 use ferry_engine::segment::{SegmentEncoder, SegmentLimits, SegmentOptions, decode_segment};
+use ferry_engine::store::BackupStore;
+use futures::TryStreamExt;
 
 /// The ratio ferry should reach against raw zstd, printed beside each one.
 const TARGET_RATIO: f64 = 0.60;
@@ -64,7 +77,16 @@ impl Fixture {
         // The benches must measure a working path: what ferry writes reads
         // back as the same ops, and raw zstd round-trips the same bytes.
         assert_eq!(sealed.header.uncompressed_bytes, encoded.len() as u64);
-        assert_eq!(ferry_decode(&segment_name, &segment_object), ops);
+        let decoded: Vec<Op> = decode_segment(
+            &segment_name,
+            segment_object.clone(),
+            SegmentLimits::default(),
+        )
+        .expect("the segment passes its checks")
+        .into_ops()
+        .expect("the ops decode");
+        assert_eq!(decoded, ops, "ferry gives back the ops it was given");
+        assert_eq!(ferry_decode(&segment_name, &segment_object), ops.len());
         assert_eq!(raw_decompress(&raw_frame, encoded.len()), encoded);
 
         println!(
@@ -100,15 +122,115 @@ fn ferry_encode(ops: &[Op], options: SegmentOptions) -> ferry_engine::segment::S
     encoder.seal().expect("the segment seals")
 }
 
-fn ferry_decode(segment_name: &str, segment_object: &Bytes) -> Vec<Op> {
+/// Checks and inflates the segment, then decodes every op and hands it on,
+/// as a restore does (it batches them 1024 at a time for the sink).
+fn ferry_decode(segment_name: &str, segment_object: &Bytes) -> usize {
     decode_segment(
         segment_name,
         segment_object.clone(),
         SegmentLimits::default(),
     )
     .expect("the segment passes its checks")
-    .into_ops()
-    .expect("the ops decode")
+    .ops()
+    .fold(0, |count, op| {
+        black_box(op.expect("the op decodes"));
+        count + 1
+    })
+}
+
+/// A backup of several segments in an in-memory store, read back as a
+/// restore reads it: segments fetched and checked (CRC-32C, zstd, header
+/// against the manifest, SHA-256) on a blocking thread a couple ahead, while
+/// the ops of the current one are decoded and handed on.
+struct RestoreFixture {
+    runtime: tokio::runtime::Runtime,
+    store: BackupStore,
+    manifest: Arc<Manifest>,
+    /// Each segment's encoded ops compressed by zstd alone.
+    raw_frames: Vec<(Vec<u8>, usize)>,
+}
+
+impl RestoreFixture {
+    const SEGMENTS: usize = 8;
+
+    fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime starts");
+        let options = SegmentOptions::default();
+        let ops = pachyderm_commit_ops(options.target_uncompressed_bytes * Self::SEGMENTS, SEED);
+        let store = BackupStore::open("memory://", true).expect("a memory store opens");
+        let batches: Vec<ferry_engine::Result<Vec<Op>>> =
+            ops.chunks(1024).map(|chunk| Ok(chunk.to_vec())).collect();
+        let extraction = Extraction {
+            info: SourceInfo {
+                platform: "bench".to_owned(),
+                ..SourceInfo::default()
+            },
+            ops: Box::pin(futures::stream::iter(batches)),
+        };
+        let manifest = runtime
+            .block_on(write_backup(
+                &store,
+                extraction,
+                ExtractOptions::default(),
+                Arc::new(Progress::default()),
+            ))
+            .expect("the backup is written");
+        let raw_frames = manifest
+            .segments
+            .iter()
+            .map(|entry| {
+                let encoded = encode_length_delimited(
+                    &ops[entry.first_seq as usize - 1..entry.last_seq as usize],
+                );
+                (
+                    raw_compress(&encoded, options.compression_level),
+                    encoded.len(),
+                )
+            })
+            .collect();
+        let fixture = Self {
+            runtime,
+            store,
+            manifest: Arc::new(manifest),
+            raw_frames,
+        };
+        assert_eq!(
+            fixture.ferry_read(),
+            ops.len() as u64,
+            "the restore path reads every op back"
+        );
+        fixture
+    }
+
+    fn ferry_read(&self) -> u64 {
+        self.runtime.block_on(async {
+            read_backup(
+                self.store.clone(),
+                self.manifest.clone(),
+                RestoreOptions::default(),
+            )
+            .try_fold(0u64, |count, batch| async move {
+                Ok(count + black_box(batch).len() as u64)
+            })
+            .await
+            .expect("the backup reads back")
+        })
+    }
+
+    fn raw_read(&self) -> usize {
+        self.raw_frames
+            .iter()
+            .map(|(frame, length)| raw_decompress(frame, *length).len())
+            .sum()
+    }
+
+    fn throughput(&self) -> Throughput {
+        Throughput::Bytes(self.manifest.totals.uncompressed_bytes)
+    }
 }
 
 fn raw_compress(encoded: &[u8], level: i32) -> Vec<u8> {
@@ -156,6 +278,19 @@ fn decompress_decode(criterion: &mut Criterion, fixture: &Fixture) {
     group.bench_function("raw_zstd", |bencher| {
         bencher.iter(|| raw_decompress(black_box(&fixture.raw_frame), fixture.encoded.len()));
     });
+    group.finish();
+}
+
+fn restore_read(criterion: &mut Criterion, fixture: &RestoreFixture) {
+    let mut group = criterion.benchmark_group("restore_read");
+    group
+        .throughput(fixture.throughput())
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("ferry", |bencher| bencher.iter(|| fixture.ferry_read()));
+    group.bench_function("raw_zstd", |bencher| bencher.iter(|| fixture.raw_read()));
     group.finish();
 }
 
@@ -214,11 +349,23 @@ fn print_ratios(fixture: &Fixture) {
     print_ratio("decompress+decode", bytes, ferry, raw);
 }
 
+fn print_restore_ratio(fixture: &RestoreFixture) {
+    let (ferry, raw) = median_pair(|| fixture.ferry_read(), || fixture.raw_read());
+    print_ratio(
+        "restore read path (8 segments, pipelined on 2 threads; raw zstd on 1)",
+        fixture.manifest.totals.uncompressed_bytes as usize,
+        ferry,
+        raw,
+    );
+}
+
 fn main() {
     let fixture = Fixture::new();
     let mut criterion = Criterion::default().configure_from_args();
     encode_compress(&mut criterion, &fixture);
     decompress_decode(&mut criterion, &fixture);
+    let restore_fixture = RestoreFixture::new();
+    restore_read(&mut criterion, &restore_fixture);
     criterion.final_summary();
 
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
@@ -236,5 +383,6 @@ fn main() {
     let benchmarking = has("--bench") && !has("--list") && !has("--profile-time");
     if benchmarking {
         print_ratios(&fixture);
+        print_restore_ratio(&restore_fixture);
     }
 }

@@ -92,12 +92,12 @@ pub fn pachyderm_commit_ops(target_encoded_bytes: usize, seed: u64) -> Vec<Op> {
             position,
             txn: 0,
             txn_last: true,
-            kind: "etcd.kv".to_owned(),
+            kind: Bytes::from_static(b"etcd.kv"),
             key: Bytes::from(format!("/pachyderm/pfs/commits/{repo}/{hash}")),
-            method: "Put".to_owned(),
+            method: Bytes::from_static(b"Put"),
             body: Bytes::from(value),
-            content_type: "application/json".to_owned(),
-            platform_version: "1.13".to_owned(),
+            content_type: Bytes::from_static(b"application/json"),
+            platform_version: Bytes::from_static(b"1.13"),
             deps: Vec::new(),
         };
         encoded_bytes += op.encoded_len() + prost::length_delimiter_len(op.encoded_len());

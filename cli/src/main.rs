@@ -15,6 +15,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// mimalloc: restores decode millions of small ops, and glibc's malloc gave
+/// its memory back to the kernel and faulted it in again on every segment
+/// (measured in `benches/`, which uses the same allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ferry: extract, restore and migrate control-plane metadata as a stream of
 /// replayable API requests, kept in object storage.
 #[derive(Debug, Parser)]

@@ -21,9 +21,17 @@ fn bytes_up_to(max: usize) -> impl Strategy<Value = Bytes> {
 /// Ops with arbitrary contents (seq is set by the caller).
 fn arbitrary_op() -> impl Strategy<Value = Op> {
     (
-        (any::<u64>(), any::<u64>(), any::<bool>(), ".{0,12}"),
-        (bytes_up_to(64), ".{0,12}", bytes_up_to(600), ".{0,20}"),
-        (".{0,6}", proptest::collection::vec(bytes_up_to(16), 0..3)),
+        (any::<u64>(), any::<u64>(), any::<bool>(), bytes_up_to(12)),
+        (
+            bytes_up_to(64),
+            bytes_up_to(12),
+            bytes_up_to(600),
+            bytes_up_to(20),
+        ),
+        (
+            bytes_up_to(6),
+            proptest::collection::vec(bytes_up_to(16), 0..3),
+        ),
     )
         .prop_map(
             |(

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ferry_engine::Op;
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{
@@ -46,16 +47,16 @@ fn generate_ops(count: u64, body_bytes: usize, random_bodies: bool) -> Vec<Op> {
                 // Groups of three ops share a transaction.
                 txn: seq.div_ceil(3),
                 txn_last: seq % 3 == 0 || seq == count,
-                kind: "test.item".to_owned(),
+                kind: Bytes::from_static(b"test.item"),
                 key: format!("/items/{seq:08}").into_bytes().into(),
-                method: "Put".to_owned(),
+                method: Bytes::from_static(b"Put"),
                 body: body.into(),
                 content_type: if random_bodies {
-                    "application/octet-stream".to_owned()
+                    Bytes::from_static(b"application/octet-stream")
                 } else {
-                    "application/json".to_owned()
+                    Bytes::from_static(b"application/json")
                 },
-                platform_version: "1.0".to_owned(),
+                platform_version: Bytes::from_static(b"1.0"),
                 deps: Vec::new(),
             }
         })

@@ -10,6 +10,7 @@
 use std::process::Stdio;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ferry_engine::Op;
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{
@@ -32,11 +33,11 @@ fn generate_ops() -> Vec<Op> {
         .map(|seq| Op {
             seq,
             txn_last: true,
-            kind: "test.item".to_owned(),
+            kind: Bytes::from_static(b"test.item"),
             key: format!("/items/{seq:06}").into_bytes().into(),
-            method: "Put".to_owned(),
+            method: Bytes::from_static(b"Put"),
             body: format!("{{\"item\":{seq}}}").into_bytes().into(),
-            content_type: "application/json".to_owned(),
+            content_type: Bytes::from_static(b"application/json"),
             ..Op::default()
         })
         .collect()

@@ -93,6 +93,16 @@ pub enum AdapterError {
         /// The gap or repeat.
         source: OrderError,
     },
+    /// An op cannot be written in the target's format.
+    #[error("cannot write op seq {seq} to {target_name}: {reason}")]
+    Unrepresentable {
+        /// The target, for people.
+        target_name: String,
+        /// The op.
+        seq: u64,
+        /// Why not.
+        reason: String,
+    },
     /// Writing to the target failed.
     #[error("cannot write {target_name}: {error}")]
     Write {
@@ -110,7 +120,7 @@ impl AdapterError {
             AdapterError::Read { .. }
             | AdapterError::InvalidRecord { .. }
             | AdapterError::SourceOutOfOrder { .. } => ErrorKind::Source,
-            AdapterError::Write { .. } => ErrorKind::Target,
+            AdapterError::Write { .. } | AdapterError::Unrepresentable { .. } => ErrorKind::Target,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Reading a segment: every check before the bytes are trusted.
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use prost::Message;
 
+use super::op_decode::decode_op;
 use super::{Codec, FORMAT_VERSION, MAGIC, PREFIX_LEN, SegmentError, SegmentHeader};
 use crate::Op;
 use crate::order::SeqTracker;
@@ -186,8 +187,7 @@ impl DecodedSegment {
     pub fn ops(self) -> SegmentOps {
         SegmentOps {
             tracker: SeqTracker::starting_at(self.header.first_seq),
-            total: self.payload.len(),
-            rest: self.payload.clone(),
+            offset: 0,
             segment: self,
             finished: false,
         }
@@ -209,8 +209,7 @@ impl DecodedSegment {
 #[derive(Debug)]
 pub struct SegmentOps {
     segment: DecodedSegment,
-    rest: Bytes,
-    total: usize,
+    offset: usize,
     tracker: SeqTracker,
     finished: bool,
 }
@@ -218,7 +217,7 @@ pub struct SegmentOps {
 impl SegmentOps {
     fn next_op(&mut self) -> Result<Option<Op>, SegmentError> {
         let header = &self.segment.header;
-        if !self.rest.has_remaining() {
+        if self.offset == self.segment.payload.len() {
             if self.tracker.last_seq() != header.last_seq {
                 return Err(self.segment.mismatch(format!(
                     "{} ops, through seq {}",
@@ -228,13 +227,13 @@ impl SegmentOps {
             }
             return Ok(None);
         }
-        let offset = self.total - self.rest.remaining();
-        let op = Op::decode_length_delimited(&mut self.rest).map_err(|error| {
+        let offset = self.offset;
+        let op = decode_op(&self.segment.payload, &mut self.offset).map_err(|reason| {
             SegmentError::OpDecode {
                 segment: self.segment.segment.clone(),
                 after_seq: self.tracker.last_seq(),
                 offset,
-                reason: error.to_string(),
+                reason: reason.to_owned(),
             }
         })?;
         self.tracker

@@ -21,14 +21,14 @@ pub fn ops(count: u64) -> Vec<Op> {
             position: seq + 100,
             txn: 0,
             txn_last: true,
-            kind: "etcd.kv".to_owned(),
+            kind: Bytes::from_static(b"etcd.kv"),
             key: Bytes::from(format!("/pachyderm/pfs/commits/repo{}/{seq:040x}", seq % 7)),
-            method: "Put".to_owned(),
+            method: Bytes::from_static(b"Put"),
             body: Bytes::from(format!(
                 r#"{{"seq":{seq},"origin":"USER","description":"commit number {seq}"}}"#
             )),
-            content_type: "application/json".to_owned(),
-            platform_version: "1.12".to_owned(),
+            content_type: Bytes::from_static(b"application/json"),
+            platform_version: Bytes::from_static(b"1.12"),
             deps: Vec::new(),
         })
         .collect()

@@ -163,14 +163,15 @@ fn parse_line(line: &[u8], seq: u64) -> Result<Op, String> {
         txn,
         // Set by the reader once it sees the next line.
         txn_last: true,
-        kind: parsed.kind.unwrap_or_default(),
+        kind: parsed.kind.map(Bytes::from).unwrap_or_default(),
         key,
-        method,
+        method: Bytes::from(method),
         body,
-        content_type: parsed
-            .content_type
-            .unwrap_or_else(|| default_content_type.to_owned()),
-        platform_version: parsed.platform_version.unwrap_or_default(),
+        content_type: parsed.content_type.map_or(
+            Bytes::from_static(default_content_type.as_bytes()),
+            Bytes::from,
+        ),
+        platform_version: parsed.platform_version.map(Bytes::from).unwrap_or_default(),
         deps,
     })
 }
@@ -195,8 +196,12 @@ fn is_inline_json(body: &[u8]) -> bool {
 }
 
 /// Appends one op as a line, newline included. The line reads back (through
-/// [`parse_line`]) as the same op, byte for byte.
-fn write_line(op: &Op, line: &mut Vec<u8>) {
+/// [`parse_line`]) as the same op, byte for byte. Fails, naming the field,
+/// when a text field of the op is not UTF-8 (JSON Lines cannot carry it).
+fn write_line(op: &Op, line: &mut Vec<u8>) -> Result<(), &'static str> {
+    fn text<'a>(field: &'static str, value: &'a [u8]) -> Result<&'a str, &'static str> {
+        std::str::from_utf8(value).map_err(|_| field)
+    }
     fn string(line: &mut Vec<u8>, value: &str) {
         serde_json::to_writer(&mut *line, value).expect("writing to a Vec cannot fail");
     }
@@ -205,11 +210,12 @@ fn write_line(op: &Op, line: &mut Vec<u8>) {
         line.extend_from_slice(name.as_bytes());
         line.extend_from_slice(b"\":");
     }
+    let start = line.len();
     line.extend_from_slice(b"{\"seq\":");
     line.extend_from_slice(op.seq.to_string().as_bytes());
     if !op.kind.is_empty() {
         field(line, "kind");
-        string(line, &op.kind);
+        string(line, text("kind", &op.kind)?);
     }
     if op.txn != 0 {
         field(line, "txn");
@@ -221,7 +227,7 @@ fn write_line(op: &Op, line: &mut Vec<u8>) {
     }
     if !op.platform_version.is_empty() {
         field(line, "platform_version");
-        string(line, &op.platform_version);
+        string(line, text("platform_version", &op.platform_version)?);
     }
     match std::str::from_utf8(&op.key) {
         Ok(key) => {
@@ -234,16 +240,16 @@ fn write_line(op: &Op, line: &mut Vec<u8>) {
         }
     }
     field(line, "method");
-    string(line, &op.method);
+    string(line, text("method", &op.method)?);
     let inline = is_inline_json(&op.body);
     let default_content_type = if inline {
         JSON_CONTENT_TYPE
     } else {
         BINARY_CONTENT_TYPE
     };
-    if op.content_type != default_content_type {
+    if op.content_type != default_content_type.as_bytes() {
         field(line, "content_type");
-        string(line, &op.content_type);
+        string(line, text("content_type", &op.content_type)?);
     }
     if !op.deps.is_empty() {
         let texts: Option<Vec<&str>> = op
@@ -271,6 +277,8 @@ fn write_line(op: &Op, line: &mut Vec<u8>) {
         string(line, &BASE64.encode(&op.body));
     }
     line.extend_from_slice(b"}\n");
+    debug_assert!(line.len() > start);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -290,7 +298,19 @@ mod tests {
             "the body is kept byte for byte"
         );
         assert_eq!(op.content_type, JSON_CONTENT_TYPE);
+        assert_eq!(op.method, "Put");
         assert_eq!((op.txn, op.position), (7, 42));
+    }
+
+    #[test]
+    fn a_text_field_that_is_not_utf8_is_refused_by_name() {
+        let op = Op {
+            seq: 9,
+            key: Bytes::from_static(b"k"),
+            method: Bytes::from_static(b"\xffPut"),
+            ..Op::default()
+        };
+        assert_eq!(write_line(&op, &mut Vec::new()), Err("method"));
     }
 
     #[test]
@@ -337,10 +357,10 @@ mod tests {
             Just(b"{\n}".to_vec()),
         ];
         let content_type = prop_oneof![
-            Just(String::new()),
-            Just(JSON_CONTENT_TYPE.to_owned()),
-            Just(BINARY_CONTENT_TYPE.to_owned()),
-            Just("text/plain".to_owned()),
+            Just(""),
+            Just(JSON_CONTENT_TYPE),
+            Just(BINARY_CONTENT_TYPE),
+            Just("text/plain"),
         ];
         (
             (1u64..1000, any::<u64>(), any::<u64>(), "[a-z.]{0,8}"),
@@ -360,12 +380,12 @@ mod tests {
                     position,
                     txn,
                     txn_last: true,
-                    kind,
+                    kind: kind.into(),
                     key: key.into(),
-                    method,
+                    method: method.into(),
                     body: body.into(),
-                    content_type,
-                    platform_version,
+                    content_type: Bytes::from_static(content_type.as_bytes()),
+                    platform_version: platform_version.into(),
                     deps: deps.into_iter().map(Bytes::from).collect(),
                 },
             )
@@ -375,7 +395,7 @@ mod tests {
         #[test]
         fn every_op_survives_a_line(op in arbitrary_op()) {
             let mut line = Vec::new();
-            write_line(&op, &mut line);
+            write_line(&op, &mut line).expect("text fields are UTF-8");
             prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
             prop_assert_eq!(line.last(), Some(&b'\n'));
             let back = parse_line(&line[..line.len() - 1], op.seq).expect("a written line reads back");

@@ -75,7 +75,11 @@ impl JsonlSink {
             while let Some(batch) = receiver.blocking_recv() {
                 for op in &batch {
                     line.clear();
-                    write_line(op, &mut line);
+                    write_line(op, &mut line).map_err(|field| AdapterError::Unrepresentable {
+                        target_name: writer_name.clone(),
+                        seq: op.seq,
+                        reason: format!("its `{field}` is not UTF-8 text"),
+                    })?;
                     output.write_all(&line).map_err(write_error)?;
                 }
             }

@@ -67,29 +67,70 @@ const DESCRIPTION: &str = "nightly ingest of new images from the upload bucket, 
 
 /// Ops whose length-delimited encodings add up to at least
 /// `target_encoded_bytes`, as an etcd snapshot of Pachyderm's commit records
-/// would produce them: key `/pachyderm/pfs/commits/<repo>/<40-hex hash>`, a
-/// [`VALUE_BYTES`]-byte JSON value, method `Put`, kind `etcd.kv`, positions
-/// (etcd revisions) increasing, seqs contiguous from 1.
+/// would produce them: see [`PachydermCommits`].
 ///
 /// The same `seed` gives the same ops on every machine.
 pub fn pachyderm_commit_ops(target_encoded_bytes: usize, seed: u64) -> Vec<Op> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    // The newest commit of each repo, the parent of its next one.
-    let mut heads: Vec<Option<String>> = vec![None; REPOS.len()];
     let mut ops = Vec::new();
     let mut encoded_bytes = 0;
-    let mut position: u64 = 18_204;
-    let mut started: u64 = 1_712_000_000;
-    while encoded_bytes < target_encoded_bytes {
-        let repo_index = rng.random_range(0..REPOS.len());
+    for op in PachydermCommits::new(seed) {
+        if encoded_bytes >= target_encoded_bytes {
+            break;
+        }
+        encoded_bytes += op.encoded_len() + prost::length_delimiter_len(op.encoded_len());
+        ops.push(op);
+    }
+    ops
+}
+
+/// An endless, deterministic stream of ops as an etcd snapshot of
+/// Pachyderm's commit records would produce them: key
+/// `/pachyderm/pfs/commits/<repo>/<40-hex hash>`, a [`VALUE_BYTES`]-byte JSON
+/// value, method `Put`, kind `etcd.kv`, positions (etcd revisions)
+/// increasing, seqs contiguous from 1.
+pub struct PachydermCommits {
+    rng: StdRng,
+    /// The newest commit of each repo, the parent of its next one.
+    heads: Vec<Option<String>>,
+    seq: u64,
+    position: u64,
+    started: u64,
+}
+
+impl PachydermCommits {
+    /// The stream for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            heads: vec![None; REPOS.len()],
+            seq: 0,
+            position: 18_204,
+            started: 1_712_000_000,
+        }
+    }
+}
+
+impl Iterator for PachydermCommits {
+    type Item = Op;
+
+    fn next(&mut self) -> Option<Op> {
+        let repo_index = self.rng.random_range(0..REPOS.len());
         let repo = REPOS[repo_index];
-        let hash = hex_hash(&mut rng);
-        position += rng.random_range(1..=3);
-        started += rng.random_range(0..=90);
-        let value = commit_value(&mut rng, repo, &hash, heads[repo_index].as_deref(), started);
-        let op = Op {
-            seq: ops.len() as u64 + 1,
-            position,
+        let hash = hex_hash(&mut self.rng);
+        self.seq += 1;
+        self.position += self.rng.random_range(1..=3);
+        self.started += self.rng.random_range(0..=90);
+        let value = commit_value(
+            &mut self.rng,
+            repo,
+            &hash,
+            self.heads[repo_index].as_deref(),
+            self.started,
+        );
+        self.heads[repo_index] = Some(hash.clone());
+        Some(Op {
+            seq: self.seq,
+            position: self.position,
             txn: 0,
             txn_last: true,
             kind: Bytes::from_static(b"etcd.kv"),
@@ -99,12 +140,8 @@ pub fn pachyderm_commit_ops(target_encoded_bytes: usize, seed: u64) -> Vec<Op> {
             content_type: Bytes::from_static(b"application/json"),
             platform_version: Bytes::from_static(b"1.13"),
             deps: Vec::new(),
-        };
-        encoded_bytes += op.encoded_len() + prost::length_delimiter_len(op.encoded_len());
-        heads[repo_index] = Some(hash);
-        ops.push(op);
+        })
     }
-    ops
 }
 
 /// The ops one after the other, each prefixed with its length: exactly the

@@ -13,6 +13,7 @@
 //! - [`pipeline`]: the extract and restore jobs end to end.
 //! - [`progress`]: counters the CLI shows as progress.
 //! - [`error`]: the crate error and its kinds.
+//! - `testing` (feature `testing`): proptest strategies for ops.
 
 pub mod adapters;
 pub mod backup;
@@ -23,6 +24,8 @@ pub mod pipeline;
 pub mod progress;
 pub mod segment;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use error::{Error, ErrorKind, Result};
 pub use ferry_proto::v1::Op;

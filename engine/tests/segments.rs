@@ -5,68 +5,21 @@ mod common;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use ferry_engine::Op;
 use ferry_engine::backup::{RestoreOptions, find_backup, read_backup, write_backup};
 use ferry_engine::progress::Progress;
 use ferry_engine::segment::{SegmentEncoder, SegmentLimits, SegmentOptions, decode_segment};
 use ferry_engine::store::BackupStore;
+use ferry_engine::testing::{arbitrary_op, numbered};
 use futures::TryStreamExt;
 use proptest::prelude::*;
-
-fn bytes_up_to(max: usize) -> impl Strategy<Value = Bytes> {
-    proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
-}
-
-/// Ops with arbitrary contents (seq is set by the caller).
-fn arbitrary_op() -> impl Strategy<Value = Op> {
-    (
-        (any::<u64>(), any::<u64>(), any::<bool>(), bytes_up_to(12)),
-        (
-            bytes_up_to(64),
-            bytes_up_to(12),
-            bytes_up_to(600),
-            bytes_up_to(20),
-        ),
-        (
-            bytes_up_to(6),
-            proptest::collection::vec(bytes_up_to(16), 0..3),
-        ),
-    )
-        .prop_map(
-            |(
-                (position, txn, txn_last, kind),
-                (key, method, body, content_type),
-                (platform_version, deps),
-            )| Op {
-                seq: 0,
-                position,
-                txn,
-                txn_last,
-                kind,
-                key,
-                method,
-                body,
-                content_type,
-                platform_version,
-                deps,
-            },
-        )
-}
-
-fn numbered(mut ops: Vec<Op>) -> Vec<Op> {
-    for (index, op) in ops.iter_mut().enumerate() {
-        op.seq = index as u64 + 1;
-    }
-    ops
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn ops_come_back_from_segments_unchanged(
-        ops in proptest::collection::vec(arbitrary_op(), 1..300),
+        ops in proptest::collection::vec(arbitrary_op(600), 1..300),
         target in 1usize..20_000,
         level in 1i32..6,
     ) {
@@ -97,7 +50,7 @@ proptest! {
 
     #[test]
     fn ops_come_back_from_a_backup_unchanged(
-        ops in proptest::collection::vec(arbitrary_op(), 0..200),
+        ops in proptest::collection::vec(arbitrary_op(600), 0..200),
         batch in 1usize..50,
     ) {
         let ops = numbered(ops);

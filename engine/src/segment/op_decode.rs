@@ -108,51 +108,13 @@ pub(crate) fn decode_op(payload: &Bytes, offset: &mut usize) -> Result<Op, Decod
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    use crate::testing::arbitrary_op;
     use prost::Message;
-
-    fn bytes_up_to(max: usize) -> impl Strategy<Value = Bytes> {
-        proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
-    }
-
-    fn arbitrary_op() -> impl Strategy<Value = Op> {
-        (
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>()),
-            (
-                bytes_up_to(10),
-                bytes_up_to(40),
-                bytes_up_to(10),
-                bytes_up_to(300),
-            ),
-            (
-                bytes_up_to(10),
-                bytes_up_to(5),
-                proptest::collection::vec(bytes_up_to(8), 0..3),
-            ),
-        )
-            .prop_map(
-                |(
-                    (seq, position, txn, txn_last),
-                    (kind, key, method, body),
-                    (content_type, platform_version, deps),
-                )| Op {
-                    seq,
-                    position,
-                    txn,
-                    txn_last,
-                    kind,
-                    key,
-                    method,
-                    body,
-                    content_type,
-                    platform_version,
-                    deps,
-                },
-            )
-    }
 
     proptest! {
         #[test]
-        fn decodes_what_prost_encodes(ops in proptest::collection::vec(arbitrary_op(), 1..20)) {
+        fn decodes_what_prost_encodes(ops in proptest::collection::vec(arbitrary_op(300), 1..20)) {
             let mut payload = Vec::new();
             for op in &ops {
                 op.encode_length_delimited(&mut payload).expect("a Vec grows");
@@ -167,7 +129,7 @@ mod tests {
 
         #[test]
         fn never_accepts_what_prost_would_read_differently(
-            op in arbitrary_op(),
+            op in arbitrary_op(300),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
             cut in any::<prop::sample::Index>(),
         ) {

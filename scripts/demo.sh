@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --quiet -p ferry-cli
-ferry=target/release/ferry
+# CI sets FERRY_DEMO_PROFILE=dev to reuse the test build instead of a release one.
+profile=${FERRY_DEMO_PROFILE:-release}
+cargo build --profile "$profile" --quiet -p ferry-cli
+if [ "$profile" = dev ]; then ferry=target/debug/ferry; else ferry=target/$profile/ferry; fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
 store="file://$work/store"
 input="$PWD/examples/pachyderm-1.12.jsonl"

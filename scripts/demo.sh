@@ -13,10 +13,13 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
 store="file://$work/store"
 input="$PWD/examples/pachyderm-1.12.jsonl"
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; }
 
 step ferry extract --source "jsonl://$input" --to "$store"
-backup_id=$("$ferry" extract --source "jsonl://$input" --to "$store" --output json | tee /dev/stderr | sed -n 's/.*"backup_id": "\(.*\)".*/\1/p')
+summary=$("$ferry" extract --source "jsonl://$input" --to "$store" --output json)
+echo "$summary"
+backup_id=$(echo "$summary" | sed -n 's/.*"backup_id": "\(.*\)".*/\1/p')
 
 step ferry inspect "$store"
 "$ferry" inspect "$store"

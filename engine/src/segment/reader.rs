@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use prost::Message;
 
-use super::op_decode::decode_op;
+use super::op_decode::{TextCache, decode_op};
 use super::{Codec, FORMAT_VERSION, MAGIC, PREFIX_LEN, SegmentError, SegmentHeader};
 use crate::Op;
 use crate::order::SeqTracker;
@@ -160,7 +160,7 @@ fn inflate(
     let declared = header.uncompressed_bytes as usize;
     // One shot into a buffer of exactly the declared size: zstd cannot write
     // past it, and needs no window of its own beside it.
-    let mut payload = Vec::with_capacity(declared);
+    let mut payload = payload_pool::take(declared);
     let mut decompressor =
         zstd::bulk::Decompressor::new().map_err(|error| decompress_error(error.to_string()))?;
     let written = decompressor
@@ -171,7 +171,65 @@ fn inflate(
             "inflated to {written} bytes, the header declares {declared}"
         )));
     }
-    Ok(Bytes::from(payload))
+    Ok(payload_pool::share(payload))
+}
+
+/// Inflated payloads are a segment's worth of memory each, and a restore
+/// inflates one after another. A payload's buffer goes back to a small pool
+/// when the last op that slices it is dropped, so the next segment inflates
+/// into memory that is already mapped instead of faulting in fresh pages
+/// (a seventh of the decode time in `benches/`, with the allocator handing
+/// freed pages back to the kernel between segments).
+mod payload_pool {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+
+    /// Buffers kept for reuse, at most.
+    const POOLED_BUFFERS: usize = 4;
+    /// Larger buffers (from unusually large segments) are not kept.
+    const MAX_POOLED_CAPACITY: usize = 64 * 1024 * 1024;
+
+    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// An empty buffer with room for `capacity` bytes, reused if one is free.
+    pub(super) fn take(capacity: usize) -> Vec<u8> {
+        let mut buffer = POOL
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop())
+            .unwrap_or_default();
+        buffer.clear();
+        buffer.reserve_exact(capacity);
+        buffer
+    }
+
+    /// The buffer as shared bytes that return it to the pool when dropped.
+    pub(super) fn share(buffer: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled(buffer))
+    }
+
+    struct Pooled(Vec<u8>);
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let buffer = std::mem::take(&mut self.0);
+            if buffer.capacity() > MAX_POOLED_CAPACITY {
+                return;
+            }
+            if let Ok(mut pool) = POOL.lock()
+                && pool.len() < POOLED_BUFFERS
+            {
+                pool.push(buffer);
+            }
+        }
+    }
 }
 
 impl DecodedSegment {
@@ -188,6 +246,7 @@ impl DecodedSegment {
         SegmentOps {
             tracker: SeqTracker::starting_at(self.header.first_seq),
             offset: 0,
+            text_cache: TextCache::default(),
             segment: self,
             finished: false,
         }
@@ -210,6 +269,7 @@ impl DecodedSegment {
 pub struct SegmentOps {
     segment: DecodedSegment,
     offset: usize,
+    text_cache: TextCache,
     tracker: SeqTracker,
     finished: bool,
 }
@@ -228,13 +288,16 @@ impl SegmentOps {
             return Ok(None);
         }
         let offset = self.offset;
-        let op = decode_op(&self.segment.payload, &mut self.offset).map_err(|reason| {
-            SegmentError::OpDecode {
-                segment: self.segment.segment.clone(),
-                after_seq: self.tracker.last_seq(),
-                offset,
-                reason: reason.to_owned(),
-            }
+        let op = decode_op(
+            &self.segment.payload,
+            &mut self.offset,
+            &mut self.text_cache,
+        )
+        .map_err(|reason| SegmentError::OpDecode {
+            segment: self.segment.segment.clone(),
+            after_seq: self.tracker.last_seq(),
+            offset,
+            reason: reason.to_owned(),
         })?;
         self.tracker
             .try_advance(op.seq)

@@ -9,15 +9,30 @@ const PROTOS: &[&str] = &[
     "ferry/v1/agent.proto",
 ];
 
+/// etcd's v3 API, vendored in `vendor/` (see its README).
+const ETCD_PROTOS: &[&str] = &[
+    "etcd/api/etcdserverpb/rpc.proto",
+    "etcd/api/mvccpb/kv.proto",
+    "etcd/api/authpb/auth.proto",
+    "etcd/api/versionpb/version.proto",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for proto in PROTOS {
-        println!("cargo:rerun-if-changed={}", root.join(proto).display());
-    }
+    let vendor = root.join("vendor");
+    println!("cargo:rerun-if-changed={}", root.join("ferry").display());
+    println!("cargo:rerun-if-changed={}", vendor.display());
     let file_descriptors = protox::compile(PROTOS, [root])?;
     tonic_prost_build::configure()
         // Keys and bodies decode as slices of the segment buffer, not copies.
         .bytes(".ferry.v1")
         .compile_fds(file_descriptors)?;
+    // The etcd client of the etcd adapter, and the server side for the
+    // etcd-compatible gateway.
+    let etcd_descriptors = protox::compile(ETCD_PROTOS, [&vendor])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(etcd_descriptors)?;
     Ok(())
 }

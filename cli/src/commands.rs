@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
-use ferry_engine::adapters::{sink_from_url, source_from_url};
+use std::path::PathBuf;
+
+use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions};
+use ferry_engine::adapters::{SinkOptions, SourceOptions, sink_from_url, source_from_url};
 use ferry_engine::backup::{ExtractOptions, RestoreOptions, find_backup, verify_backup};
 use ferry_engine::pipeline;
 use ferry_engine::progress::Progress;
@@ -20,9 +23,17 @@ use crate::{GlobalOptions, OutputFormat};
 /// `ferry extract`.
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// What to back up: jsonl:///PATH or jsonl://- (stdin).
+    /// What to back up: etcd://HOST:PORT[,HOST:PORT...], jsonl:///PATH or jsonl://- (stdin).
     #[arg(long, value_name = "URL")]
     source: String,
+    /// etcd: only keys starting with this prefix.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// etcd: key ranges read at once, all at the snapshot's revision.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: u16,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Where backups go: file:///DIR (or a path), s3://BUCKET/PREFIX.
     #[arg(long, value_name = "STORE_URL")]
     to: String,
@@ -44,11 +55,34 @@ pub struct RestoreArgs {
     /// The backup to restore; the latest complete one when left out.
     #[arg(long, value_name = "ID")]
     backup: Option<String>,
-    /// Where to replay it: jsonl:///PATH or jsonl://- (stdout).
+    /// Where to replay it: etcd://HOST:PORT[,HOST:PORT...], jsonl:///PATH or jsonl://- (stdout).
     #[arg(long, value_name = "URL")]
     target: String,
+    /// etcd: ops per Txn at most, ferry's checkpoint included (the target's --max-txn-ops).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
+    max_txn_ops: u32,
+    /// etcd: bytes per Txn request at most (the target's --max-request-bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
+    max_request_bytes: usize,
+    /// etcd: write keys starting with OLD as starting with NEW.
+    #[arg(long, value_name = "OLD=NEW")]
+    rewrite_prefix: Option<String>,
+    /// etcd: write even when the target range already holds keys.
+    #[arg(long)]
+    allow_nonempty: bool,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// Credentials for etcd: from the environment or a file, never from argv.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// A file whose first line is the etcd password (the user is ETCD_USERNAME);
+    /// without it, ETCD_USERNAME and ETCD_PASSWORD are used when set.
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
 }
 
 /// `ferry inspect`.
@@ -89,6 +123,11 @@ impl LimitArgs {
     }
 }
 
+/// A usage error found after parsing (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 fn print_json(value: &serde_json::Value) {
     println!(
         "{}",
@@ -97,7 +136,14 @@ fn print_json(value: &serde_json::Value) {
 }
 
 pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
-    let source = source_from_url(&args.source)?;
+    let source_options = SourceOptions {
+        etcd: EtcdSourceOptions {
+            prefix: args.prefix.clone().unwrap_or_default().into_bytes(),
+            parallel: usize::from(args.parallel),
+        },
+        etcd_password_file: args.etcd.etcd_password_file.clone(),
+    };
+    let source = source_from_url(&args.source, &source_options)?;
     let store = BackupStore::open(&args.to, true).map_err(ferry_engine::Error::from)?;
     let options = ExtractOptions {
         segment: SegmentOptions {
@@ -151,7 +197,27 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
 
 pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
     let store = BackupStore::open(&args.from, false).map_err(ferry_engine::Error::from)?;
-    let sink = sink_from_url(&args.target)?;
+    let rewrite_prefix = match &args.rewrite_prefix {
+        Some(rewrite) => match rewrite.split_once('=') {
+            Some((from, to)) if !from.is_empty() => {
+                Some((from.as_bytes().to_vec(), to.as_bytes().to_vec()))
+            }
+            _ => anyhow::bail!(UsageError(format!(
+                "--rewrite-prefix takes OLD=NEW, not {rewrite:?}"
+            ))),
+        },
+        None => None,
+    };
+    let sink_options = SinkOptions {
+        etcd: EtcdSinkOptions {
+            max_txn_ops: args.max_txn_ops as usize,
+            max_request_bytes: args.max_request_bytes,
+            rewrite_prefix,
+            allow_nonempty: args.allow_nonempty,
+        },
+        etcd_password_file: args.etcd.etcd_password_file.clone(),
+    };
+    let sink = sink_from_url(&args.target, &sink_options)?;
     let options = RestoreOptions {
         limits: args.limits.limits(),
         ..RestoreOptions::default()

@@ -33,6 +33,12 @@ Exit codes:
 
 /// The exit code for an error that reached the top.
 pub fn code_for(error: &anyhow::Error) -> u8 {
+    if error
+        .downcast_ref::<crate::commands::UsageError>()
+        .is_some()
+    {
+        return USAGE;
+    }
     match error.downcast_ref::<ferry_engine::Error>() {
         Some(error) => code_for_kind(error.kind()),
         None => UNEXPECTED,

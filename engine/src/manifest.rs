@@ -75,6 +75,9 @@ pub struct SourceInfo {
     /// The source position the snapshot was taken at (e.g. an etcd revision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_position: Option<u64>,
+    /// The key prefix the backup was limited to, when it was (and is text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
     /// A short description for people (e.g. a file name), never an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,

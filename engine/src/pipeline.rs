@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use tracing::info;
 
 use crate::Result;
-use crate::adapters::{Sink, Source};
+use crate::adapters::{Sink, Source, StreamInfo};
 use crate::backup::{ExtractOptions, RestoreOptions, find_backup, read_backup, write_backup};
 use crate::manifest::Manifest;
 use crate::progress::Progress;
@@ -44,7 +44,7 @@ pub async fn extract(
 pub struct RestoreSummary {
     /// The backup restored.
     pub manifest: Manifest,
-    /// Ops applied to the target.
+    /// Ops applied to the target by this run.
     pub ops: u64,
     /// Wall time of the whole restore.
     pub elapsed: Duration,
@@ -64,9 +64,33 @@ pub async fn restore(
     info!(backup_id = %manifest.backup_id, ops = manifest.totals.ops, "restore started");
     Progress::set(&progress.ops_total, manifest.totals.ops);
     Progress::set(&progress.bytes_read_total, manifest.totals.compressed_bytes);
+    let resume_after = sink
+        .begin(&StreamInfo {
+            stream_id: manifest.backup_id.clone(),
+            source_identity: manifest.source.identity.clone(),
+            ops_total: Some(manifest.totals.ops),
+            key_prefix: manifest
+                .source
+                .key_prefix
+                .as_ref()
+                .map(|prefix| prefix.clone().into_bytes()),
+        })
+        .await?
+        .unwrap_or(0);
+    if resume_after > 0 {
+        info!(backup_id = %manifest.backup_id, applied_through_seq = resume_after, "the target holds part of this backup already; resuming");
+        Progress::set(&progress.ops, resume_after.min(manifest.totals.ops));
+    }
+    // Every segment is still read and checked in full, the ones the target
+    // holds already included: a resume trusts the backup no more than a
+    // first run does.
     let mut segments = read_backup(store.clone(), manifest.clone(), options);
     let mut ops = 0u64;
-    while let Some(batch) = segments.try_next().await? {
+    while let Some(mut batch) = segments.try_next().await? {
+        batch.retain(|op| op.seq > resume_after);
+        if batch.is_empty() {
+            continue;
+        }
         let count = batch.len() as u64;
         sink.apply(batch).await?;
         ops += count;

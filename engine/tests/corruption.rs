@@ -288,8 +288,11 @@ async fn a_restore_from_a_damaged_backup_leaves_no_output_file() {
     std::fs::remove_file(&path).expect("delete");
     let out_dir = tempfile::tempdir().expect("temp dir");
     let out = out_dir.path().join("out.jsonl");
-    let sink =
-        ferry_engine::adapters::sink_from_url(&format!("jsonl://{}", out.display())).expect("sink");
+    let sink = ferry_engine::adapters::sink_from_url(
+        &format!("jsonl://{}", out.display()),
+        &Default::default(),
+    )
+    .expect("sink");
     let error = ferry_engine::pipeline::restore(
         &backup.store,
         None,

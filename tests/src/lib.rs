@@ -7,6 +7,9 @@
 //!
 //! - [`S3Server`]: an S3-compatible server (s3s-fs, in-process, plain HTTP)
 //!   for the `s3://` store.
+//! - [`etcd::EtcdServer`]: a real etcd member (Debian's `etcd-server`).
+
+pub mod etcd;
 
 use std::io;
 use std::net::SocketAddr;

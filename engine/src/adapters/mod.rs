@@ -4,9 +4,12 @@
 //! | URL | adapter |
 //! | --- | --- |
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
+//! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster |
 
+pub mod etcd;
 pub mod jsonl;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -42,15 +45,37 @@ pub trait Source: Send {
     async fn open(self: Box<Self>, progress: Arc<Progress>) -> Result<Extraction>;
 }
 
+/// The stream a sink is about to receive.
+#[derive(Debug, Clone, Default)]
+pub struct StreamInfo {
+    /// The stream's id (a backup id).
+    pub stream_id: String,
+    /// The source it came from (e.g. etcd's cluster id), if it has one.
+    pub source_identity: Option<String>,
+    /// Ops in the stream, when known.
+    pub ops_total: Option<u64>,
+    /// The key prefix the stream is limited to, when it is.
+    pub key_prefix: Option<Vec<u8>>,
+}
+
 /// Where ops go.
 ///
 /// # Contract
-/// - `apply` receives batches in seq order, contiguous from 1, and never
-///   reorders them (G2).
+/// - `begin` is called once, first. It returns the seq through which the
+///   target already holds this stream (its checkpoint, G4), and the caller
+///   then applies only the ops after it.
+/// - `apply` receives batches in seq order, contiguous from where `begin`
+///   said, and never reorders them (G2).
 /// - Once `finish` returns `Ok`, every op applied is durable on the target;
 ///   an `Err` from either means the target may hold only a prefix of them.
 #[async_trait]
 pub trait Sink: Send {
+    /// Prepares the target for `stream`; `Some(seq)` when the target holds
+    /// the stream through `seq` already (a restore to resume).
+    async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
+        let _ = stream;
+        Ok(None)
+    }
     /// Applies a batch of ops, in order.
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()>;
     /// Makes everything applied durable and releases the target.
@@ -103,6 +128,12 @@ pub enum AdapterError {
         /// Why not.
         reason: String,
     },
+    /// The etcd source failed.
+    #[error(transparent)]
+    EtcdSource(etcd::EtcdError),
+    /// The etcd target failed or refused.
+    #[error(transparent)]
+    EtcdTarget(etcd::EtcdError),
     /// Writing to the target failed.
     #[error("cannot write {target_name}: {error}")]
     Write {
@@ -121,26 +152,64 @@ impl AdapterError {
             | AdapterError::InvalidRecord { .. }
             | AdapterError::SourceOutOfOrder { .. } => ErrorKind::Source,
             AdapterError::Write { .. } | AdapterError::Unrepresentable { .. } => ErrorKind::Target,
+            AdapterError::EtcdSource(error) => error.kind(false),
+            AdapterError::EtcdTarget(error) => error.kind(true),
         }
     }
 }
 
+/// What a source needs beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// For `etcd://`.
+    pub etcd: etcd::EtcdSourceOptions,
+    /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+/// What a sink needs beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct SinkOptions {
+    /// For `etcd://`.
+    pub etcd: etcd::EtcdSinkOptions,
+    /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
+    pub etcd_password_file: Option<PathBuf>,
+}
+
 /// Opens the source a URL names.
-pub fn source_from_url(url: &str) -> Result<Box<dyn Source>> {
+pub fn source_from_url(url: &str, options: &SourceOptions) -> Result<Box<dyn Source>> {
     match url.split_once("://") {
         Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSource::new(jsonl::Location::parse(
             url,
         )?))),
+        Some(("etcd", _)) => {
+            let connection =
+                etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
+                    .map_err(AdapterError::EtcdSource)?;
+            Ok(Box::new(etcd::EtcdSource::new(
+                connection,
+                options.etcd.clone(),
+            )))
+        }
         _ => Err(unknown_scheme(url, "a source")),
     }
 }
 
 /// Opens the sink a URL names.
-pub fn sink_from_url(url: &str) -> Result<Box<dyn Sink>> {
+pub fn sink_from_url(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
     match url.split_once("://") {
         Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSink::create(jsonl::Location::parse(
             url,
         )?)?)),
+        Some(("etcd", _)) => {
+            let connection =
+                etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
+                    .map_err(AdapterError::EtcdTarget)?;
+            Ok(Box::new(etcd::EtcdSink::new(
+                connection,
+                options.etcd.clone(),
+            )))
+        }
         _ => Err(unknown_scheme(url, "a target")),
     }
 }
@@ -148,7 +217,9 @@ pub fn sink_from_url(url: &str) -> Result<Box<dyn Sink>> {
 fn unknown_scheme(url: &str, role: &str) -> crate::Error {
     AdapterError::BadUrl {
         url: url.to_owned(),
-        reason: format!("no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-"),
+        reason: format!(
+            "no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-, etcd://HOST:PORT"
+        ),
     }
     .into()
 }

@@ -1,0 +1,155 @@
+//! A small etcd v3 client on ferry's own generated stubs (`ferry-proto`,
+//! compiled by protox: no system `protoc`), with what the adapter needs:
+//! authentication with token refresh, and errors sorted for the user.
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ferry_proto::etcd::etcdserverpb::AuthenticateRequest;
+use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use super::{EtcdConnection, EtcdError};
+
+/// The largest response ferry accepts: one value may be as large as the
+/// server's `--max-request-bytes`, and a page holds at least one.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Adds the auth token, when there is one, to every request.
+#[derive(Clone, Default)]
+pub(crate) struct TokenInterceptor {
+    token: Arc<RwLock<Option<MetadataValue<tonic::metadata::Ascii>>>>,
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Ok(token) = self.token.read()
+            && let Some(token) = token.as_ref()
+        {
+            request.metadata_mut().insert("token", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Intercepted = InterceptedService<Channel, TokenInterceptor>;
+
+/// The service clients, cheap to clone: each call takes its own.
+#[derive(Clone)]
+pub(crate) struct Services {
+    pub kv: KvClient<Intercepted>,
+    pub lease: LeaseClient<Intercepted>,
+    pub maintenance: MaintenanceClient<Intercepted>,
+}
+
+/// A connection to one etcd cluster.
+#[derive(Clone)]
+pub(crate) struct EtcdClient {
+    connection: EtcdConnection,
+    channel: Channel,
+    interceptor: TokenInterceptor,
+    services: Services,
+}
+
+impl EtcdClient {
+    /// Connects (lazily) and authenticates when credentials are set.
+    pub async fn connect(connection: &EtcdConnection) -> Result<Self, EtcdError> {
+        let timeout = connection.connect_timeout.unwrap_or(Duration::from_secs(5));
+        let endpoints = connection
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                Endpoint::from_shared(format!("http://{endpoint}"))
+                    .map(|endpoint| {
+                        endpoint
+                            .connect_timeout(timeout)
+                            .tcp_keepalive(Some(Duration::from_secs(30)))
+                    })
+                    .map_err(|error| EtcdError::BadUrl {
+                        url: connection.display(),
+                        reason: error.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(endpoints.into_iter());
+        let interceptor = TokenInterceptor::default();
+        let services = Services {
+            kv: KvClient::with_interceptor(channel.clone(), interceptor.clone())
+                .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            lease: LeaseClient::with_interceptor(channel.clone(), interceptor.clone()),
+            maintenance: MaintenanceClient::with_interceptor(channel.clone(), interceptor.clone()),
+        };
+        let client = Self {
+            connection: connection.clone(),
+            channel,
+            interceptor,
+            services,
+        };
+        client.authenticate().await?;
+        Ok(client)
+    }
+
+    async fn authenticate(&self) -> Result<(), EtcdError> {
+        let Some((name, password)) = &self.connection.credentials else {
+            return Ok(());
+        };
+        let response = tokio::time::timeout(
+            Duration::from_secs(30),
+            AuthClient::new(self.channel.clone()).authenticate(AuthenticateRequest {
+                name: name.clone(),
+                password: password.clone(),
+            }),
+        )
+        .await
+        .map_err(|_| EtcdError::Unreachable {
+            endpoints: self.connection.display(),
+            reason: "no answer within 30 s".to_owned(),
+        })?
+        .map_err(|status| self.connection.failed("authenticate with", &status))?;
+        let token = MetadataValue::try_from(response.into_inner().token).map_err(|error| {
+            EtcdError::Credentials {
+                reason: format!("the auth token is not a valid header value: {error}"),
+            }
+        })?;
+        if let Ok(mut slot) = self.interceptor.token.write() {
+            *slot = Some(token);
+        }
+        Ok(())
+    }
+
+    /// Runs one call; an expired auth token is renewed and the call made
+    /// once more.
+    pub async fn call<T, F, Fut>(&self, action: &str, call: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Services) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        match call(self.services.clone()).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status)
+                if status.message().contains("invalid auth token")
+                    && self.connection.credentials.is_some() =>
+            {
+                self.authenticate().await?;
+                call(self.services.clone())
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| self.connection.failed(action, &status))
+            }
+            Err(status) => Err(self.connection.failed(action, &status)),
+        }
+    }
+
+    /// The cluster, as shown in messages.
+    pub fn connection(&self) -> &EtcdConnection {
+        &self.connection
+    }
+}

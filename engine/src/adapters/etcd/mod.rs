@@ -1,0 +1,325 @@
+//! The `etcd` adapter: etcd v3, the store under Kubernetes and Pachyderm 1.x.
+//!
+//! - [`EtcdSource`]: one consistent snapshot at one revision R, paged Range
+//!   reads at R (key ranges read in parallel, ops still in key order), the
+//!   leases attached to the keys with their remaining TTL.
+//! - [`EtcdSink`]: Txns of at most `max_txn_ops` ops under the target's
+//!   request size limit, each carrying ferry's checkpoint key, so each op
+//!   takes effect exactly once and a killed restore resumes where it stopped.
+//!
+//! The ops:
+//!
+//! | kind | key | method | body |
+//! | --- | --- | --- | --- |
+//! | `etcd.lease` | `<lease id, 16 hex digits>` | `LeaseGrant` | `{"id":..,"ttl":..,"granted_ttl":..}` |
+//! | `etcd.kv` | the etcd key | `Put` | the value, as stored; `deps` names its lease |
+//!
+//! Leases come before the keys attached to them (G6). Keys under
+//! [`RESERVED_PREFIX`] are ferry's own: never extracted, never counted as
+//! the target's data.
+
+mod client;
+mod sink;
+mod source;
+
+pub use sink::{EtcdSink, EtcdSinkOptions};
+pub use source::{EtcdSource, EtcdSourceOptions};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ErrorKind;
+
+/// Keys ferry keeps in a target etcd for itself.
+pub const RESERVED_PREFIX: &[u8] = b"__ferry__/";
+/// Where a restore records how far it got, one key per stream (backup id).
+pub const CHECKPOINT_PREFIX: &[u8] = b"__ferry__/checkpoints/";
+
+/// The op kind of a key-value pair.
+pub const KIND_KV: &str = "etcd.kv";
+/// The op kind of a lease.
+pub const KIND_LEASE: &str = "etcd.lease";
+
+/// How to reach an etcd cluster. Credentials come from the environment or a
+/// file, never from a URL or argv.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConnection {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// User and password, when the cluster has auth enabled.
+    pub credentials: Option<(String, String)>,
+    /// How long to wait for a member before calling it unreachable.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl EtcdConnection {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT...]`. Credentials are read from
+    /// `ETCD_USERNAME` and `ETCD_PASSWORD`, or from `password_file` (whose
+    /// first line is the password) with `ETCD_USERNAME`.
+    pub fn from_url(url: &str, password_file: Option<&PathBuf>) -> Result<Self, EtcdError> {
+        let bad_url = |reason: &str| EtcdError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad_url("an etcd URL starts with etcd://"))?;
+        if rest.contains('@') {
+            return Err(bad_url(
+                "credentials do not belong in a URL (it shows in process lists); set ETCD_USERNAME and ETCD_PASSWORD",
+            ));
+        }
+        let endpoints: Vec<String> = rest
+            .trim_end_matches('/')
+            .split(',')
+            .filter(|endpoint| !endpoint.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() || endpoints.iter().any(|endpoint| !endpoint.contains(':')) {
+            return Err(bad_url(
+                "name the members as etcd://HOST:PORT[,HOST:PORT...]",
+            ));
+        }
+        let username = std::env::var("ETCD_USERNAME")
+            .ok()
+            .filter(|name| !name.is_empty());
+        let password = match password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|error| EtcdError::Credentials {
+                        reason: format!(
+                            "cannot read the password file {}: {error}",
+                            path.display()
+                        ),
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => std::env::var("ETCD_PASSWORD").ok(),
+        };
+        let credentials = match (username, password) {
+            (Some(username), Some(password)) => Some((username, password)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(EtcdError::Credentials {
+                    reason:
+                        "ETCD_USERNAME is set but no password (ETCD_PASSWORD or a password file)"
+                            .to_owned(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(EtcdError::Credentials {
+                    reason: "a password is given but ETCD_USERNAME is not set".to_owned(),
+                });
+            }
+        };
+        Ok(Self {
+            endpoints,
+            credentials,
+            connect_timeout: Some(Duration::from_secs(5)),
+        })
+    }
+
+    /// The members, for messages (never credentials).
+    pub fn display(&self) -> String {
+        format!("etcd://{}", self.endpoints.join(","))
+    }
+
+    /// Sorts a refusal of etcd's into what the user must do about it.
+    pub(crate) fn failed(&self, action: &str, status: &tonic::Status) -> EtcdError {
+        let endpoints = self.display();
+        let message = status.message();
+        let code = status.code();
+        if message.contains("authentication failed")
+            || message.contains("invalid auth token")
+            || message.contains("user name is empty")
+            || code == tonic::Code::Unauthenticated
+        {
+            return EtcdError::Credentials {
+                reason: format!(
+                    "{endpoints} refused the credentials ({message}); check ETCD_USERNAME and ETCD_PASSWORD or the password file"
+                ),
+            };
+        }
+        if message.contains("permission denied") || code == tonic::Code::PermissionDenied {
+            return EtcdError::Credentials {
+                reason: format!(
+                    "{endpoints} denied {action} ({message}); the user needs read (extract) or read-write (restore) permission on the range"
+                ),
+            };
+        }
+        if message.contains("required revision has been compacted") {
+            return EtcdError::Compacted {
+                endpoints,
+                reason: message.to_owned(),
+            };
+        }
+        if message.contains("request is too large")
+            || message.contains("too many operations in txn request")
+            || code == tonic::Code::ResourceExhausted
+            || code == tonic::Code::OutOfRange
+        {
+            return EtcdError::TooLarge {
+                endpoints,
+                reason: message.to_owned(),
+            };
+        }
+        if code == tonic::Code::Unavailable
+            || code == tonic::Code::DeadlineExceeded
+            || code == tonic::Code::Cancelled
+        {
+            return EtcdError::Unreachable {
+                endpoints,
+                reason: format!("{action}: {message}"),
+            };
+        }
+        EtcdError::Request {
+            endpoints,
+            action: action.to_owned(),
+            reason: message.to_owned(),
+        }
+    }
+}
+
+/// Something went wrong talking to etcd.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// The URL cannot be used.
+    #[error("cannot use {url}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No member answered.
+    #[error("cannot reach {endpoints}: {reason}; check the address and that etcd is running")]
+    Unreachable {
+        /// The members tried.
+        endpoints: String,
+        /// What the transport said.
+        reason: String,
+    },
+    /// Missing, wrong or insufficient credentials.
+    #[error("{reason}")]
+    Credentials {
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// The snapshot revision was compacted away while it was being read.
+    #[error(
+        "{endpoints} compacted the snapshot's revision while ferry read it ({reason}); nothing was sealed, run the extract again for a new snapshot"
+    )]
+    Compacted {
+        /// The members.
+        endpoints: String,
+        /// What etcd said.
+        reason: String,
+    },
+    /// The target refused a request as too large.
+    #[error("{endpoints} refused a request as too large ({reason})")]
+    TooLarge {
+        /// The members.
+        endpoints: String,
+        /// What etcd said.
+        reason: String,
+    },
+    /// Another refusal or failure.
+    #[error("{endpoints}: {action} failed: {reason}")]
+    Request {
+        /// The members.
+        endpoints: String,
+        /// What ferry was doing.
+        action: String,
+        /// What etcd said.
+        reason: String,
+    },
+    /// The target already holds keys in the range being restored.
+    #[error(
+        "{endpoints} already holds keys in the range being restored, e.g. {examples}; restore into an empty range, or pass --allow-nonempty to write over them"
+    )]
+    NotEmpty {
+        /// The target.
+        endpoints: String,
+        /// A few of the keys found.
+        examples: String,
+    },
+    /// The target's checkpoint for this stream says it came from elsewhere.
+    #[error(
+        "{endpoints} holds a checkpoint for backup {stream_id} from source {checkpoint_source}, but this backup comes from source {backup_source}; refusing to mix them"
+    )]
+    OtherSource {
+        /// The target.
+        endpoints: String,
+        /// The stream (backup id).
+        stream_id: String,
+        /// The source the checkpoint names.
+        checkpoint_source: String,
+        /// The source the backup names.
+        backup_source: String,
+    },
+    /// An op cannot be applied as etcd ops.
+    #[error("cannot apply op seq {seq} (key {key}): {reason}")]
+    BadOp {
+        /// The op.
+        seq: u64,
+        /// Its key, printable.
+        key: String,
+        /// Why not.
+        reason: String,
+    },
+}
+
+impl EtcdError {
+    pub(crate) fn kind(&self, target: bool) -> ErrorKind {
+        match self {
+            EtcdError::BadUrl { .. } => ErrorKind::Usage,
+            _ if target => ErrorKind::Target,
+            _ => ErrorKind::Source,
+        }
+    }
+}
+
+/// A key for messages: text when it is, escaped bytes when not.
+pub(crate) fn printable(key: &[u8]) -> String {
+    String::from_utf8(key.to_vec()).unwrap_or_else(|_| key.escape_ascii().to_string())
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's convention:
+/// `\0` means to the end of the keyspace).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends_follow_etcd() {
+        assert_eq!(prefix_end(b"/a"), b"/b");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b""), b"\0");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+    }
+
+    #[test]
+    fn urls_name_members_and_never_credentials() {
+        let connection =
+            EtcdConnection::from_url("etcd://10.0.0.1:2379,10.0.0.2:2379", None).expect("valid");
+        assert_eq!(connection.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
+        assert!(EtcdConnection::from_url("etcd://root:secret@10.0.0.1:2379", None).is_err());
+        assert!(EtcdConnection::from_url("etcd://", None).is_err());
+        assert!(EtcdConnection::from_url("http://10.0.0.1:2379", None).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! A real etcd server for tests: Debian's `etcd-server` (installed by
+//! `.ci/run`), one member on free `127.0.0.1` ports, its data in a temporary
+//! directory, killed when the handle is dropped.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How an [`EtcdServer`] is started.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// etcd's `--max-request-bytes` (its default: 1.5 MiB).
+    pub max_request_bytes: u64,
+    /// etcd's `--max-txn-ops` (its default: 128).
+    pub max_txn_ops: u64,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 1_572_864,
+            max_txn_ops: 128,
+        }
+    }
+}
+
+/// One etcd member for one test.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    client_port: u16,
+    // Last: removed after the process is gone.
+    data: TempDir,
+}
+
+/// The `etcd` binary: `$FERRY_TEST_ETCD`, else `etcd` on the PATH.
+fn etcd_binary() -> PathBuf {
+    std::env::var_os("FERRY_TEST_ETCD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdServer {
+    /// Starts a member with etcd's default limits and waits until it is healthy.
+    pub fn start() -> io::Result<Self> {
+        Self::start_with(&EtcdOptions::default())
+    }
+
+    /// Starts a member with `options` and waits until it is healthy.
+    pub fn start_with(options: &EtcdOptions) -> io::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let client_port = free_port()?;
+        let peer_port = free_port()?;
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(etcd_binary())
+            .arg("--name=ferry-test")
+            .arg(format!("--data-dir={}", data.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=ferry-test={peer_url}"))
+            .arg(format!("--max-request-bytes={}", options.max_request_bytes))
+            .arg(format!("--max-txn-ops={}", options.max_txn_ops))
+            .arg("--log-level=error")
+            .arg("--logger=zap")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(data.path().join("etcd.log"))?))
+            .spawn()
+            .map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("cannot start etcd ({error}); install it with `apt-get install -y etcd-server`, or set FERRY_TEST_ETCD"),
+                )
+            })?;
+        let mut server = Self {
+            child,
+            client_port,
+            data,
+        };
+        server.wait_healthy(Duration::from_secs(30))?;
+        Ok(server)
+    }
+
+    /// `127.0.0.1:PORT`, for etcd clients.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// `etcd://127.0.0.1:PORT`, for ferry.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoint())
+    }
+
+    /// What etcd logged so far (errors only), for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "etcd exited with {status}: {}",
+                    self.log()
+                )));
+            }
+            if self.healthy() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "etcd was not healthy within {timeout:?}: {}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET /health answers `"health":"true"` once the member serves.
+    fn healthy(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        if stream
+            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,525 @@
+//! The etcd adapter against real etcd servers: a consistent extract, an
+//! exactly-once restore that survives kill -9, leases, binary and large
+//! values, and the errors a user meets.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions};
+use ferry_engine::adapters::{SinkOptions, SourceOptions, sink_from_url, source_from_url};
+use ferry_engine::backup::{ExtractOptions, RestoreOptions};
+use ferry_engine::manifest::Manifest;
+use ferry_engine::pipeline;
+use ferry_engine::progress::Progress;
+use ferry_engine::store::BackupStore;
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use ferry_proto::etcd::etcdserverpb::{
+    LeaseGrantRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
+};
+use ferry_proto::etcd::mvccpb::KeyValue;
+use ferry_tests::etcd::{EtcdOptions, EtcdServer};
+use tonic::transport::Channel;
+
+async fn kv(server: &EtcdServer) -> KvClient<Channel> {
+    KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("a kv client connects")
+        .max_decoding_message_size(256 * 1024 * 1024)
+}
+
+async fn put(client: &mut KvClient<Channel>, key: &[u8], value: &[u8], lease: i64) {
+    client
+        .put(PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            lease,
+            ..PutRequest::default()
+        })
+        .await
+        .expect("put");
+}
+
+/// Every key-value of the server under `prefix`, ferry's own keys left out.
+async fn dump(server: &EtcdServer, prefix: &[u8]) -> Vec<KeyValue> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("a prefix") += 1;
+    let response = kv(server)
+        .await
+        .range(RangeRequest {
+            key: prefix.to_vec(),
+            range_end: end,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    response.kvs
+}
+
+/// The value of `size` bytes for key number `index`: bytes of every value.
+fn value(index: usize, size: usize) -> Vec<u8> {
+    (0..size)
+        .map(|offset| ((index * 31 + offset * 7) % 256) as u8)
+        .collect()
+}
+
+/// Seeds `/app/` with `count` keys (one binary key, one 1 MiB value), three
+/// of them on a lease, and a few keys outside `/app/`. Returns the lease id.
+async fn seed(server: &EtcdServer, count: usize) -> i64 {
+    let mut client = kv(server).await;
+    let lease = LeaseClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("lease client")
+        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id;
+    for index in 0..count {
+        let key = format!("/app/items/{index:06}");
+        let size = if index == 7 { 1024 * 1024 } else { 200 };
+        let on_lease = if index % 1000 == 3 { lease } else { 0 };
+        put(&mut client, key.as_bytes(), &value(index, size), on_lease).await;
+    }
+    put(
+        &mut client,
+        b"/app/bin/\xff\x00\xfe",
+        &[0, 159, 146, 150, 255],
+        0,
+    )
+    .await;
+    put(&mut client, b"/other/not-in-prefix", b"x", 0).await;
+    put(&mut client, b"/apple", b"also not in /app/", 0).await;
+    lease
+}
+
+fn store() -> (tempfile::TempDir, BackupStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store =
+        BackupStore::open(&format!("file://{}", dir.path().display()), true).expect("store");
+    (dir, store)
+}
+
+async fn extract(
+    server: &EtcdServer,
+    store: &BackupStore,
+    prefix: &str,
+    parallel: usize,
+) -> Manifest {
+    let options = SourceOptions {
+        etcd: EtcdSourceOptions {
+            prefix: prefix.as_bytes().to_vec(),
+            parallel,
+        },
+        ..SourceOptions::default()
+    };
+    let source = source_from_url(&server.url(), &options).expect("source");
+    pipeline::extract(
+        source,
+        store,
+        ExtractOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect("extract")
+    .manifest
+}
+
+async fn restore(
+    server: &EtcdServer,
+    store: &BackupStore,
+    options: EtcdSinkOptions,
+) -> ferry_engine::Result<pipeline::RestoreSummary> {
+    let sink = sink_from_url(
+        &server.url(),
+        &SinkOptions {
+            etcd: options,
+            ..SinkOptions::default()
+        },
+    )?;
+    pipeline::restore(
+        store,
+        None,
+        sink,
+        RestoreOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+}
+
+fn same_data(source: &[KeyValue], target: &[KeyValue]) {
+    assert_eq!(source.len(), target.len(), "as many keys");
+    for (expected, restored) in source.iter().zip(target) {
+        assert_eq!(expected.key, restored.key);
+        assert!(
+            expected.value == restored.value,
+            "value of {:?} differs",
+            String::from_utf8_lossy(&expected.key)
+        );
+        assert_eq!(
+            restored.version,
+            1,
+            "{:?} was written more than once",
+            String::from_utf8_lossy(&restored.key)
+        );
+        assert_eq!(
+            expected.lease != 0,
+            restored.lease != 0,
+            "lease of {:?}",
+            String::from_utf8_lossy(&expected.key)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_round_trips_with_leases_binary_and_large_values() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    let lease = seed(&source, 2_500).await;
+    let (_dir, store) = store();
+
+    let manifest = extract(&source, &store, "/app/", 3).await;
+    assert_eq!(manifest.source.platform, "etcd");
+    assert!(
+        manifest
+            .source
+            .identity
+            .as_deref()
+            .is_some_and(|id| id.len() == 16)
+    );
+    assert!(manifest.source.snapshot_position.is_some());
+    assert_eq!(manifest.source.key_prefix.as_deref(), Some("/app/"));
+    // 2,500 items, the binary key, and the lease.
+    assert_eq!(manifest.totals.ops, 2_502);
+
+    let summary = restore(&target, &store, EtcdSinkOptions::default())
+        .await
+        .expect("restore");
+    assert_eq!(summary.ops, 2_502);
+    let expected = dump(&source, b"/app/").await;
+    let restored = dump(&target, b"/app/").await;
+    same_data(&expected, &restored);
+    assert!(
+        dump(&target, b"/other/").await.is_empty(),
+        "keys outside the prefix stay behind"
+    );
+    assert!(dump(&target, b"/apple").await.is_empty());
+
+    let on_lease = restored
+        .iter()
+        .find(|kv| kv.lease != 0)
+        .expect("a key on a lease");
+    assert_eq!(on_lease.lease, lease, "the lease keeps its id");
+    let alive = LeaseClient::connect(format!("http://{}", target.endpoint()))
+        .await
+        .expect("lease client")
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: lease,
+            keys: true,
+        })
+        .await
+        .expect("ttl")
+        .into_inner();
+    assert!(
+        alive.ttl > 500 && alive.ttl <= 600,
+        "remaining TTL carried: {}",
+        alive.ttl
+    );
+    assert_eq!(
+        alive.keys.len(),
+        3,
+        "every key of the lease is attached to it"
+    );
+
+    // Running the same restore again is a no-op: the checkpoint says done.
+    let again = restore(&target, &store, EtcdSinkOptions::default())
+        .await
+        .expect("restore again");
+    assert_eq!(again.ops, 0);
+    same_data(&expected, &dump(&target, b"/app/").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_reads_give_the_same_backup_as_one_reader() {
+    let source = EtcdServer::start().expect("source etcd");
+    seed(&source, 1_200).await;
+    let (_dir, store) = store();
+    let one = extract(&source, &store, "/app/", 1).await;
+    let four = extract(&source, &store, "/app/", 4).await;
+    assert_eq!(one.totals.ops, four.totals.ops);
+    let read = |manifest: Manifest| {
+        let store = store.clone();
+        async move {
+            use futures::TryStreamExt;
+            let batches: Vec<Vec<ferry_engine::Op>> = ferry_engine::backup::read_backup(
+                store,
+                Arc::new(manifest),
+                RestoreOptions::default(),
+            )
+            .try_collect()
+            .await
+            .expect("reads");
+            batches.into_iter().flatten().collect::<Vec<_>>()
+        }
+    };
+    let (one, four) = (read(one).await, read(four).await);
+    assert_eq!(one.len(), four.len());
+    for (a, b) in one.iter().zip(&four) {
+        assert_eq!(
+            (a.seq, String::from_utf8_lossy(&a.key), a.position),
+            (b.seq, String::from_utf8_lossy(&b.key), b.position),
+            "the same ops in the same seq order"
+        );
+    }
+    // Byte for byte but for a lease's remaining TTL, which ticks between the two.
+    let keys_and_values = |ops: &[ferry_engine::Op]| -> Vec<ferry_engine::Op> {
+        ops.iter()
+            .filter(|op| op.kind == "etcd.kv")
+            .cloned()
+            .collect()
+    };
+    assert!(
+        keys_and_values(&one) == keys_and_values(&four),
+        "the same key-value ops, byte for byte"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonempty_target_is_refused_with_examples_and_rewrite_moves_keys() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    seed(&source, 50).await;
+    let (_dir, store) = store();
+    extract(&source, &store, "/app/", 1).await;
+
+    let mut client = kv(&target).await;
+    put(&mut client, b"/app/items/000001", b"already here", 0).await;
+    let error = restore(&target, &store, EtcdSinkOptions::default())
+        .await
+        .expect_err("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("already holds keys") && message.contains("/app/items/000001"),
+        "{message}"
+    );
+    assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
+    assert_eq!(
+        dump(&target, b"/app/").await.len(),
+        1,
+        "nothing was written"
+    );
+
+    // Moved elsewhere, the same backup goes into an empty range.
+    let moved = EtcdSinkOptions {
+        rewrite_prefix: Some((b"/app/".to_vec(), b"/restored/app/".to_vec())),
+        ..EtcdSinkOptions::default()
+    };
+    restore(&target, &store, moved)
+        .await
+        .expect("restore under a new prefix");
+    let restored = dump(&target, b"/restored/app/").await;
+    assert_eq!(restored.len(), 51);
+    assert!(
+        restored
+            .iter()
+            .all(|kv| kv.key.starts_with(b"/restored/app/"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_checkpoint() {
+    let source = EtcdServer::start().expect("source etcd");
+    let small = EtcdServer::start_with(&EtcdOptions {
+        max_request_bytes: 512 * 1024,
+        ..EtcdOptions::default()
+    })
+    .expect("target etcd");
+    seed(&source, 20).await;
+    let (_dir, store) = store();
+    extract(&source, &store, "/app/", 1).await;
+    // Small Txns, so some commit before the one holding the 1 MiB value.
+    let options = EtcdSinkOptions {
+        max_txn_ops: 4,
+        ..EtcdSinkOptions::default()
+    };
+    let error = restore(&small, &store, options)
+        .await
+        .expect_err("the 1 MiB value is refused");
+    let message = error.to_string();
+    assert!(message.contains("too large"), "{message}");
+    // Key 7 holds 1 MiB: the ops before its Txn are in, nothing after.
+    let restored = dump(&small, b"/app/").await;
+    assert!(
+        restored
+            .iter()
+            .all(|kv| kv.key.as_slice() < b"/app/items/000007".as_slice()),
+        "nothing past the refused Txn"
+    );
+    let checkpoint = dump(&small, b"__ferry__/checkpoints/").await;
+    assert_eq!(checkpoint.len(), 1);
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&checkpoint[0].value).expect("checkpoint JSON");
+    let through = recorded["applied_through_seq"].as_u64().expect("seq");
+    assert_eq!(
+        through as usize,
+        restored.len() + 1,
+        "the checkpoint covers exactly what is in (the lease, then keys)"
+    );
+}
+
+fn ferry_binary() -> PathBuf {
+    let deps = std::env::current_exe().expect("test binary");
+    let target_dir = deps
+        .parent()
+        .and_then(|dir| dir.parent())
+        .expect("target dir");
+    let binary = target_dir.join("ferry");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "ferry-cli"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "ferry builds");
+    }
+    binary
+}
+
+fn ferry(args: &[&str], environment: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(ferry_binary());
+    command
+        .args(args)
+        .env_remove("ETCD_USERNAME")
+        .env_remove("ETCD_PASSWORD");
+    for (name, value) in environment {
+        command.env(name, value);
+    }
+    command.output().expect("ferry runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    seed(&source, 6_000).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let extracted = ferry(
+        &[
+            "extract",
+            "--source",
+            &source.url(),
+            "--prefix",
+            "/app/",
+            "--to",
+            &store_url,
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        extracted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&extracted.stderr)
+    );
+
+    let mut kills = 0;
+    for round in 0..40 {
+        let mut child = Command::new(ferry_binary())
+            .args([
+                "restore",
+                "--from",
+                &store_url,
+                "--target",
+                &target.url(),
+                "--quiet",
+                "--max-txn-ops",
+                "16",
+            ])
+            .spawn()
+            .expect("restore starts");
+        // Kill it after a varying while: before, during and after Txns.
+        std::thread::sleep(Duration::from_millis(30 + (round * 37 % 300) as u64));
+        match child.try_wait().expect("poll") {
+            Some(status) => {
+                assert!(
+                    status.success(),
+                    "restore failed on its own in round {round}"
+                );
+                break;
+            }
+            None => {
+                child.kill().expect("kill -9");
+                child.wait().expect("reaped");
+                kills += 1;
+            }
+        }
+    }
+    let finished = ferry(
+        &[
+            "restore",
+            "--from",
+            &store_url,
+            "--target",
+            &target.url(),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert!(kills > 0, "the test killed at least one restore");
+    same_data(
+        &dump(&source, b"/app/").await,
+        &dump(&target, b"/app/").await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_a_user_meets_have_their_exit_codes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let unreachable = ferry(
+        &[
+            "extract",
+            "--source",
+            "etcd://127.0.0.1:9",
+            "--to",
+            &store_url,
+        ],
+        &[],
+    );
+    assert_eq!(unreachable.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach etcd://127.0.0.1:9"),
+        "{}",
+        String::from_utf8_lossy(&unreachable.stderr)
+    );
+
+    let in_url = ferry(
+        &[
+            "extract",
+            "--source",
+            "etcd://root:secret@127.0.0.1:2379",
+            "--to",
+            &store_url,
+        ],
+        &[],
+    );
+    assert_eq!(in_url.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&in_url.stderr).contains("credentials do not belong in a URL"));
+
+    let source = EtcdServer::start().expect("etcd");
+    let no_password = ferry(
+        &["extract", "--source", &source.url(), "--to", &store_url],
+        &[("ETCD_USERNAME", "root")],
+    );
+    assert_eq!(no_password.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&no_password.stderr).contains("no password"));
+}

@@ -20,8 +20,9 @@ use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
 use crate::{Op, Result};
 
-/// Bytes kept free in every Txn for the checkpoint and the request's framing.
-const REQUEST_MARGIN_BYTES: usize = 16 * 1024;
+/// Bytes kept free in every Txn for the checkpoint, its guard and the
+/// request's framing.
+const REQUEST_MARGIN_BYTES: usize = 1024;
 /// Bytes a Put adds beyond its key and value (field tags, lengths, lease).
 const PUT_OVERHEAD_BYTES: usize = 32;
 
@@ -211,6 +212,60 @@ impl EtcdSink {
             Err(error) => return Err(target_error(error)),
         }
         self.granted_leases.insert(id);
+        Ok(())
+    }
+
+    /// Applies one op too large to share a Txn with the checkpoint: alone,
+    /// and only if its key does not exist yet, so applying it again after a
+    /// crash (before the checkpoint moved past it) changes nothing. With
+    /// `--allow-nonempty` the key may exist before; then it is written
+    /// unless it already holds the op's value.
+    async fn apply_oversized(&mut self, op: &Op) -> Result<()> {
+        let key = self.rewrite(&op.key);
+        let lease = match op.deps.first() {
+            Some(lease) => {
+                let id = parse_lease_key(lease)
+                    .ok_or_else(|| bad_op(op, "its lease reference is not a lease id"))?;
+                self.grant_lease(id, 1).await?;
+                id
+            }
+            None => 0,
+        };
+        let guard = if self.options.allow_nonempty {
+            Compare {
+                result: CompareResult::NotEqual as i32,
+                target: CompareTarget::Value as i32,
+                key: key.clone(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::Value(op.body.to_vec())),
+            }
+        } else {
+            Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Version as i32,
+                key: key.clone(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::Version(0)),
+            }
+        };
+        let request = TxnRequest {
+            compare: vec![guard],
+            success: vec![put(key, op.body.to_vec(), lease)],
+            failure: Vec::new(),
+        };
+        let response = self
+            .client()
+            .call("apply a Txn to", |mut services| {
+                let request = request.clone();
+                async move { services.kv.txn(request).await }
+            })
+            .await
+            .map_err(target_error)?;
+        debug!(
+            seq = op.seq,
+            applied = response.succeeded,
+            "oversized op applied alone"
+        );
         Ok(())
     }
 
@@ -440,7 +495,7 @@ impl Sink for EtcdSink {
                 }
                 Ok(KIND_KV) if &op.method[..] == b"Put" => {
                     let size = op.key.len() + op.body.len() + PUT_OVERHEAD_BYTES;
-                    if size > budget {
+                    if size > self.options.max_request_bytes {
                         return Err(bad_op(
                             &op,
                             &format!(
@@ -449,6 +504,15 @@ impl Sink for EtcdSink {
                                 self.options.max_request_bytes
                             ),
                         ));
+                    }
+                    if size > budget {
+                        // Too large to share a Txn with the checkpoint.
+                        if let Some(previous) = last.take().filter(|_| !self.pending.is_empty()) {
+                            self.flush(&previous, false).await?;
+                        }
+                        self.apply_oversized(&op).await?;
+                        self.flush(&op, false).await?;
+                        continue;
                     }
                     if !self.pending.is_empty()
                         && (self.pending.len() >= max_ops || self.pending_bytes + size > budget)

@@ -529,3 +529,158 @@ async fn errors_a_user_meets_have_their_exit_codes() {
     assert_eq!(no_password.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&no_password.stderr).contains("no password"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_the_environment_or_a_file_and_bad_ones_are_named() {
+    use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
+    use ferry_proto::etcd::etcdserverpb::{
+        AuthEnableRequest, AuthRoleAddRequest, AuthUserAddRequest, AuthUserGrantRoleRequest,
+    };
+
+    let server = EtcdServer::start().expect("etcd");
+    seed(&server, 30).await;
+    let mut auth = AuthClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("auth client");
+    auth.role_add(AuthRoleAddRequest {
+        name: "root".to_owned(),
+    })
+    .await
+    .expect("root role");
+    auth.user_add(AuthUserAddRequest {
+        name: "root".to_owned(),
+        password: "s3cret-pass".to_owned(),
+        ..AuthUserAddRequest::default()
+    })
+    .await
+    .expect("root user");
+    auth.user_grant_role(AuthUserGrantRoleRequest {
+        user: "root".to_owned(),
+        role: "root".to_owned(),
+    })
+    .await
+    .expect("grant");
+    auth.auth_enable(AuthEnableRequest {})
+        .await
+        .expect("auth on");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let anonymous = ferry(
+        &["extract", "--source", &server.url(), "--to", &store_url],
+        &[],
+    );
+    assert_eq!(
+        anonymous.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&anonymous.stderr)
+    );
+
+    let wrong = ferry(
+        &["extract", "--source", &server.url(), "--to", &store_url],
+        &[("ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "wrong")],
+    );
+    assert_eq!(wrong.status.code(), Some(5));
+    let message = String::from_utf8_lossy(&wrong.stderr);
+    assert!(message.contains("refused the credentials"), "{message}");
+    assert!(
+        !message.contains("wrong"),
+        "the password is never printed: {message}"
+    );
+
+    let good = ferry(
+        &[
+            "extract",
+            "--source",
+            &server.url(),
+            "--prefix",
+            "/app/",
+            "--to",
+            &store_url,
+            "--quiet",
+        ],
+        &[("ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "s3cret-pass")],
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+
+    let password_file = dir.path().join("etcd-password");
+    std::fs::write(&password_file, "s3cret-pass\n").expect("password file");
+    let restored = ferry(
+        &[
+            "restore",
+            "--from",
+            &store_url,
+            "--target",
+            &server.url(),
+            "--rewrite-prefix",
+            "/app/=/copy/",
+            "--etcd-password-file",
+            password_file.to_str().expect("path"),
+        ],
+        &[("ETCD_USERNAME", "root")],
+    );
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_compacted_during_the_extract_stops_it_and_seals_nothing() {
+    use ferry_engine::backup::write_backup;
+    use ferry_proto::etcd::etcdserverpb::CompactionRequest;
+
+    let server = EtcdServer::start().expect("etcd");
+    seed(&server, 6_000).await;
+    let (_dir, store) = store();
+    let options = SourceOptions {
+        etcd: EtcdSourceOptions {
+            prefix: b"/app/".to_vec(),
+            parallel: 1,
+        },
+        ..SourceOptions::default()
+    };
+    let source = source_from_url(&server.url(), &options).expect("source");
+    // The snapshot's revision is chosen and its first pages are read ahead...
+    let extraction = source
+        .open(Arc::new(Progress::default()))
+        .await
+        .expect("opens");
+    // ...then the cluster moves on and compacts past it.
+    let mut client = kv(&server).await;
+    put(&mut client, b"/app/late", b"after the snapshot", 0).await;
+    let current = dump(&server, b"/app/late").await[0].mod_revision;
+    client
+        .compact(CompactionRequest {
+            revision: current,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+    let error = write_backup(
+        &store,
+        extraction,
+        ExtractOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .expect_err("the compaction is caught");
+    let message = error.to_string();
+    assert!(
+        message.contains("compacted") && message.contains("run the extract again"),
+        "{message}"
+    );
+    assert_eq!(error.kind(), ferry_engine::ErrorKind::Source);
+    assert!(
+        ferry_engine::backup::find_backup(&store, None)
+            .await
+            .is_err(),
+        "no backup was sealed"
+    );
+}

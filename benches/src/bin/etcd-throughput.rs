@@ -1,0 +1,235 @@
+//! Extract + restore of N keys (default 100,000, 200-byte values) between
+//! real etcd servers, against `etcdctl make-mirror`'s initial copy of the
+//! same keys and against the ceiling: the fastest a plain batched-Txn writer
+//! gets the same puts into an empty etcd on this machine, in this run.
+//!
+//! `cargo run --release -p ferry-benches --bin etcd-throughput [-- KEYS]`
+//! (needs `etcd` and `etcdctl`: `apt-get install -y etcd-server etcd-client`).
+//! It prints keys per second for each and the two ratios; it asserts nothing.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::request_op::Request;
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_tests::etcd::EtcdServer;
+use tonic::transport::Channel;
+
+const VALUE_BYTES: usize = 200;
+const TXN_OPS: usize = 128;
+
+fn key(index: usize) -> Vec<u8> {
+    format!("/pachyderm/pfs/commits/repo-{}/{index:040x}", index % 40).into_bytes()
+}
+
+fn value(index: usize) -> Vec<u8> {
+    let mut value = format!(
+        r#"{{"commit":{index},"origin":"USER","description":"nightly ingest of sensor batch","size_bytes":{}}}"#,
+        index * 7919
+    );
+    value.extend(std::iter::repeat_n(
+        ' ',
+        VALUE_BYTES.saturating_sub(value.len()),
+    ));
+    value.truncate(VALUE_BYTES);
+    value.into_bytes()
+}
+
+async fn client(server: &EtcdServer) -> KvClient<Channel> {
+    KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("etcd answers")
+}
+
+/// Writes the keys in Txns of `TXN_OPS` puts, `in_flight` Txns at a time.
+async fn batched_writer(server: &EtcdServer, keys: usize, in_flight: usize) -> Duration {
+    let started = Instant::now();
+    let batches: Vec<Vec<usize>> = (0..keys)
+        .collect::<Vec<_>>()
+        .chunks(TXN_OPS)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut batches = batches.into_iter();
+    loop {
+        while tasks.len() < in_flight {
+            let Some(batch) = batches.next() else { break };
+            let mut kv = client(server).await;
+            tasks.spawn(async move {
+                let success = batch
+                    .iter()
+                    .map(|&index| RequestOp {
+                        request: Some(Request::RequestPut(PutRequest {
+                            key: key(index),
+                            value: value(index),
+                            ..PutRequest::default()
+                        })),
+                    })
+                    .collect();
+                kv.txn(TxnRequest {
+                    compare: Vec::new(),
+                    success,
+                    failure: Vec::new(),
+                })
+                .await
+                .expect("txn");
+            });
+        }
+        if tasks.join_next().await.is_none() {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
+async fn count(server: &EtcdServer) -> i64 {
+    client(server)
+        .await
+        .range(RangeRequest {
+            key: b"/pachyderm/".to_vec(),
+            range_end: b"/pachyderm0".to_vec(),
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("count")
+        .into_inner()
+        .count
+}
+
+fn ferry(args: &[&str]) -> Duration {
+    let binary = std::env::current_exe()
+        .expect("this binary")
+        .with_file_name("ferry");
+    let started = Instant::now();
+    let output = Command::new(&binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| {
+            panic!(
+                "{} runs ({error}); build it with cargo build --release -p ferry-cli",
+                binary.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    started.elapsed()
+}
+
+fn per_second(keys: usize, time: Duration) -> f64 {
+    keys as f64 / time.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let keys: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |keys| keys.parse().expect("KEYS is a number"));
+
+    // The ceiling, on empty servers: one Txn at a time (as ferry writes:
+    // each Txn carries the checkpoint of the one before), and four at once.
+    let one = EtcdServer::start().expect("etcd");
+    let ceiling_serial = batched_writer(&one, keys, 1).await;
+    let four = EtcdServer::start().expect("etcd");
+    let ceiling_parallel = batched_writer(&four, keys, 4).await;
+    drop(four);
+    let source = one; // now holds the keys
+    assert_eq!(count(&source).await as usize, keys);
+
+    // ferry: extract to a file:// store, restore into an empty etcd.
+    let store = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", store.path().display());
+    let target = EtcdServer::start().expect("etcd");
+    let extract = ferry(&[
+        "extract",
+        "--source",
+        &source.url(),
+        "--to",
+        &store_url,
+        "--parallel",
+        "2",
+        "--quiet",
+    ]);
+    let restore = ferry(&[
+        "restore",
+        "--from",
+        &store_url,
+        "--target",
+        &target.url(),
+        "--quiet",
+    ]);
+    assert_eq!(count(&target).await as usize, keys);
+    drop(target);
+
+    // etcdctl make-mirror: its initial copy, until the target holds every key.
+    let mirror_target = EtcdServer::start().expect("etcd");
+    let started = Instant::now();
+    let mut mirror = Command::new("etcdctl")
+        .args([
+            "make-mirror",
+            "--endpoints",
+            &source.endpoint(),
+            &format!("http://{}", mirror_target.endpoint()),
+        ])
+        .env("ETCDCTL_API", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl runs (apt-get install -y etcd-client)");
+    while (count(&mirror_target).await as usize) < keys {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(900) {
+            break;
+        }
+    }
+    let make_mirror = started.elapsed();
+    let _ = mirror.kill();
+    let _ = mirror.wait();
+
+    let end_to_end = extract + restore;
+    println!("keys: {keys}, {VALUE_BYTES}-byte values, Txns of {TXN_OPS} puts");
+    println!(
+        "ceiling, batched Txn writer, 1 in flight: {:>9.0} keys/s",
+        per_second(keys, ceiling_serial)
+    );
+    println!(
+        "ceiling, batched Txn writer, 4 in flight: {:>9.0} keys/s",
+        per_second(keys, ceiling_parallel)
+    );
+    println!(
+        "ferry extract:                           {:>9.0} keys/s ({:.2} s)",
+        per_second(keys, extract),
+        extract.as_secs_f64()
+    );
+    println!(
+        "ferry restore:                           {:>9.0} keys/s ({:.2} s)",
+        per_second(keys, restore),
+        restore.as_secs_f64()
+    );
+    println!(
+        "ferry extract + restore:                 {:>9.0} keys/s ({:.2} s)",
+        per_second(keys, end_to_end),
+        end_to_end.as_secs_f64()
+    );
+    println!(
+        "etcdctl make-mirror initial copy:        {:>9.0} keys/s ({:.2} s)",
+        per_second(keys, make_mirror),
+        make_mirror.as_secs_f64()
+    );
+    println!(
+        "ratio ferry extract+restore / make-mirror = {:.1} (target >= 20)",
+        make_mirror.as_secs_f64() / end_to_end.as_secs_f64()
+    );
+    println!(
+        "ratio ferry restore / ceiling (1 in flight) = {:.2} (target >= 0.80)",
+        ceiling_serial.as_secs_f64() / restore.as_secs_f64()
+    );
+    println!(
+        "ratio ferry restore / ceiling (4 in flight) = {:.2}",
+        ceiling_parallel.as_secs_f64() / restore.as_secs_f64()
+    );
+}

@@ -28,6 +28,34 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+/// The `ferry` binary of this build, built first (once per test process) so
+/// a test never runs a stale one. Tests that run `ferry` as a process (to
+/// kill it with -9, say) use it.
+pub fn ferry_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let test_binary = std::env::current_exe().expect("the test binary has a path");
+            // target/<profile>/deps/<test> -> target/<profile>/ferry
+            let profile_dir = test_binary
+                .parent()
+                .and_then(FsPath::parent)
+                .expect("the test binary is in target/<profile>/deps");
+            let release = profile_dir
+                .file_name()
+                .is_some_and(|name| name == "release");
+            let mut build = std::process::Command::new(env!("CARGO"));
+            build.args(["build", "--quiet", "-p", "ferry-cli"]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs");
+            assert!(status.success(), "ferry builds");
+            profile_dir.join("ferry")
+        })
+        .clone()
+}
+
 /// The access key every [`S3Server`] accepts (and the only one).
 pub const S3_ACCESS_KEY: &str = "ferry-test-access-key";
 /// The secret key that goes with [`S3_ACCESS_KEY`].

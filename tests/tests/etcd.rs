@@ -2,7 +2,6 @@
 //! exactly-once restore that survives kill -9, leases, binary and large
 //! values, and the errors a user meets.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use ferry_proto::etcd::etcdserverpb::{
 };
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_tests::etcd::{EtcdOptions, EtcdServer};
+use ferry_tests::ferry_binary;
 use tonic::transport::Channel;
 
 async fn kv(server: &EtcdServer) -> KvClient<Channel> {
@@ -374,23 +374,6 @@ async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_che
         restored.len() + 1,
         "the checkpoint covers exactly what is in (the lease, then keys)"
     );
-}
-
-fn ferry_binary() -> PathBuf {
-    let deps = std::env::current_exe().expect("test binary");
-    let target_dir = deps
-        .parent()
-        .and_then(|dir| dir.parent())
-        .expect("target dir");
-    let binary = target_dir.join("ferry");
-    if !binary.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "ferry-cli"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "ferry builds");
-    }
-    binary
 }
 
 fn ferry(args: &[&str], environment: &[(&str, &str)]) -> Output {

@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "ferry/v1/op.proto",
     "ferry/v1/segment.proto",
     "ferry/v1/agent.proto",
+    "ferry/v1/gateway.proto",
 ];
 
 /// etcd's v3 API, vendored in `vendor/` (see its README).

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
-use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions};
+use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions, EtcdTls};
 use ferry_engine::adapters::{SinkOptions, SourceOptions, sink_from_url, source_from_url};
 use ferry_engine::backup::{ExtractOptions, RestoreOptions, find_backup, verify_backup};
 use ferry_engine::pipeline;
@@ -76,13 +76,33 @@ pub struct RestoreArgs {
     limits: LimitArgs,
 }
 
-/// Credentials for etcd: from the environment or a file, never from argv.
+/// Credentials and TLS for etcd: from the environment or files, never from argv.
 #[derive(Debug, Args)]
 pub struct EtcdArgs {
     /// A file whose first line is the etcd password (the user is ETCD_USERNAME);
     /// without it, ETCD_USERNAME and ETCD_PASSWORD are used when set.
     #[arg(long, value_name = "FILE")]
     etcd_password_file: Option<PathBuf>,
+    /// etcd over TLS: PEM file of the CA that signed the members' certificates
+    /// (etcds:// alone trusts the system's roots). Any --etcd-*-file of TLS turns TLS on.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// etcd over TLS: PEM file of ferry's client certificate (members with --client-cert-auth).
+    #[arg(long, value_name = "FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// etcd over TLS: PEM file of the client certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+        }
+    }
 }
 
 /// `ferry inspect`.
@@ -142,6 +162,7 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
             parallel: usize::from(args.parallel),
         },
         etcd_password_file: args.etcd.etcd_password_file.clone(),
+        etcd_tls: args.etcd.tls(),
     };
     let source = source_from_url(&args.source, &source_options)?;
     let store = BackupStore::open(&args.to, true).map_err(ferry_engine::Error::from)?;
@@ -216,6 +237,7 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
             allow_nonempty: args.allow_nonempty,
         },
         etcd_password_file: args.etcd.etcd_password_file.clone(),
+        etcd_tls: args.etcd.tls(),
     };
     let sink = sink_from_url(&args.target, &sink_options)?;
     let options = RestoreOptions {

@@ -17,6 +17,8 @@ pub struct EtcdOptions {
     pub max_request_bytes: u64,
     /// etcd's `--max-txn-ops` (its default: 128).
     pub max_txn_ops: u64,
+    /// Serve clients over TLS only (plain HTTP when `None`, the default).
+    pub tls: Option<EtcdServerTls>,
 }
 
 impl Default for EtcdOptions {
@@ -24,8 +26,22 @@ impl Default for EtcdOptions {
         Self {
             max_request_bytes: 1_572_864,
             max_txn_ops: 128,
+            tls: None,
         }
     }
+}
+
+/// The server side of TLS for an [`EtcdServer`]: PEM files the test made.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// The member's certificate (`--cert-file`), valid for `127.0.0.1`.
+    pub cert_file: PathBuf,
+    /// Its private key (`--key-file`).
+    pub key_file: PathBuf,
+    /// The CA client certificates must be signed by (`--trusted-ca-file`).
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate (`--client-cert-auth`).
+    pub client_cert_auth: bool,
 }
 
 /// One etcd member for one test.
@@ -33,6 +49,9 @@ impl Default for EtcdOptions {
 pub struct EtcdServer {
     child: Child,
     client_port: u16,
+    /// Where `GET /health` answers in plain HTTP: the client port, or a
+    /// separate metrics port when clients must use TLS.
+    health_port: u16,
     // Last: removed after the process is gone.
     data: TempDir,
 }
@@ -59,9 +78,31 @@ impl EtcdServer {
         let data = tempfile::tempdir()?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let client_scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let client_url = format!("{client_scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(etcd_binary())
+        let mut command = Command::new(etcd_binary());
+        let mut health_port = client_port;
+        if let Some(tls) = &options.tls {
+            health_port = free_port()?;
+            command
+                .arg(format!("--cert-file={}", tls.cert_file.display()))
+                .arg(format!("--key-file={}", tls.key_file.display()))
+                .arg(format!(
+                    "--listen-metrics-urls=http://127.0.0.1:{health_port}"
+                ));
+            if let Some(ca) = &tls.trusted_ca_file {
+                command.arg(format!("--trusted-ca-file={}", ca.display()));
+            }
+            if tls.client_cert_auth {
+                command.arg("--client-cert-auth");
+            }
+        }
+        let child = command
             .arg("--name=ferry-test")
             .arg(format!("--data-dir={}", data.path().join("etcd").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -86,6 +127,7 @@ impl EtcdServer {
         let mut server = Self {
             child,
             client_port,
+            health_port,
             data,
         };
         server.wait_healthy(Duration::from_secs(30))?;
@@ -131,7 +173,7 @@ impl EtcdServer {
 
     /// GET /health answers `"health":"true"` once the member serves.
     fn healthy(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.health_port)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));

@@ -4,7 +4,7 @@
 //! | URL | adapter |
 //! | --- | --- |
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
-//! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster |
+//! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster (`etcds://` for TLS) |
 
 pub mod etcd;
 pub mod jsonl;
@@ -165,6 +165,8 @@ pub struct SourceOptions {
     pub etcd: etcd::EtcdSourceOptions,
     /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
     pub etcd_password_file: Option<PathBuf>,
+    /// TLS files for etcd; any of them turns TLS on.
+    pub etcd_tls: etcd::EtcdTls,
 }
 
 /// What a sink needs beyond its URL.
@@ -174,6 +176,8 @@ pub struct SinkOptions {
     pub etcd: etcd::EtcdSinkOptions,
     /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
     pub etcd_password_file: Option<PathBuf>,
+    /// TLS files for etcd; any of them turns TLS on.
+    pub etcd_tls: etcd::EtcdTls,
 }
 
 /// Opens the source a URL names.
@@ -182,9 +186,10 @@ pub fn source_from_url(url: &str, options: &SourceOptions) -> Result<Box<dyn Sou
         Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSource::new(jsonl::Location::parse(
             url,
         )?))),
-        Some(("etcd", _)) => {
+        Some(("etcd" | "etcds", _)) => {
             let connection =
                 etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
+                    .and_then(|connection| connection.with_tls_files(&options.etcd_tls))
                     .map_err(AdapterError::EtcdSource)?;
             Ok(Box::new(etcd::EtcdSource::new(
                 connection,
@@ -201,9 +206,10 @@ pub fn sink_from_url(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> 
         Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSink::create(jsonl::Location::parse(
             url,
         )?)?)),
-        Some(("etcd", _)) => {
+        Some(("etcd" | "etcds", _)) => {
             let connection =
                 etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
+                    .and_then(|connection| connection.with_tls_files(&options.etcd_tls))
                     .map_err(AdapterError::EtcdTarget)?;
             Ok(Box::new(etcd::EtcdSink::new(
                 connection,
@@ -218,7 +224,7 @@ fn unknown_scheme(url: &str, role: &str) -> crate::Error {
     AdapterError::BadUrl {
         url: url.to_owned(),
         reason: format!(
-            "no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-, etcd://HOST:PORT"
+            "no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-, etcd://HOST:PORT, etcds://HOST:PORT"
         ),
     }
     .into()

@@ -13,10 +13,10 @@ use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
-use super::{EtcdConnection, EtcdError};
+use super::{EtcdConnection, EtcdError, EtcdTls};
 
 /// The largest response ferry accepts: one value may be as large as the
 /// server's `--max-request-bytes`, and a page holds at least one.
@@ -62,11 +62,16 @@ impl EtcdClient {
     /// Connects (lazily) and authenticates when credentials are set.
     pub async fn connect(connection: &EtcdConnection) -> Result<Self, EtcdError> {
         let timeout = connection.connect_timeout.unwrap_or(Duration::from_secs(5));
+        let tls = match &connection.tls {
+            Some(files) => Some(tls_config(files).await?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoints = connection
             .endpoints
             .iter()
-            .map(|endpoint| {
-                Endpoint::from_shared(format!("http://{endpoint}"))
+            .map(|address| {
+                let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
                     .map(|endpoint| {
                         endpoint
                             .connect_timeout(timeout)
@@ -75,9 +80,22 @@ impl EtcdClient {
                     .map_err(|error| EtcdError::BadUrl {
                         url: connection.display(),
                         reason: error.to_string(),
-                    })
+                    })?;
+                match &tls {
+                    Some(tls) => {
+                        endpoint
+                            .tls_config(tls.clone())
+                            .map_err(|error| EtcdError::TlsFiles {
+                                reason: format!("{error} (for {address})"),
+                            })
+                    }
+                    None => Ok(endpoint),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if tls.is_some() {
+            probe_tls(connection, &endpoints, timeout).await?;
+        }
         let channel = Channel::balance_list(endpoints.into_iter());
         let interceptor = TokenInterceptor::default();
         let services = Services {
@@ -152,4 +170,76 @@ impl EtcdClient {
     pub fn connection(&self) -> &EtcdConnection {
         &self.connection
     }
+}
+
+/// Makes one small request on a connection of its own to the members, so a
+/// failed TLS handshake is reported as what it is: the balanced channel's
+/// errors only say a connection was lost. Other failures (a member down,
+/// auth) are left to the first real call to report, as without TLS.
+async fn probe_tls(
+    connection: &EtcdConnection,
+    endpoints: &[Endpoint],
+    timeout: Duration,
+) -> Result<(), EtcdError> {
+    let mut failure = None;
+    for endpoint in endpoints {
+        let attempt = tokio::time::timeout(timeout * 2, async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|error| connection.tls_failure(&error))?;
+            let request = ferry_proto::etcd::etcdserverpb::RangeRequest {
+                key: vec![0],
+                count_only: true,
+                limit: 1,
+                ..Default::default()
+            };
+            match KvClient::new(channel).range(request).await {
+                Ok(_) => Ok(()),
+                Err(status) => Err(connection.tls_failure(&status)),
+            }
+        })
+        .await;
+        match attempt {
+            Ok(Ok(())) | Err(_) | Ok(Err(None)) => return Ok(()),
+            Ok(Err(Some(reason))) => failure = Some(reason),
+        }
+    }
+    match failure {
+        Some(reason) => Err(EtcdError::Tls {
+            endpoints: connection.display(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The client side of TLS: the CA to trust (else the system's roots) and
+/// ferry's own certificate, read from their files.
+async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
+    async fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, EtcdError> {
+        let content = tokio::fs::read(path)
+            .await
+            .map_err(|error| EtcdError::TlsFiles {
+                reason: format!("cannot read the {what} {}: {error}", path.display()),
+            })?;
+        if !content.windows(11).any(|window| window == b"-----BEGIN ") {
+            return Err(EtcdError::TlsFiles {
+                reason: format!("the {what} {} is not in PEM form", path.display()),
+            });
+        }
+        Ok(content)
+    }
+    let mut config = ClientTlsConfig::new();
+    config = match &files.ca_file {
+        Some(path) => config.ca_certificate(Certificate::from_pem(read(path, "CA file").await?)),
+        None => config.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
+        config = config.identity(Identity::from_pem(
+            read(cert, "client certificate file").await?,
+            read(key, "client key file").await?,
+        ));
+    }
+    Ok(config)
 }

@@ -50,10 +50,34 @@ pub struct EtcdConnection {
     pub credentials: Option<(String, String)>,
     /// How long to wait for a member before calling it unreachable.
     pub connect_timeout: Option<Duration>,
+    /// TLS (`https`) to the members when set; plain `http` when not.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd's members. The files are read when ferry connects, and only
+/// their paths are ever passed around (never their content on argv).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM file of the CA(s) the members' certificates are signed by; the
+    /// system's trusted roots when not set.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of ferry's client certificate, for members started with
+    /// `--client-cert-auth`; goes with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub key_file: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// True when any file is named: any of them turns TLS on.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 impl EtcdConnection {
-    /// Parses `etcd://HOST:PORT[,HOST:PORT...]`. Credentials are read from
+    /// Parses `etcd://HOST:PORT[,HOST:PORT...]`, or `etcds://...` for TLS
+    /// with the system's trusted roots. Credentials are read from
     /// `ETCD_USERNAME` and `ETCD_PASSWORD`, or from `password_file` (whose
     /// first line is the password) with `ETCD_USERNAME`.
     pub fn from_url(url: &str, password_file: Option<&PathBuf>) -> Result<Self, EtcdError> {
@@ -61,9 +85,15 @@ impl EtcdConnection {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let rest = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| bad_url("an etcd URL starts with etcd://"))?;
+        let (rest, tls) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(rest), _) => (rest, None),
+            (None, Some(rest)) => (rest, Some(EtcdTls::default())),
+            (None, None) => {
+                return Err(bad_url(
+                    "an etcd URL starts with etcd:// (or etcds:// for TLS)",
+                ));
+            }
+        };
         if rest.contains('@') {
             return Err(bad_url(
                 "credentials do not belong in a URL (it shows in process lists); set ETCD_USERNAME and ETCD_PASSWORD",
@@ -119,12 +149,30 @@ impl EtcdConnection {
             endpoints,
             credentials,
             connect_timeout: Some(Duration::from_secs(5)),
+            tls,
         })
+    }
+
+    /// Adds TLS files (from `--etcd-ca-file`, `--etcd-cert-file`,
+    /// `--etcd-key-file`): any of them turns TLS on. A certificate needs
+    /// its key and a key its certificate.
+    pub fn with_tls_files(mut self, files: &EtcdTls) -> Result<Self, EtcdError> {
+        if !files.is_set() {
+            return Ok(self);
+        }
+        if files.cert_file.is_some() != files.key_file.is_some() {
+            return Err(EtcdError::TlsFiles {
+                reason: "a client certificate needs its key: pass both --etcd-cert-file and --etcd-key-file".to_owned(),
+            });
+        }
+        self.tls = Some(files.clone());
+        Ok(self)
     }
 
     /// The members, for messages (never credentials).
     pub fn display(&self) -> String {
-        format!("etcd://{}", self.endpoints.join(","))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoints.join(","))
     }
 
     /// Sorts a refusal of etcd's into what the user must do about it.
@@ -132,6 +180,21 @@ impl EtcdConnection {
         let endpoints = self.display();
         let message = status.message();
         let code = status.code();
+        if let Some(reason) = self.tls_failure(status) {
+            return EtcdError::Tls { endpoints, reason };
+        }
+        // A member that serves TLS only drops a plain connection.
+        if self.tls.is_none()
+            && (code == tonic::Code::Cancelled
+                || (code == tonic::Code::Unknown && message == "transport error"))
+        {
+            return EtcdError::Unreachable {
+                endpoints,
+                reason: format!(
+                    "{action}: {message}; if the members serve TLS only, use etcds:// or pass --etcd-ca-file"
+                ),
+            };
+        }
         if message.contains("authentication failed")
             || message.contains("invalid auth token")
             || message.contains("user name is empty")
@@ -180,6 +243,52 @@ impl EtcdConnection {
             action: action.to_owned(),
             reason: message.to_owned(),
         }
+    }
+
+    /// What to do about a failed TLS handshake, when `error` is one. The
+    /// transport's own words are deep in the error's sources.
+    pub(crate) fn tls_failure(&self, error: &(dyn std::error::Error + 'static)) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        let mut chain: Vec<String> = Vec::new();
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = next {
+            // A status prints its code and source too: take its message.
+            let text = match error.downcast_ref::<tonic::Status>() {
+                Some(status) => status.message().to_owned(),
+                None => error.to_string(),
+            };
+            if !chain.iter().any(|seen| seen.contains(&text)) {
+                chain.push(text);
+            }
+            next = error.source();
+        }
+        let detail = chain.join(": ");
+        let lower = detail.to_lowercase();
+        let refused_identity = lower.contains("certificate required")
+            || lower.contains("certificaterequired")
+            || lower.contains("badcertificate")
+            || lower.contains("bad certificate");
+        if refused_identity && tls.cert_file.is_none() {
+            return Some(format!(
+                "the members require a client certificate ({detail}); pass --etcd-cert-file and --etcd-key-file"
+            ));
+        }
+        if lower.contains("unknownissuer")
+            || lower.contains("unknown issuer")
+            || lower.contains("invalid peer certificate")
+            || lower.contains("notvalidforname")
+        {
+            return Some(format!(
+                "the members' certificate is not trusted ({detail}); pass the CA that signed it with --etcd-ca-file"
+            ));
+        }
+        if refused_identity || lower.contains("unknown ca") || lower.contains("unknownca") {
+            return Some(format!(
+                "the members refused ferry's client certificate ({detail}); pass one signed by the CA they trust with --etcd-cert-file and --etcd-key-file"
+            ));
+        }
+        (lower.contains("tls") || lower.contains("handshake") || lower.contains("certificate"))
+            .then(|| format!("the TLS handshake failed ({detail})"))
     }
 }
 
@@ -261,6 +370,22 @@ pub enum EtcdError {
         /// The source the backup names.
         backup_source: String,
     },
+    /// The TLS files cannot be used: missing, unreadable, not PEM, or a
+    /// certificate without its key.
+    #[error("cannot use the etcd TLS files: {reason}")]
+    TlsFiles {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
+    /// TLS with the members failed: an untrusted certificate, a client
+    /// certificate required or refused.
+    #[error("TLS with {endpoints} failed: {reason}")]
+    Tls {
+        /// The members.
+        endpoints: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
     /// An op cannot be applied as etcd ops.
     #[error("cannot apply op seq {seq} (key {key}): {reason}")]
     BadOp {
@@ -276,7 +401,7 @@ pub enum EtcdError {
 impl EtcdError {
     pub(crate) fn kind(&self, target: bool) -> ErrorKind {
         match self {
-            EtcdError::BadUrl { .. } => ErrorKind::Usage,
+            EtcdError::BadUrl { .. } | EtcdError::TlsFiles { .. } => ErrorKind::Usage,
             _ if target => ErrorKind::Target,
             _ => ErrorKind::Source,
         }
@@ -321,5 +446,31 @@ mod tests {
         assert!(EtcdConnection::from_url("etcd://root:secret@10.0.0.1:2379", None).is_err());
         assert!(EtcdConnection::from_url("etcd://", None).is_err());
         assert!(EtcdConnection::from_url("http://10.0.0.1:2379", None).is_err());
+        assert!(connection.tls.is_none());
+    }
+
+    #[test]
+    fn etcds_and_any_tls_file_turn_tls_on() {
+        let system_roots = EtcdConnection::from_url("etcds://10.0.0.1:2379", None).expect("valid");
+        assert_eq!(system_roots.tls, Some(EtcdTls::default()));
+        assert_eq!(system_roots.display(), "etcds://10.0.0.1:2379");
+        let with_ca = EtcdConnection::from_url("etcd://10.0.0.1:2379", None)
+            .and_then(|connection| {
+                connection.with_tls_files(&EtcdTls {
+                    ca_file: Some(PathBuf::from("/etc/ca.pem")),
+                    ..EtcdTls::default()
+                })
+            })
+            .expect("valid");
+        assert!(with_ca.tls.is_some_and(|tls| tls.ca_file.is_some()));
+        let half_identity = EtcdConnection::from_url("etcd://10.0.0.1:2379", None)
+            .and_then(|connection| {
+                connection.with_tls_files(&EtcdTls {
+                    cert_file: Some(PathBuf::from("/etc/client.pem")),
+                    ..EtcdTls::default()
+                })
+            })
+            .expect_err("a certificate without its key");
+        assert!(matches!(half_identity, EtcdError::TlsFiles { .. }));
     }
 }

@@ -170,6 +170,22 @@ impl EtcdClient {
     pub fn connection(&self) -> &EtcdConnection {
         &self.connection
     }
+
+    /// A Watch client on the same channel and credentials (the live follow
+    /// of the source opens its watch streams with it).
+    pub fn watch(&self) -> ferry_proto::etcd::etcdserverpb::watch_client::WatchClient<Intercepted> {
+        ferry_proto::etcd::etcdserverpb::watch_client::WatchClient::with_interceptor(
+            self.channel.clone(),
+            self.interceptor.clone(),
+        )
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// Renews the auth token (a watch stream broke and is opened again: its
+    /// token may have expired meanwhile).
+    pub async fn reauthenticate(&self) -> Result<(), EtcdError> {
+        self.authenticate().await
+    }
 }
 
 /// Makes one small request on a connection of its own to the members, so a

@@ -23,7 +23,10 @@ mod sink;
 mod source;
 
 pub use sink::{EtcdSink, EtcdSinkOptions};
-pub use source::{EtcdSource, EtcdSourceOptions};
+pub use source::{
+    EtcdDescription, EtcdSource, EtcdSourceOptions, FENCE_KEY, Fence, FenceWrite, LiveEvent,
+    LiveExtraction, LiveFrom, ProgressRequester, describe_cluster, read_fence, write_fence,
+};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,20 +1,28 @@
 //! Extracting etcd: one snapshot at one revision.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use ferry_proto::etcd::etcdserverpb::range_request::{SortOrder, SortTarget};
+use ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion;
 use ferry_proto::etcd::etcdserverpb::{
-    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, StatusRequest,
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, StatusRequest, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest, WatchResponse,
 };
-use ferry_proto::etcd::mvccpb::KeyValue;
-use tokio::sync::mpsc;
+use ferry_proto::etcd::mvccpb::event::EventType;
+use ferry_proto::etcd::mvccpb::{Event, KeyValue};
+use futures::stream::BoxStream;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::client::EtcdClient;
-use super::{EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end};
+use super::{
+    EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end, printable,
+};
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
 use crate::progress::Progress;
@@ -136,25 +144,30 @@ impl Source for EtcdSource {
         );
 
         let (sender, receiver) = mpsc::channel::<Result<Vec<Op>>>(PAGES_AHEAD);
-        tokio::spawn(produce(client, revision, leases, ranges, sender));
-        let key_prefix = match std::str::from_utf8(&self.options.prefix) {
-            Ok("") => None,
-            Ok(prefix) => Some(prefix.to_owned()),
-            // A binary prefix is not recorded: a restore then checks the
-            // whole target keyspace for emptiness, which is stricter.
-            Err(_) => None,
-        };
+        tokio::spawn(produce(client, revision, leases, false, ranges, sender));
         Ok(Extraction {
-            info: SourceInfo {
-                platform: "etcd".to_owned(),
-                platform_version: Some(status.version),
-                identity: Some(format!("{cluster_id:016x}")),
-                snapshot_position: Some(revision as u64),
-                key_prefix,
-                description: None,
-            },
+            info: source_info(&self.options.prefix, status.version, cluster_id, revision),
             ops: Box::pin(ReceiverStream::new(receiver)),
         })
+    }
+}
+
+/// What an etcd snapshot was taken from, for the manifest or a stream start.
+fn source_info(prefix: &[u8], version: String, cluster_id: u64, revision: i64) -> SourceInfo {
+    let key_prefix = match std::str::from_utf8(prefix) {
+        Ok("") => None,
+        Ok(prefix) => Some(prefix.to_owned()),
+        // A binary prefix is not recorded: a restore then checks the
+        // whole target keyspace for emptiness, which is stricter.
+        Err(_) => None,
+    };
+    SourceInfo {
+        platform: "etcd".to_owned(),
+        platform_version: Some(version),
+        identity: Some(format!("{cluster_id:016x}")),
+        snapshot_position: Some(revision as u64),
+        key_prefix,
+        description: None,
     }
 }
 
@@ -286,10 +299,16 @@ async fn split_range(
 /// Streams the leases, then every key, numbering ops from 1. Ranges are
 /// read by their own tasks, a few pages ahead; their pages are merged in
 /// range order.
+///
+/// With `inline_leases`, `leases` is not used: each lease is announced right
+/// before the first key attached to it, read as the key is read, so the
+/// snapshot's ops (and their seqs) depend on the revision alone and a second
+/// read at the same revision numbers them the same (a resumed live stream).
 async fn produce(
     client: EtcdClient,
     revision: i64,
     leases: Vec<Lease>,
+    inline_leases: bool,
     ranges: Vec<(Vec<u8>, Vec<u8>)>,
     sender: mpsc::Sender<Result<Vec<Op>>>,
 ) {
@@ -299,27 +318,13 @@ async fn produce(
         .iter()
         .map(|lease| {
             seq += 1;
-            Op {
-                seq,
-                position,
-                txn: 0,
-                txn_last: true,
-                kind: Bytes::from_static(KIND_LEASE.as_bytes()),
-                key: Bytes::from(lease_key(lease.id)),
-                method: Bytes::from_static(b"LeaseGrant"),
-                body: Bytes::from(format!(
-                    r#"{{"id":{},"ttl":{},"granted_ttl":{}}}"#,
-                    lease.id, lease.ttl, lease.granted_ttl
-                )),
-                content_type: Bytes::from_static(b"application/json"),
-                platform_version: Bytes::new(),
-                deps: Vec::new(),
-            }
+            lease_op(seq, position, 0, lease)
         })
         .collect();
     if !lease_ops.is_empty() && sender.send(Ok(lease_ops)).await.is_err() {
         return;
     }
+    let mut announced = HashSet::new();
     let readers: Vec<mpsc::Receiver<Result<Vec<KeyValue>>>> = ranges
         .into_iter()
         .map(|(start, end)| {
@@ -330,20 +335,78 @@ async fn produce(
         .collect();
     for mut reader in readers {
         while let Some(page) = reader.recv().await {
-            let batch = page.map(|kvs| {
-                kvs.into_iter()
-                    .filter(|kv| !kv.key.starts_with(RESERVED_PREFIX))
-                    .map(|kv| {
-                        seq += 1;
-                        kv_op(seq, position, kv)
-                    })
-                    .collect::<Vec<Op>>()
-            });
-            let failed = batch.is_err();
-            if sender.send(batch).await.is_err() || failed {
+            let kvs = match page {
+                Ok(kvs) => kvs,
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            };
+            let mut batch = Vec::with_capacity(kvs.len());
+            for kv in kvs {
+                if kv.key.starts_with(RESERVED_PREFIX) {
+                    continue;
+                }
+                if inline_leases && kv.lease != 0 && announced.insert(kv.lease) {
+                    match lease_status(&client, kv.lease).await {
+                        Ok(lease) => {
+                            seq += 1;
+                            batch.push(lease_op(seq, position, 0, &lease));
+                        }
+                        Err(error) => {
+                            let _ = sender.send(Err(error)).await;
+                            return;
+                        }
+                    }
+                }
+                seq += 1;
+                batch.push(kv_op(seq, position, kv));
+            }
+            if sender.send(Ok(batch)).await.is_err() {
                 return;
             }
         }
+    }
+}
+
+/// A lease's remaining TTL, as etcd tells it now. A lease gone already
+/// (expired or revoked) gets the shortest TTL a target grants: its keys are
+/// deleted by the source's next changes anyway.
+async fn lease_status(client: &EtcdClient, id: i64) -> Result<Lease> {
+    let alive = client
+        .call("read a lease of", |mut services| async move {
+            services
+                .lease
+                .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
+                .await
+        })
+        .await
+        .map_err(source_error)?;
+    Ok(Lease {
+        id,
+        ttl: alive.ttl.max(1),
+        granted_ttl: alive.granted_ttl.max(0),
+    })
+}
+
+/// The op that grants `lease` on a target. `txn` 0 makes it a transaction
+/// of its own; otherwise it opens the group of that revision.
+fn lease_op(seq: u64, position: u64, txn: u64, lease: &Lease) -> Op {
+    Op {
+        seq,
+        position,
+        txn,
+        txn_last: txn == 0,
+        kind: Bytes::from_static(KIND_LEASE.as_bytes()),
+        key: Bytes::from(lease_key(lease.id)),
+        method: Bytes::from_static(b"LeaseGrant"),
+        body: Bytes::from(format!(
+            r#"{{"id":{},"ttl":{},"granted_ttl":{}}}"#,
+            lease.id, lease.ttl, lease.granted_ttl
+        )),
+        content_type: Bytes::from_static(b"application/json"),
+        platform_version: Bytes::new(),
+        deps: Vec::new(),
     }
 }
 
@@ -422,4 +485,779 @@ async fn read_range(
         }
         cursor = next;
     }
+}
+
+/// Ops per live batch at most (a revision's group may exceed it alone).
+const LIVE_BATCH_MAX_OPS: usize = 1000;
+/// Bytes of keys and values per live batch at most (likewise).
+const LIVE_BATCH_MAX_BYTES: usize = 1024 * 1024;
+/// Bytes an op adds beyond its key and body, for batch sizing.
+const OP_OVERHEAD_BYTES: usize = 32;
+/// How long a watch may stay silent before ferry asks etcd where it stands,
+/// so an idle source still reports its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// Events a live stream holds ahead of its consumer.
+const LIVE_EVENTS_AHEAD: usize = 8;
+/// Consecutive failed attempts to (re)open the watch before the stream
+/// gives up with the last error.
+const WATCH_ATTEMPTS: u32 = 10;
+
+/// Where a live stream starts, or where a broken one resumes. A stream is
+/// resumed statelessly from what the target holds: see
+/// [`EtcdSource::open_live`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveFrom {
+    /// `None`: a new stream, with a new snapshot at the current revision R.
+    /// `Some(R)`: resume the stream whose snapshot was taken at R.
+    pub snapshot: Option<i64>,
+    /// Resume only: the target holds every op through this seq.
+    pub from_seq_exclusive: u64,
+    /// Resume only: the target holds every change through this revision.
+    pub from_revision_exclusive: i64,
+    /// Resume only: the seq the snapshot ended at, when the caller saw its
+    /// [`LiveEvent::SnapshotComplete`].
+    pub snapshot_through_seq: Option<u64>,
+}
+
+/// One event of a live stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveEvent {
+    /// Ops, seqs contiguous with the previous batch's, never splitting a
+    /// revision's group (G3).
+    Batch(Vec<Op>),
+    /// The snapshot is complete through `through_seq`; its ops all have
+    /// `position` (R). Live changes follow. Not repeated when a resume
+    /// skips the snapshot.
+    SnapshotComplete {
+        /// The snapshot's last seq.
+        through_seq: u64,
+        /// R.
+        position: u64,
+    },
+    /// Every change of the source at or below `position` has been sent, up
+    /// to `through_seq`; the source itself is at `head_position`. Sent after
+    /// every watch response and at least every second while following.
+    Progress {
+        /// The highest revision whose changes have all been sent.
+        position: u64,
+        /// The source's current revision, as etcd last said.
+        head_position: u64,
+        /// The last seq sent.
+        through_seq: u64,
+    },
+}
+
+/// A live stream: the snapshot, then the changes after it, without end.
+pub struct LiveExtraction {
+    /// What the ops are taken from; `snapshot_position` is R.
+    pub info: SourceInfo,
+    /// R: the revision the snapshot is read at (on a resume, the one asked for).
+    pub snapshot_revision: i64,
+    /// The events. The stream ends only with an `Err` (e.g. the source
+    /// compacted revisions the watch had yet to read:
+    /// [`EtcdError::Compacted`]), or when dropped.
+    pub events: BoxStream<'static, Result<LiveEvent>>,
+    /// Asks the stream to report its progress now rather than at the next
+    /// second (after a fence, say).
+    pub progress_requests: ProgressRequester,
+}
+
+impl std::fmt::Debug for LiveExtraction {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("LiveExtraction")
+            .field("info", &self.info)
+            .field("snapshot_revision", &self.snapshot_revision)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Asks a live stream to ask etcd where it stands and report a
+/// [`LiveEvent::Progress`] soon.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressRequester(Arc<Notify>);
+
+impl ProgressRequester {
+    /// Requests a progress report (coalesced with any pending request).
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+
+    /// True when both ask the same stream.
+    pub fn same_as(&self, other: &ProgressRequester) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl EtcdSource {
+    /// Opens a live stream: a snapshot at one revision R, then every change
+    /// after R, read with etcd's Watch, one group of ops per revision.
+    ///
+    /// A new stream ([`LiveFrom::snapshot`] `None`) snapshots the current
+    /// revision. A resumed one names its R: when the target holds ops of the
+    /// snapshot only (`from_seq_exclusive` below the snapshot's end, or the
+    /// end unknown and `from_revision_exclusive` not past R), the snapshot is
+    /// read again at R — its seqs are the same for the same R — and the seqs
+    /// the target holds are skipped; otherwise the snapshot is skipped and
+    /// seqs continue at `from_seq_exclusive + 1`. Either way the watch
+    /// starts at `max(R, from_revision_exclusive) + 1`.
+    ///
+    /// The ops of a change: `etcd.kv` `Put` (body: the value; `deps`: its
+    /// lease) or `Delete` (empty body), `position` and `txn` the revision,
+    /// `txn_last` on the revision's last op. A lease not announced before in
+    /// this stream is announced by an `etcd.lease` `LeaseGrant` op right
+    /// before the key, in the same group. Keys under [`RESERVED_PREFIX`] are
+    /// never sent, yet their revisions count as sent (ferry's fence key).
+    /// A stream resumed past its snapshot has not seen the announcements
+    /// made before the resume point, so it announces such a lease again the
+    /// next time a key is put on it (granting an existing lease again
+    /// changes nothing on a target): the ops after the resume point are the
+    /// same as the unbroken stream's but for those grants.
+    ///
+    /// The watch covers the whole keyspace even with a prefix (keys outside
+    /// it are dropped here), so every revision reaches the stream as an event
+    /// and the reported position never runs ahead of what was sent: etcd 3.4
+    /// may answer a progress request with a revision whose events are still
+    /// in flight. The user therefore needs read access to the whole keyspace.
+    pub async fn open_live(
+        self,
+        from: LiveFrom,
+        progress: Arc<Progress>,
+    ) -> Result<LiveExtraction> {
+        let client = EtcdClient::connect(&self.connection)
+            .await
+            .map_err(source_error)?;
+        let status = client
+            .call("read the status of", |mut services| async move {
+                services.maintenance.status(StatusRequest {}).await
+            })
+            .await
+            .map_err(source_error)?;
+        let cluster_id = status.header.as_ref().map_or(0, |header| header.cluster_id);
+        let (start, end) = key_range(&self.options.prefix);
+        let past_snapshot = |revision: i64| {
+            from.snapshot_through_seq
+                .is_some_and(|through| from.from_seq_exclusive >= through)
+                || from.from_revision_exclusive > revision
+        };
+        let (revision, snapshot) = match from.snapshot {
+            Some(revision) if past_snapshot(revision) => (revision, None),
+            requested => {
+                let count_request = RangeRequest {
+                    key: start.clone(),
+                    range_end: end.clone(),
+                    count_only: true,
+                    revision: requested.unwrap_or(0),
+                    ..RangeRequest::default()
+                };
+                let counted = client
+                    .call("count the keys of", |mut services| {
+                        let request = count_request.clone();
+                        async move { services.kv.range(request).await }
+                    })
+                    .await
+                    .map_err(source_error)?;
+                let revision = match requested {
+                    Some(revision) => revision,
+                    None => counted.header.as_ref().map_or(0, |header| header.revision),
+                };
+                Progress::set(&progress.ops_total, counted.count as u64);
+                let ranges = split_range(
+                    &client,
+                    &start,
+                    &end,
+                    revision,
+                    self.options.parallel.max(1),
+                )
+                .await?;
+                (revision, Some(ranges))
+            }
+        };
+        info!(
+            revision,
+            resume = from.snapshot.is_some(),
+            snapshot = snapshot.is_some(),
+            from_seq_exclusive = from.from_seq_exclusive,
+            "etcd live stream opened"
+        );
+        let requester = ProgressRequester::default();
+        let (sender, receiver) = mpsc::channel(LIVE_EVENTS_AHEAD);
+        let follower = Follower {
+            client,
+            seq: from.from_seq_exclusive,
+            position: revision.max(from.from_revision_exclusive),
+            head: revision.max(from.from_revision_exclusive),
+            prefix: self.options.prefix.clone(),
+            announced: HashSet::new(),
+            batch: LiveBatch::default(),
+            sender,
+            poke: requester.0.clone(),
+            progress,
+        };
+        tokio::spawn(follower.run(revision, snapshot, from.from_seq_exclusive));
+        Ok(LiveExtraction {
+            info: source_info(&self.options.prefix, status.version, cluster_id, revision),
+            snapshot_revision: revision,
+            events: Box::pin(ReceiverStream::new(receiver)),
+            progress_requests: requester,
+        })
+    }
+}
+
+/// Ops gathered for the next [`LiveEvent::Batch`], whole groups only.
+#[derive(Default)]
+struct LiveBatch {
+    ops: Vec<Op>,
+    bytes: usize,
+}
+
+impl LiveBatch {
+    /// Adds a group; returns the batch to send first when the group does not
+    /// fit beside what is gathered.
+    fn push_group(&mut self, group: Vec<Op>) -> Option<Vec<Op>> {
+        let bytes: usize = group.iter().map(op_bytes).sum();
+        let full = !self.ops.is_empty()
+            && (self.ops.len() + group.len() > LIVE_BATCH_MAX_OPS
+                || self.bytes + bytes > LIVE_BATCH_MAX_BYTES);
+        let ready = if full { self.take() } else { None };
+        self.ops.extend(group);
+        self.bytes += bytes;
+        ready
+    }
+
+    fn take(&mut self) -> Option<Vec<Op>> {
+        self.bytes = 0;
+        (!self.ops.is_empty()).then(|| std::mem::take(&mut self.ops))
+    }
+}
+
+fn op_bytes(op: &Op) -> usize {
+    op.key.len() + op.body.len() + OP_OVERHEAD_BYTES
+}
+
+/// Why a watch stopped.
+enum WatchEnd {
+    /// The consumer dropped the stream.
+    Dropped,
+    /// A failure worth opening the watch again for (etcd restarted, the
+    /// connection broke).
+    Broken(EtcdError),
+    /// A failure that ends the stream.
+    Fatal(crate::Error),
+}
+
+/// The task behind a live stream.
+struct Follower {
+    client: EtcdClient,
+    /// The last seq handed to the batch.
+    seq: u64,
+    /// Every change at or below this revision is in the batch or sent.
+    position: i64,
+    /// The source's revision, as etcd last said.
+    head: i64,
+    prefix: Vec<u8>,
+    /// Leases announced in this stream (by this process).
+    announced: HashSet<i64>,
+    batch: LiveBatch,
+    sender: mpsc::Sender<Result<LiveEvent>>,
+    poke: Arc<Notify>,
+    progress: Arc<Progress>,
+}
+
+impl Follower {
+    async fn run(
+        mut self,
+        revision: i64,
+        snapshot: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+        skip_through_seq: u64,
+    ) {
+        if let Some(ranges) = snapshot {
+            match self.snapshot(revision, ranges, skip_through_seq).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(error) => {
+                    let _ = self.sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+        let mut failures = 0u32;
+        loop {
+            match self.watch(&mut failures).await {
+                WatchEnd::Dropped => return,
+                WatchEnd::Fatal(error) => {
+                    let _ = self.sender.send(Err(error)).await;
+                    return;
+                }
+                WatchEnd::Broken(error) => {
+                    if !self.flush().await {
+                        return;
+                    }
+                    failures += 1;
+                    if failures >= WATCH_ATTEMPTS {
+                        let _ = self.sender.send(Err(source_error(error))).await;
+                        return;
+                    }
+                    warn!(%error, attempt = failures, position = self.position, "etcd watch broke, opening it again");
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
+                    // A token may have expired while the watch was open.
+                    if let Err(error) = self.client.reauthenticate().await {
+                        debug!(%error, "cannot authenticate again yet");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Streams the snapshot at `revision`, skipping seqs the target holds.
+    /// False when the consumer is gone.
+    async fn snapshot(
+        &mut self,
+        revision: i64,
+        ranges: Vec<(Vec<u8>, Vec<u8>)>,
+        skip_through_seq: u64,
+    ) -> Result<bool> {
+        let (pages, mut receiver) = mpsc::channel(PAGES_AHEAD);
+        tokio::spawn(produce(
+            self.client.clone(),
+            revision,
+            Vec::new(),
+            true,
+            ranges,
+            pages,
+        ));
+        let mut last_seq = 0;
+        while let Some(page) = receiver.recv().await {
+            for op in page? {
+                last_seq = op.seq;
+                if &op.kind[..] == KIND_LEASE.as_bytes()
+                    && let Some(id) = parse_lease_key(&op.key)
+                {
+                    self.announced.insert(id);
+                }
+                if op.seq <= skip_through_seq {
+                    continue;
+                }
+                self.seq = op.seq;
+                if let Some(ready) = self.batch.push_group(vec![op])
+                    && !self.send(LiveEvent::Batch(ready)).await
+                {
+                    return Ok(false);
+                }
+            }
+        }
+        if skip_through_seq > last_seq {
+            return Err(source_error(EtcdError::Request {
+                endpoints: self.client.connection().display(),
+                action: "resume a live stream".to_owned(),
+                reason: format!(
+                    "the target holds seq {skip_through_seq}, past the snapshot at revision {revision} (it ends at seq {last_seq}), but the resume names no revision past the snapshot; pass the target's applied position as well"
+                ),
+            }));
+        }
+        self.seq = last_seq;
+        if !self.flush().await {
+            return Ok(false);
+        }
+        Ok(self
+            .send(LiveEvent::SnapshotComplete {
+                through_seq: last_seq,
+                position: revision as u64,
+            })
+            .await)
+    }
+
+    async fn send(&self, event: LiveEvent) -> bool {
+        if let LiveEvent::Batch(ops) = &event {
+            Progress::add(&self.progress.ops, ops.len() as u64);
+        }
+        self.sender.send(Ok(event)).await.is_ok()
+    }
+
+    /// Sends what the batch holds. False when the consumer is gone.
+    async fn flush(&mut self) -> bool {
+        match self.batch.take() {
+            Some(ops) => self.send(LiveEvent::Batch(ops)).await,
+            None => true,
+        }
+    }
+
+    async fn report(&mut self) -> bool {
+        self.flush().await
+            && self
+                .send(LiveEvent::Progress {
+                    position: self.position as u64,
+                    head_position: self.head.max(self.position) as u64,
+                    through_seq: self.seq,
+                })
+                .await
+    }
+
+    /// One watch stream, from `position + 1`, until it breaks.
+    async fn watch(&mut self, failures: &mut u32) -> WatchEnd {
+        let (requests, request_stream) = mpsc::channel::<WatchRequest>(4);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                // The whole keyspace: see `open_live`.
+                key: vec![0],
+                range_end: vec![0],
+                start_revision: self.position + 1,
+                progress_notify: true,
+                ..WatchCreateRequest::default()
+            })),
+        };
+        if requests.send(create).await.is_err() {
+            return WatchEnd::Dropped;
+        }
+        let connection = self.client.connection().clone();
+        let mut responses = match self
+            .client
+            .watch()
+            .watch(ReceiverStream::new(request_stream))
+            .await
+        {
+            Ok(responses) => responses.into_inner(),
+            Err(status) => return self.sorted(connection.failed("open a watch on", &status)),
+        };
+        let progress_request = || WatchRequest {
+            request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+        };
+        let mut idle = tokio::time::interval(PROGRESS_INTERVAL);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        idle.reset();
+        loop {
+            tokio::select! {
+                message = responses.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => {
+                            return WatchEnd::Broken(EtcdError::Unreachable {
+                                endpoints: connection.display(),
+                                reason: "the watch stream ended".to_owned(),
+                            });
+                        }
+                        Err(status) => return self.sorted(connection.failed("watch", &status)),
+                    };
+                    *failures = 0;
+                    idle.reset();
+                    if let Some(end) = self.handle(response).await {
+                        return end;
+                    }
+                    if !self.report().await {
+                        return WatchEnd::Dropped;
+                    }
+                }
+                _ = idle.tick() => {
+                    if requests.send(progress_request()).await.is_err() {
+                        return WatchEnd::Dropped;
+                    }
+                }
+                () = self.poke.notified() => {
+                    if requests.send(progress_request()).await.is_err() {
+                        return WatchEnd::Dropped;
+                    }
+                }
+                () = self.sender.closed() => return WatchEnd::Dropped,
+            }
+        }
+    }
+
+    /// Compaction and refused credentials end the stream; the rest is worth
+    /// another attempt.
+    fn sorted(&self, error: EtcdError) -> WatchEnd {
+        match error {
+            EtcdError::Compacted { .. } | EtcdError::Credentials { .. } => {
+                WatchEnd::Fatal(source_error(error))
+            }
+            other => WatchEnd::Broken(other),
+        }
+    }
+
+    /// Turns one watch response into groups of ops; `Some` when the watch
+    /// must end.
+    async fn handle(&mut self, response: WatchResponse) -> Option<WatchEnd> {
+        let endpoints = self.client.connection().display();
+        if let Some(header) = &response.header {
+            self.head = self.head.max(header.revision);
+        }
+        if response.canceled {
+            if response.compact_revision > 0 {
+                return Some(WatchEnd::Fatal(source_error(EtcdError::Compacted {
+                    endpoints,
+                    reason: format!(
+                        "the live stream needs the changes after revision {}, but etcd compacted through revision {}; start a new stream (a new snapshot)",
+                        self.position, response.compact_revision
+                    ),
+                })));
+            }
+            return Some(WatchEnd::Broken(EtcdError::Request {
+                endpoints,
+                action: "watch".to_owned(),
+                reason: format!("etcd canceled the watch: {}", response.cancel_reason),
+            }));
+        }
+        let mut events = response.events.into_iter().peekable();
+        while let Some(first) = events.next() {
+            let revision = first.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            if revision <= self.position {
+                return Some(WatchEnd::Fatal(source_error(EtcdError::Request {
+                    endpoints,
+                    action: "watch".to_owned(),
+                    reason: format!(
+                        "etcd sent a change at revision {revision} after the changes through revision {} (a revision split across watch responses, or out of order)",
+                        self.position
+                    ),
+                })));
+            }
+            let mut group_events = vec![first];
+            while let Some(next) = events
+                .next_if(|event| event.kv.as_ref().map_or(0, |kv| kv.mod_revision) == revision)
+            {
+                group_events.push(next);
+            }
+            match self.group(revision, group_events).await {
+                Ok(group) => {
+                    self.position = revision;
+                    if !group.is_empty()
+                        && let Some(ready) = self.batch.push_group(group)
+                        && !self.send(LiveEvent::Batch(ready)).await
+                    {
+                        return Some(WatchEnd::Dropped);
+                    }
+                }
+                Err(error) => return Some(self.sorted(error)),
+            }
+        }
+        None
+    }
+
+    /// The ops of one revision, numbered after `seq` (which moves only when
+    /// the whole group is made).
+    async fn group(&mut self, revision: i64, events: Vec<Event>) -> Result<Vec<Op>, EtcdError> {
+        let position = revision as u64;
+        let mut seq = self.seq;
+        let mut group = Vec::new();
+        let mut new_leases = Vec::new();
+        for event in events {
+            let Some(kv) = event.kv else { continue };
+            if kv.key.starts_with(RESERVED_PREFIX)
+                || (!self.prefix.is_empty() && !kv.key.starts_with(&self.prefix))
+            {
+                continue;
+            }
+            if event.r#type == EventType::Delete as i32 {
+                seq += 1;
+                group.push(Op {
+                    seq,
+                    position,
+                    txn: position,
+                    txn_last: false,
+                    kind: Bytes::from_static(KIND_KV.as_bytes()),
+                    key: Bytes::from(kv.key),
+                    method: Bytes::from_static(b"Delete"),
+                    body: Bytes::new(),
+                    content_type: Bytes::new(),
+                    platform_version: Bytes::new(),
+                    deps: Vec::new(),
+                });
+                continue;
+            }
+            if kv.lease != 0
+                && !self.announced.contains(&kv.lease)
+                && !new_leases.contains(&kv.lease)
+            {
+                let lease =
+                    lease_status(&self.client, kv.lease)
+                        .await
+                        .map_err(|error| match error {
+                            crate::Error::Adapter(AdapterError::EtcdSource(error)) => error,
+                            other => EtcdError::Request {
+                                endpoints: self.client.connection().display(),
+                                action: "read a lease".to_owned(),
+                                reason: other.to_string(),
+                            },
+                        })?;
+                new_leases.push(kv.lease);
+                seq += 1;
+                group.push(lease_op(seq, position, position, &lease));
+            }
+            seq += 1;
+            let mut op = kv_op(seq, position, kv);
+            op.txn = position;
+            op.txn_last = false;
+            group.push(op);
+        }
+        if let Some(last) = group.last_mut() {
+            last.txn_last = true;
+        }
+        self.seq = seq;
+        self.announced.extend(new_leases);
+        Ok(group)
+    }
+}
+
+fn parse_lease_key(key: &[u8]) -> Option<i64> {
+    i64::from_str_radix(std::str::from_utf8(key).ok()?, 16).ok()
+}
+
+/// Where a source agent records its fence: `{"epoch":..,"fenced":..}`.
+pub const FENCE_KEY: &[u8] = b"__ferry__/fence";
+
+/// ferry's fence record in a source etcd (G5): the migration attempt that
+/// set it, and whether writes are fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fence {
+    /// The migration attempt.
+    pub epoch: u64,
+    /// True from the fence until an unfence.
+    pub fenced: bool,
+}
+
+/// What became of a fence write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceWrite {
+    /// Written at this revision: every write etcd acknowledged before it is
+    /// at a lower revision.
+    Written {
+        /// The revision of the write.
+        revision: i64,
+    },
+    /// Refused: a later migration attempt set the stored fence.
+    Refused {
+        /// The fence as stored.
+        stored: Fence,
+    },
+}
+
+/// What an etcd cluster is, for an agent's Describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdDescription {
+    /// etcd's version, e.g. `3.4.23`.
+    pub version: String,
+    /// The cluster id, as 16 hex digits: stable across members and restarts.
+    pub identity: String,
+    /// The cluster's current revision.
+    pub revision: i64,
+}
+
+/// Reads what `connection`'s cluster is.
+pub async fn describe_cluster(connection: &EtcdConnection) -> Result<EtcdDescription> {
+    let client = EtcdClient::connect(connection)
+        .await
+        .map_err(source_error)?;
+    let status = client
+        .call("read the status of", |mut services| async move {
+            services.maintenance.status(StatusRequest {}).await
+        })
+        .await
+        .map_err(source_error)?;
+    let header = status.header.unwrap_or_default();
+    Ok(EtcdDescription {
+        version: status.version,
+        identity: format!("{:016x}", header.cluster_id),
+        revision: header.revision,
+    })
+}
+
+/// Writes `fence` to [`FENCE_KEY`] unless the stored fence has a higher
+/// epoch: read, then a Txn guarded by the key's mod revision, so two agents
+/// racing cannot lower the epoch.
+pub async fn write_fence(connection: &EtcdConnection, fence: Fence) -> Result<FenceWrite> {
+    use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+    use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
+    use ferry_proto::etcd::etcdserverpb::{Compare, PutRequest, RequestOp, TxnRequest};
+
+    let client = EtcdClient::connect(connection)
+        .await
+        .map_err(source_error)?;
+    let value = serde_json::to_vec(&fence).expect("a fence serializes");
+    loop {
+        let stored = read_fence_with(&client).await?;
+        if let Some((stored, _)) = stored
+            && stored.epoch > fence.epoch
+        {
+            return Ok(FenceWrite::Refused { stored });
+        }
+        let guard = match stored {
+            Some((_, mod_revision)) => Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: FENCE_KEY.to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::ModRevision(mod_revision)),
+            },
+            None => Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Version as i32,
+                key: FENCE_KEY.to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::Version(0)),
+            },
+        };
+        let request = TxnRequest {
+            compare: vec![guard],
+            success: vec![RequestOp {
+                request: Some(TxnRequestOp::RequestPut(PutRequest {
+                    key: FENCE_KEY.to_vec(),
+                    value: value.clone(),
+                    ..PutRequest::default()
+                })),
+            }],
+            failure: Vec::new(),
+        };
+        let response = client
+            .call("write the fence to", |mut services| {
+                let request = request.clone();
+                async move { services.kv.txn(request).await }
+            })
+            .await
+            .map_err(source_error)?;
+        if response.succeeded {
+            let revision = response.header.map_or(0, |header| header.revision);
+            info!(
+                epoch = fence.epoch,
+                fenced = fence.fenced,
+                revision,
+                "etcd fence written"
+            );
+            return Ok(FenceWrite::Written { revision });
+        }
+        // Another agent wrote the fence meanwhile: read it again.
+    }
+}
+
+/// The stored fence, if any.
+pub async fn read_fence(connection: &EtcdConnection) -> Result<Option<Fence>> {
+    let client = EtcdClient::connect(connection)
+        .await
+        .map_err(source_error)?;
+    Ok(read_fence_with(&client).await?.map(|(fence, _)| fence))
+}
+
+async fn read_fence_with(client: &EtcdClient) -> Result<Option<(Fence, i64)>> {
+    let request = RangeRequest {
+        key: FENCE_KEY.to_vec(),
+        ..RangeRequest::default()
+    };
+    let response = client
+        .call("read the fence from", |mut services| {
+            let request = request.clone();
+            async move { services.kv.range(request).await }
+        })
+        .await
+        .map_err(source_error)?;
+    let Some(kv) = response.kvs.into_iter().next() else {
+        return Ok(None);
+    };
+    let fence: Fence = serde_json::from_slice(&kv.value).map_err(|error| {
+        source_error(EtcdError::Request {
+            endpoints: client.connection().display(),
+            action: "read the fence".to_owned(),
+            reason: format!(
+                "{} does not parse ({error}); delete it if no migration is running",
+                printable(FENCE_KEY)
+            ),
+        })
+    })?;
+    Ok(Some((fence, kv.mod_revision)))
 }

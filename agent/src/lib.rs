@@ -8,5 +8,7 @@
 //!
 //! Nothing is served yet: the foundation settles the op format first.
 
+pub mod gateway;
+
 pub use ferry_proto::v1::source_agent_server::SourceAgent;
 pub use ferry_proto::v1::target_agent_server::TargetAgent;

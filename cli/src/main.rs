@@ -8,6 +8,7 @@
 
 mod commands;
 mod exit;
+mod gateway;
 mod output;
 mod progress;
 
@@ -62,6 +63,8 @@ enum Command {
     Inspect(commands::InspectArgs),
     /// Read every segment of a backup and check it.
     Verify(commands::VerifyArgs),
+    /// Serve etcd's API in front of an etcd cluster, with writes that `ferry migrate` can hold and switch.
+    Gateway(gateway::GatewayArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             Command::Restore(args) => commands::restore(args, cli.global).await,
             Command::Inspect(args) => commands::inspect(args, cli.global).await,
             Command::Verify(args) => commands::verify(args, cli.global).await,
+            Command::Gateway(args) => gateway::gateway(args, cli.global).await,
         }
     });
     match result {

@@ -1,0 +1,283 @@
+//! The write-fencing gateway: the address the clients of an etcd-backed
+//! control plane talk to, so that `ferry migrate` can move them to a new
+//! etcd without them noticing more than a short pause of their writes.
+//!
+//! It serves etcd's v3 API (KV, Watch, Lease, Maintenance, Cluster, Auth)
+//! and forwards every call to the current upstream etcd over one shared
+//! HTTP/2 channel. Reads always pass; writes pass through a gate that the
+//! admin service (`ferry.v1.GatewayAdmin`, `proto/ferry/v1/gateway.proto`)
+//! can close:
+//!
+//! 1. **Hold**(epoch, max_pause): new writes wait; the call returns once
+//!    every write that was in flight to the upstream has been answered.
+//! 2. **Switch**(epoch, url): only while holding; connects to the new
+//!    upstream first, and fails (leaving the old one in place) if it does
+//!    not answer etcd's Status.
+//! 3. **Release**(epoch): the held writes go to the (possibly new)
+//!    upstream one at a time in the order they arrived, then new writes
+//!    flow again.
+//!
+//! A held write waits at most `max_pause` from the Hold. After that, held
+//! and new writes are answered `UNAVAILABLE` ("the control plane is being
+//! switched ... retry") until the Release: the gateway never sends a
+//! write on to an upstream that may have been fenced. A request with an
+//! epoch lower than the gateway's is refused with `FAILED_PRECONDITION`.
+//!
+//! What tells a write from a read is the method (see the `proxy` module):
+//! Put, DeleteRange, a Txn with any put or delete, Compact, LeaseGrant,
+//! LeaseRevoke and the Auth service's changes are writes; Range, a Txn of
+//! ranges, Watch, LeaseKeepAlive, LeaseTimeToLive, LeaseLeases and status
+//! calls are reads.
+//!
+//! Streams across a switch: a Watch or LeaseKeepAlive stream is bound to
+//! the upstream it was opened on. Switch ends those streams with
+//! `UNAVAILABLE`, and etcd clients (clientv3, `etcdctl watch`, Rust's
+//! `etcd-client` users who re-watch) open them again on the new upstream.
+//! A re-opened watch asks for revisions after the last one it saw, and
+//! those are the old etcd's revisions: the new etcd numbers its own, so a
+//! client that resumes a watch by revision must tolerate a compacted-
+//! revision error or a replay of events (Kubernetes' reflectors relist).
+//!
+//! Auth: a client's `token` (or `authorization`) metadata is passed on to
+//! the upstream. A simple token is only valid on the etcd that issued it;
+//! after a switch such clients authenticate again (JWT tokens signed with
+//! the same key work on both). The gateway has no etcd credentials or TLS
+//! of its own yet: its upstreams are plain `etcd://` URLs.
+
+mod admin;
+mod gate;
+mod proxy;
+mod router;
+mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use ferry_proto::v1::gateway_admin_server::GatewayAdminServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+
+pub use ferry_proto::v1::gateway_admin_client::GatewayAdminClient;
+pub use gate::{GateError, GateRefusal};
+
+use admin::AdminService;
+use gate::Gate;
+use proxy::EtcdProxy;
+use router::EtcdRouter;
+use upstream::Upstream;
+
+/// How long open streams (watches) get to finish after a shutdown before
+/// the gateway stops anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// How a [`Gateway`] starts.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The first upstream: `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub upstream_url: String,
+    /// The pause a Hold allows when its request names none
+    /// (`max_pause_ms` = 0).
+    pub default_max_pause: Duration,
+    /// How long an upstream (the first, or a Switch's) has to answer
+    /// before it is called unreachable.
+    pub connect_timeout: Duration,
+}
+
+impl GatewayOptions {
+    /// Options for `upstream_url` with the defaults: a 2 s pause, 5 s to
+    /// connect.
+    pub fn new(upstream_url: impl Into<String>) -> Self {
+        Self {
+            upstream_url: upstream_url.into(),
+            default_max_pause: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What went wrong starting or running the gateway, or reaching one.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The upstream URL cannot be used.
+    #[error("cannot use upstream {url}: {reason}")]
+    BadUpstream {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The upstream did not answer.
+    #[error("cannot reach upstream {url}: {reason}; check the address and that etcd is running")]
+    Unreachable {
+        /// The upstream's members.
+        url: String,
+        /// What the transport or etcd said.
+        reason: String,
+    },
+    /// A server of the gateway failed.
+    #[error("the gateway's {service} server on {address} failed: {reason}")]
+    Serve {
+        /// `etcd API` or `admin`.
+        service: &'static str,
+        /// Where it listened.
+        address: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The gateway's admin service did not answer ([`connect_admin`]).
+    #[error("cannot reach the gateway's admin service at {address}: {reason}")]
+    AdminUnreachable {
+        /// The address tried.
+        address: String,
+        /// What the transport said.
+        reason: String,
+    },
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::BadUpstream { .. } => tonic::Status::invalid_argument(error.to_string()),
+            _ => tonic::Status::unavailable(error.to_string()),
+        }
+    }
+}
+
+/// The state every service of one gateway shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    gate: Arc<Gate>,
+    /// The upstream in force; a switch replaces it, and streams opened on
+    /// the old one see the change and end.
+    upstream: watch::Sender<Arc<Upstream>>,
+    writes_forwarded: AtomicU64,
+    reads_forwarded: AtomicU64,
+    default_max_pause: Duration,
+    connect_timeout: Duration,
+}
+
+/// A gateway connected to its first upstream, ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Connects to the first upstream; fails if it does not answer.
+    pub async fn connect(options: &GatewayOptions) -> Result<Self, GatewayError> {
+        let upstream = Upstream::connect(&options.upstream_url, options.connect_timeout).await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                gate: Arc::new(Gate::default()),
+                upstream: watch::Sender::new(Arc::new(upstream)),
+                writes_forwarded: AtomicU64::new(0),
+                reads_forwarded: AtomicU64::new(0),
+                default_max_pause: options.default_max_pause,
+                connect_timeout: options.connect_timeout,
+            }),
+        })
+    }
+
+    /// The upstream in force, as `etcd://HOST:PORT[,...]`.
+    pub fn upstream_url(&self) -> String {
+        self.shared.upstream.borrow().url.clone()
+    }
+
+    /// Serves etcd's API on `etcd_listener` and the admin service on
+    /// `admin_listener` until `shutdown` completes (then open streams get
+    /// a moment to end) or a server fails.
+    pub async fn serve(
+        self,
+        etcd_listener: TcpListener,
+        admin_listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let address = |listener: &TcpListener| {
+            listener
+                .local_addr()
+                .map(|address| address.to_string())
+                .unwrap_or_else(|_| "?".to_owned())
+        };
+        let etcd_address = address(&etcd_listener);
+        let admin_address = address(&admin_listener);
+        let etcd = Server::builder().serve_with_incoming_shutdown(
+            EtcdRouter::new(EtcdProxy::new(self.shared.clone())),
+            TcpIncoming::from(etcd_listener).with_nodelay(Some(true)),
+            until_stopped(stopped.clone()),
+        );
+        let admin = Server::builder().serve_with_incoming_shutdown(
+            GatewayAdminServer::new(AdminService::new(self.shared.clone())),
+            TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
+            until_stopped(stopped.clone()),
+        );
+        let servers = async {
+            tokio::try_join!(
+                async {
+                    etcd.await.map_err(|error| GatewayError::Serve {
+                        service: "etcd API",
+                        address: etcd_address.clone(),
+                        reason: error.to_string(),
+                    })
+                },
+                async {
+                    admin.await.map_err(|error| GatewayError::Serve {
+                        service: "admin",
+                        address: admin_address.clone(),
+                        reason: error.to_string(),
+                    })
+                },
+            )
+        };
+        tokio::select! {
+            result = servers => result.map(|_| ()),
+            () = async {
+                until_stopped(stopped).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => Ok(()),
+        }
+    }
+}
+
+/// A client of a gateway's admin service at `address` (`HOST:PORT` or
+/// `http://HOST:PORT`), for `ferry migrate`. Connects at once, so a wrong
+/// address fails here.
+pub async fn connect_admin(address: &str) -> Result<GatewayAdminClient<Channel>, GatewayError> {
+    let unreachable = |reason: String| GatewayError::AdminUnreachable {
+        address: address.to_owned(),
+        reason,
+    };
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let channel = Endpoint::from_shared(uri)
+        .map_err(|error| unreachable(error.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|error| {
+            let mut reason = error.to_string();
+            let mut next = std::error::Error::source(&error);
+            while let Some(source) = next {
+                reason = format!("{reason}: {source}");
+                next = source.source();
+            }
+            unreachable(reason)
+        })?;
+    Ok(GatewayAdminClient::new(channel))
+}

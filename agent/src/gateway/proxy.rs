@@ -1,0 +1,654 @@
+//! etcd's v3 API, served by forwarding every call to the current upstream:
+//! reads straight through, writes through the [gate](super::gate).
+//!
+//! Writes, by method: Put, DeleteRange, a Txn with any put or delete in
+//! either branch, Compact, LeaseGrant, LeaseRevoke, and the Auth service's
+//! changes (users, roles, enable, disable). Everything else is a read:
+//! Range, a Txn of ranges only, Watch, LeaseKeepAlive (a keep-alive renews
+//! a lease, it writes no data, and must not stall during a hold),
+//! LeaseTimeToLive, LeaseLeases, Authenticate and the Maintenance and
+//! Cluster services.
+//!
+//! A stream (Watch, LeaseKeepAlive, Snapshot) is bound to the upstream it
+//! was opened on. When the gateway switches upstream, it ends those
+//! streams with `UNAVAILABLE`, and etcd clients open them again, now on
+//! the new upstream.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ferry_proto::etcd::etcdserverpb::auth_server::Auth;
+use ferry_proto::etcd::etcdserverpb::cluster_server::Cluster;
+use ferry_proto::etcd::etcdserverpb::kv_server::Kv;
+use ferry_proto::etcd::etcdserverpb::lease_server::Lease;
+use ferry_proto::etcd::etcdserverpb::maintenance_server::Maintenance;
+use ferry_proto::etcd::etcdserverpb::request_op;
+use ferry_proto::etcd::etcdserverpb::watch_server::Watch;
+use ferry_proto::etcd::etcdserverpb::*;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Shared;
+use super::gate::Admission;
+use super::upstream::Upstream;
+
+/// Messages buffered each way on a stream the gateway relays.
+pub(crate) const STREAM_BUFFER: usize = 64;
+
+/// The metadata a client's call carries on to the upstream: etcd's auth
+/// token (gRPC clients send `token`, the HTTP gateway `authorization`).
+const FORWARDED_METADATA: [&str; 2] = ["token", "authorization"];
+
+/// The stream type of every relayed stream.
+pub(crate) type Relayed<T> = ReceiverStream<Result<T, Status>>;
+
+/// The etcd services. Cheap to clone: the state is shared.
+#[derive(Clone)]
+pub(crate) struct EtcdProxy {
+    shared: Arc<Shared>,
+}
+
+impl EtcdProxy {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The upstream for a read, counted.
+    fn read_upstream(&self) -> Arc<Upstream> {
+        self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
+        self.shared.upstream.borrow().clone()
+    }
+
+    /// Sends a write through the gate. The upstream call runs in its own
+    /// task holding the gate's permit, so a client that goes away does not
+    /// cancel a write the upstream may still apply: Hold waits for it.
+    async fn write<Req, Resp, Call, Fut>(
+        &self,
+        request: Request<Req>,
+        call: Call,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        Call: FnOnce(Arc<Upstream>, Request<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
+    {
+        let request = to_upstream(request);
+        let permit = match self.shared.gate.admit_write() {
+            Admission::Pass(permit) => permit,
+            Admission::Held(held) => held.wait().await?,
+            Admission::Refused(refusal) => return Err(refusal.into()),
+        };
+        // Read after the permit: a held write goes to the upstream in
+        // force at its release.
+        let upstream = self.shared.upstream.borrow().clone();
+        self.shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let answer = call(upstream, request).await;
+            drop(permit);
+            answer
+        })
+        .await
+        .map_err(|error| {
+            Status::internal(format!("the gateway's forwarding task failed: {error}"))
+        })?
+        .map(plain)
+    }
+
+    /// Relays a bidirectional stream (Watch, LeaseKeepAlive).
+    fn relay_bidi<Req, Resp, Open, Fut>(
+        &self,
+        request: Request<Streaming<Req>>,
+        open: Open,
+    ) -> Relayed<Resp>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        Open: FnOnce(Arc<Upstream>, Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
+    {
+        let (metadata, _, mut from_client) = request.into_parts();
+        let (to_upstream, upstream_requests) = mpsc::channel(STREAM_BUFFER);
+        let mut upstream_request = Request::new(ReceiverStream::new(upstream_requests));
+        copy_forwarded(&metadata, upstream_request.metadata_mut());
+        let pump = tokio::spawn(async move {
+            while let Ok(Some(message)) = from_client.message().await {
+                if to_upstream.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.relay_responses(upstream_request, open, Some(pump))
+    }
+
+    /// Relays the responses of a stream opened on the current upstream,
+    /// until either end closes it or the gateway switches upstream (then the
+    /// client gets `UNAVAILABLE`).
+    fn relay_responses<UpstreamRequest, Resp, Open, Fut>(
+        &self,
+        request: Request<UpstreamRequest>,
+        open: Open,
+        request_pump: Option<JoinHandle<()>>,
+    ) -> Relayed<Resp>
+    where
+        UpstreamRequest: Send + 'static,
+        Resp: Send + 'static,
+        Open: FnOnce(Arc<Upstream>, Request<UpstreamRequest>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
+    {
+        let (to_client, from_relay) = mpsc::channel(STREAM_BUFFER);
+        let mut switched = self.shared.upstream.subscribe();
+        let upstream = switched.borrow_and_update().clone();
+        self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _request_pump = AbortOnDrop(request_pump);
+            let url = upstream.url.clone();
+            let ended = async {
+                let mut responses = tokio::select! {
+                    biased;
+                    _ = switched.changed() => return Ended::Switched,
+                    opened = open(upstream, request) => match opened {
+                        Ok(response) => response.into_inner(),
+                        Err(status) => return Ended::Failed(status),
+                    },
+                };
+                loop {
+                    let next = tokio::select! {
+                        biased;
+                        _ = switched.changed() => return Ended::Switched,
+                        next = responses.message() => next,
+                    };
+                    match next {
+                        Ok(Some(message)) => tokio::select! {
+                            biased;
+                            _ = switched.changed() => return Ended::Switched,
+                            sent = to_client.send(Ok(message)) => if sent.is_err() {
+                                return Ended::Quietly;
+                            },
+                        },
+                        Ok(None) => return Ended::Quietly,
+                        Err(status) => return Ended::Failed(status),
+                    }
+                }
+            }
+            .await;
+            // The upstream stream is closed by now; tell the client why.
+            let status = match ended {
+                Ended::Quietly => return,
+                Ended::Failed(status) => status,
+                Ended::Switched => Status::unavailable(format!(
+                    "the control plane was switched away from {url}; open the stream again"
+                )),
+            };
+            let _ = to_client.send(Err(status)).await;
+        });
+        ReceiverStream::new(from_relay)
+    }
+}
+
+/// How a relayed stream ended.
+enum Ended {
+    /// A side closed it: nothing more to say.
+    Quietly,
+    /// The upstream failed it.
+    Failed(Status),
+    /// The gateway switched upstream.
+    Switched,
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// The client's request as the upstream gets it: the message and the auth
+/// metadata, nothing else of the client's connection.
+fn to_upstream<T>(request: Request<T>) -> Request<T> {
+    let (metadata, _, message) = request.into_parts();
+    let mut forwarded = Request::new(message);
+    copy_forwarded(&metadata, forwarded.metadata_mut());
+    forwarded
+}
+
+fn copy_forwarded(from: &MetadataMap, to: &mut MetadataMap) {
+    for key in FORWARDED_METADATA {
+        if let Some(value) = from.get(key) {
+            to.insert(key, value.clone());
+        }
+    }
+}
+
+/// The upstream's answer without the upstream's response headers.
+fn plain<T>(response: Response<T>) -> Response<T> {
+    Response::new(response.into_inner())
+}
+
+/// Whether a Txn only reads: every op in both branches is a Range (or a
+/// nested Txn that only reads). An empty op counts as a write, to be safe.
+pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) => true,
+            Some(request_op::Request::RequestTxn(nested)) => txn_is_read_only(nested),
+            _ => false,
+        })
+}
+
+/// Forwards a read: `read!(self, request, client.method)`.
+macro_rules! read {
+    ($self:ident, $request:ident, $client:ident . $method:ident) => {{
+        let upstream = $self.read_upstream();
+        let mut client = upstream.$client.clone();
+        client.$method(to_upstream($request)).await.map(plain)
+    }};
+}
+
+/// Forwards a write through the gate: `write!(self, request, client.method)`.
+macro_rules! write {
+    ($self:ident, $request:ident, $client:ident . $method:ident) => {
+        $self
+            .write($request, |upstream, request| async move {
+                upstream.$client.clone().$method(request).await
+            })
+            .await
+    };
+}
+
+#[tonic::async_trait]
+impl Kv for EtcdProxy {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        read!(self, request, kv.range)
+    }
+
+    type RangeStreamStream = Relayed<RangeStreamResponse>;
+
+    async fn range_stream(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let request = to_upstream(request);
+        Ok(Response::new(self.relay_responses(
+            request,
+            |upstream, request| async move { upstream.kv.clone().range_stream(request).await },
+            None,
+        )))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        write!(self, request, kv.put)
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        write!(self, request, kv.delete_range)
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        if txn_is_read_only(request.get_ref()) {
+            read!(self, request, kv.txn)
+        } else {
+            write!(self, request, kv.txn)
+        }
+    }
+
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        write!(self, request, kv.compact)
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for EtcdProxy {
+    type WatchStream = Relayed<WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Ok(Response::new(
+            self.relay_bidi(request, |upstream, request| async move {
+                upstream.watch.clone().watch(request).await
+            }),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl Lease for EtcdProxy {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        write!(self, request, lease.lease_grant)
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        write!(self, request, lease.lease_revoke)
+    }
+
+    type LeaseKeepAliveStream = Relayed<LeaseKeepAliveResponse>;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        Ok(Response::new(
+            self.relay_bidi(request, |upstream, request| async move {
+                upstream.lease.clone().lease_keep_alive(request).await
+            }),
+        ))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        read!(self, request, lease.lease_time_to_live)
+    }
+
+    async fn lease_leases(
+        &self,
+        request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        read!(self, request, lease.lease_leases)
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for EtcdProxy {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        read!(self, request, maintenance.alarm)
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        read!(self, request, maintenance.status)
+    }
+
+    async fn defragment(
+        &self,
+        request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        read!(self, request, maintenance.defragment)
+    }
+
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        read!(self, request, maintenance.hash)
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        read!(self, request, maintenance.hash_kv)
+    }
+
+    type SnapshotStream = Relayed<SnapshotResponse>;
+
+    async fn snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let request = to_upstream(request);
+        Ok(Response::new(self.relay_responses(
+            request,
+            |upstream, request| async move { upstream.maintenance.clone().snapshot(request).await },
+            None,
+        )))
+    }
+
+    async fn move_leader(
+        &self,
+        request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        read!(self, request, maintenance.move_leader)
+    }
+
+    async fn downgrade(
+        &self,
+        request: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        read!(self, request, maintenance.downgrade)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for EtcdProxy {
+    async fn member_add(
+        &self,
+        request: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        read!(self, request, cluster.member_add)
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        read!(self, request, cluster.member_remove)
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        read!(self, request, cluster.member_update)
+    }
+
+    async fn member_list(
+        &self,
+        request: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        read!(self, request, cluster.member_list)
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        read!(self, request, cluster.member_promote)
+    }
+}
+
+#[tonic::async_trait]
+impl Auth for EtcdProxy {
+    async fn auth_enable(
+        &self,
+        request: Request<AuthEnableRequest>,
+    ) -> Result<Response<AuthEnableResponse>, Status> {
+        write!(self, request, auth.auth_enable)
+    }
+
+    async fn auth_disable(
+        &self,
+        request: Request<AuthDisableRequest>,
+    ) -> Result<Response<AuthDisableResponse>, Status> {
+        write!(self, request, auth.auth_disable)
+    }
+
+    async fn auth_status(
+        &self,
+        request: Request<AuthStatusRequest>,
+    ) -> Result<Response<AuthStatusResponse>, Status> {
+        read!(self, request, auth.auth_status)
+    }
+
+    async fn authenticate(
+        &self,
+        request: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        read!(self, request, auth.authenticate)
+    }
+
+    async fn user_add(
+        &self,
+        request: Request<AuthUserAddRequest>,
+    ) -> Result<Response<AuthUserAddResponse>, Status> {
+        write!(self, request, auth.user_add)
+    }
+
+    async fn user_get(
+        &self,
+        request: Request<AuthUserGetRequest>,
+    ) -> Result<Response<AuthUserGetResponse>, Status> {
+        read!(self, request, auth.user_get)
+    }
+
+    async fn user_list(
+        &self,
+        request: Request<AuthUserListRequest>,
+    ) -> Result<Response<AuthUserListResponse>, Status> {
+        read!(self, request, auth.user_list)
+    }
+
+    async fn user_delete(
+        &self,
+        request: Request<AuthUserDeleteRequest>,
+    ) -> Result<Response<AuthUserDeleteResponse>, Status> {
+        write!(self, request, auth.user_delete)
+    }
+
+    async fn user_change_password(
+        &self,
+        request: Request<AuthUserChangePasswordRequest>,
+    ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
+        write!(self, request, auth.user_change_password)
+    }
+
+    async fn user_grant_role(
+        &self,
+        request: Request<AuthUserGrantRoleRequest>,
+    ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
+        write!(self, request, auth.user_grant_role)
+    }
+
+    async fn user_revoke_role(
+        &self,
+        request: Request<AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
+        write!(self, request, auth.user_revoke_role)
+    }
+
+    async fn role_add(
+        &self,
+        request: Request<AuthRoleAddRequest>,
+    ) -> Result<Response<AuthRoleAddResponse>, Status> {
+        write!(self, request, auth.role_add)
+    }
+
+    async fn role_get(
+        &self,
+        request: Request<AuthRoleGetRequest>,
+    ) -> Result<Response<AuthRoleGetResponse>, Status> {
+        read!(self, request, auth.role_get)
+    }
+
+    async fn role_list(
+        &self,
+        request: Request<AuthRoleListRequest>,
+    ) -> Result<Response<AuthRoleListResponse>, Status> {
+        read!(self, request, auth.role_list)
+    }
+
+    async fn role_delete(
+        &self,
+        request: Request<AuthRoleDeleteRequest>,
+    ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
+        write!(self, request, auth.role_delete)
+    }
+
+    async fn role_grant_permission(
+        &self,
+        request: Request<AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
+        write!(self, request, auth.role_grant_permission)
+    }
+
+    async fn role_revoke_permission(
+        &self,
+        request: Request<AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
+        write!(self, request, auth.role_revoke_permission)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(request: request_op::Request) -> RequestOp {
+        RequestOp {
+            request: Some(request),
+        }
+    }
+
+    #[test]
+    fn a_txn_of_ranges_reads_and_any_put_or_delete_writes() {
+        let range = || op(request_op::Request::RequestRange(RangeRequest::default()));
+        let put = || op(request_op::Request::RequestPut(PutRequest::default()));
+        let delete = || {
+            op(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest::default(),
+            ))
+        };
+        let reads = TxnRequest {
+            success: vec![range(), range()],
+            failure: vec![range()],
+            ..TxnRequest::default()
+        };
+        assert!(txn_is_read_only(&reads));
+        assert!(txn_is_read_only(&TxnRequest::default()));
+        let put_on_failure = TxnRequest {
+            success: vec![range()],
+            failure: vec![put()],
+            ..TxnRequest::default()
+        };
+        assert!(!txn_is_read_only(&put_on_failure));
+        let delete_on_success = TxnRequest {
+            success: vec![delete()],
+            ..TxnRequest::default()
+        };
+        assert!(!txn_is_read_only(&delete_on_success));
+        let nested_put = TxnRequest {
+            success: vec![op(request_op::Request::RequestTxn(put_on_failure))],
+            ..TxnRequest::default()
+        };
+        assert!(!txn_is_read_only(&nested_put));
+        let nested_reads = TxnRequest {
+            success: vec![op(request_op::Request::RequestTxn(reads))],
+            ..TxnRequest::default()
+        };
+        assert!(txn_is_read_only(&nested_reads));
+        assert!(!txn_is_read_only(&TxnRequest {
+            success: vec![RequestOp { request: None }],
+            ..TxnRequest::default()
+        }));
+    }
+}

@@ -1,0 +1,142 @@
+//! `ferry gateway`: serve etcd's API in front of an etcd cluster, with the
+//! admin service `ferry migrate` holds, switches and releases writes with.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::commands::UsageError;
+use crate::{GlobalOptions, OutputFormat, exit};
+
+/// `ferry gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Where etcd clients connect (etcd's API), e.g. 127.0.0.1:2379; port 0 picks a free one.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// The etcd cluster to forward to first: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, value_name = "URL")]
+    upstream: String,
+    /// Where the admin service (ferry.v1.GatewayAdmin, for `ferry migrate`) listens.
+    /// Keep it off the clients' network. The address chosen is printed.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    admin_listen: String,
+    /// How long a Hold may keep writes waiting when the orchestrator names no
+    /// pause; after it they are answered UNAVAILABLE (e.g. 2s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    max_pause: Duration,
+    /// How long an upstream (the first, or a Switch's) has to answer.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+}
+
+/// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|character: char| !character.is_ascii_digit() && character != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 2s or 1m"))?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s or m"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|error| format!("{text:?}: {error}"))
+}
+
+pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
+    let bind = |address: &str, flag: &str| {
+        let address = address.to_owned();
+        let flag = flag.to_owned();
+        async move {
+            TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("cannot listen on {address} ({flag})"))
+        }
+    };
+    let etcd_listener = bind(&args.listen, "--listen").await?;
+    let admin_listener = bind(&args.admin_listen, "--admin-listen").await?;
+    let options = GatewayOptions {
+        upstream_url: args.upstream.clone(),
+        default_max_pause: args.max_pause,
+        connect_timeout: args.connect_timeout,
+    };
+    let gateway = match Gateway::connect(&options).await {
+        Ok(gateway) => gateway,
+        Err(error @ GatewayError::BadUpstream { .. }) => {
+            anyhow::bail!(UsageError(error.to_string()))
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let listen = etcd_listener.local_addr()?.to_string();
+    let admin = admin_listener.local_addr()?.to_string();
+    let upstream = gateway.upstream_url();
+    // Printed when both servers can accept: tests and scripts wait for it.
+    match global.output {
+        OutputFormat::Json => println!(
+            "{}",
+            json!({"listen": listen, "admin": admin, "upstream": upstream})
+        ),
+        OutputFormat::Text => println!(
+            "gateway serving etcd's API on {listen}, forwarding to {upstream}\nadmin service on {admin}"
+        ),
+    }
+    std::io::stdout().flush()?;
+    gateway
+        .serve(etcd_listener, admin_listener, shutdown())
+        .await?;
+    Ok(exit::SUCCESS)
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_ms_s_and_m() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}

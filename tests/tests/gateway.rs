@@ -1,0 +1,694 @@
+//! `ferry gateway` against real etcd servers: etcdctl and a Rust client
+//! use it as if it were etcd; the admin service holds writes, switches the
+//! upstream and releases them, and refuses what it must.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use ferry_agent::gateway::{GatewayAdminClient, connect_admin};
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
+use ferry_proto::etcd::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, WatchRequest, request_op, watch_request,
+};
+use ferry_proto::v1::{GatewayStatusRequest, HoldRequest, ReleaseRequest, SwitchRequest};
+use ferry_tests::etcd::EtcdServer;
+use ferry_tests::ferry_binary;
+use futures::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A `ferry gateway` process, killed on drop.
+struct GatewayProcess {
+    child: Child,
+    /// Where etcd clients connect.
+    listen: String,
+    /// Where the admin service listens.
+    admin: String,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl GatewayProcess {
+    fn start(upstream: &str, extra: &[&str]) -> Self {
+        let stderr = tempfile::NamedTempFile::new().expect("a temp file");
+        let mut child = Command::new(ferry_binary())
+            .args(["--output", "json", "gateway", "--listen", "127.0.0.1:0"])
+            .args(["--upstream", upstream])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr.reopen().expect("reopen")))
+            .spawn()
+            .expect("ferry gateway starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the gateway's first line");
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|error| {
+            panic!(
+                "the gateway printed {line:?} ({error}); stderr: {}",
+                std::fs::read_to_string(stderr.path()).unwrap_or_default()
+            )
+        });
+        let field = |name: &str| {
+            ready[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} in {ready}"))
+                .to_owned()
+        };
+        Self {
+            listen: field("listen"),
+            admin: field("admin"),
+            child,
+            stderr,
+        }
+    }
+
+    async fn kv(&self) -> KvClient<Channel> {
+        KvClient::connect(format!("http://{}", self.listen))
+            .await
+            .expect("a kv client connects to the gateway")
+    }
+
+    async fn admin(&self) -> GatewayAdminClient<Channel> {
+        connect_admin(&self.admin)
+            .await
+            .expect("the admin client connects")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn etcdctl_binary() -> PathBuf {
+    std::env::var_os("FERRY_TEST_ETCDCTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcdctl"))
+}
+
+/// Runs `etcdctl --endpoints ENDPOINT ARGS...` (API v3) with `input` on stdin.
+fn etcdctl(endpoint: &str, args: &[&str], input: Option<&str>) -> Output {
+    let mut command = Command::new(etcdctl_binary());
+    command
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--command-timeout=20s"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = command
+        .spawn()
+        .expect("etcdctl runs (install Debian's etcd-client, or set FERRY_TEST_ETCDCTL)");
+    if let Some(input) = input {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write etcdctl's input");
+    }
+    child.wait_with_output().expect("etcdctl finishes")
+}
+
+fn etcdctl_ok(endpoint: &str, args: &[&str], input: Option<&str>) -> String {
+    let output = etcdctl(endpoint, args, input);
+    assert!(
+        output.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The value of `key` in `server`, read directly (not through the gateway).
+async fn value_in(server: &EtcdServer, key: &str) -> Option<String> {
+    let mut client = KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("connect to etcd");
+    client
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+async fn put(client: &mut KvClient<Channel>, key: &str, value: &str) -> Result<(), tonic::Status> {
+    client
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn hold(admin: &mut GatewayAdminClient<Channel>, epoch: u64, max_pause_ms: u64) -> u64 {
+    admin
+        .hold(HoldRequest {
+            epoch,
+            max_pause_ms,
+        })
+        .await
+        .expect("hold")
+        .into_inner()
+        .drained_writes
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_works_through_the_gateway() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &[]);
+    let endpoint = gateway.listen.clone();
+
+    assert_eq!(
+        etcdctl_ok(&endpoint, &["put", "/app/a", "1"], None).trim(),
+        "OK"
+    );
+    assert_eq!(value_in(&etcd, "/app/a").await.as_deref(), Some("1"));
+    assert_eq!(
+        etcdctl_ok(&endpoint, &["get", "/app/a", "--print-value-only"], None).trim(),
+        "1"
+    );
+    // A Txn that writes: compare, then put on success.
+    let txn = etcdctl_ok(
+        &endpoint,
+        &["txn"],
+        Some("value(\"/app/a\") = \"1\"\n\nput /app/b 2\n\nput /app/b never\n\n"),
+    );
+    assert!(txn.starts_with("SUCCESS"), "txn said {txn:?}");
+    assert_eq!(value_in(&etcd, "/app/b").await.as_deref(), Some("2"));
+    assert_eq!(etcdctl_ok(&endpoint, &["del", "/app/a"], None).trim(), "1");
+    assert_eq!(value_in(&etcd, "/app/a").await, None);
+    // Leases: grant, keep alive once, time to live.
+    let granted = etcdctl_ok(&endpoint, &["lease", "grant", "60"], None);
+    let lease = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease <id> granted ...")
+        .to_owned();
+    let kept = etcdctl_ok(&endpoint, &["lease", "keep-alive", "--once", &lease], None);
+    assert!(kept.contains("keepalived"), "keep-alive said {kept:?}");
+    let ttl = etcdctl_ok(&endpoint, &["lease", "timetolive", &lease], None);
+    assert!(ttl.contains("remaining"), "timetolive said {ttl:?}");
+    // Status and members.
+    let status = etcdctl_ok(&endpoint, &["endpoint", "status", "-w", "json"], None);
+    assert!(
+        status.contains("\"version\":\"3."),
+        "status said {status:?}"
+    );
+    let members = etcdctl_ok(&endpoint, &["member", "list"], None);
+    assert!(members.contains("started"), "member list said {members:?}");
+    // Watch: a watcher through the gateway sees a put made through it.
+    let mut watcher = Command::new(etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoint, "watch", "/app/watched"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl watch");
+    let mut lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+    // Put until the watcher reports it: it may not be watching yet.
+    let seen = tokio::task::spawn_blocking(move || lines.next());
+    let mut client = gateway.kv().await;
+    let mut attempt = 0;
+    while !seen.is_finished() {
+        attempt += 1;
+        put(&mut client, "/app/watched", &format!("v{attempt}"))
+            .await
+            .expect("put");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(attempt < 100, "etcdctl watch never reported a put");
+    }
+    let first = seen.await.expect("joins");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert_eq!(
+        first.and_then(Result::ok).as_deref(),
+        Some("PUT"),
+        "gateway log: {}",
+        gateway.log()
+    );
+    let status = gateway
+        .admin()
+        .await
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.upstream_url, etcd.url());
+    assert!(!status.holding);
+    assert!(status.writes_forwarded >= 5, "{status:?}");
+    assert!(status.reads_forwarded >= 3, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_held_during_a_switch_land_in_the_new_etcd_only_in_arrival_order() {
+    let old = EtcdServer::start().expect("old etcd starts");
+    let new = EtcdServer::start().expect("new etcd starts");
+    let gateway = GatewayProcess::start(&old.url(), &[]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+    put(&mut client, "/before", "old").await.expect("put");
+
+    assert_eq!(hold(&mut admin, 1, 30_000).await, 0);
+    // Held: one put per value, each sent after the one before it had time
+    // to reach the gateway, so their arrival order is 0, 1, 2, ...
+    let mut held = Vec::new();
+    for index in 0..5 {
+        let mut client = client.clone();
+        held.push(tokio::spawn(async move {
+            put(&mut client, "/held", &index.to_string()).await
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reads pass while writes are held.
+    let read = client
+        .range(RangeRequest {
+            key: b"/before".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("a read during the hold")
+        .into_inner();
+    assert_eq!(read.kvs[0].value, b"old");
+    assert!(
+        held.iter().all(|write| !write.is_finished()),
+        "every write waits during the hold"
+    );
+
+    admin
+        .switch(SwitchRequest {
+            epoch: 1,
+            upstream_url: new.url(),
+        })
+        .await
+        .expect("switch");
+    let released = admin
+        .release(ReleaseRequest { epoch: 1 })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!(released.released_writes, 5);
+    assert_eq!(released.rejected_writes, 0);
+    for write in held {
+        write.await.expect("joins").expect("a held write succeeds");
+    }
+    put(&mut client, "/after", "new").await.expect("put");
+
+    assert_eq!(value_in(&old, "/held").await, None);
+    assert_eq!(value_in(&old, "/after").await, None);
+    assert_eq!(value_in(&new, "/after").await.as_deref(), Some("new"));
+    assert_eq!(value_in(&new, "/before").await, None);
+    // The key's history in the new etcd follows the arrival order.
+    let mut direct = KvClient::connect(format!("http://{}", new.endpoint()))
+        .await
+        .expect("connect");
+    let latest = direct
+        .range(RangeRequest {
+            key: b"/held".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs[0]
+        .clone();
+    assert_eq!(latest.version, 5);
+    let mut history = Vec::new();
+    for revision in latest.create_revision..=latest.mod_revision {
+        let at = direct
+            .range(RangeRequest {
+                key: b"/held".to_vec(),
+                revision,
+                ..RangeRequest::default()
+            })
+            .await
+            .expect("range at a revision")
+            .into_inner();
+        history.push(String::from_utf8_lossy(&at.kvs[0].value).into_owned());
+    }
+    assert_eq!(history, ["0", "1", "2", "3", "4"]);
+    let status = admin
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.upstream_url, new.url());
+    assert_eq!(status.epoch, 1);
+    assert!(!status.holding);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_held_longer_than_the_pause_is_answered_unavailable() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &["--max-pause", "300ms"]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+
+    // max_pause_ms 0: the gateway's --max-pause.
+    hold(&mut admin, 7, 0).await;
+    let refused = put(&mut client, "/late", "x")
+        .await
+        .expect_err("the hold ran out");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("being switched") && refused.message().contains("retry"),
+        "{refused:?}"
+    );
+    // Once the hold has run out, new writes are refused at once, until the
+    // release: etcdctl too.
+    let output = etcdctl(&gateway.listen, &["put", "/late", "y"], None);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("being switched"),
+        "{output:?}"
+    );
+    assert_eq!(value_in(&etcd, "/late").await, None);
+
+    let released = admin
+        .release(ReleaseRequest { epoch: 7 })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!(released.rejected_writes, 2);
+    assert_eq!(released.released_writes, 0);
+    put(&mut client, "/late", "z")
+        .await
+        .expect("writes flow again");
+    assert_eq!(value_in(&etcd, "/late").await.as_deref(), Some("z"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_keep_alives_pass_during_a_hold_and_lease_grants_wait() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &[]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+    put(&mut client, "/r", "1").await.expect("put");
+    let channel = Channel::from_shared(format!("http://{}", gateway.listen))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut leases = LeaseClient::new(channel);
+    let lease = leases
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id;
+
+    hold(&mut admin, 1, 30_000).await;
+    // A Txn of ranges is a read.
+    let range = || RequestOp {
+        request: Some(request_op::Request::RequestRange(RangeRequest {
+            key: b"/r".to_vec(),
+            ..RangeRequest::default()
+        })),
+    };
+    let txn = client
+        .txn(TxnRequest {
+            success: vec![range()],
+            failure: vec![range()],
+            ..TxnRequest::default()
+        })
+        .await
+        .expect("a read-only txn during the hold")
+        .into_inner();
+    assert!(txn.succeeded);
+    let mut keep_alive = leases
+        .lease_keep_alive(futures::stream::iter([LeaseKeepAliveRequest { id: lease }]))
+        .await
+        .expect("keep-alive during the hold")
+        .into_inner();
+    let kept = keep_alive
+        .message()
+        .await
+        .expect("keep-alive answer")
+        .expect("one");
+    assert_eq!(kept.id, lease);
+    assert!(kept.ttl > 0);
+    // A lease grant is a write: it waits.
+    let grant = {
+        let mut leases = leases.clone();
+        tokio::spawn(async move {
+            leases
+                .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+                .await
+        })
+    };
+    // A Txn with a put in its failure branch is a write: it waits.
+    let writing_txn = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .txn(TxnRequest {
+                    success: vec![range()],
+                    failure: vec![RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: b"/t".to_vec(),
+                            value: b"1".to_vec(),
+                            ..PutRequest::default()
+                        })),
+                    }],
+                    ..TxnRequest::default()
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!grant.is_finished(), "a lease grant waits during the hold");
+    assert!(
+        !writing_txn.is_finished(),
+        "a writing txn waits during the hold"
+    );
+    let released = admin
+        .release(ReleaseRequest { epoch: 1 })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!(released.released_writes, 2);
+    grant.await.expect("joins").expect("the grant goes through");
+    writing_txn
+        .await
+        .expect("joins")
+        .expect("the txn goes through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_to_an_unreachable_upstream_fails_and_keeps_the_old_one() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &["--connect-timeout", "1s"]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+
+    hold(&mut admin, 2, 30_000).await;
+    let held = {
+        let mut client = client.clone();
+        tokio::spawn(async move { put(&mut client, "/k", "held").await })
+    };
+    let nowhere = format!("etcd://127.0.0.1:{}", closed_port());
+    let failed = admin
+        .switch(SwitchRequest {
+            epoch: 2,
+            upstream_url: nowhere.clone(),
+        })
+        .await
+        .expect_err("nothing listens there");
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    assert!(failed.message().contains(&nowhere), "{failed:?}");
+    let bad = admin
+        .switch(SwitchRequest {
+            epoch: 2,
+            upstream_url: "http://not-etcd".to_owned(),
+        })
+        .await
+        .expect_err("not an etcd URL");
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let status = admin
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.upstream_url, etcd.url());
+    assert!(status.holding);
+
+    // Rollback: release to the old upstream.
+    admin
+        .release(ReleaseRequest { epoch: 2 })
+        .await
+        .expect("release");
+    held.await
+        .expect("joins")
+        .expect("the held write goes to the old etcd");
+    put(&mut client, "/k2", "after").await.expect("put");
+    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("held"));
+    assert_eq!(value_in(&etcd, "/k2").await.as_deref(), Some("after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_epoch_is_refused() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let other = EtcdServer::start().expect("other etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &[]);
+    let mut admin = gateway.admin().await;
+
+    let not_holding = admin
+        .switch(SwitchRequest {
+            epoch: 1,
+            upstream_url: other.url(),
+        })
+        .await
+        .expect_err("a switch needs a hold");
+    assert_eq!(not_holding.code(), Code::FailedPrecondition);
+
+    hold(&mut admin, 5, 30_000).await;
+    let stale_hold = admin
+        .hold(HoldRequest {
+            epoch: 4,
+            max_pause_ms: 1000,
+        })
+        .await
+        .expect_err("epoch 4 < 5");
+    assert_eq!(stale_hold.code(), Code::FailedPrecondition);
+    assert!(stale_hold.message().contains("epoch 4"), "{stale_hold:?}");
+    let stale_switch = admin
+        .switch(SwitchRequest {
+            epoch: 4,
+            upstream_url: other.url(),
+        })
+        .await
+        .expect_err("epoch 4 < 5");
+    assert_eq!(stale_switch.code(), Code::FailedPrecondition);
+    let stale_release = admin
+        .release(ReleaseRequest { epoch: 4 })
+        .await
+        .expect_err("epoch 4 < 5");
+    assert_eq!(stale_release.code(), Code::FailedPrecondition);
+    let status = admin
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.holding, "the stale release did not release");
+    assert_eq!(status.epoch, 5);
+    assert_eq!(status.upstream_url, etcd.url());
+    admin
+        .release(ReleaseRequest { epoch: 5 })
+        .await
+        .expect("release");
+    let after = admin
+        .hold(HoldRequest {
+            epoch: 3,
+            max_pause_ms: 1000,
+        })
+        .await
+        .expect_err("still lower than 5 after the release");
+    assert_eq!(after.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_end_unavailable_on_a_switch_and_reopen_on_the_new_etcd() {
+    let old = EtcdServer::start().expect("old etcd starts");
+    let new = EtcdServer::start().expect("new etcd starts");
+    let gateway = GatewayProcess::start(&old.url(), &[]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+    let watch = |start_revision: i64| WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: b"/w".to_vec(),
+                start_revision,
+                ..WatchCreateRequest::default()
+            },
+        )),
+    };
+    let mut watcher = WatchClient::connect(format!("http://{}", gateway.listen))
+        .await
+        .expect("connect");
+    let mut events = watcher
+        .watch(futures::stream::iter([watch(0)]).chain(futures::stream::pending()))
+        .await
+        .expect("watch")
+        .into_inner();
+    let created = events.message().await.expect("created").expect("one");
+    assert!(created.created);
+    put(&mut client, "/w", "on-old").await.expect("put");
+    let event = events.message().await.expect("event").expect("one");
+    assert_eq!(event.events[0].kv.as_ref().expect("kv").value, b"on-old");
+
+    hold(&mut admin, 1, 30_000).await;
+    admin
+        .switch(SwitchRequest {
+            epoch: 1,
+            upstream_url: new.url(),
+        })
+        .await
+        .expect("switch");
+    let ended = loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    admin
+        .release(ReleaseRequest { epoch: 1 })
+        .await
+        .expect("release");
+
+    // Opened again, the watch is on the new etcd.
+    let mut events = watcher
+        .watch(futures::stream::iter([watch(0)]).chain(futures::stream::pending()))
+        .await
+        .expect("watch again")
+        .into_inner();
+    assert!(
+        events
+            .message()
+            .await
+            .expect("created")
+            .expect("one")
+            .created
+    );
+    put(&mut client, "/w", "on-new").await.expect("put");
+    let event = events.message().await.expect("event").expect("one");
+    assert_eq!(event.events[0].kv.as_ref().expect("kv").value, b"on-new");
+    assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
+    assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+}

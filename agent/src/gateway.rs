@@ -41,8 +41,10 @@
 //! Auth: a client's `token` (or `authorization`) metadata is passed on to
 //! the upstream. A simple token is only valid on the etcd that issued it;
 //! after a switch such clients authenticate again (JWT tokens signed with
-//! the same key work on both). The gateway has no etcd credentials or TLS
-//! of its own yet: its upstreams are plain `etcd://` URLs.
+//! the same key work on both). The gateway's own credentials
+//! ([`UpstreamAccess`]: `ETCD_USERNAME` and a password from the environment
+//! or a file) are used for calls whose client sent no token, and its TLS
+//! files for every upstream, the first and each Switch's.
 
 mod admin;
 mod gate;
@@ -63,6 +65,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 
 pub use ferry_proto::v1::gateway_admin_client::GatewayAdminClient;
 pub use gate::{GateError, GateRefusal};
+pub use upstream::UpstreamAccess;
 
 use admin::AdminService;
 use gate::Gate;
@@ -85,6 +88,8 @@ pub struct GatewayOptions {
     /// How long an upstream (the first, or a Switch's) has to answer
     /// before it is called unreachable.
     pub connect_timeout: Duration,
+    /// The gateway's own credentials and TLS towards every upstream.
+    pub access: UpstreamAccess,
 }
 
 impl GatewayOptions {
@@ -95,6 +100,7 @@ impl GatewayOptions {
             upstream_url: upstream_url.into(),
             default_max_pause: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
+            access: UpstreamAccess::default(),
         }
     }
 }
@@ -159,6 +165,7 @@ pub(crate) struct Shared {
     reads_forwarded: AtomicU64,
     default_max_pause: Duration,
     connect_timeout: Duration,
+    access: UpstreamAccess,
 }
 
 /// A gateway connected to its first upstream, ready to serve.
@@ -170,7 +177,12 @@ pub struct Gateway {
 impl Gateway {
     /// Connects to the first upstream; fails if it does not answer.
     pub async fn connect(options: &GatewayOptions) -> Result<Self, GatewayError> {
-        let upstream = Upstream::connect(&options.upstream_url, options.connect_timeout).await?;
+        let upstream = Upstream::connect(
+            &options.upstream_url,
+            &options.access,
+            options.connect_timeout,
+        )
+        .await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 gate: Arc::new(Gate::default()),
@@ -179,6 +191,7 @@ impl Gateway {
                 reads_forwarded: AtomicU64::new(0),
                 default_max_pause: options.default_max_pause,
                 connect_timeout: options.connect_timeout,
+                access: options.access.clone(),
             }),
         })
     }

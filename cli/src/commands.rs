@@ -103,6 +103,14 @@ impl EtcdArgs {
             key_file: self.etcd_key_file.clone(),
         }
     }
+
+    /// The gateway's own credentials and TLS towards its upstreams.
+    pub(crate) fn upstream_access(&self) -> ferry_agent::gateway::UpstreamAccess {
+        ferry_agent::gateway::UpstreamAccess {
+            password_file: self.etcd_password_file.clone(),
+            tls: self.tls(),
+        }
+    }
 }
 
 /// `ferry inspect`.

@@ -10,7 +10,7 @@ use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::commands::UsageError;
+use crate::commands::{EtcdArgs, UsageError};
 use crate::{GlobalOptions, OutputFormat, exit};
 
 /// `ferry gateway`.
@@ -33,6 +33,10 @@ pub struct GatewayArgs {
     /// How long an upstream (the first, or a Switch's) has to answer.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// The gateway's own credentials and TLS, for every upstream (the first
+    /// and each Switch's); a client's own token is passed on as it is.
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -74,6 +78,7 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         upstream_url: args.upstream.clone(),
         default_max_pause: args.max_pause,
         connect_timeout: args.connect_timeout,
+        access: args.etcd.upstream_access(),
     };
     let gateway = match Gateway::connect(&options).await {
         Ok(gateway) => gateway,

@@ -667,3 +667,275 @@ async fn a_revision_compacted_during_the_extract_stops_it_and_seals_nothing() {
         "no backup was sealed"
     );
 }
+
+/// An `etcd.kv` op built by hand, as a live stream carries it.
+fn kv_op(
+    seq: u64,
+    txn: u64,
+    txn_last: bool,
+    method: &str,
+    key: &str,
+    value: &str,
+) -> ferry_engine::Op {
+    ferry_engine::Op {
+        seq,
+        position: 1000 + seq,
+        txn,
+        txn_last,
+        kind: bytes::Bytes::from_static(b"etcd.kv"),
+        key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+        method: bytes::Bytes::copy_from_slice(method.as_bytes()),
+        body: bytes::Bytes::copy_from_slice(value.as_bytes()),
+        ..ferry_engine::Op::default()
+    }
+}
+
+fn live_stream(stream_id: &str) -> ferry_engine::adapters::StreamInfo {
+    ferry_engine::adapters::StreamInfo {
+        stream_id: stream_id.to_owned(),
+        source_identity: Some("0123456789abcdef".to_owned()),
+        ..ferry_engine::adapters::StreamInfo::default()
+    }
+}
+
+fn live_sink(
+    server: &EtcdServer,
+    options: EtcdSinkOptions,
+) -> Box<dyn ferry_engine::adapters::Sink> {
+    sink_from_url(
+        &server.url(),
+        &SinkOptions {
+            etcd: options,
+            ..SinkOptions::default()
+        },
+    )
+    .expect("sink")
+}
+
+async fn value_of(server: &EtcdServer, key: &str) -> Option<KeyValue> {
+    kv(server)
+        .await
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+        .into_iter()
+        .next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_and_source_transactions_apply_whole_and_in_order() {
+    let target = EtcdServer::start().expect("target etcd");
+    // Txns of 3 ops beside the checkpoint, 2 in flight.
+    let options = EtcdSinkOptions {
+        max_txn_ops: 4,
+        txns_in_flight: 2,
+        ..EtcdSinkOptions::default()
+    };
+    let mut sink = live_sink(&target, options.clone());
+    assert_eq!(
+        sink.begin(&live_stream("live-1")).await.expect("begin"),
+        None
+    );
+    sink.apply(vec![
+        kv_op(1, 0, true, "Put", "/live/a", "a1"),
+        kv_op(2, 0, true, "Put", "/live/x", "x1"),
+        // A source transaction of 3: it does not fit beside the 2 pending
+        // ops, so they go first and it goes whole into the next Txn.
+        kv_op(3, 7, false, "Put", "/live/b", "b1"),
+        kv_op(4, 7, false, "Put", "/live/c", "c1"),
+    ])
+    .await
+    .expect("apply, a transaction left open");
+    // Its last op comes in the next batch.
+    sink.apply(vec![
+        kv_op(5, 7, true, "Delete", "/live/a", ""),
+        // /live/a again: a Txn cannot name it twice, so a new Txn begins.
+        kv_op(6, 0, true, "Put", "/live/a", "a2"),
+        kv_op(7, 9, false, "Put", "/live/d", "d1"),
+        kv_op(8, 9, true, "Delete", "/live/x", ""),
+    ])
+    .await
+    .expect("apply");
+
+    let (b, c) = (
+        value_of(&target, "/live/b").await.expect("b"),
+        value_of(&target, "/live/c").await.expect("c"),
+    );
+    assert_eq!(
+        b.mod_revision, c.mod_revision,
+        "one source transaction, one etcd Txn"
+    );
+    let a = value_of(&target, "/live/a").await.expect("a");
+    assert_eq!(a.value, b"a2");
+    assert_eq!(a.version, 1, "deleted in seq 5, then put again");
+    assert!(
+        a.create_revision > b.mod_revision,
+        "the put of seq 6 came after the transaction that deleted /live/a"
+    );
+    let d = value_of(&target, "/live/d").await.expect("d");
+    assert!(
+        value_of(&target, "/live/x").await.is_none(),
+        "deleted in the same Txn as /live/d was put"
+    );
+    assert!(d.mod_revision >= a.mod_revision, "in order");
+
+    // A source transaction larger than a Txn holds beside the checkpoint.
+    let error = sink
+        .apply(vec![
+            kv_op(9, 11, false, "Put", "/live/e", "e"),
+            kv_op(10, 11, false, "Put", "/live/f", "f"),
+            kv_op(11, 11, false, "Put", "/live/g", "g"),
+            kv_op(12, 11, true, "Put", "/live/h", "h"),
+        ])
+        .await
+        .expect_err("too large");
+    let message = error.to_string();
+    assert!(
+        message.contains("seq 9..=12") && message.contains("--max-txn-ops"),
+        "{message}"
+    );
+    assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
+    assert!(value_of(&target, "/live/e").await.is_none(), "none of it");
+    let (checkpoint, epoch) = ferry_engine::adapters::etcd::read_checkpoint(
+        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
+        "live-1",
+    )
+    .await
+    .expect("read checkpoint");
+    assert_eq!(epoch, 0);
+    assert_eq!(
+        checkpoint.expect("a checkpoint").applied_through_seq,
+        8,
+        "the checkpoint covers what is in"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_with_an_older_epoch_is_refused_at_begin() {
+    let target = EtcdServer::start().expect("target etcd");
+    let newer = EtcdSinkOptions {
+        epoch: 5,
+        ..EtcdSinkOptions::default()
+    };
+    let mut sink = live_sink(&target, newer);
+    sink.begin(&live_stream("live-2")).await.expect("begin");
+    sink.apply(vec![kv_op(1, 0, true, "Put", "/live/a", "5")])
+        .await
+        .expect("apply");
+    assert_eq!(
+        value_of(&target, "__ferry__/epoch")
+            .await
+            .expect("epoch key")
+            .value,
+        b"5"
+    );
+
+    for stream in ["live-2", "another-stream"] {
+        let mut older = live_sink(
+            &target,
+            EtcdSinkOptions {
+                epoch: 3,
+                ..EtcdSinkOptions::default()
+            },
+        );
+        let error = older
+            .begin(&live_stream(stream))
+            .await
+            .expect_err("an older attempt is refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("epoch) 5") && message.contains("this one's 3"),
+            "{message}"
+        );
+        assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
+    }
+    assert_eq!(
+        value_of(&target, "__ferry__/epoch")
+            .await
+            .expect("epoch key")
+            .value,
+        b"5",
+        "the epoch only grows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_epoch_takes_the_stream_over_and_fences_the_older_sink() {
+    let target = EtcdServer::start().expect("target etcd");
+    let stream = live_stream("live-3");
+    let mut first = live_sink(
+        &target,
+        EtcdSinkOptions {
+            epoch: 1,
+            ..EtcdSinkOptions::default()
+        },
+    );
+    first.begin(&stream).await.expect("begin");
+    first
+        .apply(
+            (1..=10)
+                .map(|seq| kv_op(seq, 0, true, "Put", &format!("/live/{seq:02}"), "first"))
+                .collect(),
+        )
+        .await
+        .expect("apply");
+
+    // A newer attempt takes over where the first one got to.
+    let mut second = live_sink(
+        &target,
+        EtcdSinkOptions {
+            epoch: 2,
+            ..EtcdSinkOptions::default()
+        },
+    );
+    assert_eq!(second.begin(&stream).await.expect("begin"), Some(10));
+    second
+        .apply(
+            (11..=20)
+                .map(|seq| kv_op(seq, 0, true, "Put", &format!("/live/{seq:02}"), "second"))
+                .collect(),
+        )
+        .await
+        .expect("apply");
+
+    // The first one still holds its connection and goes on: refused whole.
+    let error = first
+        .apply(
+            (11..=15)
+                .map(|seq| kv_op(seq, 0, true, "Put", &format!("/live/{seq:02}"), "stale"))
+                .chain([kv_op(16, 0, true, "Put", "/live/stale-only", "stale")])
+                .collect(),
+        )
+        .await
+        .expect_err("fenced");
+    let message = error.to_string();
+    assert!(
+        message.contains("epoch) 2") && message.contains("this one's 1"),
+        "{message}"
+    );
+    for seq in 11..=20 {
+        let kv = value_of(&target, &format!("/live/{seq:02}"))
+            .await
+            .expect("key");
+        assert_eq!(kv.value, b"second", "key {seq} is the newer attempt's");
+        assert_eq!(kv.version, 1, "key {seq} written once");
+    }
+    assert!(
+        value_of(&target, "/live/stale-only").await.is_none(),
+        "nothing of the stale batch landed"
+    );
+    let (checkpoint, epoch) = ferry_engine::adapters::etcd::read_checkpoint(
+        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
+        "live-3",
+    )
+    .await
+    .expect("read checkpoint");
+    let checkpoint = checkpoint.expect("a checkpoint");
+    assert_eq!(epoch, 2);
+    assert_eq!((checkpoint.applied_through_seq, checkpoint.epoch), (20, 2));
+}

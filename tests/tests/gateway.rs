@@ -9,15 +9,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use ferry_agent::gateway::{GatewayAdminClient, connect_admin};
+use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
 use ferry_proto::etcd::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-    WatchCreateRequest, WatchRequest, request_op, watch_request,
+    AuthEnableRequest, AuthRoleAddRequest, AuthUserAddRequest, AuthUserGrantRoleRequest,
+    AuthenticateRequest, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, request_op, watch_request,
 };
 use ferry_proto::v1::{GatewayStatusRequest, HoldRequest, ReleaseRequest, SwitchRequest};
-use ferry_tests::etcd::EtcdServer;
+use ferry_tests::etcd::{EtcdOptions, EtcdServer, EtcdServerTls};
 use ferry_tests::ferry_binary;
 use futures::StreamExt;
 use tonic::Code;
@@ -35,11 +37,18 @@ struct GatewayProcess {
 
 impl GatewayProcess {
     fn start(upstream: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(upstream, extra, &[])
+    }
+
+    fn start_with_env(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let stderr = tempfile::NamedTempFile::new().expect("a temp file");
         let mut child = Command::new(ferry_binary())
             .args(["--output", "json", "gateway", "--listen", "127.0.0.1:0"])
             .args(["--upstream", upstream])
             .args(extra)
+            .env_remove("ETCD_USERNAME")
+            .env_remove("ETCD_PASSWORD")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr.reopen().expect("reopen")))
@@ -691,4 +700,289 @@ async fn watches_end_unavailable_on_a_switch_and_reopen_on_the_new_etcd() {
     assert_eq!(event.events[0].kv.as_ref().expect("kv").value, b"on-new");
     assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
     assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+}
+
+/// Turns auth on in `server` with user `root` (role root) and `password`.
+async fn enable_auth(server: &EtcdServer, password: &str) {
+    let mut auth = AuthClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("auth client");
+    auth.role_add(AuthRoleAddRequest {
+        name: "root".to_owned(),
+    })
+    .await
+    .expect("root role");
+    auth.user_add(AuthUserAddRequest {
+        name: "root".to_owned(),
+        password: password.to_owned(),
+        ..AuthUserAddRequest::default()
+    })
+    .await
+    .expect("root user");
+    auth.user_grant_role(AuthUserGrantRoleRequest {
+        user: "root".to_owned(),
+        role: "root".to_owned(),
+    })
+    .await
+    .expect("grant");
+    auth.auth_enable(AuthEnableRequest {})
+        .await
+        .expect("auth on");
+}
+
+/// The value of `key` in `server` with auth on, read as root.
+async fn value_as_root(server: &EtcdServer, password: &str, key: &str) -> Option<String> {
+    let token = AuthClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("auth client")
+        .authenticate(AuthenticateRequest {
+            name: "root".to_owned(),
+            password: password.to_owned(),
+        })
+        .await
+        .expect("authenticate")
+        .into_inner()
+        .token;
+    let mut request = tonic::Request::new(RangeRequest {
+        key: key.as_bytes().to_vec(),
+        ..RangeRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("token", token.parse().expect("a header value"));
+    let mut client = KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("connect");
+    client
+        .range(request)
+        .await
+        .expect("range as root")
+        .into_inner()
+        .kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_authenticates_with_its_own_credentials_and_passes_client_tokens_on() {
+    const PASSWORD: &str = "gateway-s3cret";
+    let old = EtcdServer::start().expect("old etcd starts");
+    let new = EtcdServer::start().expect("new etcd starts");
+    enable_auth(&old, PASSWORD).await;
+    enable_auth(&new, PASSWORD).await;
+
+    // A wrong password: the gateway does not start, and says why without it.
+    let refused = Command::new(ferry_binary())
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &old.url(),
+        ])
+        .env("ETCD_USERNAME", "root")
+        .env("ETCD_PASSWORD", "not-the-password")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ferry gateway runs");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("authenticating"), "{message}");
+    assert!(!message.contains("not-the-password"), "{message}");
+
+    let password_file = tempfile::NamedTempFile::new().expect("a temp file");
+    std::fs::write(password_file.path(), format!("{PASSWORD}\n")).expect("write");
+    let password_path = password_file.path().display().to_string();
+    let gateway = GatewayProcess::start_with_env(
+        &old.url(),
+        &["--etcd-password-file", &password_path],
+        &[("ETCD_USERNAME", "root")],
+    );
+    // A client without a token writes as the gateway's user.
+    let mut client = gateway.kv().await;
+    put(&mut client, "/anonymous", "1")
+        .await
+        .expect("a put with the gateway's token");
+    assert_eq!(
+        value_as_root(&old, PASSWORD, "/anonymous").await.as_deref(),
+        Some("1")
+    );
+    // A client's own token is passed on, not replaced: a bad one is refused.
+    let mut bogus = tonic::Request::new(PutRequest {
+        key: b"/bogus".to_vec(),
+        value: b"x".to_vec(),
+        ..PutRequest::default()
+    });
+    bogus
+        .metadata_mut()
+        .insert("token", "not-a-token".parse().expect("a header value"));
+    let refused = client
+        .put(bogus)
+        .await
+        .expect_err("etcd refuses the client's bad token");
+    assert!(
+        refused.message().contains("invalid auth token"),
+        "{refused:?}"
+    );
+    // etcdctl with its own user: Authenticate goes through the gateway.
+    let user = format!("root:{PASSWORD}");
+    assert_eq!(
+        etcdctl_ok(
+            &gateway.listen,
+            &["--user", &user, "put", "/etcdctl", "2"],
+            None
+        )
+        .trim(),
+        "OK"
+    );
+    assert_eq!(
+        value_as_root(&old, PASSWORD, "/etcdctl").await.as_deref(),
+        Some("2")
+    );
+
+    // The same credentials on the upstream a Switch names.
+    let mut admin = gateway.admin().await;
+    hold(&mut admin, 1, 30_000).await;
+    admin
+        .switch(SwitchRequest {
+            epoch: 1,
+            upstream_url: new.url(),
+        })
+        .await
+        .expect("switch to the new etcd, authenticating there");
+    admin
+        .release(ReleaseRequest { epoch: 1 })
+        .await
+        .expect("release");
+    put(&mut client, "/anonymous", "on-new")
+        .await
+        .expect("a put with the gateway's token on the new etcd");
+    assert_eq!(
+        value_as_root(&new, PASSWORD, "/anonymous").await.as_deref(),
+        Some("on-new")
+    );
+    assert_eq!(
+        value_as_root(&old, PASSWORD, "/anonymous").await.as_deref(),
+        Some("1")
+    );
+}
+
+/// A CA, a member certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in a temporary directory.
+fn make_pki() -> tempfile::TempDir {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ferry gateway test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, purposes: Vec<ExtendedKeyUsagePurpose>, sans: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(sans).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = purposes;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        "etcd member",
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+    );
+    let (client_cert, client_key) = leaf(
+        "ferry gateway",
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Vec::new(),
+    );
+    for (name, content) in [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server_cert),
+        ("server-key.pem", server_key),
+        ("client.pem", client_cert),
+        ("client-key.pem", client_key),
+    ] {
+        std::fs::write(dir.path().join(name), content).expect("PEM written");
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reaches_a_tls_upstream_with_its_own_certificate() {
+    let pki = make_pki();
+    let file = |name: &str| pki.path().join(name).display().to_string();
+    let etcd = EtcdServer::start_with(&EtcdOptions {
+        tls: Some(EtcdServerTls {
+            cert_file: pki.path().join("server.pem"),
+            key_file: pki.path().join("server-key.pem"),
+            trusted_ca_file: Some(pki.path().join("ca.pem")),
+            client_cert_auth: true,
+        }),
+        ..EtcdOptions::default()
+    })
+    .expect("etcd serving TLS");
+    let tls_url = format!("etcds://{}", etcd.endpoint());
+
+    // Without its certificate the gateway does not start, and says why.
+    let refused = Command::new(ferry_binary())
+        .args(["gateway", "--listen", "127.0.0.1:0", "--upstream", &tls_url])
+        .args(["--etcd-ca-file", &file("ca.pem")])
+        .args(["--connect-timeout", "3s"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ferry gateway runs");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains(&tls_url), "{message}");
+
+    let gateway = GatewayProcess::start(
+        &tls_url,
+        &[
+            "--etcd-ca-file",
+            &file("ca.pem"),
+            "--etcd-cert-file",
+            &file("client.pem"),
+            "--etcd-key-file",
+            &file("client-key.pem"),
+        ],
+    );
+    // Clients speak plain HTTP/2 to the gateway; the gateway TLS upstream.
+    let mut client = gateway.kv().await;
+    put(&mut client, "/over-tls", "yes").await.expect("put");
+    let read = client
+        .range(RangeRequest {
+            key: b"/over-tls".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(read.kvs[0].value, b"yes");
+    let status = gateway
+        .admin()
+        .await
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.upstream_url, tls_url);
 }

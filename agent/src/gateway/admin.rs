@@ -62,9 +62,13 @@ impl GatewayAdmin for AdminService {
         self.shared.gate.may_switch(epoch)?;
         // Connect before anything changes: an unreachable upstream leaves
         // the old one in place.
-        let upstream = Upstream::connect(&upstream_url, self.shared.connect_timeout)
-            .await
-            .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
+        let upstream = Upstream::connect(
+            &upstream_url,
+            &self.shared.access,
+            self.shared.connect_timeout,
+        )
+        .await
+        .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
         let to = upstream.url.clone();
         let mut from = String::new();
         self.shared.gate.switch_if_holding(epoch, || {

@@ -34,14 +34,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Shared;
 use super::gate::Admission;
-use super::upstream::Upstream;
+use super::upstream::{TOKEN_KEY, Upstream};
 
 /// Messages buffered each way on a stream the gateway relays.
 pub(crate) const STREAM_BUFFER: usize = 64;
 
 /// The metadata a client's call carries on to the upstream: etcd's auth
 /// token (gRPC clients send `token`, the HTTP gateway `authorization`).
-const FORWARDED_METADATA: [&str; 2] = ["token", "authorization"];
+const FORWARDED_METADATA: [&str; 2] = [TOKEN_KEY, "authorization"];
 
 /// The stream type of every relayed stream.
 pub(crate) type Relayed<T> = ReceiverStream<Result<T, Status>>;
@@ -144,6 +144,8 @@ impl EtcdProxy {
         let mut switched = self.shared.upstream.subscribe();
         let upstream = switched.borrow_and_update().clone();
         self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
+        let mut request = request;
+        upstream.authorize(&mut request);
         tokio::spawn(async move {
             let _request_pump = AbortOnDrop(request_pump);
             let url = upstream.url.clone();
@@ -250,8 +252,14 @@ pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
 macro_rules! read {
     ($self:ident, $request:ident, $client:ident . $method:ident) => {{
         let upstream = $self.read_upstream();
-        let mut client = upstream.$client.clone();
-        client.$method(to_upstream($request)).await.map(plain)
+        let client = upstream.$client.clone();
+        upstream
+            .call(to_upstream($request), |request| {
+                let mut client = client.clone();
+                async move { client.$method(request).await }
+            })
+            .await
+            .map(plain)
     }};
 }
 
@@ -260,7 +268,13 @@ macro_rules! write {
     ($self:ident, $request:ident, $client:ident . $method:ident) => {
         $self
             .write($request, |upstream, request| async move {
-                upstream.$client.clone().$method(request).await
+                let client = upstream.$client.clone();
+                upstream
+                    .call(request, |request| {
+                        let mut client = client.clone();
+                        async move { client.$method(request).await }
+                    })
+                    .await
             })
             .await
     };

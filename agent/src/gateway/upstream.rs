@@ -1,17 +1,23 @@
 //! The etcd cluster the gateway forwards to: one HTTP/2 channel to its
-//! members, shared by every call, and a client of each service on it.
+//! members, shared by every call, a client of each service on it, and the
+//! gateway's own credentials and TLS towards it.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::EtcdConnection;
-use ferry_proto::etcd::etcdserverpb::StatusRequest;
+use ferry_engine::adapters::etcd::{EtcdConnection, EtcdTls};
 use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use ferry_proto::etcd::etcdserverpb::cluster_client::ClusterClient;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
-use tonic::transport::{Channel, Endpoint};
+use ferry_proto::etcd::etcdserverpb::{AuthenticateRequest, StatusRequest};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Response, Status};
 
 use super::GatewayError;
 
@@ -20,10 +26,24 @@ use super::GatewayError;
 /// by the upstream's `--max-request-bytes`, which then answers for itself.
 pub(crate) const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
+/// The metadata key of etcd's auth token (gRPC clients).
+pub(crate) const TOKEN_KEY: &str = "token";
+
+/// How the gateway reaches any upstream: its own credentials and TLS,
+/// the same for the first upstream and every Switch.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamAccess {
+    /// A file whose first line is the password of `ETCD_USERNAME`; without
+    /// it, `ETCD_USERNAME` and `ETCD_PASSWORD` when set.
+    pub password_file: Option<PathBuf>,
+    /// TLS files; any of them turns TLS on (`etcds://` does too).
+    pub tls: EtcdTls,
+}
+
 /// One upstream cluster. Cloning a client is cheap (it shares the channel).
 #[derive(Debug)]
 pub(crate) struct Upstream {
-    /// `etcd://HOST:PORT[,...]`, for Status and messages.
+    /// `etcd://HOST:PORT[,...]` (`etcds://` with TLS), for Status and messages.
     pub url: String,
     pub kv: KvClient<Channel>,
     pub watch: WatchClient<Channel>,
@@ -31,41 +51,53 @@ pub(crate) struct Upstream {
     pub maintenance: MaintenanceClient<Channel>,
     pub cluster: ClusterClient<Channel>,
     pub auth: AuthClient<Channel>,
+    /// The gateway's own user, when the upstream has auth on.
+    credentials: Option<(String, String)>,
+    /// The gateway's token, sent on calls whose client sent none.
+    token: RwLock<Option<MetadataValue<Ascii>>>,
+    /// One re-authentication at a time.
+    authenticating: tokio::sync::Mutex<()>,
 }
 
 impl Upstream {
-    /// Connects to `url` (`etcd://HOST:PORT[,HOST:PORT...]`) and checks
+    /// Connects to `url` (`etcd://HOST:PORT[,HOST:PORT...]`, or `etcds://`)
+    /// with `access`, authenticates when credentials are set, and checks
     /// that a member answers etcd's Status within `connect_timeout`.
-    pub async fn connect(url: &str, connect_timeout: Duration) -> Result<Self, GatewayError> {
-        if !url.starts_with("etcd://") {
-            return Err(GatewayError::BadUpstream {
-                url: url.to_owned(),
-                reason: "the gateway forwards to etcd://HOST:PORT[,HOST:PORT...] (plain HTTP/2; TLS to the upstream is not supported yet)".to_owned(),
-            });
-        }
-        let connection =
-            EtcdConnection::from_url(url, None).map_err(|error| GatewayError::BadUpstream {
-                url: url.to_owned(),
-                reason: error.to_string(),
-            })?;
+    pub async fn connect(
+        url: &str,
+        access: &UpstreamAccess,
+        connect_timeout: Duration,
+    ) -> Result<Self, GatewayError> {
+        let bad = |reason: String| GatewayError::BadUpstream {
+            url: url.to_owned(),
+            reason,
+        };
+        let connection = EtcdConnection::from_url(url, access.password_file.as_ref())
+            .and_then(|connection| connection.with_tls_files(&access.tls))
+            .map_err(|error| bad(error.to_string()))?;
         let display = connection.display();
+        let tls = match &connection.tls {
+            Some(files) => Some(tls_config(files).await.map_err(bad)?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoints = connection
             .endpoints
             .iter()
             .map(|address| {
-                Endpoint::from_shared(format!("http://{address}"))
-                    .map(|endpoint| {
-                        endpoint
-                            .connect_timeout(connect_timeout)
-                            .tcp_nodelay(true)
-                            .tcp_keepalive(Some(Duration::from_secs(30)))
-                            .http2_keep_alive_interval(Duration::from_secs(30))
-                            .keep_alive_while_idle(true)
-                    })
-                    .map_err(|error| GatewayError::BadUpstream {
-                        url: display.clone(),
-                        reason: format!("{address}: {error}"),
-                    })
+                let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+                    .map_err(|error| bad(format!("{address}: {error}")))?
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .tcp_keepalive(Some(Duration::from_secs(30)))
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true);
+                match &tls {
+                    Some(tls) => endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|error| bad(format!("{address}: {error}"))),
+                    None => Ok(endpoint),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = match endpoints.as_slice() {
@@ -91,8 +123,23 @@ impl Upstream {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             cluster: ClusterClient::new(channel.clone()),
             auth: AuthClient::new(channel),
+            credentials: connection.credentials,
+            token: RwLock::new(None),
+            authenticating: tokio::sync::Mutex::new(()),
         };
         upstream.check(connect_timeout).await?;
+        if upstream.credentials.is_some() {
+            upstream
+                .authenticate()
+                .await
+                .map_err(|status| GatewayError::Unreachable {
+                    url: upstream.url.clone(),
+                    reason: format!(
+                        "authenticating as ETCD_USERNAME failed: {}",
+                        status.message()
+                    ),
+                })?;
+        }
         Ok(upstream)
     }
 
@@ -114,6 +161,109 @@ impl Upstream {
             ))),
         }
     }
+
+    /// Gets a fresh token for the gateway's own user.
+    async fn authenticate(&self) -> Result<(), Status> {
+        let Some((name, password)) = &self.credentials else {
+            return Ok(());
+        };
+        let response = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.auth.clone().authenticate(AuthenticateRequest {
+                name: name.clone(),
+                password: password.clone(),
+            }),
+        )
+        .await
+        .map_err(|_| Status::unavailable(format!("{} did not answer Authenticate", self.url)))??;
+        let token = MetadataValue::try_from(response.into_inner().token)
+            .map_err(|_| Status::internal("etcd's auth token is not a valid header value"))?;
+        if let Ok(mut slot) = self.token.write() {
+            *slot = Some(token);
+        }
+        Ok(())
+    }
+
+    /// The gateway's token, for a call whose client sent none; `None` when
+    /// the gateway has no credentials or the client brought its own.
+    pub fn token_for<T>(&self, request: &Request<T>) -> Option<MetadataValue<Ascii>> {
+        if self.credentials.is_none()
+            || request.metadata().contains_key(TOKEN_KEY)
+            || request.metadata().contains_key("authorization")
+        {
+            return None;
+        }
+        self.token.read().ok().and_then(|token| token.clone())
+    }
+
+    /// Adds the gateway's token to a stream's request (see
+    /// [`Upstream::token_for`]).
+    pub fn authorize<T>(&self, request: &mut Request<T>) {
+        if let Some(token) = self.token_for(request) {
+            request.metadata_mut().insert(TOKEN_KEY, token);
+        }
+    }
+
+    /// Makes a unary call. When it carries the gateway's token and etcd
+    /// says the token is no longer valid (it expired, or etcd restarted),
+    /// the gateway authenticates again and makes the call once more: etcd
+    /// checked the token before doing anything, so nothing ran twice. Only
+    /// then is the request cloned.
+    pub async fn call<Req, Resp, Call, Fut>(
+        &self,
+        mut request: Request<Req>,
+        call: Call,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Clone,
+        Call: Fn(Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let Some(token) = self.token_for(&request) else {
+            return call(request).await;
+        };
+        let again = Request::new(request.get_ref().clone());
+        request.metadata_mut().insert(TOKEN_KEY, token.clone());
+        match call(request).await {
+            Err(status) if status.message().contains("invalid auth token") => {
+                let _one_at_a_time = self.authenticating.lock().await;
+                let current = self.token.read().ok().and_then(|token| token.clone());
+                if current.as_ref() == Some(&token) {
+                    self.authenticate().await?;
+                }
+                let mut again = again;
+                self.authorize(&mut again);
+                call(again).await
+            }
+            answer => answer,
+        }
+    }
+}
+
+/// The client side of TLS: the CA to trust (else the system's roots) and
+/// the gateway's own certificate, read from their files.
+async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, String> {
+    async fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+        let content = tokio::fs::read(path)
+            .await
+            .map_err(|error| format!("cannot read the {what} {}: {error}", path.display()))?;
+        if !content.windows(11).any(|window| window == b"-----BEGIN ") {
+            return Err(format!("the {what} {} is not in PEM form", path.display()));
+        }
+        Ok(content)
+    }
+    let mut config = ClientTlsConfig::new();
+    config = match &files.ca_file {
+        Some(path) => config.ca_certificate(Certificate::from_pem(read(path, "CA file").await?)),
+        None => config.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
+        config = config.identity(Identity::from_pem(
+            read(cert, "client certificate file").await?,
+            read(key, "client key file").await?,
+        ));
+    }
+    Ok(config)
 }
 
 /// An error and its sources, for a message (the transport's own words are

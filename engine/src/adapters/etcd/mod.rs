@@ -13,6 +13,7 @@
 //! | --- | --- | --- | --- |
 //! | `etcd.lease` | `<lease id, 16 hex digits>` | `LeaseGrant` | `{"id":..,"ttl":..,"granted_ttl":..}` |
 //! | `etcd.kv` | the etcd key | `Put` | the value, as stored; `deps` names its lease |
+//! | `etcd.kv` | the etcd key | `Delete` | empty |
 //!
 //! Leases come before the keys attached to them (G6). Keys under
 //! [`RESERVED_PREFIX`] are ferry's own: never extracted, never counted as
@@ -22,7 +23,7 @@ mod client;
 mod sink;
 mod source;
 
-pub use sink::{EtcdSink, EtcdSinkOptions};
+pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
 pub use source::{
     EtcdDescription, EtcdSource, EtcdSourceOptions, FENCE_KEY, Fence, FenceWrite, LiveEvent,
     LiveExtraction, LiveFrom, ProgressRequester, describe_cluster, read_fence, write_fence,
@@ -37,6 +38,9 @@ use crate::error::ErrorKind;
 pub const RESERVED_PREFIX: &[u8] = b"__ferry__/";
 /// Where a restore records how far it got, one key per stream (backup id).
 pub const CHECKPOINT_PREFIX: &[u8] = b"__ferry__/checkpoints/";
+/// The highest migration attempt (epoch, G5) that wrote into this target,
+/// in ASCII decimal; every Txn of a sink with an epoch requires its own.
+pub const EPOCH_KEY: &[u8] = b"__ferry__/epoch";
 
 /// The op kind of a key-value pair.
 pub const KIND_KV: &str = "etcd.kv";
@@ -388,6 +392,18 @@ pub enum EtcdError {
         endpoints: String,
         /// What went wrong and what to do.
         reason: String,
+    },
+    /// A newer migration attempt owns the target (G5): this one must stop.
+    #[error(
+        "{endpoints} belongs to migration attempt (epoch) {stored}, newer than this one's {offered}; this attempt was superseded and wrote nothing more"
+    )]
+    StaleEpoch {
+        /// The target.
+        endpoints: String,
+        /// The epoch the target holds.
+        stored: u64,
+        /// This sink's epoch.
+        offered: u64,
     },
     /// An op cannot be applied as etcd ops.
     #[error("cannot apply op seq {seq} (key {key}): {reason}")]

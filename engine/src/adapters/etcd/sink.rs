@@ -1,30 +1,51 @@
 //! Restoring into etcd: Txns that carry their own checkpoint.
+//!
+//! Every Txn puts ferry's checkpoint key (`__ferry__/checkpoints/<stream>`)
+//! and requires that key to hold exactly the checkpoint of the Txn before it
+//! (a value compare; `version == 0` for the first). Each checkpoint value is
+//! unique (it names the seq it covers and a random id of the writing sink),
+//! so a Txn takes effect only right after its predecessor: never twice,
+//! never out of order, and never interleaved with another restore. Because
+//! the guard needs nothing from the predecessor's answer, up to
+//! [`EtcdSinkOptions::txns_in_flight`] Txns are sent before the first is
+//! answered; one that reaches etcd before its predecessor fails its compare
+//! and is sent again once the predecessor is in.
+//!
+//! With an epoch (G5, a live migration's attempt number) every Txn also
+//! requires `__ferry__/epoch` to hold this sink's epoch, so a sink of an
+//! older attempt has every Txn refused once a newer one has begun.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
+use ferry_proto::etcd::etcdserverpb::response_op::Response as TxnResponseOp;
 use ferry_proto::etcd::etcdserverpb::{
-    Compare, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, TxnResponse,
 };
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use super::client::EtcdClient;
 use super::{
-    CHECKPOINT_PREFIX, EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end,
-    printable,
+    CHECKPOINT_PREFIX, EPOCH_KEY, EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX,
+    prefix_end, printable,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
 use crate::{Op, Result};
 
-/// Bytes kept free in every Txn for the checkpoint, its guard and the
+/// Bytes kept free in every Txn for the checkpoint, its guards and the
 /// request's framing.
 const REQUEST_MARGIN_BYTES: usize = 1024;
 /// Bytes a Put adds beyond its key and value (field tags, lengths, lease).
 const PUT_OVERHEAD_BYTES: usize = 32;
+/// How often a Txn that reached etcd before its predecessor is sent again.
+const REORDER_RETRIES: usize = 3;
 
 /// How a restore writes into etcd.
 #[derive(Debug, Clone)]
@@ -39,6 +60,20 @@ pub struct EtcdSinkOptions {
     pub rewrite_prefix: Option<(Vec<u8>, Vec<u8>)>,
     /// Write even when the range already holds keys.
     pub allow_nonempty: bool,
+    /// The migration attempt this sink writes for (G5); 0 for a plain
+    /// restore. When above 0 the sink raises `__ferry__/epoch` to it at
+    /// [`Sink::begin`] (and is refused if the target holds a higher one), and
+    /// every Txn requires it still there.
+    pub epoch: u64,
+    /// Txns sent before the first of them is answered (at least 1). Each
+    /// still takes effect only after its predecessor.
+    pub txns_in_flight: usize,
+    /// When true, [`Sink::apply`] returns only once every op it was given
+    /// (through the last complete source transaction) is in the target, as
+    /// an agent that acks what it applied needs. When false, the tail of a
+    /// batch may wait for the next one to fill a Txn, and Txns stay in flight
+    /// across calls until [`Sink::finish`]: faster for a restore.
+    pub durable_each_apply: bool,
 }
 
 impl Default for EtcdSinkOptions {
@@ -48,6 +83,9 @@ impl Default for EtcdSinkOptions {
             max_request_bytes: 1_572_864,
             rewrite_prefix: None,
             allow_nonempty: false,
+            epoch: 0,
+            txns_in_flight: 4,
+            durable_each_apply: true,
         }
     }
 }
@@ -68,28 +106,150 @@ pub struct Checkpoint {
     pub epoch: u64,
     /// True once the whole stream is applied.
     pub complete: bool,
+    /// A random id of the sink that wrote it: two sinks of one stream never
+    /// write the same value, so neither mistakes the other's Txn for its own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub writer: String,
 }
 
-/// Ops applied to etcd exactly once (G4).
+/// A Txn sent and not yet answered.
+struct InFlight {
+    task: JoinHandle<std::result::Result<TxnResponse, EtcdError>>,
+    request: Arc<TxnRequest>,
+    checkpoint: Checkpoint,
+    /// The checkpoint value it writes.
+    value: Vec<u8>,
+    /// The first seq it covers (for messages).
+    first_seq: u64,
+}
+
+/// The end of the ops taken into the sink so far: its checkpoint is written
+/// with the next Txn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Through {
+    seq: u64,
+    position: u64,
+}
+
+/// Ops applied to etcd exactly once (G4), fenced by an epoch (G5).
 pub struct EtcdSink {
     connection: EtcdConnection,
     options: EtcdSinkOptions,
     client: Option<EtcdClient>,
+    /// The last checkpoint etcd confirmed.
     checkpoint: Option<Checkpoint>,
-    /// The checkpoint key's mod revision, 0 while it does not exist: every
-    /// Txn requires it unchanged, so two restores never interleave.
-    checkpoint_revision: i64,
+    /// The checkpoint of the last Txn sent (confirmed or in flight), and its
+    /// exact value in the target (`None`: the key does not exist yet): the
+    /// next Txn requires it.
+    sent: Option<Checkpoint>,
+    sent_value: Option<Vec<u8>>,
+    /// The checkpoint values etcd confirmed lately, oldest first: a Txn whose
+    /// compare found one of them was only overtaken by its predecessor.
+    confirmed_values: VecDeque<Option<Vec<u8>>>,
+    in_flight: VecDeque<InFlight>,
     tracker: SeqTracker,
     granted_leases: HashSet<i64>,
     /// The range the restore writes into (the stream's prefix, rewritten),
     /// checked to be empty first; empty for the whole keyspace.
     target_prefix: Vec<u8>,
-    pending: Vec<Op>,
+    /// The next Txn's operations, their keys and bytes.
+    pending: Vec<RequestOp>,
+    pending_keys: HashSet<Vec<u8>>,
     pending_bytes: usize,
+    /// The ops of a source transaction whose last op has not come yet.
+    group: Vec<Op>,
+    /// The last op taken whole (its source transaction complete).
+    taken_through: Option<Through>,
+    writer: String,
 }
 
 fn target_error(error: EtcdError) -> crate::Error {
     AdapterError::EtcdTarget(error).into()
+}
+
+fn checkpoint_key(stream_id: &str) -> Vec<u8> {
+    let mut key = CHECKPOINT_PREFIX.to_vec();
+    key.extend_from_slice(stream_id.as_bytes());
+    key
+}
+
+fn parse_epoch(connection: &EtcdConnection, value: &[u8]) -> Result<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .ok_or_else(|| {
+            target_error(EtcdError::Request {
+                endpoints: connection.display(),
+                action: "read the epoch".to_owned(),
+                reason: format!(
+                    "{} holds {:?}, not a decimal number",
+                    printable(EPOCH_KEY),
+                    String::from_utf8_lossy(value)
+                ),
+            })
+        })
+}
+
+fn parse_checkpoint(connection: &EtcdConnection, key: &[u8], value: &[u8]) -> Result<Checkpoint> {
+    serde_json::from_slice(value).map_err(|error| {
+        target_error(EtcdError::Request {
+            endpoints: connection.display(),
+            action: "read the checkpoint".to_owned(),
+            reason: format!("{} does not parse: {error}", printable(key)),
+        })
+    })
+}
+
+/// The raw values of the checkpoint key and the epoch key (`None` when a
+/// key does not exist).
+async fn read_raw(
+    client: &EtcdClient,
+    stream_id: &str,
+) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    let mut values = Vec::with_capacity(2);
+    for key in [checkpoint_key(stream_id), EPOCH_KEY.to_vec()] {
+        let request = RangeRequest {
+            key,
+            ..RangeRequest::default()
+        };
+        let response = client
+            .call("read the checkpoint from", |mut services| {
+                let request = request.clone();
+                async move { services.kv.range(request).await }
+            })
+            .await
+            .map_err(target_error)?;
+        values.push(response.kvs.into_iter().next().map(|kv| kv.value));
+    }
+    let epoch = values.pop().flatten();
+    let checkpoint = values.pop().flatten();
+    Ok((checkpoint, epoch))
+}
+
+/// What the target holds for `stream_id`: its checkpoint, if any, and the
+/// highest epoch any sink raised it to (0 when none did). An agent answers
+/// a Checkpoint RPC with it.
+pub async fn read_checkpoint(
+    connection: &EtcdConnection,
+    stream_id: &str,
+) -> Result<(Option<Checkpoint>, u64)> {
+    let client = EtcdClient::connect(connection)
+        .await
+        .map_err(target_error)?;
+    let (checkpoint, epoch) = read_raw(&client, stream_id).await?;
+    let checkpoint = match checkpoint {
+        Some(value) => Some(parse_checkpoint(
+            connection,
+            &checkpoint_key(stream_id),
+            &value,
+        )?),
+        None => None,
+    };
+    let epoch = match epoch {
+        Some(value) => parse_epoch(connection, &value)?,
+        None => 0,
+    };
+    Ok((checkpoint, epoch))
 }
 
 impl EtcdSink {
@@ -100,13 +260,27 @@ impl EtcdSink {
             options,
             client: None,
             checkpoint: None,
-            checkpoint_revision: 0,
+            sent: None,
+            sent_value: None,
+            confirmed_values: VecDeque::new(),
+            in_flight: VecDeque::new(),
             tracker: SeqTracker::new(),
             granted_leases: HashSet::new(),
             target_prefix: Vec::new(),
             pending: Vec::new(),
+            pending_keys: HashSet::new(),
             pending_bytes: 0,
+            group: Vec::new(),
+            taken_through: None,
+            writer: format!("{:016x}", rand::random::<u64>()),
         }
+    }
+
+    /// The last checkpoint the target confirmed: every op through its
+    /// `applied_through_seq` has taken effect. `None` before
+    /// [`Sink::begin`].
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
     }
 
     fn client(&self) -> &EtcdClient {
@@ -115,10 +289,73 @@ impl EtcdSink {
             .expect("begin connects before anything is applied")
     }
 
-    fn checkpoint_key(stream_id: &str) -> Vec<u8> {
-        let mut key = CHECKPOINT_PREFIX.to_vec();
-        key.extend_from_slice(stream_id.as_bytes());
-        key
+    fn stale_epoch(&self, stored: u64) -> crate::Error {
+        target_error(EtcdError::StaleEpoch {
+            endpoints: self.connection.display(),
+            stored,
+            offered: self.options.epoch,
+        })
+    }
+
+    /// Raises `__ferry__/epoch` to this sink's epoch with a compare-and-swap;
+    /// refused when the target holds a higher one.
+    async fn claim_epoch(&self) -> Result<()> {
+        let epoch = self.options.epoch;
+        for _ in 0..16 {
+            let request = RangeRequest {
+                key: EPOCH_KEY.to_vec(),
+                ..RangeRequest::default()
+            };
+            let response = self
+                .client()
+                .call("read the epoch from", |mut services| {
+                    let request = request.clone();
+                    async move { services.kv.range(request).await }
+                })
+                .await
+                .map_err(target_error)?;
+            let stored = response.kvs.into_iter().next().map(|kv| kv.value);
+            let stored_epoch = match &stored {
+                Some(value) => parse_epoch(&self.connection, value)?,
+                None => 0,
+            };
+            if stored_epoch > epoch {
+                return Err(self.stale_epoch(stored_epoch));
+            }
+            if stored_epoch == epoch && stored.is_some() {
+                return Ok(());
+            }
+            let guard = match stored {
+                Some(value) => value_is(EPOCH_KEY.to_vec(), value),
+                None => version_is_zero(EPOCH_KEY.to_vec()),
+            };
+            let request = TxnRequest {
+                compare: vec![guard],
+                success: vec![put(EPOCH_KEY.to_vec(), epoch.to_string().into_bytes(), 0)],
+                failure: Vec::new(),
+            };
+            let response = self
+                .client()
+                .call("raise the epoch of", |mut services| {
+                    let request = request.clone();
+                    async move { services.kv.txn(request).await }
+                })
+                .await
+                .map_err(target_error)?;
+            if response.succeeded {
+                info!(epoch, previous = stored_epoch, "epoch raised in the target");
+                return Ok(());
+            }
+            // Another attempt moved it meanwhile: look again.
+        }
+        Err(target_error(EtcdError::Request {
+            endpoints: self.connection.display(),
+            action: "raise the epoch".to_owned(),
+            reason: format!(
+                "{} kept changing under ferry; is another migration attempt starting?",
+                printable(EPOCH_KEY)
+            ),
+        }))
     }
 
     /// Up to `limit` keys of the target range that are not ferry's own.
@@ -188,6 +425,11 @@ impl EtcdSink {
             .max(1)
     }
 
+    /// Ops per Txn besides the checkpoint.
+    fn max_ops(&self) -> usize {
+        self.options.max_txn_ops.saturating_sub(1).max(1)
+    }
+
     /// Grants a lease under its source id; a lease that exists already (a
     /// resumed restore granted it) is left as it is.
     async fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<()> {
@@ -215,22 +457,42 @@ impl EtcdSink {
         Ok(())
     }
 
-    /// Applies one op too large to share a Txn with the checkpoint: alone,
-    /// and only if its key does not exist yet, so applying it again after a
-    /// crash (before the checkpoint moved past it) changes nothing. With
-    /// `--allow-nonempty` the key may exist before; then it is written
-    /// unless it already holds the op's value.
-    async fn apply_oversized(&mut self, op: &Op) -> Result<()> {
-        let key = self.rewrite(&op.key);
-        let lease = match op.deps.first() {
+    /// The lease a Put attaches its key to, granted first when no
+    /// `etcd.lease` op granted it. In a backup that is a lease that expired
+    /// before the snapshot listed it: its keys get the shortest lease there
+    /// is (1 s), as etcd would have revoked them anyway. A live stream should
+    /// send the lease's `LeaseGrant` op before the Puts that use it.
+    async fn lease_of(&mut self, op: &Op) -> Result<i64> {
+        match op.deps.first() {
             Some(lease) => {
                 let id = parse_lease_key(lease)
                     .ok_or_else(|| bad_op(op, "its lease reference is not a lease id"))?;
                 self.grant_lease(id, 1).await?;
-                id
+                Ok(id)
             }
-            None => 0,
-        };
+            None => Ok(0),
+        }
+    }
+
+    /// The compares every Txn of this sink makes besides its own guard.
+    fn epoch_guard(&self) -> Option<Compare> {
+        (self.options.epoch > 0).then(|| {
+            value_is(
+                EPOCH_KEY.to_vec(),
+                self.options.epoch.to_string().into_bytes(),
+            )
+        })
+    }
+
+    /// Applies one op too large to share a Txn with the checkpoint: alone,
+    /// after every Txn before it, and only if its key does not exist yet, so
+    /// applying it again after a crash (before the checkpoint moved past it)
+    /// changes nothing. With `--allow-nonempty` the key may exist before;
+    /// then it is written unless it already holds the op's value.
+    async fn apply_oversized(&mut self, op: &Op) -> Result<()> {
+        self.drain().await?;
+        let key = self.rewrite(&op.key);
+        let lease = self.lease_of(op).await?;
         let guard = if self.options.allow_nonempty {
             Compare {
                 result: CompareResult::NotEqual as i32,
@@ -240,18 +502,14 @@ impl EtcdSink {
                 target_union: Some(TargetUnion::Value(op.body.to_vec())),
             }
         } else {
-            Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Version as i32,
-                key: key.clone(),
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::Version(0)),
-            }
+            version_is_zero(key.clone())
         };
+        let mut compare = vec![guard];
+        compare.extend(self.epoch_guard());
         let request = TxnRequest {
-            compare: vec![guard],
+            compare,
             success: vec![put(key, op.body.to_vec(), lease)],
-            failure: Vec::new(),
+            failure: vec![range(EPOCH_KEY.to_vec())],
         };
         let response = self
             .client()
@@ -261,6 +519,13 @@ impl EtcdSink {
             })
             .await
             .map_err(target_error)?;
+        if !response.succeeded
+            && self.options.epoch > 0
+            && let Some(stored) = failure_values(&response).first().cloned().flatten()
+            && stored != self.options.epoch.to_string().into_bytes()
+        {
+            return Err(self.stale_epoch(parse_epoch(&self.connection, &stored)?));
+        }
         debug!(
             seq = op.seq,
             applied = response.succeeded,
@@ -269,94 +534,274 @@ impl EtcdSink {
         Ok(())
     }
 
-    /// Applies the pending ops and the checkpoint through `through` in one Txn.
-    async fn flush(&mut self, through: &Op, complete: bool) -> Result<()> {
-        let mut checkpoint = self.checkpoint.clone().expect("begin sets the checkpoint");
+    /// Takes one whole source transaction (or a single op) into the next
+    /// Txn, sending the Txns before it when it does not fit with them.
+    async fn take_group(&mut self, group: Vec<Op>) -> Result<()> {
+        let (Some(first), Some(last)) = (group.first(), group.last()) else {
+            return Ok(());
+        };
+        let through = Through {
+            seq: last.seq,
+            position: last.position,
+        };
+        let (first_seq, last_seq) = (first.seq, last.seq);
+        let budget = self.request_budget();
+        let max_ops = self.max_ops();
+        let mut operations = Vec::with_capacity(group.len());
+        let mut keys = HashSet::with_capacity(group.len());
+        let mut bytes = 0usize;
+        let mut oversized = None;
+        for op in &group {
+            match std::str::from_utf8(&op.kind) {
+                Ok(KIND_LEASE) => {
+                    let lease: LeaseBody = serde_json::from_slice(&op.body).map_err(|error| {
+                        bad_op(op, &format!("its lease body does not parse: {error}"))
+                    })?;
+                    self.grant_lease(lease.id, lease.ttl).await?;
+                }
+                Ok(KIND_KV) if matches!(&op.method[..], b"Put" | b"Delete") => {
+                    let key = self.rewrite(&op.key);
+                    if !keys.insert(key.clone()) {
+                        return Err(bad_op(
+                            op,
+                            &format!(
+                                "its key is written twice in source transaction seq {first_seq}..={last_seq}; etcd refuses that in one Txn"
+                            ),
+                        ));
+                    }
+                    let size = if &op.method[..] == b"Put" {
+                        op.key.len() + op.body.len() + PUT_OVERHEAD_BYTES
+                    } else {
+                        op.key.len() + PUT_OVERHEAD_BYTES
+                    };
+                    if size > self.options.max_request_bytes {
+                        return Err(bad_op(
+                            op,
+                            &format!(
+                                "its value of {} bytes is over the target's request limit of {} bytes; raise the target's --max-request-bytes and pass the same --max-request-bytes to ferry",
+                                op.body.len(),
+                                self.options.max_request_bytes
+                            ),
+                        ));
+                    }
+                    if size > budget {
+                        oversized = Some(op);
+                    }
+                    bytes += size;
+                    let operation = if &op.method[..] == b"Put" {
+                        let lease = self.lease_of(op).await?;
+                        put(key, op.body.to_vec(), lease)
+                    } else {
+                        delete(key)
+                    };
+                    operations.push(operation);
+                }
+                _ => {
+                    return Err(bad_op(
+                        op,
+                        &format!(
+                            "the etcd target applies etcd.kv Puts and Deletes and etcd.lease grants, not {} {}",
+                            String::from_utf8_lossy(&op.kind),
+                            String::from_utf8_lossy(&op.method)
+                        ),
+                    ));
+                }
+            }
+        }
+        if operations.len() > max_ops || (operations.len() > 1 && bytes > budget) {
+            return Err(bad_op(
+                first,
+                &format!(
+                    "its source transaction, seq {first_seq}..={last_seq}, writes {} keys in {bytes} bytes, more than one Txn holds beside ferry's checkpoint ({max_ops} ops, {budget} bytes); raise the target's --max-txn-ops (or --max-request-bytes) and pass the same values to ferry",
+                    operations.len()
+                ),
+            ));
+        }
+        if let Some(op) = oversized {
+            // Too large to share a Txn with the checkpoint.
+            self.send_pending(false).await?;
+            let op = op.clone();
+            self.apply_oversized(&op).await?;
+            self.taken_through = Some(through);
+            return self.send_pending(false).await;
+        }
+        if !self.pending.is_empty()
+            && (self.pending.len() + operations.len() > max_ops
+                || self.pending_bytes + bytes > budget
+                || keys.iter().any(|key| self.pending_keys.contains(key)))
+        {
+            self.send_pending(false).await?;
+        }
+        self.pending.extend(operations);
+        self.pending_keys.extend(keys);
+        self.pending_bytes += bytes;
+        self.taken_through = Some(through);
+        Ok(())
+    }
+
+    /// Sends the pending ops with the checkpoint through the last op taken;
+    /// nothing when that checkpoint is written already (unless `complete`
+    /// must be recorded).
+    async fn send_pending(&mut self, complete: bool) -> Result<()> {
+        let sent = self.sent.clone().expect("begin sets the checkpoint");
+        let through = self.taken_through.unwrap_or(Through {
+            seq: sent.applied_through_seq,
+            position: sent.applied_through_position,
+        });
+        if self.pending.is_empty()
+            && through.seq == sent.applied_through_seq
+            && (!complete || sent.complete)
+        {
+            return Ok(());
+        }
+        let mut checkpoint = sent;
+        let first_seq = checkpoint.applied_through_seq + 1;
         checkpoint.applied_through_seq = through.seq;
         checkpoint.applied_through_position = through.position;
         checkpoint.complete = complete;
-        let checkpoint_key = Self::checkpoint_key(&checkpoint.stream_id);
-        let mut operations = Vec::with_capacity(self.pending.len() + 1);
-        for op in std::mem::take(&mut self.pending) {
-            let key = self.rewrite(&op.key);
-            let lease = match op.deps.first() {
-                Some(lease) => {
-                    let id = parse_lease_key(lease)
-                        .ok_or_else(|| bad_op(&op, "its lease reference is not a lease id"))?;
-                    // A lease that expired before the snapshot listed it:
-                    // its keys get the shortest lease there is.
-                    self.grant_lease(id, 1).await?;
-                    id
-                }
-                None => 0,
-            };
-            operations.push(put(key, op.body.to_vec(), lease));
-        }
-        operations.push(put(
-            checkpoint_key.clone(),
-            serde_json::to_vec(&checkpoint).expect("a checkpoint serializes"),
-            0,
-        ));
-        // The checkpoint must be as this restore left it: two restores of
-        // one stream never interleave.
-        let guard = if self.checkpoint_revision == 0 {
-            Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Version as i32,
-                key: checkpoint_key,
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::Version(0)),
-            }
-        } else {
-            Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Mod as i32,
-                key: checkpoint_key,
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::ModRevision(self.checkpoint_revision)),
-            }
-        };
-        let count = operations.len() - 1;
-        let request = TxnRequest {
-            compare: vec![guard],
-            success: operations,
-            failure: Vec::new(),
-        };
-        let response = self
-            .client()
-            .call("apply a Txn to", |mut services| {
-                let request = request.clone();
-                async move { services.kv.txn(request).await }
-            })
-            .await
-            .map_err(|error| match error {
-                EtcdError::TooLarge { endpoints, reason } => EtcdError::TooLarge {
-                    endpoints,
-                    reason: format!(
-                        "{reason}; the Txn held seq {}..={}; pass the target's --max-request-bytes and --max-txn-ops to ferry",
-                        checkpoint_from(&checkpoint, count),
-                        checkpoint.applied_through_seq
-                    ),
-                },
-                other => other,
-            })
-            .map_err(target_error)?;
-        if !response.succeeded {
-            return Err(target_error(EtcdError::Request {
-                endpoints: self.connection.display(),
-                action: "apply a Txn".to_owned(),
-                reason: format!(
-                    "the checkpoint of stream {} changed under this restore (another restore of the same backup is running?); nothing of this batch was applied",
-                    checkpoint.stream_id
-                ),
-            }));
-        }
-        self.checkpoint_revision = response.header.map_or(0, |header| header.revision);
-        debug!(ops = count, through_seq = through.seq, "etcd txn applied");
-        self.checkpoint = Some(checkpoint);
+        checkpoint.epoch = self.options.epoch;
+        checkpoint.writer = self.writer.clone();
+        let key = checkpoint_key(&checkpoint.stream_id);
+        let value = serde_json::to_vec(&checkpoint).expect("a checkpoint serializes");
+        let mut operations = std::mem::take(&mut self.pending);
+        self.pending_keys.clear();
         self.pending_bytes = 0;
+        let count = operations.len();
+        operations.push(put(key.clone(), value.clone(), 0));
+        let guard = match &self.sent_value {
+            Some(previous) => value_is(key.clone(), previous.clone()),
+            None => version_is_zero(key.clone()),
+        };
+        let mut compare = vec![guard];
+        compare.extend(self.epoch_guard());
+        let request = Arc::new(TxnRequest {
+            compare,
+            success: operations,
+            // On a failed compare, what the guards found.
+            failure: vec![range(key), range(EPOCH_KEY.to_vec())],
+        });
+        while self.in_flight.len() >= self.options.txns_in_flight.max(1) {
+            self.complete_oldest().await?;
+        }
+        debug!(ops = count, through_seq = through.seq, "etcd txn sent");
+        let task = tokio::spawn(send_txn(self.client().clone(), request.clone()));
+        self.in_flight.push_back(InFlight {
+            task,
+            request,
+            checkpoint: checkpoint.clone(),
+            value: value.clone(),
+            first_seq,
+        });
+        self.sent = Some(checkpoint);
+        self.sent_value = Some(value);
         Ok(())
     }
+
+    /// Waits for every Txn in flight.
+    async fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.complete_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest Txn in flight; sends it again when it reached
+    /// etcd before its predecessor.
+    async fn complete_oldest(&mut self) -> Result<()> {
+        let Some(txn) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let seqs = format!("{}..={}", txn.first_seq, txn.checkpoint.applied_through_seq);
+        let mut answer = txn.task.await.map_err(|error| {
+            target_error(EtcdError::Request {
+                endpoints: self.connection.display(),
+                action: "apply a Txn".to_owned(),
+                reason: format!("the task sending seq {seqs} failed: {error}"),
+            })
+        })?;
+        for attempt in 0..=REORDER_RETRIES {
+            let response = answer
+                .map_err(|error| match error {
+                    EtcdError::TooLarge { endpoints, reason } => EtcdError::TooLarge {
+                        endpoints,
+                        reason: format!(
+                            "{reason}; the Txn held seq {seqs}; pass the target's --max-request-bytes and --max-txn-ops to ferry"
+                        ),
+                    },
+                    other => other,
+                })
+                .map_err(target_error)?;
+            if response.succeeded {
+                debug!(
+                    through_seq = txn.checkpoint.applied_through_seq,
+                    "etcd txn applied"
+                );
+                self.confirmed_values.push_back(Some(txn.value));
+                while self.confirmed_values.len() > 2 * self.options.txns_in_flight.max(1) + 2 {
+                    self.confirmed_values.pop_front();
+                }
+                self.checkpoint = Some(txn.checkpoint);
+                return Ok(());
+            }
+            let mut found = failure_values(&response).into_iter();
+            let (found_checkpoint, found_epoch) = (found.next().flatten(), found.next().flatten());
+            if self.options.epoch > 0
+                && found_epoch.as_deref() != Some(self.options.epoch.to_string().as_bytes())
+            {
+                let stored = match found_epoch {
+                    Some(value) => parse_epoch(&self.connection, &value)?,
+                    None => 0,
+                };
+                return Err(self.stale_epoch(stored));
+            }
+            // Its predecessor is confirmed now (it is the oldest in flight);
+            // a compare that found an earlier value of this sink's was
+            // overtaken, and holds when sent again.
+            let predecessor = self.confirmed_values.back().cloned().flatten();
+            let overtaken = found_checkpoint != predecessor
+                && self.confirmed_values.contains(&found_checkpoint);
+            if !overtaken || attempt == REORDER_RETRIES {
+                return Err(target_error(EtcdError::Request {
+                    endpoints: self.connection.display(),
+                    action: "apply a Txn".to_owned(),
+                    reason: format!(
+                        "the checkpoint of stream {} changed under this restore (another restore of the same stream is running?); nothing of seq {seqs} was applied",
+                        txn.checkpoint.stream_id
+                    ),
+                }));
+            }
+            debug!(seqs = %seqs, "etcd txn overtook its predecessor; sending it again");
+            answer = send_txn(self.client().clone(), txn.request.clone()).await;
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+}
+
+async fn send_txn(
+    client: EtcdClient,
+    request: Arc<TxnRequest>,
+) -> std::result::Result<TxnResponse, EtcdError> {
+    client
+        .call("apply a Txn to", |mut services| {
+            let request = TxnRequest::clone(&request);
+            async move { services.kv.txn(request).await }
+        })
+        .await
+}
+
+/// The value each Range of a failed Txn's failure branch found (`None`
+/// where the key does not exist), in order.
+fn failure_values(response: &TxnResponse) -> Vec<Option<Vec<u8>>> {
+    response
+        .responses
+        .iter()
+        .map(|op| match &op.response {
+            Some(TxnResponseOp::ResponseRange(range)) => {
+                range.kvs.first().map(|kv| kv.value.clone())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn bad_op(op: &Op, reason: &str) -> crate::Error {
@@ -378,9 +823,42 @@ fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     }
 }
 
-/// The first seq of a Txn of `count` ops ending at the checkpoint's.
-fn checkpoint_from(checkpoint: &Checkpoint, count: usize) -> u64 {
-    (checkpoint.applied_through_seq + 1).saturating_sub(count as u64)
+fn delete(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(TxnRequestOp::RequestDeleteRange(DeleteRangeRequest {
+            key,
+            ..DeleteRangeRequest::default()
+        })),
+    }
+}
+
+fn range(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(TxnRequestOp::RequestRange(RangeRequest {
+            key,
+            ..RangeRequest::default()
+        })),
+    }
+}
+
+fn value_is(key: Vec<u8>, value: Vec<u8>) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Value as i32,
+        key,
+        range_end: Vec::new(),
+        target_union: Some(TargetUnion::Value(value)),
+    }
+}
+
+fn version_is_zero(key: Vec<u8>) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Version as i32,
+        key,
+        range_end: Vec::new(),
+        target_union: Some(TargetUnion::Version(0)),
+    }
 }
 
 fn parse_lease_key(key: &[u8]) -> Option<i64> {
@@ -401,28 +879,14 @@ impl Sink for EtcdSink {
                 .await
                 .map_err(target_error)?,
         );
-        let key = Self::checkpoint_key(&stream.stream_id);
         let connection = self.connection.clone();
-        let request = RangeRequest {
-            key,
-            ..RangeRequest::default()
-        };
-        let response = self
-            .client()
-            .call("read the checkpoint from", |mut services| {
-                let request = request.clone();
-                async move { services.kv.range(request).await }
-            })
-            .await
-            .map_err(target_error)?;
-        if let Some(kv) = response.kvs.first() {
-            let checkpoint: Checkpoint = serde_json::from_slice(&kv.value).map_err(|error| {
-                target_error(EtcdError::Request {
-                    endpoints: connection.display(),
-                    action: "read the checkpoint".to_owned(),
-                    reason: format!("{} does not parse: {error}", printable(&kv.key)),
-                })
-            })?;
+        if self.options.epoch > 0 {
+            self.claim_epoch().await?;
+        }
+        let (stored, _) = read_raw(self.client(), &stream.stream_id).await?;
+        if let Some(value) = stored {
+            let key = checkpoint_key(&stream.stream_id);
+            let checkpoint = parse_checkpoint(&connection, &key, &value)?;
             if checkpoint.source_identity != stream.source_identity {
                 return Err(target_error(EtcdError::OtherSource {
                     endpoints: connection.display(),
@@ -437,10 +901,20 @@ impl Sink for EtcdSink {
                         .unwrap_or_else(|| "(none)".to_owned()),
                 }));
             }
-            info!(stream_id = %stream.stream_id, applied_through_seq = checkpoint.applied_through_seq, "resuming from the target's checkpoint");
-            self.checkpoint_revision = kv.mod_revision;
+            if checkpoint.epoch > self.options.epoch {
+                return Err(self.stale_epoch(checkpoint.epoch));
+            }
+            info!(
+                stream_id = %stream.stream_id,
+                applied_through_seq = checkpoint.applied_through_seq,
+                written_by_epoch = checkpoint.epoch,
+                "resuming from the target's checkpoint"
+            );
             self.tracker = SeqTracker::starting_at(checkpoint.applied_through_seq + 1);
             let resume = checkpoint.applied_through_seq;
+            self.confirmed_values = VecDeque::from([Some(value.clone())]);
+            self.sent_value = Some(value);
+            self.sent = Some(checkpoint.clone());
             self.checkpoint = Some(checkpoint);
             return Ok(Some(resume));
         }
@@ -464,97 +938,66 @@ impl Sink for EtcdSink {
                 }));
             }
         }
-        self.checkpoint = Some(Checkpoint {
+        let checkpoint = Checkpoint {
             stream_id: stream.stream_id.clone(),
             source_identity: stream.source_identity.clone(),
             applied_through_seq: 0,
             applied_through_position: 0,
-            epoch: 0,
+            epoch: self.options.epoch,
             complete: false,
-        });
+            writer: String::new(),
+        };
+        self.confirmed_values = VecDeque::from([None]);
+        self.sent_value = None;
+        self.sent = Some(checkpoint.clone());
+        self.checkpoint = Some(checkpoint);
         Ok(None)
     }
 
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        let max_ops = self.options.max_txn_ops.saturating_sub(1).max(1);
-        let budget = self.request_budget();
-        let mut last: Option<Op> = None;
         for op in ops {
             self.tracker
                 .try_advance(op.seq)
                 .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-            match std::str::from_utf8(&op.kind) {
-                Ok(KIND_LEASE) => {
-                    if let Some(previous) = last.take().filter(|_| !self.pending.is_empty()) {
-                        self.flush(&previous, false).await?;
-                    }
-                    let lease: LeaseBody = serde_json::from_slice(&op.body).map_err(|error| {
-                        bad_op(&op, &format!("its lease body does not parse: {error}"))
-                    })?;
-                    self.grant_lease(lease.id, lease.ttl).await?;
-                }
-                Ok(KIND_KV) if &op.method[..] == b"Put" => {
-                    let size = op.key.len() + op.body.len() + PUT_OVERHEAD_BYTES;
-                    if size > self.options.max_request_bytes {
-                        return Err(bad_op(
-                            &op,
-                            &format!(
-                                "its value of {} bytes is over the target's request limit of {} bytes; raise the target's --max-request-bytes and pass the same --max-request-bytes to ferry",
-                                op.body.len(),
-                                self.options.max_request_bytes
-                            ),
-                        ));
-                    }
-                    if size > budget {
-                        // Too large to share a Txn with the checkpoint.
-                        if let Some(previous) = last.take().filter(|_| !self.pending.is_empty()) {
-                            self.flush(&previous, false).await?;
-                        }
-                        self.apply_oversized(&op).await?;
-                        self.flush(&op, false).await?;
-                        continue;
-                    }
-                    if !self.pending.is_empty()
-                        && (self.pending.len() >= max_ops || self.pending_bytes + size > budget)
-                    {
-                        let previous = last.clone().expect("pending ops have a last one");
-                        self.flush(&previous, false).await?;
-                    }
-                    self.pending_bytes += size;
-                    self.pending.push(op.clone());
-                }
-                _ => {
-                    return Err(bad_op(
-                        &op,
-                        &format!(
-                            "the etcd target applies etcd.kv Puts and etcd.lease grants, not {} {}",
-                            String::from_utf8_lossy(&op.kind),
-                            String::from_utf8_lossy(&op.method)
-                        ),
-                    ));
-                }
+            if let Some(open) = self.group.first()
+                && op.txn != open.txn
+            {
+                return Err(bad_op(
+                    &op,
+                    &format!(
+                        "source transaction {} (from seq {}) ended without its last op; the source broke G3",
+                        open.txn, open.seq
+                    ),
+                ));
             }
-            last = Some(op);
+            let ends_group = op.txn == 0 || op.txn_last;
+            self.group.push(op);
+            if ends_group {
+                let group = std::mem::take(&mut self.group);
+                self.take_group(group).await?;
+            }
         }
-        // The rest, or leases only since the last Txn: record them too.
-        if let Some(last) = last {
-            self.flush(&last, false).await?;
+        if self.options.durable_each_apply {
+            self.send_pending(false).await?;
+            self.drain().await?;
         }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
-        let Some(checkpoint) = self.checkpoint.clone() else {
-            return Ok(());
-        };
-        if checkpoint.complete {
+        if let Some(open) = self.group.first() {
+            return Err(bad_op(
+                open,
+                &format!(
+                    "the stream ended inside source transaction {} (from seq {}); its ops were not applied",
+                    open.txn, open.seq
+                ),
+            ));
+        }
+        if self.sent.is_none() {
             return Ok(());
         }
-        let through = Op {
-            seq: checkpoint.applied_through_seq,
-            position: checkpoint.applied_through_position,
-            ..Op::default()
-        };
-        self.flush(&through, true).await
+        self.send_pending(true).await?;
+        self.drain().await
     }
 }

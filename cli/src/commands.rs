@@ -70,6 +70,9 @@ pub struct RestoreArgs {
     /// etcd: write even when the target range already holds keys.
     #[arg(long)]
     allow_nonempty: bool,
+    /// etcd: Txns sent before the first is answered (each still applies only after the one before).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    txns_in_flight: u16,
     #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
@@ -243,6 +246,10 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
             max_request_bytes: args.max_request_bytes,
             rewrite_prefix,
             allow_nonempty: args.allow_nonempty,
+            epoch: 0,
+            txns_in_flight: usize::from(args.txns_in_flight),
+            // A restore acks nothing: the tail of a batch may wait for the next.
+            durable_each_apply: false,
         },
         etcd_password_file: args.etcd.etcd_password_file.clone(),
         etcd_tls: args.etcd.tls(),

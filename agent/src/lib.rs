@@ -6,9 +6,18 @@
 //! - a TargetAgent beside the new plane (apply, checkpoint),
 //! - the write-fencing gateway.
 //!
-//! Nothing is served yet: the foundation settles the op format first.
+//! Modules:
+//! - [`source`]: the SourceAgent over etcd ([`source::EtcdSourceAgent`]).
+//! - [`target`]: the TargetAgent over etcd ([`target::EtcdTargetAgent`]).
+//! - [`serve`]: serving them (zstd, TLS, token) and mapping errors to gRPC codes.
+//! - [`auth`]: the bearer token the agents require when one is configured.
+//! - [`gateway`]: the write-fencing gateway.
 
+pub mod auth;
 pub mod gateway;
+pub mod serve;
+pub mod source;
+pub mod target;
 
 pub use ferry_proto::v1::source_agent_server::SourceAgent;
 pub use ferry_proto::v1::target_agent_server::TargetAgent;

@@ -114,6 +114,19 @@ impl EtcdArgs {
             tls: self.tls(),
         }
     }
+
+    /// The cluster `url` names, with these credentials and TLS files.
+    pub(crate) fn connection(
+        &self,
+        url: &str,
+    ) -> Result<ferry_engine::adapters::etcd::EtcdConnection, ferry_engine::adapters::etcd::EtcdError>
+    {
+        ferry_engine::adapters::etcd::EtcdConnection::from_url(
+            url,
+            self.etcd_password_file.as_ref(),
+        )?
+        .with_tls_files(&self.tls())
+    }
 }
 
 /// `ferry inspect`.

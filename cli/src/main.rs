@@ -6,6 +6,7 @@
 //! failed); 4 backup not found or incomplete; 5 source failed or gave bad
 //! input; 6 target failed; 7 object store failed.
 
+mod agent;
 mod commands;
 mod exit;
 mod gateway;
@@ -65,6 +66,8 @@ enum Command {
     Verify(commands::VerifyArgs),
     /// Serve etcd's API in front of an etcd cluster, with writes that `ferry migrate` can hold and switch.
     Gateway(gateway::GatewayArgs),
+    /// Serve a source agent (beside the old plane) or a target agent (beside the new one).
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             Command::Inspect(args) => commands::inspect(args, cli.global).await,
             Command::Verify(args) => commands::verify(args, cli.global).await,
             Command::Gateway(args) => gateway::gateway(args, cli.global).await,
+            Command::Agent(args) => agent::agent(args, cli.global).await,
         }
     });
     match result {

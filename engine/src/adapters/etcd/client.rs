@@ -181,6 +181,12 @@ impl EtcdClient {
         .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
+    /// A Lease client on the same channel and credentials (for the
+    /// keep-alive stream of a target's leases).
+    pub fn lease(&self) -> LeaseClient<Intercepted> {
+        LeaseClient::with_interceptor(self.channel.clone(), self.interceptor.clone())
+    }
+
     /// Renews the auth token (a watch stream broke and is opened again: its
     /// token may have expired meanwhile).
     pub async fn reauthenticate(&self) -> Result<(), EtcdError> {

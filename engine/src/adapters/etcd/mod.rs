@@ -20,9 +20,11 @@
 //! the target's data.
 
 mod client;
+mod keepalive;
 mod sink;
 mod source;
 
+pub use keepalive::LeaseKeeper;
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
 pub use source::{
     EtcdDescription, EtcdSource, EtcdSourceOptions, FENCE_KEY, Fence, FenceWrite, LiveEvent,

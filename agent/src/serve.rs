@@ -1,0 +1,159 @@
+//! Serving an agent: zstd both ways, TLS (rustls) when a certificate is
+//! given, the bearer token when one is configured; and the one place that
+//! maps engine errors to gRPC codes.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use ferry_engine::adapters::AdapterError;
+use ferry_engine::adapters::etcd::EtcdError;
+use ferry_engine::{Error, ErrorKind};
+use ferry_proto::v1::source_agent_server::SourceAgentServer;
+use ferry_proto::v1::target_agent_server::TargetAgentServer;
+use tokio::net::TcpListener;
+use tonic::Status;
+use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::RequireToken;
+use crate::source::EtcdSourceAgent;
+use crate::target::EtcdTargetAgent;
+
+/// The largest message an agent takes or sends: a batch holds about a MiB of
+/// ops, but one etcd value may be as large as the target allows.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How an agent is served.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The bearer token every call must carry; none required when `None`.
+    pub token: Option<String>,
+    /// PEM files of the server's certificate and its key: TLS when set.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// The agent could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A TLS file cannot be read or used.
+    #[error("cannot use the TLS files: {reason}")]
+    Tls {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
+    /// The server failed.
+    #[error("the agent's server failed: {reason}")]
+    Transport {
+        /// What tonic said.
+        reason: String,
+    },
+}
+
+fn builder(options: &ServeOptions) -> Result<Server, ServeError> {
+    let mut server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)));
+    if let Some((cert_file, key_file)) = &options.tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|error| ServeError::Tls {
+                reason: format!("cannot read {}: {error}", path.display()),
+            })
+        };
+        let identity = Identity::from_pem(read(cert_file)?, read(key_file)?);
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|error| ServeError::Tls {
+                reason: format!(
+                    "{} and {}: {error}",
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            })?;
+    }
+    Ok(server)
+}
+
+/// Serves a SourceAgent on `listener` until `shutdown` completes.
+pub async fn serve_source_agent(
+    agent: EtcdSourceAgent,
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let service = SourceAgentServer::new(agent)
+        .send_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    builder(options)?
+        .add_service(InterceptedService::new(
+            service,
+            RequireToken::new(options.token.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+        .map_err(|error| ServeError::Transport {
+            reason: error.to_string(),
+        })
+}
+
+/// Serves a TargetAgent on `listener` until `shutdown` completes.
+pub async fn serve_target_agent(
+    agent: EtcdTargetAgent,
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let service = TargetAgentServer::new(agent)
+        .send_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    builder(options)?
+        .add_service(InterceptedService::new(
+            service,
+            RequireToken::new(options.token.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+        .map_err(|error| ServeError::Transport {
+            reason: error.to_string(),
+        })
+}
+
+/// The gRPC status an engine failure is answered with: the one place that
+/// decides. The message is the error's own (it names what and where).
+pub fn status_for(error: &Error) -> Status {
+    let message = error.to_string();
+    if let Error::Adapter(AdapterError::EtcdSource(etcd) | AdapterError::EtcdTarget(etcd)) = error {
+        match etcd {
+            // The caller must change course: a new snapshot, an empty target,
+            // a higher epoch.
+            EtcdError::Compacted { .. }
+            | EtcdError::NotEmpty { .. }
+            | EtcdError::OtherSource { .. }
+            | EtcdError::Credentials { .. }
+            | EtcdError::Tls { .. }
+            | EtcdError::TlsFiles { .. }
+            | EtcdError::StaleEpoch { .. } => return Status::failed_precondition(message),
+            EtcdError::Unreachable { .. } => return Status::unavailable(message),
+            EtcdError::TooLarge { .. } => return Status::resource_exhausted(message),
+            EtcdError::BadOp { .. } => return Status::invalid_argument(message),
+            _ => {}
+        }
+    }
+    match error.kind() {
+        ErrorKind::Usage => Status::invalid_argument(message),
+        ErrorKind::Source | ErrorKind::Target | ErrorKind::Storage => Status::unavailable(message),
+        ErrorKind::Damaged => Status::data_loss(message),
+        ErrorKind::NotFound => Status::not_found(message),
+    }
+}

@@ -1,0 +1,337 @@
+//! The SourceAgent beside an etcd control plane: streams a snapshot and the
+//! live changes after it (a new stream, or a broken one resumed statelessly
+//! from what the target holds), fences and unfences the plane's writes.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_engine::adapters::etcd::{
+    EtcdConnection, EtcdSource, EtcdSourceOptions, Fence, FenceWrite, LiveEvent, LiveFrom,
+    ProgressRequester, describe_cluster, write_fence,
+};
+use ferry_engine::progress::Progress;
+use ferry_proto::v1::extract_response::Event;
+use ferry_proto::v1::source_agent_server::SourceAgent;
+use ferry_proto::v1::{
+    DescribeRequest, DescribeResponse, ExtractRequest, ExtractResponse, FenceRequest,
+    FenceResponse, OpBatch, SnapshotComplete, SourceProgress, StreamStart, UnfenceRequest,
+    UnfenceResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::serve::status_for;
+
+/// Messages an Extract stream holds ahead of a slow caller.
+const EXTRACT_AHEAD: usize = 8;
+
+/// A SourceAgent over one etcd cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdSourceAgent {
+    connection: EtcdConnection,
+    /// Keys outside it are never streamed (a request may narrow it).
+    prefix: Vec<u8>,
+    /// Key ranges a snapshot reads at once.
+    parallel: usize,
+    /// The progress requesters of the streams running, poked after a fence
+    /// so the fenced position is reported at once.
+    streams: Arc<Mutex<Vec<ProgressRequester>>>,
+}
+
+impl EtcdSourceAgent {
+    /// An agent streaming `connection`'s keys under `prefix` (all when empty).
+    pub fn new(connection: EtcdConnection, prefix: Vec<u8>, parallel: usize) -> Self {
+        Self {
+            connection,
+            prefix,
+            parallel: parallel.max(1),
+            streams: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The prefix a request streams: its own, within the agent's.
+    fn prefix_for(&self, requested: &[u8]) -> Result<Vec<u8>, Status> {
+        if requested.is_empty() {
+            return Ok(self.prefix.clone());
+        }
+        if !requested.starts_with(&self.prefix) {
+            return Err(Status::permission_denied(format!(
+                "this agent streams keys under {:?} only, not {:?}",
+                String::from_utf8_lossy(&self.prefix),
+                String::from_utf8_lossy(requested)
+            )));
+        }
+        Ok(requested.to_vec())
+    }
+
+    fn poke_streams(&self) {
+        if let Ok(streams) = self.streams.lock() {
+            for stream in streams.iter() {
+                stream.request();
+            }
+        }
+    }
+
+    async fn describe_plane(&self) -> Result<DescribeResponse, Status> {
+        let description = describe_cluster(&self.connection)
+            .await
+            .map_err(|error| status_for(&error))?;
+        Ok(DescribeResponse {
+            platform: "etcd".to_owned(),
+            platform_version: description.version,
+            identity: description.identity,
+            control_plane_url: self.connection.display(),
+        })
+    }
+
+    async fn set_fence(&self, epoch: u64, fenced: bool) -> Result<u64, Status> {
+        match write_fence(&self.connection, Fence { epoch, fenced })
+            .await
+            .map_err(|error| status_for(&error))?
+        {
+            FenceWrite::Written { revision } => Ok(revision as u64),
+            FenceWrite::Refused { stored } => Err(Status::failed_precondition(format!(
+                "epoch {epoch} is lower than epoch {} of the fence stored in {}: a later migration attempt owns the plane",
+                stored.epoch,
+                self.connection.display()
+            ))),
+        }
+    }
+}
+
+/// A new stream's id: `<platform>-<UTC time>-<random>`, e.g.
+/// `etcd-20261124T061500Z-3f9a2c1b`.
+pub fn new_stream_id(platform: &str) -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
+    let of_day = seconds % 86_400;
+    format!(
+        "{platform}-{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z-{:08x}",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        rand::random::<u32>()
+    )
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[tonic::async_trait]
+impl SourceAgent for EtcdSourceAgent {
+    type ExtractStream = ReceiverStream<Result<ExtractResponse, Status>>;
+
+    async fn extract(
+        &self,
+        request: Request<ExtractRequest>,
+    ) -> Result<Response<Self::ExtractStream>, Status> {
+        let request = request.into_inner();
+        let resume = !request.stream_id.is_empty();
+        if !resume && (request.from_position_exclusive != 0 || request.from_seq_exclusive != 0) {
+            return Err(Status::invalid_argument(
+                "a resume names its stream_id; a new stream starts from nothing",
+            ));
+        }
+        if resume && request.snapshot_position == 0 {
+            return Err(Status::invalid_argument(format!(
+                "resuming stream {} needs its snapshot_position (from its StreamStart)",
+                request.stream_id
+            )));
+        }
+        let prefix = self.prefix_for(&request.key_prefix)?;
+        let from = if resume {
+            LiveFrom {
+                snapshot: Some(request.snapshot_position as i64),
+                from_seq_exclusive: request.from_seq_exclusive,
+                from_revision_exclusive: request.from_position_exclusive as i64,
+                snapshot_through_seq: (request.snapshot_through_seq > 0)
+                    .then_some(request.snapshot_through_seq),
+            }
+        } else {
+            LiveFrom::default()
+        };
+        let source = EtcdSource::new(
+            self.connection.clone(),
+            EtcdSourceOptions {
+                prefix,
+                parallel: self.parallel,
+            },
+        );
+        let live = source
+            .open_live(from, Arc::new(Progress::default()))
+            .await
+            .map_err(|error| status_for(&error))?;
+        let stream_id = if resume {
+            request.stream_id.clone()
+        } else {
+            new_stream_id("etcd")
+        };
+        let start = StreamStart {
+            stream_id: stream_id.clone(),
+            platform: live.info.platform.clone(),
+            platform_version: live.info.platform_version.clone().unwrap_or_default(),
+            snapshot_position: live.snapshot_revision as u64,
+            source_identity: live.info.identity.clone().unwrap_or_default(),
+        };
+        info!(%stream_id, resume, follow = request.follow, snapshot_position = start.snapshot_position, from_seq_exclusive = request.from_seq_exclusive, "extract stream starts");
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.push(live.progress_requests.clone());
+        }
+        let (sender, receiver) = mpsc::channel(EXTRACT_AHEAD);
+        let streams = self.streams.clone();
+        let requester = live.progress_requests.clone();
+        let epoch = request.epoch;
+        let follow = request.follow;
+        // A finite stream past its snapshot already has nothing to send.
+        let finished_already = !follow
+            && request.snapshot_through_seq > 0
+            && request.from_seq_exclusive >= request.snapshot_through_seq;
+        tokio::spawn(async move {
+            let message = |event| Ok(ExtractResponse { event: Some(event) });
+            let end = |stream_id: &str| {
+                message(Event::Batch(OpBatch {
+                    stream_id: stream_id.to_owned(),
+                    epoch,
+                    ops: Vec::new(),
+                    end_of_stream: true,
+                }))
+            };
+            let mut events = live.events;
+            if sender.send(message(Event::Start(start))).await.is_err() {
+                return;
+            }
+            if finished_already {
+                let _ = sender.send(end(&stream_id)).await;
+            } else {
+                while let Some(event) = events.next().await {
+                    let out = match event {
+                        Ok(LiveEvent::Batch(ops)) => message(Event::Batch(OpBatch {
+                            stream_id: stream_id.clone(),
+                            epoch,
+                            ops,
+                            end_of_stream: false,
+                        })),
+                        Ok(LiveEvent::SnapshotComplete {
+                            through_seq,
+                            position,
+                        }) => {
+                            let complete = message(Event::SnapshotComplete(SnapshotComplete {
+                                through_seq,
+                                position,
+                            }));
+                            if !follow {
+                                if sender.send(complete).await.is_ok() {
+                                    let _ = sender.send(end(&stream_id)).await;
+                                }
+                                break;
+                            }
+                            complete
+                        }
+                        Ok(LiveEvent::Progress {
+                            position,
+                            head_position,
+                            through_seq,
+                        }) => {
+                            if !follow {
+                                // Past the snapshot already (a resume).
+                                let _ = sender.send(end(&stream_id)).await;
+                                break;
+                            }
+                            message(Event::Progress(SourceProgress {
+                                position,
+                                head_position,
+                                through_seq,
+                            }))
+                        }
+                        Err(error) => {
+                            warn!(%stream_id, %error, "extract stream failed");
+                            let _ = sender.send(Err(status_for(&error))).await;
+                            break;
+                        }
+                    };
+                    if sender.send(out).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            info!(%stream_id, "extract stream ends");
+            if let Ok(mut streams) = streams.lock() {
+                streams.retain(|stream| !stream.same_as(&requester));
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn fence(
+        &self,
+        request: Request<FenceRequest>,
+    ) -> Result<Response<FenceResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        let fenced_position = self.set_fence(epoch, true).await?;
+        info!(epoch, fenced_position, "fenced");
+        self.poke_streams();
+        Ok(Response::new(FenceResponse { fenced_position }))
+    }
+
+    async fn unfence(
+        &self,
+        request: Request<UnfenceRequest>,
+    ) -> Result<Response<UnfenceResponse>, Status> {
+        let epoch = request.into_inner().epoch;
+        let position = self.set_fence(epoch, false).await?;
+        info!(epoch, position, "unfenced");
+        Ok(Response::new(UnfenceResponse {}))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        Ok(Response::new(self.describe_plane().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_become_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_416), (2025, 11, 24));
+    }
+
+    #[test]
+    fn stream_ids_name_platform_time_and_a_random_part() {
+        let id = new_stream_id("etcd");
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(parts.len(), 3, "{id}");
+        assert_eq!(parts[0], "etcd");
+        assert_eq!(parts[1].len(), 16, "{id}");
+        assert!(parts[1].ends_with('Z'));
+        assert_eq!(parts[2].len(), 8);
+        assert_ne!(new_stream_id("etcd"), id);
+    }
+}

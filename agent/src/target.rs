@@ -1,0 +1,303 @@
+//! The TargetAgent beside an etcd control plane: applies a stream's batches
+//! exactly once through the engine's etcd sink (its checkpoint and epoch
+//! live in the target itself, G4 and G5), acks each one, and tells where a
+//! stream stands.
+
+use ferry_engine::Op;
+use ferry_engine::adapters::etcd::{
+    EtcdConnection, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper, describe_cluster,
+    read_checkpoint,
+};
+use ferry_engine::adapters::{Sink, StreamInfo};
+use ferry_proto::v1::target_agent_server::TargetAgent;
+use ferry_proto::v1::{
+    ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse, DescribeRequest,
+    DescribeResponse, OpBatch, StreamStart,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::serve::status_for;
+
+/// Acks an Apply stream holds ahead of a slow caller.
+const ACKS_AHEAD: usize = 16;
+
+/// A TargetAgent over one etcd cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdTargetAgent {
+    connection: EtcdConnection,
+    /// Txn limits of the target (`--max-txn-ops`, `--max-request-bytes`).
+    sink_options: EtcdSinkOptions,
+}
+
+impl EtcdTargetAgent {
+    /// An agent applying onto `connection`'s cluster with Txns as
+    /// `sink_options` say (its epoch is each stream's own).
+    pub fn new(connection: EtcdConnection, sink_options: EtcdSinkOptions) -> Self {
+        Self {
+            connection,
+            sink_options,
+        }
+    }
+}
+
+/// One Apply stream, from its StreamStart to its end.
+struct ApplyStream {
+    connection: EtcdConnection,
+    sink_options: EtcdSinkOptions,
+    start: StreamStart,
+    acks: mpsc::Sender<Result<ApplyAck, Status>>,
+    /// Opened at the first batch (it carries the epoch).
+    sink: Option<OpenSink>,
+}
+
+struct OpenSink {
+    sink: EtcdSink,
+    epoch: u64,
+    /// The target holds the stream through this seq.
+    held_through_seq: u64,
+    leases: Option<LeaseKeeper>,
+}
+
+impl ApplyStream {
+    async fn open(&mut self, epoch: u64) -> Result<&mut OpenSink, Status> {
+        if self.sink.is_none() {
+            let stream_id = &self.start.stream_id;
+            let (_, stored_epoch) = read_checkpoint(&self.connection, stream_id)
+                .await
+                .map_err(|error| status_for(&error))?;
+            if epoch < stored_epoch {
+                return Err(stale(epoch, stored_epoch, &self.connection));
+            }
+            let mut sink = EtcdSink::new(
+                self.connection.clone(),
+                EtcdSinkOptions {
+                    epoch,
+                    allow_nonempty: false,
+                    // Every ack says what is in the target.
+                    durable_each_apply: true,
+                    ..self.sink_options.clone()
+                },
+            );
+            let stream = StreamInfo {
+                stream_id: stream_id.clone(),
+                source_identity: Some(self.start.source_identity.clone())
+                    .filter(|identity| !identity.is_empty()),
+                ops_total: None,
+                key_prefix: None,
+            };
+            let held_through_seq = sink
+                .begin(&stream)
+                .await
+                .map_err(|error| status_for(&error))?
+                .unwrap_or(0);
+            let leases = match LeaseKeeper::start(&self.connection).await {
+                Ok(keeper) => Some(keeper),
+                Err(error) => {
+                    warn!(%error, "cannot keep the stream's leases alive on the target");
+                    None
+                }
+            };
+            info!(%stream_id, epoch, held_through_seq, "apply stream opened");
+            self.sink = Some(OpenSink {
+                sink,
+                epoch,
+                held_through_seq,
+                leases,
+            });
+        }
+        let open = self.sink.as_mut().expect("opened above");
+        if epoch != open.epoch {
+            return Err(if epoch < open.epoch {
+                stale(epoch, open.epoch, &self.connection)
+            } else {
+                Status::invalid_argument(format!(
+                    "an Apply stream carries one epoch ({}); a batch of epoch {epoch} needs a stream of its own",
+                    open.epoch
+                ))
+            });
+        }
+        Ok(open)
+    }
+
+    /// Applies one batch and acks it. True when the stream ended.
+    async fn apply(&mut self, batch: OpBatch) -> Result<bool, Status> {
+        if !batch.stream_id.is_empty() && batch.stream_id != self.start.stream_id {
+            return Err(Status::invalid_argument(format!(
+                "a batch of stream {} on the Apply stream of {}",
+                batch.stream_id, self.start.stream_id
+            )));
+        }
+        let epoch = batch.epoch;
+        let open = self.open(epoch).await?;
+        let last = batch.ops.last().map(|op| (op.seq, op.position));
+        let fresh: Vec<Op> = batch
+            .ops
+            .into_iter()
+            .filter(|op| op.seq > open.held_through_seq)
+            .collect();
+        if !fresh.is_empty() {
+            let granted: Vec<Op> = fresh
+                .iter()
+                .filter(|op| &op.kind[..] == KIND_LEASE.as_bytes())
+                .cloned()
+                .collect();
+            open.sink
+                .apply(fresh)
+                .await
+                .map_err(|error| status_for(&error))?;
+            if let Some(leases) = &open.leases {
+                leases.keep_granted(&granted).await;
+            }
+        }
+        if let Some((seq, position)) = last {
+            // What the target confirmed; a batch held already (a replay after
+            // a resume) is acked as the batch itself.
+            let (seq, position) = match open.sink.checkpoint() {
+                Some(checkpoint) if checkpoint.applied_through_seq >= seq => (
+                    checkpoint.applied_through_seq,
+                    checkpoint.applied_through_position,
+                ),
+                _ if seq <= open.held_through_seq => (seq, position),
+                Some(checkpoint) => (
+                    checkpoint.applied_through_seq,
+                    checkpoint.applied_through_position,
+                ),
+                None => (open.held_through_seq, 0),
+            };
+            open.held_through_seq = open.held_through_seq.max(seq);
+            let ack = ApplyAck {
+                applied_through_seq: seq,
+                applied_through_position: position,
+                epoch,
+            };
+            debug!(applied_through_seq = seq, "batch applied");
+            if self.acks.send(Ok(ack)).await.is_err() {
+                return Ok(true);
+            }
+        }
+        if batch.end_of_stream {
+            if let Some(open) = self.sink.take() {
+                Box::new(open.sink)
+                    .finish()
+                    .await
+                    .map_err(|error| status_for(&error))?;
+            }
+            info!(stream_id = %self.start.stream_id, "apply stream complete");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+fn stale(epoch: u64, stored: u64, connection: &EtcdConnection) -> Status {
+    Status::failed_precondition(format!(
+        "a batch of epoch {epoch} is refused: {} has seen epoch {stored} (a later migration attempt owns it)",
+        connection.display()
+    ))
+}
+
+#[tonic::async_trait]
+impl TargetAgent for EtcdTargetAgent {
+    type ApplyStream = ReceiverStream<Result<ApplyAck, Status>>;
+
+    async fn apply(
+        &self,
+        request: Request<Streaming<ApplyRequest>>,
+    ) -> Result<Response<Self::ApplyStream>, Status> {
+        let mut requests = request.into_inner();
+        let first = requests.message().await?.ok_or_else(|| {
+            Status::invalid_argument("an Apply stream starts with its StreamStart")
+        })?;
+        let start = first
+            .start
+            .ok_or_else(|| Status::invalid_argument("the first ApplyRequest carries `start`"))?;
+        if start.stream_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "the StreamStart names no stream_id",
+            ));
+        }
+        let (acks, receiver) = mpsc::channel(ACKS_AHEAD);
+        let mut stream = ApplyStream {
+            connection: self.connection.clone(),
+            sink_options: self.sink_options.clone(),
+            start,
+            acks: acks.clone(),
+            sink: None,
+        };
+        tokio::spawn(async move {
+            let mut next = first.batch;
+            loop {
+                let batch = match next.take() {
+                    Some(batch) => batch,
+                    None => match requests.message().await {
+                        Ok(Some(request)) => match request.batch {
+                            Some(batch) => batch,
+                            None => {
+                                let _ = acks
+                                    .send(Err(Status::invalid_argument(
+                                        "every ApplyRequest after the first carries a batch",
+                                    )))
+                                    .await;
+                                return;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(status) => {
+                            debug!(%status, "the caller's side of the Apply stream broke");
+                            break;
+                        }
+                    },
+                };
+                match stream.apply(batch).await {
+                    Ok(false) => {}
+                    Ok(true) => break,
+                    Err(status) => {
+                        warn!(stream_id = %stream.start.stream_id, %status, "apply stream refused");
+                        let _ = acks.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+            info!(stream_id = %stream.start.stream_id, "apply stream ends");
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        let stream_id = request.into_inner().stream_id;
+        let (checkpoint, epoch) = read_checkpoint(&self.connection, &stream_id)
+            .await
+            .map_err(|error| status_for(&error))?;
+        Ok(Response::new(CheckpointResponse {
+            applied_through_seq: checkpoint
+                .as_ref()
+                .map_or(0, |checkpoint| checkpoint.applied_through_seq),
+            applied_through_position: checkpoint
+                .as_ref()
+                .map_or(0, |checkpoint| checkpoint.applied_through_position),
+            stream_id,
+            epoch,
+        }))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        let description = describe_cluster(&self.connection)
+            .await
+            .map_err(|error| status_for(&error))?;
+        Ok(Response::new(DescribeResponse {
+            platform: "etcd".to_owned(),
+            platform_version: description.version,
+            identity: description.identity,
+            control_plane_url: self.connection.display(),
+        }))
+    }
+}

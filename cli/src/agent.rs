@@ -1,0 +1,195 @@
+//! `ferry agent source|target`: serve a SourceAgent or a TargetAgent beside
+//! an etcd control plane, until SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use ferry_agent::auth::server_token;
+use ferry_agent::serve::{ServeOptions, serve_source_agent, serve_target_agent};
+use ferry_agent::source::EtcdSourceAgent;
+use ferry_agent::target::EtcdTargetAgent;
+use ferry_engine::adapters::etcd::EtcdSinkOptions;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::commands::{EtcdArgs, UsageError};
+use crate::{GlobalOptions, OutputFormat, exit};
+
+/// `ferry agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    role: AgentRole,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentRole {
+    /// Beside the old plane: stream its snapshot and live changes, fence its writes.
+    Source(SourceArgs),
+    /// Beside the new plane: apply streams exactly once, tell their checkpoints.
+    Target(TargetArgs),
+}
+
+/// What both agents take.
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// The control plane beside which the agent runs: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS).
+    #[arg(long, value_name = "URL")]
+    control_plane: String,
+    /// Where to serve, HOST:PORT (port 0: any free port; the address is printed when ready).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// A file whose first line is the token every call must carry as
+    /// `authorization: Bearer <token>`; without it, FERRY_AGENT_TOKEN when set.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve TLS: PEM file of the agent's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Serve TLS: PEM file of the certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+/// `ferry agent source`.
+#[derive(Debug, Args)]
+struct SourceArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Only keys starting with this prefix are ever streamed.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Key ranges a snapshot reads at once.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: u16,
+}
+
+/// `ferry agent target`.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Ops per Txn at most, ferry's checkpoint included (the target's --max-txn-ops).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
+    max_txn_ops: u32,
+    /// Bytes per Txn request at most (the target's --max-request-bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
+    max_request_bytes: usize,
+}
+
+impl CommonArgs {
+    fn serve_options(&self) -> Result<ServeOptions> {
+        let token = server_token(self.token_file.as_deref())
+            .map_err(|error| UsageError(error.to_string()))?;
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            _ => None,
+        };
+        Ok(ServeOptions { token, tls })
+    }
+
+    fn connection(&self) -> Result<ferry_engine::adapters::etcd::EtcdConnection> {
+        self.etcd
+            .connection(&self.control_plane)
+            .map_err(|error| UsageError(error.to_string()).into())
+    }
+
+    async fn bind(&self) -> Result<TcpListener> {
+        TcpListener::bind(&self.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", self.listen))
+    }
+}
+
+/// Says where the agent serves, once it can accept: tests and scripts wait
+/// for this line.
+fn announce(
+    role: &str,
+    listener: &TcpListener,
+    plane: &str,
+    options: &ServeOptions,
+    global: GlobalOptions,
+) -> Result<()> {
+    let listen = listener.local_addr()?.to_string();
+    let tls = options.tls.is_some();
+    let token = options.token.is_some();
+    match global.output {
+        OutputFormat::Json => println!(
+            "{}",
+            json!({"role": role, "listen": listen, "control_plane": plane, "tls": tls, "token_required": token})
+        ),
+        OutputFormat::Text => println!(
+            "{role} agent listening on {listen} beside {plane} (tls: {}, token: {})",
+            if tls { "on" } else { "off" },
+            if token { "required" } else { "none" }
+        ),
+    }
+    std::io::stdout().flush()?;
+    info!(role, %listen, plane, tls, token_required = token, "agent serving");
+    Ok(())
+}
+
+/// Runs `ferry agent source|target`.
+pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
+    match args.role {
+        AgentRole::Source(args) => {
+            let connection = args.common.connection()?;
+            let options = args.common.serve_options()?;
+            let plane = connection.display();
+            let agent = EtcdSourceAgent::new(
+                connection,
+                args.prefix.unwrap_or_default().into_bytes(),
+                usize::from(args.parallel),
+            );
+            let listener = args.common.bind().await?;
+            announce("source", &listener, &plane, &options, global)?;
+            serve_source_agent(agent, listener, &options, shutdown()).await?;
+        }
+        AgentRole::Target(args) => {
+            let connection = args.common.connection()?;
+            let options = args.common.serve_options()?;
+            let plane = connection.display();
+            let agent = EtcdTargetAgent::new(
+                connection,
+                EtcdSinkOptions {
+                    max_txn_ops: args.max_txn_ops as usize,
+                    max_request_bytes: args.max_request_bytes,
+                    ..EtcdSinkOptions::default()
+                },
+            );
+            let listener = args.common.bind().await?;
+            announce("target", &listener, &plane, &options, global)?;
+            serve_target_agent(agent, listener, &options, shutdown()).await?;
+        }
+    }
+    info!("agent stopped");
+    Ok(exit::SUCCESS)
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

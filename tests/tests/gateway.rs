@@ -986,3 +986,83 @@ async fn the_gateway_reaches_a_tls_upstream_with_its_own_certificate() {
         .into_inner();
     assert_eq!(status.upstream_url, tls_url);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_watch_reopens_on_the_new_etcd_after_a_switch() {
+    let old = EtcdServer::start().expect("old etcd starts");
+    let new = EtcdServer::start().expect("new etcd starts");
+    // etcdctl resumes its watch from the last revision it saw plus one, and
+    // that is the old etcd's revision: give the new etcd a higher one, as a
+    // migration's target usually has (see the gateway's documentation).
+    let mut seed = KvClient::connect(format!("http://{}", new.endpoint()))
+        .await
+        .expect("connect");
+    for index in 0..20 {
+        put(&mut seed, "/seed", &index.to_string())
+            .await
+            .expect("seed");
+    }
+    let gateway = GatewayProcess::start(&old.url(), &[]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+    let mut watcher = Command::new(etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &gateway.listen, "watch", "/w"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl watch");
+    let (lines_sender, mut lines) = tokio::sync::mpsc::channel(16);
+    let stdout = watcher.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_sender.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Waits (putting again and again, as the watcher may not watch yet) for
+    // etcdctl to print `value`.
+    async fn until_seen(
+        client: &mut KvClient<Channel>,
+        lines: &mut tokio::sync::mpsc::Receiver<String>,
+        value: &str,
+    ) {
+        for _ in 0..100 {
+            put(client, "/w", value).await.expect("put");
+            let deadline = tokio::time::sleep(Duration::from_millis(300));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    line = lines.recv() => match line {
+                        Some(line) if line == value => return,
+                        Some(_) => continue,
+                        None => panic!("etcdctl watch ended"),
+                    },
+                    () = &mut deadline => break,
+                }
+            }
+        }
+        panic!("etcdctl watch never printed {value}");
+    }
+    until_seen(&mut client, &mut lines, "on-old").await;
+
+    hold(&mut admin, 1, 30_000).await;
+    admin
+        .switch(SwitchRequest {
+            epoch: 1,
+            upstream_url: new.url(),
+        })
+        .await
+        .expect("switch");
+    admin
+        .release(ReleaseRequest { epoch: 1 })
+        .await
+        .expect("release");
+    until_seen(&mut client, &mut lines, "on-new").await;
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
+    assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+}

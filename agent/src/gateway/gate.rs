@@ -152,17 +152,32 @@ impl From<GateError> for tonic::Status {
     }
 }
 
-/// A write answered `UNAVAILABLE` because the hold lasted longer than the
-/// pause allowed.
+/// The most writes that wait in line at once; more are refused at once.
+/// Each waiting write keeps its request in memory, so a hold under a heavy
+/// write load must not grow without bound.
+pub const MAX_QUEUED_WRITES: u64 = 100_000;
+
+/// A write answered `UNAVAILABLE`: the hold lasted longer than the pause
+/// allowed, or too many writes wait already.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the control plane is being switched (migration epoch {epoch}) and writes have been held {held_ms} ms, longer than the pause allowed; retry"
-)]
-pub struct GateRefusal {
-    /// The epoch holding.
-    pub epoch: u64,
-    /// How long the hold has lasted.
-    pub held_ms: u128,
+#[non_exhaustive]
+pub enum GateRefusal {
+    /// The hold outlived its pause.
+    #[error(
+        "the control plane is being switched (migration epoch {epoch}) and writes have been held {held_ms} ms, longer than the pause allowed; retry"
+    )]
+    HoldRanOut {
+        /// The epoch holding.
+        epoch: u64,
+        /// How long the hold has lasted.
+        held_ms: u128,
+    },
+    /// The line of held writes is full.
+    #[error("the control plane is being switched and {queued} writes already wait for it; retry")]
+    LineFull {
+        /// Writes waiting.
+        queued: u64,
+    },
 }
 
 impl From<GateRefusal> for tonic::Status {
@@ -234,9 +249,16 @@ impl Gate {
             }
             Some(hold) if now >= hold.deadline => {
                 state.refused_in_hold += 1;
-                admission = Some(Admission::Refused(GateRefusal {
+                admission = Some(Admission::Refused(GateRefusal::HoldRanOut {
                     epoch: hold.epoch,
                     held_ms: now.duration_since(hold.started).as_millis(),
+                }));
+                false
+            }
+            _ if state.next_ticket - state.next_to_send >= MAX_QUEUED_WRITES => {
+                state.refused_in_hold += 1;
+                admission = Some(Admission::Refused(GateRefusal::LineFull {
+                    queued: state.queued(),
                 }));
                 false
             }
@@ -450,7 +472,7 @@ impl HeldWrite {
                 Some(hold) if now >= hold.deadline => {
                     state.abandon(ticket);
                     state.refused_in_hold += 1;
-                    decided = Some(Err(GateRefusal {
+                    decided = Some(Err(GateRefusal::HoldRanOut {
                         epoch: hold.epoch,
                         held_ms: now.duration_since(hold.started).as_millis(),
                     }));
@@ -579,7 +601,7 @@ mod tests {
             .expect("hold");
         let waiting = held(gate.admit_write());
         let refusal = waiting.wait().await.expect_err("refused at the deadline");
-        assert_eq!(refusal.epoch, 3);
+        assert!(matches!(refusal, GateRefusal::HoldRanOut { epoch: 3, .. }));
         assert!(matches!(gate.admit_write(), Admission::Refused(_)));
         let released = gate.release(3).expect("release");
         assert_eq!(

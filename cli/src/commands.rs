@@ -77,6 +77,8 @@ pub struct RestoreArgs {
     etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    migrations: crate::migrations::RestoreMigrationArgs,
 }
 
 /// Credentials and TLS for etcd: from the environment or files, never from argv.
@@ -274,8 +276,16 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
     };
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), Measure::Ops, global.quiet, "restore");
-    let summary =
-        pipeline::restore(&store, args.backup.as_deref(), sink, options, progress).await?;
+    let migrations = args.migrations.load()?;
+    let summary = pipeline::restore_migrated(
+        &store,
+        args.backup.as_deref(),
+        sink,
+        options,
+        progress,
+        migrations,
+    )
+    .await?;
     drop(display);
     let seconds = summary.elapsed.as_secs_f64();
     if global.quiet {

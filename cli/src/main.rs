@@ -10,6 +10,7 @@ mod agent;
 mod commands;
 mod exit;
 mod gateway;
+mod migrations;
 mod output;
 mod progress;
 
@@ -64,6 +65,8 @@ enum Command {
     Inspect(commands::InspectArgs),
     /// Read every segment of a backup and check it.
     Verify(commands::VerifyArgs),
+    /// Version migrations: scaffold one, or run a profile's in place on a target.
+    Migrations(migrations::MigrationsArgs),
     /// Serve etcd's API in front of an etcd cluster, with writes that `ferry migrate` can hold and switch.
     Gateway(gateway::GatewayArgs),
     /// Serve a source agent (beside the old plane) or a target agent (beside the new one).
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
             Command::Restore(args) => commands::restore(args, cli.global).await,
             Command::Inspect(args) => commands::inspect(args, cli.global).await,
             Command::Verify(args) => commands::verify(args, cli.global).await,
+            Command::Migrations(args) => migrations::migrations(args, cli.global).await,
             Command::Gateway(args) => gateway::gateway(args, cli.global).await,
             Command::Agent(args) => agent::agent(args, cli.global).await,
         }

@@ -6,6 +6,7 @@
 use crate::adapters::AdapterError;
 use crate::backup::BackupError;
 use crate::manifest::ManifestError;
+use crate::migrations::MigrationError;
 use crate::segment::SegmentError;
 use crate::store::StoreError;
 
@@ -28,6 +29,9 @@ pub enum Error {
     /// A source or a sink failed, or gave bad input.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    /// A version migration failed or was refused.
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
 }
 
 /// What sort of failure an [`Error`] is, from the user's side.
@@ -56,6 +60,7 @@ impl Error {
             Error::Backup(error) => error.kind(),
             Error::Store(error) => error.kind(),
             Error::Adapter(error) => error.kind(),
+            Error::Migration(error) => error.kind(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`store`]: backups in object storage, addressed by URL.
 //! - [`backup`]: writing, reading and verifying whole backups.
 //! - [`adapters`]: sources and sinks, one module per control plane.
+//! - [`migrations`]: version migrations: profiles, jq filters, the chain.
 //! - [`pipeline`]: the extract and restore jobs end to end.
 //! - [`progress`]: counters the CLI shows as progress.
 //! - [`error`]: the crate error and its kinds.
@@ -19,6 +20,7 @@ pub mod adapters;
 pub mod backup;
 pub mod error;
 pub mod manifest;
+pub mod migrations;
 pub mod order;
 pub mod pipeline;
 pub mod progress;

@@ -11,6 +11,9 @@ use crate::Result;
 use crate::adapters::{Sink, Source, StreamInfo};
 use crate::backup::{ExtractOptions, RestoreOptions, find_backup, read_backup, write_backup};
 use crate::manifest::Manifest;
+use crate::migrations::MigrationError;
+use crate::migrations::chain::{Chain, KeyCheck};
+use crate::migrations::profile::Profile;
 use crate::progress::Progress;
 use crate::store::BackupStore;
 
@@ -55,20 +58,49 @@ pub struct RestoreSummary {
 pub async fn restore(
     store: &BackupStore,
     backup_id: Option<&str>,
+    sink: Box<dyn Sink>,
+    options: RestoreOptions,
+    progress: Arc<Progress>,
+) -> Result<RestoreSummary> {
+    restore_migrated(store, backup_id, sink, options, progress, None).await
+}
+
+/// Restores a backup as [`restore`] does, its ops taken through a version
+/// migration chain on the way when `migrations` is given.
+///
+/// With a chain, the backup is read twice: a first pass runs every op
+/// through the chain and writes nothing, so a filter error, an output that
+/// is not an op, or two keys landing on one is reported before the target
+/// is touched; the second pass applies. Each batch is transformed whole
+/// before the sink sees it. The chain numbers the ops it hands on, the same
+/// way on every run, so a restore that resumes skips what the target holds.
+pub async fn restore_migrated(
+    store: &BackupStore,
+    backup_id: Option<&str>,
     mut sink: Box<dyn Sink>,
     options: RestoreOptions,
     progress: Arc<Progress>,
+    migrations: Option<MigrateOnRestore>,
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     let manifest = Arc::new(find_backup(store, backup_id).await?);
     info!(backup_id = %manifest.backup_id, ops = manifest.totals.ops, "restore started");
-    Progress::set(&progress.ops_total, manifest.totals.ops);
+    let mut ops_total = manifest.totals.ops;
+    let mut chain = match migrations {
+        None => None,
+        Some(migrations) => {
+            let checked = prescan_chain(store, manifest.clone(), options, &migrations).await?;
+            ops_total = checked;
+            Some(migrations.chain(&manifest, store, options).await?)
+        }
+    };
+    Progress::set(&progress.ops_total, ops_total);
     Progress::set(&progress.bytes_read_total, manifest.totals.compressed_bytes);
     let resume_after = sink
         .begin(&StreamInfo {
             stream_id: manifest.backup_id.clone(),
             source_identity: manifest.source.identity.clone(),
-            ops_total: Some(manifest.totals.ops),
+            ops_total: Some(ops_total),
             key_prefix: manifest
                 .source
                 .key_prefix
@@ -79,7 +111,7 @@ pub async fn restore(
         .unwrap_or(0);
     if resume_after > 0 {
         info!(backup_id = %manifest.backup_id, applied_through_seq = resume_after, "the target holds part of this backup already; resuming");
-        Progress::set(&progress.ops, resume_after.min(manifest.totals.ops));
+        Progress::set(&progress.ops, resume_after.min(ops_total));
     }
     // Every segment is still read and checked in full, the ones the target
     // holds already included: a resume trusts the backup no more than a
@@ -87,6 +119,9 @@ pub async fn restore(
     let mut segments = read_backup(store.clone(), manifest.clone(), options);
     let mut ops = 0u64;
     while let Some(mut batch) = segments.try_next().await? {
+        if let Some(chain) = chain.as_mut() {
+            batch = chain.transform_batch(batch)?;
+        }
         batch.retain(|op| op.seq > resume_after);
         if batch.is_empty() {
             continue;
@@ -103,4 +138,99 @@ pub async fn restore(
         ops,
         elapsed: started.elapsed(),
     })
+}
+
+/// A version migration chain for a restore: `--migrations DIR --to-version V`.
+#[derive(Debug, Clone)]
+pub struct MigrateOnRestore {
+    /// The platform profile.
+    pub profile: Profile,
+    /// The version the ops are written in on the target.
+    pub to_version: String,
+    /// The version the backup's ops are in, when neither the manifest nor
+    /// the ops say (or to override them).
+    pub from_version: Option<String>,
+}
+
+impl MigrateOnRestore {
+    /// The version the backup's ops start in: `from_version` when given;
+    /// else the manifest's source version when the source is the profile's
+    /// platform; else the first op's `platform_version` when it is one of
+    /// the profile's versions.
+    pub async fn from_version_of(
+        &self,
+        manifest: &Arc<Manifest>,
+        store: &BackupStore,
+        options: RestoreOptions,
+    ) -> Result<String> {
+        if let Some(version) = &self.from_version {
+            return Ok(version.clone());
+        }
+        if manifest.source.platform == self.profile.platform
+            && let Some(version) = &manifest.source.platform_version
+        {
+            return Ok(version.clone());
+        }
+        let mut segments = read_backup(store.clone(), manifest.clone(), options);
+        let first = segments.try_next().await?;
+        let named = first
+            .as_ref()
+            .and_then(|batch| batch.first())
+            .and_then(|op| std::str::from_utf8(&op.platform_version).ok())
+            .filter(|version| self.profile.versions.iter().any(|known| known == version))
+            .map(str::to_owned);
+        named.ok_or_else(|| {
+            MigrationError::NoFromVersion {
+                platform: self.profile.platform.clone(),
+                reason: format!(
+                    "backup {} comes from platform {:?} (version {}), and its ops name no version of profile {:?}",
+                    manifest.backup_id,
+                    manifest.source.platform,
+                    manifest.source.platform_version.as_deref().unwrap_or("unknown"),
+                    self.profile.platform
+                ),
+            }
+            .into()
+        })
+    }
+
+    async fn chain(
+        &self,
+        manifest: &Arc<Manifest>,
+        store: &BackupStore,
+        options: RestoreOptions,
+    ) -> Result<Chain> {
+        let from = self.from_version_of(manifest, store, options).await?;
+        Ok(Chain::new(self.profile.clone(), &from, &self.to_version)?)
+    }
+}
+
+/// Runs every op of the backup through the chain and writes nothing: the
+/// chain is planned (holes, missing `down`s), every filter runs, every
+/// output is checked, and two source keys landing on one key are found,
+/// all before the target is touched. Returns the ops the chain hands on.
+async fn prescan_chain(
+    store: &BackupStore,
+    manifest: Arc<Manifest>,
+    options: RestoreOptions,
+    migrations: &MigrateOnRestore,
+) -> Result<u64> {
+    let mut chain = migrations.chain(&manifest, store, options).await?;
+    info!(
+        from = %chain.plan().from,
+        to = %chain.plan().to,
+        steps = chain.plan().steps.len(),
+        "checking every op against the migration chain before writing"
+    );
+    let mut check = KeyCheck::new();
+    let mut handed_on = 0u64;
+    let mut segments = read_backup(store.clone(), manifest, options);
+    while let Some(batch) = segments.try_next().await? {
+        for op in batch {
+            let outputs = chain.transform_op(op.clone())?;
+            check.observe(&op, &outputs)?;
+            handed_on += outputs.len() as u64;
+        }
+    }
+    Ok(handed_on)
 }

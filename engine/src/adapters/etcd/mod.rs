@@ -19,7 +19,7 @@
 //! [`RESERVED_PREFIX`] are ferry's own: never extracted, never counted as
 //! the target's data.
 
-mod client;
+pub(crate) mod client;
 mod keepalive;
 mod sink;
 mod source;

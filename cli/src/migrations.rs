@@ -1,0 +1,381 @@
+//! `ferry migrations new|status|up|down`, and the `--migrations` flags of
+//! `ferry restore`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use ferry_engine::adapters::etcd::EtcdConnection;
+use ferry_engine::migrations::etcd::{self as in_place, InPlaceOptions, TargetStatus};
+use ferry_engine::migrations::profile::{Profile, new_migration};
+use ferry_engine::pipeline::MigrateOnRestore;
+
+use crate::commands::UsageError;
+use crate::exit;
+use crate::{GlobalOptions, OutputFormat};
+
+/// `ferry migrations status`: the target is not in the version asked for
+/// (or a step is half done).
+pub const NOT_UP_TO_DATE: u8 = 10;
+
+/// Shown at the end of `ferry migrations --help`.
+const STATUS_EXIT_HELP: &str = "\
+Exit codes: as `ferry --help` says, and for `status`:
+  0   the target is up to date (is_up_to_date: true)
+  10  the target is not in the version asked for, or a step is half done";
+
+/// The migration flags of `ferry restore`.
+#[derive(Debug, Args)]
+pub struct RestoreMigrationArgs {
+    /// A platform profile (a folder with profile.toml): the ops are taken
+    /// through its migration chain on the way. Needs --to-version.
+    #[arg(long, value_name = "DIR", requires = "to_version")]
+    migrations: Option<PathBuf>,
+    /// The platform version the ops are written in on the target.
+    #[arg(long, value_name = "VERSION", requires = "migrations")]
+    to_version: Option<String>,
+    /// The version the backup's ops are in, when neither its manifest nor
+    /// its ops name one of the profile's versions.
+    #[arg(long, value_name = "VERSION", requires = "migrations")]
+    from_version: Option<String>,
+}
+
+impl RestoreMigrationArgs {
+    /// The chain to run, when `--migrations` is given.
+    pub fn load(&self) -> Result<Option<MigrateOnRestore>> {
+        let (Some(dir), Some(to_version)) = (&self.migrations, &self.to_version) else {
+            return Ok(None);
+        };
+        let profile = Profile::load(dir).map_err(ferry_engine::Error::from)?;
+        profile
+            .version_index(to_version)
+            .map_err(ferry_engine::Error::from)?;
+        Ok(Some(MigrateOnRestore {
+            profile,
+            to_version: to_version.clone(),
+            from_version: self.from_version.clone(),
+        }))
+    }
+}
+
+/// `ferry migrations`.
+#[derive(Debug, Args)]
+#[command(after_help = STATUS_EXIT_HELP)]
+pub struct MigrationsArgs {
+    #[command(subcommand)]
+    command: MigrationsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrationsCommand {
+    /// Write a new, timestamped migration file from the template and add it to the profile.
+    New(NewArgs),
+    /// Show a target's version, applied and pending migrations, and whether it is up to date.
+    Status(TargetArgs),
+    /// Migrate a target in place up to a version (the profile's newest by default).
+    Up(TargetArgs),
+    /// Migrate a target in place down to a version (required).
+    Down(TargetArgs),
+}
+
+/// `ferry migrations new`.
+#[derive(Debug, Args)]
+struct NewArgs {
+    /// The migration's name: letters, digits, `_` and `-`.
+    name: String,
+    /// The profile's folder.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Its older version (default: the profile's second newest).
+    #[arg(long, value_name = "VERSION")]
+    from: Option<String>,
+    /// Its newer version (default: the one after --from).
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
+}
+
+/// A target and a profile.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// The target: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, value_name = "URL")]
+    target: String,
+    /// The profile's folder.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The version wanted (status, up: the profile's newest by default; down: required).
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
+    /// The version the target's data is in when the target records none
+    /// (default: the profile's oldest).
+    #[arg(long, value_name = "VERSION")]
+    from_version: Option<String>,
+    /// etcd: the target's --max-txn-ops.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(4..))]
+    max_txn_ops: u32,
+    /// etcd: the target's --max-request-bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
+    max_request_bytes: usize,
+    /// A file whose first line is the etcd password (the user is ETCD_USERNAME);
+    /// without it, ETCD_USERNAME and ETCD_PASSWORD are used when set.
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn connection(&self) -> Result<EtcdConnection> {
+        if !self.target.starts_with("etcd://") {
+            anyhow::bail!(UsageError(format!(
+                "migrations run in place on etcd targets (etcd://HOST:PORT), not {}",
+                self.target
+            )));
+        }
+        Ok(
+            EtcdConnection::from_url(&self.target, self.etcd_password_file.as_ref()).map_err(
+                |error| {
+                    ferry_engine::Error::from(ferry_engine::adapters::AdapterError::EtcdTarget(
+                        error,
+                    ))
+                },
+            )?,
+        )
+    }
+
+    fn profile(&self) -> Result<Profile> {
+        Ok(Profile::load(&self.dir).map_err(ferry_engine::Error::from)?)
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+}
+
+/// Runs `ferry migrations ...`.
+pub async fn migrations(args: MigrationsArgs, global: GlobalOptions) -> Result<u8> {
+    match args.command {
+        MigrationsCommand::New(args) => new(args, global),
+        MigrationsCommand::Status(args) => status(args, global).await,
+        MigrationsCommand::Up(args) => run(args, global, false).await,
+        MigrationsCommand::Down(args) => run(args, global, true).await,
+    }
+}
+
+fn new(args: NewArgs, global: GlobalOptions) -> Result<u8> {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis())
+        .unwrap_or_default();
+    let made = new_migration(
+        &args.dir,
+        &args.name,
+        args.from.as_deref(),
+        args.to.as_deref(),
+        millis,
+    )
+    .map_err(ferry_engine::Error::from)?;
+    if global.quiet {
+        println!("{}", made.path.display());
+        return Ok(exit::SUCCESS);
+    }
+    match global.output {
+        OutputFormat::Json => print_json(&json!({
+            "id": made.id,
+            "path": made.path.display().to_string(),
+            "from": made.from,
+            "to": made.to,
+        })),
+        OutputFormat::Text => println!(
+            "created {} ({} -> {}) and added it to {}",
+            made.path.display(),
+            made.from,
+            made.to,
+            args.dir.join("profile.toml").display()
+        ),
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn status_text(status: &TargetStatus) -> String {
+    let mut text = format!(
+        "platform        {}\nversion         {}{}\nwanted          {}\nis_up_to_date   {}\n",
+        status.platform,
+        status.version,
+        if status.version_recorded {
+            ""
+        } else {
+            " (not recorded in the target: assumed)"
+        },
+        status.wanted_version,
+        status.is_up_to_date
+    );
+    text += &format!(
+        "applied         {}\n",
+        if status.applied.is_empty() {
+            "(none)".to_owned()
+        } else {
+            status.applied.join(", ")
+        }
+    );
+    text += &format!(
+        "pending         {}\n",
+        if status.pending.is_empty() {
+            "(none)".to_owned()
+        } else {
+            status.pending.join(", ")
+        }
+    );
+    if let Some(problem) = &status.problem {
+        text += &format!("problem         {problem}\n");
+    }
+    if let Some(progress) = &status.in_progress {
+        text += &format!(
+            "HALF DONE       {} ({}) from {} to {}: {} keys written, {} deleted in {} Txns; run `ferry migrations {}` again to finish it\n",
+            progress.id,
+            progress.direction,
+            progress.from,
+            progress.to,
+            progress.keys_written,
+            progress.keys_deleted,
+            progress.txns,
+            progress.direction
+        );
+    }
+    if !status.history.is_empty() {
+        text += "history\n";
+        for entry in &status.history {
+            text += &format!(
+                "  {:>4}  {}  {} {} ({} -> {}): {} written, {} deleted, {} Txn(s)\n",
+                entry.number,
+                entry.finished_at,
+                entry.id,
+                entry.direction,
+                entry.from,
+                entry.to,
+                entry.keys_written,
+                entry.keys_deleted,
+                entry.txns
+            );
+        }
+    }
+    text
+}
+
+async fn status(args: TargetArgs, global: GlobalOptions) -> Result<u8> {
+    let profile = args.profile()?;
+    let connection = args.connection()?;
+    let status = in_place::status(
+        &connection,
+        &profile,
+        args.to.as_deref(),
+        args.from_version.as_deref(),
+    )
+    .await?;
+    let code = if status.is_up_to_date {
+        exit::SUCCESS
+    } else {
+        NOT_UP_TO_DATE
+    };
+    if global.quiet {
+        return Ok(code);
+    }
+    match global.output {
+        OutputFormat::Json => print_json(&serde_json::to_value(&status)?),
+        OutputFormat::Text => print!("{}", status_text(&status)),
+    }
+    Ok(code)
+}
+
+async fn run(args: TargetArgs, global: GlobalOptions, down: bool) -> Result<u8> {
+    let profile = args.profile()?;
+    let connection = args.connection()?;
+    if down && args.to.is_none() {
+        anyhow::bail!(UsageError(
+            "`ferry migrations down` needs --to VERSION: the version to go back to".to_owned()
+        ));
+    }
+    let wanted = args.to.clone();
+    if let Some(wanted) = &wanted {
+        let wanted_index = profile
+            .version_index(wanted)
+            .map_err(ferry_engine::Error::from)?;
+        let current = in_place::status(&connection, &profile, None, args.from_version.as_deref())
+            .await?
+            .version;
+        let current_index = profile
+            .version_index(&current)
+            .map_err(ferry_engine::Error::from)?;
+        if down && wanted_index > current_index {
+            anyhow::bail!(UsageError(format!(
+                "the target is in version {current}; {wanted} is newer: use `ferry migrations up`"
+            )));
+        }
+        if !down && wanted_index < current_index {
+            anyhow::bail!(UsageError(format!(
+                "the target is in version {current}; {wanted} is older: use `ferry migrations down`"
+            )));
+        }
+    }
+    let options = InPlaceOptions {
+        max_txn_ops: args.max_txn_ops as usize,
+        max_request_bytes: args.max_request_bytes,
+        ..InPlaceOptions::default()
+    };
+    let report = in_place::run(
+        &connection,
+        &profile,
+        wanted.as_deref(),
+        args.from_version.as_deref(),
+        &options,
+    )
+    .await?;
+    if global.quiet {
+        return Ok(exit::SUCCESS);
+    }
+    match global.output {
+        OutputFormat::Json => print_json(&serde_json::to_value(&report)?),
+        OutputFormat::Text => {
+            if report.steps.is_empty() {
+                println!(
+                    "{} is already in version {}: nothing to do",
+                    connection.display(),
+                    report.to
+                );
+            } else {
+                println!(
+                    "migrated {} from version {} to {}:",
+                    connection.display(),
+                    report.from,
+                    report.to
+                );
+                for step in &report.steps {
+                    let entry = &step.entry;
+                    println!(
+                        "  {} {} ({} -> {}): {} keys written, {} deleted, {}{}",
+                        entry.id,
+                        entry.direction,
+                        entry.from,
+                        entry.to,
+                        entry.keys_written,
+                        entry.keys_deleted,
+                        if entry.txns == 1 {
+                            "in one Txn".to_owned()
+                        } else {
+                            format!("in {} Txns", entry.txns)
+                        },
+                        if step.resumed {
+                            " (finished a step left half done)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}

@@ -1,0 +1,630 @@
+//! Version migrations end to end on real etcd, through the `ferry` binary:
+//! the example profiles (Mystic-like v3 -> v4 on restore, Exodus-like
+//! ModelInfo up and down in place), and the refusals: names that collide,
+//! a jq error, a hole in the chain, a missing `down`, a held lock.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use ferry_proto::etcd::etcdserverpb::{LeaseGrantRequest, PutRequest, RangeRequest};
+use ferry_tests::etcd::EtcdServer;
+use ferry_tests::ferry_binary;
+use tonic::transport::Channel;
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples")
+        .join("profiles")
+}
+
+async fn kv(server: &EtcdServer) -> KvClient<Channel> {
+    KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("a kv client connects")
+}
+
+async fn put(server: &EtcdServer, key: &str, value: &str) {
+    kv(server)
+        .await
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("put");
+}
+
+/// Every key and value of the server, ferry's own keys included when asked.
+async fn dump(server: &EtcdServer, with_ferry_keys: bool) -> Vec<(String, String)> {
+    let response = kv(server)
+        .await
+        .range(RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    response
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                String::from_utf8(kv.key).expect("text keys"),
+                String::from_utf8(kv.value).expect("text values"),
+            )
+        })
+        .filter(|(key, _)| with_ferry_keys || !key.starts_with("__ferry__/"))
+        .collect()
+}
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(ferry_binary())
+        .args(args)
+        .env_remove("ETCD_USERNAME")
+        .env_remove("ETCD_PASSWORD")
+        .output()
+        .expect("ferry runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn succeeds(output: &Output) {
+    assert!(
+        output.status.success(),
+        "ferry failed ({:?}): {}{}",
+        output.status.code(),
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Extracts `/prefix/` of `server` into a new file store; returns it.
+fn extract(server: &EtcdServer, prefix: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = format!("file://{}", dir.path().display());
+    succeeds(&ferry(&[
+        "extract",
+        "--source",
+        &server.url(),
+        "--prefix",
+        prefix,
+        "--to",
+        &store,
+        "--quiet",
+    ]));
+    (dir, store)
+}
+
+async fn seed_mystic(server: &EtcdServer) {
+    put(
+        server,
+        "/mystic/users/Alice",
+        r#"{"name":"Alice","email":"a@example.com"}"#,
+    )
+    .await;
+    put(
+        server,
+        "/mystic/pipelines/ImageNet-Classifier",
+        r#"{"name":"ImageNet-Classifier","environment":"py39-torch","gpu":true}"#,
+    )
+    .await;
+    put(
+        server,
+        "/mystic/pipelines/stable-diffusion",
+        r#"{"name":"stable-diffusion","environment":"py310","gpu":true}"#,
+    )
+    .await;
+    put(
+        server,
+        "/mystic/environments/py39-torch",
+        r#"{"python":"3.9"}"#,
+    )
+    .await;
+    put(
+        server,
+        "/mystic/v3/runs/run-0001",
+        r#"{"pipeline":"ImageNet-Classifier","state":"done"}"#,
+    )
+    .await;
+    put(server, "/mystic/settings/banner", "plain text, not JSON").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mystic_v3_backup_restores_as_v4() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    seed_mystic(&source).await;
+    let (_dir, store) = extract(&source, "/mystic/");
+    let profile = examples().join("mystic");
+    let profile = profile.to_str().expect("utf-8 path");
+
+    // The backup comes from etcd, not from "mystic": its version must be named.
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile,
+        "--to-version",
+        "v4",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--from-version"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(dump(&target, true).await.is_empty(), "nothing was written");
+
+    succeeds(&ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile,
+        "--to-version",
+        "v4",
+        "--from-version",
+        "v3",
+    ]));
+    let restored = dump(&target, false).await;
+    let expected: Vec<(String, String)> = [
+        (
+            "/mystic/pipelines/imagenet-classifier",
+            r#"{"name":"imagenet-classifier","gpu":true}"#,
+        ),
+        (
+            "/mystic/pipelines/stable-diffusion",
+            r#"{"name":"stable-diffusion","gpu":true}"#,
+        ),
+        ("/mystic/settings/banner", "plain text, not JSON"),
+        (
+            "/mystic/users/alice",
+            r#"{"name":"alice","email":"a@example.com"}"#,
+        ),
+        (
+            "/mystic/v4/runs/run-0001",
+            r#"{"pipeline":"imagenet-classifier","state":"done"}"#,
+        ),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .collect();
+    assert_eq!(restored, expected);
+
+    // The ops leave in v4, numbered without the gap of the dropped environment.
+    let lines_dir = tempfile::tempdir().expect("temp dir");
+    let lines = lines_dir.path().join("ops.jsonl");
+    succeeds(&ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &format!("jsonl://{}", lines.display()),
+        "--migrations",
+        profile,
+        "--to-version",
+        "v4",
+        "--from-version",
+        "v3",
+        "--quiet",
+    ]));
+    let text = std::fs::read_to_string(&lines).expect("the ops");
+    let ops: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(ops.len(), 5);
+    for (index, op) in ops.iter().enumerate() {
+        assert_eq!(op["platform_version"], "v4", "{op}");
+        assert_eq!(op["seq"], index as u64 + 1, "{op}");
+    }
+
+    // Back down to v3 is refused up front: lowercasing has no `down`.
+    let back = EtcdServer::start().expect("another etcd");
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &back.url(),
+        "--migrations",
+        profile,
+        "--to-version",
+        "v3",
+        "--from-version",
+        "v4",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("1700000000001_drop_environments")
+            && stderr(&output).contains("no `down`"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(dump(&back, true).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    seed_mystic(&source).await;
+    put(
+        &source,
+        "/mystic/pipelines/IMAGENET-classifier",
+        r#"{"name":"IMAGENET-classifier"}"#,
+    )
+    .await;
+    let (_dir, store) = extract(&source, "/mystic/");
+    let profile = examples().join("mystic");
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile.to_str().expect("utf-8"),
+        "--to-version",
+        "v4",
+        "--from-version",
+        "v3",
+    ]);
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    let message = stderr(&output);
+    for part in [
+        "/mystic/pipelines/imagenet-classifier",
+        "/mystic/pipelines/IMAGENET-classifier",
+        "/mystic/pipelines/ImageNet-Classifier",
+        "nothing was written",
+    ] {
+        assert!(message.contains(part), "{part} missing from: {message}");
+    }
+    assert!(
+        dump(&target, true).await.is_empty(),
+        "the target stays empty"
+    );
+}
+
+/// A profile in a temp dir with versions 1, 2, 3 and one migration 1 -> 2.
+fn small_profile(up: &str, down: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("profile.toml"),
+        "platform = \"small\"\nversions = [\"1\", \"2\", \"3\"]\nmigrations = [\"1700000000000_step.toml\"]\n",
+    )
+    .expect("profile");
+    let mut migration = format!("from = \"1\"\nto = \"2\"\nup = '{up}'\n");
+    if let Some(down) = down {
+        migration += &format!("down = '{down}'\n");
+    }
+    std::fs::write(dir.path().join("1700000000000_step.toml"), migration).expect("migration");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    put(&source, "/small/a", r#"{"x":{"y":1}}"#).await;
+    put(&source, "/small/b", r#"{"x":"a string"}"#).await;
+    let (_dir, store) = extract(&source, "/small/");
+
+    // A jq error on the second op: the first is not written either.
+    let profile = small_profile(".body.x.y += 1", None);
+    let dir = profile.path().to_str().expect("utf-8");
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        dir,
+        "--to-version",
+        "2",
+        "--from-version",
+        "1",
+    ]);
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    let message = stderr(&output);
+    for part in [
+        "1700000000000_step",
+        "(up)",
+        "seq 2",
+        "/small/b",
+        ".body.x.y += 1",
+        "jq error",
+    ] {
+        assert!(message.contains(part), "{part} missing from: {message}");
+    }
+    assert!(dump(&target, true).await.is_empty());
+
+    // An output that is not an op.
+    let profile = small_profile("del(.key)", None);
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile.path().to_str().expect("utf-8"),
+        "--to-version",
+        "2",
+        "--from-version",
+        "1",
+    ]);
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no string `key`"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(dump(&target, true).await.is_empty());
+
+    // No migration from 2 to 3: a hole, refused before reading anything.
+    let profile = small_profile(".", Some("."));
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile.path().to_str().expect("utf-8"),
+        "--to-version",
+        "3",
+        "--from-version",
+        "1",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no migration from version 2 to version 3"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(dump(&target, true).await.is_empty());
+
+    // Down without a `down` filter.
+    let profile = small_profile(".", None);
+    let output = ferry(&[
+        "restore",
+        "--from",
+        &store,
+        "--target",
+        &target.url(),
+        "--migrations",
+        profile.path().to_str().expect("utf-8"),
+        "--to-version",
+        "1",
+        "--from-version",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("has no `down` filter"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(dump(&target, true).await.is_empty());
+}
+
+/// Exodus ModelInfo documents as an API writes them: compact, keys in the
+/// model's order, numbers as written.
+fn model(index: usize) -> String {
+    format!(
+        r#"{{"_id":"model-{index:02}","foo":"resnet-{index}","bar":{index},"accuracy":0.{index}50,"tags":["a","b"],"params":{{"lr":1e-3,"layers":[64,128]}}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_history() {
+    let server = EtcdServer::start().expect("etcd");
+    for index in 0..20 {
+        put(
+            &server,
+            &format!("/exodus/models/{index:02}"),
+            &model(index),
+        )
+        .await;
+    }
+    put(&server, "/exodus/other", "not a model").await;
+    let before = dump(&server, false).await;
+    let profile = examples().join("exodus-modelinfo");
+    let dir = profile.to_str().expect("utf-8");
+    let url = server.url();
+
+    let status = ferry(&["migrations", "status", "--target", &url, "--dir", dir]);
+    assert_eq!(status.status.code(), Some(10), "{}", stderr(&status));
+    assert!(
+        stdout(&status).contains("is_up_to_date   false"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        stdout(&status).contains("1646728080972_foo (up)"),
+        "{}",
+        stdout(&status)
+    );
+
+    // Up in Txns of at most 8 ops: several Txns, resumable by design.
+    succeeds(&ferry(&[
+        "migrations",
+        "up",
+        "--target",
+        &url,
+        "--dir",
+        dir,
+        "--max-txn-ops",
+        "8",
+    ]));
+    let after_up = dump(&server, false).await;
+    assert_eq!(after_up.len(), before.len());
+    for (key, value) in &after_up {
+        if let Some(index) = key.strip_prefix("/exodus/models/") {
+            let index: usize = index.parse().expect("a number");
+            let mut expected = model(index);
+            expected.pop();
+            expected += &format!(r#","baz":"resnet-{index}{index}"}}"#);
+            assert_eq!(value, &expected);
+        }
+    }
+    let status = ferry(&[
+        "migrations",
+        "status",
+        "--target",
+        &url,
+        "--dir",
+        dir,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(report["version"], "2");
+    assert_eq!(report["is_up_to_date"], true);
+    assert_eq!(report["applied"][0], "1646728080972_foo");
+    assert_eq!(report["history"][0]["keys_written"], 20);
+    assert!(report["history"][0]["txns"].as_u64().expect("txns") > 1);
+
+    // Up again: nothing to do.
+    let again = ferry(&["migrations", "up", "--target", &url, "--dir", dir]);
+    succeeds(&again);
+    assert!(
+        stdout(&again).contains("nothing to do"),
+        "{}",
+        stdout(&again)
+    );
+
+    // Down in one Txn gives back the original bytes.
+    succeeds(&ferry(&[
+        "migrations",
+        "down",
+        "--target",
+        &url,
+        "--dir",
+        dir,
+        "--to",
+        "1",
+    ]));
+    assert_eq!(dump(&server, false).await, before);
+    let status = ferry(&[
+        "migrations",
+        "status",
+        "--target",
+        &url,
+        "--dir",
+        dir,
+        "--output",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(report["version"], "1");
+    assert_eq!(report["history"][1]["direction"], "down");
+    assert_eq!(report["history"][1]["txns"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_is_refused_while_another_holds_the_lock() {
+    let server = EtcdServer::start().expect("etcd");
+    put(&server, "/exodus/models/00", &model(0)).await;
+    // Built first: the lease below must not run out while ferry builds.
+    ferry_binary();
+    let lease = LeaseClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("lease client")
+        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id;
+    kv(&server)
+        .await
+        .put(PutRequest {
+            key: b"__ferry__/migrations/lock".to_vec(),
+            value: br#"{"holder":"another run","since":"now"}"#.to_vec(),
+            lease,
+            ..PutRequest::default()
+        })
+        .await
+        .expect("put the lock");
+    let profile = examples().join("exodus-modelinfo");
+    let output = ferry(&[
+        "migrations",
+        "up",
+        "--target",
+        &server.url(),
+        "--dir",
+        profile.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("locked by another migration run")
+            && stderr(&output).contains("another run"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        dump(&server, false).await,
+        vec![("/exodus/models/00".to_owned(), model(0))],
+        "nothing changed"
+    );
+}
+
+#[test]
+fn migrations_new_writes_a_timestamped_file_and_lists_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for name in ["profile.toml", "1646728080972_foo.toml"] {
+        std::fs::copy(
+            examples().join("exodus-modelinfo").join(name),
+            dir.path().join(name),
+        )
+        .expect("copy");
+    }
+    let path = dir.path().to_str().expect("utf-8");
+    let output = ferry(&[
+        "migrations",
+        "new",
+        "add_qux",
+        "--dir",
+        path,
+        "--output",
+        "json",
+    ]);
+    succeeds(&output);
+    let made: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let id = made["id"].as_str().expect("an id");
+    assert!(
+        id.ends_with("_add_qux") && id.len() > "_add_qux".len() + 12,
+        "{id}"
+    );
+    assert_eq!(made["from"], "1");
+    assert_eq!(made["to"], "2");
+    let profile = std::fs::read_to_string(dir.path().join("profile.toml")).expect("profile");
+    assert!(profile.contains(&format!("{id}.toml")), "{profile}");
+    assert!(
+        profile.contains("# Exodus-like"),
+        "comments are kept: {profile}"
+    );
+    // The profile still loads, with the new migration in it.
+    let loaded = ferry_engine::migrations::profile::Profile::load(dir.path()).expect("loads");
+    assert_eq!(loaded.migrations().len(), 2);
+}

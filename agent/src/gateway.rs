@@ -67,6 +67,7 @@ pub use ferry_proto::v1::gateway_admin_client::GatewayAdminClient;
 pub use gate::{GateError, GateRefusal};
 pub use upstream::UpstreamAccess;
 
+use crate::auth::RequireToken;
 use admin::AdminService;
 use gate::Gate;
 use proxy::EtcdProxy;
@@ -78,7 +79,7 @@ use upstream::Upstream;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How a [`Gateway`] starts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayOptions {
     /// The first upstream: `etcd://HOST:PORT[,HOST:PORT...]`.
     pub upstream_url: String,
@@ -90,6 +91,24 @@ pub struct GatewayOptions {
     pub connect_timeout: Duration,
     /// The gateway's own credentials and TLS towards every upstream.
     pub access: UpstreamAccess,
+    /// The bearer token every call to the admin service must carry
+    /// (`authorization: Bearer <token>`, as `ferry migrate` sends it); any
+    /// caller may hold, switch and release when `None`.
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for GatewayOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        formatter
+            .debug_struct("GatewayOptions")
+            .field("upstream_url", &self.upstream_url)
+            .field("default_max_pause", &self.default_max_pause)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("access", &self.access)
+            .field("admin_token_required", &self.admin_token.is_some())
+            .finish()
+    }
 }
 
 impl GatewayOptions {
@@ -101,6 +120,7 @@ impl GatewayOptions {
             default_max_pause: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             access: UpstreamAccess::default(),
+            admin_token: None,
         }
     }
 }
@@ -172,6 +192,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Gateway {
     shared: Arc<Shared>,
+    admin_token: Option<String>,
 }
 
 impl Gateway {
@@ -193,6 +214,7 @@ impl Gateway {
                 connect_timeout: options.connect_timeout,
                 access: options.access.clone(),
             }),
+            admin_token: options.admin_token.clone(),
         })
     }
 
@@ -232,7 +254,10 @@ impl Gateway {
             until_stopped(stopped.clone()),
         );
         let admin = Server::builder().serve_with_incoming_shutdown(
-            GatewayAdminServer::new(AdminService::new(self.shared.clone())),
+            GatewayAdminServer::with_interceptor(
+                AdminService::new(self.shared.clone()),
+                RequireToken::new(self.admin_token),
+            ),
             TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
             until_stopped(stopped.clone()),
         );

@@ -2,10 +2,12 @@
 //! admin service `ferry migrate` holds, switches and releases writes with.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ferry_agent::auth::server_token;
 use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -37,6 +39,10 @@ pub struct GatewayArgs {
     /// and each Switch's); a client's own token is passed on as it is.
     #[command(flatten)]
     etcd: EtcdArgs,
+    /// A file whose first line is the token every admin call must carry as
+    /// `authorization: Bearer <token>`; without it, FERRY_AGENT_TOKEN when set.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -79,7 +85,10 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         default_max_pause: args.max_pause,
         connect_timeout: args.connect_timeout,
         access: args.etcd.upstream_access(),
+        admin_token: server_token(args.token_file.as_deref())
+            .map_err(|error| UsageError(error.to_string()))?,
     };
+    let token_required = options.admin_token.is_some();
     let gateway = match Gateway::connect(&options).await {
         Ok(gateway) => gateway,
         Err(error @ GatewayError::BadUpstream { .. }) => {
@@ -94,10 +103,11 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
     match global.output {
         OutputFormat::Json => println!(
             "{}",
-            json!({"listen": listen, "admin": admin, "upstream": upstream})
+            json!({"listen": listen, "admin": admin, "upstream": upstream, "token_required": token_required})
         ),
         OutputFormat::Text => println!(
-            "gateway serving etcd's API on {listen}, forwarding to {upstream}\nadmin service on {admin}"
+            "gateway serving etcd's API on {listen}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
+            if token_required { "required" } else { "none" }
         ),
     }
     std::io::stdout().flush()?;

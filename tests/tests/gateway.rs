@@ -48,6 +48,7 @@ impl GatewayProcess {
             .args(extra)
             .env_remove("ETCD_USERNAME")
             .env_remove("ETCD_PASSWORD")
+            .env_remove("FERRY_AGENT_TOKEN")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1065,4 +1066,44 @@ async fn etcdctl_watch_reopens_on_the_new_etcd_after_a_switch() {
     let _ = watcher.wait();
     assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
     assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_requires_its_token_when_one_is_set() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway =
+        GatewayProcess::start_with_env(&etcd.url(), &[], &[("FERRY_AGENT_TOKEN", "admin-t0ken")]);
+    let mut admin = gateway.admin().await;
+    let refused = admin
+        .hold(HoldRequest {
+            epoch: 1,
+            max_pause_ms: 1000,
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut wrong = tonic::Request::new(GatewayStatusRequest {});
+    wrong.metadata_mut().insert(
+        "authorization",
+        "Bearer not-it".parse().expect("a header value"),
+    );
+    assert_eq!(
+        admin.status(wrong).await.expect_err("wrong token").code(),
+        Code::Unauthenticated
+    );
+    let mut right = tonic::Request::new(GatewayStatusRequest {});
+    right.metadata_mut().insert(
+        "authorization",
+        "Bearer admin-t0ken".parse().expect("a header value"),
+    );
+    let status = admin
+        .status(right)
+        .await
+        .expect("the right token")
+        .into_inner();
+    assert!(!status.holding, "the refused hold did nothing");
+    // etcd's API needs no admin token.
+    let mut client = gateway.kv().await;
+    put(&mut client, "/k", "v").await.expect("put");
+    assert!(!gateway.log().contains("admin-t0ken"));
 }

@@ -3,6 +3,8 @@
 //! live in the target itself, G4 and G5), acks each one, and tells where a
 //! stream stands.
 
+use std::time::Duration;
+
 use ferry_engine::Op;
 use ferry_engine::adapters::etcd::{
     EtcdConnection, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper, describe_cluster,
@@ -23,6 +25,19 @@ use crate::serve::status_for;
 
 /// Acks an Apply stream holds ahead of a slow caller.
 const ACKS_AHEAD: usize = 16;
+/// Ops of batches already received that one apply takes at most.
+const COALESCED_MAX_OPS: usize = 20_000;
+/// Bytes of keys and values of batches already received that one apply
+/// takes at most.
+const COALESCED_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+fn op_bytes(op: &Op) -> usize {
+    op.key.len() + op.body.len()
+}
+
+fn no_batch() -> Status {
+    Status::invalid_argument("every ApplyRequest after the first carries a batch")
+}
 
 /// A TargetAgent over one etcd cluster.
 #[derive(Debug, Clone)]
@@ -229,18 +244,15 @@ impl TargetAgent for EtcdTargetAgent {
         };
         tokio::spawn(async move {
             let mut next = first.batch;
-            loop {
-                let batch = match next.take() {
+            let mut caller_done = false;
+            while !caller_done {
+                let mut batch = match next.take() {
                     Some(batch) => batch,
                     None => match requests.message().await {
                         Ok(Some(request)) => match request.batch {
                             Some(batch) => batch,
                             None => {
-                                let _ = acks
-                                    .send(Err(Status::invalid_argument(
-                                        "every ApplyRequest after the first carries a batch",
-                                    )))
-                                    .await;
+                                let _ = acks.send(Err(no_batch())).await;
                                 return;
                             }
                         },
@@ -251,6 +263,42 @@ impl TargetAgent for EtcdTargetAgent {
                         }
                     },
                 };
+                // Batches already received join this one (a caller catching
+                // up): one apply, pipelined Txns, one ack.
+                let mut bytes: usize = batch.ops.iter().map(op_bytes).sum();
+                while !batch.end_of_stream
+                    && batch.ops.len() < COALESCED_MAX_OPS
+                    && bytes < COALESCED_MAX_BYTES
+                {
+                    let Ok(message) =
+                        tokio::time::timeout(Duration::ZERO, requests.message()).await
+                    else {
+                        break;
+                    };
+                    match message {
+                        Ok(Some(ApplyRequest {
+                            batch: Some(more), ..
+                        })) if more.epoch == batch.epoch && more.stream_id == batch.stream_id => {
+                            bytes += more.ops.iter().map(op_bytes).sum::<usize>();
+                            batch.ops.extend(more.ops);
+                            batch.end_of_stream = more.end_of_stream;
+                        }
+                        Ok(Some(ApplyRequest {
+                            batch: Some(other), ..
+                        })) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Ok(Some(_)) => {
+                            let _ = acks.send(Err(no_batch())).await;
+                            return;
+                        }
+                        Ok(None) | Err(_) => {
+                            caller_done = true;
+                            break;
+                        }
+                    }
+                }
                 match stream.apply(batch).await {
                     Ok(false) => {}
                     Ok(true) => break,

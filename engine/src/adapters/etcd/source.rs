@@ -14,6 +14,7 @@ use ferry_proto::etcd::etcdserverpb::{
 };
 use ferry_proto::etcd::mvccpb::event::EventType;
 use ferry_proto::etcd::mvccpb::{Event, KeyValue};
+use futures::FutureExt;
 use futures::stream::BoxStream;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -498,6 +499,9 @@ const OP_OVERHEAD_BYTES: usize = 32;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Events a live stream holds ahead of its consumer.
 const LIVE_EVENTS_AHEAD: usize = 8;
+/// Watch responses already received that are gathered into the same
+/// batches before a progress report.
+const COALESCED_RESPONSES: usize = 256;
 /// Consecutive failed attempts to (re)open the watch before the stream
 /// gives up with the last error.
 const WATCH_ATTEMPTS: u32 = 10;
@@ -942,6 +946,27 @@ impl Follower {
                     idle.reset();
                     if let Some(end) = self.handle(response).await {
                         return end;
+                    }
+                    // Responses already here (a consumer that fell behind)
+                    // go into the same batches: fewer, fuller batches let a
+                    // target catch up.
+                    for _ in 0..COALESCED_RESPONSES {
+                        let Some(message) = responses.message().now_or_never() else {
+                            break;
+                        };
+                        let response = match message {
+                            Ok(Some(response)) => response,
+                            Ok(None) => {
+                                return WatchEnd::Broken(EtcdError::Unreachable {
+                                    endpoints: connection.display(),
+                                    reason: "the watch stream ended".to_owned(),
+                                });
+                            }
+                            Err(status) => return self.sorted(connection.failed("watch", &status)),
+                        };
+                        if let Some(end) = self.handle(response).await {
+                            return end;
+                        }
                     }
                     if !self.report().await {
                         return WatchEnd::Dropped;

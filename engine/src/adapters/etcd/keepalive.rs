@@ -80,7 +80,20 @@ async fn keep_alive(client: EtcdClient, mut announced: mpsc::Receiver<(i64, i64)
     // Lease id → when to renew it.
     let mut due: HashMap<i64, Instant> = HashMap::new();
     loop {
+        // etcd answers the call only once it has a request to answer: the
+        // stream opens with a keep-alive of every lease known.
+        while due.is_empty() {
+            match announced.recv().await {
+                Some((id, ttl)) => {
+                    due.insert(id, next_due(ttl));
+                }
+                None => return,
+            }
+        }
         let (requests, request_stream) = mpsc::channel::<LeaseKeepAliveRequest>(64);
+        for id in due.keys().take(64) {
+            let _ = requests.try_send(LeaseKeepAliveRequest { id: *id });
+        }
         let mut responses = match client
             .lease()
             .lease_keep_alive(ReceiverStream::new(request_stream))

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ferry_engine::adapters::AdapterError;
 use ferry_engine::adapters::etcd::EtcdError;
@@ -11,11 +12,13 @@ use ferry_engine::{Error, ErrorKind};
 use ferry_proto::v1::source_agent_server::SourceAgentServer;
 use ferry_proto::v1::target_agent_server::TargetAgentServer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::Status;
 use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::info;
 
 use crate::auth::RequireToken;
 use crate::source::EtcdSourceAgent;
@@ -87,19 +90,17 @@ pub async fn serve_source_agent(
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    builder(options)?
+    let stopping = Stopping::new(shutdown);
+    let serve = builder(options)?
         .add_service(InterceptedService::new(
             service,
             RequireToken::new(options.token.clone()),
         ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
-        .map_err(|error| ServeError::Transport {
-            reason: error.to_string(),
-        })
+            stopping.signal(),
+        );
+    stopping.run(serve).await
 }
 
 /// Serves a TargetAgent on `listener` until `shutdown` completes.
@@ -114,19 +115,68 @@ pub async fn serve_target_agent(
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    builder(options)?
+    let stopping = Stopping::new(shutdown);
+    let serve = builder(options)?
         .add_service(InterceptedService::new(
             service,
             RequireToken::new(options.token.clone()),
         ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopping.signal(),
+        );
+    stopping.run(serve).await
+}
+
+/// How long streams still open (a live Extract never ends by itself) may
+/// run after a shutdown signal before the agent exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A shutdown signal shared by the server (stop accepting, drain) and a
+/// grace timer that ends the wait for streams that would never end.
+struct Stopping<S> {
+    shutdown: S,
+    stopped: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl<S: Future<Output = ()>> Stopping<S> {
+    fn new(shutdown: S) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        Self {
             shutdown,
-        )
-        .await
-        .map_err(|error| ServeError::Transport {
-            reason: error.to_string(),
-        })
+            stopped,
+            stop,
+        }
+    }
+
+    /// Completes once the shutdown signal came.
+    fn signal(&self) -> impl Future<Output = ()> + use<S> {
+        let mut stopped = self.stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// Runs `serve` until it drained after the signal, or the grace ran out.
+    async fn run(
+        self,
+        serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    ) -> Result<(), ServeError> {
+        let Self { shutdown, stop, .. } = self;
+        let grace = async move {
+            shutdown.await;
+            info!("shutting down: no new calls; open streams end within the grace");
+            let _ = stop.send(true);
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = serve => served.map_err(|error| ServeError::Transport {
+                reason: error.to_string(),
+            }),
+            () = grace => Ok(()),
+        }
+    }
 }
 
 /// The gRPC status an engine failure is answered with: the one place that

@@ -1286,3 +1286,65 @@ async fn read_fence_with(client: &EtcdClient) -> Result<Option<(Fence, i64)>> {
     })?;
     Ok(Some((fence, kv.mod_revision)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(revision: u64, first_seq: u64, count: usize, value_bytes: usize) -> Vec<Op> {
+        (0..count)
+            .map(|index| Op {
+                seq: first_seq + index as u64,
+                position: revision,
+                txn: revision,
+                txn_last: index + 1 == count,
+                key: Bytes::from(format!("k{index}")),
+                body: Bytes::from(vec![0u8; value_bytes]),
+                ..Op::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_batches_fill_up_without_splitting_a_revision() {
+        let mut batch = LiveBatch::default();
+        assert!(batch.push_group(group(10, 1, 600, 1)).is_none());
+        // 600 + 600 is over the op limit: the first group goes alone.
+        let ready = batch
+            .push_group(group(11, 601, 600, 1))
+            .expect("a full batch");
+        assert_eq!(ready.len(), 600);
+        assert!(ready.iter().all(|op| op.position == 10));
+        // A group larger than a batch is never split.
+        let ready = batch.push_group(group(12, 1201, 2500, 1)).expect("flushed");
+        assert_eq!(ready.len(), 600);
+        let rest = batch.take().expect("the large group");
+        assert_eq!(rest.len(), 2500);
+        assert!(rest.last().is_some_and(|op| op.txn_last));
+        assert!(batch.take().is_none());
+    }
+
+    #[test]
+    fn live_batches_stay_under_a_mebibyte_of_values() {
+        let mut batch = LiveBatch::default();
+        assert!(batch.push_group(group(10, 1, 1, 700 * 1024)).is_none());
+        let ready = batch
+            .push_group(group(11, 2, 1, 700 * 1024))
+            .expect("two would be over a MiB");
+        assert_eq!(ready.len(), 1);
+        assert_eq!(batch.take().map(|ops| ops[0].seq), Some(2));
+    }
+
+    #[test]
+    fn fence_records_read_as_json() {
+        let fence: Fence = serde_json::from_slice(br#"{"epoch":7,"fenced":true}"#).expect("JSON");
+        assert_eq!(
+            fence,
+            Fence {
+                epoch: 7,
+                fenced: true
+            }
+        );
+        assert_eq!(parse_lease_key(lease_key(0x5eed).as_bytes()), Some(0x5eed));
+    }
+}

@@ -70,8 +70,9 @@ pub struct RestoreArgs {
     /// etcd: write even when the target range already holds keys.
     #[arg(long)]
     allow_nonempty: bool,
-    /// etcd: Txns sent before the first is answered (each still applies only after the one before).
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// etcd: Txns sent before the first is answered (each still applies only after the one before;
+    /// etcd reorders concurrent requests, so more than 1 rarely helps: see the README).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     txns_in_flight: u16,
     #[command(flatten)]
     etcd: EtcdArgs,

@@ -201,9 +201,12 @@ async fn a_prefix_round_trips_with_leases_binary_and_large_values() {
     // 2,500 items, the binary key, and the lease.
     assert_eq!(manifest.totals.ops, 2_502);
 
-    let summary = restore(&target, &store, EtcdSinkOptions::default())
-        .await
-        .expect("restore");
+    // Pipelined: Txns that overtake their predecessor are sent again.
+    let pipelined = EtcdSinkOptions {
+        txns_in_flight: 4,
+        ..EtcdSinkOptions::default()
+    };
+    let summary = restore(&target, &store, pipelined).await.expect("restore");
     assert_eq!(summary.ops, 2_502);
     let expected = dump(&source, b"/app/").await;
     let restored = dump(&target, b"/app/").await;
@@ -426,6 +429,8 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
                 "--quiet",
                 "--max-txn-ops",
                 "16",
+                "--txns-in-flight",
+                "4",
             ])
             .spawn()
             .expect("restore starts");

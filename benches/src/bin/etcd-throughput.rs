@@ -210,7 +210,9 @@ async fn main() {
     let _ = mirror.kill();
     let _ = mirror.wait();
 
-    let end_to_end = extract + restore;
+    // End to end with ferry's defaults (one Txn in flight).
+    let end_to_end = extract + restore_serial;
+    let best_ceiling = ceiling_serial.min(ceiling_parallel);
     println!("keys: {keys}, {VALUE_BYTES}-byte values, Txns of {TXN_OPS} puts");
     println!(
         "ceiling, batched Txn writer, 1 in flight: {:>9.0} keys/s",
@@ -236,7 +238,7 @@ async fn main() {
         restore_serial.as_secs_f64()
     );
     println!(
-        "ferry extract + restore:                 {:>9.0} keys/s ({:.2} s)",
+        "ferry extract + restore (1 in flight):   {:>9.0} keys/s ({:.2} s)",
         per_second(keys, end_to_end),
         end_to_end.as_secs_f64()
     );
@@ -250,15 +252,19 @@ async fn main() {
         make_mirror.as_secs_f64() / end_to_end.as_secs_f64()
     );
     println!(
-        "ratio ferry restore (4 in flight) / ceiling (4 in flight) = {:.2} (target >= 0.80)",
-        ceiling_parallel.as_secs_f64() / restore.as_secs_f64()
+        "ratio ferry restore (1 in flight, the default) / best ceiling = {:.2} (target >= 0.80)",
+        best_ceiling.as_secs_f64() / restore_serial.as_secs_f64()
+    );
+    println!(
+        "ratio ferry restore (4 in flight) / best ceiling = {:.2}",
+        best_ceiling.as_secs_f64() / restore.as_secs_f64()
     );
     println!(
         "ratio ferry restore (1 in flight) / ceiling (1 in flight) = {:.2}",
         ceiling_serial.as_secs_f64() / restore_serial.as_secs_f64()
     );
     println!(
-        "ratio ferry restore (4 in flight) / ceiling (1 in flight) = {:.2}",
-        ceiling_serial.as_secs_f64() / restore.as_secs_f64()
+        "ratio ferry restore (4 in flight) / ceiling (4 in flight) = {:.2}",
+        ceiling_parallel.as_secs_f64() / restore.as_secs_f64()
     );
 }

@@ -11,10 +11,14 @@
 //! - [`target`]: the TargetAgent over etcd ([`target::EtcdTargetAgent`]).
 //! - [`serve`]: serving them (zstd, TLS, token) and mapping errors to gRPC codes.
 //! - [`auth`]: the bearer token the agents require when one is configured.
+//! - [`remote`]: `agent://HOST:PORT` as a source (extract) and a sink (restore).
 //! - [`gateway`]: the write-fencing gateway.
 
 pub mod auth;
+pub mod client;
 pub mod gateway;
+pub mod migrate;
+pub mod remote;
 pub mod serve;
 pub mod source;
 pub mod target;

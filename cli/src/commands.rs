@@ -23,7 +23,8 @@ use crate::{GlobalOptions, OutputFormat};
 /// `ferry extract`.
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// What to back up: etcd://HOST:PORT[,HOST:PORT...], jsonl:///PATH or jsonl://- (stdin).
+    /// What to back up: etcd://HOST:PORT[,HOST:PORT...], agent://HOST:PORT (a source agent;
+    /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdin).
     #[arg(long, value_name = "URL")]
     source: String,
     /// etcd: only keys starting with this prefix.
@@ -55,7 +56,8 @@ pub struct RestoreArgs {
     /// The backup to restore; the latest complete one when left out.
     #[arg(long, value_name = "ID")]
     backup: Option<String>,
-    /// Where to replay it: etcd://HOST:PORT[,HOST:PORT...], jsonl:///PATH or jsonl://- (stdout).
+    /// Where to replay it: etcd://HOST:PORT[,HOST:PORT...], agent://HOST:PORT (a target agent;
+    /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdout).
     #[arg(long, value_name = "URL")]
     target: String,
     /// etcd: ops per Txn at most, ferry's checkpoint included (the target's --max-txn-ops).
@@ -170,6 +172,13 @@ impl LimitArgs {
     }
 }
 
+/// How `agent://` sources and targets are reached: the token from
+/// FERRY_AGENT_TOKEN when set.
+fn agent_client_options() -> Result<ferry_agent::client::ClientOptions> {
+    ferry_agent::client::ClientOptions::with_token_from(None)
+        .map_err(|error| UsageError(error.to_string()).into())
+}
+
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -191,7 +200,14 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
         etcd_password_file: args.etcd.etcd_password_file.clone(),
         etcd_tls: args.etcd.tls(),
     };
-    let source = source_from_url(&args.source, &source_options)?;
+    let source = match ferry_agent::remote::agent_address(&args.source) {
+        Some(address) => Box::new(ferry_agent::remote::AgentSource::new(
+            address,
+            agent_client_options()?,
+            args.prefix.clone().unwrap_or_default().into_bytes(),
+        )),
+        None => source_from_url(&args.source, &source_options)?,
+    };
     let store = BackupStore::open(&args.to, true).map_err(ferry_engine::Error::from)?;
     let options = ExtractOptions {
         segment: SegmentOptions {
@@ -270,7 +286,13 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
         etcd_password_file: args.etcd.etcd_password_file.clone(),
         etcd_tls: args.etcd.tls(),
     };
-    let sink = sink_from_url(&args.target, &sink_options)?;
+    let sink = match ferry_agent::remote::agent_address(&args.target) {
+        Some(address) => Box::new(ferry_agent::remote::AgentSink::new(
+            address,
+            agent_client_options()?,
+        )),
+        None => sink_from_url(&args.target, &sink_options)?,
+    };
     let options = RestoreOptions {
         limits: args.limits.limits(),
         ..RestoreOptions::default()

@@ -18,6 +18,9 @@ pub const SOURCE: u8 = 5;
 pub const TARGET: u8 = 6;
 /// The object store failed: unreachable, denied, full.
 pub const STORAGE: u8 = 7;
+/// A live migration did not switch: it rolled back, or stopped before
+/// holding any write. Clients write to the old plane, as before.
+pub const MIGRATION_FAILED: u8 = 8;
 
 /// Shown at the end of `ferry --help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -29,7 +32,8 @@ Exit codes:
   4  backup not found, or incomplete (no manifest: never restored)
   5  the source failed or gave bad input
   6  the target failed or refused
-  7  the object store failed: unreachable, denied or full";
+  7  the object store failed: unreachable, denied or full
+  8  a live migration did not switch (rolled back): clients write to the old plane";
 
 /// The exit code for an error that reached the top.
 pub fn code_for(error: &anyhow::Error) -> u8 {

@@ -10,6 +10,7 @@ mod agent;
 mod commands;
 mod exit;
 mod gateway;
+mod migrate;
 mod migrations;
 mod output;
 mod progress;
@@ -69,6 +70,8 @@ enum Command {
     Migrations(migrations::MigrationsArgs),
     /// Serve etcd's API in front of an etcd cluster, with writes that `ferry migrate` can hold and switch.
     Gateway(gateway::GatewayArgs),
+    /// Move a live control plane onto a new one through the gateway, and cut over.
+    Migrate(migrate::MigrateArgs),
     /// Serve a source agent (beside the old plane) or a target agent (beside the new one).
     Agent(agent::AgentArgs),
 }
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
             Command::Verify(args) => commands::verify(args, cli.global).await,
             Command::Migrations(args) => migrations::migrations(args, cli.global).await,
             Command::Gateway(args) => gateway::gateway(args, cli.global).await,
+            Command::Migrate(args) => migrate::migrate(args, cli.global).await,
             Command::Agent(args) => agent::agent(args, cli.global).await,
         }
     });

@@ -144,6 +144,11 @@ impl EtcdServer {
         format!("etcd://{}", self.endpoint())
     }
 
+    /// The etcd process's id, to signal it (a test may stop it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What etcd logged so far (errors only), for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default()

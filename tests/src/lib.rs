@@ -10,6 +10,8 @@
 //! - [`etcd::EtcdServer`]: a real etcd member (Debian's `etcd-server`).
 
 pub mod etcd;
+pub mod live;
+pub mod process;
 
 use std::io;
 use std::net::SocketAddr;

@@ -1,0 +1,1113 @@
+//! `ferry migrate --live`: moves a live control plane onto a new one while
+//! its clients keep writing through the gateway, then switches them over.
+//!
+//! The steps (DESIGN.md, "Agents, gateway and the cutover"):
+//! 1. epoch = the highest epoch the target or the gateway has seen, plus one;
+//! 2. the source agent streams a snapshot at position R, relayed here to the
+//!    target agent, which applies it exactly once;
+//! 3. live changes follow from R+1 until the lag is under `max_lag`;
+//! 4. the gateway holds new writes and waits for the writes in flight;
+//! 5. the source agent fences the old plane and reads its position F;
+//! 6. the target applies through F;
+//! 7. (the digest check of DESIGN.md is not done yet);
+//! 8. the gateway switches to the new plane and releases the held writes;
+//! 9. a report: the pause window, ops moved, the lag over time.
+//!
+//! Any failure before step 8 rolls back: the old plane is unfenced and the
+//! gateway releases the held writes to it. A broken agent stream is resumed
+//! from the target's own checkpoint (G4), without a new snapshot once the
+//! first one is through.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::Op;
+use ferry_proto::v1::extract_response::Event;
+use ferry_proto::v1::{
+    ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, ExtractRequest,
+    FenceRequest, GatewayStatusRequest, HoldRequest, ReleaseRequest, StreamStart, SwitchRequest,
+    UnfenceRequest,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::client::{
+    ClientError, ClientOptions, GatewayClient, SourceClient, TargetClient, connect_gateway,
+    connect_source, connect_target,
+};
+
+/// What a live migration needs.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The SourceAgent beside the old plane.
+    pub source_agent: String,
+    /// The TargetAgent beside the new plane.
+    pub target_agent: String,
+    /// The gateway's admin address.
+    pub gateway: String,
+    /// Token for the agents and the gateway.
+    pub client: ClientOptions,
+    /// The longest clients' writes may be held at cutover.
+    pub max_pause: Duration,
+    /// The cutover starts once the target is at most this many source
+    /// positions (etcd revisions) behind.
+    pub max_lag: u64,
+    /// Only keys starting with this (empty: everything).
+    pub key_prefix: Vec<u8>,
+    /// How long the target may take to catch up before the migration gives
+    /// up (nothing is held or fenced while it catches up).
+    pub catch_up_timeout: Duration,
+    /// How long a broken agent stream is retried without any progress.
+    pub reconnect_timeout: Duration,
+    /// Follow the live changes at least this long before cutting over (a
+    /// soak period, to watch the lag under real load first).
+    pub follow_at_least: Duration,
+    /// Where the running migration writes its status, for `ferry migrate status`.
+    pub status_file: Option<PathBuf>,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Connecting to the agents and the gateway.
+    #[default]
+    Starting,
+    /// The snapshot is being applied to the target.
+    Snapshot,
+    /// Live changes are being applied; waiting for the lag to fall.
+    Following,
+    /// The gateway is holding writes; writes in flight drain.
+    Holding,
+    /// The old plane is being fenced.
+    Fencing,
+    /// The target applies through the fenced position.
+    Draining,
+    /// The gateway switches to the new plane and releases writes.
+    Switching,
+    /// Done: clients write to the new plane.
+    Switched,
+    /// A step failed before the switch: unfencing, releasing.
+    RollingBack,
+    /// Rolled back: clients write to the old plane, as before.
+    RolledBack,
+    /// Stopped before any write was held (the target could not keep up, or
+    /// an agent was lost); nothing to roll back.
+    Failed,
+}
+
+/// What `ferry migrate status` shows, written by a running migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it is.
+    pub phase: Phase,
+    /// This attempt's fencing token.
+    pub epoch: u64,
+    /// The stream's id (the target's checkpoint key names it).
+    pub stream_id: String,
+    /// The snapshot's source position R.
+    pub snapshot_position: u64,
+    /// Ops received from the source.
+    pub sent_through_seq: u64,
+    /// Ops the target has applied.
+    pub applied_through_seq: u64,
+    /// The source's latest position.
+    pub head_position: u64,
+    /// Source positions the target is behind.
+    pub lag_positions: u64,
+    /// Ops received but not applied yet.
+    pub lag_ops: u64,
+    /// Agent streams resumed after a break.
+    pub reconnects: u64,
+    /// The last break, while resuming.
+    pub broken: Option<String>,
+    /// When this status was written (RFC 3339).
+    pub updated_at: String,
+}
+
+/// One sample of the lag.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LagSample {
+    /// Milliseconds since the migration started.
+    pub at_ms: u64,
+    /// Source positions the target was behind.
+    pub positions: u64,
+    /// Ops received but not yet applied.
+    pub ops: u64,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Clients write to the new plane.
+    Switched,
+    /// Clients write to the old plane again; `reason` says why.
+    RolledBack {
+        /// The step that failed, and how.
+        reason: String,
+    },
+}
+
+/// The end of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Switched or rolled back.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// This attempt's fencing token.
+    pub epoch: u64,
+    /// The stream's id.
+    pub stream_id: String,
+    /// The snapshot's source position R.
+    pub snapshot_position: u64,
+    /// Ops in the snapshot.
+    pub snapshot_ops: u64,
+    /// The old plane's position when fenced (F), when it was.
+    pub fenced_position: Option<u64>,
+    /// Ops applied to the target: snapshot and live changes.
+    pub ops_moved: u64,
+    /// From holding writes to releasing them, in milliseconds.
+    pub pause_window_ms: Option<f64>,
+    /// Holding and waiting for writes in flight.
+    pub hold_ms: Option<f64>,
+    /// Fencing the old plane.
+    pub fence_ms: Option<f64>,
+    /// The target applying through F.
+    pub drain_ms: Option<f64>,
+    /// Switching and releasing.
+    pub switch_ms: Option<f64>,
+    /// Writes in flight when the hold began.
+    pub drained_writes: u64,
+    /// Writes held, then sent on.
+    pub released_writes: u64,
+    /// Writes answered UNAVAILABLE because the hold ran out.
+    pub rejected_writes: u64,
+    /// Agent streams resumed after a break.
+    pub reconnects: u64,
+    /// The whole migration, in milliseconds.
+    pub elapsed_ms: f64,
+    /// The lag over time.
+    pub lag: Vec<LagSample>,
+    /// The control plane clients now write to.
+    pub upstream_url: String,
+}
+
+/// A migration could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// An agent or the gateway cannot be reached.
+    #[error("{role}: {source}")]
+    Connect {
+        /// Which one ("the source agent at ...").
+        role: String,
+        /// Why.
+        source: ClientError,
+    },
+    /// A call was answered with an error.
+    #[error("{role} refused to {action}: {status}")]
+    Call {
+        /// Which one.
+        role: String,
+        /// What was asked.
+        action: String,
+        /// Its answer.
+        status: String,
+    },
+    /// The agents or the gateway disagree with the migration.
+    #[error("{0}")]
+    Invalid(String),
+    /// The target did not catch up in time; nothing was held or fenced.
+    #[error(
+        "the target did not catch up within {timeout:?}: {lag} positions behind (--max-lag is {max_lag}); nothing was held or fenced"
+    )]
+    CatchUp {
+        /// The limit.
+        timeout: Duration,
+        /// Where the lag stood.
+        lag: u64,
+        /// The threshold.
+        max_lag: u64,
+    },
+    /// The agent streams broke and could not be resumed.
+    #[error("the agent stream broke and could not be resumed within {timeout:?}: {reason}")]
+    Relay {
+        /// The limit.
+        timeout: Duration,
+        /// The last break.
+        reason: String,
+    },
+}
+
+fn call_error(role: &str, action: &str, status: tonic::Status) -> MigrateError {
+    MigrateError::Call {
+        role: role.to_owned(),
+        action: action.to_owned(),
+        status: format!("{}: {}", status.code(), status.message()),
+    }
+}
+
+/// The relay's view of the two streams.
+#[derive(Debug, Clone, Default)]
+struct RelayState {
+    start: Option<StreamStart>,
+    snapshot_through_seq: Option<u64>,
+    sent_seq: u64,
+    applied_seq: u64,
+    applied_position: u64,
+    /// Every source change through this position has been received…
+    source_position: u64,
+    /// …and these are the seqs it took.
+    source_position_seq: u64,
+    head_position: u64,
+    reconnects: u64,
+    broken: Option<String>,
+    failed: Option<String>,
+}
+
+impl RelayState {
+    /// Source positions the target is behind.
+    fn lag_positions(&self) -> u64 {
+        let applied = if self.applied_seq >= self.source_position_seq {
+            self.source_position.max(self.applied_position)
+        } else {
+            self.applied_position
+        };
+        self.head_position.saturating_sub(applied)
+    }
+
+    /// True once every change through `position` is applied.
+    fn applied_through(&self, position: u64) -> bool {
+        self.source_position >= position && self.applied_seq >= self.source_position_seq
+    }
+}
+
+/// Moves ops from the source agent to the target agent, resuming after
+/// breaks, until told to stop.
+struct Relay {
+    options: MigrateOptions,
+    epoch: u64,
+    state: Arc<watch::Sender<RelayState>>,
+    stop: watch::Receiver<bool>,
+    tee: Option<mpsc::Sender<Vec<Op>>>,
+    teed_through: u64,
+}
+
+/// How one relay session ended.
+enum SessionEnd {
+    Stopped,
+    Broken { reason: String, progressed: bool },
+}
+
+impl Relay {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut give_up_at = Instant::now() + self.options.reconnect_timeout;
+        loop {
+            match self.session().await {
+                SessionEnd::Stopped => return,
+                SessionEnd::Broken { reason, progressed } => {
+                    if *self.stop.borrow() {
+                        return;
+                    }
+                    if progressed {
+                        backoff = Duration::from_millis(100);
+                        give_up_at = Instant::now() + self.options.reconnect_timeout;
+                    }
+                    warn!(%reason, "the agent stream broke; resuming from the target's checkpoint");
+                    if Instant::now() >= give_up_at {
+                        self.state.send_modify(|state| state.failed = Some(reason));
+                        return;
+                    }
+                    self.state.send_modify(|state| {
+                        state.broken = Some(reason);
+                        state.reconnects += 1;
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> SessionEnd {
+        let broken = |reason: String| SessionEnd::Broken {
+            reason,
+            progressed: false,
+        };
+        let mut target =
+            match connect_target(&self.options.target_agent, &self.options.client).await {
+                Ok(client) => client,
+                Err(error) => return broken(format!("the target agent: {error}")),
+            };
+        let mut source =
+            match connect_source(&self.options.source_agent, &self.options.client).await {
+                Ok(client) => client,
+                Err(error) => return broken(format!("the source agent: {error}")),
+            };
+        let known = self.state.borrow().clone();
+        let request = match &known.start {
+            None => ExtractRequest {
+                follow: true,
+                epoch: self.epoch,
+                key_prefix: self.options.key_prefix.clone().into(),
+                ..ExtractRequest::default()
+            },
+            Some(start) => {
+                let checkpoint = match target
+                    .checkpoint(CheckpointRequest {
+                        stream_id: start.stream_id.clone(),
+                    })
+                    .await
+                {
+                    Ok(answer) => answer.into_inner(),
+                    Err(status) => {
+                        return broken(format!(
+                            "the target agent's checkpoint: {}: {}",
+                            status.code(),
+                            status.message()
+                        ));
+                    }
+                };
+                info!(
+                    stream_id = %start.stream_id,
+                    applied_through_seq = checkpoint.applied_through_seq,
+                    "resuming the stream where the target stands"
+                );
+                ExtractRequest {
+                    from_position_exclusive: checkpoint.applied_through_position,
+                    follow: true,
+                    epoch: self.epoch,
+                    stream_id: start.stream_id.clone(),
+                    snapshot_position: start.snapshot_position,
+                    from_seq_exclusive: checkpoint.applied_through_seq,
+                    snapshot_through_seq: known.snapshot_through_seq.unwrap_or(0),
+                    key_prefix: self.options.key_prefix.clone().into(),
+                }
+            }
+        };
+        let mut extract = match source.extract(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => {
+                return broken(format!(
+                    "the source agent's Extract: {}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+        };
+        let start = match extract.message().await {
+            Ok(Some(message)) => match message.event {
+                Some(Event::Start(start)) => start,
+                other => {
+                    return broken(format!(
+                        "the source agent's stream began with {other:?}, not its StreamStart"
+                    ));
+                }
+            },
+            Ok(None) => return broken("the source agent's stream ended at once".to_owned()),
+            Err(status) => {
+                return broken(format!(
+                    "the source agent's Extract: {}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+        };
+        if let Some(known_start) = &known.start
+            && known_start.stream_id != start.stream_id
+        {
+            return broken(format!(
+                "the source agent resumed stream {} as {}",
+                known_start.stream_id, start.stream_id
+            ));
+        }
+        self.state.send_modify(|state| {
+            state.start.get_or_insert_with(|| start.clone());
+            state.broken = None;
+        });
+
+        let (requests, receiver) = mpsc::channel::<ApplyRequest>(8);
+        let first = ApplyRequest {
+            batch: None,
+            start: Some(start.clone()),
+        };
+        if requests.send(first).await.is_err() {
+            return broken("the Apply stream closed before it began".to_owned());
+        }
+        let mut acks = match target.apply(ReceiverStream::new(receiver)).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => {
+                return broken(format!(
+                    "the target agent's Apply: {}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+        };
+        // Acks are read on their own task, so a full request channel never
+        // keeps them waiting.
+        let ack_state = self.state.clone();
+        let mut ack_task = tokio::spawn(async move {
+            let mut progressed = false;
+            loop {
+                match acks.message().await {
+                    Ok(Some(ack)) => {
+                        progressed = true;
+                        ack_state.send_modify(|state| {
+                            state.applied_seq = state.applied_seq.max(ack.applied_through_seq);
+                            state.applied_position =
+                                state.applied_position.max(ack.applied_through_position);
+                        });
+                    }
+                    Ok(None) => {
+                        return (
+                            "the target agent ended the Apply stream".to_owned(),
+                            progressed,
+                        );
+                    }
+                    Err(status) => {
+                        return (
+                            format!(
+                                "the target agent's Apply: {}: {}",
+                                status.code(),
+                                status.message()
+                            ),
+                            progressed,
+                        );
+                    }
+                }
+            }
+        });
+
+        let end = loop {
+            tokio::select! {
+                biased;
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        break SessionEnd::Stopped;
+                    }
+                }
+                ended = &mut ack_task => {
+                    let (reason, progressed) = ended.unwrap_or_else(|error| (format!("the ack reader failed: {error}"), false));
+                    return SessionEnd::Broken { reason, progressed };
+                }
+                message = extract.message() => {
+                    let event = match message {
+                        Ok(Some(message)) => message.event,
+                        Ok(None) => break SessionEnd::Broken { reason: "the source agent ended its stream".to_owned(), progressed: false },
+                        Err(status) => break SessionEnd::Broken {
+                            reason: format!("the source agent's Extract: {}: {}", status.code(), status.message()),
+                            progressed: false,
+                        },
+                    };
+                    match event {
+                        Some(Event::Batch(batch)) => {
+                            let Some(last) = batch.ops.last().map(|op| op.seq) else { continue };
+                            self.tee(&batch.ops).await;
+                            if requests.send(ApplyRequest { batch: Some(batch), start: None }).await.is_err() {
+                                // The ack task says why.
+                                continue;
+                            }
+                            self.state.send_modify(|state| state.sent_seq = state.sent_seq.max(last));
+                        }
+                        Some(Event::SnapshotComplete(complete)) => {
+                            self.state.send_modify(|state| state.snapshot_through_seq = Some(complete.through_seq));
+                        }
+                        Some(Event::Progress(progress)) => {
+                            self.state.send_modify(|state| {
+                                if progress.position >= state.source_position {
+                                    state.source_position = progress.position;
+                                    state.source_position_seq = progress.through_seq;
+                                }
+                                state.head_position = state.head_position.max(progress.head_position);
+                            });
+                        }
+                        Some(Event::Start(_)) | None => {}
+                    }
+                }
+            }
+        };
+        // Closing the request stream ends the Apply call; its acks are read
+        // to the end so the target's last answer is seen.
+        drop(requests);
+        if matches!(end, SessionEnd::Stopped) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut ack_task).await;
+        }
+        ack_task.abort();
+        end
+    }
+
+    /// Hands ops to the tee (the backup written beside the migration),
+    /// each seq once however often the stream was resumed.
+    async fn tee(&mut self, ops: &[Op]) {
+        let Some(tee) = &self.tee else { return };
+        let fresh: Vec<Op> = ops
+            .iter()
+            .filter(|op| op.seq > self.teed_through)
+            .cloned()
+            .collect();
+        let Some(last) = fresh.last().map(|op| op.seq) else {
+            return;
+        };
+        if tee.send(fresh).await.is_ok() {
+            self.teed_through = last;
+        }
+    }
+}
+
+/// A running migration's handles.
+struct Running {
+    source: SourceClient,
+    gateway: GatewayClient,
+    target_description: DescribeResponse,
+    epoch: u64,
+    state: watch::Receiver<RelayState>,
+    stop: watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
+    started: Instant,
+    lag: Arc<std::sync::Mutex<Vec<LagSample>>>,
+    phase: watch::Sender<Phase>,
+}
+
+/// The plan `--dry-run` prints, and the facts it rests on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationPlan {
+    /// The epoch the migration would use.
+    pub epoch: u64,
+    /// The old plane, as its agent describes it.
+    pub source: String,
+    /// The new plane, as its agent describes it.
+    pub target: String,
+    /// Where the gateway sends clients now.
+    pub gateway_upstream: String,
+    /// The steps, in order.
+    pub steps: Vec<String>,
+}
+
+fn describe_plane(description: &DescribeResponse) -> String {
+    format!(
+        "{} {} (identity {}) at {}",
+        description.platform,
+        description.platform_version,
+        description.identity,
+        description.control_plane_url
+    )
+}
+
+struct Connected {
+    source: SourceClient,
+    target: TargetClient,
+    gateway: GatewayClient,
+    source_description: DescribeResponse,
+    target_description: DescribeResponse,
+    gateway_upstream: String,
+    epoch: u64,
+}
+
+async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError> {
+    let role = |what: &str, address: &str| format!("the {what} at {address}");
+    let mut source = connect_source(&options.source_agent, &options.client)
+        .await
+        .map_err(|source| MigrateError::Connect {
+            role: role("source agent", &options.source_agent),
+            source,
+        })?;
+    let mut target = connect_target(&options.target_agent, &options.client)
+        .await
+        .map_err(|source| MigrateError::Connect {
+            role: role("target agent", &options.target_agent),
+            source,
+        })?;
+    let mut gateway = connect_gateway(&options.gateway, &options.client)
+        .await
+        .map_err(|source| MigrateError::Connect {
+            role: role("gateway", &options.gateway),
+            source,
+        })?;
+    let source_description = source
+        .describe(DescribeRequest {})
+        .await
+        .map_err(|status| call_error("the source agent", "describe its plane", status))?
+        .into_inner();
+    let target_description = target
+        .describe(DescribeRequest {})
+        .await
+        .map_err(|status| call_error("the target agent", "describe its plane", status))?
+        .into_inner();
+    if !source_description.identity.is_empty()
+        && source_description.identity == target_description.identity
+    {
+        return Err(MigrateError::Invalid(format!(
+            "the source and the target agent stand beside the same control plane (identity {}): a plane cannot be migrated onto itself",
+            source_description.identity
+        )));
+    }
+    let target_epoch = target
+        .checkpoint(CheckpointRequest {
+            stream_id: String::new(),
+        })
+        .await
+        .map_err(|status| call_error("the target agent", "tell its epoch", status))?
+        .into_inner()
+        .epoch;
+    let gateway_status = gateway
+        .status(GatewayStatusRequest {})
+        .await
+        .map_err(|status| call_error("the gateway", "tell its status", status))?
+        .into_inner();
+    if gateway_status.holding {
+        return Err(MigrateError::Invalid(format!(
+            "the gateway is holding writes for epoch {} already: another migration is cutting over",
+            gateway_status.epoch
+        )));
+    }
+    Ok(Connected {
+        source,
+        target,
+        gateway,
+        source_description,
+        target_description,
+        gateway_upstream: gateway_status.upstream_url,
+        epoch: target_epoch.max(gateway_status.epoch) + 1,
+    })
+}
+
+/// What a migration would do, from the agents' and the gateway's answers;
+/// changes nothing.
+pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateError> {
+    let connected = connect_all(options).await?;
+    let source = describe_plane(&connected.source_description);
+    let target = describe_plane(&connected.target_description);
+    let epoch = connected.epoch;
+    let steps = vec![
+        format!("take epoch {epoch} (the highest the target or the gateway has seen, plus one)"),
+        format!(
+            "snapshot {source} at its current position R and apply it to {target}, exactly once"
+        ),
+        format!(
+            "follow the source's changes from R+1 until the target is at most {} positions behind (at most {:?})",
+            options.max_lag, options.catch_up_timeout
+        ),
+        format!(
+            "hold writes at the gateway {} (at most {:?}) and wait for the writes in flight",
+            options.gateway, options.max_pause
+        ),
+        "fence the old plane and read its position F".to_owned(),
+        "wait until the target has applied every change through F".to_owned(),
+        format!(
+            "switch the gateway from {} to {} and release the held writes",
+            connected.gateway_upstream, connected.target_description.control_plane_url
+        ),
+        "on any failure before the switch: unfence the old plane and release the held writes to it"
+            .to_owned(),
+    ];
+    Ok(MigrationPlan {
+        epoch,
+        source,
+        target,
+        gateway_upstream: connected.gateway_upstream,
+        steps,
+    })
+}
+
+/// Where the backup written beside a migration goes (`--tee`).
+pub struct Tee {
+    /// The ops as they are relayed, in seq order; closed at the end.
+    pub ops: mpsc::Sender<Vec<Op>>,
+}
+
+/// Runs a live migration to its end: switched, or rolled back.
+///
+/// `tee`, when given, receives every op of the stream once, in seq order;
+/// it is dropped (closed) when the migration ends. The start of the stream
+/// (what it is) is sent on `stream_started` when known.
+pub async fn migrate(
+    options: MigrateOptions,
+    tee: Option<Tee>,
+    stream_started: Option<tokio::sync::oneshot::Sender<(StreamStart, DescribeResponse)>>,
+) -> Result<MigrationReport, MigrateError> {
+    let started = Instant::now();
+    let connected = connect_all(&options).await?;
+    let epoch = connected.epoch;
+    info!(epoch, source = %describe_plane(&connected.source_description), target = %describe_plane(&connected.target_description), "live migration starts");
+
+    let (state_sender, state) = watch::channel(RelayState::default());
+    let state_sender = Arc::new(state_sender);
+    let (stop, stop_receiver) = watch::channel(false);
+    let relay = Relay {
+        options: options.clone(),
+        epoch,
+        state: state_sender,
+        stop: stop_receiver,
+        tee: tee.map(|tee| tee.ops),
+        teed_through: 0,
+    };
+    let relay = tokio::spawn(relay.run());
+    let (phase, phase_receiver) = watch::channel(Phase::Snapshot);
+    let lag = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let monitor = tokio::spawn(monitor(
+        state.clone(),
+        phase_receiver,
+        epoch,
+        started,
+        lag.clone(),
+        options.status_file.clone(),
+    ));
+    let mut running = Running {
+        source: connected.source,
+        gateway: connected.gateway,
+        target_description: connected.target_description.clone(),
+        epoch,
+        state,
+        stop,
+        relay,
+        started,
+        lag,
+        phase,
+    };
+    drop(connected.target);
+
+    let result = run(
+        &mut running,
+        &options,
+        stream_started,
+        &connected.source_description,
+    )
+    .await;
+    let _ = running.stop.send(true);
+    let _ = (&mut running.relay).await;
+    // The monitor writes the final phase, then ends.
+    let _ = tokio::time::timeout(Duration::from_secs(2), monitor).await;
+    result
+}
+
+async fn run(
+    running: &mut Running,
+    options: &MigrateOptions,
+    stream_started: Option<tokio::sync::oneshot::Sender<(StreamStart, DescribeResponse)>>,
+    source_description: &DescribeResponse,
+) -> Result<MigrationReport, MigrateError> {
+    // Steps 2 and 3: the snapshot, then following until the lag is small.
+    let catch_up_deadline = Instant::now() + options.catch_up_timeout;
+    let mut stream_started = stream_started;
+    let mut following_since: Option<Instant> = None;
+    loop {
+        let state = running.state.borrow_and_update().clone();
+        if let Some(reason) = state.failed {
+            running.phase.send_replace(Phase::Failed);
+            return Err(MigrateError::Relay {
+                timeout: options.reconnect_timeout,
+                reason,
+            });
+        }
+        if let (Some(start), Some(sender)) = (&state.start, stream_started.take()) {
+            let _ = sender.send((start.clone(), source_description.clone()));
+        }
+        if state.snapshot_through_seq.is_some() {
+            let following_since = *following_since.get_or_insert_with(Instant::now);
+            running.phase.send_if_modified(|phase| {
+                let changed = *phase == Phase::Snapshot;
+                *phase = Phase::Following;
+                changed
+            });
+            if state.broken.is_none()
+                && following_since.elapsed() >= options.follow_at_least
+                && state.applied_seq >= state.snapshot_through_seq.unwrap_or(u64::MAX)
+                && state.lag_positions() <= options.max_lag
+            {
+                break;
+            }
+        }
+        if Instant::now() >= catch_up_deadline + options.follow_at_least {
+            running.phase.send_replace(Phase::Failed);
+            return Err(MigrateError::CatchUp {
+                timeout: options.catch_up_timeout,
+                lag: state.lag_positions(),
+                max_lag: options.max_lag,
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), running.state.changed()).await;
+    }
+    cutover(running, options).await
+}
+
+/// Steps 4 to 9. Any failure before the switch rolls back.
+async fn cutover(
+    running: &mut Running,
+    options: &MigrateOptions,
+) -> Result<MigrationReport, MigrateError> {
+    let epoch = running.epoch;
+    let held_at = Instant::now();
+    let mut report = MigrationReport {
+        outcome: Outcome::Switched,
+        epoch,
+        stream_id: String::new(),
+        snapshot_position: 0,
+        snapshot_ops: 0,
+        fenced_position: None,
+        ops_moved: 0,
+        pause_window_ms: None,
+        hold_ms: None,
+        fence_ms: None,
+        drain_ms: None,
+        switch_ms: None,
+        drained_writes: 0,
+        released_writes: 0,
+        rejected_writes: 0,
+        reconnects: 0,
+        elapsed_ms: 0.0,
+        lag: Vec::new(),
+        upstream_url: String::new(),
+    };
+    let mut fenced = false;
+    let result: Result<(), String> = async {
+        // Step 4: hold writes; the writes in flight drain.
+        running.phase.send_replace(Phase::Holding);
+        let hold = running
+            .gateway
+            .hold(HoldRequest {
+                epoch,
+                max_pause_ms: u64::try_from(options.max_pause.as_millis()).unwrap_or(u64::MAX),
+            })
+            .await
+            .map_err(|status| format!("the gateway could not hold writes: {}: {}", status.code(), status.message()))?
+            .into_inner();
+        report.drained_writes = hold.drained_writes;
+        report.hold_ms = Some(ms(held_at.elapsed()));
+
+        // Step 5: fence the old plane; F is after every write it acknowledged.
+        running.phase.send_replace(Phase::Fencing);
+        let fence_started = Instant::now();
+        let fence = running
+            .source
+            .fence(FenceRequest { epoch })
+            .await
+            .map_err(|status| format!("the source agent could not fence the old plane: {}: {}", status.code(), status.message()))?
+            .into_inner();
+        fenced = true;
+        report.fenced_position = Some(fence.fenced_position);
+        report.fence_ms = Some(ms(fence_started.elapsed()));
+
+        // Step 6: the target applies through F, within the pause budget.
+        running.phase.send_replace(Phase::Draining);
+        let drain_started = Instant::now();
+        let budget = options.max_pause.saturating_sub(held_at.elapsed());
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let state = running.state.borrow_and_update().clone();
+            if state.applied_through(fence.fenced_position) {
+                break;
+            }
+            if let Some(reason) = &state.failed {
+                return Err(format!("the agent stream broke during the cutover: {reason}"));
+            }
+            if let Some(reason) = &state.broken {
+                return Err(format!("the agent stream broke during the cutover: {reason}"));
+            }
+            if tokio::time::timeout_at(deadline, running.state.changed()).await.is_err() {
+                return Err(format!(
+                    "the target did not apply through the fenced position {} within --max-pause {:?} (it holds seq {} of {}, source position {})",
+                    fence.fenced_position,
+                    options.max_pause,
+                    state.applied_seq,
+                    state.source_position_seq,
+                    state.source_position
+                ));
+            }
+        }
+        report.drain_ms = Some(ms(drain_started.elapsed()));
+
+        // Step 8: switch and release.
+        running.phase.send_replace(Phase::Switching);
+        running
+            .gateway
+            .switch(SwitchRequest {
+                epoch,
+                upstream_url: running.target_description.control_plane_url.clone(),
+            })
+            .await
+            .map_err(|status| format!("the gateway could not switch to the new plane: {}: {}", status.code(), status.message()))?;
+        Ok(())
+    }
+    .await;
+
+    match result {
+        Ok(()) => {
+            let released = release(&mut running.gateway, epoch).await;
+            let pause = held_at.elapsed();
+            report.pause_window_ms = Some(ms(pause));
+            report.switch_ms = Some(
+                ms(pause)
+                    - report.hold_ms.unwrap_or(0.0)
+                    - report.fence_ms.unwrap_or(0.0)
+                    - report.drain_ms.unwrap_or(0.0),
+            );
+            match released {
+                Ok(release) => {
+                    report.released_writes = release.released_writes;
+                    report.rejected_writes = release.rejected_writes;
+                }
+                Err(reason) => {
+                    warn!(%reason, "the gateway switched but did not confirm the release")
+                }
+            }
+            report.upstream_url = running.target_description.control_plane_url.clone();
+            running.phase.send_replace(Phase::Switched);
+            info!(
+                epoch,
+                pause_ms = report.pause_window_ms,
+                "switched to the new plane"
+            );
+        }
+        Err(reason) => {
+            warn!(%reason, "cutover failed: rolling back");
+            running.phase.send_replace(Phase::RollingBack);
+            if fenced && let Err(status) = running.source.unfence(UnfenceRequest { epoch }).await {
+                warn!(status = %status.message(), "the source agent did not unfence");
+            }
+            match release(&mut running.gateway, epoch).await {
+                Ok(release) => {
+                    report.released_writes = release.released_writes;
+                    report.rejected_writes = release.rejected_writes;
+                }
+                Err(error) => warn!(%error, "the gateway did not release the held writes"),
+            }
+            report.pause_window_ms = Some(ms(held_at.elapsed()));
+            let status = running
+                .gateway
+                .status(GatewayStatusRequest {})
+                .await
+                .map(|answer| answer.into_inner().upstream_url)
+                .unwrap_or_default();
+            report.upstream_url = status;
+            running.phase.send_replace(Phase::RolledBack);
+            report.outcome = Outcome::RolledBack { reason };
+        }
+    }
+    let state = running.state.borrow().clone();
+    if let Some(start) = &state.start {
+        report.stream_id = start.stream_id.clone();
+        report.snapshot_position = start.snapshot_position;
+    }
+    report.snapshot_ops = state.snapshot_through_seq.unwrap_or(0);
+    report.ops_moved = state.applied_seq;
+    report.reconnects = state.reconnects;
+    report.elapsed_ms = ms(running.started.elapsed());
+    report.lag = running
+        .lag
+        .lock()
+        .map(|samples| samples.clone())
+        .unwrap_or_default();
+    Ok(report)
+}
+
+async fn release(
+    gateway: &mut GatewayClient,
+    epoch: u64,
+) -> Result<ferry_proto::v1::ReleaseResponse, String> {
+    let mut last = String::new();
+    for attempt in 0..5 {
+        match gateway.release(ReleaseRequest { epoch }).await {
+            Ok(answer) => return Ok(answer.into_inner()),
+            Err(status) => {
+                last = format!("{}: {}", status.code(), status.message());
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+    Err(last)
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Samples the lag and writes the status file until the migration ends.
+async fn monitor(
+    mut state: watch::Receiver<RelayState>,
+    mut phase: watch::Receiver<Phase>,
+    epoch: u64,
+    started: Instant,
+    samples: Arc<std::sync::Mutex<Vec<LagSample>>>,
+    status_file: Option<PathBuf>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let ended = tokio::select! {
+            _ = tick.tick() => false,
+            changed = phase.changed() => changed.is_err(),
+        };
+        let now = state.borrow_and_update().clone();
+        let current = *phase.borrow();
+        let sample = LagSample {
+            at_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            positions: now.lag_positions(),
+            ops: now.sent_seq.saturating_sub(now.applied_seq),
+        };
+        if let Ok(mut samples) = samples.lock() {
+            // One sample a second is plenty for a long migration; keep the
+            // list bounded.
+            let keep = samples.last().is_none_or(|last| {
+                sample.at_ms >= last.at_ms + 1000
+                    || matches!(current, Phase::Holding | Phase::Fencing | Phase::Draining)
+            });
+            if keep && samples.len() < 100_000 {
+                samples.push(sample);
+            }
+        }
+        if let Some(path) = &status_file {
+            let status = MigrationStatus {
+                phase: current,
+                epoch,
+                stream_id: now
+                    .start
+                    .as_ref()
+                    .map(|start| start.stream_id.clone())
+                    .unwrap_or_default(),
+                snapshot_position: now
+                    .start
+                    .as_ref()
+                    .map_or(0, |start| start.snapshot_position),
+                sent_through_seq: now.sent_seq,
+                applied_through_seq: now.applied_seq,
+                head_position: now.head_position,
+                lag_positions: sample.positions,
+                lag_ops: sample.ops,
+                reconnects: now.reconnects,
+                broken: now.broken.clone(),
+                updated_at: time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            };
+            if let Err(error) = write_status(path, &status) {
+                warn!(path = %path.display(), %error, "cannot write the migration status");
+            }
+        }
+        if ended || matches!(current, Phase::Switched | Phase::RolledBack | Phase::Failed) {
+            return;
+        }
+    }
+}
+
+/// Writes the status atomically: a reader never sees half of it.
+fn write_status(path: &std::path::Path, status: &MigrationStatus) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let text = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Reads what a running (or the last) migration wrote.
+pub fn read_status(path: &std::path::Path) -> std::io::Result<MigrationStatus> {
+    let text = std::fs::read(path)?;
+    serde_json::from_slice(&text).map_err(std::io::Error::other)
+}

@@ -1,0 +1,338 @@
+//! `ferry migrate --live` and `ferry migrate status`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use ferry_agent::client::ClientOptions;
+use ferry_agent::migrate::{
+    self, MigrateOptions, MigrationReport, MigrationStatus, Outcome, Tee, read_status,
+};
+use ferry_engine::adapters::Extraction;
+use ferry_engine::backup::{ExtractOptions, write_backup};
+use ferry_engine::manifest::SourceInfo;
+use ferry_engine::progress::Progress;
+use ferry_engine::store::BackupStore;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::commands::UsageError;
+use crate::exit;
+use crate::gateway::parse_duration;
+use crate::{GlobalOptions, OutputFormat};
+
+/// `ferry migrate`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    command: Option<MigrateCommand>,
+    #[command(flatten)]
+    live: LiveArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateCommand {
+    /// Show the phase, lag and epoch of the running (or the last) migration.
+    Status(StatusArgs),
+}
+
+/// `ferry migrate --live ...`.
+#[derive(Debug, Args)]
+struct LiveArgs {
+    /// Migrate a live control plane while its clients write through the gateway.
+    #[arg(long)]
+    live: bool,
+    /// The SourceAgent beside the old plane (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    source_agent: Option<String>,
+    /// The TargetAgent beside the new plane (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    target_agent: Option<String>,
+    /// The gateway's admin address (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// The longest clients' writes may be held at cutover, e.g. 2s or 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    max_pause: Duration,
+    /// Cut over once the target is at most this many source positions
+    /// (etcd revisions) behind.
+    #[arg(long, value_name = "OPS", default_value_t = 100)]
+    max_lag: u64,
+    /// Only keys starting with this prefix.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Give up (before holding anything) when the target has not caught up by then.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    catch_up_timeout: Duration,
+    /// Retry a broken agent stream this long without progress before giving up.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    reconnect_timeout: Duration,
+    /// Follow the live changes at least this long before cutting over (a soak period).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    follow_at_least: Duration,
+    /// Also write the stream to this store, sealed as a backup when the migration ends.
+    #[arg(long, value_name = "STORE_URL")]
+    tee: Option<String>,
+    /// Print the steps the migration would take, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where the running migration keeps its status for `ferry migrate status`.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
+    /// A file whose first line is the agents' bearer token (else FERRY_AGENT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk TLS to the agents and the gateway's admin service, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    agent_ca_file: Option<PathBuf>,
+}
+
+/// `ferry migrate status`.
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The status file the migration writes.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
+}
+
+/// The status file when none is named: one per machine, in the temp folder.
+fn default_status_file() -> PathBuf {
+    std::env::temp_dir().join("ferry-migrate-status.json")
+}
+
+pub async fn migrate(args: MigrateArgs, global: GlobalOptions) -> Result<u8> {
+    match args.command {
+        Some(MigrateCommand::Status(status)) => show_status(status, global),
+        None => live(args.live, global).await,
+    }
+}
+
+fn show_status(args: StatusArgs, global: GlobalOptions) -> Result<u8> {
+    let path = args.status_file.unwrap_or_else(default_status_file);
+    let status = read_status(&path).with_context(|| {
+        format!(
+            "no migration status at {} (is a migration running, with this --status-file?)",
+            path.display()
+        )
+    })?;
+    match global.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        OutputFormat::Text => print_status(&status),
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn print_status(status: &MigrationStatus) {
+    println!(
+        "phase       {}\nepoch       {}\nstream      {}\nsnapshot    at position {}\napplied     {} of {} ops received\nlag         {} positions, {} ops\nhead        position {}\nreconnects  {}{}\nupdated     {}",
+        serde_json::to_value(status.phase)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        status.epoch,
+        status.stream_id,
+        status.snapshot_position,
+        status.applied_through_seq,
+        status.sent_through_seq,
+        status.lag_positions,
+        status.lag_ops,
+        status.head_position,
+        status.reconnects,
+        status
+            .broken
+            .as_ref()
+            .map(|broken| format!(" (now: {broken})"))
+            .unwrap_or_default(),
+        status.updated_at,
+    );
+}
+
+async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
+    if !args.live {
+        return Err(UsageError(
+            "ferry migrate needs --live (a live migration through the gateway) or `status`"
+                .to_owned(),
+        )
+        .into());
+    }
+    let missing = |flag: &str| UsageError(format!("ferry migrate --live needs {flag}"));
+    let options = MigrateOptions {
+        source_agent: args
+            .source_agent
+            .ok_or_else(|| missing("--source-agent ADDR"))?,
+        target_agent: args
+            .target_agent
+            .ok_or_else(|| missing("--target-agent ADDR"))?,
+        gateway: args.gateway.ok_or_else(|| missing("--gateway ADDR"))?,
+        client: ClientOptions {
+            tls_ca_file: args.agent_ca_file,
+            ..ClientOptions::with_token_from(args.token_file.as_ref())
+                .map_err(|error| UsageError(error.to_string()))?
+        },
+        max_pause: args.max_pause,
+        max_lag: args.max_lag,
+        key_prefix: args.prefix.unwrap_or_default().into_bytes(),
+        catch_up_timeout: args.catch_up_timeout,
+        reconnect_timeout: args.reconnect_timeout,
+        follow_at_least: args.follow_at_least,
+        status_file: Some(args.status_file.unwrap_or_else(default_status_file)),
+    };
+    if args.dry_run {
+        let plan = match migrate::plan(&options).await {
+            Ok(plan) => plan,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return Ok(exit::MIGRATION_FAILED);
+            }
+        };
+        match global.output {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+            OutputFormat::Text => {
+                println!(
+                    "dry run: nothing changes\n  source   {}\n  target   {}\n  gateway  sends clients to {}\n  epoch    {}",
+                    plan.source, plan.target, plan.gateway_upstream, plan.epoch
+                );
+                for (number, step) in plan.steps.iter().enumerate() {
+                    println!("  {}. {step}", number + 1);
+                }
+            }
+        }
+        return Ok(exit::SUCCESS);
+    }
+
+    let (tee, tee_task) = match &args.tee {
+        Some(url) => {
+            let store = BackupStore::open(url, true).map_err(ferry_engine::Error::from)?;
+            let (ops, receiver) = mpsc::channel(16);
+            let (started, start_receiver) = oneshot::channel();
+            let task = tokio::spawn(tee_backup(store, receiver, start_receiver));
+            (Some((Tee { ops }, started)), Some(task))
+        }
+        None => (None, None),
+    };
+    let (tee, started) = match tee {
+        Some((tee, started)) => (Some(tee), Some(started)),
+        None => (None, None),
+    };
+    let result = migrate::migrate(options, tee, started).await;
+    let tee_backup = match tee_task {
+        Some(task) => Some(task.await.context("the --tee writer stopped")?),
+        None => None,
+    };
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Ok(exit::MIGRATION_FAILED);
+        }
+    };
+    let tee_line = match &tee_backup {
+        Some(Ok(Some(id))) => Some(format!("backup {id} sealed beside the migration")),
+        Some(Ok(None)) => Some("no backup: the stream never started".to_owned()),
+        Some(Err(error)) => Some(format!("the --tee backup failed: {error:#}")),
+        None => None,
+    };
+    if !global.quiet {
+        match global.output {
+            OutputFormat::Json => {
+                let mut value = serde_json::to_value(&report)?;
+                if let (Some(line), Some(object)) = (&tee_line, value.as_object_mut()) {
+                    object.insert("tee".to_owned(), serde_json::Value::from(line.clone()));
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
+            OutputFormat::Text => print_report(&report, tee_line.as_deref()),
+        }
+    }
+    Ok(match report.outcome {
+        Outcome::Switched => exit::SUCCESS,
+        Outcome::RolledBack { .. } => exit::MIGRATION_FAILED,
+    })
+}
+
+fn print_report(report: &MigrationReport, tee: Option<&str>) {
+    let ms = |value: Option<f64>| value.map_or("-".to_owned(), |value| format!("{value:.1} ms"));
+    match &report.outcome {
+        Outcome::Switched => println!(
+            "switched: clients now write to {} (epoch {})",
+            report.upstream_url, report.epoch
+        ),
+        Outcome::RolledBack { reason } => println!(
+            "rolled back: clients write to {} as before (epoch {})\n  why         {reason}",
+            report.upstream_url, report.epoch
+        ),
+    }
+    println!(
+        "  pause       {} (hold {}, fence {}, drain {}, switch {})\n  writes      {} drained at hold, {} held and released, {} refused UNAVAILABLE\n  ops moved   {} ({} in the snapshot at position {}, fenced at {})\n  stream      {} ({} reconnects)\n  time        {:.2} s",
+        ms(report.pause_window_ms),
+        ms(report.hold_ms),
+        ms(report.fence_ms),
+        ms(report.drain_ms),
+        ms(report.switch_ms),
+        report.drained_writes,
+        report.released_writes,
+        report.rejected_writes,
+        report.ops_moved,
+        report.snapshot_ops,
+        report.snapshot_position,
+        report
+            .fenced_position
+            .map_or("-".to_owned(), |position| position.to_string()),
+        report.stream_id,
+        report.reconnects,
+        report.elapsed_ms / 1000.0,
+    );
+    let peak = report.lag.iter().map(|sample| sample.positions).max();
+    if let (Some(peak), Some(last)) = (peak, report.lag.last()) {
+        println!(
+            "  lag         peak {peak} positions, {} at the end ({} samples; --output json lists them)",
+            last.positions,
+            report.lag.len()
+        );
+    }
+    if let Some(tee) = tee {
+        println!("  tee         {tee}");
+    }
+}
+
+/// Writes the migration's stream into `store` as a backup, sealed when the
+/// stream ends; `Ok(None)` when it never started.
+async fn tee_backup(
+    store: BackupStore,
+    ops: mpsc::Receiver<Vec<ferry_engine::Op>>,
+    started: oneshot::Receiver<(
+        ferry_proto::v1::StreamStart,
+        ferry_proto::v1::DescribeResponse,
+    )>,
+) -> Result<Option<String>> {
+    let Ok((start, source)) = started.await else {
+        return Ok(None);
+    };
+    let info = SourceInfo {
+        platform: source.platform.clone(),
+        platform_version: Some(source.platform_version.clone()).filter(|text| !text.is_empty()),
+        identity: Some(source.identity.clone()).filter(|text| !text.is_empty()),
+        snapshot_position: Some(start.snapshot_position),
+        key_prefix: None,
+        description: Some(format!(
+            "live migration stream {}: the snapshot and the changes relayed until the migration ended",
+            start.stream_id
+        )),
+    };
+    let extraction = Extraction {
+        info,
+        ops: ReceiverStream::new(ops).map(Ok).boxed(),
+    };
+    let manifest = write_backup(
+        &store,
+        extraction,
+        ExtractOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await?;
+    Ok(Some(manifest.backup_id))
+}

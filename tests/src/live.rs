@@ -1,0 +1,468 @@
+//! A live migration's moving parts for tests and benches: two etcds, the
+//! two agents and the gateway as `ferry` processes, writer clients that
+//! record how each write was answered, and the history each key must have
+//! in the new etcd afterwards.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::request_op::Request;
+use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
+use ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion;
+use ferry_proto::etcd::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
+    WatchRequest,
+};
+use ferry_proto::etcd::mvccpb::event::EventType;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use crate::etcd::EtcdServer;
+use crate::process::{FerryProcess, TcpProxy};
+
+/// Every key the test writes starts with this.
+pub const PREFIX: &str = "/live/";
+/// Writer clients.
+pub const WRITERS: usize = 4;
+/// Keys each writer owns (one writer per key).
+pub const KEYS_PER_WRITER: usize = 12;
+/// Keys in the old etcd before anything starts.
+pub const SEEDED_KEYS: usize = 500;
+
+/// What a write did to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The key now holds this value.
+    Put(Vec<u8>),
+    /// The key is gone.
+    Delete,
+}
+
+/// One write a client made, and how it was answered.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// Which writer.
+    pub writer: usize,
+    /// Its number among the writer's writes, from 1.
+    pub number: u64,
+    /// What it does to which keys.
+    pub effects: Vec<(Vec<u8>, Effect)>,
+    /// How it was answered.
+    pub answer: Result<Answer, (tonic::Code, String)>,
+}
+
+/// Which etcd answered, and at what revision.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    /// The answering etcd's cluster id.
+    pub cluster_id: u64,
+    /// The revision in its answer's header.
+    pub revision: i64,
+    /// For a delete: keys it deleted (a delete of a missing key changes nothing).
+    pub deleted: i64,
+}
+
+/// A KV client of the etcd (or gateway) at `endpoint`.
+pub async fn kv(endpoint: &str) -> KvClient<Channel> {
+    KvClient::connect(format!("http://{endpoint}"))
+        .await
+        .expect("etcd answers")
+}
+
+/// The cluster id and current revision of the etcd at `endpoint`.
+pub async fn cluster_id_and_revision(endpoint: &str) -> (u64, i64) {
+    let header = kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key: b"/".to_vec(),
+            limit: 1,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .header
+        .expect("a header");
+    (header.cluster_id, header.revision)
+}
+
+/// The `index`th key of `writer`.
+pub fn writer_key(writer: usize, index: usize) -> Vec<u8> {
+    format!("{PREFIX}w{writer}/k{index:02}").into_bytes()
+}
+
+/// Fills the old etcd before the migration.
+pub async fn seed(endpoint: &str) {
+    let mut client = kv(endpoint).await;
+    for index in 0..SEEDED_KEYS {
+        client
+            .put(PutRequest {
+                key: format!("{PREFIX}seed/{index:05}").into_bytes(),
+                value: format!("seeded value {index} {}", "x".repeat(150)).into_bytes(),
+                ..PutRequest::default()
+            })
+            .await
+            .expect("seed put");
+    }
+    for writer in 0..WRITERS {
+        for index in 0..KEYS_PER_WRITER {
+            client
+                .put(PutRequest {
+                    key: writer_key(writer, index),
+                    value: format!("w{writer} initial {index}").into_bytes(),
+                    ..PutRequest::default()
+                })
+                .await
+                .expect("seed put");
+        }
+    }
+}
+
+/// One client: puts, deletes and Txns with unique values on its own keys,
+/// one at a time, through the gateway, until told to stop.
+pub async fn writer(
+    writer: usize,
+    gateway: String,
+    stop: Arc<AtomicBool>,
+    pace: Duration,
+) -> Vec<Write> {
+    let mut rng = StdRng::seed_from_u64(writer as u64 * 7919 + 1);
+    let mut client = kv(&gateway).await;
+    let mut writes = Vec::new();
+    let mut number = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        number += 1;
+        let value = |key: usize| format!("w{writer} n{number} k{key}").into_bytes();
+        let roll = rng.random_range(0..10);
+        let first = rng.random_range(0..KEYS_PER_WRITER);
+        let (effects, answer) = if roll < 6 {
+            let key = writer_key(writer, first);
+            let result = client
+                .put(PutRequest {
+                    key: key.clone(),
+                    value: value(first),
+                    ..PutRequest::default()
+                })
+                .await;
+            let answer = result.map(|answer| {
+                let header = answer.into_inner().header.unwrap_or_default();
+                Answer {
+                    cluster_id: header.cluster_id,
+                    revision: header.revision,
+                    deleted: 0,
+                }
+            });
+            (vec![(key, Effect::Put(value(first)))], answer)
+        } else if roll < 8 {
+            let key = writer_key(writer, first);
+            let result = client
+                .delete_range(DeleteRangeRequest {
+                    key: key.clone(),
+                    ..DeleteRangeRequest::default()
+                })
+                .await;
+            let answer = result.map(|answer| {
+                let answer = answer.into_inner();
+                let header = answer.header.unwrap_or_default();
+                Answer {
+                    cluster_id: header.cluster_id,
+                    revision: header.revision,
+                    deleted: answer.deleted,
+                }
+            });
+            (vec![(key, Effect::Delete)], answer)
+        } else {
+            let second = (first + 1 + rng.random_range(0..KEYS_PER_WRITER - 1)) % KEYS_PER_WRITER;
+            let keys = [first, second];
+            let success = keys
+                .iter()
+                .map(|&index| RequestOp {
+                    request: Some(Request::RequestPut(PutRequest {
+                        key: writer_key(writer, index),
+                        value: value(index),
+                        ..PutRequest::default()
+                    })),
+                })
+                .collect();
+            let result = client
+                .txn(TxnRequest {
+                    compare: Vec::new(),
+                    success,
+                    failure: Vec::new(),
+                })
+                .await;
+            let answer = result.map(|answer| {
+                let header = answer.into_inner().header.unwrap_or_default();
+                Answer {
+                    cluster_id: header.cluster_id,
+                    revision: header.revision,
+                    deleted: 0,
+                }
+            });
+            (
+                keys.iter()
+                    .map(|&index| (writer_key(writer, index), Effect::Put(value(index))))
+                    .collect(),
+                answer,
+            )
+        };
+        writes.push(Write {
+            writer,
+            number,
+            effects,
+            answer: answer.map_err(|status| (status.code(), status.message().to_owned())),
+        });
+        tokio::time::sleep(pace).await;
+    }
+    writes
+}
+
+/// Every change under the prefix in `endpoint`'s history, per key, in order
+/// (a Watch from revision 1: the test's etcds are never compacted).
+pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
+    let (_, head) = cluster_id_and_revision(endpoint).await;
+    let mut client = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .expect("etcd answers");
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    sender
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: PREFIX.as_bytes().to_vec(),
+                range_end: prefix_end(PREFIX.as_bytes()),
+                start_revision: 1,
+                ..WatchCreateRequest::default()
+            })),
+        })
+        .await
+        .expect("send");
+    let mut stream = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut changes: BTreeMap<Vec<u8>, Vec<Effect>> = BTreeMap::new();
+    let mut seen = 0;
+    while seen < head {
+        let Ok(Some(response)) = tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .map(|message| message.expect("watch stream"))
+        else {
+            break;
+        };
+        for event in response.events {
+            let kv = event.kv.expect("an event has its kv");
+            seen = seen.max(kv.mod_revision);
+            let effect = if event.r#type == EventType::Delete as i32 {
+                Effect::Delete
+            } else {
+                Effect::Put(kv.value)
+            };
+            changes.entry(kv.key).or_default().push(effect);
+        }
+    }
+    drop(sender);
+    changes
+}
+
+/// The end of the range of keys starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("a prefix") += 1;
+    end
+}
+
+/// What each key's history in the new etcd must be: its value at the
+/// snapshot's revision R (from the seed and the writes the old etcd took at
+/// or before R), then every change after R in order: those the old etcd
+/// took, then those the new one took.
+pub fn expected_history(
+    writes: &[Write],
+    old_cluster: u64,
+    new_cluster: u64,
+    snapshot_position: i64,
+) -> BTreeMap<Vec<u8>, Vec<Effect>> {
+    let mut at_snapshot: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for index in 0..SEEDED_KEYS {
+        at_snapshot.insert(
+            format!("{PREFIX}seed/{index:05}").into_bytes(),
+            Some(format!("seeded value {index} {}", "x".repeat(150)).into_bytes()),
+        );
+    }
+    for writer in 0..WRITERS {
+        for index in 0..KEYS_PER_WRITER {
+            at_snapshot.insert(
+                writer_key(writer, index),
+                Some(format!("w{writer} initial {index}").into_bytes()),
+            );
+        }
+    }
+    // Old-plane changes after R and new-plane changes, in revision order
+    // per plane (each key has one writer, so this is its ack order too).
+    let mut after_old: Vec<(i64, &Write)> = Vec::new();
+    let mut after_new: Vec<(i64, &Write)> = Vec::new();
+    let mut old_writes: Vec<(i64, &Write)> = Vec::new();
+    for write in writes {
+        let Ok(answer) = &write.answer else { continue };
+        if answer.cluster_id == old_cluster {
+            old_writes.push((answer.revision, write));
+            if answer.revision > snapshot_position {
+                after_old.push((answer.revision, write));
+            }
+        } else {
+            assert_eq!(
+                answer.cluster_id, new_cluster,
+                "write {}/{} was answered by an etcd that is neither plane",
+                write.writer, write.number
+            );
+            after_new.push((answer.revision, write));
+        }
+    }
+    old_writes.sort_by_key(|(revision, _)| *revision);
+    for (revision, write) in &old_writes {
+        if *revision > snapshot_position {
+            break;
+        }
+        for (key, effect) in &write.effects {
+            let changed = matches!(effect, Effect::Put(_))
+                || write.answer.as_ref().is_ok_and(|answer| answer.deleted > 0);
+            if changed {
+                at_snapshot.insert(
+                    key.clone(),
+                    match effect {
+                        Effect::Put(value) => Some(value.clone()),
+                        Effect::Delete => None,
+                    },
+                );
+            }
+        }
+    }
+    let mut expected: BTreeMap<Vec<u8>, Vec<Effect>> = BTreeMap::new();
+    for (key, value) in at_snapshot {
+        if let Some(value) = value {
+            expected.entry(key).or_default().push(Effect::Put(value));
+        }
+    }
+    after_old.sort_by_key(|(revision, _)| *revision);
+    after_new.sort_by_key(|(revision, _)| *revision);
+    for (_, write) in after_old.iter().chain(after_new.iter()) {
+        let deleted = write.answer.as_ref().map_or(0, |answer| answer.deleted);
+        for (key, effect) in &write.effects {
+            if *effect == Effect::Delete && deleted == 0 {
+                continue;
+            }
+            expected
+                .entry(key.clone())
+                .or_default()
+                .push(effect.clone());
+        }
+    }
+    expected
+}
+
+/// The servers of one migration: two etcds, two agents, a gateway.
+pub struct Cluster {
+    /// The plane migrated from.
+    pub old: EtcdServer,
+    /// The plane migrated to.
+    pub new: EtcdServer,
+    /// `ferry agent source` beside the old etcd.
+    pub source_agent: FerryProcess,
+    /// `ferry agent target` beside the new etcd.
+    pub target_agent: FerryProcess,
+    /// `ferry gateway`, in front of the old etcd at first.
+    pub gateway: FerryProcess,
+    /// The migration reaches the source agent through this, so a test can cut it.
+    pub source_link: TcpProxy,
+}
+
+impl Cluster {
+    /// Starts both etcds (the old one seeded), both agents and the gateway.
+    pub async fn start() -> Self {
+        let old = EtcdServer::start().expect("old etcd");
+        let new = EtcdServer::start().expect("new etcd");
+        seed(&old.endpoint()).await;
+        let source_agent = FerryProcess::start(
+            &[
+                "agent",
+                "source",
+                "--control-plane",
+                &old.url(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        )
+        .expect("source agent");
+        let target_agent = start_target_agent(&new, "127.0.0.1:0");
+        let gateway = FerryProcess::start(
+            &[
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &old.url(),
+            ],
+            &[],
+        )
+        .expect("gateway");
+        let source_link = TcpProxy::start(&source_agent.field("listen"))
+            .await
+            .expect("proxy");
+        Self {
+            old,
+            new,
+            source_agent,
+            target_agent,
+            gateway,
+            source_link,
+        }
+    }
+
+    /// `ferry migrate --live` arguments for this cluster, reporting in JSON.
+    pub fn migrate_args(&self, status_file: &std::path::Path) -> Vec<String> {
+        [
+            "--output",
+            "json",
+            "migrate",
+            "--live",
+            "--source-agent",
+            &self.source_link.address(),
+            "--target-agent",
+            &self.target_agent.field("listen"),
+            "--gateway",
+            &self.gateway.field("admin"),
+            "--max-pause",
+            "2s",
+            "--max-lag",
+            "20",
+            "--reconnect-timeout",
+            "30s",
+            "--status-file",
+            &status_file.display().to_string(),
+        ]
+        .iter()
+        .map(|argument| argument.to_string())
+        .collect()
+    }
+}
+
+/// Starts a target agent beside `new`, listening on `listen`.
+pub fn start_target_agent(new: &EtcdServer, listen: &str) -> FerryProcess {
+    FerryProcess::start(
+        &[
+            "agent",
+            "target",
+            "--control-plane",
+            &new.url(),
+            "--listen",
+            listen,
+        ],
+        &[],
+    )
+    .expect("target agent")
+}

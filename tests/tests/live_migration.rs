@@ -1,0 +1,405 @@
+//! Live migration with cutover (issue 4's correctness test): writer clients
+//! keep writing through `ferry gateway` while `ferry migrate --live` moves an
+//! etcd onto a new one and switches them over. Afterwards:
+//! - every write acknowledged to a client is in the new etcd, and each key's
+//!   history there is exactly the history its acknowledgements say (the
+//!   snapshot's value, then every later change in order): nothing lost,
+//!   duplicated or reordered;
+//! - no write that failed is there;
+//! - the old etcd took no write after it was fenced, and every write answered
+//!   after the switch was answered by the new etcd.
+//!
+//! The same run again under faults: the target agent killed with -9 while it
+//! follows (and restarted), the link to the source agent cut for seconds, a
+//! stale agent of an older epoch, the new etcd failing during the cutover.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use ferry_tests::ferry_binary;
+use ferry_tests::live::{
+    Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
+    start_target_agent, writer,
+};
+
+/// A fault to inject while the migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// kill -9 the target agent while it follows, restart it on its address.
+    KillTargetAgent,
+    /// Cut the link to the source agent for a few seconds.
+    CutSourceLink,
+    /// Stop the new etcd (SIGSTOP) just as the cutover holds writes.
+    NewEtcdFailsAtCutover,
+}
+
+struct Outcome {
+    report: serde_json::Value,
+    exit_code: Option<i32>,
+    writes: Vec<Write>,
+}
+
+/// Runs writers, a live migration with `fault`, and more writes after it.
+async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&str]) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|index| {
+            tokio::spawn(writer(
+                index,
+                cluster.gateway.field("listen"),
+                stop.clone(),
+                Duration::from_millis(5),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let status_dir = tempfile::tempdir().expect("temp dir");
+    let status_file = status_dir.path().join("status.json");
+    let mut args = cluster.migrate_args(&status_file);
+    // An option given here replaces the cluster's default for it.
+    for option in extra_args
+        .iter()
+        .filter(|argument| argument.starts_with("--"))
+    {
+        if let Some(at) = args.iter().position(|argument| argument == option) {
+            args.drain(at..at + 2);
+        }
+    }
+    args.extend(extra_args.iter().map(|argument| argument.to_string()));
+    let migrate = tokio::process::Command::new(ferry_binary())
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ferry migrate starts");
+
+    match fault {
+        Fault::None => {}
+        Fault::KillTargetAgent => {
+            wait_for_phase(&status_file, "following").await;
+            let listen = cluster.target_agent.field("listen");
+            cluster.target_agent.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.target_agent = start_target_agent(&cluster.new, &listen);
+        }
+        Fault::CutSourceLink => {
+            wait_for_phase(&status_file, "following").await;
+            cluster.source_link.cut();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            cluster.source_link.restore();
+        }
+        Fault::NewEtcdFailsAtCutover => {
+            // The cutover starts when the soak ends, whatever the lag; the
+            // new etcd stops answering a little before.
+            wait_for_phase(&status_file, "following").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            signal(cluster.new.pid(), "-STOP");
+        }
+    }
+
+    let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
+        .await
+        .expect("the migration ends")
+        .expect("ferry migrate runs");
+    if fault == Fault::NewEtcdFailsAtCutover {
+        signal(cluster.new.pid(), "-CONT");
+    }
+    // Writes go on after the switch (or the rollback).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut writes = Vec::new();
+    for task in writers {
+        writes.extend(task.await.expect("writer"));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!(
+            "ferry migrate printed no JSON report ({error}): stdout {stdout}\nstderr {}\nsource agent: {}\ntarget agent: {}\ngateway: {}",
+            String::from_utf8_lossy(&output.stderr),
+            cluster.source_agent.stderr(),
+            cluster.target_agent.stderr(),
+            cluster.gateway.stderr()
+        )
+    });
+    eprintln!("report: {report}");
+    Outcome {
+        report,
+        exit_code: output.status.code(),
+        writes,
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+async fn wait_for_phase(status_file: &std::path::Path, phase: &str) {
+    for _ in 0..600 {
+        if let Ok(text) = std::fs::read_to_string(status_file)
+            && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
+            && status["phase"] == phase
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the migration never reached phase {phase}");
+}
+
+/// The checks after a migration that switched.
+async fn assert_switched_without_loss(cluster: &Cluster, outcome: &Outcome) {
+    let report = &outcome.report;
+    assert_eq!(report["outcome"], "switched", "{report}");
+    assert_eq!(outcome.exit_code, Some(0));
+    let (old_cluster, old_revision) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let (new_cluster, _) = cluster_id_and_revision(&cluster.new.endpoint()).await;
+    let fenced = report["fenced_position"].as_i64().expect("fenced position");
+    let snapshot = report["snapshot_position"]
+        .as_i64()
+        .expect("snapshot position");
+    assert_eq!(
+        old_revision, fenced,
+        "the old etcd took a write after it was fenced"
+    );
+    let answered_by_new = outcome
+        .writes
+        .iter()
+        .filter(|write| {
+            write
+                .answer
+                .as_ref()
+                .is_ok_and(|answer| answer.cluster_id == new_cluster)
+        })
+        .count();
+    assert!(
+        answered_by_new > 0,
+        "no write reached the new etcd after the switch"
+    );
+    let mut failed = 0;
+    for write in &outcome.writes {
+        if let Err((code, message)) = &write.answer {
+            failed += 1;
+            assert_eq!(
+                *code,
+                tonic::Code::Unavailable,
+                "write {}/{} failed with something other than UNAVAILABLE: {message}",
+                write.writer,
+                write.number
+            );
+        }
+        if let Ok(answer) = &write.answer
+            && answer.cluster_id == old_cluster
+        {
+            assert!(
+                answer.revision <= fenced,
+                "the old etcd acknowledged a write after the fence"
+            );
+        }
+    }
+    let expected = expected_history(&outcome.writes, old_cluster, new_cluster, snapshot);
+    let actual = history(&cluster.new.endpoint()).await;
+    let mut mismatches = Vec::new();
+    for (key, want) in &expected {
+        let got = actual.get(key).cloned().unwrap_or_default();
+        if &got != want {
+            mismatches.push(format!(
+                "{}: expected {:?}\n  got {:?}",
+                String::from_utf8_lossy(key),
+                want.iter().map(show).collect::<Vec<_>>(),
+                got.iter().map(show).collect::<Vec<_>>()
+            ));
+        }
+    }
+    for key in actual.keys() {
+        if !expected.contains_key(key) {
+            mismatches.push(format!(
+                "{} is in the new etcd but was never written",
+                String::from_utf8_lossy(key)
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} keys differ from their acknowledged history ({} writes, {failed} failed):\n{}",
+        mismatches.len(),
+        outcome.writes.len(),
+        mismatches
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn show(effect: &Effect) -> String {
+    match effect {
+        Effect::Put(value) => String::from_utf8_lossy(value).chars().take(24).collect(),
+        Effect::Delete => "<deleted>".to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_keep_writing_through_a_live_migration_and_lose_nothing() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(&mut cluster, Fault::None, &[]).await;
+    assert_switched_without_loss(&cluster, &outcome).await;
+    let pause = outcome.report["pause_window_ms"].as_f64().expect("a pause");
+    assert!(pause > 0.0);
+    eprintln!(
+        "pause window {pause:.1} ms, {} writes",
+        outcome.writes.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_agent_killed_while_following_resumes_and_applies_nothing_twice() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::KillTargetAgent,
+        &["--follow-at-least", "4s"],
+    )
+    .await;
+    assert_switched_without_loss(&cluster, &outcome).await;
+    assert!(
+        outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the stream was never resumed: {}",
+        outcome.report
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_link_to_the_source_agent_is_resumed() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::CutSourceLink,
+        &["--follow-at-least", "6s"],
+    )
+    .await;
+    assert_switched_without_loss(&cluster, &outcome).await;
+    assert!(
+        outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the stream was never resumed: {}",
+        outcome.report
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_new_etcd_failing_at_cutover_rolls_back_and_loses_nothing() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::NewEtcdFailsAtCutover,
+        &["--follow-at-least", "3s", "--max-lag", "1000000000"],
+    )
+    .await;
+    assert_eq!(
+        outcome.report["outcome"], "rolled_back",
+        "{}",
+        outcome.report
+    );
+    assert_eq!(outcome.exit_code, Some(8));
+    // Clients write to the old etcd as before: every write answered was
+    // answered by it, and the gateway still sends them there.
+    let (old_cluster, _) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let mut held_and_refused = 0;
+    for write in &outcome.writes {
+        match &write.answer {
+            Ok(answer) => assert_eq!(
+                answer.cluster_id, old_cluster,
+                "a write was answered by the new etcd after a rollback"
+            ),
+            Err((code, _)) => {
+                assert_eq!(*code, tonic::Code::Unavailable);
+                held_and_refused += 1;
+            }
+        }
+    }
+    // Every acknowledged write is in the old etcd: its final state per key
+    // is the last acknowledged write's.
+    let mut last: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let mut ordered: Vec<&Write> = outcome
+        .writes
+        .iter()
+        .filter(|write| write.answer.is_ok())
+        .collect();
+    ordered.sort_by_key(|write| write.answer.as_ref().map_or(0, |answer| answer.revision));
+    for write in ordered {
+        for (key, effect) in &write.effects {
+            last.insert(
+                key.clone(),
+                match effect {
+                    Effect::Put(value) => Some(value.clone()),
+                    Effect::Delete => None,
+                },
+            );
+        }
+    }
+    let mut client = kv(&cluster.old.endpoint()).await;
+    for (key, value) in &last {
+        let found = client
+            .range(RangeRequest {
+                key: key.clone(),
+                ..RangeRequest::default()
+            })
+            .await
+            .expect("range")
+            .into_inner()
+            .kvs
+            .first()
+            .map(|kv| kv.value.clone());
+        assert_eq!(
+            &found,
+            value,
+            "{} lost its last acknowledged write",
+            String::from_utf8_lossy(key)
+        );
+    }
+    eprintln!("rolled back; {held_and_refused} writes refused UNAVAILABLE while held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_prints_the_steps_and_changes_nothing() {
+    let cluster = Cluster::start().await;
+    let (_, before) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let output = std::process::Command::new(ferry_binary())
+        .args([
+            "migrate",
+            "--live",
+            "--dry-run",
+            "--source-agent",
+            &cluster.source_agent.field("listen"),
+            "--target-agent",
+            &cluster.target_agent.field("listen"),
+            "--gateway",
+            &cluster.gateway.field("admin"),
+        ])
+        .output()
+        .expect("ferry runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("epoch    1"), "{stdout}");
+    assert!(stdout.contains("fence the old plane"), "{stdout}");
+    let (_, after) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    assert_eq!(before, after, "a dry run wrote to the old etcd");
+    let (_, new_revision) = cluster_id_and_revision(&cluster.new.endpoint()).await;
+    assert_eq!(new_revision, 1, "a dry run wrote to the new etcd");
+}

@@ -807,7 +807,9 @@ async fn run(
                 reason,
             });
         }
-        if let (Some(start), Some(sender)) = (&state.start, stream_started.take()) {
+        if let Some(start) = &state.start
+            && let Some(sender) = stream_started.take()
+        {
             let _ = sender.send((start.clone(), source_description.clone()));
         }
         if state.snapshot_through_seq.is_some() {

@@ -254,13 +254,38 @@ fn show(effect: &Effect) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writers_keep_writing_through_a_live_migration_and_lose_nothing() {
     let mut cluster = Cluster::start().await;
-    let outcome = migrate_under_load(&mut cluster, Fault::None, &[]).await;
+    let tee = tempfile::tempdir().expect("temp dir");
+    let tee_url = format!("file://{}", tee.path().display());
+    let outcome = migrate_under_load(&mut cluster, Fault::None, &["--tee", &tee_url]).await;
     assert_switched_without_loss(&cluster, &outcome).await;
     let pause = outcome.report["pause_window_ms"].as_f64().expect("a pause");
     assert!(pause > 0.0);
     eprintln!(
         "pause window {pause:.1} ms, {} writes",
         outcome.writes.len()
+    );
+
+    // The migration left a sound backup of everything it moved behind.
+    let tee_line = outcome.report["tee"].as_str().unwrap_or_default();
+    assert!(tee_line.contains("sealed"), "{}", outcome.report);
+    let verified = std::process::Command::new(ferry_binary())
+        .args(["--output", "json", "verify", &tee_url])
+        .output()
+        .expect("ferry verify runs");
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let listing = std::process::Command::new(ferry_binary())
+        .args(["--output", "json", "inspect", &tee_url])
+        .output()
+        .expect("ferry inspect runs");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let moved = outcome.report["ops_moved"].as_u64().expect("ops moved");
+    assert!(
+        listing.contains(&format!("\"ops\": {moved}")),
+        "the backup beside the migration holds every op moved ({moved}): {listing}"
     );
 }
 

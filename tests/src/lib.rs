@@ -38,11 +38,14 @@ pub fn ferry_binary() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let test_binary = std::env::current_exe().expect("the test binary has a path");
-            // target/<profile>/deps/<test> -> target/<profile>/ferry
-            let profile_dir = test_binary
+            // A test is target/<profile>/deps/<test>, a bench binary
+            // target/<profile>/<bench>; ferry is target/<profile>/ferry.
+            let mut profile_dir = test_binary
                 .parent()
-                .and_then(FsPath::parent)
-                .expect("the test binary is in target/<profile>/deps");
+                .expect("the test binary is in a folder");
+            if profile_dir.file_name().is_some_and(|name| name == "deps") {
+                profile_dir = profile_dir.parent().expect("deps is in target/<profile>");
+            }
             let release = profile_dir
                 .file_name()
                 .is_some_and(|name| name == "release");

@@ -12,6 +12,7 @@
 pub mod etcd;
 pub mod live;
 pub mod process;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;

@@ -600,29 +600,9 @@ async fn calls_without_the_agents_token_are_unauthenticated() {
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
 fn certificates(dir: &std::path::Path) -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "ferry agents test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("leaf params");
-    params.distinguished_name.push(DnType::CommonName, "agent");
-    let cert = params.signed_by(&key, &issuer).expect("signed");
-    let write = |name: &str, content: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, content).expect("PEM written");
-        path.display().to_string()
-    };
-    (
-        write("ca.pem", ca.pem()),
-        write("agent.pem", cert.pem()),
-        write("agent-key.pem", key.serialize_pem()),
-    )
+    ferry_tests::tls::write_test_pki(dir);
+    let file = |name: &str| dir.join(name).display().to_string();
+    (file("ca.pem"), file("server.pem"), file("server-key.pem"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

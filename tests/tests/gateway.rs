@@ -871,59 +871,8 @@ async fn the_gateway_authenticates_with_its_own_credentials_and_passes_client_to
 /// A CA, a member certificate for 127.0.0.1 and a client certificate, as
 /// PEM files in a temporary directory.
 fn make_pki() -> tempfile::TempDir {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
     let dir = tempfile::tempdir().expect("temp dir");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "ferry gateway test CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |name: &str, purposes: Vec<ExtendedKeyUsagePurpose>, sans: Vec<String>| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(sans).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = purposes;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &issuer).expect("signed");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(
-        "etcd member",
-        vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
-        vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
-    );
-    let (client_cert, client_key) = leaf(
-        "ferry gateway",
-        vec![ExtendedKeyUsagePurpose::ClientAuth],
-        Vec::new(),
-    );
-    for (name, content) in [
-        ("ca.pem", ca_cert.pem()),
-        ("server.pem", server_cert),
-        ("server-key.pem", server_key),
-        ("client.pem", client_cert),
-        ("client-key.pem", client_key),
-    ] {
-        std::fs::write(dir.path().join(name), content).expect("PEM written");
-    }
+    ferry_tests::tls::write_test_pki(dir.path());
     dir
 }
 

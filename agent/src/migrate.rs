@@ -812,7 +812,11 @@ async fn run(
         {
             let _ = sender.send((start.clone(), source_description.clone()));
         }
-        if state.snapshot_through_seq.is_some() {
+        // Following once the target holds the whole snapshot.
+        if state
+            .snapshot_through_seq
+            .is_some_and(|through| state.applied_seq >= through)
+        {
             let following_since = *following_since.get_or_insert_with(Instant::now);
             running.phase.send_if_modified(|phase| {
                 let changed = *phase == Phase::Snapshot;

@@ -11,14 +11,17 @@
 //!
 //! The same run again under faults: the target agent killed with -9 while it
 //! follows (and restarted), the link to the source agent cut for seconds, a
-//! stale agent of an older epoch, the new etcd failing during the cutover.
+//! stale agent of an older epoch applying to the stream (refused), the new
+//! etcd failing during the cutover.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use ferry_agent::client::{ClientOptions, connect_target};
 use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use ferry_proto::v1::{ApplyRequest, OpBatch, StreamStart};
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
@@ -35,6 +38,9 @@ enum Fault {
     CutSourceLink,
     /// Stop the new etcd (SIGSTOP) just as the cutover holds writes.
     NewEtcdFailsAtCutover,
+    /// An agent of an older attempt (epoch 0) applies to the migration's
+    /// stream on the target while it follows: refused, nothing written.
+    StaleAgent,
 }
 
 struct Outcome {
@@ -95,6 +101,22 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
             tokio::time::sleep(Duration::from_secs(4)).await;
             cluster.source_link.restore();
         }
+        Fault::StaleAgent => {
+            wait_for_phase(&status_file, "following").await;
+            let status: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&status_file).expect("status file"))
+                    .expect("status JSON");
+            let stream_id = status["stream_id"]
+                .as_str()
+                .expect("a stream id")
+                .to_owned();
+            let refused = stale_apply(&cluster.target_agent.field("listen"), &stream_id).await;
+            assert_eq!(
+                refused.code(),
+                tonic::Code::FailedPrecondition,
+                "a stale agent's batch: {refused:?}"
+            );
+        }
         Fault::NewEtcdFailsAtCutover => {
             // The cutover starts when the soak ends, whatever the lag; the
             // new etcd stops answering a little before.
@@ -133,6 +155,47 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
         report,
         exit_code: output.status.code(),
         writes,
+    }
+}
+
+/// Applies one put of `/live/stale` to `stream_id` with epoch 0, as an agent
+/// of an older attempt would; returns how the target agent refused it.
+async fn stale_apply(target_agent: &str, stream_id: &str) -> tonic::Status {
+    let mut target = connect_target(target_agent, &ClientOptions::default())
+        .await
+        .expect("the target agent answers");
+    let start = StreamStart {
+        stream_id: stream_id.to_owned(),
+        platform: "etcd".to_owned(),
+        ..StreamStart::default()
+    };
+    let batch = OpBatch {
+        stream_id: stream_id.to_owned(),
+        epoch: 0,
+        ops: vec![ferry_engine::Op {
+            seq: 1_000_000,
+            position: 1_000_000,
+            txn: 1_000_000,
+            txn_last: true,
+            kind: "etcd.kv".into(),
+            key: b"/live/stale".to_vec().into(),
+            method: "Put".into(),
+            body: b"written by a stale agent".to_vec().into(),
+            ..ferry_engine::Op::default()
+        }],
+        end_of_stream: false,
+    };
+    let request = ApplyRequest {
+        batch: Some(batch),
+        start: Some(start),
+    };
+    let answer = match target.apply(futures::stream::iter(vec![request])).await {
+        Ok(answer) => answer.into_inner().message().await,
+        Err(status) => Err(status),
+    };
+    match answer {
+        Err(status) => status,
+        Ok(ack) => panic!("the target agent took a stale agent's batch: {ack:?}"),
     }
 }
 
@@ -304,6 +367,20 @@ async fn a_target_agent_killed_while_following_resumes_and_applies_nothing_twice
         "the stream was never resumed: {}",
         outcome.report
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_agent_of_an_older_epoch_is_refused_during_a_live_migration() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::StaleAgent,
+        &["--follow-at-least", "3s"],
+    )
+    .await;
+    // Nothing of the stale batch landed: /live/stale would be a key never
+    // written by a client, which the history check reports.
+    assert_switched_without_loss(&cluster, &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,12 +17,22 @@
 //! gateway releases the held writes to it. A broken agent stream is resumed
 //! from the target's own checkpoint (G4), without a new snapshot once the
 //! first one is through.
+//!
+//! With a version migration chain ([`MigrateOptions::migrations`]), the
+//! relay takes every batch through it on the way to the target; the chain
+//! is planned before anything starts, and [`versions`] says how a resume
+//! finds its way back from the target's seqs to the source's.
+
+mod versions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::Op;
+use ferry_engine::migrations::MigrationError;
+use ferry_engine::migrations::chain::Chain;
+use ferry_engine::migrations::profile::Profile;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
     ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, ExtractRequest,
@@ -34,6 +44,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use self::versions::{MAX_BOUNDARIES, RelayChain};
 use crate::client::{
     ClientError, ClientOptions, GatewayClient, SourceClient, TargetClient, connect_gateway,
     connect_source, connect_target,
@@ -67,6 +78,82 @@ pub struct MigrateOptions {
     pub follow_at_least: Duration,
     /// Where the running migration writes its status, for `ferry migrate status`.
     pub status_file: Option<PathBuf>,
+    /// A version migration chain every op is taken through on the way.
+    pub migrations: Option<VersionMigrations>,
+}
+
+/// `--migrations DIR --to-version V [--from-version V0]` of a live migration.
+#[derive(Debug, Clone)]
+pub struct VersionMigrations {
+    /// The platform profile.
+    pub profile: Profile,
+    /// The version the ops are written in on the target.
+    pub to_version: String,
+    /// The version the source's ops are in; else the source agent's
+    /// platform version when its platform is the profile's.
+    pub from_version: Option<String>,
+}
+
+impl VersionMigrations {
+    /// The version the source's ops start in: `from_version`, else what the
+    /// source agent describes when it stands beside the profile's platform.
+    /// (An etcd source agent describes etcd and its server version, which
+    /// name no version of a platform kept in etcd.)
+    pub fn from_version_of(&self, source: &DescribeResponse) -> Result<String, MigrationError> {
+        if let Some(version) = &self.from_version {
+            return Ok(version.clone());
+        }
+        if source.platform == self.profile.platform && !source.platform_version.is_empty() {
+            return Ok(source.platform_version.clone());
+        }
+        Err(MigrationError::NoFromVersion {
+            platform: self.profile.platform.clone(),
+            reason: format!(
+                "the source agent stands beside {} {} and its ops name no version of profile {:?}",
+                if source.platform.is_empty() {
+                    "a plane"
+                } else {
+                    &source.platform
+                },
+                if source.platform_version.is_empty() {
+                    "(version unknown)"
+                } else {
+                    &source.platform_version
+                },
+                self.profile.platform
+            ),
+        })
+    }
+
+    /// Plans the chain from the source's version to `to_version`: unknown
+    /// versions, holes and missing `down` filters are refused here, before
+    /// anything is held, fenced or written.
+    pub fn plan(&self, source: &DescribeResponse) -> Result<Chain, MigrationError> {
+        let from = self.from_version_of(source)?;
+        Chain::new(self.profile.clone(), &from, &self.to_version)
+    }
+}
+
+/// One line per step of a planned chain, for the dry run and the report.
+fn describe_chain(chain: &Chain) -> Vec<String> {
+    let plan = chain.plan();
+    let mut lines = vec![format!(
+        "take every op through profile {}'s chain from version {} to {} ({} steps), before the target sees it",
+        plan.platform,
+        plan.from,
+        plan.to,
+        plan.steps.len()
+    )];
+    lines.extend(plan.steps.iter().map(|step| {
+        format!(
+            "   {} {} ({} -> {})",
+            step.migration.id(),
+            step.direction,
+            step.from,
+            step.to
+        )
+    }));
+    lines
 }
 
 /// Where a migration is.
@@ -194,6 +281,11 @@ pub struct MigrationReport {
     pub lag: Vec<LagSample>,
     /// The control plane clients now write to.
     pub upstream_url: String,
+    /// The version migration chain the ops went through
+    /// (`platform from -> to`), when there was one. `ops_moved` and
+    /// `snapshot_ops` then count the chain's outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_chain: Option<String>,
 }
 
 /// A migration could not run.
@@ -232,6 +324,14 @@ pub enum MigrateError {
         /// The threshold.
         max_lag: u64,
     },
+    /// The version migration chain cannot be planned: nothing was held,
+    /// fenced or written.
+    #[error("{0}")]
+    Chain(#[source] MigrationError),
+    /// The version migration chain failed on an op of the stream (a filter
+    /// error, an output that is not an op) before the cutover.
+    #[error("{0}; nothing was held or fenced")]
+    Transform(String),
     /// The agent streams broke and could not be resumed.
     #[error("the agent stream broke and could not be resumed within {timeout:?}: {reason}")]
     Relay {
@@ -266,6 +366,8 @@ struct RelayState {
     reconnects: u64,
     broken: Option<String>,
     failed: Option<String>,
+    /// The version migration chain failed on an op: no resume helps.
+    transform_failed: Option<String>,
 }
 
 impl RelayState {
@@ -294,12 +396,19 @@ struct Relay {
     stop: watch::Receiver<bool>,
     tee: Option<mpsc::Sender<Vec<Op>>>,
     teed_through: u64,
+    /// The version migration chain, when there is one.
+    chain: Option<RelayChain>,
 }
 
 /// How one relay session ended.
 enum SessionEnd {
     Stopped,
-    Broken { reason: String, progressed: bool },
+    Broken {
+        reason: String,
+        progressed: bool,
+    },
+    /// The chain failed on an op: the same op fails again on a resume.
+    Failed(String),
 }
 
 impl Relay {
@@ -309,6 +418,12 @@ impl Relay {
         loop {
             match self.session().await {
                 SessionEnd::Stopped => return,
+                SessionEnd::Failed(reason) => {
+                    warn!(%reason, "the version migration chain failed; the relay stops");
+                    self.state
+                        .send_modify(|state| state.transform_failed = Some(reason));
+                    return;
+                }
                 SessionEnd::Broken { reason, progressed } => {
                     if *self.stop.borrow() {
                         return;
@@ -380,14 +495,39 @@ impl Relay {
                     applied_through_seq = checkpoint.applied_through_seq,
                     "resuming the stream where the target stands"
                 );
+                // Without a chain the target's seqs are the source's; with
+                // one, the chain maps them back (see `versions`).
+                let (from_seq_exclusive, from_position_exclusive, snapshot_through_seq) =
+                    match self.chain.as_mut() {
+                        None => (
+                            checkpoint.applied_through_seq,
+                            checkpoint.applied_through_position,
+                            known.snapshot_through_seq,
+                        ),
+                        Some(chain) => match chain.resume(checkpoint.applied_through_seq) {
+                            Ok(point) => {
+                                info!(
+                                    from_seq_exclusive = point.from_seq_exclusive,
+                                    from_position_exclusive = point.from_position_exclusive,
+                                    "the target's checkpoint mapped back through the version chain"
+                                );
+                                (
+                                    point.from_seq_exclusive,
+                                    point.from_position_exclusive,
+                                    chain.source_snapshot_through_seq(),
+                                )
+                            }
+                            Err(reason) => return SessionEnd::Failed(reason),
+                        },
+                    };
                 ExtractRequest {
-                    from_position_exclusive: checkpoint.applied_through_position,
+                    from_position_exclusive,
                     follow: true,
                     epoch: self.epoch,
                     stream_id: start.stream_id.clone(),
                     snapshot_position: start.snapshot_position,
-                    from_seq_exclusive: checkpoint.applied_through_seq,
-                    snapshot_through_seq: known.snapshot_through_seq.unwrap_or(0),
+                    from_seq_exclusive,
+                    snapshot_through_seq: snapshot_through_seq.unwrap_or(0),
                     key_prefix: self.options.key_prefix.clone().into(),
                 }
             }
@@ -433,6 +573,7 @@ impl Relay {
             state.broken = None;
         });
 
+        let mut applied = self.state.subscribe();
         let (requests, receiver) = mpsc::channel::<ApplyRequest>(8);
         let first = ApplyRequest {
             batch: None,
@@ -498,7 +639,15 @@ impl Relay {
                     let (reason, progressed) = ended.unwrap_or_else(|error| (format!("the ack reader failed: {error}"), false));
                     return SessionEnd::Broken { reason, progressed };
                 }
-                message = extract.message() => {
+                // With a chain, too many source transactions in flight: wait
+                // for acks before reading more (bounds the way back).
+                _ = applied.changed(), if self.chain.as_ref().is_some_and(|chain| chain.in_flight() >= MAX_BOUNDARIES) => {
+                    let applied_seq = applied.borrow_and_update().applied_seq;
+                    if let Some(chain) = self.chain.as_mut() {
+                        chain.acked(applied_seq);
+                    }
+                }
+                message = extract.message(), if self.chain.as_ref().is_none_or(|chain| chain.in_flight() < MAX_BOUNDARIES) => {
                     let event = match message {
                         Ok(Some(message)) => message.event,
                         Ok(None) => break SessionEnd::Broken { reason: "the source agent ended its stream".to_owned(), progressed: false },
@@ -508,9 +657,22 @@ impl Relay {
                         },
                     };
                     match event {
-                        Some(Event::Batch(batch)) => {
-                            let Some(last) = batch.ops.last().map(|op| op.seq) else { continue };
+                        Some(Event::Batch(mut batch)) => {
+                            if batch.ops.is_empty() {
+                                continue;
+                            }
+                            // The tee keeps the source's ops as they are.
                             self.tee(&batch.ops).await;
+                            if let Some(chain) = self.chain.as_mut() {
+                                chain.acked(applied.borrow_and_update().applied_seq);
+                                match chain.transform(std::mem::take(&mut batch.ops)) {
+                                    Ok(ops) => batch.ops = ops,
+                                    Err(error) => break SessionEnd::Failed(format!(
+                                        "the version migration chain failed on the stream: {error}"
+                                    )),
+                                }
+                            }
+                            let Some(last) = batch.ops.last().map(|op| op.seq) else { continue };
                             if requests.send(ApplyRequest { batch: Some(batch), start: None }).await.is_err() {
                                 // The ack task says why.
                                 continue;
@@ -518,13 +680,22 @@ impl Relay {
                             self.state.send_modify(|state| state.sent_seq = state.sent_seq.max(last));
                         }
                         Some(Event::SnapshotComplete(complete)) => {
-                            self.state.send_modify(|state| state.snapshot_through_seq = Some(complete.through_seq));
+                            let through = match self.chain.as_mut() {
+                                Some(chain) => chain.snapshot_complete(complete.through_seq),
+                                None => complete.through_seq,
+                            };
+                            self.state.send_modify(|state| state.snapshot_through_seq = Some(through));
                         }
                         Some(Event::Progress(progress)) => {
+                            // The target's seqs are the chain's outputs.
+                            let through = match self.chain.as_ref() {
+                                Some(chain) => chain.output_seq_through(progress.through_seq),
+                                None => progress.through_seq,
+                            };
                             self.state.send_modify(|state| {
                                 if progress.position >= state.source_position {
                                     state.source_position = progress.position;
-                                    state.source_position_seq = progress.through_seq;
+                                    state.source_position_seq = through;
                                 }
                                 state.head_position = state.head_position.max(progress.head_position);
                             });
@@ -589,6 +760,9 @@ pub struct MigrationPlan {
     pub gateway_upstream: String,
     /// The steps, in order.
     pub steps: Vec<String>,
+    /// The version migration chain, one line per step, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_chain: Option<Vec<String>>,
 }
 
 fn describe_plane(description: &DescribeResponse) -> String {
@@ -683,13 +857,21 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
 /// changes nothing.
 pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateError> {
     let connected = connect_all(options).await?;
+    let chain = plan_chain(options, &connected.source_description)?;
     let source = describe_plane(&connected.source_description);
     let target = describe_plane(&connected.target_description);
     let epoch = connected.epoch;
+    let through_chain = chain.as_ref().map_or(String::new(), |chain| {
+        format!(
+            ", through the version chain {} -> {}",
+            chain.plan().from,
+            chain.plan().to
+        )
+    });
     let steps = vec![
         format!("take epoch {epoch} (the highest the target or the gateway has seen, plus one)"),
         format!(
-            "snapshot {source} at its current position R and apply it to {target}, exactly once"
+            "snapshot {source} at its current position R and apply it to {target}{through_chain}, exactly once"
         ),
         format!(
             "follow the source's changes from R+1 until the target is at most {} positions behind (at most {:?})",
@@ -714,7 +896,22 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         target,
         gateway_upstream: connected.gateway_upstream,
         steps,
+        version_chain: chain.as_ref().map(describe_chain),
     })
+}
+
+/// The version migration chain of `options`, planned against what the
+/// source agent describes; an error here comes before anything changes.
+fn plan_chain(
+    options: &MigrateOptions,
+    source: &DescribeResponse,
+) -> Result<Option<Chain>, MigrateError> {
+    options
+        .migrations
+        .as_ref()
+        .map(|migrations| migrations.plan(source))
+        .transpose()
+        .map_err(MigrateError::Chain)
 }
 
 /// Where the backup written beside a migration goes (`--tee`).
@@ -735,8 +932,18 @@ pub async fn migrate(
 ) -> Result<MigrationReport, MigrateError> {
     let started = Instant::now();
     let connected = connect_all(&options).await?;
+    // Planned before anything is held, fenced or written.
+    let chain = plan_chain(&options, &connected.source_description)?;
     let epoch = connected.epoch;
     info!(epoch, source = %describe_plane(&connected.source_description), target = %describe_plane(&connected.target_description), "live migration starts");
+    if let Some(chain) = &chain {
+        let plan = chain.plan();
+        info!(platform = %plan.platform, from = %plan.from, to = %plan.to, steps = plan.steps.len(), "ops go through the version migration chain");
+    }
+    let version_chain = chain.as_ref().map(|chain| {
+        let plan = chain.plan();
+        format!("{} {} -> {}", plan.platform, plan.from, plan.to)
+    });
 
     let (state_sender, state) = watch::channel(RelayState::default());
     let state_sender = Arc::new(state_sender);
@@ -748,6 +955,7 @@ pub async fn migrate(
         stop: stop_receiver,
         tee: tee.map(|tee| tee.ops),
         teed_through: 0,
+        chain: chain.map(RelayChain::new),
     };
     let relay = tokio::spawn(relay.run());
     let (phase, phase_receiver) = watch::channel(Phase::Snapshot);
@@ -780,7 +988,11 @@ pub async fn migrate(
         stream_started,
         &connected.source_description,
     )
-    .await;
+    .await
+    .map(|mut report| {
+        report.version_chain = version_chain;
+        report
+    });
     let _ = running.stop.send(true);
     let _ = (&mut running.relay).await;
     // The monitor writes the final phase, then ends.
@@ -800,6 +1012,10 @@ async fn run(
     let mut following_since: Option<Instant> = None;
     loop {
         let state = running.state.borrow_and_update().clone();
+        if let Some(reason) = state.transform_failed {
+            running.phase.send_replace(Phase::Failed);
+            return Err(MigrateError::Transform(reason));
+        }
         if let Some(reason) = state.failed {
             running.phase.send_replace(Phase::Failed);
             return Err(MigrateError::Relay {
@@ -871,6 +1087,7 @@ async fn cutover(
         elapsed_ms: 0.0,
         lag: Vec::new(),
         upstream_url: String::new(),
+        version_chain: None,
     };
     let mut fenced = false;
     let result: Result<(), String> = async {
@@ -910,6 +1127,9 @@ async fn cutover(
             let state = running.state.borrow_and_update().clone();
             if state.applied_through(fence.fenced_position) {
                 break;
+            }
+            if let Some(reason) = &state.transform_failed {
+                return Err(reason.clone());
             }
             if let Some(reason) = &state.failed {
                 return Err(format!("the agent stream broke during the cutover: {reason}"));

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use ferry_agent::client::ClientOptions;
 use ferry_agent::migrate::{
-    self, MigrateOptions, MigrationReport, MigrationStatus, Outcome, Tee, read_status,
+    self, MigrateError, MigrateOptions, MigrationReport, MigrationStatus, Outcome, Tee, read_status,
 };
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{ExtractOptions, write_backup};
@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::commands::UsageError;
 use crate::exit;
 use crate::gateway::parse_duration;
+use crate::migrations::LiveMigrationArgs;
 use crate::{GlobalOptions, OutputFormat};
 
 /// `ferry migrate`.
@@ -89,6 +90,8 @@ struct LiveArgs {
     /// Talk TLS to the agents and the gateway's admin service, trusting this CA (PEM).
     #[arg(long, value_name = "FILE")]
     agent_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    migrations: LiveMigrationArgs,
 }
 
 /// `ferry migrate status`.
@@ -160,6 +163,8 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         .into());
     }
     let missing = |flag: &str| UsageError(format!("ferry migrate --live needs {flag}"));
+    // The profile and the versions are checked before any agent is asked.
+    let migrations = args.migrations.load()?;
     let options = MigrateOptions {
         source_agent: args
             .source_agent
@@ -180,10 +185,12 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         reconnect_timeout: args.reconnect_timeout,
         follow_at_least: args.follow_at_least,
         status_file: Some(args.status_file.unwrap_or_else(default_status_file)),
+        migrations,
     };
     if args.dry_run {
         let plan = match migrate::plan(&options).await {
             Ok(plan) => plan,
+            Err(MigrateError::Chain(error)) => return Err(ferry_engine::Error::from(error).into()),
             Err(error) => {
                 eprintln!("error: {error}");
                 return Ok(exit::MIGRATION_FAILED);
@@ -198,6 +205,12 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
                 );
                 for (number, step) in plan.steps.iter().enumerate() {
                     println!("  {}. {step}", number + 1);
+                }
+                if let Some(chain) = &plan.version_chain {
+                    println!("  version chain:");
+                    for line in chain {
+                        println!("    {line}");
+                    }
                 }
             }
         }
@@ -225,6 +238,8 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
     };
     let report = match result {
         Ok(report) => report,
+        // Refused before anything was held, fenced or written: a usage error.
+        Err(MigrateError::Chain(error)) => return Err(ferry_engine::Error::from(error).into()),
         Err(error) => {
             eprintln!("error: {error}");
             return Ok(exit::MIGRATION_FAILED);
@@ -293,6 +308,9 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
             last.positions,
             report.lag.len()
         );
+    }
+    if let Some(chain) = &report.version_chain {
+        println!("  versions    {chain} (ops moved count the chain's outputs)");
     }
     if let Some(tee) = tee {
         println!("  tee         {tee}");

@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use ferry_agent::migrate::VersionMigrations;
 use ferry_engine::adapters::etcd::EtcdConnection;
+use ferry_engine::migrations::chain::plan;
 use ferry_engine::migrations::etcd::{self as in_place, InPlaceOptions, TargetStatus};
 use ferry_engine::migrations::profile::{Profile, new_migration};
 use ferry_engine::pipeline::MigrateOnRestore;
@@ -53,6 +55,45 @@ impl RestoreMigrationArgs {
             .version_index(to_version)
             .map_err(ferry_engine::Error::from)?;
         Ok(Some(MigrateOnRestore {
+            profile,
+            to_version: to_version.clone(),
+            from_version: self.from_version.clone(),
+        }))
+    }
+}
+
+/// The migration flags of `ferry migrate --live`.
+#[derive(Debug, Args)]
+pub struct LiveMigrationArgs {
+    /// A platform profile (a folder with profile.toml): every op is taken
+    /// through its migration chain on its way to the target. Needs --to-version.
+    #[arg(long, value_name = "DIR", requires = "to_version")]
+    migrations: Option<PathBuf>,
+    /// The platform version the ops are written in on the target.
+    #[arg(long, value_name = "VERSION", requires = "migrations")]
+    to_version: Option<String>,
+    /// The version the source's ops are in (needed unless the source agent
+    /// stands beside the profile's platform itself: an etcd agent names etcd).
+    #[arg(long, value_name = "VERSION", requires = "migrations")]
+    from_version: Option<String>,
+}
+
+impl LiveMigrationArgs {
+    /// The chain to run, when `--migrations` is given. The profile and the
+    /// versions named are checked here, and the whole chain when
+    /// --from-version is given, before any agent is asked anything.
+    pub fn load(&self) -> Result<Option<VersionMigrations>> {
+        let (Some(dir), Some(to_version)) = (&self.migrations, &self.to_version) else {
+            return Ok(None);
+        };
+        let profile = Profile::load(dir).map_err(ferry_engine::Error::from)?;
+        profile
+            .version_index(to_version)
+            .map_err(ferry_engine::Error::from)?;
+        if let Some(from_version) = &self.from_version {
+            plan(&profile, from_version, to_version).map_err(ferry_engine::Error::from)?;
+        }
+        Ok(Some(VersionMigrations {
             profile,
             to_version: to_version.clone(),
             from_version: self.from_version.clone(),

@@ -183,6 +183,13 @@ impl Chain {
         self.next_seq
     }
 
+    /// Numbers the next op handed on `seq`: a stream resumed after a point
+    /// whose outputs ended at `seq - 1` goes on as the first run did (the
+    /// chain keeps no other state between ops).
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq.max(1);
+    }
+
     /// The steps for `op`: the stream's plan, or one from the op's own
     /// version when it names another version of the profile.
     fn steps_for(&mut self, op: &Op) -> Result<&[Step], MigrationError> {

@@ -130,13 +130,39 @@ pub async fn writer(
     stop: Arc<AtomicBool>,
     pace: Duration,
 ) -> Vec<Write> {
+    let keys = WriterKeys {
+        key: writer_key,
+        value: |writer, number, key| format!("w{writer} n{number} k{key}").into_bytes(),
+    };
+    writer_with(writer, gateway, stop, pace, keys).await
+}
+
+/// The keys a writer owns and the values it writes.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterKeys {
+    /// The `index`th key (below [`KEYS_PER_WRITER`]) of a writer.
+    pub key: fn(writer: usize, index: usize) -> Vec<u8>,
+    /// The value a writer's `number`th write puts in its `index`th key:
+    /// unique per write and key.
+    pub value: fn(writer: usize, number: u64, index: usize) -> Vec<u8>,
+}
+
+/// [`writer`] over other keys and values.
+pub async fn writer_with(
+    writer: usize,
+    gateway: String,
+    stop: Arc<AtomicBool>,
+    pace: Duration,
+    keys: WriterKeys,
+) -> Vec<Write> {
+    let writer_key = keys.key;
     let mut rng = StdRng::seed_from_u64(writer as u64 * 7919 + 1);
     let mut client = kv(&gateway).await;
     let mut writes = Vec::new();
     let mut number = 0u64;
     while !stop.load(Ordering::SeqCst) {
         number += 1;
-        let value = |key: usize| format!("w{writer} n{number} k{key}").into_bytes();
+        let value = |key: usize| (keys.value)(writer, number, key);
         let roll = rng.random_range(0..10);
         let first = rng.random_range(0..KEYS_PER_WRITER);
         let (effects, answer) = if roll < 6 {
@@ -383,9 +409,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts both etcds (the old one seeded), both agents and the gateway.
     pub async fn start() -> Self {
+        let cluster = Self::start_empty().await;
+        seed(&cluster.old.endpoint()).await;
+        cluster
+    }
+
+    /// Starts both etcds (both empty), both agents and the gateway.
+    pub async fn start_empty() -> Self {
         let old = EtcdServer::start().expect("old etcd");
         let new = EtcdServer::start().expect("new etcd");
-        seed(&old.endpoint()).await;
         let source_agent = FerryProcess::start(
             &[
                 "agent",
@@ -449,6 +481,68 @@ impl Cluster {
         .map(|argument| argument.to_string())
         .collect()
     }
+}
+
+/// `args` with `extra` added; an option in `extra` (with its value) replaces
+/// the same option in `args`.
+pub fn with_options(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    for option in extra.iter().filter(|argument| argument.starts_with("--")) {
+        if let Some(at) = args.iter().position(|argument| argument == option) {
+            args.drain(at..at + 2);
+        }
+    }
+    args.extend(extra.iter().map(|argument| argument.to_string()));
+    args
+}
+
+/// Starts `ferry ARGS` (a migration) with `RUST_LOG=info`, its output piped.
+pub fn spawn_ferry(args: &[String]) -> tokio::process::Child {
+    tokio::process::Command::new(crate::ferry_binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ferry starts")
+}
+
+/// Waits (at most 4 minutes) for a `ferry --output json migrate` started by
+/// [`spawn_ferry`]: its JSON report and exit code. Without a report, panics
+/// with what ferry and the cluster's processes logged.
+pub async fn migrate_report(
+    migrate: tokio::process::Child,
+    cluster: &Cluster,
+) -> (serde_json::Value, Option<i32>) {
+    let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
+        .await
+        .expect("the migration ends")
+        .expect("ferry migrate runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!(
+            "ferry migrate printed no JSON report ({error}): stdout {stdout}\nstderr {}\nsource agent: {}\ntarget agent: {}\ngateway: {}",
+            String::from_utf8_lossy(&output.stderr),
+            cluster.source_agent.stderr(),
+            cluster.target_agent.stderr(),
+            cluster.gateway.stderr()
+        )
+    });
+    (report, output.status.code())
+}
+
+/// Waits until the migration writing `status_file` is in `phase`.
+pub async fn wait_for_phase(status_file: &std::path::Path, phase: &str) {
+    for _ in 0..600 {
+        if let Ok(text) = std::fs::read_to_string(status_file)
+            && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
+            && status["phase"] == phase
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the migration never reached phase {phase}");
 }
 
 /// Starts a target agent beside `new`, listening on `listen`.

@@ -25,7 +25,7 @@ use ferry_proto::v1::{ApplyRequest, OpBatch, StreamStart};
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
-    start_target_agent, writer,
+    migrate_report, spawn_ferry, start_target_agent, wait_for_phase, with_options, writer,
 };
 
 /// A fault to inject while the migration runs.
@@ -66,25 +66,9 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
 
     let status_dir = tempfile::tempdir().expect("temp dir");
     let status_file = status_dir.path().join("status.json");
-    let mut args = cluster.migrate_args(&status_file);
     // An option given here replaces the cluster's default for it.
-    for option in extra_args
-        .iter()
-        .filter(|argument| argument.starts_with("--"))
-    {
-        if let Some(at) = args.iter().position(|argument| argument == option) {
-            args.drain(at..at + 2);
-        }
-    }
-    args.extend(extra_args.iter().map(|argument| argument.to_string()));
-    let migrate = tokio::process::Command::new(ferry_binary())
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ferry migrate starts");
+    let args = with_options(cluster.migrate_args(&status_file), extra_args);
+    let migrate = spawn_ferry(&args);
 
     match fault {
         Fault::None => {}
@@ -126,10 +110,7 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
         }
     }
 
-    let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
-        .await
-        .expect("the migration ends")
-        .expect("ferry migrate runs");
+    let (report, exit_code) = migrate_report(migrate, cluster).await;
     if fault == Fault::NewEtcdFailsAtCutover {
         signal(cluster.new.pid(), "-CONT");
     }
@@ -140,20 +121,10 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
     for task in writers {
         writes.extend(task.await.expect("writer"));
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
-        panic!(
-            "ferry migrate printed no JSON report ({error}): stdout {stdout}\nstderr {}\nsource agent: {}\ntarget agent: {}\ngateway: {}",
-            String::from_utf8_lossy(&output.stderr),
-            cluster.source_agent.stderr(),
-            cluster.target_agent.stderr(),
-            cluster.gateway.stderr()
-        )
-    });
     eprintln!("report: {report}");
     Outcome {
         report,
-        exit_code: output.status.code(),
+        exit_code,
         writes,
     }
 }
@@ -206,19 +177,6 @@ fn signal(pid: u32, signal: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill {signal} {pid}");
-}
-
-async fn wait_for_phase(status_file: &std::path::Path, phase: &str) {
-    for _ in 0..600 {
-        if let Ok(text) = std::fs::read_to_string(status_file)
-            && let Ok(status) = serde_json::from_str::<serde_json::Value>(&text)
-            && status["phase"] == phase
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the migration never reached phase {phase}");
 }
 
 /// The checks after a migration that switched.

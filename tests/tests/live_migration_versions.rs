@@ -1,0 +1,683 @@
+//! Live migration through a version migration chain (issue 5, item 3):
+//! `ferry migrate --live --migrations examples/profiles/mystic
+//! --from-version v3 --to-version v4` while writer clients keep writing
+//! Mystic v3 resources through the gateway. Afterwards:
+//! - right before the first write the new etcd took itself, it holds
+//!   exactly the v4 image of the old etcd's final (fenced) state, computed
+//!   here by hand from the example's rules: user and pipeline names
+//!   lowercased in keys and `name` fields, a run's `pipeline` lowercased,
+//!   environments and `environment` fields gone, `/v3/runs` moved to
+//!   `/v4/runs`;
+//! - no key was applied twice: a key the old etcd holds at version 1 is at
+//!   version 1 in the new one, and no key is at a higher version there;
+//! - the writes the new etcd took after the switch are on top, as sent.
+//!
+//! The same with the link to the source agent cut while following, so the
+//! stream is resumed through the chain. And a chain that cannot be planned
+//! (a hole, a missing `down`, no version to start from) is refused with a
+//! usage error before anything is held, fenced or written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferry_proto::etcd::etcdserverpb::request_op::Request;
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_tests::ferry_binary;
+use ferry_tests::live::{
+    Cluster, Effect, WRITERS, Write, WriterKeys, cluster_id_and_revision, kv, migrate_report,
+    prefix_end, spawn_ferry, wait_for_phase, with_options, writer_with,
+};
+use ferry_tests::process::FerryProcess;
+use serde_json::{Value, json};
+
+/// Every Mystic resource lives under this.
+const MYSTIC: &str = "/mystic/";
+
+fn mystic_profile() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples")
+        .join("profiles")
+        .join("mystic")
+}
+
+/// A writer's `index`th key: a user, a pipeline, an environment or a run,
+/// with upper-case letters in the name (v4 lowercases them).
+fn mystic_key(writer: usize, index: usize) -> Vec<u8> {
+    let name = format!("W{writer}K{index:02}");
+    match index % 4 {
+        0 => format!("/mystic/users/User-{name}"),
+        1 => format!("/mystic/pipelines/Pipe-{name}"),
+        2 => format!("/mystic/environments/Env-{name}"),
+        _ => format!("/mystic/v3/runs/Run-{name}"),
+    }
+    .into_bytes()
+}
+
+/// The v3 body a writer's `number`th write puts in its `index`th key.
+fn mystic_value(writer: usize, number: u64, index: usize) -> Vec<u8> {
+    let name = format!("W{writer}K{index:02}");
+    let body = match index % 4 {
+        0 => json!({"name": format!("User-{name}"), "n": number}),
+        1 => {
+            json!({"name": format!("Pipe-{name}"), "environment": format!("Env-{name}"), "n": number})
+        }
+        2 => json!({"python": "3.11", "n": number}),
+        _ => json!({"pipeline": format!("Pipe-W{writer}K{:02}", index - 2), "n": number}),
+    };
+    body.to_string().into_bytes()
+}
+
+const MYSTIC_WRITERS: WriterKeys = WriterKeys {
+    key: mystic_key,
+    value: mystic_value,
+};
+
+/// Fills the old etcd with Mystic v3 resources, in Txns of 50 puts:
+/// `scale` times 60 users, 120 pipelines, 40 environments and 300 runs.
+async fn seed_mystic(endpoint: &str, scale: usize) {
+    let mut puts: Vec<(String, Value)> = Vec::new();
+    for index in 0..60 * scale {
+        let name = format!("User-{index:03}");
+        puts.push((
+            format!("/mystic/users/{name}"),
+            json!({"name": name, "email": format!("u{index}@example.com")}),
+        ));
+    }
+    for index in 0..120 * scale {
+        let name = format!("Pipe-{index:03}");
+        puts.push((
+            format!("/mystic/pipelines/{name}"),
+            json!({"name": name, "environment": format!("env-{:02}", index % 40), "gpu": index % 3 == 0}),
+        ));
+    }
+    for index in 0..40 * scale {
+        puts.push((
+            format!("/mystic/environments/env-{index:02}"),
+            json!({"python": format!("3.{}", index % 12)}),
+        ));
+    }
+    for index in 0..300 * scale {
+        let mut run = json!({"pipeline": format!("Pipe-{:03}", index % 120), "status": "done"});
+        if index % 5 == 0 {
+            run["environment"] = json!("env-00");
+        }
+        puts.push((format!("/mystic/v3/runs/run-{index:04}"), run));
+    }
+    for writer in 0..WRITERS {
+        for index in 0..ferry_tests::live::KEYS_PER_WRITER {
+            puts.push((
+                String::from_utf8(mystic_key(writer, index)).expect("text"),
+                serde_json::from_slice(&mystic_value(writer, 0, index)).expect("JSON"),
+            ));
+        }
+    }
+    let mut client = kv(endpoint).await;
+    for chunk in puts.chunks(50) {
+        let success = chunk
+            .iter()
+            .map(|(key, value)| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: key.as_bytes().to_vec(),
+                    value: value.to_string().into_bytes(),
+                    ..PutRequest::default()
+                })),
+            })
+            .collect();
+        client
+            .txn(TxnRequest {
+                compare: Vec::new(),
+                success,
+                failure: Vec::new(),
+            })
+            .await
+            .expect("seed txn");
+    }
+}
+
+/// The v4 image of one v3 key and body, by the example profile's rules
+/// (worked out here, not by ferry's chain); `None` when v4 drops it.
+fn v4(key: &str, body: &Value) -> Option<(String, Value)> {
+    if key.starts_with("/mystic/environments/") {
+        return None;
+    }
+    let mut key = key.to_owned();
+    let mut body = body.clone();
+    let named = key.starts_with("/mystic/users/") || key.starts_with("/mystic/pipelines/");
+    if let Some(object) = body.as_object_mut() {
+        if named {
+            if let Some(Value::String(name)) = object.get_mut("name") {
+                *name = name.to_ascii_lowercase();
+            }
+        } else if key.starts_with("/mystic/v3/runs/")
+            && let Some(Value::String(pipeline)) = object.get_mut("pipeline")
+        {
+            *pipeline = pipeline.to_ascii_lowercase();
+        }
+        object.remove("environment");
+    }
+    if named {
+        key = key.to_ascii_lowercase();
+    }
+    if let Some(run) = key.strip_prefix("/mystic/v3/runs/") {
+        key = format!("/mystic/v4/runs/{run}");
+    }
+    Some((key, body))
+}
+
+/// One key in an etcd: its body and its etcd `version`.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    body: Value,
+    version: i64,
+}
+
+/// Every key under `/mystic/` at `revision` (0: the current one).
+async fn mystic_state(endpoint: &str, revision: i64) -> BTreeMap<String, Stored> {
+    let response = kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key: MYSTIC.as_bytes().to_vec(),
+            range_end: prefix_end(MYSTIC.as_bytes()),
+            revision,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    response
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            let key = String::from_utf8(kv.key).expect("text keys");
+            let body = serde_json::from_slice(&kv.value)
+                .unwrap_or_else(|error| panic!("{key} holds no JSON ({error})"));
+            (
+                key,
+                Stored {
+                    body,
+                    version: kv.version,
+                },
+            )
+        })
+        .collect()
+}
+
+/// What a run left behind.
+struct Outcome {
+    report: Value,
+    exit_code: Option<i32>,
+    writes: Vec<Write>,
+}
+
+/// When to cut the link to the source agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Never,
+    /// For 4 s while following.
+    WhileFollowing,
+    /// For 2 s once the target holds part of the snapshot (past the
+    /// environments, which sort first and are all dropped, so the source's
+    /// seqs and the target's differ there).
+    InTheSnapshot,
+}
+
+/// Writers on Mystic v3 keys through the gateway, a live migration through
+/// the Mystic chain with the source link cut as `cut` says, and more writes
+/// after it.
+async fn migrate_mystic(cluster: &Cluster, cut: Cut) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|index| {
+            tokio::spawn(writer_with(
+                index,
+                cluster.gateway.field("listen"),
+                stop.clone(),
+                Duration::from_millis(5),
+                MYSTIC_WRITERS,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let status_dir = tempfile::tempdir().expect("temp dir");
+    let status_file = status_dir.path().join("status.json");
+    let profile = mystic_profile().display().to_string();
+    let follow = if cut == Cut::WhileFollowing {
+        "6s"
+    } else {
+        "2s"
+    };
+    let args = with_options(
+        cluster.migrate_args(&status_file),
+        &[
+            "--migrations",
+            &profile,
+            "--from-version",
+            "v3",
+            "--to-version",
+            "v4",
+            "--follow-at-least",
+            follow,
+        ],
+    );
+    let migrate = spawn_ferry(&args);
+    match cut {
+        Cut::Never => {}
+        Cut::WhileFollowing => {
+            wait_for_phase(&status_file, "following").await;
+            cluster.source_link.cut();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            cluster.source_link.restore();
+        }
+        Cut::InTheSnapshot => {
+            wait_inside_the_snapshot(&status_file).await;
+            cluster.source_link.cut();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            cluster.source_link.restore();
+        }
+    }
+    let (report, exit_code) = migrate_report(migrate, cluster).await;
+    // Writes go on after the switch.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut writes = Vec::new();
+    for task in writers {
+        writes.extend(task.await.expect("writer"));
+    }
+    eprintln!("report: {report}");
+    Outcome {
+        report,
+        exit_code,
+        writes,
+    }
+}
+
+/// Waits until the target holds part of the snapshot, not all of it.
+async fn wait_inside_the_snapshot(status_file: &Path) {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(status_file)
+            && let Ok(status) = serde_json::from_str::<Value>(&text)
+        {
+            let applied = status["applied_through_seq"].as_u64().unwrap_or(0);
+            match status["phase"].as_str() {
+                Some("snapshot") if applied >= 100 => return,
+                Some("snapshot" | "starting") | None => {}
+                Some(phase) => panic!(
+                    "the migration is {phase} already: the snapshot was applied before the test could cut into it"
+                ),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The checks after a migration through the chain that switched.
+async fn assert_switched_to_the_v4_image(cluster: &Cluster, outcome: &Outcome) {
+    let report = &outcome.report;
+    assert_eq!(report["outcome"], "switched", "{report}");
+    assert_eq!(outcome.exit_code, Some(0));
+    assert_eq!(report["version_chain"], "mystic v3 -> v4", "{report}");
+    let (old_cluster, old_revision) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let (new_cluster, _) = cluster_id_and_revision(&cluster.new.endpoint()).await;
+    let fenced = report["fenced_position"].as_i64().expect("fenced position");
+    assert_eq!(
+        old_revision, fenced,
+        "the old etcd took a write after it was fenced"
+    );
+    for write in &outcome.writes {
+        match &write.answer {
+            Err((code, message)) => assert_eq!(
+                *code,
+                tonic::Code::Unavailable,
+                "write {}/{} failed with something other than UNAVAILABLE: {message}",
+                write.writer,
+                write.number
+            ),
+            Ok(answer) if answer.cluster_id == old_cluster => assert!(
+                answer.revision <= fenced,
+                "the old etcd acknowledged a write after the fence"
+            ),
+            Ok(answer) => assert_eq!(
+                answer.cluster_id, new_cluster,
+                "a write answered by neither plane"
+            ),
+        }
+    }
+    let mut after_switch: Vec<(i64, &Write)> = outcome
+        .writes
+        .iter()
+        .filter_map(|write| match &write.answer {
+            Ok(answer) if answer.cluster_id == new_cluster => Some((answer.revision, write)),
+            _ => None,
+        })
+        .collect();
+    after_switch.sort_by_key(|(revision, _)| *revision);
+    let Some((first_new_write, _)) = after_switch.first() else {
+        panic!("no write reached the new etcd after the switch");
+    };
+
+    // The new etcd right before its first client write: the v4 image of
+    // the old etcd's final state, key for key.
+    let old = mystic_state(&cluster.old.endpoint(), 0).await;
+    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
+    let mut written_once = Vec::new();
+    for (key, stored) in &old {
+        if let Some((new_key, body)) = v4(key, &stored.body) {
+            if stored.version == 1 {
+                written_once.push(new_key.clone());
+            }
+            assert!(
+                expected.insert(new_key.clone(), body).is_none(),
+                "two v3 keys land on {new_key}: the test's data is wrong"
+            );
+        }
+    }
+    let migrated = mystic_state(&cluster.new.endpoint(), first_new_write - 1).await;
+    let mut mismatches = Vec::new();
+    for (key, want) in &expected {
+        match migrated.get(key) {
+            None => mismatches.push(format!("{key} is missing")),
+            Some(got) if &got.body != want => {
+                mismatches.push(format!("{key}: expected {want}, got {}", got.body))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in migrated.keys() {
+        if !expected.contains_key(key) {
+            mismatches.push(format!("{key} is in the new etcd but not in the v4 image"));
+        }
+    }
+    // Applied once: a key the source wrote once is at version 1, and a
+    // key is never at a higher version than its source key.
+    for key in &written_once {
+        if let Some(got) = migrated.get(key)
+            && got.version != 1
+        {
+            mismatches.push(format!(
+                "{key} was written once in the old etcd but is at version {} in the new one: applied twice",
+                got.version
+            ));
+        }
+    }
+    for (key, stored) in &old {
+        if let Some((new_key, _)) = v4(key, &stored.body)
+            && let Some(got) = migrated.get(&new_key)
+            && got.version > stored.version
+        {
+            mismatches.push(format!(
+                "{new_key} is at version {} in the new etcd, {key} at {} in the old one: applied twice",
+                got.version, stored.version
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} differences between the new etcd and the v4 image of the old one ({} keys, {} written once):\n{}",
+        mismatches.len(),
+        expected.len(),
+        written_once.len(),
+        mismatches
+            .iter()
+            .take(12)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        written_once.len() > 400,
+        "the seeded keys the writers never touch are written once: {}",
+        written_once.len()
+    );
+
+    // The writes the new etcd took itself are on top, as the clients sent
+    // them.
+    for (_, write) in &after_switch {
+        for (key, effect) in &write.effects {
+            let key = String::from_utf8(key.clone()).expect("text keys");
+            match effect {
+                Effect::Put(value) => {
+                    expected.insert(key, serde_json::from_slice(value).expect("JSON"));
+                }
+                Effect::Delete => {
+                    expected.remove(&key);
+                }
+            }
+        }
+    }
+    let now: BTreeMap<String, Value> = mystic_state(&cluster.new.endpoint(), 0)
+        .await
+        .into_iter()
+        .map(|(key, stored)| (key, stored.body))
+        .collect();
+    assert_eq!(
+        now.len(),
+        expected.len(),
+        "keys in the new etcd after the writes that followed the switch"
+    );
+    assert!(now == expected, "the new etcd's final state differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_migration_through_the_mystic_chain_leaves_the_v4_image_of_the_old_etcd() {
+    let cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let outcome = migrate_mystic(&cluster, Cut::Never).await;
+    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_source_link_is_resumed_through_the_chain_without_a_key_missing_or_applied_twice() {
+    let cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let outcome = migrate_mystic(&cluster, Cut::WhileFollowing).await;
+    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+    assert!(
+        outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the stream was never resumed: {}",
+        outcome.report
+    );
+}
+
+/// The resume that needs the way back: the target stops inside the
+/// snapshot, after the dropped environments, so its checkpoint counts fewer
+/// ops than the source sent; asking the source to resume after the
+/// target's seq would send pipelines and users again (version 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_cut_inside_the_snapshot_is_resumed_through_the_chain_without_applying_twice() {
+    let mut cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 12).await;
+    // Small Txns (3 ops beside the checkpoint): the snapshot takes long
+    // enough to be cut into.
+    cluster.target_agent = FerryProcess::start(
+        &[
+            "agent",
+            "target",
+            "--control-plane",
+            &cluster.new.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--max-txn-ops",
+            "4",
+        ],
+        &[],
+    )
+    .expect("target agent");
+    let outcome = migrate_mystic(&cluster, Cut::InTheSnapshot).await;
+    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+    assert!(
+        outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the stream was never resumed: {}",
+        outcome.report
+    );
+}
+
+/// The Mystic profile with a v5 and no migration to it: a hole.
+fn profile_with_a_hole(dir: &Path) -> PathBuf {
+    let profile = dir.join("mystic-v5");
+    std::fs::create_dir_all(&profile).expect("profile dir");
+    for entry in std::fs::read_dir(mystic_profile()).expect("the example profile") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, profile.join(path.file_name().expect("a file"))).expect("copy");
+    }
+    let manifest = profile.join("profile.toml");
+    let text = std::fs::read_to_string(&manifest).expect("profile.toml");
+    let text = text.replace(r#"["v3", "v4"]"#, r#"["v3", "v4", "v5"]"#);
+    assert!(
+        text.contains("v5"),
+        "profile.toml lists its versions as expected"
+    );
+    std::fs::write(&manifest, text).expect("profile.toml");
+    profile
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_written() {
+    let cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let (_, old_before) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let temp = tempfile::tempdir().expect("temp dir");
+    let hole = profile_with_a_hole(temp.path()).display().to_string();
+    let mystic = mystic_profile().display().to_string();
+    let status_file = temp.path().join("status.json");
+
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "--migrations",
+                &hole,
+                "--from-version",
+                "v3",
+                "--to-version",
+                "v5",
+            ],
+            "has a hole",
+        ),
+        (
+            &[
+                "--migrations",
+                &mystic,
+                "--from-version",
+                "v4",
+                "--to-version",
+                "v3",
+            ],
+            "has no `down` filter",
+        ),
+        // The source agent describes etcd, not a Mystic version.
+        (
+            &["--migrations", &mystic, "--to-version", "v4"],
+            "--from-version",
+        ),
+        (
+            &[
+                "--migrations",
+                &mystic,
+                "--from-version",
+                "v2",
+                "--to-version",
+                "v4",
+            ],
+            "is not one of profile mystic's versions",
+        ),
+    ];
+    for (flags, says) in cases {
+        for dry_run in [false, true] {
+            let mut extra = flags.to_vec();
+            if dry_run {
+                extra.push("--dry-run");
+            }
+            let args = with_options(cluster.migrate_args(&status_file), &extra);
+            let output = std::process::Command::new(ferry_binary())
+                .args(&args)
+                .output()
+                .expect("ferry runs");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{flags:?} (dry run: {dry_run}) is a usage error: {stderr}"
+            );
+            assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        }
+    }
+
+    // Nothing was written to either etcd: no epoch, no checkpoint, no fence,
+    // and the gateway holds nothing.
+    let (_, old_after) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    assert_eq!(old_before, old_after, "the old etcd was written to");
+    let everything = kv(&cluster.new.endpoint())
+        .await
+        .range(RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(everything.count, 0, "the new etcd is not empty");
+    let (_, new_revision) = cluster_id_and_revision(&cluster.new.endpoint()).await;
+    assert_eq!(new_revision, 1, "the new etcd was written to");
+    let answer = kv(&cluster.gateway.field("listen"))
+        .await
+        .put(PutRequest {
+            key: b"/mystic/users/After".to_vec(),
+            value: br#"{"name":"After"}"#.to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("the gateway takes writes")
+        .into_inner();
+    let (old_cluster, _) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    assert_eq!(
+        answer.header.expect("a header").cluster_id,
+        old_cluster,
+        "the gateway still sends writes to the old etcd"
+    );
+
+    // A dry run of a sound chain lists its steps.
+    let args = with_options(
+        cluster.migrate_args(&status_file),
+        &[
+            "--dry-run",
+            "--migrations",
+            &mystic,
+            "--from-version",
+            "v3",
+            "--to-version",
+            "v4",
+        ],
+    );
+    let args: Vec<String> = args
+        .into_iter()
+        .filter(|argument| argument != "--output" && argument != "json")
+        .collect();
+    let output = std::process::Command::new(ferry_binary())
+        .args(&args)
+        .output()
+        .expect("ferry runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for step in [
+        "1700000000000_lowercase_names up (v3 -> v4)",
+        "1700000000001_drop_environments up (v3 -> v4)",
+        "1700000000002_runs_v4_paths up (v3 -> v4)",
+    ] {
+        assert!(stdout.contains(step), "the dry run lists {step}: {stdout}");
+    }
+    assert_eq!(
+        cluster_id_and_revision(&cluster.new.endpoint()).await.1,
+        1,
+        "a dry run wrote to the new etcd"
+    );
+}

@@ -93,6 +93,8 @@ impl ApplyStream {
                     allow_nonempty: false,
                     // Every ack says what is in the target.
                     durable_each_apply: true,
+                    // A live stream's Txns land in seq order (G2).
+                    lanes: 1,
                     ..self.sink_options.clone()
                 },
             );

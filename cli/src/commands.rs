@@ -72,8 +72,12 @@ pub struct RestoreArgs {
     /// etcd: write even when the target range already holds keys.
     #[arg(long)]
     allow_nonempty: bool,
-    /// etcd: Txns sent before the first is answered (each still applies only after the one before;
-    /// etcd reorders concurrent requests, so more than 1 rarely helps: see the README).
+    /// etcd: Txns side by side, each on its own checkpoint chain (a lane); ops of one key stay in
+    /// seq order, Txns of different keys may land up to N-1 Txns apart (see the README).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    lanes: u16,
+    /// etcd, with --lanes 1: Txns of the one chain sent before the first is answered (etcd
+    /// reorders concurrent requests, so more than 1 rarely helps: see the README).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     txns_in_flight: u16,
     #[command(flatten)]
@@ -280,6 +284,7 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
             allow_nonempty: args.allow_nonempty,
             epoch: 0,
             txns_in_flight: usize::from(args.txns_in_flight),
+            lanes: usize::from(args.lanes),
             // A restore acks nothing: the tail of a batch may wait for the next.
             durable_each_apply: false,
         },

@@ -417,6 +417,13 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
         String::from_utf8_lossy(&extracted.stderr)
     );
 
+    // Rounds alternate how they write, so a run resumes what another kind
+    // of run left: 4 lanes, one pipelined chain, 2 lanes.
+    let writers: [&[&str]; 3] = [
+        &["--lanes", "4"],
+        &["--lanes", "1", "--txns-in-flight", "4"],
+        &["--lanes", "2"],
+    ];
     let mut kills = 0;
     for round in 0..40 {
         let mut child = Command::new(ferry_binary())
@@ -429,9 +436,8 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
                 "--quiet",
                 "--max-txn-ops",
                 "16",
-                "--txns-in-flight",
-                "4",
             ])
+            .args(writers[round % writers.len()])
             .spawn()
             .expect("restore starts");
         // Kill it after a varying while: before, during and after Txns.
@@ -473,6 +479,22 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
         &dump(&source, b"/app/").await,
         &dump(&target, b"/app/").await,
     );
+    // A finished restore leaves one checkpoint key, marked complete.
+    let checkpoints = dump(&target, b"__ferry__/checkpoints/").await;
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "the lanes' keys are gone: {:?}",
+        checkpoints
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect::<Vec<_>>()
+    );
+    let checkpoint: serde_json::Value =
+        serde_json::from_slice(&checkpoints[0].value).expect("a checkpoint");
+    assert_eq!(checkpoint["complete"], true, "{checkpoint}");
+    // 6,000 items, the binary key and the lease.
+    assert_eq!(checkpoint["applied_through_seq"], 6_002, "{checkpoint}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -818,6 +840,187 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
         8,
         "the checkpoint covers what is in"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_keep_each_keys_ops_in_order_and_resume_without_reapplying() {
+    let target = EtcdServer::start().expect("target etcd");
+    // Txns of 2 ops beside the checkpoint on 3 lanes: a key written again
+    // while its first Txn may be in flight.
+    let options = EtcdSinkOptions {
+        max_txn_ops: 3,
+        lanes: 3,
+        durable_each_apply: false,
+        ..EtcdSinkOptions::default()
+    };
+    let mut ops = Vec::new();
+    for round in 0..40u64 {
+        let seq = ops.len() as u64 + 1;
+        ops.push(kv_op(
+            seq,
+            0,
+            true,
+            "Put",
+            "/lanes/hot",
+            &format!("v{round}"),
+        ));
+        ops.push(kv_op(
+            seq + 1,
+            0,
+            true,
+            "Put",
+            &format!("/lanes/k{round:02}"),
+            "x",
+        ));
+        if round % 10 == 5 {
+            ops.push(kv_op(seq + 2, 0, true, "Delete", "/lanes/gone", ""));
+        } else {
+            ops.push(kv_op(
+                seq + 2,
+                0,
+                true,
+                "Put",
+                "/lanes/gone",
+                &format!("g{round}"),
+            ));
+        }
+    }
+    let total = ops.len() as u64;
+    // The first run stops after 70 ops without finishing (as a killed one
+    // would), once its Txns are in: the lanes' keys remain.
+    let mut first = live_sink(
+        &target,
+        EtcdSinkOptions {
+            durable_each_apply: true,
+            ..options.clone()
+        },
+    );
+    assert_eq!(
+        first.begin(&live_stream("lanes-1")).await.expect("begin"),
+        None
+    );
+    for chunk in ops[..70].chunks(20) {
+        first.apply(chunk.to_vec()).await.expect("apply");
+    }
+    drop(first);
+    let lane_keys = dump(&target, b"__ferry__/checkpoints/lanes-1/lanes/").await;
+    assert!(!lane_keys.is_empty(), "lanes 1 and 2 wrote their keys");
+    let hot_before = value_of(&target, "/lanes/hot").await.expect("hot");
+
+    // The second run resumes with 2 lanes; the pipeline hands it the ops
+    // after the contiguous point, the sink skips those a lane applied.
+    let mut second = live_sink(
+        &target,
+        EtcdSinkOptions {
+            lanes: 2,
+            ..options.clone()
+        },
+    );
+    let resume = second
+        .begin(&live_stream("lanes-1"))
+        .await
+        .expect("begin")
+        .expect("resumes");
+    assert_eq!(resume, 70, "every op the first run sent is in");
+    second
+        .apply(ops[resume as usize..].to_vec())
+        .await
+        .expect("apply the rest");
+    second.finish().await.expect("finish");
+
+    let hot = value_of(&target, "/lanes/hot").await.expect("hot");
+    assert_eq!(hot.value, b"v39", "the last put of the key wins");
+    assert_eq!(hot.version, 40, "each put of the key applied once");
+    assert!(hot.version > hot_before.version);
+    let gone = value_of(&target, "/lanes/gone").await.expect("gone");
+    assert_eq!(gone.value, b"g39");
+    assert_eq!(gone.version, 4, "put 4 times since its last delete");
+    for round in 0..40 {
+        let key = value_of(&target, &format!("/lanes/k{round:02}"))
+            .await
+            .expect("key");
+        assert_eq!(key.version, 1, "/lanes/k{round:02} applied once");
+    }
+    let checkpoints = dump(&target, b"__ferry__/checkpoints/lanes-1").await;
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "the lanes' keys are deleted at the end"
+    );
+    let (checkpoint, _) = ferry_engine::adapters::etcd::read_checkpoint(
+        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
+        "lanes-1",
+    )
+    .await
+    .expect("read checkpoint");
+    let checkpoint = checkpoint.expect("a checkpoint");
+    assert!(checkpoint.complete);
+    assert_eq!(checkpoint.applied_through_seq, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_txn_applied_ahead_of_an_earlier_one_is_skipped_on_resume() {
+    let target = EtcdServer::start().expect("target etcd");
+    let ops: Vec<_> = (1..=6)
+        .map(|seq| kv_op(seq, 0, true, "Put", &format!("/ahead/k{seq}"), "v"))
+        .collect();
+    // What a restore in 2 lanes of 2-op Txns leaves when killed after its
+    // third Txn (seq 5..=6, lane 0, sent once everything through 2 was in)
+    // took effect and its second (seq 3..=4, lane 1) never did.
+    let mut client = kv(&target).await;
+    for key in ["/ahead/k1", "/ahead/k2", "/ahead/k5", "/ahead/k6"] {
+        put(&mut client, key.as_bytes(), b"v", 0).await;
+    }
+    let lane_0 = serde_json::json!({
+        "stream_id": "ahead-1",
+        "source_identity": "0123456789abcdef",
+        "applied_through_seq": 2,
+        "applied_through_position": 1002,
+        "epoch": 0,
+        "complete": false,
+        "writer": "killed",
+        "lane_txn": {"lane": 0, "first_seq": 5, "last_seq": 6, "last_position": 1006},
+    });
+    put(
+        &mut client,
+        b"__ferry__/checkpoints/ahead-1",
+        lane_0.to_string().as_bytes(),
+        0,
+    )
+    .await;
+
+    let mut sink = live_sink(
+        &target,
+        EtcdSinkOptions {
+            max_txn_ops: 3,
+            lanes: 2,
+            durable_each_apply: false,
+            ..EtcdSinkOptions::default()
+        },
+    );
+    let resume = sink
+        .begin(&live_stream("ahead-1"))
+        .await
+        .expect("begin")
+        .expect("resumes");
+    assert_eq!(resume, 2, "everything through 2 is in, 3 and 4 are not");
+    sink.apply(ops[2..].to_vec()).await.expect("apply");
+    sink.finish().await.expect("finish");
+    for seq in 1..=6 {
+        let key = value_of(&target, &format!("/ahead/k{seq}"))
+            .await
+            .unwrap_or_else(|| panic!("/ahead/k{seq} restored"));
+        assert_eq!(key.version, 1, "/ahead/k{seq} applied once");
+    }
+    let (checkpoint, _) = ferry_engine::adapters::etcd::read_checkpoint(
+        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
+        "ahead-1",
+    )
+    .await
+    .expect("read checkpoint");
+    let checkpoint = checkpoint.expect("a checkpoint");
+    assert!(checkpoint.complete);
+    assert_eq!(checkpoint.applied_through_seq, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

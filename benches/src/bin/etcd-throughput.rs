@@ -134,7 +134,7 @@ async fn main() {
         .map_or(100_000, |keys| keys.parse().expect("KEYS is a number"));
 
     // The ceiling, on empty servers: one Txn at a time, and four at once
-    // (ferry's default --txns-in-flight).
+    // (ferry's default --lanes).
     let one = EtcdServer::start().expect("etcd");
     let ceiling_serial = batched_writer(&one, keys, 1).await;
     let four = EtcdServer::start().expect("etcd");
@@ -164,13 +164,12 @@ async fn main() {
         "--target",
         &target.url(),
         "--quiet",
-        "--txns-in-flight",
+        "--lanes",
         "4",
     ]);
     assert_eq!(count(&target).await as usize, keys);
     drop(target);
-    // The same restore, one Txn at a time (as ferry wrote before its
-    // checkpoint guard became a value compare).
+    // The same restore on one checkpoint chain, one Txn at a time.
     let target = EtcdServer::start().expect("etcd");
     let restore_serial = ferry(&[
         "restore",
@@ -179,7 +178,7 @@ async fn main() {
         "--target",
         &target.url(),
         "--quiet",
-        "--txns-in-flight",
+        "--lanes",
         "1",
     ]);
     assert_eq!(count(&target).await as usize, keys);
@@ -210,61 +209,40 @@ async fn main() {
     let _ = mirror.kill();
     let _ = mirror.wait();
 
-    // End to end with ferry's defaults (one Txn in flight).
-    let end_to_end = extract + restore_serial;
+    // End to end with ferry's defaults (4 lanes).
+    let end_to_end = extract + restore;
     let best_ceiling = ceiling_serial.min(ceiling_parallel);
     println!("keys: {keys}, {VALUE_BYTES}-byte values, Txns of {TXN_OPS} puts");
-    println!(
-        "ceiling, batched Txn writer, 1 in flight: {:>9.0} keys/s",
-        per_second(keys, ceiling_serial)
-    );
-    println!(
-        "ceiling, batched Txn writer, 4 in flight: {:>9.0} keys/s",
-        per_second(keys, ceiling_parallel)
-    );
-    println!(
-        "ferry extract:                           {:>9.0} keys/s ({:.2} s)",
-        per_second(keys, extract),
-        extract.as_secs_f64()
-    );
-    println!(
-        "ferry restore, 4 Txns in flight:         {:>9.0} keys/s ({:.2} s)",
-        per_second(keys, restore),
-        restore.as_secs_f64()
-    );
-    println!(
-        "ferry restore, 1 Txn in flight:          {:>9.0} keys/s ({:.2} s)",
-        per_second(keys, restore_serial),
-        restore_serial.as_secs_f64()
-    );
-    println!(
-        "ferry extract + restore (1 in flight):   {:>9.0} keys/s ({:.2} s)",
-        per_second(keys, end_to_end),
-        end_to_end.as_secs_f64()
-    );
-    println!(
-        "etcdctl make-mirror initial copy:        {:>9.0} keys/s ({:.2} s)",
-        per_second(keys, make_mirror),
-        make_mirror.as_secs_f64()
-    );
+    let rows = [
+        ("ceiling, batched Txn writer, 1 in flight", ceiling_serial),
+        ("ceiling, batched Txn writer, 4 in flight", ceiling_parallel),
+        ("ferry extract", extract),
+        ("ferry restore, 4 lanes (the default)", restore),
+        ("ferry restore, 1 lane", restore_serial),
+        ("ferry extract + restore (4 lanes)", end_to_end),
+        ("etcdctl make-mirror initial copy", make_mirror),
+    ];
+    for (name, time) in rows {
+        println!(
+            "{name:<42} {:>9.0} keys/s ({:.2} s)",
+            per_second(keys, time),
+            time.as_secs_f64()
+        );
+    }
     println!(
         "ratio ferry extract+restore / make-mirror = {:.1} (target >= 20)",
         make_mirror.as_secs_f64() / end_to_end.as_secs_f64()
     );
     println!(
-        "ratio ferry restore (1 in flight, the default) / best ceiling = {:.2} (target >= 0.80)",
-        best_ceiling.as_secs_f64() / restore_serial.as_secs_f64()
-    );
-    println!(
-        "ratio ferry restore (4 in flight) / best ceiling = {:.2}",
+        "ratio ferry restore (4 lanes, the default) / best ceiling = {:.2} (target >= 0.80)",
         best_ceiling.as_secs_f64() / restore.as_secs_f64()
     );
     println!(
-        "ratio ferry restore (1 in flight) / ceiling (1 in flight) = {:.2}",
+        "ratio ferry restore (1 lane) / ceiling (1 in flight) = {:.2}",
         ceiling_serial.as_secs_f64() / restore_serial.as_secs_f64()
     );
     println!(
-        "ratio ferry restore (4 in flight) / ceiling (4 in flight) = {:.2}",
+        "ratio ferry restore (4 lanes) / ceiling (4 in flight) = {:.2}",
         ceiling_parallel.as_secs_f64() / restore.as_secs_f64()
     );
 }

@@ -14,6 +14,30 @@
 //! With an epoch (G5, a live migration's attempt number) every Txn also
 //! requires `__ferry__/epoch` to hold this sink's epoch, so a sink of an
 //! older attempt has every Txn refused once a newer one has begun.
+//!
+//! # Lanes: a restore with Txns side by side
+//!
+//! etcd starts concurrent requests in no fixed order, so one chain with
+//! several Txns in flight mostly resends them (see `txns_in_flight`). A
+//! restore with [`EtcdSinkOptions::lanes`] = N instead keeps N chains, each
+//! on its own checkpoint key: Txn t goes on lane t mod N
+//! (`__ferry__/checkpoints/<stream>` for lane 0,
+//! `__ferry__/checkpoints/<stream>/lanes/<j>` for lane j), guarded by the
+//! value the lane's previous Txn wrote. At most N Txns are in flight and they
+//! are confirmed oldest first, so when Txn t is sent every Txn up to t - N is
+//! in; a Txn that writes a key of one in flight waits for it, so each key's
+//! ops still land in seq order. Each lane checkpoint records the contiguous
+//! seq every op through which has taken effect, and the seqs of its own Txn.
+//! After a crash the applied ops are exactly: everything through the highest
+//! contiguous seq of any lane, plus the Txn of each lane above it (a lane's
+//! earlier Txn above it would mean its later one recorded a higher contiguous
+//! seq). A resume skips those, and its first Txn on each lane requires the
+//! lane's last value, so nothing takes effect twice. The last Txn of the
+//! restore marks lane 0 complete and deletes the other lanes' keys: a
+//! finished restore leaves the one checkpoint key a single chain leaves.
+//! Txns of different keys may take effect up to N - 1 Txns out of seq order,
+//! which a reader of the target could see during the restore; a live
+//! stream, whose order matters while it runs, keeps one chain.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -72,6 +96,10 @@ pub struct EtcdSinkOptions {
     /// predecessor and are sent again, and 4 in flight restore no faster than
     /// 1; hence the default of 1.
     pub txns_in_flight: usize,
+    /// Independent checkpoint chains of a restore, one Txn in flight on
+    /// each (at least 1; above 1, `txns_in_flight` is not used). See the
+    /// module's documentation.
+    pub lanes: usize,
     /// When true, [`Sink::apply`] returns only once every op it was given
     /// (through the last complete source transaction) is in the target, as
     /// an agent that acks what it applied needs. When false, the tail of a
@@ -89,6 +117,7 @@ impl Default for EtcdSinkOptions {
             allow_nonempty: false,
             epoch: 0,
             txns_in_flight: 1,
+            lanes: 1,
             durable_each_apply: true,
         }
     }
@@ -114,6 +143,79 @@ pub struct Checkpoint {
     /// write the same value, so neither mistakes the other's Txn for its own.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub writer: String,
+    /// Written by a restore in lanes: the lane and the Txn that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane_txn: Option<LaneTxn>,
+}
+
+/// The Txn that wrote a lane's checkpoint: every op of seqs
+/// `first_seq..=last_seq` took effect with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneTxn {
+    /// The lane (0 writes `__ferry__/checkpoints/<stream>`).
+    pub lane: usize,
+    /// The first seq it covers.
+    pub first_seq: u64,
+    /// The last seq it covers.
+    pub last_seq: u64,
+    /// The source position of that last op.
+    pub last_position: u64,
+}
+
+/// Where a stream stands in the target: the contiguous checkpoint and the
+/// ranges above it that a lane's Txn applied already, in seq order.
+struct Resume {
+    checkpoint: Checkpoint,
+    applied_above: Vec<(u64, u64)>,
+    /// True when any lane checkpoint was written by lanes.
+    laned: bool,
+}
+
+/// Reads the stored checkpoints of a stream: lane 0 first, then the other
+/// lanes with their lane numbers.
+fn resume_point(
+    connection: &EtcdConnection,
+    stream_id: &str,
+    stored: &[(usize, Vec<u8>)],
+) -> Result<Option<Resume>> {
+    let mut checkpoints = Vec::with_capacity(stored.len());
+    for (lane, value) in stored {
+        checkpoints.push(parse_checkpoint(
+            connection,
+            &lane_key(stream_id, *lane),
+            value,
+        )?);
+    }
+    let laned = stored.iter().any(|(lane, _)| *lane > 0)
+        || checkpoints
+            .iter()
+            .any(|checkpoint| checkpoint.lane_txn.is_some());
+    let Some(mut resume) = checkpoints
+        .iter()
+        .max_by_key(|checkpoint| checkpoint.applied_through_seq)
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    resume.complete = checkpoints.first().is_some_and(|first| first.complete);
+    resume.epoch = checkpoints.iter().map(|c| c.epoch).max().unwrap_or(0);
+    resume.lane_txn = None;
+    let mut spans: Vec<LaneTxn> = checkpoints.iter().filter_map(|c| c.lane_txn).collect();
+    spans.sort_by_key(|span| span.first_seq);
+    let mut applied_above = Vec::new();
+    for span in spans {
+        if !applied_above.is_empty() || span.first_seq > resume.applied_through_seq + 1 {
+            applied_above.push((span.first_seq, span.last_seq));
+        } else if span.last_seq > resume.applied_through_seq {
+            resume.applied_through_seq = span.last_seq;
+            resume.applied_through_position = span.last_position;
+        }
+    }
+    Ok(Some(Resume {
+        checkpoint: resume,
+        applied_above,
+        laned,
+    }))
 }
 
 /// A Txn sent and not yet answered.
@@ -127,6 +229,8 @@ struct InFlight {
     first_seq: u64,
     /// How often it was sent again for overtaking its predecessor.
     resent: usize,
+    /// The keys it writes (in lanes: a Txn writing one of them waits).
+    keys: HashSet<Vec<u8>>,
 }
 
 /// The end of the ops taken into the sink so far: its checkpoint is written
@@ -167,6 +271,15 @@ pub struct EtcdSink {
     /// The last op taken whole (its source transaction complete).
     taken_through: Option<Through>,
     writer: String,
+    /// In lanes (see the module's documentation): the value last written on
+    /// each lane (`None`: its key does not exist), the lane of the next
+    /// Txn, the first seq taken since the last Txn, and the seq ranges above
+    /// the resume point that a lane applied before this run.
+    laned: bool,
+    lane_values: Vec<Option<Vec<u8>>>,
+    next_lane: usize,
+    lane_first: Option<u64>,
+    applied_above: VecDeque<(u64, u64)>,
 }
 
 fn target_error(error: EtcdError) -> crate::Error {
@@ -206,16 +319,36 @@ fn parse_checkpoint(connection: &EtcdConnection, key: &[u8], value: &[u8]) -> Re
     })
 }
 
-/// The raw values of the checkpoint key and the epoch key (`None` when a
-/// key does not exist).
+/// The key of a lane's checkpoint.
+fn lane_key(stream_id: &str, lane: usize) -> Vec<u8> {
+    let mut key = checkpoint_key(stream_id);
+    if lane > 0 {
+        key.extend_from_slice(format!("/lanes/{lane}").as_bytes());
+    }
+    key
+}
+
+/// The raw values of a stream's checkpoint keys (lane 0 first, then the
+/// other lanes with their numbers; none when no key exists) and of the epoch
+/// key.
 async fn read_raw(
     client: &EtcdClient,
+    connection: &EtcdConnection,
     stream_id: &str,
-) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>)> {
-    let mut values = Vec::with_capacity(2);
-    for key in [checkpoint_key(stream_id), EPOCH_KEY.to_vec()] {
+) -> Result<(Vec<(usize, Vec<u8>)>, Option<Vec<u8>>)> {
+    let lanes_prefix = lane_key(stream_id, 0)
+        .into_iter()
+        .chain(b"/lanes/".iter().copied())
+        .collect::<Vec<u8>>();
+    let mut found = Vec::with_capacity(3);
+    for (key, range_end) in [
+        (lane_key(stream_id, 0), Vec::new()),
+        (lanes_prefix.clone(), prefix_end(&lanes_prefix)),
+        (EPOCH_KEY.to_vec(), Vec::new()),
+    ] {
         let request = RangeRequest {
             key,
+            range_end,
             ..RangeRequest::default()
         };
         let response = client
@@ -225,16 +358,38 @@ async fn read_raw(
             })
             .await
             .map_err(target_error)?;
-        values.push(response.kvs.into_iter().next().map(|kv| kv.value));
+        found.push(response.kvs);
     }
-    let epoch = values.pop().flatten();
-    let checkpoint = values.pop().flatten();
-    Ok((checkpoint, epoch))
+    let epoch = found
+        .pop()
+        .and_then(|kvs| kvs.into_iter().next())
+        .map(|kv| kv.value);
+    let mut stored = Vec::new();
+    for kv in found.into_iter().flatten() {
+        let lane = if kv.key.len() > lanes_prefix.len() && kv.key.starts_with(&lanes_prefix) {
+            std::str::from_utf8(&kv.key[lanes_prefix.len()..])
+                .ok()
+                .and_then(|lane| lane.parse().ok())
+                .filter(|lane| *lane > 0)
+                .ok_or_else(|| {
+                    target_error(EtcdError::Request {
+                        endpoints: connection.display(),
+                        action: "read the checkpoint".to_owned(),
+                        reason: format!("{} is not a lane's checkpoint key", printable(&kv.key)),
+                    })
+                })?
+        } else {
+            0
+        };
+        stored.push((lane, kv.value));
+    }
+    Ok((stored, epoch))
 }
 
-/// What the target holds for `stream_id`: its checkpoint, if any, and the
-/// highest epoch any sink raised it to (0 when none did). An agent answers
-/// a Checkpoint RPC with it.
+/// What the target holds for `stream_id`: its checkpoint (for a restore in
+/// lanes, the highest seq every op through which took effect), if any, and
+/// the highest epoch any sink raised it to (0 when none did). An agent
+/// answers a Checkpoint RPC with it.
 pub async fn read_checkpoint(
     connection: &EtcdConnection,
     stream_id: &str,
@@ -242,15 +397,8 @@ pub async fn read_checkpoint(
     let client = EtcdClient::connect(connection)
         .await
         .map_err(target_error)?;
-    let (checkpoint, epoch) = read_raw(&client, stream_id).await?;
-    let checkpoint = match checkpoint {
-        Some(value) => Some(parse_checkpoint(
-            connection,
-            &checkpoint_key(stream_id),
-            &value,
-        )?),
-        None => None,
-    };
+    let (stored, epoch) = read_raw(&client, connection, stream_id).await?;
+    let checkpoint = resume_point(connection, stream_id, &stored)?.map(|resume| resume.checkpoint);
     let epoch = match epoch {
         Some(value) => parse_epoch(connection, &value)?,
         None => 0,
@@ -279,6 +427,11 @@ impl EtcdSink {
             group: Vec::new(),
             taken_through: None,
             writer: format!("{:016x}", rand::random::<u64>()),
+            laned: false,
+            lane_values: Vec::new(),
+            next_lane: 0,
+            lane_first: None,
+            applied_above: VecDeque::new(),
         }
     }
 
@@ -540,6 +693,27 @@ impl EtcdSink {
         Ok(())
     }
 
+    /// True for an op a lane applied before this resumed run (see the
+    /// module's documentation): it is skipped, and the checkpoint moves past
+    /// it with the next Txn.
+    fn applied_before(&mut self, op: &Op) -> bool {
+        while let Some(&(_, last)) = self.applied_above.front()
+            && last < op.seq
+        {
+            self.applied_above.pop_front();
+        }
+        match self.applied_above.front() {
+            Some(&(first, _)) if first <= op.seq && self.group.is_empty() => {
+                self.taken_through = Some(Through {
+                    seq: op.seq,
+                    position: op.position,
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Takes one whole source transaction (or a single op) into the next
     /// Txn, sending the Txns before it when it does not fit with them.
     async fn take_group(&mut self, group: Vec<Op>) -> Result<()> {
@@ -628,6 +802,7 @@ impl EtcdSink {
             self.send_pending(false).await?;
             let op = op.clone();
             self.apply_oversized(&op).await?;
+            self.lane_first.get_or_insert(first_seq);
             self.taken_through = Some(through);
             return self.send_pending(false).await;
         }
@@ -641,6 +816,7 @@ impl EtcdSink {
         self.pending.extend(operations);
         self.pending_keys.extend(keys);
         self.pending_bytes += bytes;
+        self.lane_first.get_or_insert(first_seq);
         self.taken_through = Some(through);
         Ok(())
     }
@@ -649,6 +825,9 @@ impl EtcdSink {
     /// nothing when that checkpoint is written already (unless `complete`
     /// must be recorded).
     async fn send_pending(&mut self, complete: bool) -> Result<()> {
+        if self.laned {
+            return self.send_lane().await;
+        }
         let sent = self.sent.clone().expect("begin sets the checkpoint");
         let through = self.taken_through.unwrap_or(Through {
             seq: sent.applied_through_seq,
@@ -669,16 +848,156 @@ impl EtcdSink {
         checkpoint.writer = self.writer.clone();
         let key = checkpoint_key(&checkpoint.stream_id);
         let value = serde_json::to_vec(&checkpoint).expect("a checkpoint serializes");
+        while self.in_flight.len() >= self.options.txns_in_flight.max(1) {
+            self.complete_oldest().await?;
+        }
+        let guard = self.sent_value.clone();
+        let keys = std::mem::take(&mut self.pending_keys);
+        self.send_txn(
+            key,
+            guard,
+            Vec::new(),
+            checkpoint.clone(),
+            value.clone(),
+            first_seq,
+            keys,
+        )
+        .await;
+        self.sent = Some(checkpoint);
+        self.sent_value = Some(value);
+        Ok(())
+    }
+
+    /// In lanes: sends the ops taken since the last Txn on the next lane,
+    /// once the lane's previous Txn (and with it every Txn before) is
+    /// confirmed and no Txn in flight writes one of their keys.
+    async fn send_lane(&mut self) -> Result<()> {
+        let Some(first_seq) = self.lane_first else {
+            return Ok(());
+        };
+        let through = self.taken_through.expect("ops were taken");
+        let lanes = self.options.lanes.max(1);
+        while self.in_flight.len() >= lanes
+            || self
+                .in_flight
+                .iter()
+                .any(|txn| !txn.keys.is_disjoint(&self.pending_keys))
+        {
+            self.complete_oldest().await?;
+        }
+        self.lane_first = None;
+        let lane = self.next_lane;
+        self.next_lane = (lane + 1) % lanes;
+        // Every op through the confirmed checkpoint has taken effect.
+        let mut checkpoint = self.checkpoint.clone().expect("begin sets the checkpoint");
+        checkpoint.complete = false;
+        checkpoint.epoch = self.options.epoch;
+        checkpoint.writer = self.writer.clone();
+        checkpoint.lane_txn = Some(LaneTxn {
+            lane,
+            first_seq,
+            last_seq: through.seq,
+            last_position: through.position,
+        });
+        let key = lane_key(&checkpoint.stream_id, lane);
+        let value = serde_json::to_vec(&checkpoint).expect("a checkpoint serializes");
+        let guard = self.lane_values[lane].clone();
+        let keys = std::mem::take(&mut self.pending_keys);
+        self.send_txn(
+            key,
+            guard,
+            Vec::new(),
+            checkpoint,
+            value.clone(),
+            first_seq,
+            keys,
+        )
+        .await;
+        self.lane_values[lane] = Some(value);
+        Ok(())
+    }
+
+    /// In lanes, the end of the restore: once every Txn is in, one Txn marks
+    /// lane 0 complete and deletes the other lanes' keys (each guarded by
+    /// the value this restore knows in it).
+    async fn finish_lanes(&mut self) -> Result<()> {
+        self.send_lane().await?;
+        self.drain().await?;
+        let mut checkpoint = self.checkpoint.clone().expect("begin sets the checkpoint");
+        let others: Vec<(usize, Vec<u8>)> = self
+            .lane_values
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter_map(|(lane, value)| Some((lane, value.clone()?)))
+            .collect();
+        if let Some(through) = self.taken_through
+            && through.seq > checkpoint.applied_through_seq
+        {
+            // The ops after the last Txn were applied by an earlier run.
+            checkpoint.applied_through_seq = through.seq;
+            checkpoint.applied_through_position = through.position;
+        } else if checkpoint.complete && others.is_empty() {
+            return Ok(());
+        }
+        checkpoint.complete = true;
+        checkpoint.epoch = self.options.epoch;
+        checkpoint.writer = self.writer.clone();
+        checkpoint.lane_txn = None;
+        let stream_id = checkpoint.stream_id.clone();
+        let value = serde_json::to_vec(&checkpoint).expect("a checkpoint serializes");
+        let mut guards = Vec::with_capacity(others.len());
+        let mut deletes = Vec::with_capacity(others.len());
+        for (lane, value) in others {
+            guards.push(value_is(lane_key(&stream_id, lane), value));
+            deletes.push(delete(lane_key(&stream_id, lane)));
+        }
+        let first_seq = checkpoint.applied_through_seq + 1;
+        let guard = self.lane_values[0].clone();
+        self.pending = deletes;
+        self.send_txn(
+            lane_key(&stream_id, 0),
+            guard,
+            guards,
+            checkpoint,
+            value,
+            first_seq,
+            HashSet::new(),
+        )
+        .await;
+        self.drain().await?;
+        self.lane_values
+            .iter_mut()
+            .skip(1)
+            .for_each(|value| *value = None);
+        Ok(())
+    }
+
+    /// Sends the pending operations in one Txn that also puts the checkpoint
+    /// `value` at `key`, guarded by `key` holding `guard` (not existing, for
+    /// `None`), by `extra_guards`, and by the epoch. Its answer is awaited by
+    /// [`Self::complete_oldest`].
+    #[allow(clippy::too_many_arguments)]
+    async fn send_txn(
+        &mut self,
+        key: Vec<u8>,
+        guard: Option<Vec<u8>>,
+        extra_guards: Vec<Compare>,
+        checkpoint: Checkpoint,
+        value: Vec<u8>,
+        first_seq: u64,
+        keys: HashSet<Vec<u8>>,
+    ) {
         let mut operations = std::mem::take(&mut self.pending);
         self.pending_keys.clear();
         self.pending_bytes = 0;
         let count = operations.len();
         operations.push(put(key.clone(), value.clone(), 0));
-        let guard = match &self.sent_value {
-            Some(previous) => value_is(key.clone(), previous.clone()),
+        let mut compare = vec![match guard {
+            Some(previous) => value_is(key.clone(), previous),
             None => version_is_zero(key.clone()),
-        };
-        let mut compare = vec![guard];
+        }];
+        compare.extend(extra_guards);
         compare.extend(self.epoch_guard());
         let request = Arc::new(TxnRequest {
             compare,
@@ -686,22 +1005,22 @@ impl EtcdSink {
             // On a failed compare, what the guards found.
             failure: vec![range(key), range(EPOCH_KEY.to_vec())],
         });
-        while self.in_flight.len() >= self.options.txns_in_flight.max(1) {
-            self.complete_oldest().await?;
-        }
-        debug!(ops = count, through_seq = through.seq, "etcd txn sent");
+        debug!(
+            ops = count,
+            first_seq,
+            lane = checkpoint.lane_txn.map(|txn| txn.lane),
+            "etcd txn sent"
+        );
         let answer = send_in_order(self.client().clone(), request.clone()).await;
         self.in_flight.push_back(InFlight {
             answer,
             request,
-            checkpoint: checkpoint.clone(),
-            value: value.clone(),
+            checkpoint,
+            value,
             first_seq,
             resent: 0,
+            keys,
         });
-        self.sent = Some(checkpoint);
-        self.sent_value = Some(value);
-        Ok(())
     }
 
     /// Waits for every Txn in flight.
@@ -722,7 +1041,13 @@ impl EtcdSink {
             };
             let answer = take_answer(&mut oldest.answer).await;
             let mut txn = self.in_flight.pop_front().expect("the front exists");
-            let seqs = format!("{}..={}", txn.first_seq, txn.checkpoint.applied_through_seq);
+            let last_seq = txn
+                .checkpoint
+                .lane_txn
+                .map_or(txn.checkpoint.applied_through_seq, |lane_txn| {
+                    lane_txn.last_seq
+                });
+            let seqs = format!("{}..={last_seq}", txn.first_seq);
             let response = answer
                 .map_err(|error| match error {
                     EtcdError::TooLarge { endpoints, reason } => EtcdError::TooLarge {
@@ -743,7 +1068,13 @@ impl EtcdSink {
                 while self.confirmed_values.len() > 2 * self.options.txns_in_flight.max(1) + 2 {
                     self.confirmed_values.pop_front();
                 }
-                self.checkpoint = Some(txn.checkpoint);
+                let mut confirmed = txn.checkpoint;
+                if let Some(lane_txn) = confirmed.lane_txn.take() {
+                    // Confirmed oldest first: every Txn before it is in too.
+                    confirmed.applied_through_seq = lane_txn.last_seq;
+                    confirmed.applied_through_position = lane_txn.last_position;
+                }
+                self.checkpoint = Some(confirmed);
                 return Ok(());
             }
             let mut found = failure_values(&response).into_iter();
@@ -761,7 +1092,8 @@ impl EtcdSink {
             // a compare that found an earlier value of this sink's was
             // overtaken, and holds when sent again.
             let predecessor = self.confirmed_values.back().cloned().flatten();
-            let overtaken = found_checkpoint != predecessor
+            let overtaken = !self.laned
+                && found_checkpoint != predecessor
                 && self.confirmed_values.contains(&found_checkpoint);
             if !overtaken || txn.resent >= REORDER_RETRIES {
                 return Err(target_error(EtcdError::Request {
@@ -928,10 +1260,27 @@ impl Sink for EtcdSink {
         if self.options.epoch > 0 {
             self.claim_epoch().await?;
         }
-        let (stored, _) = read_raw(self.client(), &stream.stream_id).await?;
-        if let Some(value) = stored {
-            let key = checkpoint_key(&stream.stream_id);
-            let checkpoint = parse_checkpoint(&connection, &key, &value)?;
+        let (stored, _) = read_raw(self.client(), &connection, &stream.stream_id).await?;
+        let resume = resume_point(&connection, &stream.stream_id, &stored)?;
+        self.laned = self.options.lanes > 1 || resume.as_ref().is_some_and(|resume| resume.laned);
+        if self.laned {
+            let lanes = stored
+                .iter()
+                .map(|(lane, _)| lane + 1)
+                .max()
+                .unwrap_or(0)
+                .max(self.options.lanes.max(1));
+            self.lane_values = vec![None; lanes];
+            for (lane, value) in &stored {
+                self.lane_values[*lane] = Some(value.clone());
+            }
+        }
+        if let Some(Resume {
+            checkpoint,
+            applied_above,
+            ..
+        }) = resume
+        {
             if checkpoint.source_identity != stream.source_identity {
                 return Err(target_error(EtcdError::OtherSource {
                     endpoints: connection.display(),
@@ -952,13 +1301,19 @@ impl Sink for EtcdSink {
             info!(
                 stream_id = %stream.stream_id,
                 applied_through_seq = checkpoint.applied_through_seq,
+                applied_above = ?applied_above,
                 written_by_epoch = checkpoint.epoch,
                 "resuming from the target's checkpoint"
             );
             self.tracker = SeqTracker::starting_at(checkpoint.applied_through_seq + 1);
             let resume = checkpoint.applied_through_seq;
-            self.confirmed_values = VecDeque::from([Some(value.clone())]);
-            self.sent_value = Some(value);
+            self.applied_above = applied_above.into();
+            let value = stored
+                .first()
+                .filter(|(lane, _)| *lane == 0)
+                .map(|(_, value)| value.clone());
+            self.confirmed_values = VecDeque::from([value.clone()]);
+            self.sent_value = value;
             self.sent = Some(checkpoint.clone());
             self.checkpoint = Some(checkpoint);
             return Ok(Some(resume));
@@ -991,6 +1346,7 @@ impl Sink for EtcdSink {
             epoch: self.options.epoch,
             complete: false,
             writer: String::new(),
+            lane_txn: None,
         };
         self.confirmed_values = VecDeque::from([None]);
         self.sent_value = None;
@@ -1004,6 +1360,9 @@ impl Sink for EtcdSink {
             self.tracker
                 .try_advance(op.seq)
                 .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
+            if self.applied_before(&op) {
+                continue;
+            }
             if let Some(open) = self.group.first()
                 && op.txn != open.txn
             {
@@ -1042,7 +1401,81 @@ impl Sink for EtcdSink {
         if self.sent.is_none() {
             return Ok(());
         }
+        if self.laned {
+            return self.finish_lanes().await;
+        }
         self.send_pending(true).await?;
         self.drain().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lane's stored value: contiguous through `contiguous`, its own Txn
+    /// `first..=last`.
+    fn lane(lane: usize, contiguous: u64, first: u64, last: u64) -> (usize, Vec<u8>) {
+        let checkpoint = Checkpoint {
+            stream_id: "s".to_owned(),
+            source_identity: None,
+            applied_through_seq: contiguous,
+            applied_through_position: contiguous,
+            epoch: 0,
+            complete: false,
+            writer: "w".to_owned(),
+            lane_txn: Some(LaneTxn {
+                lane,
+                first_seq: first,
+                last_seq: last,
+                last_position: last,
+            }),
+        };
+        (lane, serde_json::to_vec(&checkpoint).expect("serializes"))
+    }
+
+    fn resume(stored: &[(usize, Vec<u8>)]) -> (u64, Vec<(u64, u64)>) {
+        let connection = EtcdConnection::from_url("etcd://127.0.0.1:1", None).expect("url");
+        let resume = resume_point(&connection, "s", stored)
+            .expect("parses")
+            .expect("a checkpoint");
+        assert!(resume.laned);
+        (resume.checkpoint.applied_through_seq, resume.applied_above)
+    }
+
+    #[test]
+    fn later_lanes_applied_before_an_earlier_one_are_skipped_not_resumed_from() {
+        // 3 lanes, Txns of 10 ops: t3 (31..=40, lane 0) never applied; t4
+        // and t5 did, sent when everything through 20 and 30 was in.
+        let stored = [lane(0, 0, 1, 10), lane(1, 20, 41, 50), lane(2, 30, 51, 60)];
+        assert_eq!(resume(&stored), (30, vec![(41, 50), (51, 60)]));
+    }
+
+    #[test]
+    fn lanes_with_no_gap_resume_after_the_last_txn() {
+        let stored = [lane(0, 10, 31, 40), lane(1, 20, 41, 50), lane(2, 0, 21, 30)];
+        assert_eq!(resume(&stored), (50, vec![]));
+    }
+
+    #[test]
+    fn a_single_chain_checkpoint_resumes_where_it_says() {
+        let connection = EtcdConnection::from_url("etcd://127.0.0.1:1", None).expect("url");
+        let checkpoint = Checkpoint {
+            stream_id: "s".to_owned(),
+            source_identity: None,
+            applied_through_seq: 77,
+            applied_through_position: 900,
+            epoch: 0,
+            complete: true,
+            writer: String::new(),
+            lane_txn: None,
+        };
+        let stored = [(0, serde_json::to_vec(&checkpoint).expect("serializes"))];
+        let resume = resume_point(&connection, "s", &stored)
+            .expect("parses")
+            .expect("a checkpoint");
+        assert!(!resume.laned);
+        assert!(resume.applied_above.is_empty());
+        assert_eq!(resume.checkpoint, checkpoint);
     }
 }

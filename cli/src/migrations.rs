@@ -159,29 +159,21 @@ struct TargetArgs {
     /// etcd: the target's --max-request-bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
     max_request_bytes: usize,
-    /// A file whose first line is the etcd password (the user is ETCD_USERNAME);
-    /// without it, ETCD_USERNAME and ETCD_PASSWORD are used when set.
-    #[arg(long, value_name = "FILE")]
-    etcd_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: crate::commands::EtcdArgs,
 }
 
 impl TargetArgs {
     fn connection(&self) -> Result<EtcdConnection> {
-        if !self.target.starts_with("etcd://") {
+        if !(self.target.starts_with("etcd://") || self.target.starts_with("etcds://")) {
             anyhow::bail!(UsageError(format!(
-                "migrations run in place on etcd targets (etcd://HOST:PORT), not {}",
+                "migrations run in place on etcd targets (etcd://HOST:PORT or etcds://HOST:PORT), not {}",
                 self.target
             )));
         }
-        Ok(
-            EtcdConnection::from_url(&self.target, self.etcd_password_file.as_ref()).map_err(
-                |error| {
-                    ferry_engine::Error::from(ferry_engine::adapters::AdapterError::EtcdTarget(
-                        error,
-                    ))
-                },
-            )?,
-        )
+        Ok(self.etcd.connection(&self.target).map_err(|error| {
+            ferry_engine::Error::from(ferry_engine::adapters::AdapterError::EtcdTarget(error))
+        })?)
     }
 
     fn profile(&self) -> Result<Profile> {

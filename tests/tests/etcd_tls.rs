@@ -255,3 +255,68 @@ async fn extract_and_restore_over_tls_and_clear_errors_without_the_right_files()
         assert_eq!(got.version, 1, "written once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_in_place_over_tls_with_a_client_certificate() {
+    let pki = Pki::new();
+    let target = pki.server(true);
+    let mut kv = pki.kv(&target).await;
+    kv.put(PutRequest {
+        key: b"/mystic/pipelines/Alpha".to_vec(),
+        value: br#"{"name":"Alpha","environment":"gpu"}"#.to_vec(),
+        ..PutRequest::default()
+    })
+    .await
+    .expect("put over TLS");
+    let profile = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples")
+        .join("profiles")
+        .join("mystic")
+        .display()
+        .to_string();
+    let (ca, cert, key) = (
+        pki.arg("ca.pem"),
+        pki.arg("client.pem"),
+        pki.arg("client-key.pem"),
+    );
+    let tls = [
+        "--etcd-ca-file",
+        ca.as_str(),
+        "--etcd-cert-file",
+        cert.as_str(),
+        "--etcd-key-file",
+        key.as_str(),
+    ];
+    let url = target.url();
+    let run = |command: &str, with_tls: bool| {
+        let mut args = vec!["migrations", command, "--target", &url, "--dir", &profile];
+        if with_tls {
+            args.extend(tls);
+        }
+        ferry(&args)
+    };
+
+    let no_certificate = run("status", false);
+    assert!(!no_certificate.status.success());
+    assert!(
+        stderr(&no_certificate).contains("--etcd-ca-file"),
+        "{}",
+        stderr(&no_certificate)
+    );
+    let pending = run("status", true);
+    assert_eq!(
+        pending.status.code(),
+        Some(10),
+        "not up to date: {}",
+        stderr(&pending)
+    );
+    let up = run("up", true);
+    assert!(up.status.success(), "{}", stderr(&up));
+    let done = run("status", true);
+    assert!(done.status.success(), "up to date: {}", stderr(&done));
+    let pipelines = dump(&mut kv, b"/mystic/pipelines/").await;
+    assert_eq!(pipelines.len(), 1, "migrated in place");
+    assert_eq!(pipelines[0].key, b"/mystic/pipelines/alpha");
+    assert_eq!(pipelines[0].value, br#"{"name":"alpha"}"#);
+}

@@ -739,6 +739,20 @@ fn live_sink(
     .expect("sink")
 }
 
+/// The checkpoint of `stream_id` in `server`, as an agent reads it, and the
+/// epoch stored there.
+async fn stored_checkpoint(
+    server: &EtcdServer,
+    stream_id: &str,
+) -> (Option<ferry_engine::adapters::etcd::Checkpoint>, u64) {
+    ferry_engine::adapters::etcd::read_checkpoint(
+        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&server.url(), None).expect("url"),
+        stream_id,
+    )
+    .await
+    .expect("read checkpoint")
+}
+
 async fn value_of(server: &EtcdServer, key: &str) -> Option<KeyValue> {
     kv(server)
         .await
@@ -828,12 +842,7 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     );
     assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
     assert!(value_of(&target, "/live/e").await.is_none(), "none of it");
-    let (checkpoint, epoch) = ferry_engine::adapters::etcd::read_checkpoint(
-        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
-        "live-1",
-    )
-    .await
-    .expect("read checkpoint");
+    let (checkpoint, epoch) = stored_checkpoint(&target, "live-1").await;
     assert_eq!(epoch, 0);
     assert_eq!(
         checkpoint.expect("a checkpoint").applied_through_seq,
@@ -947,12 +956,7 @@ async fn lanes_keep_each_keys_ops_in_order_and_resume_without_reapplying() {
         1,
         "the lanes' keys are deleted at the end"
     );
-    let (checkpoint, _) = ferry_engine::adapters::etcd::read_checkpoint(
-        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
-        "lanes-1",
-    )
-    .await
-    .expect("read checkpoint");
+    let (checkpoint, _) = stored_checkpoint(&target, "lanes-1").await;
     let checkpoint = checkpoint.expect("a checkpoint");
     assert!(checkpoint.complete);
     assert_eq!(checkpoint.applied_through_seq, total);
@@ -1012,12 +1016,7 @@ async fn a_lane_txn_applied_ahead_of_an_earlier_one_is_skipped_on_resume() {
             .unwrap_or_else(|| panic!("/ahead/k{seq} restored"));
         assert_eq!(key.version, 1, "/ahead/k{seq} applied once");
     }
-    let (checkpoint, _) = ferry_engine::adapters::etcd::read_checkpoint(
-        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
-        "ahead-1",
-    )
-    .await
-    .expect("read checkpoint");
+    let (checkpoint, _) = stored_checkpoint(&target, "ahead-1").await;
     let checkpoint = checkpoint.expect("a checkpoint");
     assert!(checkpoint.complete);
     assert_eq!(checkpoint.applied_through_seq, 6);
@@ -1137,12 +1136,7 @@ async fn a_newer_epoch_takes_the_stream_over_and_fences_the_older_sink() {
         value_of(&target, "/live/stale-only").await.is_none(),
         "nothing of the stale batch landed"
     );
-    let (checkpoint, epoch) = ferry_engine::adapters::etcd::read_checkpoint(
-        &ferry_engine::adapters::etcd::EtcdConnection::from_url(&target.url(), None).expect("url"),
-        "live-3",
-    )
-    .await
-    .expect("read checkpoint");
+    let (checkpoint, epoch) = stored_checkpoint(&target, "live-3").await;
     let checkpoint = checkpoint.expect("a checkpoint");
     assert_eq!(epoch, 2);
     assert_eq!((checkpoint.applied_through_seq, checkpoint.epoch), (20, 2));

@@ -468,12 +468,18 @@ impl Relay {
             };
         let known = self.state.borrow().clone();
         let request = match &known.start {
-            None => ExtractRequest {
-                follow: true,
-                epoch: self.epoch,
-                key_prefix: self.options.key_prefix.clone().into(),
-                ..ExtractRequest::default()
-            },
+            None => {
+                // A new stream: its seqs start at 1 again.
+                if let Some(chain) = self.chain.as_mut() {
+                    chain.restart();
+                }
+                ExtractRequest {
+                    follow: true,
+                    epoch: self.epoch,
+                    key_prefix: self.options.key_prefix.clone().into(),
+                    ..ExtractRequest::default()
+                }
+            }
             Some(start) => {
                 let checkpoint = match target
                     .checkpoint(CheckpointRequest {

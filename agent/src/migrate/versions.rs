@@ -87,23 +87,38 @@ pub(crate) struct RelayChain {
     source_snapshot_through_seq: Option<u64>,
     /// Outputs at or below this seq are in the target already.
     skip_through_seq: u64,
+    /// The highest output seq ever handed on (a resume numbers again from
+    /// below it).
+    sent_through_seq: u64,
 }
 
 impl RelayChain {
     /// A relay chain at the start of a stream.
-    pub(crate) fn new(mut chain: Chain) -> Self {
-        chain.set_next_seq(1);
-        Self {
+    pub(crate) fn new(chain: Chain) -> Self {
+        let mut relay = Self {
             chain,
-            boundaries: VecDeque::from([Boundary {
-                source_seq: 0,
-                position: 0,
-                through_seq: 0,
-            }]),
+            boundaries: VecDeque::new(),
             last_source_seq: 0,
             source_snapshot_through_seq: None,
             skip_through_seq: 0,
-        }
+            sent_through_seq: 0,
+        };
+        relay.restart();
+        relay
+    }
+
+    /// Starts over, for a new stream (its seqs start at 1 again).
+    pub(crate) fn restart(&mut self) {
+        self.chain.set_next_seq(1);
+        self.boundaries = VecDeque::from([Boundary {
+            source_seq: 0,
+            position: 0,
+            through_seq: 0,
+        }]);
+        self.last_source_seq = 0;
+        self.source_snapshot_through_seq = None;
+        self.skip_through_seq = 0;
+        self.sent_through_seq = 0;
     }
 
     /// Source transactions whose outputs the target may not hold yet.
@@ -154,6 +169,7 @@ impl RelayChain {
             out.extend(self.chain.transform_batch(group)?);
         }
         out.retain(|op| op.seq > self.skip_through_seq);
+        self.sent_through_seq = self.sent_through_seq.max(self.through_seq());
         Ok(out)
     }
 
@@ -213,10 +229,10 @@ impl RelayChain {
                 ));
             }
         }
-        if target_seq > self.through_seq() {
+        if target_seq > self.sent_through_seq {
             return Err(format!(
                 "the target's checkpoint (seq {target_seq}) is past every op sent (seq {}): another stream wrote it",
-                self.through_seq()
+                self.sent_through_seq
             ));
         }
         self.boundaries.truncate(at + 1);
@@ -363,10 +379,14 @@ mod tests {
         // Outputs: 1 /a, 2 /split/c, 3 /split/c/copy; the target holds 2.
         let resume = relay.resume(2).expect("resumes");
         assert_eq!(resume.from_seq_exclusive, 2, "after /drop/b");
+        // Broken again before the op came back: the same resume.
+        assert_eq!(relay.resume(2).expect("resumes again"), resume);
         let resent = relay
             .transform(source_after(2)[..1].to_vec())
             .expect("transforms");
         assert_eq!(keys(&resent), [(3, "/split/c/copy".to_owned())]);
+        let error = relay.resume(4).expect_err("never sent");
+        assert!(error.contains("past every op sent"), "{error}");
     }
 
     #[test]

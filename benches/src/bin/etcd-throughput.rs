@@ -153,8 +153,6 @@ async fn main() {
         &source.url(),
         "--to",
         &store_url,
-        "--parallel",
-        "2",
         "--quiet",
     ]);
     let restore = ferry(&[

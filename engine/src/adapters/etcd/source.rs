@@ -32,8 +32,12 @@ use crate::{Op, Result};
 /// Bytes of keys and values one Range page aims at: pages shrink for large
 /// values, so memory stays bounded whatever the values' size.
 const PAGE_TARGET_BYTES: usize = 4 * 1024 * 1024;
-/// Keys one Range page holds at most.
-const PAGE_MAX_KEYS: i64 = 1000;
+/// Keys one Range page holds at most. Not fewer: etcd 3.4 counts every key
+/// left in the range to answer each page, so small pages make a read
+/// quadratic. Measured on 2 cores, 100,000 keys of 200 bytes, one reader:
+/// 1.15 s with 1,000-key pages, 0.45 s with 10,000 (the byte target caps
+/// pages of larger values first).
+const PAGE_MAX_KEYS: i64 = 10_000;
 /// Pages each parallel reader fetches ahead of the merge.
 const PAGES_AHEAD: usize = 2;
 

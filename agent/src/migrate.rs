@@ -400,6 +400,10 @@ struct Relay {
     chain: Option<RelayChain>,
 }
 
+/// How long a broken session waits for the target agent to finish the
+/// batches it took in, without an ack, before the stream is resumed anyway.
+const APPLY_END_QUIET: Duration = Duration::from_secs(10);
+
 /// How one relay session ended.
 enum SessionEnd {
     Stopped,
@@ -513,8 +517,10 @@ impl Relay {
                         Some(chain) => match chain.resume(checkpoint.applied_through_seq) {
                             Ok(point) => {
                                 info!(
+                                    target_seq = checkpoint.applied_through_seq,
                                     from_seq_exclusive = point.from_seq_exclusive,
                                     from_position_exclusive = point.from_position_exclusive,
+                                    inside_op = point.inside_op,
                                     "the target's checkpoint mapped back through the version chain"
                                 );
                                 (
@@ -712,10 +718,47 @@ impl Relay {
             }
         };
         // Closing the request stream ends the Apply call; its acks are read
-        // to the end so the target's last answer is seen.
+        // to the end so the target's last answer is seen. After a break on
+        // the source's side the target may still be applying batches it
+        // took in: its ack stream ends only once it is done with them, and
+        // a resume reads its checkpoint after that, so the checkpoint does
+        // not move on under the resume (with a version chain, a resume
+        // maps a checkpoint that moved past it wrongly, or not at all).
         drop(requests);
-        if matches!(end, SessionEnd::Stopped) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut ack_task).await;
+        if let SessionEnd::Broken { reason, .. } = &end {
+            // Known as broken while the target finishes: no cutover starts
+            // on a stream that is down.
+            self.state
+                .send_modify(|state| state.broken = Some(reason.clone()));
+        }
+        let mut end = end;
+        match &mut end {
+            SessionEnd::Stopped => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut ack_task).await;
+            }
+            SessionEnd::Failed(_) => {}
+            SessionEnd::Broken { progressed, .. } => {
+                // As long as the target acks, it is making progress.
+                let quiet = self.options.reconnect_timeout.min(APPLY_END_QUIET);
+                loop {
+                    tokio::select! {
+                        finished = &mut ack_task => {
+                            if let Ok((_, true)) = finished {
+                                *progressed = true;
+                            }
+                            break;
+                        }
+                        changed = tokio::time::timeout(quiet, applied.changed()) => {
+                            if matches!(changed, Ok(Ok(()))) {
+                                *progressed = true;
+                                continue;
+                            }
+                            warn!(?quiet, "the target agent neither acked nor ended the Apply stream; resuming anyway");
+                            break;
+                        }
+                    }
+                }
+            }
         }
         ack_task.abort();
         end

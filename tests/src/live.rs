@@ -508,12 +508,12 @@ pub fn spawn_ferry(args: &[String]) -> tokio::process::Child {
 }
 
 /// Waits (at most 4 minutes) for a `ferry --output json migrate` started by
-/// [`spawn_ferry`]: its JSON report and exit code. Without a report, panics
-/// with what ferry and the cluster's processes logged.
+/// [`spawn_ferry`]: its JSON report, exit code and stderr. Without a
+/// report, panics with what ferry and the cluster's processes logged.
 pub async fn migrate_report(
     migrate: tokio::process::Child,
     cluster: &Cluster,
-) -> (serde_json::Value, Option<i32>) {
+) -> (serde_json::Value, Option<i32>, String) {
     let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
         .await
         .expect("the migration ends")
@@ -528,7 +528,11 @@ pub async fn migrate_report(
             cluster.gateway.stderr()
         )
     });
-    (report, output.status.code())
+    (
+        report,
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Waits until the migration writing `status_file` is in `phase`.

@@ -110,7 +110,7 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
         }
     }
 
-    let (report, exit_code) = migrate_report(migrate, cluster).await;
+    let (report, exit_code, _) = migrate_report(migrate, cluster).await;
     if fault == Fault::NewEtcdFailsAtCutover {
         signal(cluster.new.pid(), "-CONT");
     }

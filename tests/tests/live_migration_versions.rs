@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
 use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, WriterKeys, cluster_id_and_revision, kv, migrate_report,
@@ -138,8 +139,70 @@ async fn seed_mystic(endpoint: &str, scale: usize) {
     }
 }
 
-/// The v4 image of one v3 key and body, by the example profile's rules
-/// (worked out here, not by ferry's chain); `None` when v4 drops it.
+/// A profile from v3 to v4 and what it makes of one v3 key and body,
+/// worked out here by its rules, not by ferry's chain.
+struct V4Profile {
+    dir: PathBuf,
+    image: fn(&str, &Value) -> Vec<(String, Value)>,
+}
+
+/// The example Mystic profile.
+fn mystic() -> V4Profile {
+    V4Profile {
+        dir: mystic_profile(),
+        image: |key, body| v4(key, body).into_iter().collect(),
+    }
+}
+
+/// A profile that splits ops: each seeded pipeline also gets an index
+/// entry, `/mystic/index/<name>` = `{"pipeline": <its key>}` (a delete of
+/// the pipeline deletes it too). Written in `dir`.
+fn indexing(dir: &Path) -> V4Profile {
+    let profile = dir.join("mystic-index");
+    std::fs::create_dir_all(&profile).expect("profile dir");
+    std::fs::write(
+        profile.join("profile.toml"),
+        r#"format_version = 1
+platform = "mystic"
+versions = ["v3", "v4"]
+migrations = ["1700000000000_index_pipelines.toml"]
+"#,
+    )
+    .expect("profile.toml");
+    std::fs::write(
+        profile.join("1700000000000_index_pipelines.toml"),
+        r#"format_version = 1
+id = "1700000000000_index_pipelines"
+from = "v3"
+to = "v4"
+description = "every seeded pipeline gets an index entry"
+up = '., {key: ("/mystic/index/" + (.key | ltrimstr("/mystic/pipelines/"))), body: {pipeline: .key}}'
+
+[match]
+kind = "etcd.kv"
+key_regex = "^/mystic/pipelines/Pipe-[0-9]+$"
+"#,
+    )
+    .expect("migration file");
+    V4Profile {
+        dir: profile,
+        image: |key, body| {
+            let mut image = vec![(key.to_owned(), body.clone())];
+            if let Some(name) = key.strip_prefix("/mystic/pipelines/Pipe-")
+                && name.bytes().all(|byte| byte.is_ascii_digit())
+            {
+                image.push((
+                    format!("/mystic/index/Pipe-{name}"),
+                    json!({"pipeline": key}),
+                ));
+            }
+            image
+        },
+    }
+}
+
+/// The v4 image of one v3 key and body, by the example profile's rules;
+/// `None` when v4 drops it.
 fn v4(key: &str, body: &Value) -> Option<(String, Value)> {
     if key.starts_with("/mystic/environments/") {
         return None;
@@ -213,22 +276,34 @@ struct Outcome {
     writes: Vec<Write>,
 }
 
-/// When to cut the link to the source agent.
+/// A fault to inject while the migration runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    Never,
-    /// For 4 s while following.
-    WhileFollowing,
-    /// For 2 s once the target holds part of the snapshot (past the
-    /// environments, which sort first and are all dropped, so the source's
-    /// seqs and the target's differ there).
-    InTheSnapshot,
+enum Fault {
+    None,
+    /// Cut the link to the source agent for 4 s while following.
+    CutSourceLinkWhileFollowing,
+    /// Cut the link to the source agent for 2 s once the new etcd holds
+    /// this many keys of the snapshot, not all of it.
+    CutSourceLinkInTheSnapshot {
+        after_keys: i64,
+    },
+    /// kill -9 the target agent once the new etcd holds this many keys of
+    /// the snapshot (so its checkpoint stays inside the snapshot), and
+    /// start it again on its address.
+    KillTargetAgentInTheSnapshot {
+        after_keys: i64,
+    },
 }
 
 /// Writers on Mystic v3 keys through the gateway, a live migration through
-/// the Mystic chain with the source link cut as `cut` says, and more writes
-/// after it.
-async fn migrate_mystic(cluster: &Cluster, cut: Cut) -> Outcome {
+/// `profile` from v3 to v4 under `fault` (with `extra` options), and more
+/// writes after it.
+async fn migrate_mystic(
+    cluster: &mut Cluster,
+    profile: &V4Profile,
+    fault: Fault,
+    extra: &[&str],
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..WRITERS)
         .map(|index| {
@@ -245,8 +320,8 @@ async fn migrate_mystic(cluster: &Cluster, cut: Cut) -> Outcome {
 
     let status_dir = tempfile::tempdir().expect("temp dir");
     let status_file = status_dir.path().join("status.json");
-    let profile = mystic_profile().display().to_string();
-    let follow = if cut == Cut::WhileFollowing {
+    let profile = profile.dir.display().to_string();
+    let follow = if fault == Fault::CutSourceLinkWhileFollowing {
         "6s"
     } else {
         "2s"
@@ -264,23 +339,33 @@ async fn migrate_mystic(cluster: &Cluster, cut: Cut) -> Outcome {
             follow,
         ],
     );
-    let migrate = spawn_ferry(&args);
-    match cut {
-        Cut::Never => {}
-        Cut::WhileFollowing => {
+    let migrate = spawn_ferry(&with_options(args, extra));
+    match fault {
+        Fault::None => {}
+        Fault::CutSourceLinkWhileFollowing => {
             wait_for_phase(&status_file, "following").await;
             cluster.source_link.cut();
             tokio::time::sleep(Duration::from_secs(4)).await;
             cluster.source_link.restore();
         }
-        Cut::InTheSnapshot => {
-            wait_inside_the_snapshot(&status_file).await;
+        Fault::CutSourceLinkInTheSnapshot { after_keys } => {
+            wait_inside_the_snapshot(&status_file, &cluster.new.endpoint(), after_keys).await;
             cluster.source_link.cut();
             tokio::time::sleep(Duration::from_secs(2)).await;
             cluster.source_link.restore();
         }
+        Fault::KillTargetAgentInTheSnapshot { after_keys } => {
+            wait_inside_the_snapshot(&status_file, &cluster.new.endpoint(), after_keys).await;
+            let listen = cluster.target_agent.field("listen");
+            cluster.target_agent.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.target_agent = start_slow_target_agent(&cluster.new, &listen);
+        }
     }
-    let (report, exit_code) = migrate_report(migrate, cluster).await;
+    let (report, exit_code, stderr) = migrate_report(migrate, cluster).await;
+    for line in stderr.lines().filter(|line| line.contains("mapped back")) {
+        eprintln!("resumed: {line}");
+    }
     // Writes go on after the switch.
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::SeqCst);
@@ -296,27 +381,46 @@ async fn migrate_mystic(cluster: &Cluster, cut: Cut) -> Outcome {
     }
 }
 
-/// Waits until the target holds part of the snapshot, not all of it.
-async fn wait_inside_the_snapshot(status_file: &Path) {
+/// Waits until the new etcd (at `new_endpoint`) holds `after_keys` keys of
+/// the snapshot, while the migration still applies it.
+async fn wait_inside_the_snapshot(status_file: &Path, new_endpoint: &str, after_keys: i64) {
+    let mut client = kv(new_endpoint).await;
     loop {
-        if let Ok(text) = std::fs::read_to_string(status_file)
-            && let Ok(status) = serde_json::from_str::<Value>(&text)
+        let phase = std::fs::read_to_string(status_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|status| status["phase"].as_str().map(str::to_owned));
+        if let Some(phase) = phase.as_deref()
+            && !matches!(phase, "starting" | "snapshot")
         {
-            let applied = status["applied_through_seq"].as_u64().unwrap_or(0);
-            match status["phase"].as_str() {
-                Some("snapshot") if applied >= 100 => return,
-                Some("snapshot" | "starting") | None => {}
-                Some(phase) => panic!(
-                    "the migration is {phase} already: the snapshot was applied before the test could cut into it"
-                ),
-            }
+            panic!(
+                "the migration is {phase} already: the snapshot was applied before the test could break into it"
+            );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let keys = client
+            .range(RangeRequest {
+                key: MYSTIC.as_bytes().to_vec(),
+                range_end: prefix_end(MYSTIC.as_bytes()),
+                count_only: true,
+                ..RangeRequest::default()
+            })
+            .await
+            .expect("range")
+            .into_inner()
+            .count;
+        if keys >= after_keys {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// The checks after a migration through the chain that switched.
-async fn assert_switched_to_the_v4_image(cluster: &Cluster, outcome: &Outcome) {
+/// The checks after a migration through `profile` that switched.
+async fn assert_switched_to_the_v4_image(
+    cluster: &Cluster,
+    profile: &V4Profile,
+    outcome: &Outcome,
+) {
     let report = &outcome.report;
     assert_eq!(report["outcome"], "switched", "{report}");
     assert_eq!(outcome.exit_code, Some(0));
@@ -366,7 +470,7 @@ async fn assert_switched_to_the_v4_image(cluster: &Cluster, outcome: &Outcome) {
     let mut expected: BTreeMap<String, Value> = BTreeMap::new();
     let mut written_once = Vec::new();
     for (key, stored) in &old {
-        if let Some((new_key, body)) = v4(key, &stored.body) {
+        for (new_key, body) in (profile.image)(key, &stored.body) {
             if stored.version == 1 {
                 written_once.push(new_key.clone());
             }
@@ -405,14 +509,15 @@ async fn assert_switched_to_the_v4_image(cluster: &Cluster, outcome: &Outcome) {
         }
     }
     for (key, stored) in &old {
-        if let Some((new_key, _)) = v4(key, &stored.body)
-            && let Some(got) = migrated.get(&new_key)
-            && got.version > stored.version
-        {
-            mismatches.push(format!(
-                "{new_key} is at version {} in the new etcd, {key} at {} in the old one: applied twice",
-                got.version, stored.version
-            ));
+        for (new_key, _) in (profile.image)(key, &stored.body) {
+            if let Some(got) = migrated.get(&new_key)
+                && got.version > stored.version
+            {
+                mismatches.push(format!(
+                    "{new_key} is at version {} in the new etcd, {key} at {} in the old one: applied twice",
+                    got.version, stored.version
+                ));
+            }
         }
     }
     assert!(
@@ -464,18 +569,24 @@ async fn assert_switched_to_the_v4_image(cluster: &Cluster, outcome: &Outcome) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_migration_through_the_mystic_chain_leaves_the_v4_image_of_the_old_etcd() {
-    let cluster = Cluster::start_empty().await;
+    let mut cluster = Cluster::start_empty().await;
     seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(&cluster, Cut::Never).await;
-    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+    let outcome = migrate_mystic(&mut cluster, &mystic(), Fault::None, &[]).await;
+    assert_switched_to_the_v4_image(&cluster, &mystic(), &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_source_link_is_resumed_through_the_chain_without_a_key_missing_or_applied_twice() {
-    let cluster = Cluster::start_empty().await;
+    let mut cluster = Cluster::start_empty().await;
     seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(&cluster, Cut::WhileFollowing).await;
-    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+    let outcome = migrate_mystic(
+        &mut cluster,
+        &mystic(),
+        Fault::CutSourceLinkWhileFollowing,
+        &[],
+    )
+    .await;
+    assert_switched_to_the_v4_image(&cluster, &mystic(), &outcome).await;
     assert!(
         outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
         "the stream was never resumed: {}",
@@ -484,36 +595,102 @@ async fn a_cut_source_link_is_resumed_through_the_chain_without_a_key_missing_or
 }
 
 /// The resume that needs the way back: the target stops inside the
-/// snapshot, after the dropped environments, so its checkpoint counts fewer
-/// ops than the source sent; asking the source to resume after the
-/// target's seq would send pipelines and users again (version 2).
+/// snapshot, after the environments (which sort first and are all
+/// dropped), so its checkpoint counts fewer ops than the source sent; a
+/// source asked to resume after the target's seq would send pipelines and
+/// users again (version 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_link_cut_inside_the_snapshot_is_resumed_through_the_chain_without_applying_twice() {
-    let mut cluster = Cluster::start_empty().await;
-    seed_mystic(&cluster.old.endpoint(), 12).await;
-    // Small Txns (3 ops beside the checkpoint): the snapshot takes long
-    // enough to be cut into.
-    cluster.target_agent = FerryProcess::start(
-        &[
-            "agent",
-            "target",
-            "--control-plane",
-            &cluster.new.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--max-txn-ops",
-            "4",
-        ],
-        &[],
+async fn a_target_agent_killed_inside_the_snapshot_resumes_through_the_chain_without_applying_twice()
+ {
+    let mut cluster = slow_cluster().await;
+    let outcome = migrate_mystic(
+        &mut cluster,
+        &mystic(),
+        Fault::KillTargetAgentInTheSnapshot { after_keys: 1500 },
+        SLOW_TARGET_OPTIONS,
     )
-    .expect("target agent");
-    let outcome = migrate_mystic(&cluster, Cut::InTheSnapshot).await;
-    assert_switched_to_the_v4_image(&cluster, &outcome).await;
+    .await;
+    assert_resumed_to_the_v4_image(&cluster, &mystic(), &outcome).await;
+}
+
+/// The same with the source link cut: the target agent applies what it took
+/// in, and the relay resumes from where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_link_cut_inside_the_snapshot_is_resumed_through_the_chain() {
+    let mut cluster = slow_cluster().await;
+    let outcome = migrate_mystic(
+        &mut cluster,
+        &mystic(),
+        Fault::CutSourceLinkInTheSnapshot { after_keys: 1500 },
+        SLOW_TARGET_OPTIONS,
+    )
+    .await;
+    assert_resumed_to_the_v4_image(&cluster, &mystic(), &outcome).await;
+}
+
+/// A chain that splits snapshot ops in two (seeded pipelines get an index
+/// entry): the target's Txns of 3 ops cut pairs of outputs apart, so its
+/// checkpoint may fall between one op's two outputs; the target agent is
+/// killed inside the pipelines. (Where it stops is not up to the test:
+/// ferry's log line printed as `resumed:` says `inside_op=true` when it
+/// stopped between two outputs of one op.) A source asked to resume after
+/// the target's seq would skip pipelines and users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_agent_killed_inside_a_snapshot_of_split_ops_resumes_without_a_gap_or_a_repeat() {
+    let mut cluster = slow_cluster().await;
+    let temp = tempfile::tempdir().expect("temp dir");
+    let profile = indexing(temp.path());
+    // Inside the pipelines and their index entries, after the 480 environments.
+    let outcome = migrate_mystic(
+        &mut cluster,
+        &profile,
+        Fault::KillTargetAgentInTheSnapshot { after_keys: 1200 },
+        SLOW_TARGET_OPTIONS,
+    )
+    .await;
+    assert_resumed_to_the_v4_image(&cluster, &profile, &outcome).await;
+}
+
+async fn assert_resumed_to_the_v4_image(cluster: &Cluster, profile: &V4Profile, outcome: &Outcome) {
+    assert_switched_to_the_v4_image(cluster, profile, outcome).await;
     assert!(
         outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
         "the stream was never resumed: {}",
         outcome.report
     );
+}
+
+/// With a slow target, a resumed stream catches up with a long backlog of
+/// writes; while etcd replays it, the source reports a head close to what it
+/// sent, so the lag looks small too early (the cutover then finds the target
+/// behind and rolls back). Follow longer and allow a longer drain.
+const SLOW_TARGET_OPTIONS: &[&str] = &["--follow-at-least", "8s", "--max-pause", "5s"];
+
+/// A cluster whose old etcd holds 12 times the Mystic seed and whose target
+/// agent writes small Txns, so the snapshot takes long enough to break into.
+async fn slow_cluster() -> Cluster {
+    let mut cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 12).await;
+    cluster.target_agent = start_slow_target_agent(&cluster.new, "127.0.0.1:0");
+    cluster
+}
+
+/// A target agent beside `new` writing Txns of 3 ops beside its checkpoint.
+fn start_slow_target_agent(new: &EtcdServer, listen: &str) -> FerryProcess {
+    FerryProcess::start(
+        &[
+            "agent",
+            "target",
+            "--control-plane",
+            &new.url(),
+            "--listen",
+            listen,
+            "--max-txn-ops",
+            "4",
+        ],
+        &[],
+    )
+    .expect("target agent")
 }
 
 /// The Mystic profile with a v5 and no migration to it: a hole.

@@ -72,6 +72,9 @@ pub(crate) struct ResumePoint {
     pub from_seq_exclusive: u64,
     /// And every change through this source position.
     pub from_position_exclusive: u64,
+    /// The target's checkpoint is past that boundary (inside the outputs
+    /// of the snapshot op after it): outputs it holds are not sent again.
+    pub inside_op: bool,
 }
 
 /// The chain of a live migration, with the way back from output seqs to
@@ -242,6 +245,7 @@ impl RelayChain {
         Ok(ResumePoint {
             from_seq_exclusive: boundary.source_seq,
             from_position_exclusive: boundary.position,
+            inside_op: target_seq > boundary.through_seq,
         })
     }
 }
@@ -379,6 +383,7 @@ mod tests {
         // Outputs: 1 /a, 2 /split/c, 3 /split/c/copy; the target holds 2.
         let resume = relay.resume(2).expect("resumes");
         assert_eq!(resume.from_seq_exclusive, 2, "after /drop/b");
+        assert!(resume.inside_op);
         // Broken again before the op came back: the same resume.
         assert_eq!(relay.resume(2).expect("resumes again"), resume);
         let resent = relay
@@ -407,7 +412,8 @@ mod tests {
             resume,
             ResumePoint {
                 from_seq_exclusive: 10,
-                from_position_exclusive: 14
+                from_position_exclusive: 14,
+                inside_op: false,
             }
         );
     }
@@ -430,7 +436,8 @@ mod tests {
             resume,
             ResumePoint {
                 from_seq_exclusive: 8,
-                from_position_exclusive: 12
+                from_position_exclusive: 12,
+                inside_op: false,
             }
         );
         let resent = relay.transform(source_after(8)).expect("transforms");

@@ -179,6 +179,31 @@ impl<S: Future<Output = ()>> Stopping<S> {
     }
 }
 
+/// Answers a Digest RPC: what `connection` holds under `prefix` at
+/// `position` (0: now). `as_target` labels errors as the target's.
+pub(crate) async fn digest_plane(
+    connection: &ferry_engine::adapters::etcd::EtcdConnection,
+    prefix: &[u8],
+    position: u64,
+    as_target: bool,
+) -> Result<ferry_proto::v1::DigestResponse, Status> {
+    let digest = ferry_engine::adapters::etcd::digest_range(connection, prefix, position as i64)
+        .await
+        .map_err(|error| {
+            status_for(&Error::from(if as_target {
+                AdapterError::EtcdTarget(error)
+            } else {
+                AdapterError::EtcdSource(error)
+            }))
+        })?;
+    Ok(ferry_proto::v1::DigestResponse {
+        keys: digest.keys,
+        bytes: digest.bytes,
+        sha256: digest.sha256.to_vec().into(),
+        position: digest.revision as u64,
+    })
+}
+
 /// The gRPC status an engine failure is answered with: the one place that
 /// decides. The message is the error's own (it names what and where).
 pub fn status_for(error: &Error) -> Status {

@@ -12,9 +12,9 @@ use ferry_engine::progress::Progress;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::source_agent_server::SourceAgent;
 use ferry_proto::v1::{
-    DescribeRequest, DescribeResponse, ExtractRequest, ExtractResponse, FenceRequest,
-    FenceResponse, OpBatch, SnapshotComplete, SourceProgress, StreamStart, UnfenceRequest,
-    UnfenceResponse,
+    DescribeRequest, DescribeResponse, DigestRequest, DigestResponse, ExtractRequest,
+    ExtractResponse, FenceRequest, FenceResponse, OpBatch, SnapshotComplete, SourceProgress,
+    StreamStart, UnfenceRequest, UnfenceResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::serve::status_for;
+use crate::serve::{digest_plane, status_for};
 
 /// Messages an Extract stream holds ahead of a slow caller.
 const EXTRACT_AHEAD: usize = 8;
@@ -309,6 +309,21 @@ impl SourceAgent for EtcdSourceAgent {
         _request: Request<DescribeRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
         Ok(Response::new(self.describe_plane().await?))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let request = request.into_inner();
+        let prefix = self.prefix_for(&request.key_prefix)?;
+        let digest = digest_plane(&self.connection, &prefix, request.position, false).await?;
+        info!(
+            keys = digest.keys,
+            position = digest.position,
+            "digest of the source"
+        );
+        Ok(Response::new(digest))
     }
 }
 

@@ -14,14 +14,14 @@ use ferry_engine::adapters::{Sink, StreamInfo};
 use ferry_proto::v1::target_agent_server::TargetAgent;
 use ferry_proto::v1::{
     ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse, DescribeRequest,
-    DescribeResponse, OpBatch, StreamStart,
+    DescribeResponse, DigestRequest, DigestResponse, OpBatch, StreamStart,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::serve::status_for;
+use crate::serve::{digest_plane, status_for};
 
 /// Acks an Apply stream holds ahead of a slow caller.
 const ACKS_AHEAD: usize = 16;
@@ -349,5 +349,25 @@ impl TargetAgent for EtcdTargetAgent {
             identity: description.identity,
             control_plane_url: self.connection.display(),
         }))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let request = request.into_inner();
+        let digest = digest_plane(
+            &self.connection,
+            &request.key_prefix,
+            request.position,
+            true,
+        )
+        .await?;
+        info!(
+            keys = digest.keys,
+            position = digest.position,
+            "digest of the target"
+        );
+        Ok(Response::new(digest))
     }
 }

@@ -20,8 +20,8 @@ use ferry_proto::etcd::etcdserverpb::{
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
-    ApplyAck, ApplyRequest, CheckpointRequest, DescribeRequest, ExtractRequest, ExtractResponse,
-    FenceRequest, OpBatch, StreamStart, UnfenceRequest,
+    ApplyAck, ApplyRequest, CheckpointRequest, DescribeRequest, DigestRequest, ExtractRequest,
+    ExtractResponse, FenceRequest, OpBatch, StreamStart, UnfenceRequest,
 };
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
@@ -874,4 +874,92 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
     assert!(exited.success(), "a clean exit: {exited}");
     // The open stream ends (the agent is gone), rather than hanging.
     while let Ok(Some(_)) = stream.message().await {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference() {
+    let source_etcd = EtcdServer::start().expect("source etcd");
+    let target_etcd = EtcdServer::start().expect("target etcd");
+    let (mut source_kv, mut target_kv) = (kv(&source_etcd).await, kv(&target_etcd).await);
+    // The same keys, written in another order, and ferry's own key on the
+    // target only.
+    for index in 0..300 {
+        put(
+            &mut source_kv,
+            &format!("/d/{index:03}"),
+            &format!("v{index}"),
+            0,
+        )
+        .await;
+    }
+    for index in (0..300).rev() {
+        put(
+            &mut target_kv,
+            &format!("/d/{index:03}"),
+            &format!("v{index}"),
+            0,
+        )
+        .await;
+    }
+    put(&mut target_kv, "__ferry__/checkpoints/x", "{}", 0).await;
+    let source_agent = Agent::start("source", &source_etcd);
+    let target_agent = Agent::start("target", &target_etcd);
+    let mut source = source_client(&source_agent).await;
+    let mut target = target_client(&target_agent).await;
+    let digest = |position: u64| DigestRequest {
+        key_prefix: b"/d/".to_vec().into(),
+        position,
+    };
+
+    let before = source.digest(digest(0)).await.expect("digest").into_inner();
+    let same = target.digest(digest(0)).await.expect("digest").into_inner();
+    assert_eq!(before.keys, 300);
+    assert_eq!(before.sha256.len(), 32);
+    assert_eq!(
+        (before.keys, before.bytes, &before.sha256),
+        (same.keys, same.bytes, &same.sha256),
+        "the same keys and values, whatever the revisions"
+    );
+
+    // One value changes on the source: the digest now differs, and the
+    // digest at the earlier position is still the old one.
+    put(&mut source_kv, "/d/150", "changed", 0).await;
+    let after = source.digest(digest(0)).await.expect("digest").into_inner();
+    assert_eq!(after.keys, 300);
+    assert_ne!(after.sha256, same.sha256, "one value differs");
+    assert!(after.position > before.position);
+    let then = source
+        .digest(digest(before.position))
+        .await
+        .expect("digest at a position")
+        .into_inner();
+    assert_eq!(then.sha256, before.sha256, "read at the earlier revision");
+
+    // A key moved to the value's place is a difference too.
+    put(&mut target_kv, "/d/150", "changed", 0).await;
+    put(&mut target_kv, "/d/299x", "", 0).await;
+    let moved = target.digest(digest(0)).await.expect("digest").into_inner();
+    assert_eq!(moved.keys, 301);
+    assert_ne!(moved.sha256, after.sha256);
+
+    // A position etcd compacted is refused with what to do.
+    let mut maintenance = ferry_proto::etcd::etcdserverpb::kv_client::KvClient::connect(format!(
+        "http://{}",
+        source_etcd.endpoint()
+    ))
+    .await
+    .expect("kv");
+    maintenance
+        .compact(ferry_proto::etcd::etcdserverpb::CompactionRequest {
+            revision: after.position as i64,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+    let compacted = source
+        .digest(digest(before.position))
+        .await
+        .expect_err("compacted");
+    assert_eq!(compacted.code(), Code::FailedPrecondition, "{compacted:?}");
+    assert!(compacted.message().contains("compacted"), "{compacted:?}");
 }

@@ -20,10 +20,12 @@
 //! the target's data.
 
 pub(crate) mod client;
+mod digest;
 mod keepalive;
 mod sink;
 mod source;
 
+pub use digest::{RangeDigest, digest_range};
 pub use keepalive::LeaseKeeper;
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
 pub use source::{

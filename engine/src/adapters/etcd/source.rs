@@ -330,7 +330,7 @@ async fn produce(
         return;
     }
     let mut announced = HashSet::new();
-    let readers: Vec<mpsc::Receiver<Result<Vec<KeyValue>>>> = ranges
+    let readers: Vec<mpsc::Receiver<Result<Vec<KeyValue>, EtcdError>>> = ranges
         .into_iter()
         .map(|(start, end)| {
             let (pages, receiver) = mpsc::channel(PAGES_AHEAD);
@@ -343,7 +343,7 @@ async fn produce(
             let kvs = match page {
                 Ok(kvs) => kvs,
                 Err(error) => {
-                    let _ = sender.send(Err(error)).await;
+                    let _ = sender.send(Err(source_error(error))).await;
                     return;
                 }
             };
@@ -445,12 +445,12 @@ fn kv_op(seq: u64, position: u64, kv: KeyValue) -> Op {
 
 /// Reads `[start, end)` at `revision` page by page, pages sized to about
 /// [`PAGE_TARGET_BYTES`].
-async fn read_range(
+pub(super) async fn read_range(
     client: EtcdClient,
     revision: i64,
     start: Vec<u8>,
     end: Vec<u8>,
-    pages: mpsc::Sender<Result<Vec<KeyValue>>>,
+    pages: mpsc::Sender<Result<Vec<KeyValue>, EtcdError>>,
 ) {
     let mut cursor = start;
     let mut limit = 100i64;
@@ -471,7 +471,7 @@ async fn read_range(
         let response = match response {
             Ok(response) => response,
             Err(error) => {
-                let _ = pages.send(Err(source_error(error))).await;
+                let _ = pages.send(Err(error)).await;
                 return;
             }
         };

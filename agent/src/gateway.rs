@@ -53,6 +53,7 @@ mod router;
 mod upstream;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -61,13 +62,14 @@ use ferry_proto::v1::gateway_admin_server::GatewayAdminServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Endpoint};
 
 pub use ferry_proto::v1::gateway_admin_client::GatewayAdminClient;
 pub use gate::{GateError, GateRefusal};
 pub use upstream::UpstreamAccess;
 
 use crate::auth::RequireToken;
+use crate::serve::server_builder;
 use admin::AdminService;
 use gate::Gate;
 use proxy::EtcdProxy;
@@ -95,6 +97,9 @@ pub struct GatewayOptions {
     /// (`authorization: Bearer <token>`, as `ferry migrate` sends it); any
     /// caller may hold, switch and release when `None`.
     pub admin_token: Option<String>,
+    /// PEM files of the certificate and key both listeners (etcd's API and
+    /// the admin service) serve TLS with; plain HTTP/2 when `None`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -107,6 +112,7 @@ impl std::fmt::Debug for GatewayOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("access", &self.access)
             .field("admin_token_required", &self.admin_token.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -121,6 +127,7 @@ impl GatewayOptions {
             connect_timeout: Duration::from_secs(5),
             access: UpstreamAccess::default(),
             admin_token: None,
+            tls: None,
         }
     }
 }
@@ -143,6 +150,12 @@ pub enum GatewayError {
         /// The upstream's members.
         url: String,
         /// What the transport or etcd said.
+        reason: String,
+    },
+    /// The gateway's own certificate or key cannot be used.
+    #[error("the gateway cannot serve TLS: {reason}")]
+    Tls {
+        /// What is wrong, naming the file.
         reason: String,
     },
     /// A server of the gateway failed.
@@ -193,11 +206,16 @@ pub(crate) struct Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     admin_token: Option<String>,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Gateway {
     /// Connects to the first upstream; fails if it does not answer.
     pub async fn connect(options: &GatewayOptions) -> Result<Self, GatewayError> {
+        // Bad TLS files fail here, before anyone is told the gateway serves.
+        server_builder(options.tls.as_ref()).map_err(|error| GatewayError::Tls {
+            reason: error.to_string(),
+        })?;
         let upstream = Upstream::connect(
             &options.upstream_url,
             &options.access,
@@ -215,6 +233,7 @@ impl Gateway {
                 access: options.access.clone(),
             }),
             admin_token: options.admin_token.clone(),
+            tls: options.tls.clone(),
         })
     }
 
@@ -248,12 +267,17 @@ impl Gateway {
         };
         let etcd_address = address(&etcd_listener);
         let admin_address = address(&admin_listener);
-        let etcd = Server::builder().serve_with_incoming_shutdown(
+        let builder = || {
+            server_builder(self.tls.as_ref()).map_err(|error| GatewayError::Tls {
+                reason: error.to_string(),
+            })
+        };
+        let etcd = builder()?.serve_with_incoming_shutdown(
             EtcdRouter::new(EtcdProxy::new(self.shared.clone())),
             TcpIncoming::from(etcd_listener).with_nodelay(Some(true)),
             until_stopped(stopped.clone()),
         );
-        let admin = Server::builder().serve_with_incoming_shutdown(
+        let admin = builder()?.serve_with_incoming_shutdown(
             GatewayAdminServer::with_interceptor(
                 AdminService::new(self.shared.clone()),
                 RequireToken::new(self.admin_token),

@@ -55,10 +55,16 @@ pub enum ServeError {
 }
 
 fn builder(options: &ServeOptions) -> Result<Server, ServeError> {
+    server_builder(options.tls.as_ref())
+}
+
+/// A server with ferry's transport settings, serving TLS with the PEM
+/// certificate and key in `tls` when given (agents and the gateway).
+pub(crate) fn server_builder(tls: Option<&(PathBuf, PathBuf)>) -> Result<Server, ServeError> {
     let mut server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)));
-    if let Some((cert_file, key_file)) = &options.tls {
+    if let Some((cert_file, key_file)) = tls {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|error| ServeError::Tls {
                 reason: format!("cannot read {}: {error}", path.display()),

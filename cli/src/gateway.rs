@@ -43,6 +43,14 @@ pub struct GatewayArgs {
     /// `authorization: Bearer <token>`; without it, FERRY_AGENT_TOKEN when set.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve TLS on both listeners (etcd's API and the admin service): PEM file of the
+    /// gateway's certificate. Clients then use https / etcds:// and the CA that signed it
+    /// (`ferry migrate --agent-ca-file`).
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// Serve TLS: PEM file of the certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -87,8 +95,10 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         access: args.etcd.upstream_access(),
         admin_token: server_token(args.token_file.as_deref())
             .map_err(|error| UsageError(error.to_string()))?,
+        tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
     };
     let token_required = options.admin_token.is_some();
+    let tls = options.tls.is_some();
     let gateway = match Gateway::connect(&options).await {
         Ok(gateway) => gateway,
         Err(error @ GatewayError::BadUpstream { .. }) => {
@@ -103,10 +113,11 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
     match global.output {
         OutputFormat::Json => println!(
             "{}",
-            json!({"listen": listen, "admin": admin, "upstream": upstream, "token_required": token_required})
+            json!({"listen": listen, "admin": admin, "upstream": upstream, "token_required": token_required, "tls": tls})
         ),
         OutputFormat::Text => println!(
-            "gateway serving etcd's API on {listen}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
+            "gateway serving etcd's API on {listen}{}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
+            if tls { " over TLS" } else { "" },
             if token_required { "required" } else { "none" }
         ),
     }

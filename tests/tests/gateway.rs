@@ -1056,3 +1056,81 @@ async fn the_admin_service_requires_its_token_when_one_is_set() {
     put(&mut client, "/k", "v").await.expect("put");
     assert!(!gateway.log().contains("admin-t0ken"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_tls_to_its_clients_and_to_ferry_migrate() {
+    let pki = make_pki();
+    let file = |name: &str| pki.path().join(name).display().to_string();
+    let etcd = EtcdServer::start().expect("etcd");
+
+    // A key file that is not a key: the gateway does not start, and says so.
+    let refused = Command::new(ferry_binary())
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &etcd.url(),
+        ])
+        .args(["--tls-cert-file", &file("server.pem")])
+        .args(["--tls-key-file", &file("ca.pem")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("ferry gateway runs");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("TLS"), "{message}");
+
+    let gateway = GatewayProcess::start(
+        &etcd.url(),
+        &[
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server-key.pem"),
+        ],
+    );
+    // An etcd client that trusts the CA writes and reads through it.
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(file("ca.pem")).expect("CA")),
+    );
+    let channel = Channel::from_shared(format!("https://{}", gateway.listen))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("TLS config")
+        .connect()
+        .await
+        .expect("a TLS client connects to the gateway");
+    let mut client = KvClient::new(channel);
+    put(&mut client, "/gateway-tls", "yes").await.expect("put");
+    assert_eq!(
+        value_in(&etcd, "/gateway-tls").await.as_deref(),
+        Some("yes")
+    );
+
+    // A plain-text client gets no answer from a TLS listener.
+    let plain = KvClient::connect(format!("http://{}", gateway.listen)).await;
+    let plain_put = match plain {
+        Ok(mut plain) => put(&mut plain, "/plain", "no").await.is_err(),
+        Err(_) => true,
+    };
+    assert!(plain_put, "plain text is refused");
+    assert_eq!(value_in(&etcd, "/plain").await, None);
+
+    // The admin service as `ferry migrate --agent-ca-file` reaches it.
+    let mut admin = ferry_agent::client::connect_gateway(
+        &gateway.admin,
+        &ferry_agent::client::ClientOptions {
+            tls_ca_file: Some(pki.path().join("ca.pem")),
+            ..ferry_agent::client::ClientOptions::default()
+        },
+    )
+    .await
+    .expect("the admin service over TLS");
+    let status = admin
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.upstream_url, etcd.url());
+}

@@ -20,10 +20,13 @@
 //!   last one at or below A is dropped: only the transactions in flight
 //!   keep one, and the relay stops reading from the source while more than
 //!   [`MAX_BOUNDARIES`] are in flight, until acks catch up.
-//! - **Resume.** The target tells its checkpoint T. The relay takes the last
-//!   boundary B with `through_seq <= T`: every source op through B's seq
-//!   has all its outputs in the target (a transaction dropped whole counts
-//!   too). The source is asked to resume after B (`from_seq_exclusive`,
+//! - **Resume.** The target tells its checkpoint T, read once the target
+//!   agent has ended the broken session's Apply stream (it may still be
+//!   applying batches it took in; a T that moves on after it was read would
+//!   be past the boundaries kept). The relay takes the last boundary B with
+//!   `through_seq <= T`: every source op through B's seq has all its
+//!   outputs in the target (a transaction dropped whole counts too). The
+//!   source is asked to resume after B (`from_seq_exclusive`,
 //!   `from_position_exclusive`), the chain is set to number from
 //!   `B.through_seq + 1`, and outputs at or below T are not sent again.
 //! - **A checkpoint inside one source op's outputs.** The etcd sink applies

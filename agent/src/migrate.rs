@@ -35,9 +35,9 @@ use ferry_engine::migrations::chain::Chain;
 use ferry_engine::migrations::profile::Profile;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
-    ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, ExtractRequest,
-    FenceRequest, GatewayStatusRequest, HoldRequest, ReleaseRequest, StreamStart, SwitchRequest,
-    UnfenceRequest,
+    ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, DigestRequest,
+    ExtractRequest, FenceRequest, GatewayStatusRequest, HoldRequest, ReleaseRequest, StreamStart,
+    SwitchRequest, UnfenceRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -80,7 +80,16 @@ pub struct MigrateOptions {
     pub status_file: Option<PathBuf>,
     /// A version migration chain every op is taken through on the way.
     pub migrations: Option<VersionMigrations>,
+    /// Cutover step 7: before switching, compare a digest of the old plane
+    /// at the fenced position with one of the new plane; a difference rolls
+    /// back. It reads both planes whole while writes are held, within
+    /// `max_pause`. Not with `migrations` (the new plane holds the
+    /// transformed keys).
+    pub verify: bool,
 }
+
+/// Why `verify` and `migrations` do not go together.
+pub const VERIFY_WITH_MIGRATIONS: &str = "--verify compares the old plane's keys with the new plane's, and through --migrations the new plane holds transformed keys: use one or the other";
 
 /// `--migrations DIR --to-version V [--from-version V0]` of a live migration.
 #[derive(Debug, Clone)]
@@ -173,6 +182,8 @@ pub enum Phase {
     Fencing,
     /// The target applies through the fenced position.
     Draining,
+    /// The two planes' digests are compared (`--verify`).
+    Verifying,
     /// The gateway switches to the new plane and releases writes.
     Switching,
     /// Done: clients write to the new plane.
@@ -286,6 +297,12 @@ pub struct MigrationReport {
     /// `snapshot_ops` then count the chain's outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version_chain: Option<String>,
+    /// With `--verify`: the keys both planes hold, found the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_keys: Option<u64>,
+    /// With `--verify`: how long the comparison took (within the pause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_ms: Option<f64>,
 }
 
 /// A migration could not run.
@@ -785,6 +802,7 @@ impl Relay {
 /// A running migration's handles.
 struct Running {
     source: SourceClient,
+    target: TargetClient,
     gateway: GatewayClient,
     target_description: DescribeResponse,
     epoch: u64,
@@ -917,7 +935,7 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
             chain.plan().to
         )
     });
-    let steps = vec![
+    let mut steps = vec![
         format!("take epoch {epoch} (the highest the target or the gateway has seen, plus one)"),
         format!(
             "snapshot {source} at its current position R and apply it to {target}{through_chain}, exactly once"
@@ -932,13 +950,21 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         ),
         "fence the old plane and read its position F".to_owned(),
         "wait until the target has applied every change through F".to_owned(),
+    ];
+    if options.verify {
+        steps.push(
+            "compare a digest of every key and value of the old plane at F with the new plane's"
+                .to_owned(),
+        );
+    }
+    steps.extend([
         format!(
             "switch the gateway from {} to {} and release the held writes",
             connected.gateway_upstream, connected.target_description.control_plane_url
         ),
         "on any failure before the switch: unfence the old plane and release the held writes to it"
             .to_owned(),
-    ];
+    ]);
     Ok(MigrationPlan {
         epoch,
         source,
@@ -980,6 +1006,9 @@ pub async fn migrate(
     stream_started: Option<tokio::sync::oneshot::Sender<(StreamStart, DescribeResponse)>>,
 ) -> Result<MigrationReport, MigrateError> {
     let started = Instant::now();
+    if options.verify && options.migrations.is_some() {
+        return Err(MigrateError::Invalid(VERIFY_WITH_MIGRATIONS.to_owned()));
+    }
     let connected = connect_all(&options).await?;
     // Planned before anything is held, fenced or written.
     let chain = plan_chain(&options, &connected.source_description)?;
@@ -1019,6 +1048,7 @@ pub async fn migrate(
     ));
     let mut running = Running {
         source: connected.source,
+        target: connected.target,
         gateway: connected.gateway,
         target_description: connected.target_description.clone(),
         epoch,
@@ -1029,7 +1059,6 @@ pub async fn migrate(
         lag,
         phase,
     };
-    drop(connected.target);
 
     let result = run(
         &mut running,
@@ -1137,6 +1166,8 @@ async fn cutover(
         lag: Vec::new(),
         upstream_url: String::new(),
         version_chain: None,
+        verified_keys: None,
+        verify_ms: None,
     };
     let mut fenced = false;
     let result: Result<(), String> = async {
@@ -1199,6 +1230,16 @@ async fn cutover(
         }
         report.drain_ms = Some(ms(drain_started.elapsed()));
 
+        // Step 7 (--verify): the new plane holds what the old one held at F.
+        if options.verify {
+            running.phase.send_replace(Phase::Verifying);
+            let verify_started = Instant::now();
+            let budget = options.max_pause.saturating_sub(held_at.elapsed());
+            let keys = verify(running, &options.key_prefix, fence.fenced_position, budget).await?;
+            report.verified_keys = Some(keys);
+            report.verify_ms = Some(ms(verify_started.elapsed()));
+        }
+
         // Step 8: switch and release.
         running.phase.send_replace(Phase::Switching);
         running
@@ -1222,7 +1263,8 @@ async fn cutover(
                 ms(pause)
                     - report.hold_ms.unwrap_or(0.0)
                     - report.fence_ms.unwrap_or(0.0)
-                    - report.drain_ms.unwrap_or(0.0),
+                    - report.drain_ms.unwrap_or(0.0)
+                    - report.verify_ms.unwrap_or(0.0),
             );
             match released {
                 Ok(release) => {
@@ -1281,6 +1323,67 @@ async fn cutover(
         .map(|samples| samples.clone())
         .unwrap_or_default();
     Ok(report)
+}
+
+/// Cutover step 7: the digest of the old plane at the fenced position and
+/// the new plane's now (writes are held, the target has applied through the
+/// fence) must agree, within `budget`. Returns the keys compared.
+async fn verify(
+    running: &mut Running,
+    key_prefix: &[u8],
+    fenced_position: u64,
+    budget: Duration,
+) -> Result<u64, String> {
+    let request = |position: u64| DigestRequest {
+        key_prefix: key_prefix.to_vec().into(),
+        position,
+    };
+    let both = async {
+        tokio::join!(
+            running.source.digest(request(fenced_position)),
+            running.target.digest(request(0)),
+        )
+    };
+    let (old, new) = tokio::time::timeout(budget, both).await.map_err(|_| {
+        format!(
+            "the digest check did not finish within what --max-pause left ({budget:?}): raise --max-pause or migrate without --verify"
+        )
+    })?;
+    let old = old
+        .map_err(|status| {
+            format!(
+                "the source agent could not digest the old plane at {fenced_position}: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    let new = new
+        .map_err(|status| {
+            format!(
+                "the target agent could not digest the new plane: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    if (old.keys, old.bytes, &old.sha256) != (new.keys, new.bytes, &new.sha256) {
+        return Err(format!(
+            "the digest check failed: the old plane at position {fenced_position} holds {} keys ({} bytes, sha256 {}), the new plane {} keys ({} bytes, sha256 {}); nothing was switched",
+            old.keys,
+            old.bytes,
+            hex(&old.sha256),
+            new.keys,
+            new.bytes,
+            hex(&new.sha256)
+        ));
+    }
+    info!(keys = old.keys, sha256 = %hex(&old.sha256), "the planes' digests agree");
+    Ok(old.keys)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 async fn release(

@@ -75,6 +75,11 @@ struct LiveArgs {
     /// Follow the live changes at least this long before cutting over (a soak period).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     follow_at_least: Duration,
+    /// Before switching, compare a digest of the old plane at the fence with the new plane's
+    /// (cutover step 7); a difference rolls back. Both are read while writes are held, so
+    /// --max-pause must cover it.
+    #[arg(long)]
+    verify: bool,
     /// Also write the stream to this store, sealed as a backup when the migration ends.
     #[arg(long, value_name = "STORE_URL")]
     tee: Option<String>,
@@ -185,8 +190,12 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         reconnect_timeout: args.reconnect_timeout,
         follow_at_least: args.follow_at_least,
         status_file: Some(args.status_file.unwrap_or_else(default_status_file)),
+        verify: args.verify,
         migrations,
     };
+    if options.verify && options.migrations.is_some() {
+        return Err(UsageError(migrate::VERIFY_WITH_MIGRATIONS.to_owned()).into());
+    }
     if args.dry_run {
         let plan = match migrate::plan(&options).await {
             Ok(plan) => plan,
@@ -311,6 +320,12 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
     }
     if let Some(chain) = &report.version_chain {
         println!("  versions    {chain} (ops moved count the chain's outputs)");
+    }
+    if let Some(keys) = report.verified_keys {
+        println!(
+            "  verified    {keys} keys, the same in both planes at the fence ({} of the pause)",
+            ms(report.verify_ms)
+        );
     }
     if let Some(tee) = tee {
         println!("  tee         {tee}");

@@ -12,7 +12,8 @@
 //! The same run again under faults: the target agent killed with -9 while it
 //! follows (and restarted), the link to the source agent cut for seconds, a
 //! stale agent of an older epoch applying to the stream (refused), the new
-//! etcd failing during the cutover.
+//! etcd failing during the cutover, and a stray write into the new etcd that
+//! `--verify`'s digest check catches before the switch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +42,9 @@ enum Fault {
     /// An agent of an older attempt (epoch 0) applies to the migration's
     /// stream on the target while it follows: refused, nothing written.
     StaleAgent,
+    /// Something else writes a key into the new etcd while the migration
+    /// follows: the planes differ at the cutover.
+    StrayWriteInNewEtcd,
 }
 
 struct Outcome {
@@ -100,6 +104,18 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
                 tonic::Code::FailedPrecondition,
                 "a stale agent's batch: {refused:?}"
             );
+        }
+        Fault::StrayWriteInNewEtcd => {
+            wait_for_phase(&status_file, "following").await;
+            let mut client = kv(&cluster.new.endpoint()).await;
+            client
+                .put(ferry_proto::etcd::etcdserverpb::PutRequest {
+                    key: b"/stray/not-from-the-old-plane".to_vec(),
+                    value: b"x".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a stray put into the new etcd");
         }
         Fault::NewEtcdFailsAtCutover => {
             // The cutover starts when the soak ends, whatever the lag; the
@@ -277,8 +293,40 @@ async fn writers_keep_writing_through_a_live_migration_and_lose_nothing() {
     let mut cluster = Cluster::start().await;
     let tee = tempfile::tempdir().expect("temp dir");
     let tee_url = format!("file://{}", tee.path().display());
-    let outcome = migrate_under_load(&mut cluster, Fault::None, &["--tee", &tee_url]).await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::None,
+        &["--tee", &tee_url, "--verify", "--max-pause", "5s"],
+    )
+    .await;
     assert_switched_without_loss(&cluster, &outcome).await;
+    // --verify compared every key the old etcd holds (it took none after
+    // the fence) with the new etcd before the switch.
+    let count = |key: &[u8], range_end: &[u8]| {
+        let (key, range_end) = (key.to_vec(), range_end.to_vec());
+        let endpoint = cluster.old.endpoint();
+        async move {
+            kv(&endpoint)
+                .await
+                .range(RangeRequest {
+                    key,
+                    range_end,
+                    count_only: true,
+                    ..RangeRequest::default()
+                })
+                .await
+                .expect("count")
+                .into_inner()
+                .count as u64
+        }
+    };
+    let old_keys = count(b"\0", b"\0").await - count(b"__ferry__/", b"__ferry__0").await;
+    assert_eq!(
+        outcome.report["verified_keys"].as_u64(),
+        Some(old_keys),
+        "{}",
+        outcome.report
+    );
     let pause = outcome.report["pause_window_ms"].as_f64().expect("a pause");
     assert!(pause > 0.0);
     eprintln!(
@@ -367,6 +415,36 @@ async fn the_new_etcd_failing_at_cutover_rolls_back_and_loses_nothing() {
         &["--follow-at-least", "3s", "--max-lag", "1000000000"],
     )
     .await;
+    assert_rolled_back_without_loss(&cluster, &outcome).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_etcd_that_differs_at_the_cutover_fails_verify_and_rolls_back() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::StrayWriteInNewEtcd,
+        &[
+            "--verify",
+            "--follow-at-least",
+            "3s",
+            "--max-lag",
+            "1000000000",
+        ],
+    )
+    .await;
+    assert_rolled_back_without_loss(&cluster, &outcome).await;
+    let reason = outcome.report["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the digest check failed") && reason.contains("nothing was switched"),
+        "{}",
+        outcome.report
+    );
+}
+
+/// The migration rolled back (exit 8), clients still write to the old etcd,
+/// and it holds every write acknowledged.
+async fn assert_rolled_back_without_loss(cluster: &Cluster, outcome: &Outcome) {
     assert_eq!(
         outcome.report["outcome"], "rolled_back",
         "{}",

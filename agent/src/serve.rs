@@ -96,17 +96,7 @@ pub async fn serve_source_agent(
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let stopping = Stopping::new(shutdown);
-    let serve = builder(options)?
-        .add_service(InterceptedService::new(
-            service,
-            RequireToken::new(options.token.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stopping.signal(),
-        );
-    stopping.run(serve).await
+    serve_agent(service, listener, options, shutdown).await
 }
 
 /// Serves a TargetAgent on `listener` until `shutdown` completes.
@@ -121,6 +111,29 @@ pub async fn serve_target_agent(
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    serve_agent(service, listener, options, shutdown).await
+}
+
+/// Serves one agent service behind the token check, with TLS when
+/// configured, until `shutdown` completes (and the grace after it).
+async fn serve_agent<S>(
+    service: S,
+    listener: TcpListener,
+    options: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let stopping = Stopping::new(shutdown);
     let serve = builder(options)?
         .add_service(InterceptedService::new(

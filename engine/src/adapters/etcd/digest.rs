@@ -13,9 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::client::EtcdClient;
-use super::source::read_range;
+use super::source::{count_keys, read_range};
 use super::{EtcdConnection, EtcdError, RESERVED_PREFIX, prefix_end};
-use ferry_proto::etcd::etcdserverpb::RangeRequest;
 
 /// What a range holds at a revision, summed up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,17 +46,7 @@ pub async fn digest_range(
     let revision = if revision > 0 {
         revision
     } else {
-        let request = RangeRequest {
-            key: start.clone(),
-            range_end: end.clone(),
-            count_only: true,
-            ..RangeRequest::default()
-        };
-        client
-            .call("read the revision of", |mut services| {
-                let request = request.clone();
-                async move { services.kv.range(request).await }
-            })
+        count_keys(&client, &start, &end, 0)
             .await?
             .header
             .map_or(0, |header| header.revision)

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use ferry_proto::etcd::etcdserverpb::range_request::{SortOrder, SortTarget};
 use ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion;
 use ferry_proto::etcd::etcdserverpb::{
-    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, StatusRequest, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest, WatchResponse,
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, RangeResponse, StatusRequest,
+    StatusResponse, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
 use ferry_proto::etcd::mvccpb::event::EventType;
 use ferry_proto::etcd::mvccpb::{Event, KeyValue};
@@ -89,32 +89,51 @@ fn key_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
+/// Connects to `connection`'s cluster and reads its status (version, id).
+async fn connect_with_status(connection: &EtcdConnection) -> Result<(EtcdClient, StatusResponse)> {
+    let client = EtcdClient::connect(connection)
+        .await
+        .map_err(source_error)?;
+    let status = client
+        .call("read the status of", |mut services| async move {
+            services.maintenance.status(StatusRequest {}).await
+        })
+        .await
+        .map_err(source_error)?;
+    Ok((client, status))
+}
+
+/// Counts the keys of `[start, end)` at `revision` (0: the current one);
+/// the answer's header names the revision counted at.
+pub(super) async fn count_keys(
+    client: &EtcdClient,
+    start: &[u8],
+    end: &[u8],
+    revision: i64,
+) -> std::result::Result<RangeResponse, EtcdError> {
+    let request = RangeRequest {
+        key: start.to_vec(),
+        range_end: end.to_vec(),
+        count_only: true,
+        revision,
+        ..RangeRequest::default()
+    };
+    client
+        .call("count the keys of", |mut services| {
+            let request = request.clone();
+            async move { services.kv.range(request).await }
+        })
+        .await
+}
+
 #[async_trait]
 impl Source for EtcdSource {
     async fn open(self: Box<Self>, progress: Arc<Progress>) -> Result<Extraction> {
-        let client = EtcdClient::connect(&self.connection)
-            .await
-            .map_err(source_error)?;
-        let status = client
-            .call("read the status of", |mut services| async move {
-                services.maintenance.status(StatusRequest {}).await
-            })
-            .await
-            .map_err(source_error)?;
+        let (client, status) = connect_with_status(&self.connection).await?;
         let (start, end) = key_range(&self.options.prefix);
 
         // R: the revision every read of this snapshot is made at.
-        let count_request = RangeRequest {
-            key: start.clone(),
-            range_end: end.clone(),
-            count_only: true,
-            ..RangeRequest::default()
-        };
-        let counted = client
-            .call("count the keys of", |mut services| {
-                let request = count_request.clone();
-                async move { services.kv.range(request).await }
-            })
+        let counted = count_keys(&client, &start, &end, 0)
             .await
             .map_err(source_error)?;
         let header = counted.header.ok_or_else(|| {
@@ -632,15 +651,7 @@ impl EtcdSource {
         from: LiveFrom,
         progress: Arc<Progress>,
     ) -> Result<LiveExtraction> {
-        let client = EtcdClient::connect(&self.connection)
-            .await
-            .map_err(source_error)?;
-        let status = client
-            .call("read the status of", |mut services| async move {
-                services.maintenance.status(StatusRequest {}).await
-            })
-            .await
-            .map_err(source_error)?;
+        let (client, status) = connect_with_status(&self.connection).await?;
         let cluster_id = status.header.as_ref().map_or(0, |header| header.cluster_id);
         let (start, end) = key_range(&self.options.prefix);
         let past_snapshot = |revision: i64| {
@@ -651,18 +662,7 @@ impl EtcdSource {
         let (revision, snapshot) = match from.snapshot {
             Some(revision) if past_snapshot(revision) => (revision, None),
             requested => {
-                let count_request = RangeRequest {
-                    key: start.clone(),
-                    range_end: end.clone(),
-                    count_only: true,
-                    revision: requested.unwrap_or(0),
-                    ..RangeRequest::default()
-                };
-                let counted = client
-                    .call("count the keys of", |mut services| {
-                        let request = count_request.clone();
-                        async move { services.kv.range(request).await }
-                    })
+                let counted = count_keys(&client, &start, &end, requested.unwrap_or(0))
                     .await
                     .map_err(source_error)?;
                 let revision = match requested {

@@ -297,6 +297,10 @@ pub struct MigrationReport {
     /// `snapshot_ops` then count the chain's outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version_chain: Option<String>,
+    /// With a version chain: the source ops of the snapshot read through it
+    /// first, before anything was written (see [`versions::precheck`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_checked_ops: Option<u64>,
     /// With `--verify`: the keys both planes hold, found the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_keys: Option<u64>,
@@ -696,6 +700,9 @@ impl Relay {
                                 chain.acked(applied.borrow_and_update().applied_seq);
                                 match chain.transform(std::mem::take(&mut batch.ops)) {
                                     Ok(ops) => batch.ops = ops,
+                                    Err(MigrationError::Collision { target_key, first_key, second_key, second_seq, .. }) => break SessionEnd::Failed(format!(
+                                        "the source now holds two keys the version migration chain maps onto {target_key}: {first_key} and {second_key} (source op seq {second_seq}); the new plane did not take {second_key}'s change and keeps {first_key}'s. Rename one of them in the source, then migrate again"
+                                    )),
                                     Err(error) => break SessionEnd::Failed(format!(
                                         "the version migration chain failed on the stream: {error}"
                                     )),
@@ -935,8 +942,16 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
             chain.plan().to
         )
     });
-    let mut steps = vec![
-        format!("take epoch {epoch} (the highest the target or the gateway has seen, plus one)"),
+    let mut steps = vec![format!(
+        "take epoch {epoch} (the highest the target or the gateway has seen, plus one)"
+    )];
+    if let Some(checking) = plan_chain(options, &connected.source_description)? {
+        let ops = precheck_chain(options, &connected, checking).await?;
+        steps.push(format!(
+            "read a snapshot of {source} through the version chain and write nothing: a filter error or two keys landing on one stops here (done now: {ops} ops, no error)"
+        ));
+    }
+    steps.extend([
         format!(
             "snapshot {source} at its current position R and apply it to {target}{through_chain}, exactly once"
         ),
@@ -950,7 +965,7 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         ),
         "fence the old plane and read its position F".to_owned(),
         "wait until the target has applied every change through F".to_owned(),
-    ];
+    ]);
     if options.verify {
         steps.push(
             "compare a digest of every key and value of the old plane at F with the new plane's"
@@ -973,6 +988,32 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         steps,
         version_chain: chain.as_ref().map(describe_chain),
     })
+}
+
+/// Reads a snapshot of the source through `chain` and writes nothing (see
+/// [`versions::precheck`]); returns the source ops read.
+async fn precheck_chain(
+    options: &MigrateOptions,
+    connected: &Connected,
+    chain: Chain,
+) -> Result<u64, MigrateError> {
+    let started = Instant::now();
+    info!("reading the source's snapshot through the version chain first, writing nothing");
+    let read = versions::precheck(
+        &mut connected.source.clone(),
+        chain,
+        &options.key_prefix,
+        connected.epoch,
+    )
+    .await?;
+    info!(
+        position = read.position,
+        source_ops = read.source_ops,
+        outputs = read.outputs,
+        ms = ms(started.elapsed()),
+        "every op of the snapshot goes through the chain, and no two keys land on one"
+    );
+    Ok(read.source_ops)
 }
 
 /// The version migration chain of `options`, planned against what the
@@ -1022,6 +1063,10 @@ pub async fn migrate(
         let plan = chain.plan();
         format!("{} {} -> {}", plan.platform, plan.from, plan.to)
     });
+    let chain_checked_ops = match plan_chain(&options, &connected.source_description)? {
+        Some(checking) => Some(precheck_chain(&options, &connected, checking).await?),
+        None => None,
+    };
 
     let (state_sender, state) = watch::channel(RelayState::default());
     let state_sender = Arc::new(state_sender);
@@ -1069,6 +1114,7 @@ pub async fn migrate(
     .await
     .map(|mut report| {
         report.version_chain = version_chain;
+        report.chain_checked_ops = chain_checked_ops;
         report
     });
     let _ = running.stop.send(true);
@@ -1166,6 +1212,7 @@ async fn cutover(
         lag: Vec::new(),
         upstream_url: String::new(),
         version_chain: None,
+        chain_checked_ops: None,
         verified_keys: None,
         verify_ms: None,
     };

@@ -320,6 +320,11 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
     }
     if let Some(chain) = &report.version_chain {
         println!("  versions    {chain} (ops moved count the chain's outputs)");
+        if let Some(ops) = report.chain_checked_ops {
+            println!(
+                "  checked     {ops} ops of a snapshot through the chain before writing: no filter error, no two keys on one"
+            );
+        }
     }
     if let Some(keys) = report.verified_keys {
         println!(

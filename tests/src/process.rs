@@ -90,9 +90,19 @@ impl FerryProcess {
         }
     }
 
+    /// The whole ready line.
+    pub fn ready(&self) -> &serde_json::Value {
+        &self.ready
+    }
+
     /// The process id, to signal it.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for it to exit by itself (after a signal, say).
+    pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.child.wait()
     }
 
     /// Kills it with SIGKILL and waits for it.

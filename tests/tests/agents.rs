@@ -4,8 +4,7 @@
 //! writes, a target agent killed with -9 and resumed from its checkpoint
 //! with nothing applied twice, an older epoch refused, and the token.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_agent::client::{
@@ -25,6 +24,7 @@ use ferry_proto::v1::{
 };
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
+use ferry_tests::process::FerryProcess;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -36,7 +36,7 @@ const STUCK: Duration = Duration::from_secs(60);
 
 /// A `ferry agent` process, killed with -9 when dropped.
 struct Agent {
-    child: Child,
+    process: FerryProcess,
     address: String,
 }
 
@@ -46,42 +46,29 @@ impl Agent {
     }
 
     fn start_with(role: &str, server: &EtcdServer, extra: &[String]) -> Agent {
-        let mut child = Command::new(ferry_binary())
-            .args(["--output", "json", "agent", role, "--control-plane"])
-            .arg(server.url())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("FERRY_AGENT_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
+        let url = server.url();
+        let mut args = vec![
+            "agent",
+            role,
+            "--control-plane",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let process = FerryProcess::start(&args, &[("FERRY_AGENT_TOKEN", TOKEN)])
             .expect("ferry agent starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("the agent says where it listens");
-        let ready: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON line, not {line:?}"));
-        assert_eq!(ready["role"], role);
-        assert_eq!(ready["token_required"], true);
+        assert_eq!(process.ready()["role"], role);
+        assert_eq!(process.ready()["token_required"], true);
         Agent {
-            child,
-            address: ready["listen"].as_str().expect("listen").to_owned(),
+            address: process.field("listen"),
+            process,
         }
     }
 
     fn kill(mut self) {
         // SIGKILL: no chance to finish anything.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }
 
@@ -856,17 +843,13 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
         }
     }
     let status = Command::new("kill")
-        .args(["-TERM", &agent.child.id().to_string()])
+        .args(["-TERM", &agent.process.pid().to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success());
-    let mut child = std::mem::replace(
-        &mut agent.child,
-        Command::new("true").spawn().expect("a placeholder child"),
-    );
     let exited = tokio::time::timeout(
         STUCK,
-        tokio::task::spawn_blocking(move || child.wait().expect("wait")),
+        tokio::task::spawn_blocking(move || agent.process.wait().expect("wait")),
     )
     .await
     .expect("the agent exits after SIGTERM although a stream is open")

@@ -15,7 +15,10 @@
 //! The same with the link to the source agent cut while following, so the
 //! stream is resumed through the chain. And a chain that cannot be planned
 //! (a hole, a missing `down`, no version to start from) is refused with a
-//! usage error before anything is held, fenced or written.
+//! usage error before anything is held, fenced or written; two source keys
+//! the chain lands on one key are refused before anything is written when
+//! the snapshot holds them, and stop the relay before the new etcd takes
+//! the second when a live change makes them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -856,5 +859,204 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
         cluster_id_and_revision(&cluster.new.endpoint()).await.1,
         1,
         "a dry run wrote to the new etcd"
+    );
+}
+
+/// Puts `value` at `key` in the etcd at `endpoint` (the old one, or the
+/// gateway in front of it).
+async fn put(endpoint: &str, key: &str, value: &Value) {
+    kv(endpoint)
+        .await
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.to_string().into_bytes(),
+            ..PutRequest::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("put {key}: {status}"));
+}
+
+/// The value at `key` in the etcd at `endpoint`, as JSON, if it is there.
+async fn get(endpoint: &str, key: &str) -> Option<Value> {
+    let answer = kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("get {key}: {status}"))
+        .into_inner();
+    answer
+        .kvs
+        .first()
+        .map(|kv| serde_json::from_slice(&kv.value).expect("a JSON value"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target_takes_the_second()
+{
+    let cluster = Cluster::start_empty().await;
+    let old = cluster.old.endpoint();
+    let new = cluster.new.endpoint();
+    seed_mystic(&old, 1).await;
+    put(&old, "/mystic/users/Foo", &json!({"name": "Foo", "n": 1})).await;
+    put(&old, "/mystic/users/FOO", &json!({"name": "FOO", "n": 2})).await;
+    let (_, old_before) = cluster_id_and_revision(&old).await;
+    let temp = tempfile::tempdir().expect("temp dir");
+    let status_file = temp.path().join("status.json");
+    let mystic = mystic_profile().display().to_string();
+    let chain = [
+        "--migrations",
+        &mystic,
+        "--from-version",
+        "v3",
+        "--to-version",
+        "v4",
+    ];
+
+    // In the snapshot: found by reading it through the chain first, so the
+    // migration (and its dry run) stops with nothing held, fenced or written.
+    for dry_run in [true, false] {
+        let mut extra = chain.to_vec();
+        if dry_run {
+            extra.push("--dry-run");
+        }
+        let args = with_options(cluster.migrate_args(&status_file), &extra);
+        let output = std::process::Command::new(ferry_binary())
+            .args(&args)
+            .output()
+            .expect("ferry runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(5),
+            "a collision in the source's data (dry run: {dry_run}): {stderr}"
+        );
+        for says in [
+            "maps two keys onto /mystic/users/foo",
+            "/mystic/users/Foo",
+            "/mystic/users/FOO",
+            "nothing was written",
+        ] {
+            assert!(stderr.contains(says), "says {says:?}: {stderr}");
+        }
+    }
+    assert_eq!(
+        cluster_id_and_revision(&old).await.1,
+        old_before,
+        "the old etcd was written to (a fence, an epoch)"
+    );
+    assert_eq!(
+        cluster_id_and_revision(&new).await.1,
+        1,
+        "the new etcd was written to"
+    );
+
+    // Renamed in the source: the migration runs, and follows.
+    let gateway = cluster.gateway.field("listen");
+    kv(&gateway)
+        .await
+        .delete_range(ferry_proto::etcd::etcdserverpb::DeleteRangeRequest {
+            key: b"/mystic/users/FOO".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    let args = with_options(
+        cluster.migrate_args(&status_file),
+        &with_options(
+            chain.iter().map(|flag| flag.to_string()).collect(),
+            &["--follow-at-least", "120s"],
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    let started = std::time::Instant::now();
+    let migrate = spawn_ferry(&args);
+    wait_for_phase(&status_file, "following").await;
+    eprintln!("following after {:?}", started.elapsed());
+
+    // A key deleted frees its v4 name for another spelling...
+    kv(&gateway)
+        .await
+        .delete_range(ferry_proto::etcd::etcdserverpb::DeleteRangeRequest {
+            key: b"/mystic/users/Foo".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    put(
+        &gateway,
+        "/mystic/users/FOO",
+        &json!({"name": "FOO", "n": 3}),
+    )
+    .await;
+    let moved = async {
+        for _ in 0..200 {
+            if get(&new, "/mystic/users/foo").await == Some(json!({"name": "foo", "n": 3})) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(
+        moved.await,
+        "FOO, created after Foo was deleted, reached the new etcd as foo"
+    );
+
+    // ...and the old spelling created again while FOO exists is a collision
+    // the relay stops at: the new etcd never takes it.
+    put(
+        &gateway,
+        "/mystic/users/Foo",
+        &json!({"name": "Foo", "n": 4}),
+    )
+    .await;
+    let output = tokio::time::timeout(Duration::from_secs(60), migrate.wait_with_output())
+        .await
+        .expect("the migration stops at the collision")
+        .expect("ferry migrate runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("stopped after {:?}", started.elapsed());
+    assert_eq!(
+        output.status.code(),
+        Some(8),
+        "stopped without a switch: {stderr}"
+    );
+    for says in [
+        "two keys the version migration chain maps onto /mystic/users/foo: /mystic/users/FOO and /mystic/users/Foo",
+        "the new plane did not take /mystic/users/Foo's change",
+        "nothing was held or fenced",
+    ] {
+        assert!(stderr.contains(says), "says {says:?}: {stderr}");
+    }
+    assert_eq!(
+        get(&new, "/mystic/users/foo").await,
+        Some(json!({"name": "foo", "n": 3})),
+        "the second key overwrote the first in the new etcd"
+    );
+    // Clients still write to the old etcd, which holds both.
+    let answer = kv(&gateway)
+        .await
+        .put(PutRequest {
+            key: b"/mystic/users/After".to_vec(),
+            value: br#"{"name":"After"}"#.to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("the gateway takes writes")
+        .into_inner();
+    let (old_cluster, _) = cluster_id_and_revision(&old).await;
+    assert_eq!(answer.header.expect("a header").cluster_id, old_cluster);
+    assert_eq!(
+        get(&old, "/mystic/users/Foo").await,
+        Some(json!({"name": "Foo", "n": 4}))
+    );
+    assert_eq!(
+        get(&old, "/mystic/users/FOO").await,
+        Some(json!({"name": "FOO", "n": 3}))
     );
 }

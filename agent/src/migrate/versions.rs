@@ -51,7 +51,12 @@ use std::collections::VecDeque;
 
 use ferry_engine::Op;
 use ferry_engine::migrations::MigrationError;
-use ferry_engine::migrations::chain::Chain;
+use ferry_engine::migrations::chain::{Chain, KeyCheck};
+use ferry_proto::v1::ExtractRequest;
+use ferry_proto::v1::extract_response::Event;
+
+use super::{MigrateError, call_error};
+use crate::client::SourceClient;
 
 /// Source transactions in flight (sent, not yet acked) at most; past it the
 /// relay waits for acks before it reads more from the source.
@@ -84,6 +89,10 @@ pub(crate) struct ResumePoint {
 /// source seqs for as long as the target may not hold them.
 pub(crate) struct RelayChain {
     chain: Chain,
+    /// Every target key the stream's ops took, and the source key each came
+    /// from: a second source key landing on one stops the relay before the
+    /// target sees it.
+    check: KeyCheck,
     /// Oldest first; the front is the last boundary at or below the
     /// target's last ack.
     boundaries: VecDeque<Boundary>,
@@ -103,6 +112,7 @@ impl RelayChain {
     pub(crate) fn new(chain: Chain) -> Self {
         let mut relay = Self {
             chain,
+            check: KeyCheck::new(),
             boundaries: VecDeque::new(),
             last_source_seq: 0,
             source_snapshot_through_seq: None,
@@ -116,6 +126,7 @@ impl RelayChain {
     /// Starts over, for a new stream (its seqs start at 1 again).
     pub(crate) fn restart(&mut self) {
         self.chain.set_next_seq(1);
+        self.check = KeyCheck::new();
         self.boundaries = VecDeque::from([Boundary {
             source_seq: 0,
             position: 0,
@@ -159,7 +170,10 @@ impl RelayChain {
             let (source_seq, position) = (op.seq, op.position);
             group.push(op);
             if ends {
-                out.extend(self.chain.transform_batch(std::mem::take(&mut group))?);
+                out.extend(
+                    self.chain
+                        .transform_batch_checked(std::mem::take(&mut group), &mut self.check)?,
+                );
                 self.last_source_seq = source_seq;
                 self.boundaries.push_back(Boundary {
                     source_seq,
@@ -172,7 +186,7 @@ impl RelayChain {
             // A batch that ends inside a transaction (the source agent never
             // sends one): no boundary until it ends.
             self.last_source_seq = last.seq;
-            out.extend(self.chain.transform_batch(group)?);
+            out.extend(self.chain.transform_batch_checked(group, &mut self.check)?);
         }
         out.retain(|op| op.seq > self.skip_through_seq);
         self.sent_through_seq = self.sent_through_seq.max(self.through_seq());
@@ -250,6 +264,83 @@ impl RelayChain {
             from_position_exclusive: boundary.position,
             inside_op: target_seq > boundary.through_seq,
         })
+    }
+}
+
+/// What the check before a live migration through a chain read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Prechecked {
+    /// The source position the snapshot was read at.
+    pub position: u64,
+    /// Source ops read.
+    pub source_ops: u64,
+    /// Ops the chain made of them.
+    pub outputs: u64,
+}
+
+/// Reads a snapshot of the source once through the chain and writes
+/// nothing, as a restore with `--migrations` reads its backup first: a
+/// filter error, an output that is not an op, or two source keys landing on
+/// one key (Mystic's `Foo` and `FOO`) stops the migration before anything
+/// is held, fenced or written. Memory grows with the number of keys, as the
+/// restore's check does (16 bytes and the source key each).
+///
+/// Keys created after this snapshot are checked by the relay itself, which
+/// stops before the target sees the second key.
+pub(crate) async fn precheck(
+    source: &mut SourceClient,
+    mut chain: Chain,
+    key_prefix: &[u8],
+    epoch: u64,
+) -> Result<Prechecked, MigrateError> {
+    let failed = |action: &str, status: tonic::Status| {
+        call_error(
+            "the source agent",
+            &format!("{action} for the version chain's check"),
+            status,
+        )
+    };
+    let mut extract = source
+        .extract(ExtractRequest {
+            follow: false,
+            epoch,
+            key_prefix: key_prefix.to_vec().into(),
+            ..ExtractRequest::default()
+        })
+        .await
+        .map_err(|status| failed("open a snapshot", status))?
+        .into_inner();
+    let mut check = KeyCheck::new();
+    let mut read = Prechecked {
+        position: 0,
+        source_ops: 0,
+        outputs: 0,
+    };
+    loop {
+        let message = extract
+            .message()
+            .await
+            .map_err(|status| failed("read the snapshot", status))?;
+        let Some(message) = message else {
+            return Err(MigrateError::Invalid(
+                "the source agent ended its snapshot before it said it was complete".to_owned(),
+            ));
+        };
+        match message.event {
+            Some(Event::Start(start)) => read.position = start.snapshot_position,
+            Some(Event::Batch(batch)) => {
+                read.source_ops += batch.ops.len() as u64;
+                let outputs = chain
+                    .transform_batch_checked(batch.ops, &mut check)
+                    .map_err(MigrateError::Chain)?;
+                read.outputs += outputs.len() as u64;
+                if batch.end_of_stream {
+                    return Ok(read);
+                }
+            }
+            Some(Event::SnapshotComplete(_)) => return Ok(read),
+            Some(Event::Progress(_)) | None => {}
+        }
     }
 }
 

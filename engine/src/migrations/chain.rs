@@ -232,10 +232,33 @@ impl Chain {
     /// Transforms a whole batch before any of it is handed on; on an error,
     /// nothing of the batch is.
     pub fn transform_batch(&mut self, batch: Vec<Op>) -> Result<Vec<Op>, MigrationError> {
+        self.transform_batch_with(batch, None)
+    }
+
+    /// As [`Chain::transform_batch`], and each op's outputs are recorded in
+    /// `check` as they are made: two source keys landing on one key fail
+    /// the batch before any of it is handed on.
+    pub fn transform_batch_checked(
+        &mut self,
+        batch: Vec<Op>,
+        check: &mut KeyCheck,
+    ) -> Result<Vec<Op>, MigrationError> {
+        self.transform_batch_with(batch, Some(check))
+    }
+
+    fn transform_batch_with(
+        &mut self,
+        batch: Vec<Op>,
+        mut check: Option<&mut KeyCheck>,
+    ) -> Result<Vec<Op>, MigrationError> {
         let mut out: Vec<Op> = Vec::with_capacity(batch.len());
         for op in batch {
             let (txn, txn_last) = (op.txn, op.txn_last);
+            let source = check.is_some().then(|| op.clone());
             let outputs = self.transform_op(op)?;
+            if let (Some(check), Some(source)) = (check.as_deref_mut(), &source) {
+                check.observe(source, &outputs)?;
+            }
             if outputs.is_empty() && txn != 0 && txn_last {
                 // The transaction's last op was dropped: the one before it
                 // (in this batch: batches never split a transaction) ends it.
@@ -270,7 +293,9 @@ fn digest(kind: &[u8], key: &[u8]) -> [u8; 16] {
 /// It keeps one entry per distinct target key: 16 bytes of its SHA-256 and
 /// the source key it came from, so its memory grows with the number of
 /// keys (not with their values). The same source key met again (a key
-/// changed twice in a live stream) is no collision.
+/// changed twice in a live stream) is no collision, and a source key's
+/// `Delete` frees the keys it had taken (a live stream that deletes `Foo`
+/// and then creates `FOO` leaves one key in the source, and in the target).
 #[derive(Default)]
 pub struct KeyCheck {
     targets: HashMap<[u8; 16], (u64, Box<[u8]>)>,
@@ -297,6 +322,19 @@ impl KeyCheck {
     /// Records that `source` became `outputs`; a second source key landing
     /// on a key already taken is an error naming both.
     pub fn observe(&mut self, source: &Op, outputs: &[Op]) -> Result<(), MigrationError> {
+        if source.method.as_ref() == b"Delete" {
+            for output in outputs {
+                let target = digest(&output.kind, &output.key);
+                if self
+                    .targets
+                    .get(&target)
+                    .is_some_and(|(_, owner)| **owner == *source.key)
+                {
+                    self.targets.remove(&target);
+                }
+            }
+            return Ok(());
+        }
         for output in outputs {
             let target = digest(&output.kind, &output.key);
             match self.targets.get(&target) {
@@ -478,11 +516,57 @@ mod tests {
         check
             .observe(&first, std::slice::from_ref(&lowered))
             .expect("the same key again");
-        let error = check.observe(&second, &[lowered]).expect_err("a collision");
+        let error = check
+            .observe(&second, std::slice::from_ref(&lowered))
+            .expect_err("a collision");
         let message = error.to_string();
         assert!(
             message.contains("/v3/Foo") && message.contains("/v3/FOO"),
             "{message}"
         );
+
+        // Deleting the first frees its key: the second may take it, and
+        // then the first may not come back.
+        let mut deleted = first.clone();
+        deleted.method = Bytes::from_static(b"Delete");
+        check
+            .observe(&second, std::slice::from_ref(&lowered))
+            .expect_err("still taken");
+        check
+            .observe(&deleted, std::slice::from_ref(&lowered))
+            .expect("a delete");
+        check
+            .observe(&second, std::slice::from_ref(&lowered))
+            .expect("free after the delete");
+        check
+            .observe(&deleted, std::slice::from_ref(&lowered))
+            .expect("deleting a key another owns changes nothing");
+        check
+            .observe(&first, &[lowered])
+            .expect_err("taken by the second now");
+    }
+
+    #[test]
+    fn a_checked_batch_fails_whole_on_a_collision() {
+        let mut profile = Profile::new("test", vec!["1".to_owned(), "2".to_owned()]);
+        profile
+            .add_migration(jq("1_lower", "1", "2", ".key |= ascii_downcase", Some(".")))
+            .expect("adds");
+        let mut chain = Chain::new(profile, "1", "2").expect("plans");
+        let mut check = KeyCheck::new();
+        let first = chain
+            .transform_batch_checked(
+                vec![op(1, "/Foo", 0, true), op(2, "/bar", 0, true)],
+                &mut check,
+            )
+            .expect("no collision yet");
+        assert_eq!(first.len(), 2);
+        let error = chain
+            .transform_batch_checked(
+                vec![op(3, "/baz", 0, true), op(4, "/FOO", 0, true)],
+                &mut check,
+            )
+            .expect_err("/FOO lands on /foo");
+        assert!(error.to_string().contains("/FOO"), "{error}");
     }
 }

@@ -379,6 +379,91 @@ async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_che
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
+    let source = EtcdServer::start().expect("source etcd");
+    let small = EtcdServer::start_with(&EtcdOptions {
+        max_request_bytes: 512 * 1024,
+        ..EtcdOptions::default()
+    })
+    .expect("target etcd");
+    seed(&source, 20).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let store = BackupStore::open(&store_url, true).expect("store");
+    let manifest = extract(&source, &store, "/app/", 1).await;
+    // A restore that stopped part way (the 1 MiB value is too large for
+    // this target) leaves its checkpoint...
+    let options = EtcdSinkOptions {
+        max_txn_ops: 4,
+        ..EtcdSinkOptions::default()
+    };
+    restore(&small, &store, options)
+        .await
+        .expect_err("the 1 MiB value is refused");
+    // ...which now says the backup of that id came from another etcd (a
+    // store swapped under the same backup id, say).
+    let checkpoint_key = format!("__ferry__/checkpoints/{}", manifest.backup_id);
+    let checkpoints = dump(&small, b"__ferry__/checkpoints/").await;
+    assert_eq!(checkpoints.len(), 1);
+    assert_eq!(checkpoints[0].key, checkpoint_key.as_bytes());
+    let mut recorded: serde_json::Value =
+        serde_json::from_slice(&checkpoints[0].value).expect("checkpoint JSON");
+    let own_source = recorded["source_identity"]
+        .as_str()
+        .expect("the checkpoint names its source")
+        .to_owned();
+    recorded["source_identity"] = serde_json::Value::from("00000000000000ba");
+    put(
+        &mut kv(&small).await,
+        checkpoint_key.as_bytes(),
+        recorded.to_string().as_bytes(),
+        0,
+    )
+    .await;
+    let everything = || async {
+        let mut all = dump(&small, b"/").await;
+        all.extend(dump(&small, b"__ferry__/").await);
+        all
+    };
+    let before = everything().await;
+
+    let refused = ferry(
+        &[
+            "restore",
+            "--from",
+            &store_url,
+            "--target",
+            &small.url(),
+            "--max-request-bytes",
+            "524288",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(6), "{stderr}");
+    for says in [
+        manifest.backup_id.as_str(),
+        "from source 00000000000000ba",
+        &format!("this backup comes from source {own_source}"),
+        "refusing to mix them",
+    ] {
+        assert!(stderr.contains(says), "says {says:?}: {stderr}");
+    }
+    let after = everything().await;
+    assert_eq!(
+        before
+            .iter()
+            .map(|kv| (&kv.key, &kv.value, kv.mod_revision))
+            .collect::<Vec<_>>(),
+        after
+            .iter()
+            .map(|kv| (&kv.key, &kv.value, kv.mod_revision))
+            .collect::<Vec<_>>(),
+        "nothing in the target changed, its checkpoint included"
+    );
+}
+
 fn ferry(args: &[&str], environment: &[(&str, &str)]) -> Output {
     let mut command = Command::new(ferry_binary());
     command

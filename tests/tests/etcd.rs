@@ -338,36 +338,62 @@ async fn a_nonempty_target_is_refused_with_examples_and_rewrite_moves_keys() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_checkpoint() {
+/// A backup of 20 keys (one of 1 MiB) and a restore of it that stopped
+/// part way: its target's request limit is 512 KiB.
+struct StoppedRestore {
+    _source: EtcdServer,
+    target: EtcdServer,
+    _dir: tempfile::TempDir,
+    store_url: String,
+    manifest: Manifest,
+    error: ferry_engine::Error,
+}
+
+async fn stopped_restore() -> StoppedRestore {
     let source = EtcdServer::start().expect("source etcd");
-    let small = EtcdServer::start_with(&EtcdOptions {
+    let target = EtcdServer::start_with(&EtcdOptions {
         max_request_bytes: 512 * 1024,
         ..EtcdOptions::default()
     })
     .expect("target etcd");
     seed(&source, 20).await;
-    let (_dir, store) = store();
-    extract(&source, &store, "/app/", 1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let store = BackupStore::open(&store_url, true).expect("store");
+    let manifest = extract(&source, &store, "/app/", 1).await;
     // Small Txns, so some commit before the one holding the 1 MiB value.
     let options = EtcdSinkOptions {
         max_txn_ops: 4,
         ..EtcdSinkOptions::default()
     };
-    let error = restore(&small, &store, options)
+    let error = restore(&target, &store, options)
         .await
         .expect_err("the 1 MiB value is refused");
-    let message = error.to_string();
+    StoppedRestore {
+        _source: source,
+        target,
+        _dir: dir,
+        store_url,
+        manifest,
+        error,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_checkpoint() {
+    let stopped = stopped_restore().await;
+    let small = &stopped.target;
+    let message = stopped.error.to_string();
     assert!(message.contains("too large"), "{message}");
     // Key 7 holds 1 MiB: the ops before its Txn are in, nothing after.
-    let restored = dump(&small, b"/app/").await;
+    let restored = dump(small, b"/app/").await;
     assert!(
         restored
             .iter()
             .all(|kv| kv.key.as_slice() < b"/app/items/000007".as_slice()),
         "nothing past the refused Txn"
     );
-    let checkpoint = dump(&small, b"__ferry__/checkpoints/").await;
+    let checkpoint = dump(small, b"__ferry__/checkpoints/").await;
     assert_eq!(checkpoint.len(), 1);
     let recorded: serde_json::Value =
         serde_json::from_slice(&checkpoint[0].value).expect("checkpoint JSON");
@@ -381,30 +407,13 @@ async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_che
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
-    let source = EtcdServer::start().expect("source etcd");
-    let small = EtcdServer::start_with(&EtcdOptions {
-        max_request_bytes: 512 * 1024,
-        ..EtcdOptions::default()
-    })
-    .expect("target etcd");
-    seed(&source, 20).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store_url = format!("file://{}", dir.path().display());
-    let store = BackupStore::open(&store_url, true).expect("store");
-    let manifest = extract(&source, &store, "/app/", 1).await;
-    // A restore that stopped part way (the 1 MiB value is too large for
-    // this target) leaves its checkpoint...
-    let options = EtcdSinkOptions {
-        max_txn_ops: 4,
-        ..EtcdSinkOptions::default()
-    };
-    restore(&small, &store, options)
-        .await
-        .expect_err("the 1 MiB value is refused");
+    // A restore that stopped part way leaves its checkpoint...
+    let stopped = stopped_restore().await;
+    let (small, store_url, manifest) = (&stopped.target, &stopped.store_url, &stopped.manifest);
     // ...which now says the backup of that id came from another etcd (a
     // store swapped under the same backup id, say).
     let checkpoint_key = format!("__ferry__/checkpoints/{}", manifest.backup_id);
-    let checkpoints = dump(&small, b"__ferry__/checkpoints/").await;
+    let checkpoints = dump(small, b"__ferry__/checkpoints/").await;
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(checkpoints[0].key, checkpoint_key.as_bytes());
     let mut recorded: serde_json::Value =
@@ -415,15 +424,15 @@ async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
         .to_owned();
     recorded["source_identity"] = serde_json::Value::from("00000000000000ba");
     put(
-        &mut kv(&small).await,
+        &mut kv(small).await,
         checkpoint_key.as_bytes(),
         recorded.to_string().as_bytes(),
         0,
     )
     .await;
     let everything = || async {
-        let mut all = dump(&small, b"/").await;
-        all.extend(dump(&small, b"__ferry__/").await);
+        let mut all = dump(small, b"/").await;
+        all.extend(dump(small, b"__ferry__/").await);
         all
     };
     let before = everything().await;
@@ -432,7 +441,7 @@ async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
         &[
             "restore",
             "--from",
-            &store_url,
+            store_url,
             "--target",
             &small.url(),
             "--max-request-bytes",

@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_proto::etcd::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
@@ -767,18 +769,9 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
     ];
     for (flags, says) in cases {
         for dry_run in [false, true] {
-            let mut extra = flags.to_vec();
-            if dry_run {
-                extra.push("--dry-run");
-            }
-            let args = with_options(cluster.migrate_args(&status_file), &extra);
-            let output = std::process::Command::new(ferry_binary())
-                .args(&args)
-                .output()
-                .expect("ferry runs");
-            let stderr = String::from_utf8_lossy(&output.stderr);
+            let (code, stderr) = refused_migration(&cluster, &status_file, flags, dry_run);
             assert_eq!(
-                output.status.code(),
+                code,
                 Some(2),
                 "{flags:?} (dry run: {dry_run}) is a usage error: {stderr}"
             );
@@ -804,22 +797,7 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
     assert_eq!(everything.count, 0, "the new etcd is not empty");
     let (_, new_revision) = cluster_id_and_revision(&cluster.new.endpoint()).await;
     assert_eq!(new_revision, 1, "the new etcd was written to");
-    let answer = kv(&cluster.gateway.field("listen"))
-        .await
-        .put(PutRequest {
-            key: b"/mystic/users/After".to_vec(),
-            value: br#"{"name":"After"}"#.to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .expect("the gateway takes writes")
-        .into_inner();
-    let (old_cluster, _) = cluster_id_and_revision(&cluster.old.endpoint()).await;
-    assert_eq!(
-        answer.header.expect("a header").cluster_id,
-        old_cluster,
-        "the gateway still sends writes to the old etcd"
-    );
+    assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
 
     // A dry run of a sound chain lists its steps.
     let args = with_options(
@@ -876,6 +854,60 @@ async fn put(endpoint: &str, key: &str, value: &Value) {
         .unwrap_or_else(|status| panic!("put {key}: {status}"));
 }
 
+/// A write through the gateway is answered by the old etcd.
+async fn assert_the_gateway_writes_to_the_old_etcd(cluster: &Cluster) {
+    let answer = kv(&cluster.gateway.field("listen"))
+        .await
+        .put(PutRequest {
+            key: b"/mystic/users/After".to_vec(),
+            value: br#"{"name":"After"}"#.to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("the gateway takes writes")
+        .into_inner();
+    let (old_cluster, _) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    assert_eq!(
+        answer.header.expect("a header").cluster_id,
+        old_cluster,
+        "the gateway still sends writes to the old etcd"
+    );
+}
+
+/// Deletes `key` in the etcd at `endpoint`.
+async fn delete(endpoint: &str, key: &str) {
+    kv(endpoint)
+        .await
+        .delete_range(DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..DeleteRangeRequest::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("delete {key}: {status}"));
+}
+
+/// Runs a `ferry migrate` with `extra` flags (and `--dry-run`) that is to
+/// stop by itself with an error: its exit code and stderr.
+fn refused_migration(
+    cluster: &Cluster,
+    status_file: &Path,
+    extra: &[&str],
+    dry_run: bool,
+) -> (Option<i32>, String) {
+    let mut extra = extra.to_vec();
+    if dry_run {
+        extra.push("--dry-run");
+    }
+    let output = std::process::Command::new(ferry_binary())
+        .args(with_options(cluster.migrate_args(status_file), &extra))
+        .output()
+        .expect("ferry runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// The value at `key` in the etcd at `endpoint`, as JSON, if it is there.
 async fn get(endpoint: &str, key: &str) -> Option<Value> {
     let answer = kv(endpoint)
@@ -918,18 +950,9 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
     // In the snapshot: found by reading it through the chain first, so the
     // migration (and its dry run) stops with nothing held, fenced or written.
     for dry_run in [true, false] {
-        let mut extra = chain.to_vec();
-        if dry_run {
-            extra.push("--dry-run");
-        }
-        let args = with_options(cluster.migrate_args(&status_file), &extra);
-        let output = std::process::Command::new(ferry_binary())
-            .args(&args)
-            .output()
-            .expect("ferry runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let (code, stderr) = refused_migration(&cluster, &status_file, &chain, dry_run);
         assert_eq!(
-            output.status.code(),
+            code,
             Some(5),
             "a collision in the source's data (dry run: {dry_run}): {stderr}"
         );
@@ -955,38 +978,17 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
 
     // Renamed in the source: the migration runs, and follows.
     let gateway = cluster.gateway.field("listen");
-    kv(&gateway)
-        .await
-        .delete_range(ferry_proto::etcd::etcdserverpb::DeleteRangeRequest {
-            key: b"/mystic/users/FOO".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
-    let args = with_options(
-        cluster.migrate_args(&status_file),
-        &with_options(
-            chain.iter().map(|flag| flag.to_string()).collect(),
-            &["--follow-at-least", "120s"],
-        )
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+    delete(&gateway, "/mystic/users/FOO").await;
+    let mut extra = chain.to_vec();
+    extra.extend(["--follow-at-least", "120s"]);
+    let args = with_options(cluster.migrate_args(&status_file), &extra);
     let started = std::time::Instant::now();
     let migrate = spawn_ferry(&args);
     wait_for_phase(&status_file, "following").await;
     eprintln!("following after {:?}", started.elapsed());
 
     // A key deleted frees its v4 name for another spelling...
-    kv(&gateway)
-        .await
-        .delete_range(ferry_proto::etcd::etcdserverpb::DeleteRangeRequest {
-            key: b"/mystic/users/Foo".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+    delete(&gateway, "/mystic/users/Foo").await;
     put(
         &gateway,
         "/mystic/users/FOO",
@@ -1039,18 +1041,7 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
         "the second key overwrote the first in the new etcd"
     );
     // Clients still write to the old etcd, which holds both.
-    let answer = kv(&gateway)
-        .await
-        .put(PutRequest {
-            key: b"/mystic/users/After".to_vec(),
-            value: br#"{"name":"After"}"#.to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .expect("the gateway takes writes")
-        .into_inner();
-    let (old_cluster, _) = cluster_id_and_revision(&old).await;
-    assert_eq!(answer.header.expect("a header").cluster_id, old_cluster);
+    assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
     assert_eq!(
         get(&old, "/mystic/users/Foo").await,
         Some(json!({"name": "Foo", "n": 4}))

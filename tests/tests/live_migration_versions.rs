@@ -465,7 +465,21 @@ async fn assert_switched_to_the_v4_image(
         })
         .collect();
     after_switch.sort_by_key(|(revision, _)| *revision);
-    let Some((first_new_write, _)) = after_switch.first() else {
+    // A delete of a missing key makes no revision: etcd answers it with
+    // the revision it is at, which may be ferry's last Txn. Only writes
+    // that made a revision mark where the clients' own writes begin.
+    let made_a_revision = |write: &Write| {
+        write
+            .effects
+            .iter()
+            .any(|(_, effect)| matches!(effect, Effect::Put(_)))
+            || write.answer.as_ref().is_ok_and(|answer| answer.deleted > 0)
+    };
+    let Some(first_new_write) = after_switch
+        .iter()
+        .find(|(_, write)| made_a_revision(write))
+        .map(|(revision, _)| *revision)
+    else {
         panic!("no write reached the new etcd after the switch");
     };
 

@@ -206,6 +206,20 @@ impl EtcdConnection {
                 ),
             };
         }
+        // A member that demands a client certificate may drop the connection
+        // before its TLS alert is read (TLS 1.3 sends it after the client
+        // thinks the handshake is done), so the alert is not always seen.
+        if self.tls.as_ref().is_some_and(|tls| tls.cert_file.is_none())
+            && (code == tonic::Code::Cancelled
+                || (code == tonic::Code::Unknown && message == "transport error"))
+        {
+            return EtcdError::Unreachable {
+                endpoints,
+                reason: format!(
+                    "{action}: {message}; if the members require a client certificate (etcd --client-cert-auth), pass --etcd-cert-file and --etcd-key-file"
+                ),
+            };
+        }
         if message.contains("authentication failed")
             || message.contains("invalid auth token")
             || message.contains("user name is empty")
@@ -495,5 +509,35 @@ mod tests {
             })
             .expect_err("a certificate without its key");
         assert!(matches!(half_identity, EtcdError::TlsFiles { .. }));
+    }
+
+    /// Regression (seen in CI): a member started with --client-cert-auth
+    /// sometimes drops a client without a certificate before its TLS alert
+    /// is read, and the call ends `Cancelled` with no TLS words in it.
+    #[test]
+    fn a_dropped_connection_names_the_tls_flag_that_may_be_missing() {
+        let dropped = tonic::Status::cancelled("operation was canceled");
+        let plain = EtcdConnection::from_url("etcd://10.0.0.1:2379", None).expect("valid");
+        let message = plain.failed("read the status of", &dropped).to_string();
+        assert!(message.contains("use etcds://"), "{message}");
+        let ca_only = EtcdConnection::from_url("etcds://10.0.0.1:2379", None).expect("valid");
+        let message = ca_only.failed("read the status of", &dropped).to_string();
+        assert!(
+            message.contains("client certificate") && message.contains("--etcd-cert-file"),
+            "{message}"
+        );
+        let with_identity = EtcdConnection::from_url("etcd://10.0.0.1:2379", None)
+            .and_then(|connection| {
+                connection.with_tls_files(&EtcdTls {
+                    cert_file: Some(PathBuf::from("/etc/client.pem")),
+                    key_file: Some(PathBuf::from("/etc/client-key.pem")),
+                    ..EtcdTls::default()
+                })
+            })
+            .expect("valid");
+        let message = with_identity
+            .failed("read the status of", &dropped)
+            .to_string();
+        assert!(!message.contains("--etcd-cert-file"), "{message}");
     }
 }

@@ -931,7 +931,7 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
 /// changes nothing.
 pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateError> {
     let connected = connect_all(options).await?;
-    let chain = plan_chain(options, &connected.source_description)?;
+    let mut chain = plan_chain(options, &connected.source_description)?;
     let source = describe_plane(&connected.source_description);
     let target = describe_plane(&connected.target_description);
     let epoch = connected.epoch;
@@ -945,8 +945,8 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
     let mut steps = vec![format!(
         "take epoch {epoch} (the highest the target or the gateway has seen, plus one)"
     )];
-    if let Some(checking) = plan_chain(options, &connected.source_description)? {
-        let ops = precheck_chain(options, &connected, checking).await?;
+    if let Some(chain) = chain.as_mut() {
+        let ops = precheck_chain(options, &connected, chain).await?;
         steps.push(format!(
             "read a snapshot of {source} through the version chain and write nothing: a filter error or two keys landing on one stops here (done now: {ops} ops, no error)"
         ));
@@ -991,11 +991,12 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
 }
 
 /// Reads a snapshot of the source through `chain` and writes nothing (see
-/// [`versions::precheck`]); returns the source ops read.
+/// [`versions::precheck`]); returns the source ops read. The chain numbers
+/// from 1 again afterwards, ready for the stream.
 async fn precheck_chain(
     options: &MigrateOptions,
     connected: &Connected,
-    chain: Chain,
+    chain: &mut Chain,
 ) -> Result<u64, MigrateError> {
     let started = Instant::now();
     info!("reading the source's snapshot through the version chain first, writing nothing");
@@ -1052,7 +1053,7 @@ pub async fn migrate(
     }
     let connected = connect_all(&options).await?;
     // Planned before anything is held, fenced or written.
-    let chain = plan_chain(&options, &connected.source_description)?;
+    let mut chain = plan_chain(&options, &connected.source_description)?;
     let epoch = connected.epoch;
     info!(epoch, source = %describe_plane(&connected.source_description), target = %describe_plane(&connected.target_description), "live migration starts");
     if let Some(chain) = &chain {
@@ -1063,8 +1064,8 @@ pub async fn migrate(
         let plan = chain.plan();
         format!("{} {} -> {}", plan.platform, plan.from, plan.to)
     });
-    let chain_checked_ops = match plan_chain(&options, &connected.source_description)? {
-        Some(checking) => Some(precheck_chain(&options, &connected, checking).await?),
+    let chain_checked_ops = match chain.as_mut() {
+        Some(chain) => Some(precheck_chain(&options, &connected, chain).await?),
         None => None,
     };
 

@@ -226,11 +226,7 @@ async fn prescan_chain(
     let mut handed_on = 0u64;
     let mut segments = read_backup(store.clone(), manifest, options);
     while let Some(batch) = segments.try_next().await? {
-        for op in batch {
-            let outputs = chain.transform_op(op.clone())?;
-            check.observe(&op, &outputs)?;
-            handed_on += outputs.len() as u64;
-        }
+        handed_on += chain.transform_batch_checked(batch, &mut check)?.len() as u64;
     }
     Ok(handed_on)
 }

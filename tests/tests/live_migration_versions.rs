@@ -996,10 +996,8 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
     let mut extra = chain.to_vec();
     extra.extend(["--follow-at-least", "120s"]);
     let args = with_options(cluster.migrate_args(&status_file), &extra);
-    let started = std::time::Instant::now();
     let migrate = spawn_ferry(&args);
     wait_for_phase(&status_file, "following").await;
-    eprintln!("following after {:?}", started.elapsed());
 
     // A key deleted frees its v4 name for another spelling...
     delete(&gateway, "/mystic/users/Foo").await;
@@ -1036,7 +1034,6 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
         .expect("the migration stops at the collision")
         .expect("ferry migrate runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("stopped after {:?}", started.elapsed());
     assert_eq!(
         output.status.code(),
         Some(8),

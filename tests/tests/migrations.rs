@@ -435,18 +435,19 @@ fn model(index: usize) -> String {
     )
 }
 
+/// 20 ModelInfo documents under `/exodus/models/`, and one key beside them
+/// that is not a model.
+async fn seed_exodus(server: &EtcdServer) {
+    for index in 0..20 {
+        put(server, &format!("/exodus/models/{index:02}"), &model(index)).await;
+    }
+    put(server, "/exodus/other", "not a model").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_history() {
     let server = EtcdServer::start().expect("etcd");
-    for index in 0..20 {
-        put(
-            &server,
-            &format!("/exodus/models/{index:02}"),
-            &model(index),
-        )
-        .await;
-    }
-    put(&server, "/exodus/other", "not a model").await;
+    seed_exodus(&server).await;
     let before = dump(&server, false).await;
     let profile = examples().join("exodus-modelinfo");
     let dir = profile.to_str().expect("utf-8");
@@ -652,15 +653,7 @@ fn restore_exodus(store: &str, target: &EtcdServer, from: &str, to: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_onto_an_older_version_runs_the_down_steps_and_gives_back_the_bytes() {
     let original = EtcdServer::start().expect("etcd at version 1");
-    for index in 0..20 {
-        put(
-            &original,
-            &format!("/exodus/models/{index:02}"),
-            &model(index),
-        )
-        .await;
-    }
-    put(&original, "/exodus/other", "not a model").await;
+    seed_exodus(&original).await;
     let (_dir, store_v1) = extract(&original, "/exodus/");
 
     // Up: every model gains baz.

@@ -289,7 +289,7 @@ pub(crate) struct Prechecked {
 /// stops before the target sees the second key.
 pub(crate) async fn precheck(
     source: &mut SourceClient,
-    mut chain: Chain,
+    chain: &mut Chain,
     key_prefix: &[u8],
     epoch: u64,
 ) -> Result<Prechecked, MigrateError> {
@@ -311,6 +311,7 @@ pub(crate) async fn precheck(
         .map_err(|status| failed("open a snapshot", status))?
         .into_inner();
     let mut check = KeyCheck::new();
+    chain.set_next_seq(1);
     let mut read = Prechecked {
         position: 0,
         source_ops: 0,
@@ -335,13 +336,15 @@ pub(crate) async fn precheck(
                     .map_err(MigrateError::Chain)?;
                 read.outputs += outputs.len() as u64;
                 if batch.end_of_stream {
-                    return Ok(read);
+                    break;
                 }
             }
-            Some(Event::SnapshotComplete(_)) => return Ok(read),
+            Some(Event::SnapshotComplete(_)) => break,
             Some(Event::Progress(_)) | None => {}
         }
     }
+    chain.set_next_seq(1);
+    Ok(read)
 }
 
 #[cfg(test)]

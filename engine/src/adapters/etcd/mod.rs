@@ -194,30 +194,23 @@ impl EtcdConnection {
         if let Some(reason) = self.tls_failure(status) {
             return EtcdError::Tls { endpoints, reason };
         }
-        // A member that serves TLS only drops a plain connection.
-        if self.tls.is_none()
-            && (code == tonic::Code::Cancelled
-                || (code == tonic::Code::Unknown && message == "transport error"))
-        {
+        // A dropped connection says nothing of TLS: a member that serves TLS
+        // only drops a plain one, and a member that demands a client
+        // certificate may drop one without it before its TLS alert is read
+        // (TLS 1.3 sends it after the client thinks the handshake is done).
+        let dropped = code == tonic::Code::Cancelled
+            || (code == tonic::Code::Unknown && message == "transport error");
+        let hint = match &self.tls {
+            None => Some("if the members serve TLS only, use etcds:// or pass --etcd-ca-file"),
+            Some(tls) if tls.cert_file.is_none() => Some(
+                "if the members require a client certificate (etcd --client-cert-auth), pass --etcd-cert-file and --etcd-key-file",
+            ),
+            Some(_) => None,
+        };
+        if dropped && let Some(hint) = hint {
             return EtcdError::Unreachable {
                 endpoints,
-                reason: format!(
-                    "{action}: {message}; if the members serve TLS only, use etcds:// or pass --etcd-ca-file"
-                ),
-            };
-        }
-        // A member that demands a client certificate may drop the connection
-        // before its TLS alert is read (TLS 1.3 sends it after the client
-        // thinks the handshake is done), so the alert is not always seen.
-        if self.tls.as_ref().is_some_and(|tls| tls.cert_file.is_none())
-            && (code == tonic::Code::Cancelled
-                || (code == tonic::Code::Unknown && message == "transport error"))
-        {
-            return EtcdError::Unreachable {
-                endpoints,
-                reason: format!(
-                    "{action}: {message}; if the members require a client certificate (etcd --client-cert-auth), pass --etcd-cert-file and --etcd-key-file"
-                ),
+                reason: format!("{action}: {message}; {hint}"),
             };
         }
         if message.contains("authentication failed")

@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::Op;
-use ferry_engine::migrations::MigrationError;
 use ferry_engine::migrations::chain::Chain;
 use ferry_engine::migrations::profile::Profile;
+use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
     ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, DigestRequest,
@@ -696,9 +696,12 @@ impl Relay {
                             }
                             // The tee keeps the source's ops as they are.
                             self.tee(&batch.ops).await;
-                            if let Some(chain) = self.chain.as_mut() {
+                            if let Some(mut chain) = self.chain.take() {
                                 chain.acked(applied.borrow_and_update().applied_seq);
-                                match chain.transform(std::mem::take(&mut batch.ops)) {
+                                let ops = std::mem::take(&mut batch.ops);
+                                let (chain, transformed) = off_the_runtime(chain, move |chain| chain.transform(ops)).await;
+                                self.chain = Some(chain);
+                                match transformed {
                                     Ok(ops) => batch.ops = ops,
                                     Err(MigrationError::Collision { target_key, first_key, second_key, second_seq, .. }) => break SessionEnd::Failed(format!(
                                         "the source now holds two keys the version migration chain maps onto {target_key}: {first_key} and {second_key} (source op seq {second_seq}); the new plane did not take {second_key}'s change and keeps {first_key}'s. Rename one of them in the source, then migrate again"
@@ -945,8 +948,7 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
     let mut steps = vec![format!(
         "take epoch {epoch} (the highest the target or the gateway has seen, plus one)"
     )];
-    if let Some(chain) = chain.as_mut() {
-        let ops = precheck_chain(options, &connected, chain).await?;
+    if let Some(ops) = precheck_chain(options, &connected, &mut chain).await? {
         steps.push(format!(
             "read a snapshot of {source} through the version chain and write nothing: a filter error or two keys landing on one stops here (done now: {ops} ops, no error)"
         ));
@@ -990,23 +992,27 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
     })
 }
 
-/// Reads a snapshot of the source through `chain` and writes nothing (see
-/// [`versions::precheck`]); returns the source ops read. The chain numbers
-/// from 1 again afterwards, ready for the stream.
+/// Reads a snapshot of the source through `chain`, when there is one, and
+/// writes nothing (see [`versions::precheck`]); returns the source ops read.
+/// The chain numbers from 1 again afterwards, ready for the stream.
 async fn precheck_chain(
     options: &MigrateOptions,
     connected: &Connected,
-    chain: &mut Chain,
-) -> Result<u64, MigrateError> {
+    chain: &mut Option<Chain>,
+) -> Result<Option<u64>, MigrateError> {
+    let Some(planned) = chain.take() else {
+        return Ok(None);
+    };
     let started = Instant::now();
     info!("reading the source's snapshot through the version chain first, writing nothing");
-    let read = versions::precheck(
+    let (planned, read) = versions::precheck(
         &mut connected.source.clone(),
-        chain,
+        planned,
         &options.key_prefix,
         connected.epoch,
     )
     .await?;
+    *chain = Some(planned);
     info!(
         position = read.position,
         source_ops = read.source_ops,
@@ -1014,7 +1020,7 @@ async fn precheck_chain(
         ms = ms(started.elapsed()),
         "every op of the snapshot goes through the chain, and no two keys land on one"
     );
-    Ok(read.source_ops)
+    Ok(Some(read.source_ops))
 }
 
 /// The version migration chain of `options`, planned against what the
@@ -1064,10 +1070,7 @@ pub async fn migrate(
         let plan = chain.plan();
         format!("{} {} -> {}", plan.platform, plan.from, plan.to)
     });
-    let chain_checked_ops = match chain.as_mut() {
-        Some(chain) => Some(precheck_chain(&options, &connected, chain).await?),
-        None => None,
-    };
+    let chain_checked_ops = precheck_chain(&options, &connected, &mut chain).await?;
 
     let (state_sender, state) = watch::channel(RelayState::default());
     let state_sender = Arc::new(state_sender);
@@ -1251,6 +1254,11 @@ async fn cutover(
         let drain_started = Instant::now();
         let budget = options.max_pause.saturating_sub(held_at.elapsed());
         let deadline = tokio::time::Instant::now() + budget;
+        // A stream that breaks now is resumed by the relay as at any other
+        // time: the old plane is fenced, so the resume has F to reach, and
+        // the pause budget still bounds the wait. Only a relay that gave up
+        // ends the cutover early.
+        let mut broke: Option<String> = None;
         loop {
             let state = running.state.borrow_and_update().clone();
             if state.applied_through(fence.fenced_position) {
@@ -1262,12 +1270,18 @@ async fn cutover(
             if let Some(reason) = &state.failed {
                 return Err(format!("the agent stream broke during the cutover: {reason}"));
             }
-            if let Some(reason) = &state.broken {
-                return Err(format!("the agent stream broke during the cutover: {reason}"));
+            if let Some(reason) = &state.broken
+                && broke.as_ref() != Some(reason)
+            {
+                warn!(%reason, "the agent stream broke while draining; resuming within the pause budget");
+                broke = Some(reason.clone());
             }
             if tokio::time::timeout_at(deadline, running.state.changed()).await.is_err() {
+                let broken = state.broken.as_ref().or(broke.as_ref()).map_or(String::new(), |reason| {
+                    format!("; the agent stream broke while draining: {reason}")
+                });
                 return Err(format!(
-                    "the target did not apply through the fenced position {} within --max-pause {:?} (it holds seq {} of {}, source position {})",
+                    "the target did not apply through the fenced position {} within --max-pause {:?} (it holds seq {} of {}, source position {}){broken}",
                     fence.fenced_position,
                     options.max_pause,
                     state.applied_seq,

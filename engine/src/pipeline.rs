@@ -11,9 +11,9 @@ use crate::Result;
 use crate::adapters::{Sink, Source, StreamInfo};
 use crate::backup::{ExtractOptions, RestoreOptions, find_backup, read_backup, write_backup};
 use crate::manifest::Manifest;
-use crate::migrations::MigrationError;
 use crate::migrations::chain::{Chain, KeyCheck};
 use crate::migrations::profile::Profile;
+use crate::migrations::{MigrationError, off_the_runtime};
 use crate::progress::Progress;
 use crate::store::BackupStore;
 
@@ -119,8 +119,11 @@ pub async fn restore_migrated(
     let mut segments = read_backup(store.clone(), manifest.clone(), options);
     let mut ops = 0u64;
     while let Some(mut batch) = segments.try_next().await? {
-        if let Some(chain) = chain.as_mut() {
-            batch = chain.transform_batch(batch)?;
+        if let Some(running) = chain.take() {
+            let (running, transformed) =
+                off_the_runtime(running, move |chain| chain.transform_batch(batch)).await;
+            chain = Some(running);
+            batch = transformed?;
         }
         batch.retain(|op| op.seq > resume_after);
         if batch.is_empty() {
@@ -215,18 +218,25 @@ async fn prescan_chain(
     options: RestoreOptions,
     migrations: &MigrateOnRestore,
 ) -> Result<u64> {
-    let mut chain = migrations.chain(&manifest, store, options).await?;
+    let chain = migrations.chain(&manifest, store, options).await?;
     info!(
         from = %chain.plan().from,
         to = %chain.plan().to,
         steps = chain.plan().steps.len(),
         "checking every op against the migration chain before writing"
     );
-    let mut check = KeyCheck::new();
+    let mut checking = (chain, KeyCheck::new());
     let mut handed_on = 0u64;
     let mut segments = read_backup(store.clone(), manifest, options);
     while let Some(batch) = segments.try_next().await? {
-        handed_on += chain.transform_batch_checked(batch, &mut check)?.len() as u64;
+        let (checked, outputs) = off_the_runtime(checking, move |(chain, check)| {
+            chain
+                .transform_batch_checked(batch, check)
+                .map(|ops| ops.len())
+        })
+        .await;
+        checking = checked;
+        handed_on += outputs? as u64;
     }
     Ok(handed_on)
 }

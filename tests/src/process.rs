@@ -21,6 +21,8 @@ pub struct FerryProcess {
     child: Child,
     ready: serde_json::Value,
     logs: TempDir,
+    /// `ferry ARGS`, to name it in a failed test's output.
+    command_line: String,
 }
 
 impl FerryProcess {
@@ -79,7 +81,13 @@ impl FerryProcess {
                 ));
             }
         };
-        Ok(Self { child, ready, logs })
+        let command_line = format!("ferry {}", args.join(" "));
+        Ok(Self {
+            child,
+            ready,
+            logs,
+            command_line,
+        })
     }
 
     /// A field of the ready line, e.g. `listen` or `admin`.
@@ -124,8 +132,24 @@ impl FerryProcess {
 impl Drop for FerryProcess {
     fn drop(&mut self) {
         self.kill();
+        // A failed test shows what its servers logged last: CI keeps
+        // nothing else of them.
+        if std::thread::panicking() {
+            let log = self.stderr();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+            eprintln!(
+                "--- the last {} lines {} logged ---\n{}\n---",
+                tail.len(),
+                self.command_line,
+                tail.join("\n")
+            );
+        }
     }
 }
+
+/// How much of a server's log a failed test prints.
+const LOG_LINES_ON_FAILURE: usize = 40;
 
 /// A TCP proxy in the test process that can cut its link: every open
 /// connection dropped, new ones refused, until it is restored.

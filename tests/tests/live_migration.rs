@@ -10,7 +10,8 @@
 //!   after the switch was answered by the new etcd.
 //!
 //! The same run again under faults: the target agent killed with -9 while it
-//! follows (and restarted), the link to the source agent cut for seconds, a
+//! follows (and restarted) or while the cutover drains (the cutover goes
+//! on), the link to the source agent cut for seconds, a
 //! stale agent of an older epoch applying to the stream (refused), the new
 //! etcd failing during the cutover, and a stray write into the new etcd that
 //! `--verify`'s digest check catches before the switch.
@@ -39,6 +40,10 @@ enum Fault {
     CutSourceLink,
     /// Stop the new etcd (SIGSTOP) just as the cutover holds writes.
     NewEtcdFailsAtCutover,
+    /// Stop the target agent (SIGSTOP) while it follows, so the cutover
+    /// finds it behind the fence; once the cutover drains, kill it with -9
+    /// and start it again on its address.
+    KillTargetAgentWhileDraining,
     /// An agent of an older attempt (epoch 0) applies to the migration's
     /// stream on the target while it follows: refused, nothing written.
     StaleAgent,
@@ -116,6 +121,19 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
                 })
                 .await
                 .expect("a stray put into the new etcd");
+        }
+        Fault::KillTargetAgentWhileDraining => {
+            // Writers go on while the target is stopped, so the fenced
+            // position is past what it holds: the drain cannot end before
+            // the kill, and the batches it took in but did not apply are
+            // lost with it.
+            wait_for_phase(&status_file, "following").await;
+            signal(cluster.target_agent.pid(), "-STOP");
+            wait_for_phase(&status_file, "draining").await;
+            let listen = cluster.target_agent.field("listen");
+            cluster.target_agent.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.target_agent = start_target_agent(&cluster.new, &listen);
         }
         Fault::NewEtcdFailsAtCutover => {
             // The cutover starts when the soak ends, whatever the lag; the
@@ -396,6 +414,34 @@ async fn a_cut_link_to_the_source_agent_is_resumed() {
         &mut cluster,
         Fault::CutSourceLink,
         &["--follow-at-least", "6s"],
+    )
+    .await;
+    assert_switched_without_loss(&cluster, &outcome).await;
+    assert!(
+        outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the stream was never resumed: {}",
+        outcome.report
+    );
+}
+
+/// A target agent lost while the cutover drains, and back within the pause
+/// budget: the stream is resumed from its checkpoint and the cutover goes
+/// on, not rolled back. The old plane is fenced, so the resumed stream has
+/// the fenced position to reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_agent_killed_while_draining_is_resumed_and_the_cutover_goes_on() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::KillTargetAgentWhileDraining,
+        &[
+            "--follow-at-least",
+            "2s",
+            "--max-lag",
+            "1000000000",
+            "--max-pause",
+            "30s",
+        ],
     )
     .await;
     assert_switched_without_loss(&cluster, &outcome).await;

@@ -279,6 +279,8 @@ struct Outcome {
     report: Value,
     exit_code: Option<i32>,
     writes: Vec<Write>,
+    /// What `ferry migrate` logged.
+    stderr: String,
 }
 
 /// A fault to inject while the migration runs.
@@ -383,6 +385,7 @@ async fn migrate_mystic(
         report,
         exit_code,
         writes,
+        stderr,
     }
 }
 
@@ -427,7 +430,11 @@ async fn assert_switched_to_the_v4_image(
     outcome: &Outcome,
 ) {
     let report = &outcome.report;
-    assert_eq!(report["outcome"], "switched", "{report}");
+    assert_eq!(
+        report["outcome"], "switched",
+        "{report}\nferry migrate logged:\n{}",
+        outcome.stderr
+    );
     assert_eq!(outcome.exit_code, Some(0));
     assert_eq!(report["version_chain"], "mystic v3 -> v4", "{report}");
     let (old_cluster, old_revision) = cluster_id_and_revision(&cluster.old.endpoint()).await;

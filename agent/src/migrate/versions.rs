@@ -50,8 +50,8 @@
 use std::collections::VecDeque;
 
 use ferry_engine::Op;
-use ferry_engine::migrations::MigrationError;
 use ferry_engine::migrations::chain::{Chain, KeyCheck};
+use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::ExtractRequest;
 use ferry_proto::v1::extract_response::Event;
 
@@ -289,10 +289,10 @@ pub(crate) struct Prechecked {
 /// stops before the target sees the second key.
 pub(crate) async fn precheck(
     source: &mut SourceClient,
-    chain: &mut Chain,
+    mut chain: Chain,
     key_prefix: &[u8],
     epoch: u64,
-) -> Result<Prechecked, MigrateError> {
+) -> Result<(Chain, Prechecked), MigrateError> {
     let failed = |action: &str, status: tonic::Status| {
         call_error(
             "the source agent",
@@ -310,8 +310,8 @@ pub(crate) async fn precheck(
         .await
         .map_err(|status| failed("open a snapshot", status))?
         .into_inner();
-    let mut check = KeyCheck::new();
     chain.set_next_seq(1);
+    let mut checking = (chain, KeyCheck::new());
     let mut read = Prechecked {
         position: 0,
         source_ops: 0,
@@ -331,10 +331,14 @@ pub(crate) async fn precheck(
             Some(Event::Start(start)) => read.position = start.snapshot_position,
             Some(Event::Batch(batch)) => {
                 read.source_ops += batch.ops.len() as u64;
-                let outputs = chain
-                    .transform_batch_checked(batch.ops, &mut check)
-                    .map_err(MigrateError::Chain)?;
-                read.outputs += outputs.len() as u64;
+                let (checked, outputs) = off_the_runtime(checking, move |(chain, check)| {
+                    chain
+                        .transform_batch_checked(batch.ops, check)
+                        .map(|ops| ops.len())
+                })
+                .await;
+                checking = checked;
+                read.outputs += outputs.map_err(MigrateError::Chain)? as u64;
                 if batch.end_of_stream {
                     break;
                 }
@@ -343,8 +347,9 @@ pub(crate) async fn precheck(
             Some(Event::Progress(_)) | None => {}
         }
     }
+    let (mut chain, _) = checking;
     chain.set_next_seq(1);
-    Ok(read)
+    Ok((chain, read))
 }
 
 #[cfg(test)]

@@ -233,3 +233,30 @@ pub(crate) fn printable(key: &[u8]) -> String {
         Err(_) => key.escape_ascii().to_string(),
     }
 }
+
+/// Runs `work` on `value` on tokio's blocking pool and hands both back.
+///
+/// A chain's jq filters are CPU work: a large batch run on a runtime worker
+/// keeps it from timers, HTTP/2 keepalives and other streams for as long as
+/// the batch takes, and a peer may take the silence for a dead link. A
+/// panic in `work` is raised again here.
+pub async fn off_the_runtime<T, R>(
+    mut value: T,
+    work: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> (T, R)
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let task = tokio::task::spawn_blocking(move || {
+        let result = work(&mut value);
+        (value, result)
+    });
+    match task.await {
+        Ok(done) => done,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("the runtime shut down under a chain's work: {error}"),
+        },
+    }
+}

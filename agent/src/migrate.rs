@@ -88,9 +88,6 @@ pub struct MigrateOptions {
     pub verify: bool,
 }
 
-/// Why `verify` and `migrations` do not go together.
-pub const VERIFY_WITH_MIGRATIONS: &str = "--verify compares the old plane's keys with the new plane's, and through --migrations the new plane holds transformed keys: use one or the other";
-
 /// `--migrations DIR --to-version V [--from-version V0]` of a live migration.
 #[derive(Debug, Clone)]
 pub struct VersionMigrations {
@@ -822,6 +819,9 @@ struct Running {
     started: Instant,
     lag: Arc<std::sync::Mutex<Vec<LagSample>>>,
     phase: watch::Sender<Phase>,
+    /// The chain `--verify` takes the old plane through, when ops go
+    /// through one.
+    verify_chain: Option<Chain>,
 }
 
 /// The plan `--dry-run` prints, and the facts it rests on.
@@ -969,10 +969,12 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         "wait until the target has applied every change through F".to_owned(),
     ]);
     if options.verify {
-        steps.push(
+        steps.push(if chain.is_some() {
+            "read the old plane at F through the version chain again and compare a digest of every key and value it makes with the new plane's".to_owned()
+        } else {
             "compare a digest of every key and value of the old plane at F with the new plane's"
-                .to_owned(),
-        );
+                .to_owned()
+        });
     }
     steps.extend([
         format!(
@@ -1054,12 +1056,16 @@ pub async fn migrate(
     stream_started: Option<tokio::sync::oneshot::Sender<(StreamStart, DescribeResponse)>>,
 ) -> Result<MigrationReport, MigrateError> {
     let started = Instant::now();
-    if options.verify && options.migrations.is_some() {
-        return Err(MigrateError::Invalid(VERIFY_WITH_MIGRATIONS.to_owned()));
-    }
     let connected = connect_all(&options).await?;
     // Planned before anything is held, fenced or written.
     let mut chain = plan_chain(&options, &connected.source_description)?;
+    // `--verify` reads the old plane through a chain of its own while the
+    // relay's is busy.
+    let verify_chain = if options.verify {
+        plan_chain(&options, &connected.source_description)?
+    } else {
+        None
+    };
     let epoch = connected.epoch;
     info!(epoch, source = %describe_plane(&connected.source_description), target = %describe_plane(&connected.target_description), "live migration starts");
     if let Some(chain) = &chain {
@@ -1107,6 +1113,7 @@ pub async fn migrate(
         started,
         lag,
         phase,
+        verify_chain,
     };
 
     let result = run(
@@ -1297,7 +1304,12 @@ async fn cutover(
             running.phase.send_replace(Phase::Verifying);
             let verify_started = Instant::now();
             let budget = options.max_pause.saturating_sub(held_at.elapsed());
-            let keys = verify(running, &options.key_prefix, fence.fenced_position, budget).await?;
+            let keys = match running.verify_chain.take() {
+                None => verify(running, &options.key_prefix, fence.fenced_position, budget).await?,
+                Some(chain) => {
+                    verify_through_chain(running, chain, &options.key_prefix, fence.fenced_position, budget).await?
+                }
+            };
             report.verified_keys = Some(keys);
             report.verify_ms = Some(ms(verify_started.elapsed()));
         }
@@ -1442,6 +1454,66 @@ async fn verify(
     }
     info!(keys = old.keys, sha256 = %hex(&old.sha256), "the planes' digests agree");
     Ok(old.keys)
+}
+
+/// Step 7 through a version chain: the new plane holds the chain's image of
+/// the old plane at F. The old plane is read again through the chain and
+/// summed up whatever order its image comes in; the new plane's digest is
+/// its order-independent one.
+async fn verify_through_chain(
+    running: &mut Running,
+    chain: Chain,
+    key_prefix: &[u8],
+    fenced_position: u64,
+    budget: Duration,
+) -> Result<u64, String> {
+    let mut source = running.source.clone();
+    let image = versions::image_digest(&mut source, chain, key_prefix, running.epoch);
+    let new = running.target.digest(DigestRequest {
+        key_prefix: key_prefix.to_vec().into(),
+        position: 0,
+    });
+    let (image, new) = tokio::time::timeout(budget, async { tokio::join!(image, new) })
+        .await
+        .map_err(|_| {
+            format!(
+                "the digest check did not finish within what --max-pause left ({budget:?}): raise --max-pause or migrate without --verify"
+            )
+        })?;
+    let (position, image) = image.map_err(|error| {
+        format!("the version chain's image of the old plane could not be digested: {error}; nothing was switched")
+    })?;
+    if position != fenced_position {
+        return Err(format!(
+            "the old plane moved past its fence: it was read at position {position}, fenced at {fenced_position}; nothing was switched"
+        ));
+    }
+    let new = new
+        .map_err(|status| {
+            format!(
+                "the target agent could not digest the new plane: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    if new.set_sha256.is_empty() {
+        return Err("the target agent gives no order-independent digest (it is older than this ferry), which --verify through --migrations compares: upgrade it, or migrate without --verify; nothing was switched".to_owned());
+    }
+    let image_sum = image.sha256();
+    if (image.keys, image.bytes, &image_sum[..]) != (new.keys, new.bytes, &new.set_sha256[..]) {
+        return Err(format!(
+            "the digest check failed: the version chain's image of the old plane at position {fenced_position} holds {} keys ({} bytes, set sha256 {}), the new plane {} keys ({} bytes, set sha256 {}); nothing was switched",
+            image.keys,
+            image.bytes,
+            hex(&image_sum),
+            new.keys,
+            new.bytes,
+            hex(&new.set_sha256)
+        ));
+    }
+    info!(keys = image.keys, set_sha256 = %hex(&image_sum), "the new plane holds the chain's image of the old one");
+    Ok(image.keys)
 }
 
 fn hex(bytes: &[u8]) -> String {

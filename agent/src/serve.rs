@@ -220,6 +220,7 @@ pub(crate) async fn digest_plane(
         bytes: digest.bytes,
         sha256: digest.sha256.to_vec().into(),
         position: digest.revision as u64,
+        set_sha256: digest.set_sha256.to_vec().into(),
     })
 }
 

@@ -193,9 +193,6 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         verify: args.verify,
         migrations,
     };
-    if options.verify && options.migrations.is_some() {
-        return Err(UsageError(migrate::VERIFY_WITH_MIGRATIONS.to_owned()).into());
-    }
     if args.dry_run {
         let plan = match migrate::plan(&options).await {
             Ok(plan) => plan,

@@ -294,6 +294,9 @@ enum Fault {
     CutSourceLinkInTheSnapshot {
         after_keys: i64,
     },
+    /// Something else writes a key into the new etcd while the migration
+    /// follows: it is not in the chain's image of the old etcd.
+    StrayWriteInNewEtcd,
     /// kill -9 the target agent once the new etcd holds this many keys of
     /// the snapshot (so its checkpoint stays inside the snapshot), and
     /// start it again on its address.
@@ -349,6 +352,15 @@ async fn migrate_mystic(
     let migrate = spawn_ferry(&with_options(args, extra));
     match fault {
         Fault::None => {}
+        Fault::StrayWriteInNewEtcd => {
+            wait_for_phase(&status_file, "following").await;
+            put(
+                &cluster.new.endpoint(),
+                "/mystic/users/stray",
+                &json!({"name": "stray"}),
+            )
+            .await;
+        }
         Fault::CutSourceLinkWhileFollowing => {
             wait_for_phase(&status_file, "following").await;
             cluster.source_link.cut();
@@ -506,6 +518,13 @@ async fn assert_switched_to_the_v4_image(
             );
         }
     }
+    if let Some(verified) = report["verified_keys"].as_u64() {
+        assert_eq!(
+            verified,
+            expected.len() as u64,
+            "--verify digested another image of the old etcd than the test computes"
+        );
+    }
     let migrated = mystic_state(&cluster.new.endpoint(), first_new_write - 1).await;
     let mut mismatches = Vec::new();
     for (key, want) in &expected {
@@ -597,8 +616,43 @@ async fn assert_switched_to_the_v4_image(
 async fn a_live_migration_through_the_mystic_chain_leaves_the_v4_image_of_the_old_etcd() {
     let mut cluster = Cluster::start_empty().await;
     seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(&mut cluster, &mystic(), Fault::None, &[]).await;
+    let outcome = migrate_mystic(&mut cluster, &mystic(), Fault::None, &["--verify"]).await;
     assert_switched_to_the_v4_image(&cluster, &mystic(), &outcome).await;
+    assert!(
+        outcome.report["verified_keys"]
+            .as_u64()
+            .is_some_and(|keys| keys > 0),
+        "--verify through the chain compared the planes: {}",
+        outcome.report
+    );
+}
+
+/// `--verify` through a chain compares the new etcd with the chain's image
+/// of the old one: a key only the new etcd holds fails it, and the
+/// migration rolls back with clients still on the old etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_etcd_that_differs_from_the_chains_image_fails_verify_and_rolls_back() {
+    let mut cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let outcome = migrate_mystic(
+        &mut cluster,
+        &mystic(),
+        Fault::StrayWriteInNewEtcd,
+        &["--verify"],
+    )
+    .await;
+    let report = &outcome.report;
+    assert_eq!(report["outcome"], "rolled_back", "{report}");
+    assert_eq!(outcome.exit_code, Some(8));
+    let reason = report["reason"].as_str().unwrap_or_default();
+    for says in [
+        "the digest check failed",
+        "the version chain's image of the old plane",
+        "nothing was switched",
+    ] {
+        assert!(reason.contains(says), "{says:?} in {report}");
+    }
+    assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -50,6 +50,7 @@
 use std::collections::VecDeque;
 
 use ferry_engine::Op;
+use ferry_engine::adapters::etcd::{KIND_KV, KIND_LEASE, SetDigest};
 use ferry_engine::migrations::chain::{Chain, KeyCheck};
 use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::ExtractRequest;
@@ -289,14 +290,108 @@ pub(crate) struct Prechecked {
 /// stops before the target sees the second key.
 pub(crate) async fn precheck(
     source: &mut SourceClient,
-    mut chain: Chain,
+    chain: Chain,
     key_prefix: &[u8],
     epoch: u64,
 ) -> Result<(Chain, Prechecked), MigrateError> {
+    let counted = (KeyCheck::new(), 0u64, 0u64);
+    let read = through_chain(
+        source,
+        chain,
+        key_prefix,
+        epoch,
+        "check",
+        counted,
+        |chain, (check, source_ops, outputs), batch| {
+            *source_ops += batch.len() as u64;
+            *outputs += chain
+                .transform_batch_checked(batch, check)
+                .map_err(MigrateError::Chain)?
+                .len() as u64;
+            Ok(())
+        },
+    )
+    .await?;
+    let (_, source_ops, outputs) = read.state;
+    Ok((
+        read.chain,
+        Prechecked {
+            position: read.position,
+            source_ops,
+            outputs,
+        },
+    ))
+}
+
+/// The chain's image of a source snapshot, summed up in a [`SetDigest`]:
+/// what the new plane must hold once it has applied through the snapshot's
+/// position (`--verify` through a version chain). Every output must be a
+/// Put under `key_prefix` (leases do not count, as in the planes' own
+/// digests). Memory stays flat: the digest does not depend on order.
+pub(crate) async fn image_digest(
+    source: &mut SourceClient,
+    chain: Chain,
+    key_prefix: &[u8],
+    epoch: u64,
+) -> Result<(u64, SetDigest), MigrateError> {
+    let prefix = key_prefix.to_vec();
+    let read = through_chain(source, chain, key_prefix, epoch, "digest", SetDigest::default(), move |chain, digest, batch| {
+        for op in chain.transform_batch(batch).map_err(MigrateError::Chain)? {
+            if op.kind == KIND_LEASE.as_bytes() {
+                continue;
+            }
+            let key = String::from_utf8_lossy(&op.key);
+            if op.kind != KIND_KV.as_bytes() || op.method != "Put".as_bytes() {
+                return Err(MigrateError::Invalid(format!(
+                    "--verify compares the Puts of a snapshot, and the version chain made {} {} of source op seq {} (key {key}); migrate without --verify",
+                    String::from_utf8_lossy(&op.kind),
+                    String::from_utf8_lossy(&op.method),
+                    op.seq
+                )));
+            }
+            if !op.key.starts_with(&prefix) {
+                return Err(MigrateError::Invalid(format!(
+                    "--verify digests the new plane under --key-prefix {:?}, and the version chain moves key {key} out of it; verify a prefix that holds both, or migrate without --verify",
+                    String::from_utf8_lossy(&prefix)
+                )));
+            }
+            digest.add(&op.key, &op.body);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok((read.position, read.state))
+}
+
+/// What [`through_chain`] hands back.
+struct ReadThrough<S> {
+    chain: Chain,
+    state: S,
+    /// The source position the snapshot was read at.
+    position: u64,
+}
+
+/// Reads a snapshot of the source (`follow: false`) and hands each batch,
+/// with the chain and `state`, to `work` on tokio's blocking pool (the
+/// chain's filters are CPU work). The chain numbers from 1 before and
+/// after.
+async fn through_chain<S, W>(
+    source: &mut SourceClient,
+    mut chain: Chain,
+    key_prefix: &[u8],
+    epoch: u64,
+    purpose: &str,
+    state: S,
+    work: W,
+) -> Result<ReadThrough<S>, MigrateError>
+where
+    S: Send + 'static,
+    W: Fn(&mut Chain, &mut S, Vec<Op>) -> Result<(), MigrateError> + Send + Sync + Clone + 'static,
+{
     let failed = |action: &str, status: tonic::Status| {
         call_error(
             "the source agent",
-            &format!("{action} for the version chain's check"),
+            &format!("{action} for the version chain's {purpose}"),
             status,
         )
     };
@@ -311,12 +406,8 @@ pub(crate) async fn precheck(
         .map_err(|status| failed("open a snapshot", status))?
         .into_inner();
     chain.set_next_seq(1);
-    let mut checking = (chain, KeyCheck::new());
-    let mut read = Prechecked {
-        position: 0,
-        source_ops: 0,
-        outputs: 0,
-    };
+    let mut reading = (chain, state);
+    let mut position = 0;
     loop {
         let message = extract
             .message()
@@ -328,17 +419,14 @@ pub(crate) async fn precheck(
             ));
         };
         match message.event {
-            Some(Event::Start(start)) => read.position = start.snapshot_position,
+            Some(Event::Start(start)) => position = start.snapshot_position,
             Some(Event::Batch(batch)) => {
-                read.source_ops += batch.ops.len() as u64;
-                let (checked, outputs) = off_the_runtime(checking, move |(chain, check)| {
-                    chain
-                        .transform_batch_checked(batch.ops, check)
-                        .map(|ops| ops.len())
-                })
-                .await;
-                checking = checked;
-                read.outputs += outputs.map_err(MigrateError::Chain)? as u64;
+                let work = work.clone();
+                let (read, done) =
+                    off_the_runtime(reading, move |(chain, state)| work(chain, state, batch.ops))
+                        .await;
+                reading = read;
+                done?;
                 if batch.end_of_stream {
                     break;
                 }
@@ -347,9 +435,13 @@ pub(crate) async fn precheck(
             Some(Event::Progress(_)) | None => {}
         }
     }
-    let (mut chain, _) = checking;
+    let (mut chain, state) = reading;
     chain.set_next_seq(1);
-    Ok((chain, read))
+    Ok(ReadThrough {
+        chain,
+        state,
+        position,
+    })
 }
 
 #[cfg(test)]

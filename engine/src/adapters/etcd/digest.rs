@@ -8,6 +8,12 @@
 //! running one key into the next. ferry's own keys (`__ferry__/`) never
 //! count, nor do leases, revisions or versions: two planes holding the same
 //! keys with the same values have the same digest.
+//!
+//! Beside it, a [`SetDigest`] of the same keys and values that does not
+//! depend on their order. A version migration chain moves keys (Mystic's v4
+//! lowercases names), so its image of the old plane comes out in another
+//! order than the new plane lists it; this digest compares the two without
+//! sorting, in memory that does not grow with the keys.
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -25,6 +31,8 @@ pub struct RangeDigest {
     pub bytes: u64,
     /// SHA-256 over them, in key order.
     pub sha256: [u8; 32],
+    /// The [`SetDigest`] of them.
+    pub set_sha256: [u8; 32],
     /// The revision read.
     pub revision: i64,
 }
@@ -54,24 +62,127 @@ pub async fn digest_range(
     let (pages, mut receiver) = mpsc::channel(2);
     tokio::spawn(read_range(client, revision, start, end, pages));
     let mut hasher = Sha256::new();
-    let (mut keys, mut bytes) = (0u64, 0u64);
+    let mut set = SetDigest::default();
     while let Some(page) = receiver.recv().await {
         for kv in page? {
             if kv.key.starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            hasher.update((kv.key.len() as u64).to_be_bytes());
-            hasher.update(&kv.key);
-            hasher.update((kv.value.len() as u64).to_be_bytes());
-            hasher.update(&kv.value);
-            keys += 1;
-            bytes += (kv.key.len() + kv.value.len()) as u64;
+            hash_entry(&mut hasher, &kv.key, &kv.value);
+            set.add(&kv.key, &kv.value);
         }
     }
     Ok(RangeDigest {
-        keys,
-        bytes,
+        keys: set.keys,
+        bytes: set.bytes,
         sha256: hasher.finalize().into(),
+        set_sha256: set.sha256(),
         revision,
     })
+}
+
+/// A key and its value, each preceded by its length.
+fn hash_entry(hasher: &mut Sha256, key: &[u8], value: &[u8]) {
+    hasher.update((key.len() as u64).to_be_bytes());
+    hasher.update(key);
+    hasher.update((value.len() as u64).to_be_bytes());
+    hasher.update(value);
+}
+
+/// Keys and values summed up whatever order they come in: the sum, modulo
+/// 2^256, of each entry's SHA-256 (its key and value, each preceded by its
+/// length as [`RangeDigest::sha256`] hashes them). Adding the same entries
+/// in any order gives the same digest; it is meant for sets, where each key
+/// comes once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetDigest {
+    /// Entries added.
+    pub keys: u64,
+    /// Bytes of their keys and values.
+    pub bytes: u64,
+    /// The sum, as 32 bytes big-endian.
+    sum: [u8; 32],
+}
+
+impl SetDigest {
+    /// Adds `key` and its `value`.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        let mut hasher = Sha256::new();
+        hash_entry(&mut hasher, key, value);
+        let entry: [u8; 32] = hasher.finalize().into();
+        let mut carry = 0u16;
+        for (sum, byte) in self.sum.iter_mut().zip(entry).rev() {
+            let total = u16::from(*sum) + u16::from(byte) + carry;
+            *sum = total as u8;
+            carry = total >> 8;
+        }
+        self.keys += 1;
+        self.bytes += (key.len() + value.len()) as u64;
+    }
+
+    /// The digest so far.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_digest_is_the_same_in_any_order_and_differs_on_any_change() {
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..50)
+            .map(|index| (format!("/k/{index}").into_bytes(), vec![index as u8; index]))
+            .collect();
+        let digest = |entries: &[(Vec<u8>, Vec<u8>)]| {
+            let mut set = SetDigest::default();
+            for (key, value) in entries {
+                set.add(key, value);
+            }
+            set
+        };
+        let forward = digest(&entries);
+        let mut backward = entries.clone();
+        backward.reverse();
+        assert_eq!(digest(&backward), forward);
+        let mut shuffled = entries.clone();
+        shuffled.rotate_left(17);
+        shuffled.swap(3, 40);
+        assert_eq!(digest(&shuffled), forward);
+        assert_eq!(forward.keys, 50);
+
+        let mut changed = entries.clone();
+        changed[7].1.push(0);
+        assert_ne!(digest(&changed).sha256(), forward.sha256());
+        // A key's bytes moved into its value hash otherwise.
+        let mut moved = entries.clone();
+        moved[7] = (
+            b"/k/".to_vec(),
+            [b"7".to_vec(), entries[7].1.clone()].concat(),
+        );
+        assert_ne!(digest(&moved).sha256(), forward.sha256());
+        assert_ne!(digest(&entries[1..]).sha256(), forward.sha256());
+    }
+
+    #[test]
+    fn a_set_digest_sums_modulo_two_to_the_256() {
+        // 2^256 - 1 plus an entry E is E - 1: every byte carries.
+        let mut set = SetDigest {
+            sum: [0xff; 32],
+            ..SetDigest::default()
+        };
+        set.add(b"k", b"v");
+        let mut hasher = Sha256::new();
+        hash_entry(&mut hasher, b"k", b"v");
+        let mut expected: [u8; 32] = hasher.finalize().into();
+        for byte in expected.iter_mut().rev() {
+            let (less, borrow) = byte.overflowing_sub(1);
+            *byte = less;
+            if !borrow {
+                break;
+            }
+        }
+        assert_eq!(set.sha256(), expected);
+    }
 }

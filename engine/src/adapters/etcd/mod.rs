@@ -25,7 +25,7 @@ mod keepalive;
 mod sink;
 mod source;
 
-pub use digest::{RangeDigest, digest_range};
+pub use digest::{RangeDigest, SetDigest, digest_range};
 pub use keepalive::LeaseKeeper;
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
 pub use source::{

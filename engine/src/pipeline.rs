@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use tracing::info;
 
-use crate::Result;
 use crate::adapters::{Sink, Source, StreamInfo};
 use crate::backup::{ExtractOptions, RestoreOptions, find_backup, read_backup, write_backup};
 use crate::manifest::Manifest;
@@ -16,6 +15,7 @@ use crate::migrations::profile::Profile;
 use crate::migrations::{MigrationError, off_the_runtime};
 use crate::progress::Progress;
 use crate::store::BackupStore;
+use crate::{Op, Result};
 
 /// What an extract did.
 #[derive(Debug, Clone)]
@@ -86,11 +86,23 @@ pub async fn restore_migrated(
     let manifest = Arc::new(find_backup(store, backup_id).await?);
     info!(backup_id = %manifest.backup_id, ops = manifest.totals.ops, "restore started");
     let mut ops_total = manifest.totals.ops;
+    let mut key_prefix = manifest
+        .source
+        .key_prefix
+        .as_ref()
+        .map(|prefix| prefix.clone().into_bytes());
     let mut chain = match migrations {
         None => None,
         Some(migrations) => {
-            let checked = prescan_chain(store, manifest.clone(), options, &migrations).await?;
-            ops_total = checked;
+            let scanned = prescan_chain(store, manifest.clone(), options, &migrations).await?;
+            ops_total = scanned.handed_on;
+            // The chain may move keys out of the backup's prefix: the
+            // target must hold nothing where they land.
+            if key_prefix.is_some()
+                && let Some(landing) = scanned.output_prefix
+            {
+                key_prefix = Some(landing);
+            }
             Some(migrations.chain(&manifest, store, options).await?)
         }
     };
@@ -101,11 +113,7 @@ pub async fn restore_migrated(
             stream_id: manifest.backup_id.clone(),
             source_identity: manifest.source.identity.clone(),
             ops_total: Some(ops_total),
-            key_prefix: manifest
-                .source
-                .key_prefix
-                .as_ref()
-                .map(|prefix| prefix.clone().into_bytes()),
+            key_prefix,
         })
         .await?
         .unwrap_or(0);
@@ -208,16 +216,27 @@ impl MigrateOnRestore {
     }
 }
 
+/// What the first pass of a restore through a chain found.
+struct Prescanned {
+    /// Ops the chain hands on.
+    handed_on: u64,
+    /// The longest prefix every output of the backup's prefixed ops shares
+    /// (`None` without a prefix, or when there are none): where the chain
+    /// lands the keys, which may be outside the backup's prefix (Mystic's
+    /// `/v3/runs/` become `/v4/runs/`).
+    output_prefix: Option<Vec<u8>>,
+}
+
 /// Runs every op of the backup through the chain and writes nothing: the
 /// chain is planned (holes, missing `down`s), every filter runs, every
 /// output is checked, and two source keys landing on one key are found,
-/// all before the target is touched. Returns the ops the chain hands on.
+/// all before the target is touched.
 async fn prescan_chain(
     store: &BackupStore,
     manifest: Arc<Manifest>,
     options: RestoreOptions,
     migrations: &MigrateOnRestore,
-) -> Result<u64> {
+) -> Result<Prescanned> {
     let chain = migrations.chain(&manifest, store, options).await?;
     info!(
         from = %chain.plan().from,
@@ -225,18 +244,44 @@ async fn prescan_chain(
         steps = chain.plan().steps.len(),
         "checking every op against the migration chain before writing"
     );
-    let mut checking = (chain, KeyCheck::new());
+    // Ops under the backup's prefix are the keys; the others (etcd's
+    // leases, named by id) say nothing of where keys land.
+    let prefix = manifest.source.key_prefix.clone().map(String::into_bytes);
+    let mut checking = (chain, KeyCheck::new(), None::<Vec<u8>>);
     let mut handed_on = 0u64;
     let mut segments = read_backup(store.clone(), manifest, options);
     while let Some(batch) = segments.try_next().await? {
-        let (checked, outputs) = off_the_runtime(checking, move |(chain, check)| {
-            chain
-                .transform_batch_checked(batch, check)
-                .map(|ops| ops.len())
+        let prefix = prefix.clone();
+        let (checked, outputs) = off_the_runtime(checking, move |(chain, check, landing)| {
+            let (keys, others): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| {
+                prefix
+                    .as_ref()
+                    .is_some_and(|prefix| op.key.starts_with(prefix))
+            });
+            let outputs = chain.transform_batch_checked(keys, check)?;
+            for op in &outputs {
+                *landing = Some(match landing.take() {
+                    None => op.key.to_vec(),
+                    Some(mut common) => {
+                        let shared = common
+                            .iter()
+                            .zip(op.key.iter())
+                            .take_while(|(one, other)| one == other)
+                            .count();
+                        common.truncate(shared);
+                        common
+                    }
+                });
+            }
+            let others = chain.transform_batch_checked(others, check)?;
+            Ok::<usize, MigrationError>(outputs.len() + others.len())
         })
         .await;
         checking = checked;
         handed_on += outputs? as u64;
     }
-    Ok(handed_on)
+    Ok(Prescanned {
+        handed_on,
+        output_prefix: checking.2,
+    })
 }

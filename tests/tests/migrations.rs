@@ -303,6 +303,57 @@ async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
     );
 }
 
+/// The empty-target check looks where the chain lands the keys, not only
+/// at the backup's prefix: a backup of `/mystic/v3/` restores under
+/// `/mystic/v4/runs/`, and a key the target holds there is not overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
+    let source = EtcdServer::start().expect("source etcd");
+    let target = EtcdServer::start().expect("target etcd");
+    seed_mystic(&source).await;
+    let (_dir, store) = extract(&source, "/mystic/v3/");
+    let theirs = r#"{"pipeline":"someone else's","state":"running"}"#;
+    put(&target, "/mystic/v4/runs/run-0001", theirs).await;
+    let before = dump(&target, true).await;
+    let profile = examples().join("mystic");
+    let target_url = target.url();
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            "--from",
+            &store,
+            "--target",
+            &target_url,
+            "--migrations",
+            profile.to_str().expect("utf-8"),
+            "--to-version",
+            "v4",
+            "--from-version",
+            "v3",
+        ];
+        args.extend_from_slice(extra);
+        ferry(&args)
+    };
+    let output = restore(&[]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("/mystic/v4/runs/run-0001"),
+        "the refusal names the key: {}",
+        stderr(&output)
+    );
+    assert_eq!(dump(&target, true).await, before, "the target is unchanged");
+
+    // Told so, the restore writes over it.
+    succeeds(&restore(&["--allow-nonempty"]));
+    assert_eq!(
+        dump(&target, false).await,
+        vec![(
+            "/mystic/v4/runs/run-0001".to_owned(),
+            r#"{"pipeline":"imagenet-classifier","state":"done"}"#.to_owned()
+        )]
+    );
+}
+
 /// A profile in a temp dir with versions 1, 2, 3 and one migration 1 -> 2.
 fn small_profile(up: &str, down: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");

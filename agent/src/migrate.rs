@@ -36,8 +36,8 @@ use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
     ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, DigestRequest,
-    ExtractRequest, FenceRequest, GatewayStatusRequest, HoldRequest, ReleaseRequest, StreamStart,
-    SwitchRequest, UnfenceRequest,
+    DigestResponse, ExtractRequest, FenceRequest, GatewayStatusRequest, HoldRequest,
+    ReleaseRequest, StreamStart, SwitchRequest, UnfenceRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -1408,34 +1408,16 @@ async fn verify(
     fenced_position: u64,
     budget: Duration,
 ) -> Result<u64, String> {
-    let request = |position: u64| DigestRequest {
+    let mut source = running.source.clone();
+    let old = source.digest(DigestRequest {
         key_prefix: key_prefix.to_vec().into(),
-        position,
-    };
-    let both = async {
-        tokio::join!(
-            running.source.digest(request(fenced_position)),
-            running.target.digest(request(0)),
-        )
-    };
-    let (old, new) = tokio::time::timeout(budget, both).await.map_err(|_| {
-        format!(
-            "the digest check did not finish within what --max-pause left ({budget:?}): raise --max-pause or migrate without --verify"
-        )
-    })?;
+        position: fenced_position,
+    });
+    let (old, new) = beside_the_new_plane_digest(running, key_prefix, budget, old).await?;
     let old = old
         .map_err(|status| {
             format!(
                 "the source agent could not digest the old plane at {fenced_position}: {}: {}",
-                status.code(),
-                status.message()
-            )
-        })?
-        .into_inner();
-    let new = new
-        .map_err(|status| {
-            format!(
-                "the target agent could not digest the new plane: {}: {}",
                 status.code(),
                 status.message()
             )
@@ -1456,6 +1438,37 @@ async fn verify(
     Ok(old.keys)
 }
 
+/// Runs `old` (the old plane's side of the check) beside the target agent's
+/// digest of the new plane, both within `budget`.
+async fn beside_the_new_plane_digest<T>(
+    running: &mut Running,
+    key_prefix: &[u8],
+    budget: Duration,
+    old: impl std::future::Future<Output = T>,
+) -> Result<(T, DigestResponse), String> {
+    let new = running.target.digest(DigestRequest {
+        key_prefix: key_prefix.to_vec().into(),
+        position: 0,
+    });
+    let (old, new) = tokio::time::timeout(budget, async { tokio::join!(old, new) })
+        .await
+        .map_err(|_| {
+            format!(
+                "the digest check did not finish within what --max-pause left ({budget:?}): raise --max-pause or migrate without --verify"
+            )
+        })?;
+    let new = new
+        .map_err(|status| {
+            format!(
+                "the target agent could not digest the new plane: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    Ok((old, new))
+}
+
 /// Step 7 through a version chain: the new plane holds the chain's image of
 /// the old plane at F. The old plane is read again through the chain and
 /// summed up whatever order its image comes in; the new plane's digest is
@@ -1469,17 +1482,7 @@ async fn verify_through_chain(
 ) -> Result<u64, String> {
     let mut source = running.source.clone();
     let image = versions::image_digest(&mut source, chain, key_prefix, running.epoch);
-    let new = running.target.digest(DigestRequest {
-        key_prefix: key_prefix.to_vec().into(),
-        position: 0,
-    });
-    let (image, new) = tokio::time::timeout(budget, async { tokio::join!(image, new) })
-        .await
-        .map_err(|_| {
-            format!(
-                "the digest check did not finish within what --max-pause left ({budget:?}): raise --max-pause or migrate without --verify"
-            )
-        })?;
+    let (image, new) = beside_the_new_plane_digest(running, key_prefix, budget, image).await?;
     let (position, image) = image.map_err(|error| {
         format!("the version chain's image of the old plane could not be digested: {error}; nothing was switched")
     })?;
@@ -1488,15 +1491,6 @@ async fn verify_through_chain(
             "the old plane moved past its fence: it was read at position {position}, fenced at {fenced_position}; nothing was switched"
         ));
     }
-    let new = new
-        .map_err(|status| {
-            format!(
-                "the target agent could not digest the new plane: {}: {}",
-                status.code(),
-                status.message()
-            )
-        })?
-        .into_inner();
     if new.set_sha256.is_empty() {
         return Err("the target agent gives no order-independent digest (it is older than this ferry), which --verify through --migrations compares: upgrade it, or migrate without --verify; nothing was switched".to_owned());
     }

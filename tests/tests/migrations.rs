@@ -141,11 +141,17 @@ async fn seed_mystic(server: &EtcdServer) {
     put(server, "/mystic/settings/banner", "plain text, not JSON").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mystic_v3_backup_restores_as_v4() {
+/// A source etcd holding the Mystic seed, and an empty target etcd.
+async fn mystic_source_and_empty_target() -> (EtcdServer, EtcdServer) {
     let source = EtcdServer::start().expect("source etcd");
     let target = EtcdServer::start().expect("target etcd");
     seed_mystic(&source).await;
+    (source, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mystic_v3_backup_restores_as_v4() {
+    let (source, target) = mystic_source_and_empty_target().await;
     let (_dir, store) = extract(&source, "/mystic/");
     let profile = examples().join("mystic");
     let profile = profile.to_str().expect("utf-8 path");
@@ -263,9 +269,7 @@ async fn a_mystic_v3_backup_restores_as_v4() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
-    let source = EtcdServer::start().expect("source etcd");
-    let target = EtcdServer::start().expect("target etcd");
-    seed_mystic(&source).await;
+    let (source, target) = mystic_source_and_empty_target().await;
     put(
         &source,
         "/mystic/pipelines/IMAGENET-classifier",
@@ -308,9 +312,7 @@ async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
 /// `/mystic/v4/runs/`, and a key the target holds there is not overwritten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
-    let source = EtcdServer::start().expect("source etcd");
-    let target = EtcdServer::start().expect("target etcd");
-    seed_mystic(&source).await;
+    let (source, target) = mystic_source_and_empty_target().await;
     let (_dir, store) = extract(&source, "/mystic/v3/");
     let theirs = r#"{"pipeline":"someone else's","state":"running"}"#;
     put(&target, "/mystic/v4/runs/run-0001", theirs).await;

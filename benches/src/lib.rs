@@ -8,6 +8,10 @@
 //!   shape of a real control-plane snapshot.
 //! - [`encode_length_delimited`]: the ops as a segment's payload holds them,
 //!   the input of the raw-zstd baseline.
+//! - [`run`]: what the etcd benches do alike (the `ferry` binary, batched
+//!   Txn writes, counts).
+
+pub mod run;
 
 use bytes::Bytes;
 use ferry_engine::Op;

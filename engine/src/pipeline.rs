@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use tracing::info;
 
 use crate::adapters::{Sink, Source, StreamInfo};
@@ -91,7 +91,7 @@ pub async fn restore_migrated(
         .key_prefix
         .as_ref()
         .map(|prefix| prefix.clone().into_bytes());
-    let mut chain = match migrations {
+    let chain = match migrations {
         None => None,
         Some(migrations) => {
             let scanned = prescan_chain(store, manifest.clone(), options, &migrations).await?;
@@ -124,15 +124,13 @@ pub async fn restore_migrated(
     // Every segment is still read and checked in full, the ones the target
     // holds already included: a resume trusts the backup no more than a
     // first run does.
-    let mut segments = read_backup(store.clone(), manifest.clone(), options);
+    let segments = read_backup(store.clone(), manifest.clone(), options);
+    let mut batches = match chain {
+        None => segments.boxed(),
+        Some(chain) => through_the_chain_ahead(segments, chain).boxed(),
+    };
     let mut ops = 0u64;
-    while let Some(mut batch) = segments.try_next().await? {
-        if let Some(running) = chain.take() {
-            let (running, transformed) =
-                off_the_runtime(running, move |chain| chain.transform_batch(batch)).await;
-            chain = Some(running);
-            batch = transformed?;
-        }
+    while let Some(mut batch) = batches.try_next().await? {
         batch.retain(|op| op.seq > resume_after);
         if batch.is_empty() {
             continue;
@@ -215,6 +213,42 @@ impl MigrateOnRestore {
         Ok(Chain::new(self.profile.clone(), &from, &self.to_version)?)
     }
 }
+
+/// Batches of `segments` taken through `chain` on their own task, a batch
+/// or two ahead of the sink: the filters (CPU) run while the target writes
+/// the batch before. The first error, the backup's or the chain's, ends the
+/// stream.
+fn through_the_chain_ahead(
+    segments: impl Stream<Item = Result<Vec<Op>>> + Send + 'static,
+    mut chain: Chain,
+) -> impl Stream<Item = Result<Vec<Op>>> + Send + 'static {
+    let (sender, receiver) = tokio::sync::mpsc::channel(TRANSFORMED_AHEAD);
+    tokio::spawn(async move {
+        let mut segments = std::pin::pin!(segments);
+        loop {
+            let batch = match segments.try_next().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return,
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            };
+            let (back, transformed) =
+                off_the_runtime(chain, move |chain| chain.transform_batch(batch)).await;
+            chain = back;
+            let failed = transformed.is_err();
+            // A sink that stopped reading dropped the receiver: stop too.
+            if sender.send(transformed.map_err(Into::into)).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// Batches transformed ahead of the sink, at most.
+const TRANSFORMED_AHEAD: usize = 2;
 
 /// What the first pass of a restore through a chain found.
 struct Prescanned {

@@ -10,14 +10,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::request_op::Request;
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_benches::run::{TXN_OPS, count_under, ferry, per_second, put_in_txns};
 use ferry_tests::etcd::EtcdServer;
-use tonic::transport::Channel;
 
 const VALUE_BYTES: usize = 200;
-const TXN_OPS: usize = 128;
 
 fn key(index: usize) -> Vec<u8> {
     format!("/pachyderm/pfs/commits/repo-{}/{index:040x}", index % 40).into_bytes()
@@ -36,95 +32,13 @@ fn value(index: usize) -> Vec<u8> {
     value.into_bytes()
 }
 
-async fn client(server: &EtcdServer) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("etcd answers")
-}
-
-/// Writes the keys in Txns of `TXN_OPS` puts, `in_flight` Txns at a time,
-/// over one connection (HTTP/2 carries the Txns in flight side by side, as
-/// ferry's own connection does), opened before the clock starts.
+/// The ceiling: the keys in Txns of [`TXN_OPS`], `in_flight` at a time.
 async fn batched_writer(server: &EtcdServer, keys: usize, in_flight: usize) -> Duration {
-    let kv = client(server).await;
-    let started = Instant::now();
-    let batches: Vec<Vec<usize>> = (0..keys)
-        .collect::<Vec<_>>()
-        .chunks(TXN_OPS)
-        .map(<[usize]>::to_vec)
-        .collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut batches = batches.into_iter();
-    loop {
-        while tasks.len() < in_flight {
-            let Some(batch) = batches.next() else { break };
-            let mut kv = kv.clone();
-            tasks.spawn(async move {
-                let success = batch
-                    .iter()
-                    .map(|&index| RequestOp {
-                        request: Some(Request::RequestPut(PutRequest {
-                            key: key(index),
-                            value: value(index),
-                            ..PutRequest::default()
-                        })),
-                    })
-                    .collect();
-                kv.txn(TxnRequest {
-                    compare: Vec::new(),
-                    success,
-                    failure: Vec::new(),
-                })
-                .await
-                .expect("txn");
-            });
-        }
-        if tasks.join_next().await.is_none() {
-            break;
-        }
-    }
-    started.elapsed()
+    put_in_txns(server, keys, in_flight, |index| (key(index), value(index))).await
 }
 
 async fn count(server: &EtcdServer) -> i64 {
-    client(server)
-        .await
-        .range(RangeRequest {
-            key: b"/pachyderm/".to_vec(),
-            range_end: b"/pachyderm0".to_vec(),
-            count_only: true,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("count")
-        .into_inner()
-        .count
-}
-
-fn ferry(args: &[&str]) -> Duration {
-    let binary = std::env::current_exe()
-        .expect("this binary")
-        .with_file_name("ferry");
-    let started = Instant::now();
-    let output = Command::new(&binary)
-        .args(args)
-        .output()
-        .unwrap_or_else(|error| {
-            panic!(
-                "{} runs ({error}); build it with cargo build --release -p ferry-cli",
-                binary.display()
-            )
-        });
-    assert!(
-        output.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    started.elapsed()
-}
-
-fn per_second(keys: usize, time: Duration) -> f64 {
-    keys as f64 / time.as_secs_f64()
+    count_under(server, b"/pachyderm/").await
 }
 
 #[tokio::main]

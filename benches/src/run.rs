@@ -1,0 +1,121 @@
+//! What the etcd benches do alike: the `ferry` binary built beside them,
+//! batched writes into a real etcd, key counts and rates.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::request_op::Request;
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_tests::etcd::EtcdServer;
+use tonic::transport::Channel;
+
+/// Puts in one Txn: etcd's default `--max-txn-ops`.
+pub const TXN_OPS: usize = 128;
+
+/// A KV client of `server`.
+pub async fn client(server: &EtcdServer) -> KvClient<Channel> {
+    KvClient::connect(format!("http://{}", server.endpoint()))
+        .await
+        .expect("etcd answers")
+}
+
+/// Writes keys `0..keys` (each key and value made by `pair`) in Txns of
+/// [`TXN_OPS`] puts, `in_flight` Txns at a time, over one connection
+/// (HTTP/2 carries the Txns in flight side by side, as ferry's own
+/// connection does), opened before the clock starts. Returns how long the
+/// writes took.
+pub async fn put_in_txns(
+    server: &EtcdServer,
+    keys: usize,
+    in_flight: usize,
+    pair: fn(usize) -> (Vec<u8>, Vec<u8>),
+) -> Duration {
+    let kv = client(server).await;
+    let started = Instant::now();
+    let mut batches = (0..keys)
+        .step_by(TXN_OPS)
+        .map(|first| first..(first + TXN_OPS).min(keys));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.len() < in_flight {
+            let Some(batch) = batches.next() else { break };
+            let mut kv = kv.clone();
+            tasks.spawn(async move {
+                let success = batch
+                    .map(|index| {
+                        let (key, value) = pair(index);
+                        RequestOp {
+                            request: Some(Request::RequestPut(PutRequest {
+                                key,
+                                value,
+                                ..PutRequest::default()
+                            })),
+                        }
+                    })
+                    .collect();
+                kv.txn(TxnRequest {
+                    compare: Vec::new(),
+                    success,
+                    failure: Vec::new(),
+                })
+                .await
+                .expect("txn");
+            });
+        }
+        if tasks.join_next().await.is_none() {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
+/// The keys `server` holds under `prefix`.
+pub async fn count_under(server: &EtcdServer, prefix: &[u8]) -> i64 {
+    let mut range_end = prefix.to_vec();
+    if let Some(last) = range_end.last_mut() {
+        *last += 1;
+    }
+    client(server)
+        .await
+        .range(RangeRequest {
+            key: prefix.to_vec(),
+            range_end,
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("count")
+        .into_inner()
+        .count
+}
+
+/// Runs the `ferry` built beside this bench (`cargo build --release -p
+/// ferry-cli`) with `args`; returns how long it took. A failure stops the
+/// bench with ferry's stderr.
+pub fn ferry(args: &[&str]) -> Duration {
+    let binary = std::env::current_exe()
+        .expect("this binary")
+        .with_file_name("ferry");
+    let started = Instant::now();
+    let output = Command::new(&binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| {
+            panic!(
+                "{} runs ({error}); build it with cargo build --release -p ferry-cli",
+                binary.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    started.elapsed()
+}
+
+/// `items` per second over `time`.
+pub fn per_second(items: usize, time: Duration) -> f64 {
+    items as f64 / time.as_secs_f64()
+}

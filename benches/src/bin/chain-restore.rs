@@ -43,7 +43,7 @@ fn mystic_pair(index: usize) -> (Vec<u8>, Vec<u8>) {
             format!(
                 r#"{{"name":"Pipeline-{index:08}","environment":"Env-{:08}","gpu":{}"#,
                 index / 10 * 10,
-                index % 2 == 0
+                index.is_multiple_of(2)
             ),
         ),
         _ => (

@@ -119,3 +119,39 @@ pub fn ferry(args: &[&str]) -> Duration {
 pub fn per_second(items: usize, time: Duration) -> f64 {
     items as f64 / time.as_secs_f64()
 }
+
+/// `ferry extract --source SOURCE --to STORE_URL --quiet`; returns how long
+/// it took.
+pub fn extract(source: &EtcdServer, store_url: &str) -> Duration {
+    ferry(&[
+        "extract",
+        "--source",
+        &source.url(),
+        "--to",
+        store_url,
+        "--quiet",
+    ])
+}
+
+/// `ferry restore --from STORE_URL --target TARGET --quiet EXTRA`; returns
+/// how long it took.
+pub fn restore(store_url: &str, target: &EtcdServer, extra: &[&str]) -> Duration {
+    let target = target.url();
+    let mut args = vec![
+        "restore", "--from", store_url, "--target", &target, "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ferry(&args)
+}
+
+/// Prints one line per row: its name, `keys` per second over its time, and
+/// the time.
+pub fn print_rates(keys: usize, rows: &[(&str, Duration)]) {
+    for (name, time) in rows {
+        println!(
+            "{name:<42} {:>9.0} keys/s ({:.2} s)",
+            per_second(keys, *time),
+            time.as_secs_f64()
+        );
+    }
+}

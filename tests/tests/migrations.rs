@@ -141,6 +141,27 @@ async fn seed_mystic(server: &EtcdServer) {
     put(server, "/mystic/settings/banner", "plain text, not JSON").await;
 }
 
+/// `ferry restore --from STORE --target TARGET_URL` through the example
+/// Mystic profile, from version `from` to `to`, with `extra`.
+fn restore_mystic(store: &str, target_url: &str, from: &str, to: &str, extra: &[&str]) -> Output {
+    let profile = examples().join("mystic");
+    let mut args = vec![
+        "restore",
+        "--from",
+        store,
+        "--target",
+        target_url,
+        "--migrations",
+        profile.to_str().expect("a UTF-8 path"),
+        "--to-version",
+        to,
+        "--from-version",
+        from,
+    ];
+    args.extend_from_slice(extra);
+    ferry(&args)
+}
+
 /// A source etcd holding the Mystic seed, and an empty target etcd.
 async fn mystic_source_and_empty_target() -> (EtcdServer, EtcdServer) {
     let source = EtcdServer::start().expect("source etcd");
@@ -176,19 +197,7 @@ async fn a_mystic_v3_backup_restores_as_v4() {
     );
     assert!(dump(&target, true).await.is_empty(), "nothing was written");
 
-    succeeds(&ferry(&[
-        "restore",
-        "--from",
-        &store,
-        "--target",
-        &target.url(),
-        "--migrations",
-        profile,
-        "--to-version",
-        "v4",
-        "--from-version",
-        "v3",
-    ]));
+    succeeds(&restore_mystic(&store, &target.url(), "v3", "v4", &[]));
     let restored = dump(&target, false).await;
     let expected: Vec<(String, String)> = [
         (
@@ -217,20 +226,14 @@ async fn a_mystic_v3_backup_restores_as_v4() {
     // The ops leave in v4, numbered without the gap of the dropped environment.
     let lines_dir = tempfile::tempdir().expect("temp dir");
     let lines = lines_dir.path().join("ops.jsonl");
-    succeeds(&ferry(&[
-        "restore",
-        "--from",
+    let lines_url = format!("jsonl://{}", lines.display());
+    succeeds(&restore_mystic(
         &store,
-        "--target",
-        &format!("jsonl://{}", lines.display()),
-        "--migrations",
-        profile,
-        "--to-version",
-        "v4",
-        "--from-version",
+        &lines_url,
         "v3",
-        "--quiet",
-    ]));
+        "v4",
+        &["--quiet"],
+    ));
     let text = std::fs::read_to_string(&lines).expect("the ops");
     let ops: Vec<serde_json::Value> = text
         .lines()
@@ -244,19 +247,7 @@ async fn a_mystic_v3_backup_restores_as_v4() {
 
     // Back down to v3 is refused up front: lowercasing has no `down`.
     let back = EtcdServer::start().expect("another etcd");
-    let output = ferry(&[
-        "restore",
-        "--from",
-        &store,
-        "--target",
-        &back.url(),
-        "--migrations",
-        profile,
-        "--to-version",
-        "v3",
-        "--from-version",
-        "v4",
-    ]);
+    let output = restore_mystic(&store, &back.url(), "v4", "v3", &[]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("1700000000001_drop_environments")
@@ -277,20 +268,7 @@ async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
     )
     .await;
     let (_dir, store) = extract(&source, "/mystic/");
-    let profile = examples().join("mystic");
-    let output = ferry(&[
-        "restore",
-        "--from",
-        &store,
-        "--target",
-        &target.url(),
-        "--migrations",
-        profile.to_str().expect("utf-8"),
-        "--to-version",
-        "v4",
-        "--from-version",
-        "v3",
-    ]);
+    let output = restore_mystic(&store, &target.url(), "v3", "v4", &[]);
     assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
     let message = stderr(&output);
     for part in [
@@ -317,25 +295,8 @@ async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
     let theirs = r#"{"pipeline":"someone else's","state":"running"}"#;
     put(&target, "/mystic/v4/runs/run-0001", theirs).await;
     let before = dump(&target, true).await;
-    let profile = examples().join("mystic");
     let target_url = target.url();
-    let restore = |extra: &[&str]| {
-        let mut args = vec![
-            "restore",
-            "--from",
-            &store,
-            "--target",
-            &target_url,
-            "--migrations",
-            profile.to_str().expect("utf-8"),
-            "--to-version",
-            "v4",
-            "--from-version",
-            "v3",
-        ];
-        args.extend_from_slice(extra);
-        ferry(&args)
-    };
+    let restore = |extra: &[&str]| restore_mystic(&store, &target_url, "v3", "v4", extra);
     let output = restore(&[]);
     assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
     assert!(

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
-use ferry_benches::run::{count_under, ferry, per_second, put_in_txns};
+use ferry_benches::run::{count_under, extract, print_rates, put_in_txns, restore};
 use ferry_engine::Op;
 use ferry_engine::migrations::chain::Chain;
 use ferry_engine::migrations::profile::Profile;
@@ -74,45 +74,29 @@ async fn main() {
 
     let store = tempfile::tempdir().expect("temp dir");
     let store_url = format!("file://{}", store.path().display());
-    ferry(&[
-        "extract",
-        "--source",
-        &source.url(),
-        "--to",
-        &store_url,
-        "--quiet",
-    ]);
+    extract(&source, &store_url);
     drop(source);
 
     let plain_target = EtcdServer::start().expect("etcd");
-    let plain = ferry(&[
-        "restore",
-        "--from",
-        &store_url,
-        "--target",
-        &plain_target.url(),
-        "--quiet",
-    ]);
+    let plain = restore(&store_url, &plain_target, &[]);
     assert_eq!(count_under(&plain_target, b"/mystic/").await as usize, keys);
     drop(plain_target);
 
     let profile = mystic_profile();
     let profile_dir = profile.to_str().expect("a UTF-8 path");
     let chain_target = EtcdServer::start().expect("etcd");
-    let through_chain = ferry(&[
-        "restore",
-        "--from",
+    let through_chain = restore(
         &store_url,
-        "--target",
-        &chain_target.url(),
-        "--quiet",
-        "--migrations",
-        profile_dir,
-        "--from-version",
-        "v3",
-        "--to-version",
-        "v4",
-    ]);
+        &chain_target,
+        &[
+            "--migrations",
+            profile_dir,
+            "--from-version",
+            "v3",
+            "--to-version",
+            "v4",
+        ],
+    );
     let landed = count_under(&chain_target, b"/mystic/").await as usize;
     let environments = keys.div_ceil(10);
     assert_eq!(landed, keys - environments, "v4 drops the environments");
@@ -155,13 +139,7 @@ async fn main() {
         ("ferry restore through the v3 -> v4 chain", through_chain),
         ("the chain alone, in process (no etcd)", chain_alone),
     ];
-    for (name, time) in rows {
-        println!(
-            "{name:<42} {:>9.0} keys/s ({:.2} s)",
-            per_second(keys, time),
-            time.as_secs_f64()
-        );
-    }
+    print_rates(keys, &rows);
     println!(
         "ratio restore through the chain / restore as it is = {:.2}",
         plain.as_secs_f64() / through_chain.as_secs_f64()

@@ -10,7 +10,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_benches::run::{TXN_OPS, count_under, ferry, per_second, put_in_txns};
+use ferry_benches::run::{self, TXN_OPS, count_under, print_rates, put_in_txns};
 use ferry_tests::etcd::EtcdServer;
 
 const VALUE_BYTES: usize = 200;
@@ -61,38 +61,13 @@ async fn main() {
     let store = tempfile::tempdir().expect("temp dir");
     let store_url = format!("file://{}", store.path().display());
     let target = EtcdServer::start().expect("etcd");
-    let extract = ferry(&[
-        "extract",
-        "--source",
-        &source.url(),
-        "--to",
-        &store_url,
-        "--quiet",
-    ]);
-    let restore = ferry(&[
-        "restore",
-        "--from",
-        &store_url,
-        "--target",
-        &target.url(),
-        "--quiet",
-        "--lanes",
-        "4",
-    ]);
+    let extract = run::extract(&source, &store_url);
+    let restore = run::restore(&store_url, &target, &["--lanes", "4"]);
     assert_eq!(count(&target).await as usize, keys);
     drop(target);
     // The same restore on one checkpoint chain, one Txn at a time.
     let target = EtcdServer::start().expect("etcd");
-    let restore_serial = ferry(&[
-        "restore",
-        "--from",
-        &store_url,
-        "--target",
-        &target.url(),
-        "--quiet",
-        "--lanes",
-        "1",
-    ]);
+    let restore_serial = run::restore(&store_url, &target, &["--lanes", "1"]);
     assert_eq!(count(&target).await as usize, keys);
     drop(target);
 
@@ -134,13 +109,7 @@ async fn main() {
         ("ferry extract + restore (4 lanes)", end_to_end),
         ("etcdctl make-mirror initial copy", make_mirror),
     ];
-    for (name, time) in rows {
-        println!(
-            "{name:<42} {:>9.0} keys/s ({:.2} s)",
-            per_second(keys, time),
-            time.as_secs_f64()
-        );
-    }
+    print_rates(keys, &rows);
     println!(
         "ratio ferry extract+restore / make-mirror = {:.1} (target >= 20)",
         make_mirror.as_secs_f64() / end_to_end.as_secs_f64()

@@ -1494,7 +1494,7 @@ async fn verify_through_chain(
     if new.set_sha256.is_empty() {
         return Err("the target agent gives no order-independent digest (it is older than this ferry), which --verify through --migrations compares: upgrade it, or migrate without --verify; nothing was switched".to_owned());
     }
-    let image_sum = image.sha256();
+    let image_sum = image.sum();
     if (image.keys, image.bytes, &image_sum[..]) != (new.keys, new.bytes, &new.set_sha256[..]) {
         return Err(format!(
             "the digest check failed: the version chain's image of the old plane at position {fenced_position} holds {} keys ({} bytes, set sha256 {}), the new plane {} keys ({} bytes, set sha256 {}); nothing was switched",

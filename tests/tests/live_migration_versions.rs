@@ -440,6 +440,15 @@ async fn wait_inside_the_snapshot(status_file: &Path, new_endpoint: &str, after_
     }
 }
 
+/// A cluster whose old etcd holds the Mystic seed, migrated through the
+/// example chain under `fault` (with `extra` options).
+async fn seeded_migration(fault: Fault, extra: &[&str]) -> (Cluster, Outcome) {
+    let mut cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let outcome = migrate_mystic(&mut cluster, &mystic(), fault, extra).await;
+    (cluster, outcome)
+}
+
 /// The checks after a migration through `profile` that switched.
 async fn assert_switched_to_the_v4_image(
     cluster: &Cluster,
@@ -619,9 +628,7 @@ async fn assert_switched_to_the_v4_image(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_migration_through_the_mystic_chain_leaves_the_v4_image_of_the_old_etcd() {
-    let mut cluster = Cluster::start_empty().await;
-    seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(&mut cluster, &mystic(), Fault::None, &["--verify"]).await;
+    let (cluster, outcome) = seeded_migration(Fault::None, &["--verify"]).await;
     assert_switched_to_the_v4_image(&cluster, &mystic(), &outcome).await;
     assert!(
         outcome.report["verified_keys"]
@@ -637,15 +644,7 @@ async fn a_live_migration_through_the_mystic_chain_leaves_the_v4_image_of_the_ol
 /// migration rolls back with clients still on the old etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_etcd_that_differs_from_the_chains_image_fails_verify_and_rolls_back() {
-    let mut cluster = Cluster::start_empty().await;
-    seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(
-        &mut cluster,
-        &mystic(),
-        Fault::StrayWriteInNewEtcd,
-        &["--verify"],
-    )
-    .await;
+    let (cluster, outcome) = seeded_migration(Fault::StrayWriteInNewEtcd, &["--verify"]).await;
     let report = &outcome.report;
     assert_eq!(report["outcome"], "rolled_back", "{report}");
     assert_eq!(outcome.exit_code, Some(8));
@@ -662,15 +661,7 @@ async fn a_new_etcd_that_differs_from_the_chains_image_fails_verify_and_rolls_ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_source_link_is_resumed_through_the_chain_without_a_key_missing_or_applied_twice() {
-    let mut cluster = Cluster::start_empty().await;
-    seed_mystic(&cluster.old.endpoint(), 1).await;
-    let outcome = migrate_mystic(
-        &mut cluster,
-        &mystic(),
-        Fault::CutSourceLinkWhileFollowing,
-        &[],
-    )
-    .await;
+    let (cluster, outcome) = seeded_migration(Fault::CutSourceLinkWhileFollowing, &[]).await;
     assert_switched_to_the_v4_image(&cluster, &mystic(), &outcome).await;
     assert!(
         outcome.report["reconnects"].as_u64().unwrap_or(0) >= 1,

@@ -76,7 +76,7 @@ pub async fn digest_range(
         keys: set.keys,
         bytes: set.bytes,
         sha256: hasher.finalize().into(),
-        set_sha256: set.sha256(),
+        set_sha256: set.sum(),
         revision,
     })
 }
@@ -120,8 +120,9 @@ impl SetDigest {
         self.bytes += (key.len() + value.len()) as u64;
     }
 
-    /// The digest so far.
-    pub fn sha256(&self) -> [u8; 32] {
+    /// The sum so far, 32 bytes big-endian (not itself a SHA-256: a sum of
+    /// them).
+    pub fn sum(&self) -> [u8; 32] {
         self.sum
     }
 }
@@ -154,15 +155,15 @@ mod tests {
 
         let mut changed = entries.clone();
         changed[7].1.push(0);
-        assert_ne!(digest(&changed).sha256(), forward.sha256());
+        assert_ne!(digest(&changed).sum(), forward.sum());
         // A key's bytes moved into its value hash otherwise.
         let mut moved = entries.clone();
         moved[7] = (
             b"/k/".to_vec(),
             [b"7".to_vec(), entries[7].1.clone()].concat(),
         );
-        assert_ne!(digest(&moved).sha256(), forward.sha256());
-        assert_ne!(digest(&entries[1..]).sha256(), forward.sha256());
+        assert_ne!(digest(&moved).sum(), forward.sum());
+        assert_ne!(digest(&entries[1..]).sum(), forward.sum());
     }
 
     #[test]
@@ -183,6 +184,6 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(set.sha256(), expected);
+        assert_eq!(set.sum(), expected);
     }
 }

@@ -64,12 +64,16 @@ async fn dump(server: &EtcdServer, with_ferry_keys: bool) -> Vec<(String, String
 }
 
 fn ferry(args: &[&str]) -> Output {
-    Command::new(ferry_binary())
-        .args(args)
+    ferry_command().args(args).output().expect("ferry runs")
+}
+
+/// `ferry`, with no etcd credentials from this environment.
+fn ferry_command() -> Command {
+    let mut command = Command::new(ferry_binary());
+    command
         .env_remove("ETCD_USERNAME")
-        .env_remove("ETCD_PASSWORD")
-        .output()
-        .expect("ferry runs")
+        .env_remove("ETCD_PASSWORD");
+    command
 }
 
 fn stderr(output: &Output) -> String {
@@ -142,24 +146,36 @@ async fn seed_mystic(server: &EtcdServer) {
 }
 
 /// `ferry restore --from STORE --target TARGET_URL` through the example
-/// Mystic profile, from version `from` to `to`, with `extra`.
+/// Mystic profile, from version `from` to `to`, with `extra`, run to its end.
 fn restore_mystic(store: &str, target_url: &str, from: &str, to: &str, extra: &[&str]) -> Output {
+    mystic_restore_command(store, target_url, from, to, extra)
+        .output()
+        .expect("ferry runs")
+}
+
+/// The command [`restore_mystic`] runs.
+fn mystic_restore_command(
+    store: &str,
+    target_url: &str,
+    from: &str,
+    to: &str,
+    extra: &[&str],
+) -> Command {
     let profile = examples().join("mystic");
-    let mut args = vec![
-        "restore",
-        "--from",
-        store,
-        "--target",
-        target_url,
-        "--migrations",
-        profile.to_str().expect("a UTF-8 path"),
-        "--to-version",
-        to,
-        "--from-version",
-        from,
-    ];
-    args.extend_from_slice(extra);
-    ferry(&args)
+    let mut command = ferry_command();
+    command
+        .args([
+            "restore",
+            "--from",
+            store,
+            "--target",
+            target_url,
+            "--migrations",
+        ])
+        .arg(profile)
+        .args(["--to-version", to, "--from-version", from])
+        .args(extra);
+    command
 }
 
 /// A source etcd holding the Mystic seed, and an empty target etcd.
@@ -315,6 +331,148 @@ async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
             r#"{"pipeline":"imagenet-classifier","state":"done"}"#.to_owned()
         )]
     );
+}
+
+/// G4 through a chain, with the batches transformed ahead of the sink: a
+/// restore through the Mystic chain killed with -9 at any moment and run
+/// again ends with what one unbroken run gives, and every key was written
+/// once (etcd `version` 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_through_the_chain_killed_at_any_moment_applies_each_op_once() {
+    let source = EtcdServer::start().expect("source etcd");
+    let mut client = kv(&source).await;
+    for index in 0..1500 {
+        let (key, value) = match index % 4 {
+            0 => (
+                format!("/mystic/environments/Env-{index}"),
+                r#"{"python":"3.9"}"#.to_owned(),
+            ),
+            1 => (
+                format!("/mystic/users/User-{index}"),
+                format!(r#"{{"name":"User-{index}"}}"#),
+            ),
+            2 => (
+                format!("/mystic/pipelines/Pipeline-{index}"),
+                format!(r#"{{"name":"Pipeline-{index}","environment":"Env-{index}"}}"#),
+            ),
+            _ => (
+                format!("/mystic/v3/runs/run-{index}"),
+                format!(r#"{{"pipeline":"Pipeline-{}","state":"done"}}"#, index - 1),
+            ),
+        };
+        client
+            .put(PutRequest {
+                key: key.into_bytes(),
+                value: value.into_bytes(),
+                ..PutRequest::default()
+            })
+            .await
+            .expect("seed put");
+    }
+    let (_dir, store) = extract(&source, "/mystic/");
+
+    // What one unbroken run gives.
+    let unbroken = EtcdServer::start().expect("etcd");
+    succeeds(&restore_mystic(
+        &store,
+        &unbroken.url(),
+        "v3",
+        "v4",
+        &["--quiet"],
+    ));
+    let expected = dump(&unbroken, false).await;
+    assert_eq!(expected.len(), 1500 - 375, "v4 drops the environments");
+
+    let target = EtcdServer::start().expect("etcd");
+    let target_url = target.url();
+    let mut held_at_kills = Vec::new();
+    for round in 0..12 {
+        let mut child = mystic_restore_command(
+            &store,
+            &target_url,
+            "v3",
+            "v4",
+            &["--max-txn-ops", "8", "--quiet"],
+        )
+        .spawn()
+        .expect("restore starts");
+        // The first pass writes nothing; kill while it writes, after a
+        // varying while: before, during and after Txns.
+        let before = mystic_keys(&target).await;
+        let mut exited = None;
+        while exited.is_none() && mystic_keys(&target).await == before {
+            exited = child.try_wait().expect("poll");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if exited.is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis((round * 37 % 120) as u64)).await;
+            exited = child.try_wait().expect("poll");
+        }
+        match exited {
+            Some(status) => {
+                assert!(
+                    status.success(),
+                    "restore failed on its own in round {round}"
+                );
+                break;
+            }
+            None => {
+                child.kill().expect("kill -9");
+                child.wait().expect("reaped");
+                held_at_kills.push(mystic_keys(&target).await);
+            }
+        }
+    }
+    succeeds(&restore_mystic(
+        &store,
+        &target_url,
+        "v3",
+        "v4",
+        &["--quiet"],
+    ));
+    assert!(
+        held_at_kills
+            .iter()
+            .any(|&held| held > 0 && held < expected.len() as i64),
+        "a restore was killed while it wrote (keys held at each kill: {held_at_kills:?}, of {})",
+        expected.len()
+    );
+    assert_eq!(dump(&target, false).await, expected);
+    let written_twice: Vec<String> = kv(&target)
+        .await
+        .range(RangeRequest {
+            key: b"/mystic/".to_vec(),
+            range_end: b"/mystic0".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+        .into_iter()
+        .filter(|kv| kv.version != 1)
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect();
+    assert!(
+        written_twice.is_empty(),
+        "written more than once: {written_twice:?}"
+    );
+}
+
+/// The keys `server` holds under `/mystic/`.
+async fn mystic_keys(server: &EtcdServer) -> i64 {
+    kv(server)
+        .await
+        .range(RangeRequest {
+            key: b"/mystic/".to_vec(),
+            range_end: b"/mystic0".to_vec(),
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("count")
+        .into_inner()
+        .count
 }
 
 /// A profile in a temp dir with versions 1, 2, 3 and one migration 1 -> 2.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RequestOp, TxnRequest};
 use ferry_tests::etcd::EtcdServer;
 use tonic::transport::Channel;
 
@@ -72,22 +72,7 @@ pub async fn put_in_txns(
 
 /// The keys `server` holds under `prefix`.
 pub async fn count_under(server: &EtcdServer, prefix: &[u8]) -> i64 {
-    let mut range_end = prefix.to_vec();
-    if let Some(last) = range_end.last_mut() {
-        *last += 1;
-    }
-    client(server)
-        .await
-        .range(RangeRequest {
-            key: prefix.to_vec(),
-            range_end,
-            count_only: true,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("count")
-        .into_inner()
-        .count
+    ferry_tests::live::count_under(&server.endpoint(), prefix).await
 }
 
 /// Runs the `ferry` built beside this bench (`cargo build --release -p

@@ -302,6 +302,28 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end
 }
 
+/// How many keys the etcd at `endpoint` holds under `prefix` (all of them,
+/// ferry's own included, when it is empty).
+pub async fn count_under(endpoint: &str, prefix: &[u8]) -> i64 {
+    let (key, range_end) = if prefix.is_empty() {
+        (vec![0], vec![0])
+    } else {
+        (prefix.to_vec(), prefix_end(prefix))
+    };
+    kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key,
+            range_end,
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("count")
+        .into_inner()
+        .count
+}
+
 /// What each key's history in the new etcd must be: its value at the
 /// snapshot's revision R (from the seed and the writes the old etcd took at
 /// or before R), then every change after R in order: those the old etcd

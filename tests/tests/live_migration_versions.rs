@@ -33,8 +33,8 @@ use ferry_proto::etcd::etcdserverpb::{
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
-    Cluster, Effect, WRITERS, Write, WriterKeys, cluster_id_and_revision, kv, migrate_report,
-    prefix_end, spawn_ferry, wait_for_phase, with_options, writer_with,
+    Cluster, Effect, WRITERS, Write, WriterKeys, cluster_id_and_revision, count_under, kv,
+    migrate_report, prefix_end, spawn_ferry, wait_for_phase, with_options, writer_with,
 };
 use ferry_tests::process::FerryProcess;
 use serde_json::{Value, json};
@@ -855,18 +855,11 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
     // and the gateway holds nothing.
     let (_, old_after) = cluster_id_and_revision(&cluster.old.endpoint()).await;
     assert_eq!(old_before, old_after, "the old etcd was written to");
-    let everything = kv(&cluster.new.endpoint())
-        .await
-        .range(RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            count_only: true,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner();
-    assert_eq!(everything.count, 0, "the new etcd is not empty");
+    assert_eq!(
+        count_under(&cluster.new.endpoint(), b"").await,
+        0,
+        "the new etcd is not empty"
+    );
     let (_, new_revision) = cluster_id_and_revision(&cluster.new.endpoint()).await;
     assert_eq!(new_revision, 1, "the new etcd was written to");
     assert_the_gateway_writes_to_the_old_etcd(&cluster).await;

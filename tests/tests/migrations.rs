@@ -11,6 +11,7 @@ use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::{LeaseGrantRequest, PutRequest, RangeRequest};
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
+use ferry_tests::live::count_under;
 use tonic::transport::Channel;
 
 fn examples() -> PathBuf {
@@ -461,18 +462,7 @@ async fn a_restore_through_the_chain_killed_at_any_moment_applies_each_op_once()
 
 /// The keys `server` holds under `/mystic/`.
 async fn mystic_keys(server: &EtcdServer) -> i64 {
-    kv(server)
-        .await
-        .range(RangeRequest {
-            key: b"/mystic/".to_vec(),
-            range_end: b"/mystic0".to_vec(),
-            count_only: true,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("count")
-        .into_inner()
-        .count
+    count_under(&server.endpoint(), b"/mystic/").await
 }
 
 /// A profile in a temp dir with versions 1, 2, 3 and one migration 1 -> 2.

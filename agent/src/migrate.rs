@@ -1011,6 +1011,7 @@ async fn precheck_chain(
         &mut connected.source.clone(),
         planned,
         &options.key_prefix,
+        options.verify,
         connected.epoch,
     )
     .await?;

@@ -905,6 +905,115 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
     );
 }
 
+/// A Mystic profile whose one step turns the Put of `/mystic/users/User-007`
+/// into a Delete: an image `--verify` cannot compare. Written in `dir`.
+fn deleting_profile(dir: &Path) -> PathBuf {
+    let profile = dir.join("mystic-delete");
+    std::fs::create_dir_all(&profile).expect("profile dir");
+    std::fs::write(
+        profile.join("profile.toml"),
+        r#"format_version = 1
+platform = "mystic"
+versions = ["v3", "v4"]
+migrations = ["1700000000000_delete_a_user.toml"]
+"#,
+    )
+    .expect("profile.toml");
+    std::fs::write(
+        profile.join("1700000000000_delete_a_user.toml"),
+        r#"format_version = 1
+id = "1700000000000_delete_a_user"
+from = "v3"
+to = "v4"
+description = "User-007 is deleted on the way"
+up = '.method = "Delete"'
+
+[match]
+kind = "etcd.kv"
+key_regex = "^/mystic/users/User-007$"
+"#,
+    )
+    .expect("migration file");
+    profile
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_image_verify_cannot_compare_is_refused_before_anything_is_written() {
+    let cluster = Cluster::start_empty().await;
+    seed_mystic(&cluster.old.endpoint(), 1).await;
+    let (_, old_before) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    let temp = tempfile::tempdir().expect("temp dir");
+    let mystic = mystic_profile().display().to_string();
+    let deleting = deleting_profile(temp.path()).display().to_string();
+    let status_file = temp.path().join("status.json");
+    let chain = |profile: &str| -> Vec<String> {
+        [
+            "--verify",
+            "--migrations",
+            profile,
+            "--from-version",
+            "v3",
+            "--to-version",
+            "v4",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // The example chain moves runs from /mystic/v3/ to /mystic/v4/: a digest
+    // of the new plane under /mystic/v3/ would miss them all.
+    let mut moves_out = chain(&mystic);
+    moves_out.extend(["--prefix".to_owned(), "/mystic/v3/".to_owned()]);
+    let deletes = chain(&deleting);
+    let cases: [(&[String], &[&str]); 2] = [
+        (
+            &moves_out,
+            &[
+                "under --prefix \"/mystic/v3/\"",
+                "(key /mystic/v3/runs/",
+                "comes out of it moved to /mystic/v4/runs/",
+                "migrate without --verify",
+            ],
+        ),
+        (
+            &deletes,
+            &[
+                "(key /mystic/users/User-007) comes out of it as a etcd.kv Delete",
+                "migrate without --verify",
+            ],
+        ),
+    ];
+    for (flags, says) in cases {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        for dry_run in [false, true] {
+            let (code, stderr) = refused_migration(&cluster, &status_file, &flags, dry_run);
+            assert_eq!(
+                code,
+                Some(2),
+                "{flags:?} (dry run: {dry_run}) is refused as a usage error: {stderr}"
+            );
+            for said in says {
+                assert!(stderr.contains(said), "{flags:?} says {said:?}: {stderr}");
+            }
+        }
+        // Without --verify the same chain is no error: the dry run reads the
+        // snapshot through it and passes.
+        let unverified: Vec<&str> = flags
+            .into_iter()
+            .filter(|flag| *flag != "--verify")
+            .collect();
+        let (code, stderr) = refused_migration(&cluster, &status_file, &unverified, true);
+        assert_eq!(code, Some(0), "{unverified:?} without --verify: {stderr}");
+    }
+
+    // Nothing was written to either etcd, and the gateway holds nothing.
+    let (_, old_after) = cluster_id_and_revision(&cluster.old.endpoint()).await;
+    assert_eq!(old_before, old_after, "the old etcd was written to");
+    let (_, new_revision) = cluster_id_and_revision(&cluster.new.endpoint()).await;
+    assert_eq!(new_revision, 1, "the new etcd was written to");
+    assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
+}
+
 /// Puts `value` at `key` in the etcd at `endpoint` (the old one, or the
 /// gateway in front of it).
 async fn put(endpoint: &str, key: &str, value: &Value) {

@@ -52,7 +52,7 @@ use std::collections::VecDeque;
 use ferry_engine::Op;
 use ferry_engine::adapters::etcd::{KIND_KV, KIND_LEASE, SetDigest};
 use ferry_engine::migrations::chain::{Chain, KeyCheck};
-use ferry_engine::migrations::{MigrationError, off_the_runtime};
+use ferry_engine::migrations::{MigrationError, off_the_runtime, printable};
 use ferry_proto::v1::ExtractRequest;
 use ferry_proto::v1::extract_response::Event;
 
@@ -283,8 +283,10 @@ pub(crate) struct Prechecked {
 /// nothing, as a restore with `--migrations` reads its backup first: a
 /// filter error, an output that is not an op, or two source keys landing on
 /// one key (Mystic's `Foo` and `FOO`) stops the migration before anything
-/// is held, fenced or written. Memory grows with the number of keys, as the
-/// restore's check does (16 bytes and the source key each).
+/// is held, fenced or written. With `verify`, so does an output that
+/// `--verify` could not compare at step 7 (see [`counted_in_the_digest`]).
+/// Memory grows with the number of keys, as the restore's check does (16
+/// bytes and the source key each).
 ///
 /// Keys created after this snapshot are checked by the relay itself, which
 /// stops before the target sees the second key.
@@ -292,9 +294,11 @@ pub(crate) async fn precheck(
     source: &mut SourceClient,
     chain: Chain,
     key_prefix: &[u8],
+    verify: bool,
     epoch: u64,
 ) -> Result<(Chain, Prechecked), MigrateError> {
     let counted = (KeyCheck::new(), 0u64, 0u64);
+    let prefix = key_prefix.to_vec();
     let read = through_chain(
         source,
         chain,
@@ -302,13 +306,17 @@ pub(crate) async fn precheck(
         epoch,
         "check",
         counted,
-        |chain, (check, source_ops, outputs), batch| {
+        move |chain, (check, source_ops, outputs), batch| {
             *source_ops += batch.len() as u64;
-            *outputs += chain
-                .transform_batch_checked(batch, check)
-                .map_err(MigrateError::Chain)?
-                .len() as u64;
-            Ok(())
+            each_op_through(chain, batch, Some(check), |source, made| {
+                if verify {
+                    for output in made {
+                        counted_in_the_digest(source, output, &prefix)?;
+                    }
+                }
+                *outputs += made.len() as u64;
+                Ok(())
+            })
         },
     )
     .await?;
@@ -325,9 +333,9 @@ pub(crate) async fn precheck(
 
 /// The chain's image of a source snapshot, summed up in a [`SetDigest`]:
 /// what the new plane must hold once it has applied through the snapshot's
-/// position (`--verify` through a version chain). Every output must be a
-/// Put under `key_prefix` (leases do not count, as in the planes' own
-/// digests). Memory stays flat: the digest does not depend on order.
+/// position (`--verify` through a version chain). Every output must count
+/// in the digest ([`counted_in_the_digest`]). Memory stays flat: the digest
+/// does not depend on order.
 pub(crate) async fn image_digest(
     source: &mut SourceClient,
     chain: Chain,
@@ -335,32 +343,88 @@ pub(crate) async fn image_digest(
     epoch: u64,
 ) -> Result<(u64, SetDigest), MigrateError> {
     let prefix = key_prefix.to_vec();
-    let read = through_chain(source, chain, key_prefix, epoch, "digest", SetDigest::default(), move |chain, digest, batch| {
-        for op in chain.transform_batch(batch).map_err(MigrateError::Chain)? {
-            if op.kind == KIND_LEASE.as_bytes() {
-                continue;
-            }
-            let key = String::from_utf8_lossy(&op.key);
-            if op.kind != KIND_KV.as_bytes() || op.method != "Put".as_bytes() {
-                return Err(MigrateError::Invalid(format!(
-                    "--verify compares the Puts of a snapshot, and the version chain made {} {} of source op seq {} (key {key}); migrate without --verify",
-                    String::from_utf8_lossy(&op.kind),
-                    String::from_utf8_lossy(&op.method),
-                    op.seq
-                )));
-            }
-            if !op.key.starts_with(&prefix) {
-                return Err(MigrateError::Invalid(format!(
-                    "--verify digests the new plane under --key-prefix {:?}, and the version chain moves key {key} out of it; verify a prefix that holds both, or migrate without --verify",
-                    String::from_utf8_lossy(&prefix)
-                )));
-            }
-            digest.add(&op.key, &op.body);
-        }
-        Ok(())
-    })
+    let read = through_chain(
+        source,
+        chain,
+        key_prefix,
+        epoch,
+        "digest",
+        SetDigest::default(),
+        move |chain, digest, batch| {
+            each_op_through(chain, batch, None, |source, made| {
+                for output in made {
+                    if counted_in_the_digest(source, output, &prefix)? {
+                        digest.add(&output.key, &output.body);
+                    }
+                }
+                Ok(())
+            })
+        },
+    )
     .await?;
     Ok((read.position, read.state))
+}
+
+/// The seq and key of a source op, for messages about what a chain made of
+/// it.
+struct SourceOp {
+    seq: u64,
+    key: Vec<u8>,
+}
+
+/// Takes `batch` through `chain` one op at a time (recorded in `check`
+/// when given) and hands each source op with what the chain made of it to
+/// `each`.
+fn each_op_through(
+    chain: &mut Chain,
+    batch: Vec<Op>,
+    mut check: Option<&mut KeyCheck>,
+    mut each: impl FnMut(&SourceOp, &[Op]) -> Result<(), MigrateError>,
+) -> Result<(), MigrateError> {
+    for op in batch {
+        let source = SourceOp {
+            seq: op.seq,
+            key: op.key.to_vec(),
+        };
+        let made = match check.as_deref_mut() {
+            Some(check) => chain.transform_batch_checked(vec![op], check),
+            None => chain.transform_batch(vec![op]),
+        }
+        .map_err(MigrateError::Chain)?;
+        each(&source, &made)?;
+    }
+    Ok(())
+}
+
+/// Whether an output of the chain counts in `--verify`'s digest of the new
+/// plane: a lease does not (as in the planes' own digests), a Put under
+/// `key_prefix` does, and anything else cannot be compared: a Delete or
+/// another method, or a key the chain moves out of the prefix digested.
+fn counted_in_the_digest(
+    source: &SourceOp,
+    output: &Op,
+    key_prefix: &[u8],
+) -> Result<bool, MigrateError> {
+    if output.kind == KIND_LEASE.as_bytes() {
+        return Ok(false);
+    }
+    let what = if output.kind != KIND_KV.as_bytes() || output.method != "Put".as_bytes() {
+        format!(
+            "as a {} {}",
+            String::from_utf8_lossy(&output.kind),
+            String::from_utf8_lossy(&output.method)
+        )
+    } else if !output.key.starts_with(key_prefix) {
+        format!("moved to {}", printable(&output.key))
+    } else {
+        return Ok(true);
+    };
+    Err(MigrateError::Chain(MigrationError::Unverifiable {
+        what,
+        seq: source.seq,
+        key: printable(&source.key),
+        key_prefix: printable(key_prefix),
+    }))
 }
 
 /// What [`through_chain`] hands back.

@@ -187,6 +187,22 @@ pub enum MigrationError {
         /// Its op's seq.
         second_seq: u64,
     },
+    /// `--verify` through a chain compares the Puts the chain makes under
+    /// the key prefix, and it makes something else of an op.
+    #[error(
+        "--verify compares the Puts the version chain makes under --prefix {key_prefix:?}, and op seq {seq} (key {key}) comes out of it {what}; verify a prefix that holds every key the chain makes, or migrate without --verify"
+    )]
+    Unverifiable {
+        /// What the chain makes of the op ("as a etcd.kv Delete", "moved to
+        /// KEY").
+        what: String,
+        /// The source op's seq.
+        seq: u64,
+        /// The source op's key, printable.
+        key: String,
+        /// The prefix digested, printable.
+        key_prefix: String,
+    },
     /// Another `ferry migrations` run holds the target's lock.
     #[error(
         "{target} is locked by another migration run ({holder}); nothing was done. Wait for it to finish; the lock expires by itself {ttl_seconds} s after its holder stops"
@@ -217,7 +233,8 @@ impl MigrationError {
             | MigrationError::UnknownVersion { .. }
             | MigrationError::Hole { .. }
             | MigrationError::NoDown { .. }
-            | MigrationError::NoFromVersion { .. } => ErrorKind::Usage,
+            | MigrationError::NoFromVersion { .. }
+            | MigrationError::Unverifiable { .. } => ErrorKind::Usage,
             MigrationError::Transform { .. } | MigrationError::Collision { .. } => {
                 ErrorKind::Source
             }
@@ -227,7 +244,7 @@ impl MigrationError {
 }
 
 /// A key for messages: text when it is, escaped bytes when not.
-pub(crate) fn printable(key: &[u8]) -> String {
+pub fn printable(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
         Ok(text) => text.to_owned(),
         Err(_) => key.escape_ascii().to_string(),

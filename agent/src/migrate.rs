@@ -346,10 +346,12 @@ pub enum MigrateError {
     /// fenced or written.
     #[error("{0}")]
     Chain(#[source] MigrationError),
-    /// The version migration chain failed on an op of the stream (a filter
-    /// error, an output that is not an op) before the cutover.
+    /// The relay stopped before the cutover, and no resume helps: the
+    /// version migration chain failed on an op of the stream (a filter
+    /// error, an output that is not an op, a collision), or an agent refused
+    /// the stream for good (a target that already holds keys).
     #[error("{0}; nothing was held or fenced")]
-    Transform(String),
+    Refused(String),
     /// The agent streams broke and could not be resumed.
     #[error("the agent stream broke and could not be resumed within {timeout:?}: {reason}")]
     Relay {
@@ -384,8 +386,9 @@ struct RelayState {
     reconnects: u64,
     broken: Option<String>,
     failed: Option<String>,
-    /// The version migration chain failed on an op: no resume helps.
-    transform_failed: Option<String>,
+    /// The relay stopped for good: the version migration chain failed on an
+    /// op, or an agent refused the stream in a way no resume changes.
+    refused: Option<String>,
 }
 
 impl RelayState {
@@ -429,8 +432,33 @@ enum SessionEnd {
         reason: String,
         progressed: bool,
     },
-    /// The chain failed on an op: the same op fails again on a resume.
+    /// No resume helps: the chain failed on an op (the same op fails again),
+    /// or an agent gave an answer that a resume would get again (see
+    /// [`answered`]).
     Failed(String),
+}
+
+/// How a session ends on an agent's error answer to `what`. A code that a
+/// resume cannot change stops the relay at once: a target that already
+/// holds keys, a stale epoch, a compacted revision, bad credentials, an op
+/// the target refuses. Retrying those until `--reconnect-timeout` would
+/// only send the same request again. Any other code (unavailable, a broken
+/// connection) is a break, resumed from the target's checkpoint.
+fn answered(what: &str, status: &tonic::Status, progressed: bool) -> SessionEnd {
+    use tonic::Code;
+    let reason = format!("{what}: {}: {}", status.code(), status.message());
+    match status.code() {
+        Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::ResourceExhausted
+        | Code::NotFound
+        | Code::DataLoss
+        | Code::OutOfRange
+        | Code::Unimplemented => SessionEnd::Failed(reason),
+        _ => SessionEnd::Broken { reason, progressed },
+    }
 }
 
 impl Relay {
@@ -441,9 +469,8 @@ impl Relay {
             match self.session().await {
                 SessionEnd::Stopped => return,
                 SessionEnd::Failed(reason) => {
-                    warn!(%reason, "the version migration chain failed; the relay stops");
-                    self.state
-                        .send_modify(|state| state.transform_failed = Some(reason));
+                    warn!(%reason, "no resume can help; the relay stops");
+                    self.state.send_modify(|state| state.refused = Some(reason));
                     return;
                 }
                 SessionEnd::Broken { reason, progressed } => {
@@ -511,11 +538,7 @@ impl Relay {
                 {
                     Ok(answer) => answer.into_inner(),
                     Err(status) => {
-                        return broken(format!(
-                            "the target agent's checkpoint: {}: {}",
-                            status.code(),
-                            status.message()
-                        ));
+                        return answered("the target agent's checkpoint", &status, false);
                     }
                 };
                 info!(
@@ -564,13 +587,7 @@ impl Relay {
         };
         let mut extract = match source.extract(request).await {
             Ok(answer) => answer.into_inner(),
-            Err(status) => {
-                return broken(format!(
-                    "the source agent's Extract: {}: {}",
-                    status.code(),
-                    status.message()
-                ));
-            }
+            Err(status) => return answered("the source agent's Extract", &status, false),
         };
         let start = match extract.message().await {
             Ok(Some(message)) => match message.event {
@@ -582,13 +599,7 @@ impl Relay {
                 }
             },
             Ok(None) => return broken("the source agent's stream ended at once".to_owned()),
-            Err(status) => {
-                return broken(format!(
-                    "the source agent's Extract: {}: {}",
-                    status.code(),
-                    status.message()
-                ));
-            }
+            Err(status) => return answered("the source agent's Extract", &status, false),
         };
         if let Some(known_start) = &known.start
             && known_start.stream_id != start.stream_id
@@ -614,13 +625,7 @@ impl Relay {
         }
         let mut acks = match target.apply(ReceiverStream::new(receiver)).await {
             Ok(answer) => answer.into_inner(),
-            Err(status) => {
-                return broken(format!(
-                    "the target agent's Apply: {}: {}",
-                    status.code(),
-                    status.message()
-                ));
-            }
+            Err(status) => return answered("the target agent's Apply", &status, false),
         };
         // Acks are read on their own task, so a full request channel never
         // keeps them waiting.
@@ -638,20 +643,13 @@ impl Relay {
                         });
                     }
                     Ok(None) => {
-                        return (
-                            "the target agent ended the Apply stream".to_owned(),
+                        return SessionEnd::Broken {
+                            reason: "the target agent ended the Apply stream".to_owned(),
                             progressed,
-                        );
+                        };
                     }
                     Err(status) => {
-                        return (
-                            format!(
-                                "the target agent's Apply: {}: {}",
-                                status.code(),
-                                status.message()
-                            ),
-                            progressed,
-                        );
+                        return answered("the target agent's Apply", &status, progressed);
                     }
                 }
             }
@@ -666,8 +664,7 @@ impl Relay {
                     }
                 }
                 ended = &mut ack_task => {
-                    let (reason, progressed) = ended.unwrap_or_else(|error| (format!("the ack reader failed: {error}"), false));
-                    return SessionEnd::Broken { reason, progressed };
+                    return ended.unwrap_or_else(|error| broken(format!("the ack reader failed: {error}")));
                 }
                 // With a chain, too many source transactions in flight: wait
                 // for acks before reading more (bounds the way back).
@@ -681,10 +678,7 @@ impl Relay {
                     let event = match message {
                         Ok(Some(message)) => message.event,
                         Ok(None) => break SessionEnd::Broken { reason: "the source agent ended its stream".to_owned(), progressed: false },
-                        Err(status) => break SessionEnd::Broken {
-                            reason: format!("the source agent's Extract: {}: {}", status.code(), status.message()),
-                            progressed: false,
-                        },
+                        Err(status) => break answered("the source agent's Extract", &status, false),
                     };
                     match event {
                         Some(Event::Batch(mut batch)) => {
@@ -756,6 +750,7 @@ impl Relay {
                 .send_modify(|state| state.broken = Some(reason.clone()));
         }
         let mut end = end;
+        let mut refused = None;
         match &mut end {
             SessionEnd::Stopped => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut ack_task).await;
@@ -767,8 +762,11 @@ impl Relay {
                 loop {
                     tokio::select! {
                         finished = &mut ack_task => {
-                            if let Ok((_, true)) = finished {
-                                *progressed = true;
+                            match finished {
+                                Ok(SessionEnd::Broken { progressed: true, .. }) => *progressed = true,
+                                // The target's last answer: no resume helps.
+                                Ok(SessionEnd::Failed(reason)) => refused = Some(reason),
+                                _ => {}
                             }
                             break;
                         }
@@ -785,7 +783,7 @@ impl Relay {
             }
         }
         ack_task.abort();
-        end
+        refused.map_or(end, SessionEnd::Failed)
     }
 
     /// Hands ops to the tee (the backup written beside the migration),
@@ -1148,9 +1146,9 @@ async fn run(
     let mut following_since: Option<Instant> = None;
     loop {
         let state = running.state.borrow_and_update().clone();
-        if let Some(reason) = state.transform_failed {
+        if let Some(reason) = state.refused {
             running.phase.send_replace(Phase::Failed);
-            return Err(MigrateError::Transform(reason));
+            return Err(MigrateError::Refused(reason));
         }
         if let Some(reason) = state.failed {
             running.phase.send_replace(Phase::Failed);
@@ -1272,7 +1270,7 @@ async fn cutover(
             if state.applied_through(fence.fenced_position) {
                 break;
             }
-            if let Some(reason) = &state.transform_failed {
+            if let Some(reason) = &state.refused {
                 return Err(reason.clone());
             }
             if let Some(reason) = &state.failed {

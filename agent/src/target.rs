@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use ferry_engine::Op;
 use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper, describe_cluster,
-    read_checkpoint,
+    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper,
+    describe_cluster, read_checkpoint,
 };
-use ferry_engine::adapters::{Sink, StreamInfo};
+use ferry_engine::adapters::{AdapterError, Sink, StreamInfo};
 use ferry_proto::v1::target_agent_server::TargetAgent;
 use ferry_proto::v1::{
     ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse, DescribeRequest,
@@ -108,7 +108,7 @@ impl ApplyStream {
             let held_through_seq = sink
                 .begin(&stream)
                 .await
-                .map_err(|error| status_for(&error))?
+                .map_err(|error| begin_status(&error))?
                 .unwrap_or(0);
             let leases = match LeaseKeeper::start(&self.connection).await {
                 Ok(keeper) => Some(keeper),
@@ -206,6 +206,23 @@ impl ApplyStream {
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+/// The answer to a stream the target cannot begin. A target that already
+/// holds keys is told in a live migration's words (the restore's advice,
+/// `--allow-nonempty`, is no option of `ferry migrate`): its keys may be
+/// what an earlier migration applied before it stopped without a switch,
+/// and merging a new snapshot into them would keep keys since deleted.
+fn begin_status(error: &ferry_engine::Error) -> Status {
+    match error {
+        ferry_engine::Error::Adapter(AdapterError::EtcdTarget(EtcdError::NotEmpty {
+            endpoints,
+            examples,
+        })) => Status::failed_precondition(format!(
+            "the new plane {endpoints} already holds keys, e.g. {examples}. A live migration starts on an empty new plane: these may be what an earlier migration applied before it stopped without a switch. Delete them and run the migration again"
+        )),
+        other => status_for(other),
     }
 }
 

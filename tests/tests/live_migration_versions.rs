@@ -1221,4 +1221,35 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
         get(&old, "/mystic/users/FOO").await,
         Some(json!({"name": "FOO", "n": 3}))
     );
+
+    // Renamed again, a second migration onto the new etcd, which holds what
+    // the first applied, is refused rather than merged into it: nothing is
+    // held or fenced, and the new etcd keeps what it had.
+    delete(&gateway, "/mystic/users/Foo").await;
+    let new_before = mystic_state(&new, 0).await;
+    let (code, stderr) = refused_migration(&cluster, &status_file, &chain, false);
+    assert_eq!(
+        code,
+        Some(8),
+        "a second migration onto a used target: {stderr}"
+    );
+    for says in [
+        "already holds keys, e.g. /mystic/",
+        "A live migration starts on an empty new plane",
+        "nothing was held or fenced",
+    ] {
+        assert!(stderr.contains(says), "says {says:?}: {stderr}");
+    }
+    // Refused at once: not retried as a broken stream until
+    // --reconnect-timeout.
+    assert!(
+        !stderr.contains("could not be resumed"),
+        "the refusal was retried as a break: {stderr}"
+    );
+    assert_eq!(
+        mystic_state(&new, 0).await,
+        new_before,
+        "the refused migration changed a key in the new etcd (only ferry's own epoch record may move)"
+    );
+    assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
 }

@@ -49,6 +49,7 @@ use crate::client::{
     ClientError, ClientOptions, GatewayClient, SourceClient, TargetClient, connect_gateway,
     connect_source, connect_target,
 };
+use crate::remote::status_text;
 
 /// What a live migration needs.
 #[derive(Debug, Clone)]
@@ -366,7 +367,7 @@ fn call_error(role: &str, action: &str, status: tonic::Status) -> MigrateError {
     MigrateError::Call {
         role: role.to_owned(),
         action: action.to_owned(),
-        status: format!("{}: {}", status.code(), status.message()),
+        status: status_text(&status),
     }
 }
 
@@ -446,7 +447,7 @@ enum SessionEnd {
 /// connection) is a break, resumed from the target's checkpoint.
 fn answered(what: &str, status: &tonic::Status, progressed: bool) -> SessionEnd {
     use tonic::Code;
-    let reason = format!("{what}: {}: {}", status.code(), status.message());
+    let reason = format!("{what}: {}", status_text(status));
     match status.code() {
         Code::FailedPrecondition
         | Code::InvalidArgument
@@ -1237,7 +1238,7 @@ async fn cutover(
                 max_pause_ms: u64::try_from(options.max_pause.as_millis()).unwrap_or(u64::MAX),
             })
             .await
-            .map_err(|status| format!("the gateway could not hold writes: {}: {}", status.code(), status.message()))?
+            .map_err(|status| format!("the gateway could not hold writes: {}", status_text(&status)))?
             .into_inner();
         report.drained_writes = hold.drained_writes;
         report.hold_ms = Some(ms(held_at.elapsed()));
@@ -1249,7 +1250,7 @@ async fn cutover(
             .source
             .fence(FenceRequest { epoch })
             .await
-            .map_err(|status| format!("the source agent could not fence the old plane: {}: {}", status.code(), status.message()))?
+            .map_err(|status| format!("the source agent could not fence the old plane: {}", status_text(&status)))?
             .into_inner();
         fenced = true;
         report.fenced_position = Some(fence.fenced_position);
@@ -1322,7 +1323,7 @@ async fn cutover(
                 upstream_url: running.target_description.control_plane_url.clone(),
             })
             .await
-            .map_err(|status| format!("the gateway could not switch to the new plane: {}: {}", status.code(), status.message()))?;
+            .map_err(|status| format!("the gateway could not switch to the new plane: {}", status_text(&status)))?;
         Ok(())
     }
     .await;
@@ -1416,9 +1417,8 @@ async fn verify(
     let old = old
         .map_err(|status| {
             format!(
-                "the source agent could not digest the old plane at {fenced_position}: {}: {}",
-                status.code(),
-                status.message()
+                "the source agent could not digest the old plane at {fenced_position}: {}",
+                status_text(&status)
             )
         })?
         .into_inner();
@@ -1459,9 +1459,8 @@ async fn beside_the_new_plane_digest<T>(
     let new = new
         .map_err(|status| {
             format!(
-                "the target agent could not digest the new plane: {}: {}",
-                status.code(),
-                status.message()
+                "the target agent could not digest the new plane: {}",
+                status_text(&status)
             )
         })?
         .into_inner();
@@ -1522,7 +1521,7 @@ async fn release(
         match gateway.release(ReleaseRequest { epoch }).await {
             Ok(answer) => return Ok(answer.into_inner()),
             Err(status) => {
-                last = format!("{}: {}", status.code(), status.message());
+                last = status_text(&status);
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
         }

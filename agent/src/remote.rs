@@ -44,7 +44,9 @@ fn write_error(address: &str, reason: String) -> ferry_engine::Error {
     .into()
 }
 
-fn status_text(status: &tonic::Status) -> String {
+/// An agent's error answer for messages: the code's name, then its words
+/// (a code's `Display` is a long generic sentence).
+pub(crate) fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 

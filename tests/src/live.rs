@@ -536,22 +536,31 @@ pub async fn migrate_report(
     migrate: tokio::process::Child,
     cluster: &Cluster,
 ) -> (serde_json::Value, Option<i32>, String) {
-    let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
-        .await
-        .expect("the migration ends")
-        .expect("ferry migrate runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+    let (report, code, stderr) = migrate_output(migrate).await;
+    let report = report.unwrap_or_else(|stdout| {
         panic!(
-            "ferry migrate printed no JSON report ({error}): stdout {stdout}\nstderr {}\nsource agent: {}\ntarget agent: {}\ngateway: {}",
-            String::from_utf8_lossy(&output.stderr),
+            "ferry migrate printed no JSON report: stdout {stdout}\nstderr {stderr}\nsource agent: {}\ntarget agent: {}\ngateway: {}",
             cluster.source_agent.stderr(),
             cluster.target_agent.stderr(),
             cluster.gateway.stderr()
         )
     });
+    (report, code, stderr)
+}
+
+/// Waits (at most 4 minutes) for a `ferry --output json migrate` started by
+/// [`spawn_ferry`]: its JSON report (or, when it printed none, its stdout),
+/// exit code and stderr.
+pub async fn migrate_output(
+    migrate: tokio::process::Child,
+) -> (Result<serde_json::Value, String>, Option<i32>, String) {
+    let output = tokio::time::timeout(Duration::from_secs(240), migrate.wait_with_output())
+        .await
+        .expect("the migration ends")
+        .expect("ferry migrate runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
     (
-        report,
+        serde_json::from_str(&stdout).map_err(|_| stdout.into_owned()),
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )

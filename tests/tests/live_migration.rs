@@ -13,8 +13,9 @@
 //! follows (and restarted) or while the cutover drains (the cutover goes
 //! on), the link to the source agent cut for seconds, a
 //! stale agent of an older epoch applying to the stream (refused), the new
-//! etcd failing during the cutover, and a stray write into the new etcd that
-//! `--verify`'s digest check catches before the switch.
+//! etcd failing during the cutover, a stray write into the new etcd that
+//! `--verify`'s digest check catches before the switch, and the old etcd
+//! compacted past what a resume needs (stopped at once, nothing held).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,12 +23,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_agent::client::{ClientOptions, connect_target};
-use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use ferry_proto::etcd::etcdserverpb::{CompactionRequest, RangeRequest};
 use ferry_proto::v1::{ApplyRequest, OpBatch, StreamStart};
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
-    migrate_report, spawn_ferry, start_target_agent, wait_for_phase, with_options, writer,
+    migrate_output, migrate_report, spawn_ferry, start_target_agent, wait_for_phase, with_options,
+    writer,
 };
 
 /// A fault to inject while the migration runs.
@@ -50,11 +52,17 @@ enum Fault {
     /// Something else writes a key into the new etcd while the migration
     /// follows: the planes differ at the cutover.
     StrayWriteInNewEtcd,
+    /// Cut the link to the source agent while it follows, and compact the
+    /// old etcd past what the target holds before the link comes back: the
+    /// changes the resume needs are gone.
+    CompactedWhileCut,
 }
 
 struct Outcome {
+    /// Null when the migration stopped with an error and printed no report.
     report: serde_json::Value,
     exit_code: Option<i32>,
+    stderr: String,
     writes: Vec<Write>,
 }
 
@@ -92,6 +100,23 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
             wait_for_phase(&status_file, "following").await;
             cluster.source_link.cut();
             tokio::time::sleep(Duration::from_secs(4)).await;
+            cluster.source_link.restore();
+        }
+        Fault::CompactedWhileCut => {
+            wait_for_phase(&status_file, "following").await;
+            cluster.source_link.cut();
+            // The writers go on: the old etcd moves past what the target holds.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let old = cluster.old.endpoint();
+            let (_, revision) = cluster_id_and_revision(&old).await;
+            kv(&old)
+                .await
+                .compact(CompactionRequest {
+                    revision,
+                    physical: true,
+                })
+                .await
+                .expect("compact the old etcd");
             cluster.source_link.restore();
         }
         Fault::StaleAgent => {
@@ -144,7 +169,12 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
         }
     }
 
-    let (report, exit_code, _) = migrate_report(migrate, cluster).await;
+    let (report, exit_code, stderr) = if fault == Fault::CompactedWhileCut {
+        let (report, exit_code, stderr) = migrate_output(migrate).await;
+        (report.unwrap_or_default(), exit_code, stderr)
+    } else {
+        migrate_report(migrate, cluster).await
+    };
     if fault == Fault::NewEtcdFailsAtCutover {
         signal(cluster.new.pid(), "-CONT");
     }
@@ -159,6 +189,7 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
     Outcome {
         report,
         exit_code,
+        stderr,
         writes,
     }
 }
@@ -493,8 +524,48 @@ async fn assert_rolled_back_without_loss(cluster: &Cluster, outcome: &Outcome) {
         outcome.report
     );
     assert_eq!(outcome.exit_code, Some(8));
-    // Clients write to the old etcd as before: every write answered was
-    // answered by it, and the gateway still sends them there.
+    let held_and_refused =
+        assert_the_old_etcd_holds_every_acknowledged_write(cluster, outcome).await;
+    eprintln!("rolled back; {held_and_refused} writes refused UNAVAILABLE while held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_whose_changes_the_old_etcd_compacted_stops_at_once_with_nothing_held() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::CompactedWhileCut,
+        &["--follow-at-least", "60s"],
+    )
+    .await;
+    let stderr = &outcome.stderr;
+    assert_eq!(outcome.exit_code, Some(8), "{stderr}");
+    for says in [
+        "compacted a revision ferry needs",
+        "the stream cannot resume",
+        "onto an emptied new plane",
+        "nothing was held or fenced",
+    ] {
+        assert!(stderr.contains(says), "says {says:?}: {stderr}");
+    }
+    // Not retried as a break until --reconnect-timeout: the same resume
+    // would be refused again.
+    assert!(
+        !stderr.contains("could not be resumed"),
+        "the refusal was retried as a break: {stderr}"
+    );
+    let held_and_refused =
+        assert_the_old_etcd_holds_every_acknowledged_write(&cluster, &outcome).await;
+    assert_eq!(held_and_refused, 0, "writes were held: nothing may be");
+}
+
+/// Clients write to the old etcd as before: every write answered was
+/// answered by it, and it holds every write acknowledged. Returns how many
+/// writes were refused UNAVAILABLE (held at the gateway, then refused).
+async fn assert_the_old_etcd_holds_every_acknowledged_write(
+    cluster: &Cluster,
+    outcome: &Outcome,
+) -> usize {
     let (old_cluster, _) = cluster_id_and_revision(&cluster.old.endpoint()).await;
     let mut held_and_refused = 0;
     for write in &outcome.writes {
@@ -549,7 +620,7 @@ async fn assert_rolled_back_without_loss(cluster: &Cluster, outcome: &Outcome) {
             String::from_utf8_lossy(key)
         );
     }
-    eprintln!("rolled back; {held_and_refused} writes refused UNAVAILABLE while held");
+    held_and_refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,7 +234,9 @@ impl EtcdConnection {
         if message.contains("required revision has been compacted") {
             return EtcdError::Compacted {
                 endpoints,
-                reason: message.to_owned(),
+                reason: format!(
+                    "the snapshot's revision, while ferry read it ({message}); nothing was sealed, run the extract again for a new snapshot"
+                ),
             };
         }
         if message.contains("request is too large")
@@ -336,10 +338,9 @@ pub enum EtcdError {
         /// What is wrong with them.
         reason: String,
     },
-    /// The snapshot revision was compacted away while it was being read.
-    #[error(
-        "{endpoints} compacted the snapshot's revision while ferry read it ({reason}); nothing was sealed, run the extract again for a new snapshot"
-    )]
+    /// A revision ferry reads at (a snapshot's, a live stream's next) was
+    /// compacted away.
+    #[error("{endpoints} compacted a revision ferry needs: {reason}")]
     Compacted {
         /// The members.
         endpoints: String,

@@ -1014,7 +1014,7 @@ impl Follower {
                 return Some(WatchEnd::Fatal(source_error(EtcdError::Compacted {
                     endpoints,
                     reason: format!(
-                        "the live stream needs the changes after revision {}, but etcd compacted through revision {}; start a new stream (a new snapshot)",
+                        "the live stream needs the changes after revision {}, and etcd compacted through revision {}, so they are gone and the stream cannot resume. Start again from a new snapshot (a live migration: onto an emptied new plane)",
                         self.position, response.compact_revision
                     ),
                 })));

@@ -15,10 +15,14 @@
 //! - [`progress`]: counters the CLI shows as progress.
 //! - [`error`]: the crate error and its kinds.
 //! - `testing` (feature `testing`): proptest strategies for ops.
+//! - `fuzzing` (feature `testing`): the checks the fuzz targets in `fuzz/` run.
 
 pub mod adapters;
 pub mod backup;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifest;
 pub mod migrations;
 pub mod order;

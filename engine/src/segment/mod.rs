@@ -7,7 +7,7 @@
 //! reads one back, checking everything it can before trusting a byte, and
 //! never inflating more than the header declares or the reader allows.
 
-mod op_decode;
+pub(crate) mod op_decode;
 mod reader;
 mod writer;
 

@@ -163,32 +163,17 @@ fn mystic() -> V4Profile {
 /// entry, `/mystic/index/<name>` = `{"pipeline": <its key>}` (a delete of
 /// the pipeline deletes it too). Written in `dir`.
 fn indexing(dir: &Path) -> V4Profile {
-    let profile = dir.join("mystic-index");
-    std::fs::create_dir_all(&profile).expect("profile dir");
-    std::fs::write(
-        profile.join("profile.toml"),
-        r#"format_version = 1
-platform = "mystic"
-versions = ["v3", "v4"]
-migrations = ["1700000000000_index_pipelines.toml"]
-"#,
-    )
-    .expect("profile.toml");
-    std::fs::write(
-        profile.join("1700000000000_index_pipelines.toml"),
-        r#"format_version = 1
-id = "1700000000000_index_pipelines"
-from = "v3"
-to = "v4"
-description = "every seeded pipeline gets an index entry"
+    let profile = one_step_profile(
+        &dir.join("mystic-index"),
+        "1700000000000_index_pipelines",
+        r#"description = "every seeded pipeline gets an index entry"
 up = '., {key: ("/mystic/index/" + (.key | ltrimstr("/mystic/pipelines/"))), body: {pipeline: .key}}'
 
 [match]
 kind = "etcd.kv"
 key_regex = "^/mystic/pipelines/Pipe-[0-9]+$"
 "#,
-    )
-    .expect("migration file");
+    );
     V4Profile {
         dir: profile,
         image: |key, body| {
@@ -908,24 +893,10 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
 /// A Mystic profile whose one step turns the Put of `/mystic/users/User-007`
 /// into a Delete: an image `--verify` cannot compare. Written in `dir`.
 fn deleting_profile(dir: &Path) -> PathBuf {
-    let profile = dir.join("mystic-delete");
-    std::fs::create_dir_all(&profile).expect("profile dir");
-    std::fs::write(
-        profile.join("profile.toml"),
-        r#"format_version = 1
-platform = "mystic"
-versions = ["v3", "v4"]
-migrations = ["1700000000000_delete_a_user.toml"]
-"#,
-    )
-    .expect("profile.toml");
-    std::fs::write(
-        profile.join("1700000000000_delete_a_user.toml"),
-        r#"format_version = 1
-id = "1700000000000_delete_a_user"
-from = "v3"
-to = "v4"
-description = "User-007 is deleted on the way"
+    one_step_profile(
+        &dir.join("mystic-delete"),
+        "1700000000000_delete_a_user",
+        r#"description = "User-007 is deleted on the way"
 up = '.method = "Delete"'
 
 [match]
@@ -933,8 +904,25 @@ kind = "etcd.kv"
 key_regex = "^/mystic/users/User-007$"
 "#,
     )
+}
+
+/// Writes a Mystic v3 -> v4 profile at `profile` with one migration, `id`,
+/// whose file is its id, versions and then `rest` (filters and match).
+fn one_step_profile(profile: &Path, id: &str, rest: &str) -> PathBuf {
+    std::fs::create_dir_all(profile).expect("profile dir");
+    std::fs::write(
+        profile.join("profile.toml"),
+        format!(
+            "format_version = 1\nplatform = \"mystic\"\nversions = [\"v3\", \"v4\"]\nmigrations = [\"{id}.toml\"]\n"
+        ),
+    )
+    .expect("profile.toml");
+    std::fs::write(
+        profile.join(format!("{id}.toml")),
+        format!("format_version = 1\nid = \"{id}\"\nfrom = \"v3\"\nto = \"v4\"\n{rest}"),
+    )
     .expect("migration file");
-    profile
+    profile.to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

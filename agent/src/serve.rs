@@ -238,7 +238,8 @@ pub fn status_for(error: &Error) -> Status {
             | EtcdError::Credentials { .. }
             | EtcdError::Tls { .. }
             | EtcdError::TlsFiles { .. }
-            | EtcdError::StaleEpoch { .. } => return Status::failed_precondition(message),
+            | EtcdError::StaleEpoch { .. }
+            | EtcdError::NoSpace { .. } => return Status::failed_precondition(message),
             EtcdError::Unreachable { .. } => return Status::unavailable(message),
             EtcdError::TooLarge { .. } => return Status::resource_exhausted(message),
             EtcdError::BadOp { .. } => return Status::invalid_argument(message),

@@ -19,6 +19,8 @@ pub struct EtcdOptions {
     pub max_txn_ops: u64,
     /// Serve clients over TLS only (plain HTTP when `None`, the default).
     pub tls: Option<EtcdServerTls>,
+    /// etcd's `--quota-backend-bytes`, when not its default (2 GiB).
+    pub quota_backend_bytes: Option<u64>,
 }
 
 impl Default for EtcdOptions {
@@ -27,6 +29,7 @@ impl Default for EtcdOptions {
             max_request_bytes: 1_572_864,
             max_txn_ops: 128,
             tls: None,
+            quota_backend_bytes: None,
         }
     }
 }
@@ -101,6 +104,9 @@ impl EtcdServer {
             if tls.client_cert_auth {
                 command.arg("--client-cert-auth");
             }
+        }
+        if let Some(quota) = options.quota_backend_bytes {
+            command.arg(format!("--quota-backend-bytes={quota}"));
         }
         let child = command
             .arg("--name=ferry-test")

@@ -1235,3 +1235,129 @@ async fn a_newer_epoch_takes_the_stream_over_and_fences_the_older_sink() {
     assert_eq!(epoch, 2);
     assert_eq!((checkpoint.applied_through_seq, checkpoint.epoch), (20, 2));
 }
+
+/// Runs `etcdctl ARGS` against `server`; panics with its output if it fails.
+fn etcdctl(server: &EtcdServer, args: &[&str]) -> String {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.endpoint()))
+        .args(args)
+        .output()
+        .expect("etcdctl runs (apt-get install -y etcd-client)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "etcdctl {args:?}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_once_freed() {
+    // 3,000 keys of 1,000 bytes to restore into an etcd whose 4 MiB quota
+    // already holds 2.5 MB of other data.
+    let source = EtcdServer::start().expect("source etcd");
+    let mut client = kv(&source).await;
+    for index in 0..3_000 {
+        let key = format!("/app/items/{index:06}");
+        put(&mut client, key.as_bytes(), &value(index, 1_000), 0).await;
+    }
+    let target = EtcdServer::start_with(&EtcdOptions {
+        quota_backend_bytes: Some(4 * 1024 * 1024),
+        ..EtcdOptions::default()
+    })
+    .expect("target etcd with a small quota");
+    let mut target_client = kv(&target).await;
+    for index in 0..25 {
+        let key = format!("/ballast/{index:02}");
+        put(
+            &mut target_client,
+            key.as_bytes(),
+            &value(index, 100 * 1024),
+            0,
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_url = format!("file://{}", dir.path().display());
+    let extracted = ferry(
+        &[
+            "extract",
+            "--source",
+            &source.url(),
+            "--prefix",
+            "/app/",
+            "--to",
+            &store_url,
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        extracted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&extracted.stderr)
+    );
+
+    let restore = [
+        "restore",
+        "--from",
+        &store_url,
+        "--target",
+        &target.url(),
+        "--quiet",
+    ];
+    let full = ferry(&restore, &[]);
+    let stderr = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(6), "a target error: {stderr}");
+    for says in [
+        "is out of space",
+        "database space exceeded",
+        "--quota-backend-bytes",
+        "etcdctl alarm disarm",
+        "which took no effect",
+        "run the same command again",
+    ] {
+        assert!(stderr.contains(says), "says {says:?}: {stderr}");
+    }
+    assert!(
+        !stderr.contains("too large"),
+        "NOSPACE is not a request too large: {stderr}"
+    );
+    let before_freeing = dump(&target, b"/app/").await.len();
+    assert!(
+        before_freeing > 0 && before_freeing < 3_000,
+        "the quota stops the restore part way: {before_freeing} of 3,000 keys in"
+    );
+
+    // What the message says to do: free space, disarm, the same command.
+    etcdctl(&target, &["del", "--prefix", "/ballast/"]);
+    let revision = target_client
+        .range(RangeRequest {
+            key: b"/".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .header
+        .expect("a header")
+        .revision;
+    etcdctl(&target, &["compact", &revision.to_string(), "--physical"]);
+    etcdctl(&target, &["defrag"]);
+    etcdctl(&target, &["alarm", "disarm"]);
+    let resumed = ferry(&restore, &[]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    // Every key once (etcd version 1), none missing: the checkpoint written
+    // with each Txn told the resume exactly what was in.
+    same_data(
+        &dump(&source, b"/app/").await,
+        &dump(&target, b"/app/").await,
+    );
+    eprintln!("the quota stopped the restore at {before_freeing} of 3,000 keys");
+}

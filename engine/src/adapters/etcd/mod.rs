@@ -239,6 +239,15 @@ impl EtcdConnection {
                 ),
             };
         }
+        // etcd answers RESOURCE_EXHAUSTED here too, as it does for a request
+        // too large: told apart by its words, or the user would be sent to
+        // shrink Txns that were never the trouble.
+        if message.contains("database space exceeded") {
+            return EtcdError::NoSpace {
+                endpoints,
+                reason: message.to_owned(),
+            };
+        }
         if message.contains("request is too large")
             || message.contains("too many operations in txn request")
             || code == tonic::Code::ResourceExhausted
@@ -342,6 +351,17 @@ pub enum EtcdError {
     /// compacted away.
     #[error("{endpoints} compacted a revision ferry needs: {reason}")]
     Compacted {
+        /// The members.
+        endpoints: String,
+        /// What etcd said.
+        reason: String,
+    },
+    /// The member's database reached its quota (`--quota-backend-bytes`):
+    /// etcd raised its NOSPACE alarm and takes no more writes.
+    #[error(
+        "{endpoints} is out of space ({reason}): its database reached its quota (etcd --quota-backend-bytes) and it takes no more writes until its NOSPACE alarm is disarmed. Free space (delete what is not needed, `etcdctl compact` and `etcdctl defrag`, or restart it with a larger quota), run `etcdctl alarm disarm`, then run the same command again"
+    )]
+    NoSpace {
         /// The members.
         endpoints: String,
         /// What etcd said.

@@ -1056,6 +1056,14 @@ impl EtcdSink {
                             "{reason}; the Txn held seq {seqs}; pass the target's --max-request-bytes and --max-txn-ops to ferry"
                         ),
                     },
+                    // The Txn carried its checkpoint, so it took no effect:
+                    // the same command resumes at its first op.
+                    EtcdError::NoSpace { endpoints, reason } => EtcdError::NoSpace {
+                        endpoints,
+                        reason: format!(
+                            "{reason}, at the Txn of seq {seqs}, which took no effect; the checkpoint written with every Txn records exactly what did"
+                        ),
+                    },
                     other => other,
                 })
                 .map_err(target_error)?;

@@ -1,7 +1,6 @@
 //! `ferry agent source|target`: serve a SourceAgent or a TargetAgent beside
 //! an etcd control plane, until SIGTERM or Ctrl-C.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -16,6 +15,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::commands::{EtcdArgs, UsageError};
+use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
 
 /// `ferry agent`.
@@ -107,7 +107,7 @@ impl CommonArgs {
 }
 
 /// Says where the agent serves, once it can accept: tests and scripts wait
-/// for this line.
+/// for this line, and may close the pipe once they have it.
 fn announce(
     role: &str,
     listener: &TcpListener,
@@ -119,17 +119,16 @@ fn announce(
     let tls = options.tls.is_some();
     let token = options.token.is_some();
     match global.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => print_line!(
             "{}",
             json!({"role": role, "listen": listen, "control_plane": plane, "tls": tls, "token_required": token})
         ),
-        OutputFormat::Text => println!(
+        OutputFormat::Text => print_line!(
             "{role} agent listening on {listen} beside {plane} (tls: {}, token: {})",
             if tls { "on" } else { "off" },
             if token { "required" } else { "none" }
         ),
     }
-    std::io::stdout().flush()?;
     info!(role, %listen, plane, tls, token_required = token, "agent serving");
     Ok(())
 }

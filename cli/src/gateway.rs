@@ -1,7 +1,6 @@
 //! `ferry gateway`: serve etcd's API in front of an etcd cluster, with the
 //! admin service `ferry migrate` holds, switches and releases writes with.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::commands::{EtcdArgs, UsageError};
+use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
 
 /// `ferry gateway`.
@@ -109,19 +109,19 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
     let listen = etcd_listener.local_addr()?.to_string();
     let admin = admin_listener.local_addr()?.to_string();
     let upstream = gateway.upstream_url();
-    // Printed when both servers can accept: tests and scripts wait for it.
+    // Printed when both servers can accept: tests and scripts wait for it,
+    // and may close the pipe once they have it.
     match global.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => print_line!(
             "{}",
             json!({"listen": listen, "admin": admin, "upstream": upstream, "token_required": token_required, "tls": tls})
         ),
-        OutputFormat::Text => println!(
+        OutputFormat::Text => print_line!(
             "gateway serving etcd's API on {listen}{}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
             if tls { " over TLS" } else { "" },
             if token_required { "required" } else { "none" }
         ),
     }
-    std::io::stdout().flush()?;
     gateway
         .serve(etcd_listener, admin_listener, shutdown())
         .await?;

@@ -84,6 +84,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr closed) is dropped:
+        // with internal errors logged, tracing-subscriber would report the
+        // failure with eprintln!, which panics on that same closed stderr
+        // in whichever task logged (a gateway's Hold, an agent's Digest).
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,7 +96,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            output::eprint_line!("error: cannot start the async runtime: {error}");
             return ExitCode::from(exit::UNEXPECTED);
         }
     };
@@ -110,7 +115,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            output::eprint_line!("error: {error:#}");
             ExitCode::from(exit::code_for(&error))
         }
     }

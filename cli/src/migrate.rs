@@ -23,6 +23,7 @@ use crate::commands::UsageError;
 use crate::exit;
 use crate::gateway::parse_duration;
 use crate::migrations::LiveMigrationArgs;
+use crate::output::{eprint_line, print_line};
 use crate::{GlobalOptions, OutputFormat};
 
 /// `ferry migrate`.
@@ -128,14 +129,14 @@ fn show_status(args: StatusArgs, global: GlobalOptions) -> Result<u8> {
         )
     })?;
     match global.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        OutputFormat::Json => print_line!("{}", serde_json::to_string_pretty(&status)?),
         OutputFormat::Text => print_status(&status),
     }
     Ok(exit::SUCCESS)
 }
 
 fn print_status(status: &MigrationStatus) {
-    println!(
+    print_line!(
         "phase       {}\nepoch       {}\nstream      {}\nsnapshot    at position {}\napplied     {} of {} ops received\nlag         {} positions, {} ops\nhead        position {}\nreconnects  {}{}\nupdated     {}",
         serde_json::to_value(status.phase)
             .ok()
@@ -198,24 +199,27 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
             Ok(plan) => plan,
             Err(MigrateError::Chain(error)) => return Err(ferry_engine::Error::from(error).into()),
             Err(error) => {
-                eprintln!("error: {error}");
+                eprint_line!("error: {error}");
                 return Ok(exit::MIGRATION_FAILED);
             }
         };
         match global.output {
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+            OutputFormat::Json => print_line!("{}", serde_json::to_string_pretty(&plan)?),
             OutputFormat::Text => {
-                println!(
+                print_line!(
                     "dry run: nothing changes\n  source   {}\n  target   {}\n  gateway  sends clients to {}\n  epoch    {}",
-                    plan.source, plan.target, plan.gateway_upstream, plan.epoch
+                    plan.source,
+                    plan.target,
+                    plan.gateway_upstream,
+                    plan.epoch
                 );
                 for (number, step) in plan.steps.iter().enumerate() {
-                    println!("  {}. {step}", number + 1);
+                    print_line!("  {}. {step}", number + 1);
                 }
                 if let Some(chain) = &plan.version_chain {
-                    println!("  version chain:");
+                    print_line!("  version chain:");
                     for line in chain {
-                        println!("    {line}");
+                        print_line!("    {line}");
                     }
                 }
             }
@@ -247,7 +251,7 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         // Refused before anything was held, fenced or written: a usage error.
         Err(MigrateError::Chain(error)) => return Err(ferry_engine::Error::from(error).into()),
         Err(error) => {
-            eprintln!("error: {error}");
+            eprint_line!("error: {error}");
             return Ok(exit::MIGRATION_FAILED);
         }
     };
@@ -264,7 +268,7 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
                 if let (Some(line), Some(object)) = (&tee_line, value.as_object_mut()) {
                     object.insert("tee".to_owned(), serde_json::Value::from(line.clone()));
                 }
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                print_line!("{}", serde_json::to_string_pretty(&value)?);
             }
             OutputFormat::Text => print_report(&report, tee_line.as_deref()),
         }
@@ -278,16 +282,18 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
 fn print_report(report: &MigrationReport, tee: Option<&str>) {
     let ms = |value: Option<f64>| value.map_or("-".to_owned(), |value| format!("{value:.1} ms"));
     match &report.outcome {
-        Outcome::Switched => println!(
+        Outcome::Switched => print_line!(
             "switched: clients now write to {} (epoch {})",
-            report.upstream_url, report.epoch
+            report.upstream_url,
+            report.epoch
         ),
-        Outcome::RolledBack { reason } => println!(
+        Outcome::RolledBack { reason } => print_line!(
             "rolled back: clients write to {} as before (epoch {})\n  why         {reason}",
-            report.upstream_url, report.epoch
+            report.upstream_url,
+            report.epoch
         ),
     }
-    println!(
+    print_line!(
         "  pause       {} (hold {}, fence {}, drain {}, switch {})\n  writes      {} drained at hold, {} held and released, {} refused UNAVAILABLE\n  ops moved   {} ({} in the snapshot at position {}, fenced at {})\n  stream      {} ({} reconnects)\n  time        {:.2} s",
         ms(report.pause_window_ms),
         ms(report.hold_ms),
@@ -309,28 +315,28 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
     );
     let peak = report.lag.iter().map(|sample| sample.positions).max();
     if let (Some(peak), Some(last)) = (peak, report.lag.last()) {
-        println!(
+        print_line!(
             "  lag         peak {peak} positions, {} at the end ({} samples; --output json lists them)",
             last.positions,
             report.lag.len()
         );
     }
     if let Some(chain) = &report.version_chain {
-        println!("  versions    {chain} (ops moved count the chain's outputs)");
+        print_line!("  versions    {chain} (ops moved count the chain's outputs)");
         if let Some(ops) = report.chain_checked_ops {
-            println!(
+            print_line!(
                 "  checked     {ops} ops of a snapshot through the chain before writing: no filter error, no two keys on one"
             );
         }
     }
     if let Some(keys) = report.verified_keys {
-        println!(
+        print_line!(
             "  verified    {keys} keys, the same in both planes at the fence ({} of the pause)",
             ms(report.verify_ms)
         );
     }
     if let Some(tee) = tee {
-        println!("  tee         {tee}");
+        print_line!("  tee         {tee}");
     }
 }
 

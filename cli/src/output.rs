@@ -1,9 +1,86 @@
-//! Printing summaries: text for people, one JSON object for scripts.
+//! Printing summaries: text for people, one JSON object for scripts; and
+//! the lines servers print ([`print_line!`], [`eprint_line!`]), which a
+//! closed pipe cannot kill them with.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_engine::manifest::Manifest;
 use ferry_engine::store::BackupListing;
 use serde_json::{Value, json};
 use time::macros::format_description;
+
+/// Prints a line on stdout, as `println!` does, but a line that cannot be
+/// written (`ferry gateway ... | head -1` closed the pipe) is dropped
+/// instead of panicking ("failed printing to stdout: Broken pipe") and
+/// taking the server, and every client's next call, with it.
+macro_rules! print_line {
+    () => {
+        $crate::output::write_line($crate::output::Stream::Stdout, format_args!(""))
+    };
+    ($($argument:tt)+) => {
+        $crate::output::write_line($crate::output::Stream::Stdout, format_args!($($argument)+))
+    };
+}
+
+/// Prints a line on stderr, as `eprintln!` does, but never panics when
+/// stderr is closed (see [`print_line!`]).
+macro_rules! eprint_line {
+    () => {
+        $crate::output::write_line($crate::output::Stream::Stderr, format_args!(""))
+    };
+    ($($argument:tt)+) => {
+        $crate::output::write_line($crate::output::Stream::Stderr, format_args!($($argument)+))
+    };
+}
+
+pub(crate) use {eprint_line, print_line};
+
+/// Where [`write_line`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// What a command prints for people and scripts.
+    Stdout,
+    /// Errors and warnings.
+    Stderr,
+}
+
+/// Set once a line for stdout was lost, so that is logged only once.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Writes `line` and a newline to `stream` and flushes it; a failure drops
+/// the line and is never fatal. The first lost stdout line is logged (on
+/// stderr, through tracing); a lost stderr line is not, there being nowhere
+/// left to say it.
+pub fn write_line(stream: Stream, line: fmt::Arguments<'_>) {
+    match stream {
+        Stream::Stdout => {
+            let mut stdout = io::stdout().lock();
+            if let Err(error) = write_and_flush(&mut stdout, line)
+                && first_failure(&STDOUT_FAILED)
+            {
+                tracing::warn!(
+                    %error,
+                    "cannot write to stdout (closed by its reader?); its lines are dropped and the command goes on"
+                );
+            }
+        }
+        Stream::Stderr => {
+            let _ = write_and_flush(&mut io::stderr().lock(), line);
+        }
+    }
+}
+
+fn write_and_flush(writer: &mut impl Write, line: fmt::Arguments<'_>) -> io::Result<()> {
+    writeln!(writer, "{line}")?;
+    writer.flush()
+}
+
+/// True the first time it is called with `flag`.
+fn first_failure(flag: &AtomicBool) -> bool {
+    !flag.swap(true, Ordering::Relaxed)
+}
 
 /// `12.3 MiB`.
 pub fn human_bytes(bytes: u64) -> String {
@@ -142,6 +219,31 @@ pub fn manifest_text(manifest: &Manifest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pipe whose reader is gone.
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_is_an_error_to_drop_and_reported_once() {
+        let failed = AtomicBool::new(false);
+        let error = write_and_flush(&mut ClosedPipe, format_args!("ready"))
+            .expect_err("a closed pipe fails the write");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert!(first_failure(&failed));
+        assert!(!first_failure(&failed));
+        let mut written = Vec::new();
+        write_and_flush(&mut written, format_args!("{} {}", "a", 1)).expect("a Vec takes it");
+        assert_eq!(written, b"a 1\n");
+    }
 
     #[test]
     fn bytes_read_as_people_read_them() {

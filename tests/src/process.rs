@@ -1,5 +1,6 @@
 //! ferry's long-running commands (`ferry agent`, `ferry gateway`) as child
-//! processes of a test, and a TCP proxy that can cut a link.
+//! processes of a test (their output kept, or closed under them), and a TCP
+//! proxy that can cut a link.
 
 use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
@@ -29,64 +30,181 @@ impl FerryProcess {
     /// Starts `ferry --output json ARGS` and waits (up to a minute) for the
     /// JSON line it prints when it serves.
     pub fn start(args: &[&str], environment: &[(&str, &str)]) -> io::Result<Self> {
+        Self::start_with_output(args, environment, Output::Kept)
+    }
+
+    /// [`FerryProcess::start`], with the server's stdout and stderr as
+    /// `output` says.
+    pub fn start_with_output(
+        args: &[&str],
+        environment: &[(&str, &str)],
+        output: Output,
+    ) -> io::Result<Self> {
         let logs = tempfile::tempdir()?;
-        let mut command = Command::new(ferry_binary());
-        command
-            .arg("--output")
-            .arg("json")
-            .args(args)
-            .env_remove("ETCD_USERNAME")
-            .env_remove("ETCD_PASSWORD")
-            .env_remove("FERRY_AGENT_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(
-                logs.path().join("stderr.log"),
-            )?));
-        for (name, value) in environment {
-            command.env(name, value);
-        }
-        let mut child = command.spawn()?;
+        let stderr_path = logs.path().join("stderr.log");
+        // The read end of stderr's pipe when the test closes it: dropped
+        // with the ready line, read whole when the server failed to start.
+        let mut stderr_pipe = None;
+        let mut child = {
+            // Dropped before the server is used: the parent must hold no
+            // copy of the pipes' write ends, or nothing is ever closed.
+            let mut command = Command::new(ferry_binary());
+            command
+                .arg("--output")
+                .arg("json")
+                .args(args)
+                .env_remove("ETCD_USERNAME")
+                .env_remove("ETCD_PASSWORD")
+                .env_remove("FERRY_AGENT_TOKEN")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped());
+            match output {
+                Output::Kept => {
+                    command.stderr(Stdio::from(std::fs::File::create(&stderr_path)?));
+                }
+                Output::ClosedAfterReadyLine => {
+                    let (reader, writer) = io::pipe()?;
+                    command.stderr(writer);
+                    stderr_pipe = Some(reader);
+                }
+            }
+            for (name, value) in environment {
+                command.env(name, value);
+            }
+            command.spawn()?
+        };
         let stdout = child.stdout.take().expect("stdout is piped");
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let first = lines.next();
-            let _ = sender.send(first);
-            // Keep reading so the process never blocks on a full pipe.
-            for _ in lines {}
+            match output {
+                Output::Kept => {
+                    let _ = sender.send(first);
+                    // Keep reading so the process never blocks on a full pipe.
+                    for _ in lines {}
+                }
+                Output::ClosedAfterReadyLine => {
+                    // Closed before the test has the line, as `head -1`
+                    // exits once it has printed it.
+                    drop(lines);
+                    let _ = sender.send(first);
+                }
+            }
         });
-        let stderr_path = logs.path().join("stderr.log");
-        let fail = |child: &mut Child, why: String| {
+        let fail = |child: &mut Child, stderr_pipe: Option<io::PipeReader>, why: String| {
             let _ = child.kill();
             let _ = child.wait();
+            let stderr = match stderr_pipe {
+                Some(mut pipe) => {
+                    let mut text = String::new();
+                    let _ = io::Read::read_to_string(&mut pipe, &mut text);
+                    text
+                }
+                None => std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+            };
             io::Error::other(format!(
-                "ferry {} {why}; its stderr:\n{}",
-                args.join(" "),
-                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                "ferry {} {why}; its stderr:\n{stderr}",
+                args.join(" ")
             ))
         };
         let line = match receiver.recv_timeout(Duration::from_secs(60)) {
             Ok(Some(Ok(line))) => line,
-            Ok(_) => return Err(fail(&mut child, "printed nothing".to_owned())),
-            Err(_) => return Err(fail(&mut child, "was not ready in 60 s".to_owned())),
+            Ok(_) => {
+                return Err(fail(&mut child, stderr_pipe, "printed nothing".to_owned()));
+            }
+            Err(_) => {
+                return Err(fail(
+                    &mut child,
+                    stderr_pipe,
+                    "was not ready in 60 s".to_owned(),
+                ));
+            }
         };
         let ready = match serde_json::from_str(&line) {
             Ok(ready) => ready,
             Err(error) => {
                 return Err(fail(
                     &mut child,
+                    stderr_pipe,
                     format!("printed {line:?}, not JSON: {error}"),
                 ));
             }
         };
+        drop(stderr_pipe);
         let command_line = format!("ferry {}", args.join(" "));
         Ok(Self {
             child,
             ready,
             logs,
             command_line,
+        })
+    }
+
+    /// Starts `ferry --output json ARGS` with a stdout whose reader is gone
+    /// before the server prints anything, so its very first line meets a
+    /// closed pipe; stderr goes to the log. As it can tell nothing on
+    /// stdout, it is ready once every one of `serving_at` (addresses the
+    /// test chose and passed in `args`, see [`free_address`]) accepts a
+    /// connection, within a minute. It has no ready line.
+    pub fn start_with_stdout_closed(
+        args: &[&str],
+        environment: &[(&str, &str)],
+        serving_at: &[&str],
+    ) -> io::Result<Self> {
+        let logs = tempfile::tempdir()?;
+        let stderr_path = logs.path().join("stderr.log");
+        let mut child = {
+            let (reader, writer) = io::pipe()?;
+            drop(reader);
+            let mut command = Command::new(ferry_binary());
+            command
+                .arg("--output")
+                .arg("json")
+                .args(args)
+                .env_remove("ETCD_USERNAME")
+                .env_remove("ETCD_PASSWORD")
+                .env_remove("FERRY_AGENT_TOKEN")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(writer)
+                .stderr(Stdio::from(std::fs::File::create(&stderr_path)?));
+            for (name, value) in environment {
+                command.env(name, value);
+            }
+            command.spawn()?
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for address in serving_at {
+            loop {
+                if std::net::TcpStream::connect(address).is_ok() {
+                    break;
+                }
+                let why = match child.try_wait()? {
+                    Some(status) => format!("exited with {status}"),
+                    None if Instant::now() > deadline => {
+                        format!("did not accept on {address} within 60 s")
+                    }
+                    None => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::other(format!(
+                    "ferry {} {why}; its stderr:\n{}",
+                    args.join(" "),
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )));
+            }
+        }
+        Ok(Self {
+            child,
+            ready: serde_json::Value::Null,
+            logs,
+            command_line: format!("ferry {}", args.join(" ")),
         })
     }
 
@@ -108,6 +226,11 @@ impl FerryProcess {
         self.child.id()
     }
 
+    /// Its exit status if it has exited, without waiting.
+    pub fn exited(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// Waits for it to exit by itself (after a signal, say).
     pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
         self.child.wait()
@@ -119,7 +242,8 @@ impl FerryProcess {
         let _ = self.child.wait();
     }
 
-    /// What it logged on stderr so far.
+    /// What it logged on stderr so far (nothing when the test closed its
+    /// stderr, [`Output::ClosedAfterReadyLine`]).
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
@@ -146,6 +270,28 @@ impl Drop for FerryProcess {
             );
         }
     }
+}
+
+/// What becomes of a started server's stdout and stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// stdout is read to its end (the server never blocks on a full pipe),
+    /// stderr goes to a log file ([`FerryProcess::stderr`]).
+    #[default]
+    Kept,
+    /// stdout and stderr are pipes the test closes as soon as it has the
+    /// ready line, as `ferry ... 2>&1 | head -1` does: every line the server
+    /// writes after it, a log line included, meets a closed pipe.
+    ClosedAfterReadyLine,
+}
+
+/// `127.0.0.1:PORT` with a port free a moment ago, for a server that
+/// cannot say which port it took (see
+/// [`FerryProcess::start_with_stdout_closed`]).
+pub fn free_address() -> io::Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string())
 }
 
 /// How much of a server's log a failed test prints.

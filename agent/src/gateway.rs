@@ -50,6 +50,7 @@ mod admin;
 mod gate;
 mod proxy;
 mod router;
+mod settle;
 mod upstream;
 
 use std::future::Future;
@@ -199,14 +200,35 @@ pub(crate) struct Shared {
     default_max_pause: Duration,
     connect_timeout: Duration,
     access: UpstreamAccess,
+    /// One change of upstream at a time: Switch, a lapsed hold settling,
+    /// and a write that met a fence and follows the record.
+    switching: tokio::sync::Mutex<()>,
+    /// Why a lapsed hold is not settled yet, for Status; empty otherwise.
+    settling: std::sync::Mutex<String>,
 }
 
+/// How long a hold that lapsed may take to settle (read the old plane's
+/// fence record, unfence it or connect to the new plane) before the writes
+/// it holds are refused: the "small bound" past the pause.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(3);
+
 /// A gateway connected to its first upstream, ready to serve.
-#[derive(Debug)]
 pub struct Gateway {
     shared: Arc<Shared>,
     admin_token: Option<String>,
     tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the admin token, nor the upstream's credentials.
+        formatter
+            .debug_struct("Gateway")
+            .field("upstream_url", &self.shared.upstream.borrow().url)
+            .field("admin_token_required", &self.admin_token.is_some())
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Gateway {
@@ -216,22 +238,50 @@ impl Gateway {
         server_builder(options.tls.as_ref()).map_err(|error| GatewayError::Tls {
             reason: error.to_string(),
         })?;
-        let upstream = Upstream::connect(
+        let first = Upstream::connect(
             &options.upstream_url,
             &options.access,
             options.connect_timeout,
         )
         .await?;
+        // The plane that serves may not be the one named: a migration may
+        // have switched away from it (its fence record says where to), or
+        // be switching now.
+        let (upstream, in_doubt) =
+            settle::serving_plane(first, &options.access, options.connect_timeout).await?;
+        let shared = Arc::new(Shared {
+            gate: Arc::new(Gate::default()),
+            upstream: watch::Sender::new(Arc::new(upstream)),
+            writes_forwarded: AtomicU64::new(0),
+            reads_forwarded: AtomicU64::new(0),
+            default_max_pause: options.default_max_pause,
+            connect_timeout: options.connect_timeout,
+            access: options.access.clone(),
+            switching: tokio::sync::Mutex::new(()),
+            settling: std::sync::Mutex::new(String::new()),
+        });
+        if let Some(epoch) = in_doubt {
+            // As if that migration held this gateway: writes wait for its
+            // decision, for the default pause, then the hold settles.
+            let (_, id) = shared
+                .gate
+                .hold(epoch, options.default_max_pause + SETTLE_BOUND)
+                .await
+                .map_err(|error| GatewayError::Unreachable {
+                    url: options.upstream_url.clone(),
+                    reason: error.to_string(),
+                })?;
+            let settling = shared.clone();
+            let pause = options.default_max_pause;
+            tokio::spawn(async move {
+                tokio::time::sleep(pause).await;
+                settling
+                    .settle_lapsed_hold(id, "the gateway started while the migration was undecided")
+                    .await;
+            });
+        }
         Ok(Self {
-            shared: Arc::new(Shared {
-                gate: Arc::new(Gate::default()),
-                upstream: watch::Sender::new(Arc::new(upstream)),
-                writes_forwarded: AtomicU64::new(0),
-                reads_forwarded: AtomicU64::new(0),
-                default_max_pause: options.default_max_pause,
-                connect_timeout: options.connect_timeout,
-                access: options.access.clone(),
-            }),
+            shared,
             admin_token: options.admin_token.clone(),
             tls: options.tls.clone(),
         })

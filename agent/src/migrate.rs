@@ -2,19 +2,28 @@
 //! its clients keep writing through the gateway, then switches them over.
 //!
 //! The steps (DESIGN.md, "Agents, gateway and the cutover"):
-//! 1. epoch = the highest epoch the target or the gateway has seen, plus one;
+//! 1. epoch = the highest epoch the target, the old plane's fence record or
+//!    a gateway has seen, plus one;
 //! 2. the source agent streams a snapshot at position R, relayed here to the
 //!    target agent, which applies it exactly once;
 //! 3. live changes follow from R+1 until the lag is under `max_lag`;
-//! 4. the gateway holds new writes and waits for the writes in flight;
-//! 5. the source agent fences the old plane and reads its position F;
+//! 4. every gateway replica holds new writes and waits for the writes in
+//!    flight; each hold is a lease on its Hold stream ([`gateways`]);
+//! 5. the source agent fences the old plane, naming the new one, and reads
+//!    its position F; from then on the old plane itself refuses every
+//!    gateway's writes (the fence guard);
 //! 6. the target applies through F;
-//! 7. (the digest check of DESIGN.md is not done yet);
-//! 8. the gateway switches to the new plane and releases the held writes;
+//! 7. with `verify`, the digests of both planes agree;
+//! 8. the switch is committed in the old plane's fence record (the point of
+//!    no return), then every gateway switches to the new plane and releases
+//!    the held writes;
 //! 9. a report: the pause window, ops moved, the lag over time.
 //!
-//! Any failure before step 8 rolls back: the old plane is unfenced and the
-//! gateway releases the held writes to it. A broken agent stream is resumed
+//! Any failure before the commit rolls back: the old plane is unfenced and
+//! the gateways release the held writes to it. A driver that dies leaves no
+//! plane stuck: its holds lapse, and each gateway settles from the fence
+//! record (`ferry migrate abort|resume` do the same from any machine,
+//! [`decide`]). A broken agent stream is resumed
 //! from the target's own checkpoint (G4), without a new snapshot once the
 //! first one is through.
 //!
@@ -23,7 +32,11 @@
 //! is planned before anything starts, and [`versions`] says how a resume
 //! finds its way back from the target's seqs to the source's.
 
+mod decide;
+mod gateways;
 mod versions;
+
+pub use decide::{DecideOptions, Decided, LiveStatus, abort, live_status, resume};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,19 +48,19 @@ use ferry_engine::migrations::profile::Profile;
 use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
-    ApplyRequest, CheckpointRequest, DescribeRequest, DescribeResponse, DigestRequest,
-    DigestResponse, ExtractRequest, FenceRequest, GatewayStatusRequest, HoldRequest,
-    ReleaseRequest, StreamStart, SwitchRequest, UnfenceRequest,
+    ApplyRequest, CheckpointRequest, CommitRequest, DescribeRequest, DescribeResponse,
+    DigestRequest, DigestResponse, ExtractRequest, FenceRequest, FenceStatusRequest, StreamStart,
+    UnfenceRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use self::gateways::Gateways;
 use self::versions::{MAX_BOUNDARIES, RelayChain};
 use crate::client::{
-    ClientError, ClientOptions, GatewayClient, SourceClient, TargetClient, connect_gateway,
-    connect_source, connect_target,
+    ClientError, ClientOptions, SourceClient, TargetClient, connect_source, connect_target,
 };
 use crate::remote::status_text;
 
@@ -58,8 +71,9 @@ pub struct MigrateOptions {
     pub source_agent: String,
     /// The TargetAgent beside the new plane.
     pub target_agent: String,
-    /// The gateway's admin address.
-    pub gateway: String,
+    /// The admin addresses of every gateway replica in front of the old
+    /// plane: all are held, fenced behind and switched together.
+    pub gateways: Vec<String>,
     /// Token for the agents and the gateway.
     pub client: ClientOptions,
     /// The longest clients' writes may be held at cutover.
@@ -809,7 +823,7 @@ impl Relay {
 struct Running {
     source: SourceClient,
     target: TargetClient,
-    gateway: GatewayClient,
+    gateways: Gateways,
     target_description: DescribeResponse,
     epoch: u64,
     state: watch::Receiver<RelayState>,
@@ -854,7 +868,7 @@ fn describe_plane(description: &DescribeResponse) -> String {
 struct Connected {
     source: SourceClient,
     target: TargetClient,
-    gateway: GatewayClient,
+    gateways: Gateways,
     source_description: DescribeResponse,
     target_description: DescribeResponse,
     gateway_upstream: String,
@@ -875,10 +889,10 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
             role: role("target agent", &options.target_agent),
             source,
         })?;
-    let mut gateway = connect_gateway(&options.gateway, &options.client)
+    let gateways = Gateways::connect(&options.gateways, &options.client)
         .await
-        .map_err(|source| MigrateError::Connect {
-            role: role("gateway", &options.gateway),
+        .map_err(|(address, source)| MigrateError::Connect {
+            role: role("gateway", &address),
             source,
         })?;
     let source_description = source
@@ -907,25 +921,58 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
         .map_err(|status| call_error("the target agent", "tell its epoch", status))?
         .into_inner()
         .epoch;
-    let gateway_status = gateway
-        .status(GatewayStatusRequest {})
+    let record = source
+        .fence_status(FenceStatusRequest {})
         .await
-        .map_err(|status| call_error("the gateway", "tell its status", status))?
+        .map_err(|status| {
+            call_error(
+                "the source agent",
+                "read the old plane's fence record",
+                status,
+            )
+        })?
         .into_inner();
-    if gateway_status.holding {
+    if record.switched {
         return Err(MigrateError::Invalid(format!(
-            "the gateway is holding writes for epoch {} already: another migration is cutting over",
-            gateway_status.epoch
+            "migration epoch {} already switched the old plane's clients to {}: the old plane is fenced for good; migrate from the plane that serves",
+            record.epoch, record.successor_url
+        )));
+    }
+    if record.fenced {
+        return Err(MigrateError::Invalid(format!(
+            "migration epoch {} fenced the old plane and has not decided (switching to {}): run `ferry migrate resume` or `ferry migrate abort` first",
+            record.epoch, record.successor_url
+        )));
+    }
+    let mut epoch = target_epoch.max(record.epoch);
+    let mut upstreams = Vec::new();
+    for (address, status) in gateways.status().await {
+        let status = status.map_err(MigrateError::Invalid)?;
+        if status.holding {
+            return Err(MigrateError::Invalid(format!(
+                "the gateway at {address} is holding writes for epoch {} already: another migration is cutting over",
+                status.epoch
+            )));
+        }
+        epoch = epoch.max(status.epoch);
+        if !upstreams.contains(&status.upstream_url) {
+            upstreams.push(status.upstream_url);
+        }
+    }
+    if upstreams.len() > 1 {
+        return Err(MigrateError::Invalid(format!(
+            "the gateways forward to different planes ({}): every replica must stand in front of the old plane",
+            upstreams.join(", ")
         )));
     }
     Ok(Connected {
         source,
         target,
-        gateway,
+        gateways,
         source_description,
         target_description,
-        gateway_upstream: gateway_status.upstream_url,
-        epoch: target_epoch.max(gateway_status.epoch) + 1,
+        gateway_upstream: upstreams.pop().unwrap_or_default(),
+        epoch: epoch + 1,
     })
 }
 
@@ -945,7 +992,7 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
         )
     });
     let mut steps = vec![format!(
-        "take epoch {epoch} (the highest the target or the gateway has seen, plus one)"
+        "take epoch {epoch} (the highest the target, the old plane's fence record or a gateway has seen, plus one)"
     )];
     if let Some(ops) = precheck_chain(options, &connected, &mut chain).await? {
         steps.push(format!(
@@ -961,10 +1008,14 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
             options.max_lag, options.catch_up_timeout
         ),
         format!(
-            "hold writes at the gateway {} (at most {:?}) and wait for the writes in flight",
-            options.gateway, options.max_pause
+            "hold writes at every gateway ({}; at most {:?}) and wait for the writes in flight",
+            connected.gateways.addresses(),
+            options.max_pause
         ),
-        "fence the old plane and read its position F".to_owned(),
+        format!(
+            "fence the old plane (it refuses every gateway's writes from then on), naming {} as its successor, and read its position F",
+            connected.target_description.control_plane_url
+        ),
         "wait until the target has applied every change through F".to_owned(),
     ]);
     if options.verify {
@@ -977,10 +1028,10 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
     }
     steps.extend([
         format!(
-            "switch the gateway from {} to {} and release the held writes",
+            "commit the switch in the old plane's fence record, then switch every gateway from {} to {} and release the held writes",
             connected.gateway_upstream, connected.target_description.control_plane_url
         ),
-        "on any failure before the switch: unfence the old plane and release the held writes to it"
+        "on any failure before the commit: unfence the old plane and release the held writes to it; if this process dies, the gateways settle by themselves within --max-pause"
             .to_owned(),
     ]);
     Ok(MigrationPlan {
@@ -1104,7 +1155,7 @@ pub async fn migrate(
     let mut running = Running {
         source: connected.source,
         target: connected.target,
-        gateway: connected.gateway,
+        gateways: connected.gateways,
         target_description: connected.target_description.clone(),
         epoch,
         state,
@@ -1228,19 +1279,14 @@ async fn cutover(
         verify_ms: None,
     };
     let mut fenced = false;
+    let mut committed = false;
     let result: Result<(), String> = async {
         // Step 4: hold writes; the writes in flight drain.
         running.phase.send_replace(Phase::Holding);
-        let hold = running
-            .gateway
-            .hold(HoldRequest {
-                epoch,
-                max_pause_ms: u64::try_from(options.max_pause.as_millis()).unwrap_or(u64::MAX),
-            })
-            .await
-            .map_err(|status| format!("the gateway could not hold writes: {}", status_text(&status)))?
-            .into_inner();
-        report.drained_writes = hold.drained_writes;
+        report.drained_writes = running
+            .gateways
+            .hold(epoch, options.max_pause)
+            .await?;
         report.hold_ms = Some(ms(held_at.elapsed()));
 
         // Step 5: fence the old plane; F is after every write it acknowledged.
@@ -1248,7 +1294,10 @@ async fn cutover(
         let fence_started = Instant::now();
         let fence = running
             .source
-            .fence(FenceRequest { epoch })
+            .fence(FenceRequest {
+                epoch,
+                successor_url: running.target_description.control_plane_url.clone(),
+            })
             .await
             .map_err(|status| format!("the source agent could not fence the old plane: {}", status_text(&status)))?
             .into_inner();
@@ -1314,23 +1363,59 @@ async fn cutover(
             report.verify_ms = Some(ms(verify_started.elapsed()));
         }
 
-        // Step 8: switch and release.
+        // Step 8: the point of no return, in the old plane itself; then
+        // every gateway switches (each checks the record).
         running.phase.send_replace(Phase::Switching);
-        running
-            .gateway
-            .switch(SwitchRequest {
+        let commit = tokio::time::timeout(
+            options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
+            running.source.commit(CommitRequest {
                 epoch,
-                upstream_url: running.target_description.control_plane_url.clone(),
-            })
-            .await
-            .map_err(|status| format!("the gateway could not switch to the new plane: {}", status_text(&status)))?;
+                successor_revision_offset: 0,
+            }),
+        )
+        .await;
+        match commit {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                return Err(format!(
+                    "the source agent could not commit the switch in the old plane: {}",
+                    status_text(&status)
+                ))
+            }
+            Err(_) => {
+                // Whether the commit took effect is for the record to say.
+                let record = running.source.fence_status(FenceStatusRequest {}).await;
+                if !record.is_ok_and(|record| {
+                    let record = record.into_inner();
+                    record.switched && record.epoch == epoch
+                }) {
+                    return Err("the source agent did not commit the switch within --max-pause".to_owned());
+                }
+            }
+        }
+        committed = true;
+        let not_switched = running
+            .gateways
+            .switch(epoch, &running.target_description.control_plane_url)
+            .await;
+        for reason in not_switched {
+            warn!(%reason, "a gateway did not switch; it follows the fence record once its hold lapses");
+        }
         Ok(())
     }
     .await;
 
+    // A failure after the commit is no rollback: the migration switched.
+    let result = match result {
+        Err(reason) if committed => {
+            warn!(%reason, "the switch is committed; carrying on");
+            Ok(())
+        }
+        result => result,
+    };
     match result {
         Ok(()) => {
-            let released = release(&mut running.gateway, epoch).await;
+            let (released, failures) = running.gateways.release(epoch).await;
             let pause = held_at.elapsed();
             report.pause_window_ms = Some(ms(pause));
             report.switch_ms = Some(
@@ -1340,14 +1425,10 @@ async fn cutover(
                     - report.drain_ms.unwrap_or(0.0)
                     - report.verify_ms.unwrap_or(0.0),
             );
-            match released {
-                Ok(release) => {
-                    report.released_writes = release.released_writes;
-                    report.rejected_writes = release.rejected_writes;
-                }
-                Err(reason) => {
-                    warn!(%reason, "the gateway switched but did not confirm the release")
-                }
+            report.released_writes = released.released_writes;
+            report.rejected_writes = released.rejected_writes;
+            for reason in failures {
+                warn!(%reason, "a gateway switched but did not confirm the release");
             }
             report.upstream_url = running.target_description.control_plane_url.clone();
             running.phase.send_replace(Phase::Switched);
@@ -1360,24 +1441,37 @@ async fn cutover(
         Err(reason) => {
             warn!(%reason, "cutover failed: rolling back");
             running.phase.send_replace(Phase::RollingBack);
-            if fenced && let Err(status) = running.source.unfence(UnfenceRequest { epoch }).await {
-                warn!(status = %status.message(), "the source agent did not unfence");
-            }
-            match release(&mut running.gateway, epoch).await {
-                Ok(release) => {
-                    report.released_writes = release.released_writes;
-                    report.rejected_writes = release.rejected_writes;
+            if fenced {
+                let unfence = tokio::time::timeout(
+                    gateways::GATEWAY_CALL_TIMEOUT,
+                    running.source.unfence(UnfenceRequest { epoch }),
+                )
+                .await;
+                match unfence {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        warn!(status = %status.message(), "the source agent did not unfence")
+                    }
+                    Err(_) => warn!(
+                        "the source agent did not answer the unfence in time; the gateways settle the fence themselves"
+                    ),
                 }
-                Err(error) => warn!(%error, "the gateway did not release the held writes"),
+            }
+            let (released, failures) = running.gateways.release(epoch).await;
+            report.released_writes = released.released_writes;
+            report.rejected_writes = released.rejected_writes;
+            for error in failures {
+                warn!(%error, "a gateway did not release the held writes");
             }
             report.pause_window_ms = Some(ms(held_at.elapsed()));
-            let status = running
-                .gateway
-                .status(GatewayStatusRequest {})
+            report.upstream_url = running
+                .gateways
+                .status()
                 .await
-                .map(|answer| answer.into_inner().upstream_url)
+                .into_iter()
+                .find_map(|(_, status)| status.ok())
+                .map(|status| status.upstream_url)
                 .unwrap_or_default();
-            report.upstream_url = status;
             running.phase.send_replace(Phase::RolledBack);
             report.outcome = Outcome::RolledBack { reason };
         }
@@ -1512,22 +1606,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-async fn release(
-    gateway: &mut GatewayClient,
-    epoch: u64,
-) -> Result<ferry_proto::v1::ReleaseResponse, String> {
-    let mut last = String::new();
-    for attempt in 0..5 {
-        match gateway.release(ReleaseRequest { epoch }).await {
-            Ok(answer) => return Ok(answer.into_inner()),
-            Err(status) => {
-                last = status_text(&status);
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
-        }
-    }
-    Err(last)
-}
+/// The least time an agent call of the cutover gets, even when the pause
+/// budget is spent.
+const AGENT_CALL_FLOOR: Duration = Duration::from_millis(500);
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0

@@ -4,16 +4,18 @@
 
 use std::sync::{Arc, Mutex};
 
+use ferry_engine::adapters::AdapterError;
 use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdSource, EtcdSourceOptions, Fence, FenceWrite, LiveEvent, LiveFrom,
-    ProgressRequester, describe_cluster, write_fence,
+    EtcdConnection, EtcdError, EtcdSource, EtcdSourceOptions, FenceMove, FenceOutcome, LiveEvent,
+    LiveFrom, ProgressRequester, describe_cluster, move_fence, read_fence,
 };
 use ferry_engine::progress::Progress;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::source_agent_server::SourceAgent;
 use ferry_proto::v1::{
-    DescribeRequest, DescribeResponse, DigestRequest, DigestResponse, ExtractRequest,
-    ExtractResponse, FenceRequest, FenceResponse, OpBatch, SnapshotComplete, SourceProgress,
+    CommitRequest, CommitResponse, DescribeRequest, DescribeResponse, DigestRequest,
+    DigestResponse, ExtractRequest, ExtractResponse, FenceRequest, FenceResponse,
+    FenceStatusRequest, FenceStatusResponse, OpBatch, SnapshotComplete, SourceProgress,
     StreamStart, UnfenceRequest, UnfenceResponse,
 };
 use tokio::sync::mpsc;
@@ -86,15 +88,17 @@ impl EtcdSourceAgent {
         })
     }
 
-    async fn set_fence(&self, epoch: u64, fenced: bool) -> Result<u64, Status> {
-        match write_fence(&self.connection, Fence { epoch, fenced })
+    /// Moves the plane's fence record (see `ferry_engine::adapters::etcd`'s
+    /// fence module); a move the record forbids is FAILED_PRECONDITION.
+    async fn move_fence(&self, wanted: FenceMove) -> Result<u64, Status> {
+        let etcd_status = |error: EtcdError| status_for(&AdapterError::EtcdSource(error).into());
+        match move_fence(&self.connection, &wanted)
             .await
-            .map_err(|error| status_for(&error))?
+            .map_err(etcd_status)?
         {
-            FenceWrite::Written { revision } => Ok(revision as u64),
-            FenceWrite::Refused { stored } => Err(Status::failed_precondition(format!(
-                "epoch {epoch} is lower than epoch {} of the fence stored in {}: a later migration attempt owns the plane",
-                stored.epoch,
+            FenceOutcome::Done { revision } => Ok(revision.max(0) as u64),
+            FenceOutcome::Refused { reason, .. } => Err(Status::failed_precondition(format!(
+                "{}: {reason}",
                 self.connection.display()
             ))),
         }
@@ -287,8 +291,21 @@ impl SourceAgent for EtcdSourceAgent {
         &self,
         request: Request<FenceRequest>,
     ) -> Result<Response<FenceResponse>, Status> {
-        let epoch = request.into_inner().epoch;
-        let fenced_position = self.set_fence(epoch, true).await?;
+        let FenceRequest {
+            epoch,
+            successor_url,
+        } = request.into_inner();
+        if successor_url.is_empty() {
+            return Err(Status::invalid_argument(
+                "a fence names the plane that takes over (successor_url)",
+            ));
+        }
+        let fenced_position = self
+            .move_fence(FenceMove::Fence {
+                epoch,
+                successor: successor_url,
+            })
+            .await?;
         info!(epoch, fenced_position, "fenced");
         self.poke_streams();
         Ok(Response::new(FenceResponse { fenced_position }))
@@ -299,9 +316,48 @@ impl SourceAgent for EtcdSourceAgent {
         request: Request<UnfenceRequest>,
     ) -> Result<Response<UnfenceResponse>, Status> {
         let epoch = request.into_inner().epoch;
-        let position = self.set_fence(epoch, false).await?;
+        let position = self.move_fence(FenceMove::Unfence { epoch }).await?;
         info!(epoch, position, "unfenced");
         Ok(Response::new(UnfenceResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        let CommitRequest {
+            epoch,
+            successor_revision_offset,
+        } = request.into_inner();
+        let fenced_position = self
+            .move_fence(FenceMove::Commit {
+                epoch,
+                successor_revision_offset,
+            })
+            .await?;
+        info!(epoch, fenced_position, "switch committed in the old plane");
+        Ok(Response::new(CommitResponse { fenced_position }))
+    }
+
+    async fn fence_status(
+        &self,
+        _request: Request<FenceStatusRequest>,
+    ) -> Result<Response<FenceStatusResponse>, Status> {
+        let stored = read_fence(&self.connection)
+            .await
+            .map_err(|error| status_for(&AdapterError::EtcdSource(error).into()))?;
+        let Some(stored) = stored else {
+            return Ok(Response::new(FenceStatusResponse::default()));
+        };
+        Ok(Response::new(FenceStatusResponse {
+            recorded: true,
+            epoch: stored.fence.epoch,
+            fenced: stored.fence.fenced,
+            switched: stored.fence.switched,
+            successor_url: stored.fence.successor.clone().unwrap_or_default(),
+            fenced_position: stored.fenced_revision.unwrap_or(0).max(0) as u64,
+            successor_revision_offset: stored.fence.successor_revision_offset,
+        }))
     }
 
     async fn describe(

@@ -1,4 +1,4 @@
-//! `ferry migrate --live` and `ferry migrate status`.
+//! `ferry migrate --live`, and `ferry migrate status|resume|abort`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use ferry_agent::client::ClientOptions;
 use ferry_agent::migrate::{
-    self, MigrateError, MigrateOptions, MigrationReport, MigrationStatus, Outcome, Tee, read_status,
+    self, DecideOptions, Decided, LiveStatus, MigrateError, MigrateOptions, MigrationReport,
+    MigrationStatus, Outcome, Tee, read_status,
 };
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{ExtractOptions, write_backup};
@@ -38,8 +39,52 @@ pub struct MigrateArgs {
 
 #[derive(Debug, Subcommand)]
 enum MigrateCommand {
-    /// Show the phase, lag and epoch of the running (or the last) migration.
+    /// Show the phase, lag and epoch of the running (or the last) migration;
+    /// with --source-agent and --gateway, the live state: the old plane's
+    /// fence record and every gateway.
     Status(StatusArgs),
+    /// Finish an interrupted migration from the old plane's fence record: a
+    /// committed switch is completed on every gateway; a cutover that did not
+    /// commit is rolled back (run the migration again).
+    Resume(DecideArgs),
+    /// Roll back an interrupted migration that did not commit its switch:
+    /// unfence the old plane and release every gateway's held writes to it.
+    Abort(DecideArgs),
+}
+
+/// Where `resume`, `abort` and a live `status` read the migration's state.
+#[derive(Debug, Args)]
+struct DecideArgs {
+    /// The SourceAgent beside the old plane (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    source_agent: String,
+    /// Every gateway replica's admin address (HOST:PORT), comma-separated or repeated.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', required = true)]
+    gateway: Vec<String>,
+    /// A file whose first line is the agents' bearer token (else FERRY_AGENT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk TLS to the agents and the gateways' admin services, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    agent_ca_file: Option<PathBuf>,
+}
+
+impl DecideArgs {
+    fn options(self) -> Result<DecideOptions> {
+        Ok(DecideOptions {
+            source_agent: self.source_agent,
+            gateways: self.gateway,
+            client: client_options(self.token_file.as_ref(), self.agent_ca_file)?,
+        })
+    }
+}
+
+fn client_options(token_file: Option<&PathBuf>, ca_file: Option<PathBuf>) -> Result<ClientOptions> {
+    Ok(ClientOptions {
+        tls_ca_file: ca_file,
+        ..ClientOptions::with_token_from(token_file)
+            .map_err(|error| UsageError(error.to_string()))?
+    })
 }
 
 /// `ferry migrate --live ...`.
@@ -54,9 +99,10 @@ struct LiveArgs {
     /// The TargetAgent beside the new plane (HOST:PORT).
     #[arg(long, value_name = "ADDR")]
     target_agent: Option<String>,
-    /// The gateway's admin address (HOST:PORT).
-    #[arg(long, value_name = "ADDR")]
-    gateway: Option<String>,
+    /// Every gateway replica's admin address (HOST:PORT), comma-separated or
+    /// repeated: all are held before the fence, and switched together.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    gateway: Vec<String>,
     /// The longest clients' writes may be held at cutover, e.g. 2s or 500ms.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     max_pause: Duration,
@@ -106,6 +152,23 @@ struct StatusArgs {
     /// The status file the migration writes.
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
+    /// Read the live state instead: the old plane's fence record through this SourceAgent.
+    #[arg(long, value_name = "ADDR", requires = "gateway")]
+    source_agent: Option<String>,
+    /// ... and every gateway replica's admin address (comma-separated or repeated).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        value_delimiter = ',',
+        requires = "source_agent"
+    )]
+    gateway: Vec<String>,
+    /// A file whose first line is the agents' bearer token (else FERRY_AGENT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk TLS to the agents and the gateways' admin services, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    agent_ca_file: Option<PathBuf>,
 }
 
 /// The status file when none is named: one per machine, in the temp folder.
@@ -115,7 +178,21 @@ fn default_status_file() -> PathBuf {
 
 pub async fn migrate(args: MigrateArgs, global: GlobalOptions) -> Result<u8> {
     match args.command {
-        Some(MigrateCommand::Status(status)) => show_status(status, global),
+        Some(MigrateCommand::Status(status)) => match status.source_agent {
+            Some(source_agent) => {
+                let options = DecideArgs {
+                    source_agent,
+                    gateway: status.gateway,
+                    token_file: status.token_file,
+                    agent_ca_file: status.agent_ca_file,
+                }
+                .options()?;
+                show_live_status(&options, global).await
+            }
+            None => show_status(status, global),
+        },
+        Some(MigrateCommand::Resume(args)) => decide(true, args, global).await,
+        Some(MigrateCommand::Abort(args)) => decide(false, args, global).await,
         None => live(args.live, global).await,
     }
 }
@@ -131,6 +208,78 @@ fn show_status(args: StatusArgs, global: GlobalOptions) -> Result<u8> {
     match global.output {
         OutputFormat::Json => print_line!("{}", serde_json::to_string_pretty(&status)?),
         OutputFormat::Text => print_status(&status),
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn show_live_status(options: &DecideOptions, global: GlobalOptions) -> Result<u8> {
+    let status = match migrate::live_status(options).await {
+        Ok(status) => status,
+        Err(error) => {
+            eprint_line!("error: {error}");
+            return Ok(exit::MIGRATION_FAILED);
+        }
+    };
+    match global.output {
+        OutputFormat::Json => print_line!("{}", serde_json::to_string_pretty(&status)?),
+        OutputFormat::Text => print_live_status(&status),
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn print_live_status(status: &LiveStatus) {
+    print_line!("old plane   {}", status.record);
+    for gateway in &status.gateways {
+        match (&gateway.upstream_url, &gateway.unreachable) {
+            (Some(upstream), _) => print_line!(
+                "gateway     {} -> {upstream} (epoch {}{}{})",
+                gateway.address,
+                gateway.epoch,
+                if gateway.holding {
+                    format!(", holding {} writes", gateway.queued_writes)
+                } else {
+                    String::new()
+                },
+                if gateway.settling.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", gateway.settling)
+                }
+            ),
+            (None, reason) => print_line!(
+                "gateway     {}: {}",
+                gateway.address,
+                reason.as_deref().unwrap_or("no answer")
+            ),
+        }
+    }
+}
+
+/// `resume` or `abort`: exit 0 when the plane is settled (switched, or
+/// rolled back, or nothing was under way), 8 when it could not be.
+async fn decide(resume: bool, args: DecideArgs, global: GlobalOptions) -> Result<u8> {
+    let options = args.options()?;
+    let decided = if resume {
+        migrate::resume(&options).await
+    } else {
+        migrate::abort(&options).await
+    };
+    let decided: Decided = match decided {
+        Ok(decided) => decided,
+        Err(error) => {
+            eprint_line!("error: {error}");
+            return Ok(exit::MIGRATION_FAILED);
+        }
+    };
+    match global.output {
+        OutputFormat::Json => print_line!("{}", serde_json::to_string_pretty(&decided)?),
+        OutputFormat::Text => {
+            print_line!("{} (epoch {})", decided.outcome, decided.epoch);
+            for step in &decided.steps {
+                print_line!("  {step}");
+            }
+            print_live_status(&decided.status);
+        }
     }
     Ok(exit::SUCCESS)
 }
@@ -178,12 +327,12 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
         target_agent: args
             .target_agent
             .ok_or_else(|| missing("--target-agent ADDR"))?,
-        gateway: args.gateway.ok_or_else(|| missing("--gateway ADDR"))?,
-        client: ClientOptions {
-            tls_ca_file: args.agent_ca_file,
-            ..ClientOptions::with_token_from(args.token_file.as_ref())
-                .map_err(|error| UsageError(error.to_string()))?
+        gateways: if args.gateway.is_empty() {
+            return Err(missing("--gateway ADDR[,ADDR...]").into());
+        } else {
+            args.gateway
         },
+        client: client_options(args.token_file.as_ref(), args.agent_ca_file)?,
         max_pause: args.max_pause,
         max_lag: args.max_lag,
         key_prefix: args.prefix.unwrap_or_default().into_bytes(),

@@ -378,7 +378,10 @@ async fn a_live_stream_through_the_agents_survives_a_killed_target_agent() {
 
     // The cutover's end: fence, then apply through the fenced position.
     let fenced = source
-        .fence(FenceRequest { epoch })
+        .fence(FenceRequest {
+            epoch,
+            successor_url: "etcd://127.0.0.1:1".to_owned(),
+        })
         .await
         .expect("fence")
         .into_inner()
@@ -522,13 +525,19 @@ async fn an_older_epoch_is_refused_by_both_agents() {
 
     // The source's fence keeps its epoch too.
     let fenced = source
-        .fence(FenceRequest { epoch: 3 })
+        .fence(FenceRequest {
+            epoch: 3,
+            successor_url: "etcd://127.0.0.1:1".to_owned(),
+        })
         .await
         .expect("fence")
         .into_inner();
     assert!(fenced.fenced_position > 0);
     let refused = source
-        .fence(FenceRequest { epoch: 2 })
+        .fence(FenceRequest {
+            epoch: 2,
+            successor_url: "etcd://127.0.0.1:1".to_owned(),
+        })
         .await
         .expect_err("an older fence");
     assert_eq!(refused.code(), Code::FailedPrecondition);

@@ -255,9 +255,26 @@ async fn assert_switched_without_loss(cluster: &Cluster, outcome: &Outcome) {
     let snapshot = report["snapshot_position"]
         .as_i64()
         .expect("snapshot position");
+    // After F, the old etcd took one write: the commit of the switch in
+    // its fence record.
     assert_eq!(
-        old_revision, fenced,
+        old_revision,
+        fenced + 1,
         "the old etcd took a write after it was fenced"
+    );
+    let committed = ferry_tests::live::kv(&cluster.old.endpoint())
+        .await
+        .range(ferry_proto::etcd::etcdserverpb::RangeRequest {
+            key: b"__ferry__/fence".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs;
+    assert_eq!(
+        committed[0].mod_revision, old_revision,
+        "the commit is that write"
     );
     let answered_by_new = outcome
         .writes

@@ -5,16 +5,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ferry_engine::adapters::etcd::describe_fence;
 use ferry_proto::v1::gateway_admin_server::GatewayAdmin;
 use ferry_proto::v1::{
     GatewayStatusRequest, GatewayStatusResponse, HoldRequest, HoldResponse, ReleaseRequest,
     ReleaseResponse, SwitchRequest, SwitchResponse,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::Shared;
 use super::upstream::Upstream;
+use super::{SETTLE_BOUND, Shared};
 
 /// The admin service. Cheap to clone: the state is shared.
 #[derive(Clone)]
@@ -28,9 +31,15 @@ impl AdminService {
     }
 }
 
+/// The stream a Hold answers on: its first message says the writes in
+/// flight drained; it ends when the hold is lifted.
+type HoldStream = ReceiverStream<Result<HoldResponse, Status>>;
+
 #[tonic::async_trait]
 impl GatewayAdmin for AdminService {
-    async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+    type HoldStream = HoldStream;
+
+    async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldStream>, Status> {
         let HoldRequest {
             epoch,
             max_pause_ms,
@@ -39,16 +48,33 @@ impl GatewayAdmin for AdminService {
             0 => self.shared.default_max_pause,
             millis => Duration::from_millis(millis),
         };
-        let drained = self
+        let (drained, id) = self
             .shared
             .gate
-            .hold(epoch, max_pause)
+            .hold(epoch, max_pause + SETTLE_BOUND)
             .await
             .inspect_err(|error| warn!(epoch, %error, "hold failed"))?;
         info!(epoch, ?max_pause, drained, "writes held");
-        Ok(Response::new(HoldResponse {
-            drained_writes: drained,
-        }))
+        let (answer, answers) = mpsc::channel(1);
+        let _ = answer
+            .send(Ok(HoldResponse {
+                drained_writes: drained,
+            }))
+            .await;
+        // The hold is a lease on this stream: the caller going away before
+        // Release, or the pause running out, lapses it, and the gateway
+        // settles it from the fence record by itself.
+        let shared = self.shared.clone();
+        let lapse_at = tokio::time::Instant::from_std(id.started.into_std()) + max_pause;
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                () = shared.gate.until_released(id) => return,
+                () = answer.closed() => "the driver went away",
+                () = tokio::time::sleep_until(lapse_at) => "the pause ran out",
+            };
+            shared.settle_lapsed_hold(id, why).await;
+        });
+        Ok(Response::new(ReceiverStream::new(answers)))
     }
 
     async fn switch(
@@ -59,17 +85,43 @@ impl GatewayAdmin for AdminService {
             epoch,
             upstream_url,
         } = request.into_inner();
+        let _one_at_a_time = self.shared.switching.lock().await;
+        let current = self.shared.upstream.borrow().clone();
+        if current.url == upstream_url && self.shared.gate.snapshot().epoch == epoch {
+            // Done already (a lapsed hold followed the record there).
+            return Ok(Response::new(SwitchResponse {}));
+        }
         self.shared.gate.may_switch(epoch)?;
+        // The old plane's record decides, not this call: only a switch the
+        // migration committed there is made.
+        let stored = current
+            .read_fence(self.shared.connect_timeout)
+            .await
+            .map_err(Status::unavailable)?;
+        let committed = stored.as_ref().filter(|stored| {
+            stored.switched()
+                && stored.fence.epoch == epoch
+                && stored.fence.successor.as_deref() == Some(upstream_url.as_str())
+        });
+        let Some(committed) = committed else {
+            return Err(Status::failed_precondition(format!(
+                "the fence record of {} says {}, not that epoch {epoch} switched to {upstream_url}: commit the switch in the old plane first",
+                current.url,
+                describe_fence(stored.as_ref().map(|stored| &stored.fence))
+            )));
+        };
         // Connect before anything changes: an unreachable upstream leaves
         // the old one in place.
-        let upstream = Upstream::connect(
+        let mut upstream = Upstream::connect(
             &upstream_url,
             &self.shared.access,
             self.shared.connect_timeout,
         )
         .await
         .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
+        upstream.revision_offset = committed.fence.successor_revision_offset;
         let to = upstream.url.clone();
+        let offset = upstream.revision_offset;
         let mut from = String::new();
         self.shared.gate.switch_if_holding(epoch, || {
             from = self
@@ -79,7 +131,7 @@ impl GatewayAdmin for AdminService {
                 .url
                 .clone();
         })?;
-        info!(epoch, %from, %to, "upstream switched");
+        info!(epoch, %from, %to, revision_offset = offset, "upstream switched");
         Ok(Response::new(SwitchResponse {}))
     }
 
@@ -112,6 +164,14 @@ impl GatewayAdmin for AdminService {
             epoch: gate.epoch,
             writes_forwarded: self.shared.writes_forwarded.load(Ordering::Relaxed),
             reads_forwarded: self.shared.reads_forwarded.load(Ordering::Relaxed),
+            revision_offset: self.shared.upstream.borrow().revision_offset,
+            queued_writes: gate.queued,
+            settling: self
+                .shared
+                .settling
+                .lock()
+                .map(|note| note.clone())
+                .unwrap_or_default(),
         }))
     }
 }

@@ -24,6 +24,16 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Which hold: its epoch and when it began (a repeated Hold by the same
+/// epoch keeps the first one's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldId {
+    /// The migration attempt holding.
+    pub epoch: u64,
+    /// When the hold began.
+    pub started: Instant,
+}
+
 /// The hold in force.
 #[derive(Debug, Clone, Copy)]
 struct Hold {
@@ -276,11 +286,12 @@ impl Gate {
         admission.expect("the closure always decides")
     }
 
-    /// Holds new writes for `epoch`, for at most `max_pause` from now, and
-    /// waits until the writes in flight have been answered. Returns how
-    /// many were in flight. A repeated Hold by the epoch already holding
-    /// keeps the first one's deadline.
-    pub async fn hold(&self, epoch: u64, max_pause: Duration) -> Result<u64, GateError> {
+    /// Holds new writes for `epoch`, for at most `max_pause` from now (then
+    /// held and new writes are refused until the release), and waits until
+    /// the writes in flight have been answered. Returns how many were in
+    /// flight, and which hold it is. A repeated Hold by the epoch already
+    /// holding keeps the first one's deadline.
+    pub async fn hold(&self, epoch: u64, max_pause: Duration) -> Result<(u64, HoldId), GateError> {
         let now = Instant::now();
         let mut decided = None;
         self.state.send_if_modified(|state| {
@@ -309,6 +320,10 @@ impl Gate {
             true
         });
         let (drained, hold) = decided.expect("the closure always decides")?;
+        let id = HoldId {
+            epoch,
+            started: hold.started,
+        };
         let mut changes = self.state.subscribe();
         loop {
             changes.mark_unchanged();
@@ -319,7 +334,7 @@ impl Gate {
                     _ => return Err(GateError::HoldLifted { epoch }),
                 }
                 if state.in_flight == 0 {
-                    return Ok(drained);
+                    return Ok((drained, id));
                 }
             }
             if tokio::time::timeout_at(hold.deadline, changes.changed())
@@ -332,6 +347,24 @@ impl Gate {
                 });
             }
         }
+    }
+
+    /// Whether the hold `id` is still in force.
+    pub fn is_held_by(&self, id: HoldId) -> bool {
+        Self::holds(&self.state.borrow(), id)
+    }
+
+    fn holds(state: &GateState, id: HoldId) -> bool {
+        state
+            .hold
+            .is_some_and(|hold| hold.epoch == id.epoch && hold.started == id.started)
+    }
+
+    /// Returns once the hold `id` is no longer in force (released, or
+    /// replaced by a newer epoch's).
+    pub async fn until_released(&self, id: HoldId) {
+        let mut changes = self.state.subscribe();
+        let _ = changes.wait_for(|state| !Self::holds(state, id)).await;
     }
 
     /// Runs `switch` (which points the gateway at a new upstream) if
@@ -541,7 +574,12 @@ mod tests {
     async fn writes_pass_while_open_and_wait_while_held() {
         let gate = Arc::new(Gate::default());
         drop(permit(gate.admit_write()));
-        assert_eq!(gate.hold(1, Duration::from_secs(60)).await, Ok(0));
+        assert_eq!(
+            gate.hold(1, Duration::from_secs(60))
+                .await
+                .map(|(drained, _)| drained),
+            Ok(0)
+        );
         let waiting = held(gate.admit_write());
         assert_eq!(gate.snapshot().queued, 1);
         let released = gate.release(1).expect("release");
@@ -564,7 +602,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!holding.is_finished());
         drop(in_flight);
-        assert_eq!(holding.await.expect("joins"), Ok(1));
+        assert_eq!(
+            holding.await.expect("joins").map(|(drained, _)| drained),
+            Ok(1)
+        );
     }
 
     #[tokio::test]
@@ -619,7 +660,9 @@ mod tests {
         let gate = Arc::new(Gate::default());
         gate.hold(5, Duration::from_secs(60)).await.expect("hold");
         assert_eq!(
-            gate.hold(4, Duration::from_secs(60)).await,
+            gate.hold(4, Duration::from_secs(60))
+                .await
+                .map(|(drained, _)| drained),
             Err(GateError::StaleEpoch {
                 given: 4,
                 current: 5

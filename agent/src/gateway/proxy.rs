@@ -23,14 +23,16 @@ use ferry_proto::etcd::etcdserverpb::cluster_server::Cluster;
 use ferry_proto::etcd::etcdserverpb::kv_server::Kv;
 use ferry_proto::etcd::etcdserverpb::lease_server::Lease;
 use ferry_proto::etcd::etcdserverpb::maintenance_server::Maintenance;
-use ferry_proto::etcd::etcdserverpb::request_op;
 use ferry_proto::etcd::etcdserverpb::watch_server::Watch;
 use ferry_proto::etcd::etcdserverpb::*;
+use ferry_proto::etcd::etcdserverpb::{request_op, response_op};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+
+use ferry_engine::adapters::etcd::guard_compare;
 
 use super::Shared;
 use super::gate::Admission;
@@ -78,11 +80,7 @@ impl EtcdProxy {
         Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
     {
         let request = to_upstream(request);
-        let permit = match self.shared.gate.admit_write() {
-            Admission::Pass(permit) => permit,
-            Admission::Held(held) => held.wait().await?,
-            Admission::Refused(refusal) => return Err(refusal.into()),
-        };
+        let permit = self.admit().await?;
         // Read after the permit: a held write goes to the upstream in
         // force at its release.
         let upstream = self.shared.upstream.borrow().clone();
@@ -97,6 +95,72 @@ impl EtcdProxy {
             Status::internal(format!("the gateway's forwarding task failed: {error}"))
         })?
         .map(plain)
+    }
+
+    /// A permit to send a write: at once, after the release, or refused.
+    async fn admit(&self) -> Result<super::gate::WritePermit, Status> {
+        match self.shared.gate.admit_write() {
+            Admission::Pass(permit) => Ok(permit),
+            Admission::Held(held) => Ok(held.wait().await?),
+            Admission::Refused(refusal) => Err(refusal.into()),
+        }
+    }
+
+    /// Sends a write that changes keys (Put, DeleteRange, a Txn that
+    /// writes) through the gate as a Txn guarded by the fence
+    /// ([`guard_compare`]): a fenced plane refuses it itself, whatever
+    /// gateway sent it. When the guard fails, the gateway reads the fence
+    /// record: a migration that switched is followed, and the write is sent
+    /// once more to the new plane; one that has not decided yet is answered
+    /// `UNAVAILABLE`, which clients retry.
+    async fn guarded_write<W: GuardedWrite>(
+        &self,
+        request: Request<W>,
+    ) -> Result<Response<W::Response>, Status> {
+        let request = to_upstream(request);
+        let permit = self.admit().await?;
+        self.shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let (metadata, _, message) = request.into_parts();
+            let mut followed = false;
+            loop {
+                let upstream = shared.upstream.borrow().clone();
+                let mut guarded = Request::new(message.clone().guarded());
+                *guarded.metadata_mut() = metadata.clone();
+                let client = upstream.kv.clone();
+                let response = upstream
+                    .call(guarded, |request| {
+                        let mut client = client.clone();
+                        async move { client.txn(request).await }
+                    })
+                    .await?
+                    .into_inner();
+                if response.succeeded {
+                    drop(permit);
+                    return W::unguarded(response).map(Response::new);
+                }
+                // The plane is fenced: nothing of this write took effect.
+                let fenced = |why: String| {
+                    Status::unavailable(format!(
+                        "the control plane is being switched: {} is fenced by a live migration ({why}); retry",
+                        upstream.url
+                    ))
+                };
+                if followed {
+                    return Err(fenced("the plane it switched to is fenced too".to_owned()));
+                }
+                match shared.follow_after_fenced_write(&upstream).await {
+                    Ok(true) => followed = true,
+                    Ok(false) => return Err(fenced("the migration has not switched yet".to_owned())),
+                    Err(reason) => return Err(fenced(reason)),
+                }
+            }
+        })
+        .await
+        .map_err(|error| {
+            Status::internal(format!("the gateway's forwarding task failed: {error}"))
+        })?
     }
 
     /// Relays a bidirectional stream (Watch, LeaseKeepAlive).
@@ -235,6 +299,91 @@ fn plain<T>(response: Response<T>) -> Response<T> {
     Response::new(response.into_inner())
 }
 
+/// A write that changes keys, sent as the one op of a Txn guarded by the
+/// fence ([`guard_compare`]).
+trait GuardedWrite: Clone + Send + 'static {
+    /// What the client expects back.
+    type Response: Send + 'static;
+    /// The op, inside a Txn that requires the plane unfenced.
+    fn guarded(self) -> TxnRequest;
+    /// The client's answer, from the answer to a guarded Txn that passed.
+    fn unguarded(response: TxnResponse) -> Result<Self::Response, Status>;
+}
+
+fn guarded_txn(op: request_op::Request) -> TxnRequest {
+    TxnRequest {
+        compare: vec![guard_compare()],
+        success: vec![RequestOp { request: Some(op) }],
+        failure: Vec::new(),
+    }
+}
+
+/// The one response of a guarded Txn that passed, and its header (a
+/// nested op's own header is not always filled in: the Txn's is).
+fn only_response(
+    response: TxnResponse,
+) -> Result<(response_op::Response, Option<ResponseHeader>), Status> {
+    let header = response.header;
+    response
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|op| op.response)
+        .map(|op| (op, header))
+        .ok_or_else(|| Status::internal("etcd answered a guarded write with no response"))
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcd answered a guarded write with another kind of response")
+}
+
+impl GuardedWrite for PutRequest {
+    type Response = PutResponse;
+
+    fn guarded(self) -> TxnRequest {
+        guarded_txn(request_op::Request::RequestPut(self))
+    }
+
+    fn unguarded(response: TxnResponse) -> Result<PutResponse, Status> {
+        match only_response(response)? {
+            (response_op::Response::ResponsePut(put), header) => Ok(PutResponse { header, ..put }),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+impl GuardedWrite for DeleteRangeRequest {
+    type Response = DeleteRangeResponse;
+
+    fn guarded(self) -> TxnRequest {
+        guarded_txn(request_op::Request::RequestDeleteRange(self))
+    }
+
+    fn unguarded(response: TxnResponse) -> Result<DeleteRangeResponse, Status> {
+        match only_response(response)? {
+            (response_op::Response::ResponseDeleteRange(delete), header) => {
+                Ok(DeleteRangeResponse { header, ..delete })
+            }
+            _ => Err(unexpected()),
+        }
+    }
+}
+
+impl GuardedWrite for TxnRequest {
+    type Response = TxnResponse;
+
+    fn guarded(self) -> TxnRequest {
+        guarded_txn(request_op::Request::RequestTxn(self))
+    }
+
+    fn unguarded(response: TxnResponse) -> Result<TxnResponse, Status> {
+        match only_response(response)? {
+            (response_op::Response::ResponseTxn(txn), header) => Ok(TxnResponse { header, ..txn }),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
 /// Whether a Txn only reads: every op in both branches is a Range (or a
 /// nested Txn that only reads). An empty op counts as a write, to be safe.
 pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
@@ -304,21 +453,21 @@ impl Kv for EtcdProxy {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        write!(self, request, kv.put)
+        self.guarded_write(request).await
     }
 
     async fn delete_range(
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        write!(self, request, kv.delete_range)
+        self.guarded_write(request).await
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         if txn_is_read_only(request.get_ref()) {
             read!(self, request, kv.txn)
         } else {
-            write!(self, request, kv.txn)
+            self.guarded_write(request).await
         }
     }
 

@@ -7,14 +7,19 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::{EtcdConnection, EtcdTls};
+use ferry_engine::adapters::etcd::{
+    EtcdConnection, EtcdTls, FenceFailure, FenceMove, FenceOutcome, StoredFence, move_fence_with,
+    read_fence_with,
+};
 use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use ferry_proto::etcd::etcdserverpb::cluster_client::ClusterClient;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
-use ferry_proto::etcd::etcdserverpb::{AuthenticateRequest, StatusRequest};
+use ferry_proto::etcd::etcdserverpb::{
+    AuthenticateRequest, StatusRequest, TxnRequest, TxnResponse,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Response, Status};
@@ -45,6 +50,10 @@ pub struct UpstreamAccess {
 pub(crate) struct Upstream {
     /// `etcd://HOST:PORT[,...]` (`etcds://` with TLS), for Status and messages.
     pub url: String,
+    /// What the gateway adds to this upstream's revisions in what clients
+    /// see, and takes off what they send: 0 for the first upstream, the
+    /// fence record's `successor_revision_offset` after a switch.
+    pub revision_offset: i64,
     pub kv: KvClient<Channel>,
     pub watch: WatchClient<Channel>,
     pub lease: LeaseClient<Channel>,
@@ -112,6 +121,7 @@ impl Upstream {
         };
         let upstream = Self {
             url: display,
+            revision_offset: 0,
             kv: KvClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -236,6 +246,55 @@ impl Upstream {
                 call(again).await
             }
             answer => answer,
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends a Txn of the gateway's own (the fence record) with its own
+    /// credentials, within `timeout`.
+    async fn own_txn(&self, request: TxnRequest, timeout: Duration) -> Result<TxnResponse, Status> {
+        let client = self.kv.clone();
+        let call = self.call(Request::new(request), |request| {
+            let mut client = client.clone();
+            async move { client.txn(request).await }
+        });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(answer) => answer.map(Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{} did not answer within {timeout:?}",
+                self.url
+            ))),
+        }
+    }
+
+    /// The upstream's fence record.
+    pub async fn read_fence(&self, timeout: Duration) -> Result<Option<StoredFence>, String> {
+        read_fence_with(&|request| self.own_txn(request, timeout))
+            .await
+            .map_err(|failure| self.fence_failure(failure))
+    }
+
+    /// Moves the upstream's fence record (the gateway unfences a plane whose
+    /// migration lost its driver before committing).
+    pub async fn move_fence(
+        &self,
+        wanted: &FenceMove,
+        timeout: Duration,
+    ) -> Result<FenceOutcome, String> {
+        move_fence_with(&|request| self.own_txn(request, timeout), wanted)
+            .await
+            .map_err(|failure| self.fence_failure(failure))
+    }
+
+    fn fence_failure(&self, failure: FenceFailure<Status>) -> String {
+        match failure {
+            FenceFailure::Call(status) => format!(
+                "cannot read or write the fence record of {}: {}",
+                self.url,
+                status.message()
+            ),
+            FenceFailure::Unreadable(reason) => format!("{}: {reason}", self.url),
         }
     }
 }

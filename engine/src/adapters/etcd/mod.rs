@@ -21,16 +21,22 @@
 
 pub(crate) mod client;
 mod digest;
+mod fence;
 mod keepalive;
 mod sink;
 mod source;
 
 pub use digest::{RangeDigest, SetDigest, digest_range};
+pub use fence::{
+    FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, Move as FenceMove, StoredFence,
+    describe as describe_fence, guard_compare, move_fence, move_with as move_fence_with,
+    read_fence, read_with as read_fence_with,
+};
 pub use keepalive::LeaseKeeper;
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
 pub use source::{
-    EtcdDescription, EtcdSource, EtcdSourceOptions, FENCE_KEY, Fence, FenceWrite, LiveEvent,
-    LiveExtraction, LiveFrom, ProgressRequester, describe_cluster, read_fence, write_fence,
+    EtcdDescription, EtcdSource, EtcdSourceOptions, LiveEvent, LiveExtraction, LiveFrom,
+    ProgressRequester, describe_cluster,
 };
 
 use std::path::PathBuf;
@@ -52,8 +58,9 @@ pub const KIND_KV: &str = "etcd.kv";
 pub const KIND_LEASE: &str = "etcd.lease";
 
 /// How to reach an etcd cluster. Credentials come from the environment or a
-/// file, never from a URL or argv.
-#[derive(Debug, Clone, Default)]
+/// file, never from a URL or argv; `Debug` shows the user, never the
+/// password.
+#[derive(Clone, Default)]
 pub struct EtcdConnection {
     /// `host:port` of each member.
     pub endpoints: Vec<String>,
@@ -63,6 +70,21 @@ pub struct EtcdConnection {
     pub connect_timeout: Option<Duration>,
     /// TLS (`https`) to the members when set; plain `http` when not.
     pub tls: Option<EtcdTls>,
+}
+
+impl std::fmt::Debug for EtcdConnection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EtcdConnection")
+            .field("endpoints", &self.endpoints)
+            .field(
+                "user",
+                &self.credentials.as_ref().map(|(user, _password)| user),
+            )
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// TLS to etcd's members. The files are read when ferry connects, and only
@@ -480,6 +502,18 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_the_user_never_the_password() {
+        let connection = EtcdConnection {
+            endpoints: vec!["10.0.0.1:2379".to_owned()],
+            credentials: Some(("root".to_owned(), "hunter2-secret".to_owned())),
+            ..EtcdConnection::default()
+        };
+        let debug = format!("{connection:?}");
+        assert!(debug.contains("root"), "{debug}");
+        assert!(!debug.contains("hunter2-secret"), "{debug}");
+    }
 
     #[test]
     fn prefix_ends_follow_etcd() {

@@ -21,9 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use super::client::EtcdClient;
-use super::{
-    EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end, printable,
-};
+use super::{EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end};
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
 use crate::progress::Progress;
@@ -1129,35 +1127,6 @@ fn parse_lease_key(key: &[u8]) -> Option<i64> {
     i64::from_str_radix(std::str::from_utf8(key).ok()?, 16).ok()
 }
 
-/// Where a source agent records its fence: `{"epoch":..,"fenced":..}`.
-pub const FENCE_KEY: &[u8] = b"__ferry__/fence";
-
-/// ferry's fence record in a source etcd (G5): the migration attempt that
-/// set it, and whether writes are fenced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Fence {
-    /// The migration attempt.
-    pub epoch: u64,
-    /// True from the fence until an unfence.
-    pub fenced: bool,
-}
-
-/// What became of a fence write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FenceWrite {
-    /// Written at this revision: every write etcd acknowledged before it is
-    /// at a lower revision.
-    Written {
-        /// The revision of the write.
-        revision: i64,
-    },
-    /// Refused: a later migration attempt set the stored fence.
-    Refused {
-        /// The fence as stored.
-        stored: Fence,
-    },
-}
-
 /// What an etcd cluster is, for an agent's Describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdDescription {
@@ -1186,109 +1155,6 @@ pub async fn describe_cluster(connection: &EtcdConnection) -> Result<EtcdDescrip
         identity: format!("{:016x}", header.cluster_id),
         revision: header.revision,
     })
-}
-
-/// Writes `fence` to [`FENCE_KEY`] unless the stored fence has a higher
-/// epoch: read, then a Txn guarded by the key's mod revision, so two agents
-/// racing cannot lower the epoch.
-pub async fn write_fence(connection: &EtcdConnection, fence: Fence) -> Result<FenceWrite> {
-    use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
-    use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
-    use ferry_proto::etcd::etcdserverpb::{Compare, PutRequest, RequestOp, TxnRequest};
-
-    let client = EtcdClient::connect(connection)
-        .await
-        .map_err(source_error)?;
-    let value = serde_json::to_vec(&fence).expect("a fence serializes");
-    loop {
-        let stored = read_fence_with(&client).await?;
-        if let Some((stored, _)) = stored
-            && stored.epoch > fence.epoch
-        {
-            return Ok(FenceWrite::Refused { stored });
-        }
-        let guard = match stored {
-            Some((_, mod_revision)) => Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Mod as i32,
-                key: FENCE_KEY.to_vec(),
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::ModRevision(mod_revision)),
-            },
-            None => Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Version as i32,
-                key: FENCE_KEY.to_vec(),
-                range_end: Vec::new(),
-                target_union: Some(TargetUnion::Version(0)),
-            },
-        };
-        let request = TxnRequest {
-            compare: vec![guard],
-            success: vec![RequestOp {
-                request: Some(TxnRequestOp::RequestPut(PutRequest {
-                    key: FENCE_KEY.to_vec(),
-                    value: value.clone(),
-                    ..PutRequest::default()
-                })),
-            }],
-            failure: Vec::new(),
-        };
-        let response = client
-            .call("write the fence to", |mut services| {
-                let request = request.clone();
-                async move { services.kv.txn(request).await }
-            })
-            .await
-            .map_err(source_error)?;
-        if response.succeeded {
-            let revision = response.header.map_or(0, |header| header.revision);
-            info!(
-                epoch = fence.epoch,
-                fenced = fence.fenced,
-                revision,
-                "etcd fence written"
-            );
-            return Ok(FenceWrite::Written { revision });
-        }
-        // Another agent wrote the fence meanwhile: read it again.
-    }
-}
-
-/// The stored fence, if any.
-pub async fn read_fence(connection: &EtcdConnection) -> Result<Option<Fence>> {
-    let client = EtcdClient::connect(connection)
-        .await
-        .map_err(source_error)?;
-    Ok(read_fence_with(&client).await?.map(|(fence, _)| fence))
-}
-
-async fn read_fence_with(client: &EtcdClient) -> Result<Option<(Fence, i64)>> {
-    let request = RangeRequest {
-        key: FENCE_KEY.to_vec(),
-        ..RangeRequest::default()
-    };
-    let response = client
-        .call("read the fence from", |mut services| {
-            let request = request.clone();
-            async move { services.kv.range(request).await }
-        })
-        .await
-        .map_err(source_error)?;
-    let Some(kv) = response.kvs.into_iter().next() else {
-        return Ok(None);
-    };
-    let fence: Fence = serde_json::from_slice(&kv.value).map_err(|error| {
-        source_error(EtcdError::Request {
-            endpoints: client.connection().display(),
-            action: "read the fence".to_owned(),
-            reason: format!(
-                "{} does not parse ({error}); delete it if no migration is running",
-                printable(FENCE_KEY)
-            ),
-        })
-    })?;
-    Ok(Some((fence, kv.mod_revision)))
 }
 
 #[cfg(test)]
@@ -1340,15 +1206,7 @@ mod tests {
     }
 
     #[test]
-    fn fence_records_read_as_json() {
-        let fence: Fence = serde_json::from_slice(br#"{"epoch":7,"fenced":true}"#).expect("JSON");
-        assert_eq!(
-            fence,
-            Fence {
-                epoch: 7,
-                fenced: true
-            }
-        );
+    fn lease_keys_parse_as_hex() {
         assert_eq!(parse_lease_key(lease_key(0x5eed).as_bytes()), Some(0x5eed));
     }
 }

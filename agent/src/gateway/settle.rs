@@ -1,0 +1,213 @@
+//! How a gateway finds the plane that serves, from the fence records the
+//! planes keep (`ferry_engine::adapters::etcd`'s fence module), without a
+//! driver to tell it: at start, when a hold lapses, and when the old plane
+//! refuses a write because it is fenced.
+//!
+//! - A record that says **switched** is followed to its successor (and on,
+//!   through as many migrations as were made), with the successor's
+//!   revision offset.
+//! - A record **in doubt** (fenced, not switched) met by a hold that lapsed
+//!   is settled by unfencing: the same compare-and-swap as the driver's
+//!   commit, so exactly one of them wins, and the loser sees the outcome.
+//! - At start, a record in doubt makes the gateway hold writes as a Hold
+//!   would, for the default pause; then it settles the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::adapters::etcd::{FenceMove, FenceOutcome, StoredFence, describe_fence};
+use tracing::{info, warn};
+
+use super::gate::HoldId;
+use super::upstream::{Upstream, UpstreamAccess};
+use super::{GatewayError, Shared};
+
+/// The most migrations a gateway follows from the plane it was started
+/// with: more means records that point in a circle.
+const MAX_FOLLOWED: usize = 64;
+
+/// How long a settle attempt waits before trying again when the old plane
+/// does not answer.
+const SETTLE_RETRY: Duration = Duration::from_millis(500);
+
+/// Connects to the plane `stored` says took over from `from`.
+async fn successor(
+    from: &Upstream,
+    stored: &StoredFence,
+    access: &UpstreamAccess,
+    connect_timeout: Duration,
+) -> Result<Upstream, GatewayError> {
+    let Some(url) = stored.fence.successor.as_deref() else {
+        return Err(GatewayError::Unreachable {
+            url: from.url.clone(),
+            reason: format!(
+                "its fence record says {} but names no successor; point --upstream at the plane that serves now",
+                describe_fence(Some(&stored.fence))
+            ),
+        });
+    };
+    let mut next = Upstream::connect(url, access, connect_timeout).await?;
+    next.revision_offset = stored.fence.successor_revision_offset;
+    info!(from = %from.url, to = %next.url, epoch = stored.fence.epoch, revision_offset = next.revision_offset, "following the fence record to the plane that took over");
+    Ok(next)
+}
+
+/// Where a gateway started with `first` must send its clients: `first`, or
+/// the plane its fence records lead to; and the epoch of a migration that
+/// has fenced that plane and not decided yet.
+pub(crate) async fn serving_plane(
+    first: Upstream,
+    access: &UpstreamAccess,
+    connect_timeout: Duration,
+) -> Result<(Upstream, Option<u64>), GatewayError> {
+    let mut upstream = first;
+    for _ in 0..MAX_FOLLOWED {
+        let stored = upstream
+            .read_fence(connect_timeout)
+            .await
+            .map_err(|reason| GatewayError::Unreachable {
+                url: upstream.url.clone(),
+                reason,
+            })?;
+        match stored {
+            Some(stored) if stored.switched() => {
+                upstream = successor(&upstream, &stored, access, connect_timeout).await?;
+            }
+            Some(stored) if stored.in_doubt() => {
+                warn!(upstream = %upstream.url, record = %describe_fence(Some(&stored.fence)), "the upstream is fenced by a migration that has not switched: writes are held until it decides");
+                return Ok((upstream, Some(stored.fence.epoch)));
+            }
+            _ => return Ok((upstream, None)),
+        }
+    }
+    Err(GatewayError::Unreachable {
+        url: upstream.url.clone(),
+        reason: format!("its fence records lead through more than {MAX_FOLLOWED} migrations"),
+    })
+}
+
+impl Shared {
+    /// Settles the hold `id`, which lapsed (its driver went away, or its
+    /// pause ran out) before Release: from the current upstream's fence
+    /// record, the held writes go on to the plane that serves. Tries until
+    /// it settles or someone else lifts the hold; while it cannot (the old
+    /// plane unreachable), writes stay held, then refused once the pause
+    /// and the settle bound have passed.
+    pub(crate) async fn settle_lapsed_hold(self: Arc<Self>, id: HoldId, why: &str) {
+        loop {
+            {
+                let _one_at_a_time = self.switching.lock().await;
+                if !self.gate.is_held_by(id) {
+                    self.set_settling(String::new());
+                    return;
+                }
+                warn!(
+                    epoch = id.epoch,
+                    why, "the hold lapsed before Release: settling it from the fence record"
+                );
+                match self.settle_once().await {
+                    Ok(outcome) => {
+                        let released = self.gate.release(id.epoch);
+                        info!(epoch = id.epoch, %outcome, released = ?released, "lapsed hold settled");
+                        self.set_settling(String::new());
+                        return;
+                    }
+                    Err(reason) => {
+                        warn!(epoch = id.epoch, %reason, "cannot settle the lapsed hold yet; writes stay held");
+                        self.set_settling(format!(
+                            "the hold of epoch {} lapsed ({why}) and cannot be settled yet: {reason}",
+                            id.epoch
+                        ));
+                    }
+                }
+            }
+            tokio::time::sleep(SETTLE_RETRY).await;
+        }
+    }
+
+    /// One look at the record: follow a switch, or unfence a migration in
+    /// doubt. Says what it did.
+    async fn settle_once(&self) -> Result<String, String> {
+        for _ in 0..MAX_FOLLOWED {
+            let upstream = self.upstream.borrow().clone();
+            let stored = upstream.read_fence(self.connect_timeout).await?;
+            match stored {
+                Some(stored) if stored.switched() => {
+                    self.follow(&upstream, &stored).await?;
+                }
+                Some(stored) if stored.in_doubt() => {
+                    match upstream
+                        .move_fence(
+                            &FenceMove::Unfence {
+                                epoch: stored.fence.epoch,
+                            },
+                            self.connect_timeout,
+                        )
+                        .await?
+                    {
+                        FenceOutcome::Done { .. } => {
+                            return Ok(format!(
+                                "unfenced {} (epoch {} never switched); writes go on there",
+                                upstream.url, stored.fence.epoch
+                            ));
+                        }
+                        // Switched meanwhile: the next look follows it.
+                        FenceOutcome::Refused { .. } => {}
+                    }
+                }
+                _ => return Ok(format!("{} serves", upstream.url)),
+            }
+        }
+        Err(format!(
+            "the fence records lead through more than {MAX_FOLLOWED} migrations"
+        ))
+    }
+
+    /// Points the gateway at the successor `stored` names, if `from` is
+    /// still the upstream. Streams opened on `from` end (see the proxy).
+    async fn follow(&self, from: &Arc<Upstream>, stored: &StoredFence) -> Result<(), String> {
+        let next = successor(from, stored, &self.access, self.connect_timeout)
+            .await
+            .map_err(|error| error.to_string())?;
+        self.upstream.send_if_modified(|current| {
+            if Arc::ptr_eq(current, from) {
+                *current = Arc::new(next);
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    /// The old plane refused a write because it is fenced: if the record
+    /// says the migration switched, follow it (once) and say so; otherwise
+    /// the cutover is undecided and the write must wait for it.
+    pub(crate) async fn follow_after_fenced_write(
+        &self,
+        refused_by: &Arc<Upstream>,
+    ) -> Result<bool, String> {
+        let _one_at_a_time = self.switching.lock().await;
+        if !Arc::ptr_eq(&self.upstream.borrow(), refused_by) {
+            // Someone moved the gateway on meanwhile.
+            return Ok(true);
+        }
+        match refused_by.read_fence(self.connect_timeout).await? {
+            Some(stored) if stored.switched() => {
+                self.follow(refused_by, &stored).await?;
+                Ok(true)
+            }
+            Some(stored) => {
+                warn!(upstream = %refused_by.url, record = %describe_fence(Some(&stored.fence)), "a write met the fence of a migration this gateway was not told of");
+                Ok(false)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn set_settling(&self, note: String) {
+        if let Ok(mut slot) = self.settling.lock() {
+            *slot = note;
+        }
+    }
+}

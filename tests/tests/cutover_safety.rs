@@ -1,0 +1,237 @@
+//! Issue 10: a cutover safe when one process fails. The old plane's fence
+//! record decides, and the store enforces the fence: a gateway restarted
+//! with its old flags, or one the migration was never told of, cannot
+//! write to the fenced plane; a driver killed while the old plane is fenced
+//! leaves no write refused for long, with no command at all.
+
+use std::time::{Duration, Instant};
+
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest};
+use ferry_tests::live::{Cluster, kv, migrate_report, spawn_ferry, wait_for_phase, with_options};
+use ferry_tests::process::FerryProcess;
+
+async fn value_in(endpoint: &str, key: &str) -> Option<Vec<u8>> {
+    kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+        .first()
+        .map(|kv| kv.value.clone())
+}
+
+async fn put(endpoint: &str, key: &str, value: &str) -> Result<(), tonic::Status> {
+    kv(endpoint)
+        .await
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn gateway_in_front_of(upstream: &str) -> FerryProcess {
+    FerryProcess::start(
+        &["gateway", "--listen", "127.0.0.1:0", "--upstream", upstream],
+        &[],
+    )
+    .expect("gateway")
+}
+
+fn ferry_json(args: &[&str]) -> (serde_json::Value, i32) {
+    let output = std::process::Command::new(ferry_tests::ferry_binary())
+        .args(args)
+        .output()
+        .expect("ferry runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        panic!(
+            "ferry {args:?} printed no JSON: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (value, output.status.code().unwrap_or(-1))
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Item 1: after a switch, a gateway started again with the flags it was
+/// first started with (`--upstream OLD`) follows the fence record to the new
+/// plane, for reads and writes; a gateway the migration was never told of
+/// has its next write refused by the fenced old plane itself, follows the
+/// record, and the write lands in the new plane. Nothing reaches the old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
+    let cluster = Cluster::start().await;
+    // A replica in front of the old plane that `ferry migrate` does not know.
+    let unlisted = gateway_in_front_of(&cluster.old.url());
+    put(&unlisted.field("listen"), "/app/before", "old")
+        .await
+        .expect("a write before the migration");
+
+    let status_file = tempfile::NamedTempFile::new().expect("status file");
+    let migrate = spawn_ferry(&cluster.migrate_args(status_file.path()));
+    let (report, code, stderr) = migrate_report(migrate, &cluster).await;
+    assert_eq!(code, Some(0), "{report}\n{stderr}");
+    assert_eq!(report["outcome"], "switched", "{report}");
+
+    // Restarted with its old flags.
+    let restarted = gateway_in_front_of(&cluster.old.url());
+    assert_eq!(
+        restarted.field("upstream"),
+        cluster.new.url(),
+        "it forwards to the plane the record names"
+    );
+    put(&restarted.field("listen"), "/app/restarted", "1")
+        .await
+        .expect("a write through the restarted gateway");
+    assert_eq!(
+        value_in(&restarted.field("listen"), "/app/before").await,
+        Some(b"old".to_vec()),
+        "reads come from the new plane, which holds the copy"
+    );
+    // The unlisted replica, still pointed at the old plane.
+    put(&unlisted.field("listen"), "/app/unlisted", "2")
+        .await
+        .expect("the write follows the record to the new plane");
+
+    let old = cluster.old.endpoint();
+    let new = cluster.new.endpoint();
+    for (key, value) in [("/app/restarted", "1"), ("/app/unlisted", "2")] {
+        assert_eq!(
+            value_in(&old, key).await,
+            None,
+            "{key} reached the fenced plane"
+        );
+        assert_eq!(
+            value_in(&new, key).await,
+            Some(value.as_bytes().to_vec()),
+            "{key}"
+        );
+    }
+    // A write straight to the old plane is not ferry's to stop; the guard
+    // key is there for any gateway to see.
+    assert!(value_in(&old, "__ferry__/fenced").await.is_some());
+}
+
+/// Items 2 and 3: the driver is killed (-9) while the old plane is fenced
+/// and the target drains (the target agent stopped, so the cutover waits
+/// there). No command is run: the gateway's hold lapses with the driver's
+/// stream, it unfences the old plane by the record's compare-and-swap, and
+/// the held write goes on there. `migrate status` reads that from the
+/// plane and the gateway, and `migrate abort` then has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_killed_while_the_old_plane_is_fenced_leaves_no_plane_stuck() {
+    let cluster = Cluster::start().await;
+    let listen = cluster.gateway.field("listen");
+    put(&listen, "/app/before", "1").await.expect("put");
+
+    let status_file = tempfile::NamedTempFile::new().expect("status file");
+    let args = with_options(
+        cluster.migrate_args(status_file.path()),
+        // Following lasts 3 s, long enough to stop the target agent; the
+        // cutover starts then whatever the lag.
+        &[
+            "--max-pause",
+            "60s",
+            "--follow-at-least",
+            "3s",
+            "--max-lag",
+            "1000000000",
+        ],
+    );
+    // A writer goes on meanwhile, so F is past what the stopped target holds.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(ferry_tests::live::writer(
+        0,
+        listen.clone(),
+        stop.clone(),
+        Duration::from_millis(5),
+    ));
+    let mut migrate = spawn_ferry(&args);
+    wait_for_phase(status_file.path(), "following").await;
+    signal(cluster.target_agent.pid(), "-STOP");
+    wait_for_phase(status_file.path(), "draining").await;
+    // Fenced now: a write through the gateway is held.
+    let held = {
+        let listen = listen.clone();
+        tokio::spawn(async move { put(&listen, "/app/held", "2").await })
+    };
+    let record = value_in(&cluster.old.endpoint(), "__ferry__/fence")
+        .await
+        .expect("a fence record");
+    assert!(
+        String::from_utf8_lossy(&record).contains("\"fenced\":true"),
+        "{}",
+        String::from_utf8_lossy(&record)
+    );
+    let killed = Instant::now();
+    migrate.start_kill().expect("kill -9 the driver");
+    migrate.wait().await.expect("the driver is gone");
+    held.await
+        .expect("joins")
+        .expect("the held write goes on once the gateway settles the lapsed hold");
+    let settled = killed.elapsed();
+    assert!(
+        settled < Duration::from_secs(30),
+        "settled after {settled:?}, well before the 60 s pause"
+    );
+    signal(cluster.target_agent.pid(), "-CONT");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.expect("the writer ends");
+    assert!(
+        writes.iter().any(|write| write.answer.is_ok()),
+        "the writer wrote through the gateway"
+    );
+    put(&listen, "/app/after", "3").await.expect("writes flow");
+    let old = cluster.old.endpoint();
+    assert_eq!(value_in(&old, "/app/held").await, Some(b"2".to_vec()));
+    assert_eq!(value_in(&old, "/app/after").await, Some(b"3".to_vec()));
+    assert_eq!(value_in(&old, "__ferry__/fenced").await, None, "unfenced");
+    eprintln!("writes resumed {settled:?} after the driver was killed");
+
+    let source_agent = cluster.source_agent.field("listen");
+    let admin = cluster.gateway.field("admin");
+    let (status, code) = ferry_json(&[
+        "--output",
+        "json",
+        "migrate",
+        "status",
+        "--source-agent",
+        &source_agent,
+        "--gateway",
+        &admin,
+    ]);
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(status["decision"], "unfenced", "{status}");
+    assert_eq!(status["gateways"][0]["holding"], false, "{status}");
+    assert_eq!(status["gateways"][0]["upstream_url"], cluster.old.url());
+    for _ in 0..2 {
+        let (aborted, code) = ferry_json(&[
+            "--output",
+            "json",
+            "migrate",
+            "abort",
+            "--source-agent",
+            &source_agent,
+            "--gateway",
+            &admin,
+        ]);
+        assert_eq!(code, 0, "{aborted}");
+        assert_eq!(aborted["outcome"], "nothing to do", "{aborted}");
+    }
+}

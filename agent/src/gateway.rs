@@ -49,6 +49,7 @@
 mod admin;
 mod gate;
 mod proxy;
+mod revisions;
 mod router;
 mod settle;
 mod upstream;

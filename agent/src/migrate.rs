@@ -825,6 +825,8 @@ struct Running {
     target: TargetClient,
     gateways: Gateways,
     target_description: DescribeResponse,
+    /// See [`Connected::revision_offset`].
+    revision_offset: i64,
     epoch: u64,
     state: watch::Receiver<RelayState>,
     stop: watch::Sender<bool>,
@@ -872,6 +874,9 @@ struct Connected {
     source_description: DescribeResponse,
     target_description: DescribeResponse,
     gateway_upstream: String,
+    /// What the gateways add to the old plane's revisions (after earlier
+    /// migrations): the new plane's offset builds on it.
+    revision_offset: i64,
     epoch: u64,
 }
 
@@ -946,6 +951,7 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
     }
     let mut epoch = target_epoch.max(record.epoch);
     let mut upstreams = Vec::new();
+    let mut offsets = Vec::new();
     for (address, status) in gateways.status().await {
         let status = status.map_err(MigrateError::Invalid)?;
         if status.holding {
@@ -955,9 +961,17 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
             )));
         }
         epoch = epoch.max(status.epoch);
+        if !offsets.contains(&status.revision_offset) {
+            offsets.push(status.revision_offset);
+        }
         if !upstreams.contains(&status.upstream_url) {
             upstreams.push(status.upstream_url);
         }
+    }
+    if offsets.len() > 1 {
+        return Err(MigrateError::Invalid(format!(
+            "the gateways translate revisions differently (offsets {offsets:?}): they do not stand in front of the same plane"
+        )));
     }
     if upstreams.len() > 1 {
         return Err(MigrateError::Invalid(format!(
@@ -972,6 +986,7 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
         source_description,
         target_description,
         gateway_upstream: upstreams.pop().unwrap_or_default(),
+        revision_offset: offsets.pop().unwrap_or_default(),
         epoch: epoch + 1,
     })
 }
@@ -1156,6 +1171,7 @@ pub async fn migrate(
         source: connected.source,
         target: connected.target,
         gateways: connected.gateways,
+        revision_offset: connected.revision_offset,
         target_description: connected.target_description.clone(),
         epoch,
         state,
@@ -1370,7 +1386,11 @@ async fn cutover(
             options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
             running.source.commit(CommitRequest {
                 epoch,
-                successor_revision_offset: 0,
+                // One above F as the clients saw it: every revision of the
+                // new plane shows above every one of the old.
+                successor_revision_offset: running.revision_offset
+                    + fence.fenced_position as i64
+                    + 1,
             }),
         )
         .await;

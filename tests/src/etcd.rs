@@ -77,7 +77,24 @@ impl EtcdServer {
     }
 
     /// Starts a member with `options` and waits until it is healthy.
+    ///
+    /// Its ports are found free, then given to etcd: another process can
+    /// take one in between (seen: "bind: address already in use" while a
+    /// second test run shared the machine), so that failure is tried again
+    /// on other ports.
     pub fn start_with(options: &EtcdOptions) -> io::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(options) {
+                Err(error)
+                    if attempt < 5 && error.to_string().contains("address already in use") => {}
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(options: &EtcdOptions) -> io::Result<Self> {
         let data = tempfile::tempdir()?;
         let client_port = free_port()?;
         let peer_port = free_port()?;

@@ -235,3 +235,178 @@ async fn a_driver_killed_while_the_old_plane_is_fenced_leaves_no_plane_stuck() {
         assert_eq!(aborted["outcome"], "nothing to do", "{aborted}");
     }
 }
+
+/// Item 7: revisions never go backwards, and no watcher waits in silence.
+/// The old etcd is far ahead in revisions (a thousand writes to one key
+/// before the migration), the new one starts low after the copy. Through
+/// the gateway, every revision after the switch is above every revision
+/// before it, keys copied included; an `etcdctl watch` open across the
+/// switch resumes from an old revision and is told "compacted" (clients
+/// list again), never left waiting; a watch from a revision after the
+/// switch sees the later writes; a Range at an old revision is compacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
+    let cluster = Cluster::start().await;
+    let listen = cluster.gateway.field("listen");
+    for index in 0..1000 {
+        put(&listen, "/app/busy", &index.to_string())
+            .await
+            .expect("put");
+    }
+    let mut watcher = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &listen, "watch", "--prefix", "/app/"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("etcdctl watch");
+    // The watcher sees a write before the switch (put until it does: it
+    // may not be watching yet).
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (lines, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    'seen: for attempt in 0.. {
+        put(&listen, "/app/watched", &format!("before-{attempt}"))
+            .await
+            .expect("put");
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_millis(200), seen.recv()).await
+        {
+            if line.starts_with("before-") {
+                break 'seen;
+            }
+        }
+    }
+    let before = kv(&listen)
+        .await
+        .range(RangeRequest {
+            key: b"/app/watched".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    let seen_before = before.header.expect("header").revision;
+
+    let status_file = tempfile::NamedTempFile::new().expect("status file");
+    let migrate = spawn_ferry(&cluster.migrate_args(status_file.path()));
+    let (report, code, stderr) = migrate_report(migrate, &cluster).await;
+    assert_eq!(code, Some(0), "{report}\n{stderr}");
+    let fenced = report["fenced_position"].as_i64().expect("F");
+    assert!(fenced >= seen_before, "F {fenced} after {seen_before}");
+    let (_, new_raw) = ferry_tests::live::cluster_id_and_revision(&cluster.new.endpoint()).await;
+    assert!(
+        new_raw < fenced,
+        "the new etcd starts lower ({new_raw}) than the old one's F ({fenced}): the case to test"
+    );
+
+    put(&listen, "/app/after", "1")
+        .await
+        .expect("a write after the switch");
+    let after = kv(&listen)
+        .await
+        .range(RangeRequest {
+            key: b"/app/".to_vec(),
+            range_end: b"/app0".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    let header = after.header.expect("header").revision;
+    assert!(header > fenced, "header {header} after F {fenced}");
+    for kv in &after.kvs {
+        assert!(
+            kv.mod_revision > fenced && kv.create_revision > fenced,
+            "{} shows revisions {}/{} not above F {fenced}",
+            String::from_utf8_lossy(&kv.key),
+            kv.create_revision,
+            kv.mod_revision
+        );
+    }
+    // A Range at a revision before the switch: etcd's compacted error.
+    let old_read = kv(&listen)
+        .await
+        .range(RangeRequest {
+            key: b"/app/watched".to_vec(),
+            revision: seen_before,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect_err("history before the switch");
+    assert!(old_read.message().contains("compacted"), "{old_read:?}");
+
+    // The watcher open across the switch was told, not left waiting.
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..600 {
+            if let Ok(Some(status)) = watcher.try_wait() {
+                let mut stderr = String::new();
+                use std::io::Read;
+                let _ = watcher
+                    .stderr
+                    .take()
+                    .expect("stderr")
+                    .read_to_string(&mut stderr);
+                return Some((status, stderr));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = watcher.kill();
+        None
+    })
+    .await
+    .expect("joins");
+    let (status, stderr) = exited.expect("etcdctl watch ended: it was told its history is gone");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("compacted"),
+        "etcdctl watch said {stderr:?}"
+    );
+
+    // A watch from a revision after the switch sees the later writes.
+    let from = header + 1;
+    let mut watch = ferry_proto::etcd::etcdserverpb::watch_client::WatchClient::connect(format!(
+        "http://{listen}"
+    ))
+    .await
+    .expect("connect");
+    let (requests, receiver) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ferry_proto::etcd::etcdserverpb::WatchRequest {
+            request_union: Some(
+                ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion::CreateRequest(
+                    ferry_proto::etcd::etcdserverpb::WatchCreateRequest {
+                        key: b"/app/".to_vec(),
+                        range_end: b"/app0".to_vec(),
+                        start_revision: from,
+                        ..Default::default()
+                    },
+                ),
+            ),
+        })
+        .await
+        .expect("send");
+    let mut events = watch
+        .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .expect("watch")
+        .into_inner();
+    put(&listen, "/app/later", "2").await.expect("put");
+    let mut got = Vec::new();
+    while got.is_empty() {
+        let message = events.message().await.expect("events").expect("one");
+        assert!(!message.canceled, "{message:?}");
+        got.extend(message.events);
+    }
+    let kv = got[0].kv.as_ref().expect("kv");
+    assert_eq!(kv.key, b"/app/later");
+    assert!(kv.mod_revision >= from, "{} from {from}", kv.mod_revision);
+}

@@ -26,7 +26,7 @@ use ferry_proto::etcd::etcdserverpb::maintenance_server::Maintenance;
 use ferry_proto::etcd::etcdserverpb::watch_server::Watch;
 use ferry_proto::etcd::etcdserverpb::*;
 use ferry_proto::etcd::etcdserverpb::{request_op, response_op};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
@@ -36,6 +36,9 @@ use ferry_engine::adapters::etcd::guard_compare;
 
 use super::Shared;
 use super::gate::Admission;
+use super::revisions::{
+    FromClient, ToClient, WatchUp, compacted_watch, shifted, watch_from_client,
+};
 use super::upstream::{TOKEN_KEY, Upstream};
 
 /// Messages buffered each way on a stream the gateway relays.
@@ -126,7 +129,12 @@ impl EtcdProxy {
             let mut followed = false;
             loop {
                 let upstream = shared.upstream.borrow().clone();
-                let mut guarded = Request::new(message.clone().guarded());
+                let offset = upstream.revision_offset;
+                let mut message = message.clone();
+                if offset != 0 {
+                    message.from_client(offset)?;
+                }
+                let mut guarded = Request::new(message.guarded());
                 *guarded.metadata_mut() = metadata.clone();
                 let client = upstream.kv.clone();
                 let response = upstream
@@ -138,7 +146,9 @@ impl EtcdProxy {
                     .into_inner();
                 if response.succeeded {
                     drop(permit);
-                    return W::unguarded(response).map(Response::new);
+                    return W::unguarded(response)
+                        .map(Response::new)
+                        .map(shifted(offset));
                 }
                 // The plane is fenced: nothing of this write took effect.
                 let fenced = |why: String| {
@@ -163,7 +173,17 @@ impl EtcdProxy {
         })?
     }
 
-    /// Relays a bidirectional stream (Watch, LeaseKeepAlive).
+    /// The upstream in force for a new stream, and a receiver that sees
+    /// the next switch (subscribed first, so no switch is missed).
+    fn stream_upstream(&self) -> (Arc<Upstream>, watch::Receiver<Arc<Upstream>>) {
+        let mut switched = self.shared.upstream.subscribe();
+        let upstream = switched.borrow_and_update().clone();
+        self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
+        (upstream, switched)
+    }
+
+    /// Relays a bidirectional stream (LeaseKeepAlive; Watch has its own,
+    /// [`EtcdProxy::relay_watch`]).
     fn relay_bidi<Req, Resp, Open, Fut>(
         &self,
         request: Request<Streaming<Req>>,
@@ -171,10 +191,12 @@ impl EtcdProxy {
     ) -> Relayed<Resp>
     where
         Req: Send + 'static,
-        Resp: Send + 'static,
+        Resp: ToClient + Send + 'static,
         Open: FnOnce(Arc<Upstream>, Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
     {
+        let (upstream, switched) = self.stream_upstream();
+        let offset = upstream.revision_offset;
         let (metadata, _, mut from_client) = request.into_parts();
         let (to_upstream, upstream_requests) = mpsc::channel(STREAM_BUFFER);
         let mut upstream_request = Request::new(ReceiverStream::new(upstream_requests));
@@ -186,28 +208,106 @@ impl EtcdProxy {
                 }
             }
         });
-        self.relay_responses(upstream_request, open, Some(pump))
+        self.relay_responses(
+            (upstream, switched),
+            upstream_request,
+            open,
+            Some(pump),
+            move |mut message: Resp| {
+                message.to_client(offset);
+                vec![message]
+            },
+        )
     }
 
-    /// Relays the responses of a stream opened on the current upstream,
-    /// until either end closes it or the gateway switches upstream (then the
-    /// client gets `UNAVAILABLE`).
-    fn relay_responses<UpstreamRequest, Resp, Open, Fut>(
+    /// Relays a Watch stream. Revisions are translated both ways (see the
+    /// `revisions` module); a watch created from a revision before the
+    /// switch is created upstream from now, then answered with etcd's
+    /// compaction cancel and cancelled upstream, its events never passed on.
+    fn relay_watch(&self, request: Request<Streaming<WatchRequest>>) -> Relayed<WatchResponse> {
+        let (upstream, switched) = self.stream_upstream();
+        let offset = upstream.revision_offset;
+        let (metadata, _, mut from_client) = request.into_parts();
+        let (to_upstream, upstream_requests) = mpsc::channel(STREAM_BUFFER);
+        let mut upstream_request = Request::new(ReceiverStream::new(upstream_requests));
+        copy_forwarded(&metadata, upstream_request.metadata_mut());
+        // Creates are answered in the order they were sent: whether each
+        // must be answered compacted, and the watches cancelled that way.
+        let book = Arc::new(std::sync::Mutex::new(WatchBook::default()));
+        let pump = {
+            let book = book.clone();
+            let to_upstream = to_upstream.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(message)) = from_client.message().await {
+                    let is_create = matches!(
+                        message.request_union,
+                        Some(watch_request::RequestUnion::CreateRequest(_))
+                    );
+                    let (message, compacted) = match watch_from_client(message, offset) {
+                        WatchUp::Forward(message) => (message, false),
+                        WatchUp::CompactedCreate(message) => (message, true),
+                    };
+                    if is_create && let Ok(mut book) = book.lock() {
+                        book.creates.push_back(compacted);
+                    }
+                    if to_upstream.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        self.relay_responses(
+            (upstream, switched),
+            upstream_request,
+            |upstream, request| async move { upstream.watch.clone().watch(request).await },
+            Some(pump),
+            move |mut message: WatchResponse| {
+                let Ok(mut book) = book.lock() else {
+                    return vec![message];
+                };
+                if book.cancelled.contains(&message.watch_id) {
+                    if message.canceled {
+                        book.cancelled.remove(&message.watch_id);
+                    }
+                    return Vec::new();
+                }
+                message.to_client(offset);
+                if message.created && book.creates.pop_front() == Some(true) {
+                    let cancel = compacted_watch(&message, offset);
+                    book.cancelled.insert(message.watch_id);
+                    let _ = to_upstream.try_send(WatchRequest {
+                        request_union: Some(watch_request::RequestUnion::CancelRequest(
+                            WatchCancelRequest {
+                                watch_id: message.watch_id,
+                            },
+                        )),
+                    });
+                    return vec![message, cancel];
+                }
+                vec![message]
+            },
+        )
+    }
+
+    /// Relays the responses of a stream opened on `upstream`, each through
+    /// `down`, until either end closes it or the gateway switches upstream
+    /// (then the client gets `UNAVAILABLE`).
+    fn relay_responses<UpstreamRequest, Resp, Open, Fut, Down>(
         &self,
+        (upstream, mut switched): (Arc<Upstream>, watch::Receiver<Arc<Upstream>>),
         request: Request<UpstreamRequest>,
         open: Open,
         request_pump: Option<JoinHandle<()>>,
+        mut down: Down,
     ) -> Relayed<Resp>
     where
         UpstreamRequest: Send + 'static,
         Resp: Send + 'static,
         Open: FnOnce(Arc<Upstream>, Request<UpstreamRequest>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
+        Down: FnMut(Resp) -> Vec<Resp> + Send + 'static,
     {
         let (to_client, from_relay) = mpsc::channel(STREAM_BUFFER);
-        let mut switched = self.shared.upstream.subscribe();
-        let upstream = switched.borrow_and_update().clone();
-        self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
         let mut request = request;
         upstream.authorize(&mut request);
         tokio::spawn(async move {
@@ -229,13 +329,17 @@ impl EtcdProxy {
                         next = responses.message() => next,
                     };
                     match next {
-                        Ok(Some(message)) => tokio::select! {
-                            biased;
-                            _ = switched.changed() => return Ended::Switched,
-                            sent = to_client.send(Ok(message)) => if sent.is_err() {
-                                return Ended::Quietly;
-                            },
-                        },
+                        Ok(Some(message)) => {
+                            for message in down(message) {
+                                tokio::select! {
+                                    biased;
+                                    _ = switched.changed() => return Ended::Switched,
+                                    sent = to_client.send(Ok(message)) => if sent.is_err() {
+                                        return Ended::Quietly;
+                                    },
+                                }
+                            }
+                        }
                         Ok(None) => return Ended::Quietly,
                         Err(status) => return Ended::Failed(status),
                     }
@@ -254,6 +358,43 @@ impl EtcdProxy {
         });
         ReceiverStream::new(from_relay)
     }
+
+    /// Relays a server stream (RangeStream, Snapshot) opened on the current
+    /// upstream, its revisions translated.
+    fn relay_server_stream<Req, Resp, Open, Fut>(
+        &self,
+        request: Request<Req>,
+        open: Open,
+    ) -> Relayed<Resp>
+    where
+        Req: Send + 'static,
+        Resp: ToClient + Send + 'static,
+        Open: FnOnce(Arc<Upstream>, Request<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
+    {
+        let (upstream, switched) = self.stream_upstream();
+        let offset = upstream.revision_offset;
+        self.relay_responses(
+            (upstream, switched),
+            to_upstream(request),
+            open,
+            None,
+            move |mut message: Resp| {
+                message.to_client(offset);
+                vec![message]
+            },
+        )
+    }
+}
+
+/// What a relayed Watch stream remembers to translate compaction.
+#[derive(Default)]
+struct WatchBook {
+    /// For each create sent upstream and not answered yet, in order:
+    /// whether it must be answered compacted.
+    creates: std::collections::VecDeque<bool>,
+    /// Watches cancelled for the client: their upstream answers are dropped.
+    cancelled: std::collections::HashSet<i64>,
 }
 
 /// How a relayed stream ended.
@@ -301,9 +442,9 @@ fn plain<T>(response: Response<T>) -> Response<T> {
 
 /// A write that changes keys, sent as the one op of a Txn guarded by the
 /// fence ([`guard_compare`]).
-trait GuardedWrite: Clone + Send + 'static {
+trait GuardedWrite: FromClient + Clone + Send + 'static {
     /// What the client expects back.
-    type Response: Send + 'static;
+    type Response: ToClient + Send + 'static;
     /// The op, inside a Txn that requires the plane unfenced.
     fn guarded(self) -> TxnRequest;
     /// The client's answer, from the answer to a guarded Txn that passed.
@@ -401,14 +542,20 @@ pub(crate) fn txn_is_read_only(txn: &TxnRequest) -> bool {
 macro_rules! read {
     ($self:ident, $request:ident, $client:ident . $method:ident) => {{
         let upstream = $self.read_upstream();
+        let offset = upstream.revision_offset;
+        let mut request = to_upstream($request);
+        if offset != 0 {
+            request.get_mut().from_client(offset)?;
+        }
         let client = upstream.$client.clone();
         upstream
-            .call(to_upstream($request), |request| {
+            .call(request, |request| {
                 let mut client = client.clone();
                 async move { client.$method(request).await }
             })
             .await
             .map(plain)
+            .map(shifted(offset))
     }};
 }
 
@@ -416,7 +563,11 @@ macro_rules! read {
 macro_rules! write {
     ($self:ident, $request:ident, $client:ident . $method:ident) => {
         $self
-            .write($request, |upstream, request| async move {
+            .write($request, |upstream, mut request| async move {
+                let offset = upstream.revision_offset;
+                if offset != 0 {
+                    request.get_mut().from_client(offset)?;
+                }
                 let client = upstream.$client.clone();
                 upstream
                     .call(request, |request| {
@@ -424,6 +575,7 @@ macro_rules! write {
                         async move { client.$method(request).await }
                     })
                     .await
+                    .map(shifted(offset))
             })
             .await
     };
@@ -444,11 +596,9 @@ impl Kv for EtcdProxy {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
-        let request = to_upstream(request);
-        Ok(Response::new(self.relay_responses(
+        Ok(Response::new(self.relay_server_stream(
             request,
             |upstream, request| async move { upstream.kv.clone().range_stream(request).await },
-            None,
         )))
     }
 
@@ -487,11 +637,7 @@ impl Watch for EtcdProxy {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Ok(Response::new(
-            self.relay_bidi(request, |upstream, request| async move {
-                upstream.watch.clone().watch(request).await
-            }),
-        ))
+        Ok(Response::new(self.relay_watch(request)))
     }
 }
 
@@ -579,11 +725,9 @@ impl Maintenance for EtcdProxy {
         &self,
         request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        let request = to_upstream(request);
-        Ok(Response::new(self.relay_responses(
+        Ok(Response::new(self.relay_server_stream(
             request,
             |upstream, request| async move { upstream.maintenance.clone().snapshot(request).await },
-            None,
         )))
     }
 

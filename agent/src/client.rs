@@ -17,7 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 pub const TOKEN_ENV: &str = "FERRY_AGENT_TOKEN";
 
 /// How a client reaches an agent or a gateway.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ClientOptions {
     /// Sent as `authorization: Bearer <token>` on every call.
     pub token: Option<String>,
@@ -26,6 +26,18 @@ pub struct ClientOptions {
     /// Talk TLS, trusting the certificates this PEM file's CA signed (an
     /// agent started with `--tls-cert-file`).
     pub tls_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        formatter
+            .debug_struct("ClientOptions")
+            .field("token_set", &self.token.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
 }
 
 impl ClientOptions {
@@ -50,8 +62,18 @@ impl ClientOptions {
 }
 
 /// Adds the bearer token to every call.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        formatter
+            .debug_struct("BearerToken")
+            .field("set", &self.0.is_some())
+            .finish()
+    }
+}
 
 impl Interceptor for BearerToken {
     fn call(
@@ -213,4 +235,23 @@ pub(crate) fn source_chain(error: &(dyn std::error::Error + 'static)) -> String 
         cause = next.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let options = ClientOptions {
+            token: Some("s3cr3t-agent-token".to_owned()),
+            ..ClientOptions::default()
+        };
+        let bearer = BearerToken(Some(
+            "Bearer s3cr3t-agent-token".parse().expect("a header value"),
+        ));
+        for debug in [format!("{options:?}"), format!("{bearer:?}")] {
+            assert!(!debug.contains("s3cr3t"), "{debug}");
+        }
+    }
 }

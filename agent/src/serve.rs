@@ -29,12 +29,23 @@ use crate::target::EtcdTargetAgent;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How an agent is served.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ServeOptions {
     /// The bearer token every call must carry; none required when `None`.
     pub token: Option<String>,
     /// PEM files of the server's certificate and its key: TLS when set.
     pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        formatter
+            .debug_struct("ServeOptions")
+            .field("token_required", &self.token.is_some())
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The agent could not be served.
@@ -251,5 +262,21 @@ pub fn status_for(error: &Error) -> Status {
         ErrorKind::Source | ErrorKind::Target | ErrorKind::Storage => Status::unavailable(message),
         ErrorKind::Damaged => Status::data_loss(message),
         ErrorKind::NotFound => Status::not_found(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let options = ServeOptions {
+            token: Some("s3cr3t-agent-token".to_owned()),
+            tls: None,
+        };
+        let debug = format!("{options:?}");
+        assert!(!debug.contains("s3cr3t"), "{debug}");
+        assert!(debug.contains("token_required: true"), "{debug}");
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::commands::{EtcdArgs, UsageError};
+use crate::exposure::{self, Exposure};
 use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
 
@@ -52,6 +53,10 @@ struct CommonArgs {
     /// Serve TLS: PEM file of the certificate's private key.
     #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Serve on a non-loopback --listen address without TLS or without a
+    /// token (refused otherwise): anyone who reaches it can use the agent.
+    #[arg(long)]
+    insecure_listen: bool,
     #[command(flatten)]
     etcd: EtcdArgs,
 }
@@ -99,10 +104,23 @@ impl CommonArgs {
             .map_err(|error| UsageError(error.to_string()).into())
     }
 
-    async fn bind(&self) -> Result<TcpListener> {
-        TcpListener::bind(&self.listen)
+    /// Binds `--listen`; refuses (exit 2) a non-loopback address without
+    /// TLS and a token unless `--insecure-listen` is given.
+    async fn bind(&self, service: &str, risk: &str, options: &ServeOptions) -> Result<TcpListener> {
+        let listener = TcpListener::bind(&self.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (--listen)", self.listen))
+            .with_context(|| format!("cannot listen on {} (--listen)", self.listen))?;
+        let exposure = Exposure {
+            service,
+            risk,
+            flag: "--listen",
+            requested: &self.listen,
+            bound: listener.local_addr()?,
+            tls: options.tls.is_some(),
+            token: options.token.is_some(),
+        };
+        exposure::check(&exposure, self.insecure_listen)?;
+        Ok(listener)
     }
 }
 
@@ -145,7 +163,14 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
                 args.prefix.unwrap_or_default().into_bytes(),
                 usize::from(args.parallel),
             );
-            let listener = args.common.bind().await?;
+            let listener = args
+                .common
+                .bind(
+                    "the source agent",
+                    "read the whole control plane (a cluster's Secrets included) and fence its writes",
+                    &options,
+                )
+                .await?;
             announce("source", &listener, &plane, &options, global)?;
             serve_source_agent(agent, listener, &options, shutdown()).await?;
         }
@@ -161,7 +186,14 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
                     ..EtcdSinkOptions::default()
                 },
             );
-            let listener = args.common.bind().await?;
+            let listener = args
+                .common
+                .bind(
+                    "the target agent",
+                    "write anything into the new control plane",
+                    &options,
+                )
+                .await?;
             announce("target", &listener, &plane, &options, global)?;
             serve_target_agent(agent, listener, &options, shutdown()).await?;
         }

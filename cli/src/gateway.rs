@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::commands::{EtcdArgs, UsageError};
+use crate::exposure::{self, Exposure};
 use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
 
@@ -51,6 +52,11 @@ pub struct GatewayArgs {
     /// Serve TLS: PEM file of the certificate's private key.
     #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
+    /// Serve the admin service on a non-loopback --admin-listen address
+    /// without TLS or without a token (refused otherwise): anyone who
+    /// reaches it can hold and switch every client's writes.
+    #[arg(long)]
+    insecure_listen: bool,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -99,6 +105,20 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
     };
     let token_required = options.admin_token.is_some();
     let tls = options.tls.is_some();
+    // Clients talk plain etcd on --listen, as they would to etcd; the admin
+    // service is ferry's own, and is refused before the upstream is reached.
+    exposure::check(
+        &Exposure {
+            service: "the gateway's admin service",
+            risk: "hold, switch and release every client's writes",
+            flag: "--admin-listen",
+            requested: &args.admin_listen,
+            bound: admin_listener.local_addr()?,
+            tls,
+            token: token_required,
+        },
+        args.insecure_listen,
+    )?;
     let gateway = match Gateway::connect(&options).await {
         Ok(gateway) => gateway,
         Err(error @ GatewayError::BadUpstream { .. }) => {

@@ -9,6 +9,7 @@
 mod agent;
 mod commands;
 mod exit;
+mod exposure;
 mod gateway;
 mod migrate;
 mod migrations;

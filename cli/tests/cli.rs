@@ -349,3 +349,179 @@ fn help_documents_the_exit_codes() {
     assert!(help.status.success());
     assert!(text(&help.stdout).contains("3  damaged backup"));
 }
+
+/// `ferry ARGS` without the agents' token in its environment.
+fn ferry_without_token(args: &[&str], token: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.args(args).env_remove("FERRY_AGENT_TOKEN");
+    if let Some(token) = token {
+        command.env("FERRY_AGENT_TOKEN", token);
+    }
+    command.output().expect("ferry runs")
+}
+
+/// A `ferry` server, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// Starts `ferry --output json ARGS` and returns it with its ready line.
+    fn start(args: &[&str]) -> (Self, serde_json::Value) {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["--output", "json"])
+            .args(args)
+            .env_remove("FERRY_AGENT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ferry starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let server = Self(child);
+        let ready = serde_json::from_str(&line).unwrap_or_else(|error| {
+            panic!("ferry {args:?} printed {line:?}, not its ready line ({error})")
+        });
+        (server, ready)
+    }
+}
+
+/// Asserts `output` is a usage error (exit 2) whose message has every one
+/// of `parts`.
+fn assert_refused(output: &Output, parts: &[&str]) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "exit 2 (usage): {stderr}");
+    for part in parts {
+        assert!(stderr.contains(part), "{part:?} in {stderr}");
+    }
+}
+
+/// Secure by default (issue 10, item 11): `ferry agent source --listen
+/// 0.0.0.0:7400` used to start with no TLS and no token, and stream the
+/// whole control plane to anyone who connected. Off loopback, an agent now
+/// needs both, or says it runs insecure on purpose.
+#[test]
+fn an_agent_off_loopback_needs_tls_and_a_token_or_insecure_listen() {
+    // Nothing listens there: an agent reaches its etcd only when called.
+    let plane = "etcd://127.0.0.1:1";
+    for role in ["source", "target"] {
+        let args = [
+            "agent",
+            role,
+            "--control-plane",
+            plane,
+            "--listen",
+            "0.0.0.0:0",
+        ];
+        assert_refused(
+            &ferry_without_token(&args, None),
+            &[
+                &format!("the {role} agent would serve on 0.0.0.0:"),
+                "(--listen 0.0.0.0:0)",
+                "without TLS and without a token",
+                "--tls-cert-file FILE --tls-key-file FILE",
+                "--token-file FILE (or FERRY_AGENT_TOKEN)",
+                "--insecure-listen",
+            ],
+        );
+        // A token alone would cross the network in clear.
+        let token_only = ferry_without_token(&args, Some("a-token"));
+        assert_refused(&token_only, &["without TLS", "--tls-cert-file"]);
+        assert!(!text(&token_only.stderr).contains("--token-file"));
+
+        let (_agent, ready) = Server::start(&[&args[..], &["--insecure-listen"]].concat());
+        assert_eq!(ready["role"], role);
+        assert!(
+            ready["listen"]
+                .as_str()
+                .expect("listen is a string")
+                .starts_with("0.0.0.0:"),
+            "{ready}"
+        );
+        assert_eq!(ready["tls"], false);
+        assert_eq!(ready["token_required"], false);
+    }
+    // Loopback needs neither, by address or by name.
+    for listen in ["127.0.0.1:0", "localhost:0"] {
+        let (_agent, ready) = Server::start(&[
+            "agent",
+            "source",
+            "--control-plane",
+            plane,
+            "--listen",
+            listen,
+        ]);
+        assert_eq!(ready["role"], "source");
+    }
+}
+
+/// The gateway's admin service (Hold, Switch, Release) follows the agents'
+/// rule; its etcd API (`--listen`) serves clients plain etcd, as etcd does.
+#[test]
+fn a_gateway_admin_service_off_loopback_needs_tls_and_a_token_or_insecure_listen() {
+    // Nothing listens at the upstream: the refusal comes before the gateway
+    // tries it (an unreachable upstream exits 1).
+    let gateway = |admin: &str, extra: &[&str]| {
+        ferry_without_token(
+            &[
+                &[
+                    "gateway",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    "etcd://127.0.0.1:1",
+                    "--admin-listen",
+                    admin,
+                ],
+                extra,
+            ]
+            .concat(),
+            None,
+        )
+    };
+    assert_refused(
+        &gateway("0.0.0.0:0", &[]),
+        &[
+            "the gateway's admin service would serve on 0.0.0.0:",
+            "(--admin-listen 0.0.0.0:0)",
+            "without TLS and without a token",
+            "--tls-cert-file FILE --tls-key-file FILE",
+            "--token-file FILE (or FERRY_AGENT_TOKEN)",
+            "--insecure-listen",
+        ],
+    );
+    // Past the check, it goes on to its upstream (here: none, exit 1).
+    for (admin, extra) in [
+        ("0.0.0.0:0", &["--insecure-listen"][..]),
+        ("127.0.0.1:0", &[][..]),
+    ] {
+        let output = gateway(admin, extra);
+        assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("cannot reach upstream"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    let clients_anywhere = ferry_without_token(
+        &[
+            "gateway",
+            "--listen",
+            "0.0.0.0:0",
+            "--upstream",
+            "etcd://127.0.0.1:1",
+        ],
+        None,
+    );
+    assert_eq!(clients_anywhere.status.code(), Some(1));
+    assert!(text(&clients_anywhere.stderr).contains("cannot reach upstream"));
+}

@@ -1308,16 +1308,20 @@ async fn cutover(
         // Step 5: fence the old plane; F is after every write it acknowledged.
         running.phase.send_replace(Phase::Fencing);
         let fence_started = Instant::now();
-        let fence = running
-            .source
-            .fence(FenceRequest {
+        // From here the old plane may be fenced: a rollback unfences it
+        // (a no-op when the fence never took effect).
+        fenced = true;
+        let fence = tokio::time::timeout(
+            options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
+            running.source.fence(FenceRequest {
                 epoch,
                 successor_url: running.target_description.control_plane_url.clone(),
-            })
-            .await
+            }),
+        )
+        .await
+        .map_err(|_| "the source agent did not fence the old plane within --max-pause".to_owned())?
             .map_err(|status| format!("the source agent could not fence the old plane: {}", status_text(&status)))?
             .into_inner();
-        fenced = true;
         report.fenced_position = Some(fence.fenced_position);
         report.fence_ms = Some(ms(fence_started.elapsed()));
 

@@ -42,6 +42,9 @@ enum Fault {
     CutSourceLink,
     /// Stop the new etcd (SIGSTOP) just as the cutover holds writes.
     NewEtcdFailsAtCutover,
+    /// Stop the old etcd (SIGSTOP) a little before the cutover, for longer
+    /// than the pause: writes in flight never drain, the fence hangs.
+    OldEtcdHangsAtCutover,
     /// Stop the target agent (SIGSTOP) while it follows, so the cutover
     /// finds it behind the fence; once the cutover drains, kill it with -9
     /// and start it again on its address.
@@ -160,6 +163,11 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
             tokio::time::sleep(Duration::from_secs(1)).await;
             cluster.target_agent = start_target_agent(&cluster.new, &listen);
         }
+        Fault::OldEtcdHangsAtCutover => {
+            wait_for_phase(&status_file, "following").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            signal(cluster.old.pid(), "-STOP");
+        }
         Fault::NewEtcdFailsAtCutover => {
             // The cutover starts when the soak ends, whatever the lag; the
             // new etcd stops answering a little before.
@@ -177,6 +185,11 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
     };
     if fault == Fault::NewEtcdFailsAtCutover {
         signal(cluster.new.pid(), "-CONT");
+    }
+    if fault == Fault::OldEtcdHangsAtCutover {
+        // The migration ended (rolled back) while the old etcd hung: it
+        // never stalls on a peer. Now the old etcd comes back.
+        signal(cluster.old.pid(), "-CONT");
     }
     // Writes go on after the switch (or the rollback).
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -491,6 +504,23 @@ async fn the_new_etcd_failing_at_cutover_rolls_back_and_loses_nothing() {
     let outcome = migrate_under_load(
         &mut cluster,
         Fault::NewEtcdFailsAtCutover,
+        &["--follow-at-least", "3s", "--max-lag", "1000000000"],
+    )
+    .await;
+    assert_rolled_back_without_loss(&cluster, &outcome).await;
+}
+
+/// Item 5 of issue 10: the old etcd hangs (SIGSTOP) through the cutover,
+/// longer than --max-pause. The writes in flight to it never drain, so the
+/// cutover rolls back within the pause and the calls' deadlines instead of
+/// waiting; once the old etcd comes back, the held writes go on there and
+/// nothing is lost or fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_old_etcd_hanging_at_cutover_rolls_back_and_loses_nothing() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::OldEtcdHangsAtCutover,
         &["--follow-at-least", "3s", "--max-lag", "1000000000"],
     )
     .await;

@@ -45,8 +45,10 @@ use super::upstream::{TOKEN_KEY, Upstream};
 pub(crate) const STREAM_BUFFER: usize = 64;
 
 /// The metadata a client's call carries on to the upstream: etcd's auth
-/// token (gRPC clients send `token`, the HTTP gateway `authorization`).
-const FORWARDED_METADATA: [&str; 2] = [TOKEN_KEY, "authorization"];
+/// token (gRPC clients send `token`, the HTTP gateway `authorization`), and
+/// the client's deadline, so a call the client gave up on is not left
+/// running upstream.
+const FORWARDED_METADATA: [&str; 3] = [TOKEN_KEY, "authorization", "grpc-timeout"];
 
 /// The stream type of every relayed stream.
 pub(crate) type Relayed<T> = ReceiverStream<Result<T, Status>>;

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::gate::HoldId;
 use super::upstream::{Upstream, UpstreamAccess};
-use super::{GatewayError, Shared};
+use super::{GatewayError, SETTLE_BOUND, Shared};
 
 /// The most migrations a gateway follows from the plane it was started
 /// with: more means records that point in a circle.
@@ -184,25 +184,52 @@ impl Shared {
     /// says the migration switched, follow it (once) and say so; otherwise
     /// the cutover is undecided and the write must wait for it.
     pub(crate) async fn follow_after_fenced_write(
-        &self,
+        self: &Arc<Self>,
         refused_by: &Arc<Upstream>,
     ) -> Result<bool, String> {
-        let _one_at_a_time = self.switching.lock().await;
-        if !Arc::ptr_eq(&self.upstream.borrow(), refused_by) {
-            // Someone moved the gateway on meanwhile.
-            return Ok(true);
-        }
-        match refused_by.read_fence(self.connect_timeout).await? {
-            Some(stored) if stored.switched() => {
-                self.follow(refused_by, &stored).await?;
-                Ok(true)
+        let in_doubt = {
+            let _one_at_a_time = self.switching.lock().await;
+            if !Arc::ptr_eq(&self.upstream.borrow(), refused_by) {
+                // Someone moved the gateway on meanwhile.
+                return Ok(true);
             }
-            Some(stored) => {
-                warn!(upstream = %refused_by.url, record = %describe_fence(Some(&stored.fence)), "a write met the fence of a migration this gateway was not told of");
-                Ok(false)
+            match refused_by.read_fence(self.connect_timeout).await? {
+                Some(stored) if stored.switched() => {
+                    self.follow(refused_by, &stored).await?;
+                    return Ok(true);
+                }
+                Some(stored) if stored.in_doubt() => stored.fence.epoch,
+                _ => return Ok(false),
             }
-            None => Ok(false),
+        };
+        warn!(upstream = %refused_by.url, epoch = in_doubt, "a write met the fence of a migration that is undecided and does not hold this gateway: holding writes until it decides");
+        self.hold_until_decided(
+            in_doubt,
+            "a write met the fence of an undecided migration that did not hold this gateway",
+        )
+        .await;
+        Ok(false)
+    }
+
+    /// A migration fenced the upstream and has not decided, and nothing
+    /// holds this gateway for it (it started then, or its driver did not
+    /// know it, or held and released it while the old plane hung): hold
+    /// writes as a Hold of that epoch would, for the default pause, then
+    /// settle as a lapsed hold does. Does nothing while writes are held.
+    pub(crate) async fn hold_until_decided(self: &Arc<Self>, epoch: u64, why: &'static str) {
+        if self.gate.snapshot().holding {
+            return;
         }
+        let pause = self.default_max_pause;
+        let Ok((_, id)) = self.gate.hold(epoch, pause + SETTLE_BOUND).await else {
+            // A newer epoch owns the gateway: its driver decides.
+            return;
+        };
+        let settling = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            settling.settle_lapsed_hold(id, why).await;
+        });
     }
 
     fn set_settling(&self, note: String) {

@@ -295,11 +295,16 @@ impl Gateway {
 
     /// Serves etcd's API on `etcd_listener` and the admin service on
     /// `admin_listener` until `shutdown` completes (then open streams get
-    /// a moment to end) or a server fails.
+    /// a moment to end) or a server fails. `max_request_bytes` is etcd's
+    /// `--max-request-bytes` (its default: 1,572,864): a client's request
+    /// message over it plus etcd's 512 KiB allowance for gRPC is refused
+    /// `RESOURCE_EXHAUSTED` as it arrives, as etcd refuses it, neither held
+    /// nor forwarded. Responses are not capped.
     pub async fn serve(
         self,
         etcd_listener: TcpListener,
         admin_listener: TcpListener,
+        max_request_bytes: usize,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let (stop, stopped) = watch::channel(false);
@@ -324,7 +329,7 @@ impl Gateway {
             })
         };
         let etcd = builder()?.serve_with_incoming_shutdown(
-            EtcdRouter::new(EtcdProxy::new(self.shared.clone())),
+            EtcdRouter::new(EtcdProxy::new(self.shared.clone()), max_request_bytes),
             TcpIncoming::from(etcd_listener).with_nodelay(Some(true)),
             until_stopped(stopped.clone()),
         );

@@ -36,6 +36,11 @@ pub struct GatewayArgs {
     /// How long an upstream (the first, or a Switch's) has to answer.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// The upstream's --max-request-bytes (etcd's default): a client's request
+    /// larger than this plus 512 KiB is refused RESOURCE_EXHAUSTED, as etcd
+    /// refuses it, before it is held or forwarded.
+    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
+    max_request_bytes: usize,
     /// The gateway's own credentials and TLS, for every upstream (the first
     /// and each Switch's); a client's own token is passed on as it is.
     #[command(flatten)]
@@ -143,7 +148,12 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         ),
     }
     gateway
-        .serve(etcd_listener, admin_listener, shutdown())
+        .serve(
+            etcd_listener,
+            admin_listener,
+            args.max_request_bytes,
+            shutdown(),
+        )
         .await?;
     Ok(exit::SUCCESS)
 }

@@ -1234,3 +1234,91 @@ async fn the_gateway_serves_tls_to_its_clients_and_to_ferry_migrate() {
         .into_inner();
     assert_eq!(status.upstream_url, etcd.url());
 }
+
+/// Limits a client cannot blow past (issue 10, item 6): the gateway decoded
+/// requests of up to 2 GiB (`i32::MAX`) from any client, held them in
+/// memory while writes were held, then forwarded them. It now refuses what
+/// etcd refuses: a request over `--max-request-bytes` (etcd's default,
+/// 1.5 MiB) plus etcd's 512 KiB for gRPC is answered `RESOURCE_EXHAUSTED`
+/// as it arrives, neither held nor forwarded. Responses stay uncapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_size_cap_is_refused_as_it_arrives_neither_held_nor_forwarded() {
+    // An etcd that takes 3 MiB requests: what reaches it is stored, so a
+    // key missing there was never forwarded.
+    let etcd = EtcdServer::start_with(&EtcdOptions {
+        max_request_bytes: 3 << 20,
+        ..EtcdOptions::default()
+    })
+    .expect("etcd with --max-request-bytes 3 MiB starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &[]);
+    let mut admin = gateway.admin().await;
+    let mut client = gateway.kv().await;
+    let two_mib = "x".repeat(2 << 20);
+
+    // Writes are held for a minute: a write under the cap would wait in
+    // line; this one is refused while the hold still stands.
+    let held = hold(&mut admin, 1, 60_000).await;
+    let refused = put(&mut client, "/big/two-mib", &two_mib)
+        .await
+        .expect_err("2 MiB and its key are over 1.5 MiB + 512 KiB");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("grpc: received message larger than max")
+            && refused.message().contains("ferry gateway"),
+        "etcd's words, from the gateway: {}",
+        refused.message()
+    );
+    let status = admin
+        .status(GatewayStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.holding, "refused within the hold: {status:?}");
+    assert_eq!(status.queued_writes, 0, "never held: {status:?}");
+    drop(held);
+    assert_eq!(
+        value_in(&etcd, "/big/two-mib").await,
+        None,
+        "never forwarded"
+    );
+
+    // Under the cap, through to etcd; and a Range whose answer is larger
+    // than the cap comes back whole.
+    for index in 0..3 {
+        put(
+            &mut client,
+            &format!("/big/one-mib-{index}"),
+            &"y".repeat(1 << 20),
+        )
+        .await
+        .expect("1 MiB is under the gateway's cap and etcd's");
+    }
+    let all = client
+        .range(RangeRequest {
+            key: b"/big/".to_vec(),
+            range_end: b"/big0".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("a 3 MiB answer")
+        .into_inner();
+    assert_eq!(all.kvs.len(), 3);
+    assert!(all.kvs.iter().all(|kv| kv.value.len() == 1 << 20));
+
+    // --max-request-bytes follows an etcd that takes larger requests.
+    let large_gateway = GatewayProcess::start(
+        &etcd.url(),
+        &["--max-request-bytes", &(3 << 20).to_string()],
+    );
+    put(&mut large_gateway.kv().await, "/big/two-mib", &two_mib)
+        .await
+        .expect("2 MiB is under a 3 MiB cap");
+    assert_eq!(
+        value_in(&etcd, "/big/two-mib")
+            .await
+            .map(|value| value.len()),
+        Some(2 << 20)
+    );
+}

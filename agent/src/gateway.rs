@@ -264,22 +264,12 @@ impl Gateway {
         if let Some(epoch) = in_doubt {
             // As if that migration held this gateway: writes wait for its
             // decision, for the default pause, then the hold settles.
-            let (_, id) = shared
-                .gate
-                .hold(epoch, options.default_max_pause + SETTLE_BOUND)
-                .await
-                .map_err(|error| GatewayError::Unreachable {
-                    url: options.upstream_url.clone(),
-                    reason: error.to_string(),
-                })?;
-            let settling = shared.clone();
-            let pause = options.default_max_pause;
-            tokio::spawn(async move {
-                tokio::time::sleep(pause).await;
-                settling
-                    .settle_lapsed_hold(id, "the gateway started while the migration was undecided")
-                    .await;
-            });
+            shared
+                .hold_until_decided(
+                    epoch,
+                    "the gateway started while the migration was undecided",
+                )
+                .await;
         }
         Ok(Self {
             shared,

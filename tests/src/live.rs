@@ -412,7 +412,8 @@ pub fn expected_history(
     expected
 }
 
-/// The servers of one migration: two etcds, two agents, a gateway.
+/// The servers of one migration: two etcds, two agents, two gateway
+/// replicas.
 pub struct Cluster {
     /// The plane migrated from.
     pub old: EtcdServer,
@@ -424,6 +425,8 @@ pub struct Cluster {
     pub target_agent: FerryProcess,
     /// `ferry gateway`, in front of the old etcd at first.
     pub gateway: FerryProcess,
+    /// A second replica beside it: `ferry migrate` is given both.
+    pub second_gateway: FerryProcess,
     /// The migration reaches the source agent through this, so a test can cut it.
     pub source_link: TcpProxy,
 }
@@ -453,17 +456,21 @@ impl Cluster {
         )
         .expect("source agent");
         let target_agent = start_target_agent(&new, "127.0.0.1:0");
-        let gateway = FerryProcess::start(
-            &[
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &old.url(),
-            ],
-            &[],
-        )
-        .expect("gateway");
+        let gateway_in_front_of_old = || {
+            FerryProcess::start(
+                &[
+                    "gateway",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    &old.url(),
+                ],
+                &[],
+            )
+            .expect("gateway")
+        };
+        let gateway = gateway_in_front_of_old();
+        let second_gateway = gateway_in_front_of_old();
         let source_link = TcpProxy::start(&source_agent.field("listen"))
             .await
             .expect("proxy");
@@ -473,6 +480,7 @@ impl Cluster {
             source_agent,
             target_agent,
             gateway,
+            second_gateway,
             source_link,
         }
     }
@@ -489,7 +497,11 @@ impl Cluster {
             "--target-agent",
             &self.target_agent.field("listen"),
             "--gateway",
-            &self.gateway.field("admin"),
+            &format!(
+                "{},{}",
+                self.gateway.field("admin"),
+                self.second_gateway.field("admin")
+            ),
             "--max-pause",
             "2s",
             "--max-lag",
@@ -502,6 +514,15 @@ impl Cluster {
         .iter()
         .map(|argument| argument.to_string())
         .collect()
+    }
+
+    /// Where writer `index` writes: the replicas take turns.
+    pub fn gateway_for(&self, index: usize) -> String {
+        if index.is_multiple_of(2) {
+            self.gateway.field("listen")
+        } else {
+            self.second_gateway.field("listen")
+        }
     }
 }
 

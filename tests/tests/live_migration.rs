@@ -42,6 +42,9 @@ enum Fault {
     CutSourceLink,
     /// Stop the new etcd (SIGSTOP) just as the cutover holds writes.
     NewEtcdFailsAtCutover,
+    /// Stop the second gateway replica (SIGSTOP) a little before the
+    /// cutover: it cannot be held, so nothing may be fenced.
+    SecondGatewayHangsAtCutover,
     /// Stop the old etcd (SIGSTOP) a little before the cutover, for longer
     /// than the pause: writes in flight never drain, the fence hangs.
     OldEtcdHangsAtCutover,
@@ -76,7 +79,7 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
         .map(|index| {
             tokio::spawn(writer(
                 index,
-                cluster.gateway.field("listen"),
+                cluster.gateway_for(index),
                 stop.clone(),
                 Duration::from_millis(5),
             ))
@@ -163,6 +166,11 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
             tokio::time::sleep(Duration::from_secs(1)).await;
             cluster.target_agent = start_target_agent(&cluster.new, &listen);
         }
+        Fault::SecondGatewayHangsAtCutover => {
+            wait_for_phase(&status_file, "following").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            signal(cluster.second_gateway.pid(), "-STOP");
+        }
         Fault::OldEtcdHangsAtCutover => {
             wait_for_phase(&status_file, "following").await;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -185,6 +193,9 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
     };
     if fault == Fault::NewEtcdFailsAtCutover {
         signal(cluster.new.pid(), "-CONT");
+    }
+    if fault == Fault::SecondGatewayHangsAtCutover {
+        signal(cluster.second_gateway.pid(), "-CONT");
     }
     if fault == Fault::OldEtcdHangsAtCutover {
         // The migration ended (rolled back) while the old etcd hung: it
@@ -525,6 +536,33 @@ async fn the_old_etcd_hanging_at_cutover_rolls_back_and_loses_nothing() {
     )
     .await;
     assert_rolled_back_without_loss(&cluster, &outcome).await;
+}
+
+/// Item 4 of issue 10: a gateway replica that cannot be held before the
+/// fence (SIGSTOP) rolls the cutover back, nothing fenced; the replica held
+/// is released to the old etcd, the stopped one settles once it is back,
+/// and every acknowledged write through either is in the old etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_replica_that_cannot_be_held_rolls_the_cutover_back() {
+    let mut cluster = Cluster::start().await;
+    let outcome = migrate_under_load(
+        &mut cluster,
+        Fault::SecondGatewayHangsAtCutover,
+        &["--follow-at-least", "3s", "--max-lag", "1000000000"],
+    )
+    .await;
+    assert_rolled_back_without_loss(&cluster, &outcome).await;
+    let reason = outcome.report["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&cluster.second_gateway.field("admin")),
+        "the reason names the replica: {}",
+        outcome.report
+    );
+    assert!(
+        outcome.report["fenced_position"].is_null(),
+        "{}",
+        outcome.report
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -304,7 +304,7 @@ async fn migrate_mystic(
         .map(|index| {
             tokio::spawn(writer_with(
                 index,
-                cluster.gateway.field("listen"),
+                cluster.gateway_for(index),
                 stop.clone(),
                 Duration::from_millis(5),
                 MYSTIC_WRITERS,

@@ -134,7 +134,7 @@ impl EtcdProxy {
                 let offset = upstream.revision_offset;
                 let mut message = message.clone();
                 if offset != 0 {
-                    message.from_client(offset)?;
+                    message.lower_revisions(offset)?;
                 }
                 let mut guarded = Request::new(message.guarded());
                 *guarded.metadata_mut() = metadata.clone();
@@ -216,7 +216,7 @@ impl EtcdProxy {
             open,
             Some(pump),
             move |mut message: Resp| {
-                message.to_client(offset);
+                message.raise_revisions(offset);
                 vec![message]
             },
         )
@@ -273,7 +273,7 @@ impl EtcdProxy {
                     }
                     return Vec::new();
                 }
-                message.to_client(offset);
+                message.raise_revisions(offset);
                 if message.created && book.creates.pop_front() == Some(true) {
                     let cancel = compacted_watch(&message, offset);
                     book.cancelled.insert(message.watch_id);
@@ -382,7 +382,7 @@ impl EtcdProxy {
             open,
             None,
             move |mut message: Resp| {
-                message.to_client(offset);
+                message.raise_revisions(offset);
                 vec![message]
             },
         )
@@ -547,7 +547,7 @@ macro_rules! read {
         let offset = upstream.revision_offset;
         let mut request = to_upstream($request);
         if offset != 0 {
-            request.get_mut().from_client(offset)?;
+            request.get_mut().lower_revisions(offset)?;
         }
         let client = upstream.$client.clone();
         upstream
@@ -568,7 +568,7 @@ macro_rules! write {
             .write($request, |upstream, mut request| async move {
                 let offset = upstream.revision_offset;
                 if offset != 0 {
-                    request.get_mut().from_client(offset)?;
+                    request.get_mut().lower_revisions(offset)?;
                 }
                 let client = upstream.$client.clone();
                 upstream

@@ -30,7 +30,7 @@ pub(crate) const COMPACTED: &str = "etcdserver: mvcc: required revision has been
 pub(crate) trait FromClient {
     /// Takes `offset` off every revision in the request; a revision the
     /// upstream cannot have is an error for the client.
-    fn from_client(&mut self, _offset: i64) -> Result<(), Status> {
+    fn lower_revisions(&mut self, _offset: i64) -> Result<(), Status> {
         Ok(())
     }
 }
@@ -38,7 +38,7 @@ pub(crate) trait FromClient {
 /// An upstream's answer, as the client must see it.
 pub(crate) trait ToClient {
     /// Adds `offset` to every revision in the answer.
-    fn to_client(&mut self, offset: i64);
+    fn raise_revisions(&mut self, offset: i64);
 }
 
 /// `response` with `offset` added, as a closure for `map`.
@@ -47,7 +47,7 @@ pub(crate) fn shifted<T: ToClient>(
 ) -> impl Fn(tonic::Response<T>) -> tonic::Response<T> {
     move |mut response| {
         if offset != 0 {
-            response.get_mut().to_client(offset);
+            response.get_mut().raise_revisions(offset);
         }
         response
     }
@@ -74,30 +74,30 @@ fn compacted() -> Status {
 }
 
 impl ToClient for ResponseHeader {
-    fn to_client(&mut self, offset: i64) {
+    fn raise_revisions(&mut self, offset: i64) {
         raise(&mut self.revision, offset);
     }
 }
 
 impl ToClient for KeyValue {
-    fn to_client(&mut self, offset: i64) {
+    fn raise_revisions(&mut self, offset: i64) {
         raise(&mut self.create_revision, offset);
         raise(&mut self.mod_revision, offset);
     }
 }
 
 impl<T: ToClient> ToClient for Option<T> {
-    fn to_client(&mut self, offset: i64) {
+    fn raise_revisions(&mut self, offset: i64) {
         if let Some(inner) = self {
-            inner.to_client(offset);
+            inner.raise_revisions(offset);
         }
     }
 }
 
 impl<T: ToClient> ToClient for Vec<T> {
-    fn to_client(&mut self, offset: i64) {
+    fn raise_revisions(&mut self, offset: i64) {
         for item in self {
-            item.to_client(offset);
+            item.raise_revisions(offset);
         }
     }
 }
@@ -106,8 +106,8 @@ impl<T: ToClient> ToClient for Vec<T> {
 macro_rules! header_only {
     ($($response:ty),* $(,)?) => {
         $(impl ToClient for $response {
-            fn to_client(&mut self, offset: i64) {
-                self.header.to_client(offset);
+            fn raise_revisions(&mut self, offset: i64) {
+                self.header.raise_revisions(offset);
             }
         })*
     };
@@ -152,42 +152,42 @@ header_only!(
 );
 
 impl ToClient for RangeResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.header.to_client(offset);
-        self.kvs.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.header.raise_revisions(offset);
+        self.kvs.raise_revisions(offset);
     }
 }
 
 impl ToClient for RangeStreamResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.range_response.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.range_response.raise_revisions(offset);
     }
 }
 
 impl ToClient for PutResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.header.to_client(offset);
-        self.prev_kv.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.header.raise_revisions(offset);
+        self.prev_kv.raise_revisions(offset);
     }
 }
 
 impl ToClient for DeleteRangeResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.header.to_client(offset);
-        self.prev_kvs.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.header.raise_revisions(offset);
+        self.prev_kvs.raise_revisions(offset);
     }
 }
 
 impl ToClient for TxnResponse {
-    fn to_client(&mut self, offset: i64) {
+    fn raise_revisions(&mut self, offset: i64) {
         use response_op::Response;
-        self.header.to_client(offset);
+        self.header.raise_revisions(offset);
         for op in &mut self.responses {
             match &mut op.response {
-                Some(Response::ResponseRange(range)) => range.to_client(offset),
-                Some(Response::ResponsePut(put)) => put.to_client(offset),
-                Some(Response::ResponseDeleteRange(delete)) => delete.to_client(offset),
-                Some(Response::ResponseTxn(txn)) => txn.to_client(offset),
+                Some(Response::ResponseRange(range)) => range.raise_revisions(offset),
+                Some(Response::ResponsePut(put)) => put.raise_revisions(offset),
+                Some(Response::ResponseDeleteRange(delete)) => delete.raise_revisions(offset),
+                Some(Response::ResponseTxn(txn)) => txn.raise_revisions(offset),
                 None => {}
             }
         }
@@ -195,25 +195,25 @@ impl ToClient for TxnResponse {
 }
 
 impl ToClient for HashKvResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.header.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.header.raise_revisions(offset);
         raise(&mut self.compact_revision, offset);
     }
 }
 
 impl ToClient for WatchResponse {
-    fn to_client(&mut self, offset: i64) {
-        self.header.to_client(offset);
+    fn raise_revisions(&mut self, offset: i64) {
+        self.header.raise_revisions(offset);
         raise(&mut self.compact_revision, offset);
         for event in &mut self.events {
-            event.kv.to_client(offset);
-            event.prev_kv.to_client(offset);
+            event.kv.raise_revisions(offset);
+            event.prev_kv.raise_revisions(offset);
         }
     }
 }
 
 impl FromClient for RangeRequest {
-    fn from_client(&mut self, offset: i64) -> Result<(), Status> {
+    fn lower_revisions(&mut self, offset: i64) -> Result<(), Status> {
         self.revision = lower(self.revision, offset).ok_or_else(compacted)?;
         // A lower bound before the switch keeps every key; an upper bound
         // before it keeps none (revision 1 is etcd's empty start).
@@ -226,7 +226,7 @@ impl FromClient for RangeRequest {
 }
 
 impl FromClient for TxnRequest {
-    fn from_client(&mut self, offset: i64) -> Result<(), Status> {
+    fn lower_revisions(&mut self, offset: i64) -> Result<(), Status> {
         use request_op::Request;
         for compare in &mut self.compare {
             let revision = match compare.target_union.as_mut() {
@@ -250,8 +250,8 @@ impl FromClient for TxnRequest {
         }
         for op in self.success.iter_mut().chain(self.failure.iter_mut()) {
             match &mut op.request {
-                Some(Request::RequestRange(range)) => range.from_client(offset)?,
-                Some(Request::RequestTxn(txn)) => txn.from_client(offset)?,
+                Some(Request::RequestRange(range)) => range.lower_revisions(offset)?,
+                Some(Request::RequestTxn(txn)) => txn.lower_revisions(offset)?,
                 _ => {}
             }
         }
@@ -260,7 +260,7 @@ impl FromClient for TxnRequest {
 }
 
 impl FromClient for CompactionRequest {
-    fn from_client(&mut self, offset: i64) -> Result<(), Status> {
+    fn lower_revisions(&mut self, offset: i64) -> Result<(), Status> {
         // Compacting history the new plane never had compacts nothing.
         self.revision = lower(self.revision, offset).unwrap_or(1);
         Ok(())
@@ -268,7 +268,7 @@ impl FromClient for CompactionRequest {
 }
 
 impl FromClient for HashKvRequest {
-    fn from_client(&mut self, offset: i64) -> Result<(), Status> {
+    fn lower_revisions(&mut self, offset: i64) -> Result<(), Status> {
         self.revision = lower(self.revision, offset).ok_or_else(compacted)?;
         Ok(())
     }
@@ -348,7 +348,7 @@ pub(crate) fn watch_from_client(mut request: WatchRequest, offset: i64) -> Watch
 /// its `created` answer: etcd's own compaction cancel.
 pub(crate) fn compacted_watch(created: &WatchResponse, offset: i64) -> WatchResponse {
     WatchResponse {
-        header: created.header.clone(),
+        header: created.header,
         watch_id: created.watch_id,
         created: false,
         canceled: true,
@@ -373,7 +373,7 @@ mod tests {
             min_mod_revision: 50,
             ..RangeRequest::default()
         };
-        range.from_client(offset).expect("after the switch");
+        range.lower_revisions(offset).expect("after the switch");
         assert_eq!(
             (
                 range.revision,
@@ -387,7 +387,9 @@ mod tests {
             ..RangeRequest::default()
         };
         assert_eq!(
-            old.from_client(offset).expect_err("compacted").message(),
+            old.lower_revisions(offset)
+                .expect_err("compacted")
+                .message(),
             COMPACTED
         );
         let compare = |target: CompareTarget, revision: i64| Compare {
@@ -410,7 +412,7 @@ mod tests {
             ],
             ..TxnRequest::default()
         };
-        txn.from_client(offset).expect("compares never fail");
+        txn.lower_revisions(offset).expect("compares never fail");
         let values: Vec<_> = txn
             .compare
             .iter()
@@ -432,7 +434,7 @@ mod tests {
             }],
             ..RangeResponse::default()
         };
-        response.to_client(offset);
+        response.raise_revisions(offset);
         assert_eq!(response.header.expect("header").revision, 107);
         assert_eq!(
             (

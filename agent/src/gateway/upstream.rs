@@ -26,9 +26,10 @@ use tonic::{Request, Response, Status};
 
 use super::GatewayError;
 
-/// The largest message the gateway passes on, either way: etcd's own
-/// default for what it sends (`math.MaxInt32`); what it accepts is limited
-/// by the upstream's `--max-request-bytes`, which then answers for itself.
+/// The largest message the gateway exchanges with an upstream, either way:
+/// etcd's own default for what it sends (`math.MaxInt32`). What clients may
+/// send the gateway is capped where they arrive (`ferry gateway
+/// --max-request-bytes`, see the router).
 pub(crate) const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
 /// The metadata key of etcd's auth token (gRPC clients).
@@ -46,7 +47,6 @@ pub struct UpstreamAccess {
 }
 
 /// One upstream cluster. Cloning a client is cheap (it shares the channel).
-#[derive(Debug)]
 pub(crate) struct Upstream {
     /// `etcd://HOST:PORT[,...]` (`etcds://` with TLS), for Status and messages.
     pub url: String,
@@ -66,6 +66,21 @@ pub(crate) struct Upstream {
     token: RwLock<Option<MetadataValue<Ascii>>>,
     /// One re-authentication at a time.
     authenticating: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password or the token.
+        formatter
+            .debug_struct("Upstream")
+            .field("url", &self.url)
+            .field("revision_offset", &self.revision_offset)
+            .field(
+                "user",
+                &self.credentials.as_ref().map(|(name, _)| name.as_str()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {

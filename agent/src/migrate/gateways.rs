@@ -225,27 +225,40 @@ impl Gateways {
     }
 }
 
+/// Releases one replica, trying again on quick failures, all within
+/// [`GATEWAY_CALL_TIMEOUT`]: a replica that hangs is not waited for (its
+/// hold lapses with this driver's lease and it settles by itself).
 async fn release_one(
     mut client: GatewayClient,
     address: &str,
     epoch: u64,
 ) -> Result<ReleaseResponse, String> {
     let mut last = String::new();
-    for attempt in 0..5 {
-        match within(
-            address,
-            "release the held writes",
-            GATEWAY_CALL_TIMEOUT,
-            client.release(ReleaseRequest { epoch }),
-        )
-        .await
-        {
-            Ok(answer) => return Ok(answer),
-            Err(reason) => {
-                last = reason;
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    let tries = async {
+        for attempt in 0..5 {
+            match client.release(ReleaseRequest { epoch }).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) => {
+                    last = format!(
+                        "the gateway at {address} could not release the held writes: {}",
+                        status_text(&status)
+                    );
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
             }
         }
+        Err(())
+    };
+    match tokio::time::timeout(GATEWAY_CALL_TIMEOUT, tries).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(())) => Err(last),
+        Err(_) => Err(format!(
+            "the gateway at {address} did not release the held writes within {GATEWAY_CALL_TIMEOUT:?}{}",
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(" ({last})")
+            }
+        )),
     }
-    Err(last)
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what ferry's tests need when it is missing, then runs them all:
+# `bash scripts/test.sh [cargo test options]`. On a fresh machine with only
+# a Rust toolchain this is the one command. The tests start their own
+# servers on 127.0.0.1: etcd (Debian's etcd-server and etcd-client), and an
+# S3-compatible server built from crates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: ferry needs a Rust toolchain (1.88 or newer)" >&2
+    exit 1
+fi
+
+# Debian packages, installed as root or with sudo.
+install_packages() {
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "installing $*: $sudo apt-get install -y $*"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+if [ "${#missing[@]}" -gt 0 ]; then install_packages "${missing[@]}"; fi
+# sed reads to the end: `| head -n 1` let etcd die of SIGPIPE (exit 141
+# under pipefail) when head closed the pipe before etcd wrote its last line.
+etcd --version | sed -n 1p
+etcdctl version | sed -n 1p
+
+cargo test --workspace --locked "$@"

@@ -58,6 +58,16 @@ pub(crate) struct EtcdClient {
     services: Services,
 }
 
+/// The longest one unary call to etcd may take: a member that hangs
+/// (SIGSTOP, a stuck disk) fails the call instead of stalling it forever.
+/// Generous, as a Range of 10,000 large values or a Txn on a slow disk takes
+/// seconds.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often an idle HTTP/2 connection to etcd is pinged, and how long a
+/// ping may go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 impl EtcdClient {
     /// Connects (lazily) and authenticates when credentials are set.
     pub async fn connect(connection: &EtcdConnection) -> Result<Self, EtcdError> {
@@ -76,6 +86,12 @@ impl EtcdClient {
                         endpoint
                             .connect_timeout(timeout)
                             .tcp_keepalive(Some(Duration::from_secs(30)))
+                            // A member that stops answering (a hung host, a
+                            // cut link) is found within seconds, streams
+                            // too, not at the TCP keepalive's pace.
+                            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                            .keep_alive_timeout(KEEPALIVE_INTERVAL)
+                            .keep_alive_while_idle(true)
                     })
                     .map_err(|error| EtcdError::BadUrl {
                         url: connection.display(),
@@ -143,13 +159,23 @@ impl EtcdClient {
         Ok(())
     }
 
-    /// Runs one call; an expired auth token is renewed and the call made
-    /// once more.
+    /// Runs one call, within [`REQUEST_TIMEOUT`]; an expired auth token is
+    /// renewed and the call made once more.
     pub async fn call<T, F, Fut>(&self, action: &str, call: F) -> Result<T, EtcdError>
     where
         F: Fn(Services) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        let within = |future: Fut| async move {
+            tokio::time::timeout(REQUEST_TIMEOUT, future)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(format!(
+                        "no answer within {REQUEST_TIMEOUT:?}"
+                    )))
+                })
+        };
+        let call = |services: Services| within(call(services));
         match call(self.services.clone()).await {
             Ok(response) => Ok(response.into_inner()),
             Err(status)

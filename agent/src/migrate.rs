@@ -48,9 +48,9 @@ use ferry_engine::migrations::profile::Profile;
 use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
-    ApplyRequest, CheckpointRequest, CommitRequest, DescribeRequest, DescribeResponse,
-    DigestRequest, DigestResponse, ExtractRequest, FenceRequest, FenceStatusRequest, StreamStart,
-    UnfenceRequest,
+    AdoptRequest, ApplyRequest, CheckpointRequest, CommitRequest, DescribeRequest,
+    DescribeResponse, DigestRequest, DigestResponse, ExtractRequest, FenceRequest,
+    FenceStatusRequest, StreamStart, UnfenceRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -1236,11 +1236,13 @@ async fn run(
             .is_some_and(|through| state.applied_seq >= through)
         {
             let following_since = *following_since.get_or_insert_with(Instant::now);
-            running.phase.send_if_modified(|phase| {
+            if running.phase.send_if_modified(|phase| {
                 let changed = *phase == Phase::Snapshot;
                 *phase = Phase::Following;
                 changed
-            });
+            }) {
+                test_pause_point("following").await;
+            }
             if state.broken.is_none()
                 && following_since.elapsed() >= options.follow_at_least
                 && state.applied_seq >= state.snapshot_through_seq.unwrap_or(u64::MAX)
@@ -1299,6 +1301,7 @@ async fn cutover(
     let result: Result<(), String> = async {
         // Step 4: hold writes; the writes in flight drain.
         running.phase.send_replace(Phase::Holding);
+        test_pause_point("holding").await;
         report.drained_writes = running
             .gateways
             .hold(epoch, options.max_pause)
@@ -1307,6 +1310,7 @@ async fn cutover(
 
         // Step 5: fence the old plane; F is after every write it acknowledged.
         running.phase.send_replace(Phase::Fencing);
+        test_pause_point("fencing").await;
         let fence_started = Instant::now();
         // From here the old plane may be fenced: a rollback unfences it
         // (a no-op when the fence never took effect).
@@ -1327,6 +1331,7 @@ async fn cutover(
 
         // Step 6: the target applies through F, within the pause budget.
         running.phase.send_replace(Phase::Draining);
+        test_pause_point("draining").await;
         let drain_started = Instant::now();
         let budget = options.max_pause.saturating_sub(held_at.elapsed());
         let deadline = tokio::time::Instant::now() + budget;
@@ -1371,6 +1376,7 @@ async fn cutover(
         // Step 7 (--verify): the new plane holds what the old one held at F.
         if options.verify {
             running.phase.send_replace(Phase::Verifying);
+            test_pause_point("verifying").await;
             let verify_started = Instant::now();
             let budget = options.max_pause.saturating_sub(held_at.elapsed());
             let keys = match running.verify_chain.take() {
@@ -1386,15 +1392,27 @@ async fn cutover(
         // Step 8: the point of no return, in the old plane itself; then
         // every gateway switches (each checks the record).
         running.phase.send_replace(Phase::Switching);
+        test_pause_point("switching").await;
+        let revision_offset = running.revision_offset + fence.fenced_position as i64 + 1;
+        // The new plane keeps the offset too, for gateways started in
+        // front of it.
+        tokio::time::timeout(
+            options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
+            running.target.adopt(AdoptRequest {
+                epoch,
+                revision_offset,
+            }),
+        )
+        .await
+        .map_err(|_| "the target agent did not record the revision offset within --max-pause".to_owned())?
+        .map_err(|status| format!("the target agent could not record the revision offset: {}", status_text(&status)))?;
         let commit = tokio::time::timeout(
             options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
             running.source.commit(CommitRequest {
                 epoch,
                 // One above F as the clients saw it: every revision of the
                 // new plane shows above every one of the old.
-                successor_revision_offset: running.revision_offset
-                    + fence.fenced_position as i64
-                    + 1,
+                successor_revision_offset: revision_offset,
             }),
         )
         .await;
@@ -1418,6 +1436,7 @@ async fn cutover(
             }
         }
         committed = true;
+        test_pause_point("committed").await;
         let not_switched = running
             .gateways
             .switch(epoch, &running.target_description.control_plane_url)
@@ -1439,6 +1458,7 @@ async fn cutover(
     };
     match result {
         Ok(()) => {
+            test_pause_point("releasing").await;
             let (released, failures) = running.gateways.release(epoch).await;
             let pause = held_at.elapsed();
             report.pause_window_ms = Some(ms(pause));
@@ -1628,6 +1648,48 @@ async fn verify_through_chain(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Test hook of the fault tests (`tests/tests/cutover_faults.rs`), off
+/// unless `FERRY_TEST_PAUSE_AT_PHASE` names `point`: stops the migration
+/// there, so that a test can kill or stop a process in a phase that lasts
+/// milliseconds. The points are `following`, `holding`, `fencing`,
+/// `draining`, `verifying` and `switching`, each right after the migration
+/// enters that phase, then `committed` (the switch committed in the old
+/// plane, no gateway switched yet) and `releasing` (the gateways switched,
+/// none released yet). There it writes the point's name to the file
+/// `FERRY_TEST_PAUSE_FILE` names and waits while that file exists, or
+/// forever without one. Both variables are read once. Never set them in
+/// production: a held gateway's pause runs on while the migration waits.
+async fn test_pause_point(point: &str) {
+    static PAUSE_AT: std::sync::OnceLock<Option<(String, Option<PathBuf>)>> =
+        std::sync::OnceLock::new();
+    let pause_at = PAUSE_AT.get_or_init(|| {
+        let point = std::env::var("FERRY_TEST_PAUSE_AT_PHASE").ok()?;
+        let file = std::env::var_os("FERRY_TEST_PAUSE_FILE").map(PathBuf::from);
+        Some((point, file))
+    });
+    let Some((pause_at, file)) = pause_at else {
+        return;
+    };
+    if pause_at != point {
+        return;
+    }
+    warn!(
+        point,
+        "test hook FERRY_TEST_PAUSE_AT_PHASE: the migration waits here"
+    );
+    let Some(file) = file else {
+        return std::future::pending().await;
+    };
+    if let Err(error) = tokio::fs::write(file, point).await {
+        warn!(%error, file = %file.display(), "test hook: cannot write the pause file; going on");
+        return;
+    }
+    while tokio::fs::try_exists(file).await.unwrap_or(false) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    info!(point, "test hook: the migration goes on");
 }
 
 /// The least time an agent call of the cutover gets, even when the pause

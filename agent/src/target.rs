@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use ferry_engine::Op;
 use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper,
-    describe_cluster, read_checkpoint,
+    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper, RevisionOffset,
+    adopt_revision_offset, describe_cluster, read_checkpoint,
 };
 use ferry_engine::adapters::{AdapterError, Sink, StreamInfo};
 use ferry_proto::v1::target_agent_server::TargetAgent;
 use ferry_proto::v1::{
-    ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse, DescribeRequest,
-    DescribeResponse, DigestRequest, DigestResponse, OpBatch, StreamStart,
+    AdoptRequest, AdoptResponse, ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse,
+    DescribeRequest, DescribeResponse, DigestRequest, DigestResponse, OpBatch, StreamStart,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -366,6 +366,32 @@ impl TargetAgent for EtcdTargetAgent {
             identity: description.identity,
             control_plane_url: self.connection.display(),
         }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<AdoptRequest>,
+    ) -> Result<Response<AdoptResponse>, Status> {
+        let AdoptRequest {
+            epoch,
+            revision_offset,
+        } = request.into_inner();
+        let adopted = adopt_revision_offset(
+            &self.connection,
+            RevisionOffset {
+                epoch,
+                revision_offset,
+            },
+        )
+        .await
+        .map_err(|error| status_for(&AdapterError::EtcdTarget(error).into()))?;
+        match adopted {
+            Ok(()) => Ok(Response::new(AdoptResponse {})),
+            Err(later) => Err(Status::failed_precondition(format!(
+                "epoch {epoch} is older than epoch {later}, which recorded its revision offset in {}: a later migration attempt owns the plane",
+                self.connection.display()
+            ))),
+        }
     }
 
     async fn digest(

@@ -332,6 +332,32 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
             kv.mod_revision
         );
     }
+    // A gateway started in front of the new etcd itself (its operator
+    // changed --upstream) shows the same revisions: the new etcd keeps
+    // the offset.
+    let in_front_of_new = gateway_in_front_of(&cluster.new.url());
+    let through_new = kv(&in_front_of_new.field("listen"))
+        .await
+        .range(RangeRequest {
+            key: b"/app/after".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert!(
+        through_new.header.expect("header").revision >= header,
+        "a gateway in front of the new etcd shows revisions below the switched one's {header}"
+    );
+    assert_eq!(
+        through_new.kvs[0].mod_revision,
+        after
+            .kvs
+            .iter()
+            .find(|kv| kv.key == b"/app/after")
+            .expect("/app/after")
+            .mod_revision
+    );
     // A Range at a revision before the switch: etcd's compacted error.
     let old_read = kv(&listen)
         .await

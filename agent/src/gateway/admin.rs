@@ -120,6 +120,9 @@ impl GatewayAdmin for AdminService {
         .await
         .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
         upstream.revision_offset = committed.fence.successor_revision_offset;
+        super::settle::adopt_plane_offset(&mut upstream, self.shared.connect_timeout)
+            .await
+            .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
         let to = upstream.url.clone();
         let offset = upstream.revision_offset;
         let mut from = String::new();

@@ -15,7 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::{FenceMove, FenceOutcome, StoredFence, describe_fence};
+use ferry_engine::adapters::etcd::{
+    FenceMove, FenceOutcome, REVISION_OFFSET_KEY, RevisionOffset, StoredFence, describe_fence,
+};
+use ferry_proto::etcd::etcdserverpb::RangeRequest;
 use tracing::{info, warn};
 
 use super::gate::HoldId;
@@ -29,6 +32,54 @@ const MAX_FOLLOWED: usize = 64;
 /// How long a settle attempt waits before trying again when the old plane
 /// does not answer.
 const SETTLE_RETRY: Duration = Duration::from_millis(500);
+
+/// Reads the revision offset `upstream`'s plane keeps for itself (written
+/// there just before the switch to it was committed) into `upstream`: a
+/// gateway started in front of a plane that took over shows its clients
+/// the same revisions as the gateways that followed the switch.
+pub(crate) async fn adopt_plane_offset(
+    upstream: &mut Upstream,
+    timeout: Duration,
+) -> Result<(), GatewayError> {
+    let unreachable = |reason: String| GatewayError::Unreachable {
+        url: upstream.url.clone(),
+        reason,
+    };
+    let client = upstream.kv.clone();
+    let read = upstream.call(
+        tonic::Request::new(RangeRequest {
+            key: REVISION_OFFSET_KEY.to_vec(),
+            ..RangeRequest::default()
+        }),
+        |request| {
+            let mut client = client.clone();
+            async move { client.range(request).await }
+        },
+    );
+    let stored = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
+        .map_err(|status| {
+            unreachable(format!(
+                "cannot read its revision offset: {}",
+                status.message()
+            ))
+        })?
+        .into_inner()
+        .kvs
+        .into_iter()
+        .next();
+    if let Some(kv) = stored {
+        let offset: RevisionOffset = serde_json::from_slice(&kv.value).map_err(|error| {
+            unreachable(format!(
+                "its {} does not parse ({error})",
+                String::from_utf8_lossy(REVISION_OFFSET_KEY)
+            ))
+        })?;
+        upstream.revision_offset = offset.revision_offset;
+    }
+    Ok(())
+}
 
 /// Connects to the plane `stored` says took over from `from`.
 async fn successor(
@@ -48,6 +99,7 @@ async fn successor(
     };
     let mut next = Upstream::connect(url, access, connect_timeout).await?;
     next.revision_offset = stored.fence.successor_revision_offset;
+    adopt_plane_offset(&mut next, connect_timeout).await?;
     info!(from = %from.url, to = %next.url, epoch = stored.fence.epoch, revision_offset = next.revision_offset, "following the fence record to the plane that took over");
     Ok(next)
 }
@@ -61,6 +113,7 @@ pub(crate) async fn serving_plane(
     connect_timeout: Duration,
 ) -> Result<(Upstream, Option<u64>), GatewayError> {
     let mut upstream = first;
+    adopt_plane_offset(&mut upstream, connect_timeout).await?;
     for _ in 0..MAX_FOLLOWED {
         let stored = upstream
             .read_fence(connect_timeout)

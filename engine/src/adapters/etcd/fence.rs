@@ -454,6 +454,94 @@ where
     }
 }
 
+/// Where a plane that took over from another keeps the offset its gateways
+/// add to its revisions (`{"epoch":..,"revision_offset":..}`), so a gateway
+/// started in front of it (not in front of the old plane, whose record says
+/// the same) shows its clients revisions that only grow.
+pub const REVISION_OFFSET_KEY: &[u8] = b"__ferry__/revision_offset";
+
+/// The record of [`REVISION_OFFSET_KEY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevisionOffset {
+    /// The migration attempt that wrote it.
+    pub epoch: u64,
+    /// What gateways add to this plane's revisions.
+    pub revision_offset: i64,
+}
+
+/// Records in the new plane of `connection` the offset gateways add to its
+/// revisions, for migration `epoch`: written unless a later attempt wrote
+/// it (then refused, with its epoch).
+pub async fn adopt_revision_offset(
+    connection: &EtcdConnection,
+    offset: RevisionOffset,
+) -> Result<Result<(), u64>, EtcdError> {
+    let client = EtcdClient::connect(connection).await?;
+    loop {
+        let request = RangeRequest {
+            key: REVISION_OFFSET_KEY.to_vec(),
+            ..RangeRequest::default()
+        };
+        let stored = client
+            .call("read the revision offset of", |mut services| {
+                let request = request.clone();
+                async move { services.kv.range(request).await }
+            })
+            .await?
+            .kvs
+            .into_iter()
+            .next();
+        let compare = match &stored {
+            Some(kv) => {
+                if let Ok(stored) = serde_json::from_slice::<RevisionOffset>(&kv.value)
+                    && stored.epoch > offset.epoch
+                {
+                    return Ok(Err(stored.epoch));
+                }
+                Compare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Mod as i32,
+                    key: REVISION_OFFSET_KEY.to_vec(),
+                    range_end: Vec::new(),
+                    target_union: Some(TargetUnion::ModRevision(kv.mod_revision)),
+                }
+            }
+            None => Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Version as i32,
+                key: REVISION_OFFSET_KEY.to_vec(),
+                range_end: Vec::new(),
+                target_union: Some(TargetUnion::Version(0)),
+            },
+        };
+        let request = TxnRequest {
+            compare: vec![compare],
+            success: vec![RequestOp {
+                request: Some(TxnRequestOp::RequestPut(PutRequest {
+                    key: REVISION_OFFSET_KEY.to_vec(),
+                    value: serde_json::to_vec(&offset).expect("an offset serializes"),
+                    ..PutRequest::default()
+                })),
+            }],
+            failure: Vec::new(),
+        };
+        let response = client
+            .call("write the revision offset to", |mut services| {
+                let request = request.clone();
+                async move { services.kv.txn(request).await }
+            })
+            .await?;
+        if response.succeeded {
+            info!(
+                epoch = offset.epoch,
+                revision_offset = offset.revision_offset,
+                "revision offset recorded in the new plane"
+            );
+            return Ok(Ok(()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

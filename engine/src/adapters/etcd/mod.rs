@@ -28,7 +28,8 @@ mod source;
 
 pub use digest::{RangeDigest, SetDigest, digest_range};
 pub use fence::{
-    FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, Move as FenceMove, StoredFence,
+    FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, Move as FenceMove,
+    REVISION_OFFSET_KEY, RevisionOffset, StoredFence, adopt_revision_offset,
     describe as describe_fence, guard_compare, move_fence, move_with as move_fence_with,
     read_fence, read_with as read_fence_with,
 };

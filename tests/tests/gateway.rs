@@ -207,8 +207,21 @@ async fn hold(admin: &mut GatewayAdminClient<Channel>, epoch: u64, max_pause_ms:
 /// return: the migration `epoch` fenced it and switched its clients to
 /// `successor` (the gateway's Switch requires it). As root when `password`.
 async fn commit_switch(old: &EtcdServer, password: Option<&str>, epoch: u64, successor: &str) {
-    let record =
-        format!(r#"{{"epoch":{epoch},"fenced":true,"successor":"{successor}","switched":true}}"#);
+    write_fence_record(old, password, epoch, successor, true).await;
+}
+
+/// Writes the fence record (and its guard key) a migration `epoch` to
+/// `successor` leaves in `old`: committed (`switched`) or in doubt.
+async fn write_fence_record(
+    old: &EtcdServer,
+    password: Option<&str>,
+    epoch: u64,
+    successor: &str,
+    switched: bool,
+) {
+    let record = format!(
+        r#"{{"epoch":{epoch},"fenced":true,"successor":"{successor}","switched":{switched}}}"#
+    );
     let put = |key: &str, value: String| RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {
             key: key.as_bytes().to_vec(),
@@ -591,6 +604,36 @@ async fn reads_and_keep_alives_pass_during_a_hold_and_lease_grants_wait() {
         .await
         .expect("joins")
         .expect("the txn goes through");
+}
+
+/// A gateway that nothing holds meets the fence of a migration that never
+/// decided (its driver fenced the plane without holding this replica, and
+/// died): the write is answered UNAVAILABLE, the gateway holds writes for
+/// its --max-pause, then settles as a lapsed hold does, by unfencing the
+/// plane; the client's retry goes through. (Before: the gateway waited for
+/// the refused write to drain while that write waited for the gateway.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_meeting_an_undecided_fence_unfences_it_after_the_pause() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let gateway = GatewayProcess::start(&etcd.url(), &["--max-pause", "500ms"]);
+    let mut client = gateway.kv().await;
+    put(&mut client, "/k", "before").await.expect("put");
+    write_fence_record(&etcd, None, 4, "etcd://127.0.0.1:1", false).await;
+    let refused = put(&mut client, "/k", "fenced")
+        .await
+        .expect_err("the plane is fenced and undecided");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("before"));
+    // A retry waits in the gateway's hold, then goes on once it settled.
+    put(&mut client, "/k", "after")
+        .await
+        .expect("the retry goes on after the gateway settles the fence");
+    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("after"));
+    assert_eq!(value_in(&etcd, "__ferry__/fenced").await, None);
+    let record = value_in(&etcd, "__ferry__/fence")
+        .await
+        .expect("the record");
+    assert!(record.contains(r#""fenced":false"#), "{record}");
 }
 
 /// A Switch the old plane's fence record does not say was committed is

@@ -51,29 +51,35 @@ impl GatewayAdmin for AdminService {
         let (drained, id) = self
             .shared
             .gate
-            .hold(epoch, max_pause + SETTLE_BOUND)
+            .begin_hold(epoch, max_pause + SETTLE_BOUND)
+            .inspect_err(|error| warn!(epoch, %error, "hold refused"))?;
+        // The hold is a lease on this stream from now on: the caller going
+        // away before Release, or the pause running out, lapses it (also
+        // when the drain below fails), and the gateway settles it from the
+        // fence record by itself.
+        let (answer, answers) = mpsc::channel(1);
+        let lease = answer.clone();
+        let shared = self.shared.clone();
+        let lapse_at = id.started + max_pause;
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                () = shared.gate.until_released(id) => return,
+                () = lease.closed() => "the driver went away",
+                () = tokio::time::sleep_until(lapse_at) => "the pause ran out",
+            };
+            shared.settle_lapsed_hold(id, why).await;
+        });
+        self.shared
+            .gate
+            .drain(id)
             .await
             .inspect_err(|error| warn!(epoch, %error, "hold failed"))?;
         info!(epoch, ?max_pause, drained, "writes held");
-        let (answer, answers) = mpsc::channel(1);
         let _ = answer
             .send(Ok(HoldResponse {
                 drained_writes: drained,
             }))
             .await;
-        // The hold is a lease on this stream: the caller going away before
-        // Release, or the pause running out, lapses it, and the gateway
-        // settles it from the fence record by itself.
-        let shared = self.shared.clone();
-        let lapse_at = tokio::time::Instant::from_std(id.started.into_std()) + max_pause;
-        tokio::spawn(async move {
-            let why = tokio::select! {
-                () = shared.gate.until_released(id) => return,
-                () = answer.closed() => "the driver went away",
-                () = tokio::time::sleep_until(lapse_at) => "the pause ran out",
-            };
-            shared.settle_lapsed_hold(id, why).await;
-        });
         Ok(Response::new(ReceiverStream::new(answers)))
     }
 

@@ -60,6 +60,8 @@ struct GateState {
     abandoned: BTreeSet<u64>,
     /// Writes refused since the current hold began.
     refused_in_hold: u64,
+    /// Bytes of the requests waiting in line.
+    queued_bytes: u64,
 }
 
 impl GateState {
@@ -167,6 +169,11 @@ impl From<GateError> for tonic::Status {
 /// write load must not grow without bound.
 pub const MAX_QUEUED_WRITES: u64 = 100_000;
 
+/// The most bytes of requests that wait in line at once: a write that would
+/// pass it is refused at once (`UNAVAILABLE`, clients retry), not held, so
+/// a hold under large writes keeps the gateway's memory bounded too.
+pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
+
 /// A write answered `UNAVAILABLE`: the hold lasted longer than the pause
 /// allowed, or too many writes wait already.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -187,6 +194,16 @@ pub enum GateRefusal {
     LineFull {
         /// Writes waiting.
         queued: u64,
+    },
+    /// The held writes' bytes would pass [`MAX_QUEUED_BYTES`].
+    #[error(
+        "the control plane is being switched and {queued_bytes} bytes of writes already wait for it, so this one of {bytes} bytes is not held; retry"
+    )]
+    LineFullOfBytes {
+        /// Bytes of the writes waiting.
+        queued_bytes: u64,
+        /// This write's.
+        bytes: u64,
     },
 }
 
@@ -244,8 +261,9 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Asks for a write to go through (see [`Admission`]).
-    pub fn admit_write(self: &Arc<Self>) -> Admission {
+    /// Asks for a write of `bytes` (its request's encoded size) to go
+    /// through (see [`Admission`]).
+    pub fn admit_write(self: &Arc<Self>, bytes: u64) -> Admission {
         let now = Instant::now();
         let mut admission = None;
         self.state.send_if_modified(|state| match state.hold {
@@ -272,12 +290,22 @@ impl Gate {
                 }));
                 false
             }
+            _ if state.queued_bytes + bytes > MAX_QUEUED_BYTES => {
+                state.refused_in_hold += 1;
+                admission = Some(Admission::Refused(GateRefusal::LineFullOfBytes {
+                    queued_bytes: state.queued_bytes,
+                    bytes,
+                }));
+                false
+            }
             _ => {
                 let ticket = state.next_ticket;
                 state.next_ticket += 1;
+                state.queued_bytes += bytes;
                 admission = Some(Admission::Held(HeldWrite {
                     gate: self.clone(),
                     ticket,
+                    bytes,
                     settled: false,
                 }));
                 false
@@ -291,7 +319,16 @@ impl Gate {
     /// the writes in flight have been answered. Returns how many were in
     /// flight, and which hold it is. A repeated Hold by the epoch already
     /// holding keeps the first one's deadline.
+    #[cfg(test)]
     pub async fn hold(&self, epoch: u64, max_pause: Duration) -> Result<(u64, HoldId), GateError> {
+        let (drained, id) = self.begin_hold(epoch, max_pause)?;
+        self.drain(id).await?;
+        Ok((drained, id))
+    }
+
+    /// The first half of [`Gate::hold`]: holds new writes at once and
+    /// returns how many were in flight then, without waiting for them.
+    pub fn begin_hold(&self, epoch: u64, max_pause: Duration) -> Result<(u64, HoldId), GateError> {
         let now = Instant::now();
         let mut decided = None;
         self.state.send_if_modified(|state| {
@@ -316,34 +353,41 @@ impl Gate {
                     hold
                 }
             };
-            decided = Some(Ok((state.in_flight, hold)));
+            decided = Some(Ok((
+                state.in_flight,
+                HoldId {
+                    epoch,
+                    started: hold.started,
+                },
+            )));
             true
         });
-        let (drained, hold) = decided.expect("the closure always decides")?;
-        let id = HoldId {
-            epoch,
-            started: hold.started,
-        };
+        decided.expect("the closure always decides")
+    }
+
+    /// The second half of [`Gate::hold`]: waits until no write is in
+    /// flight, while the hold `id` stands and its pause lasts.
+    pub async fn drain(&self, id: HoldId) -> Result<(), GateError> {
         let mut changes = self.state.subscribe();
         loop {
             changes.mark_unchanged();
-            {
+            let deadline = {
                 let state = self.state.borrow();
-                match state.hold {
-                    Some(current) if current.epoch == epoch && current.started == hold.started => {}
-                    _ => return Err(GateError::HoldLifted { epoch }),
-                }
+                let Some(hold) = state.hold.filter(|_| Self::holds(&state, id)) else {
+                    return Err(GateError::HoldLifted { epoch: id.epoch });
+                };
                 if state.in_flight == 0 {
-                    return Ok((drained, id));
+                    return Ok(());
                 }
-            }
-            if tokio::time::timeout_at(hold.deadline, changes.changed())
+                hold.deadline
+            };
+            if tokio::time::timeout_at(deadline, changes.changed())
                 .await
                 .is_err()
             {
                 return Err(GateError::DrainTimedOut {
                     in_flight: self.state.borrow().in_flight,
-                    max_pause: hold.deadline.duration_since(hold.started),
+                    max_pause: deadline.duration_since(id.started),
                 });
             }
         }
@@ -482,6 +526,8 @@ impl Drop for WritePermit {
 pub struct HeldWrite {
     gate: Arc<Gate>,
     ticket: u64,
+    /// Its request's bytes, counted in the line's until it leaves it.
+    bytes: u64,
     /// Turned into a permit or refused: its place in line is accounted for.
     settled: bool,
 }
@@ -495,15 +541,18 @@ impl HeldWrite {
             changes.mark_unchanged();
             let now = Instant::now();
             let ticket = self.ticket;
+            let bytes = self.bytes;
             let mut decided = None;
             self.gate.state.send_if_modified(|state| match state.hold {
                 None if state.next_to_send == ticket => {
                     state.in_flight += 1;
+                    state.queued_bytes -= bytes;
                     decided = Some(Ok(()));
                     false
                 }
                 Some(hold) if now >= hold.deadline => {
                     state.abandon(ticket);
+                    state.queued_bytes -= bytes;
                     state.refused_in_hold += 1;
                     decided = Some(Err(GateRefusal::HoldRanOut {
                         epoch: hold.epoch,
@@ -544,8 +593,10 @@ impl Drop for HeldWrite {
     fn drop(&mut self) {
         if !self.settled {
             let ticket = self.ticket;
+            let bytes = self.bytes;
             self.gate.state.send_if_modified(|state| {
                 state.abandon(ticket);
+                state.queued_bytes -= bytes;
                 true
             });
         }
@@ -573,14 +624,14 @@ mod tests {
     #[tokio::test]
     async fn writes_pass_while_open_and_wait_while_held() {
         let gate = Arc::new(Gate::default());
-        drop(permit(gate.admit_write()));
+        drop(permit(gate.admit_write(1)));
         assert_eq!(
             gate.hold(1, Duration::from_secs(60))
                 .await
                 .map(|(drained, _)| drained),
             Ok(0)
         );
-        let waiting = held(gate.admit_write());
+        let waiting = held(gate.admit_write(1));
         assert_eq!(gate.snapshot().queued, 1);
         let released = gate.release(1).expect("release");
         assert_eq!(released.released, 1);
@@ -588,13 +639,13 @@ mod tests {
         assert_eq!(gate.snapshot().in_flight, 1);
         drop(permit);
         assert_eq!(gate.snapshot().in_flight, 0);
-        let _open_again = self::permit(gate.admit_write());
+        let _open_again = self::permit(gate.admit_write(1));
     }
 
     #[tokio::test]
     async fn hold_waits_for_the_writes_in_flight() {
         let gate = Arc::new(Gate::default());
-        let in_flight = permit(gate.admit_write());
+        let in_flight = permit(gate.admit_write(1));
         let holding = {
             let gate = gate.clone();
             tokio::spawn(async move { gate.hold(1, Duration::from_secs(60)).await })
@@ -612,14 +663,14 @@ mod tests {
     async fn released_writes_go_one_at_a_time_in_arrival_order() {
         let gate = Arc::new(Gate::default());
         gate.hold(1, Duration::from_secs(60)).await.expect("hold");
-        let first = held(gate.admit_write());
-        let second = held(gate.admit_write());
-        let third = held(gate.admit_write());
+        let first = held(gate.admit_write(1));
+        let second = held(gate.admit_write(1));
+        let third = held(gate.admit_write(1));
         // The second gives up (its client went away) before its turn.
         drop(second);
         gate.release(1).expect("release");
         // A new write queues behind the released ones.
-        let late = held(gate.admit_write());
+        let late = held(gate.admit_write(1));
         let third = tokio::spawn(third.wait());
         let late = tokio::spawn(late.wait());
         tokio::task::yield_now().await;
@@ -631,7 +682,7 @@ mod tests {
         assert!(!late.is_finished(), "the late one waits for the third");
         drop(third);
         drop(late.await.expect("joins").expect("late"));
-        let _open = permit(gate.admit_write());
+        let _open = permit(gate.admit_write(1));
     }
 
     #[tokio::test]
@@ -640,10 +691,10 @@ mod tests {
         gate.hold(3, Duration::from_millis(100))
             .await
             .expect("hold");
-        let waiting = held(gate.admit_write());
+        let waiting = held(gate.admit_write(1));
         let refusal = waiting.wait().await.expect_err("refused at the deadline");
         assert!(matches!(refusal, GateRefusal::HoldRanOut { epoch: 3, .. }));
-        assert!(matches!(gate.admit_write(), Admission::Refused(_)));
+        assert!(matches!(gate.admit_write(1), Admission::Refused(_)));
         let released = gate.release(3).expect("release");
         assert_eq!(
             released,
@@ -652,7 +703,26 @@ mod tests {
                 refused: 2
             }
         );
-        let _open = permit(gate.admit_write());
+        let _open = permit(gate.admit_write(1));
+    }
+
+    #[tokio::test]
+    async fn held_writes_are_capped_in_bytes_and_leave_the_count_when_they_go() {
+        let gate = Arc::new(Gate::default());
+        gate.hold(1, Duration::from_secs(60)).await.expect("hold");
+        let big = held(gate.admit_write(MAX_QUEUED_BYTES - 10));
+        assert!(matches!(
+            gate.admit_write(11),
+            Admission::Refused(GateRefusal::LineFullOfBytes { bytes: 11, .. })
+        ));
+        let small = held(gate.admit_write(10));
+        // The big one's client goes away: its bytes leave the line.
+        drop(big);
+        let again = held(gate.admit_write(MAX_QUEUED_BYTES - 10));
+        gate.release(1).expect("release");
+        drop(small.wait().await.expect("its turn"));
+        drop(again.wait().await.expect("its turn"));
+        assert_eq!(gate.state.borrow().queued_bytes, 0);
     }
 
     #[tokio::test]
@@ -689,7 +759,7 @@ mod tests {
     #[tokio::test]
     async fn switch_is_refused_while_a_write_is_in_flight() {
         let gate = Arc::new(Gate::default());
-        let in_flight = permit(gate.admit_write());
+        let in_flight = permit(gate.admit_write(1));
         let holding = {
             let gate = gate.clone();
             tokio::spawn(async move { gate.hold(1, Duration::from_secs(60)).await })

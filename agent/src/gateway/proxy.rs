@@ -79,13 +79,13 @@ impl EtcdProxy {
         call: Call,
     ) -> Result<Response<Resp>, Status>
     where
-        Req: Send + 'static,
+        Req: prost::Message + Send + 'static,
         Resp: Send + 'static,
         Call: FnOnce(Arc<Upstream>, Request<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
     {
         let request = to_upstream(request);
-        let permit = self.admit().await?;
+        let permit = self.admit(request.get_ref().encoded_len()).await?;
         // Read after the permit: a held write goes to the upstream in
         // force at its release.
         let upstream = self.shared.upstream.borrow().clone();
@@ -103,8 +103,8 @@ impl EtcdProxy {
     }
 
     /// A permit to send a write: at once, after the release, or refused.
-    async fn admit(&self) -> Result<super::gate::WritePermit, Status> {
-        match self.shared.gate.admit_write() {
+    async fn admit(&self, bytes: usize) -> Result<super::gate::WritePermit, Status> {
+        match self.shared.gate.admit_write(bytes as u64) {
             Admission::Pass(permit) => Ok(permit),
             Admission::Held(held) => Ok(held.wait().await?),
             Admission::Refused(refusal) => Err(refusal.into()),
@@ -123,7 +123,7 @@ impl EtcdProxy {
         request: Request<W>,
     ) -> Result<Response<W::Response>, Status> {
         let request = to_upstream(request);
-        let permit = self.admit().await?;
+        let permit = self.admit(request.get_ref().encoded_len()).await?;
         self.shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -444,7 +444,7 @@ fn plain<T>(response: Response<T>) -> Response<T> {
 
 /// A write that changes keys, sent as the one op of a Txn guarded by the
 /// fence ([`guard_compare`]).
-trait GuardedWrite: FromClient + Clone + Send + 'static {
+trait GuardedWrite: prost::Message + FromClient + Clone + Send + 'static {
     /// What the client expects back.
     type Response: ToClient + Send + 'static;
     /// The op, inside a Txn that requires the plane unfenced.

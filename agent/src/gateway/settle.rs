@@ -274,7 +274,9 @@ impl Shared {
             return;
         }
         let pause = self.default_max_pause;
-        let Ok((_, id)) = self.gate.hold(epoch, pause + SETTLE_BOUND).await else {
+        // Not waiting for the writes in flight: the one that met the fence
+        // may be among them.
+        let Ok((_, id)) = self.gate.begin_hold(epoch, pause + SETTLE_BOUND) else {
             // A newer epoch owns the gateway: its driver decides.
             return;
         };

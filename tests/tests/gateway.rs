@@ -237,20 +237,7 @@ async fn write_fence_record(
         ..TxnRequest::default()
     });
     if let Some(password) = password {
-        let token = AuthClient::connect(format!("http://{}", old.endpoint()))
-            .await
-            .expect("connect")
-            .authenticate(AuthenticateRequest {
-                name: "root".to_owned(),
-                password: password.to_owned(),
-            })
-            .await
-            .expect("authenticate")
-            .into_inner()
-            .token;
-        request
-            .metadata_mut()
-            .insert("token", token.parse().expect("a header value"));
+        as_root(old, password, &mut request).await;
     }
     KvClient::connect(format!("http://{}", old.endpoint()))
         .await
@@ -872,8 +859,8 @@ async fn enable_auth(server: &EtcdServer, password: &str) {
         .expect("auth on");
 }
 
-/// The value of `key` in `server` with auth on, read as root.
-async fn value_as_root(server: &EtcdServer, password: &str, key: &str) -> Option<String> {
+/// Makes `request` a call of `server`'s root user (auth on, `password`).
+async fn as_root<T>(server: &EtcdServer, password: &str, request: &mut tonic::Request<T>) {
     let token = AuthClient::connect(format!("http://{}", server.endpoint()))
         .await
         .expect("auth client")
@@ -885,13 +872,18 @@ async fn value_as_root(server: &EtcdServer, password: &str, key: &str) -> Option
         .expect("authenticate")
         .into_inner()
         .token;
+    request
+        .metadata_mut()
+        .insert("token", token.parse().expect("a header value"));
+}
+
+/// The value of `key` in `server` with auth on, read as root.
+async fn value_as_root(server: &EtcdServer, password: &str, key: &str) -> Option<String> {
     let mut request = tonic::Request::new(RangeRequest {
         key: key.as_bytes().to_vec(),
         ..RangeRequest::default()
     });
-    request
-        .metadata_mut()
-        .insert("token", token.parse().expect("a header value"));
+    as_root(server, password, &mut request).await;
     let mut client = KvClient::connect(format!("http://{}", server.endpoint()))
         .await
         .expect("connect");

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
@@ -53,6 +53,9 @@ pub struct Write {
     pub effects: Vec<(Vec<u8>, Effect)>,
     /// How it was answered.
     pub answer: Result<Answer, (tonic::Code, String)>,
+    /// When its answer came: the gaps between a writer's acknowledged
+    /// writes say how long its writes were refused or waited.
+    pub answered_at: Instant,
 }
 
 /// Which etcd answered, and at what revision.
@@ -241,6 +244,7 @@ pub async fn writer_with(
             number,
             effects,
             answer: answer.map_err(|status| (status.code(), status.message().to_owned())),
+            answered_at: Instant::now(),
         });
         tokio::time::sleep(pace).await;
     }

@@ -260,6 +260,15 @@ pub enum Outcome {
         /// The step that failed, and how.
         reason: String,
     },
+    /// The cutover failed and this driver could not learn whether its
+    /// commit took effect, nor undo it (the source agent or the old plane
+    /// did not answer): the old plane's fence record decides, the gateways
+    /// settle from it by themselves, and `ferry migrate status|resume|abort`
+    /// read it.
+    Undecided {
+        /// The step that failed, and why the rollback could not be made.
+        reason: String,
+    },
 }
 
 /// The end of a migration.
@@ -1298,6 +1307,9 @@ async fn cutover(
     };
     let mut fenced = false;
     let mut committed = false;
+    // Until the commit is sent, the migration cannot have switched: only
+    // this driver commits this epoch.
+    let mut commit_sent = false;
     let result: Result<(), String> = async {
         // Step 4: hold writes; the writes in flight drain.
         running.phase.send_replace(Phase::Holding);
@@ -1406,6 +1418,7 @@ async fn cutover(
         .await
         .map_err(|_| "the target agent did not record the revision offset within --max-pause".to_owned())?
         .map_err(|status| format!("the target agent could not record the revision offset: {}", status_text(&status)))?;
+        commit_sent = true;
         let commit = tokio::time::timeout(
             options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
             running.source.commit(CommitRequest {
@@ -1425,11 +1438,18 @@ async fn cutover(
                 ))
             }
             Err(_) => {
-                // Whether the commit took effect is for the record to say.
-                let record = running.source.fence_status(FenceStatusRequest {}).await;
+                // Whether the commit took effect is for the record to say
+                // (and if it cannot say, the rollback's unfence will).
+                let record = tokio::time::timeout(
+                    gateways::GATEWAY_CALL_TIMEOUT,
+                    running.source.fence_status(FenceStatusRequest {}),
+                )
+                .await;
                 if !record.is_ok_and(|record| {
-                    let record = record.into_inner();
-                    record.switched && record.epoch == epoch
+                    record.is_ok_and(|record| {
+                        let record = record.into_inner();
+                        record.switched && record.epoch == epoch
+                    })
                 }) {
                     return Err("the source agent did not commit the switch within --max-pause".to_owned());
                 }
@@ -1485,20 +1505,42 @@ async fn cutover(
         Err(reason) => {
             warn!(%reason, "cutover failed: rolling back");
             running.phase.send_replace(Phase::RollingBack);
+            // The unfence is the same compare-and-swap as the commit: it
+            // says whether a commit whose answer was lost took effect.
+            let mut undone = Ok(());
             if fenced {
                 let unfence = tokio::time::timeout(
                     gateways::GATEWAY_CALL_TIMEOUT,
                     running.source.unfence(UnfenceRequest { epoch }),
                 )
                 .await;
-                match unfence {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) => {
-                        warn!(status = %status.message(), "the source agent did not unfence")
+                undone = match unfence {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status))
+                        if status.code() == tonic::Code::FailedPrecondition
+                            && status.message().contains("cannot be rolled back") =>
+                    {
+                        Err(None)
                     }
-                    Err(_) => warn!(
-                        "the source agent did not answer the unfence in time; the gateways settle the fence themselves"
-                    ),
+                    Ok(Err(status)) => Err(Some(format!(
+                        "the source agent could not unfence the old plane: {}",
+                        status_text(&status)
+                    ))),
+                    Err(_) => Err(Some(format!(
+                        "the source agent did not answer the unfence within {:?}",
+                        gateways::GATEWAY_CALL_TIMEOUT
+                    ))),
+                };
+            }
+            if undone == Err(None) {
+                // The commit took effect: finish the switch.
+                warn!(%reason, "the commit took effect although its answer was lost: switching");
+                let not_switched = running
+                    .gateways
+                    .switch(epoch, &running.target_description.control_plane_url)
+                    .await;
+                for reason in not_switched {
+                    warn!(%reason, "a gateway did not switch; it follows the fence record once its hold lapses");
                 }
             }
             let (released, failures) = running.gateways.release(epoch).await;
@@ -1516,8 +1558,34 @@ async fn cutover(
                 .find_map(|(_, status)| status.ok())
                 .map(|status| status.upstream_url)
                 .unwrap_or_default();
-            running.phase.send_replace(Phase::RolledBack);
-            report.outcome = Outcome::RolledBack { reason };
+            match undone {
+                Ok(()) => {
+                    running.phase.send_replace(Phase::RolledBack);
+                    report.outcome = Outcome::RolledBack { reason };
+                }
+                Err(Some(why)) if !commit_sent => {
+                    // Not switched, for certain; the gateways' lapsed holds
+                    // unfence the old plane once it answers.
+                    running.phase.send_replace(Phase::RolledBack);
+                    report.outcome = Outcome::RolledBack {
+                        reason: format!(
+                            "{reason}; the old plane could not be unfenced yet ({why}): the gateways unfence it when it answers, as their holds lapse"
+                        ),
+                    };
+                }
+                Err(None) => {
+                    running.phase.send_replace(Phase::Switched);
+                    report.upstream_url = running.target_description.control_plane_url.clone();
+                }
+                Err(Some(why)) => {
+                    running.phase.send_replace(Phase::Failed);
+                    report.outcome = Outcome::Undecided {
+                        reason: format!(
+                            "{reason}; and the rollback could not be made: {why}. The old plane's fence record decides: the gateways settle from it by themselves (within --max-pause of their holds), and `ferry migrate status --source-agent ... --gateway ...` shows it"
+                        ),
+                    };
+                }
+            }
         }
     }
     let state = running.state.borrow().clone();

@@ -424,7 +424,7 @@ async fn live(args: LiveArgs, global: GlobalOptions) -> Result<u8> {
     }
     Ok(match report.outcome {
         Outcome::Switched => exit::SUCCESS,
-        Outcome::RolledBack { .. } => exit::MIGRATION_FAILED,
+        Outcome::RolledBack { .. } | Outcome::Undecided { .. } => exit::MIGRATION_FAILED,
     })
 }
 
@@ -441,6 +441,9 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
             report.upstream_url,
             report.epoch
         ),
+        Outcome::Undecided { reason } => {
+            print_line!("undecided (epoch {}): {reason}", report.epoch)
+        }
     }
     print_line!(
         "  pause       {} (hold {}, fence {}, drain {}, switch {})\n  writes      {} drained at hold, {} held and released, {} refused UNAVAILABLE\n  ops moved   {} ({} in the snapshot at position {}, fenced at {})\n  stream      {} ({} reconnects)\n  time        {:.2} s",

@@ -527,7 +527,15 @@ async fn assert_switched_to_the_v4_image(
             "--verify digested another image of the old etcd than the test computes"
         );
     }
-    let migrated = mystic_state(&cluster.new.endpoint(), first_new_write - 1).await;
+    // The gateway shows the new etcd's revisions raised by one above F
+    // (the old etcd's fence, as its clients saw it): read the new etcd
+    // itself in its own revisions.
+    let revision_offset = fenced + 1;
+    let migrated = mystic_state(
+        &cluster.new.endpoint(),
+        first_new_write - revision_offset - 1,
+    )
+    .await;
     let mut mismatches = Vec::new();
     for (key, want) in &expected {
         match migrated.get(key) {

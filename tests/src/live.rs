@@ -76,6 +76,35 @@ pub async fn kv(endpoint: &str) -> KvClient<Channel> {
         .expect("etcd answers")
 }
 
+/// The value of `key` in the etcd (or gateway) at `endpoint`, if any.
+pub async fn value_at(endpoint: &str, key: &str) -> Option<Vec<u8>> {
+    kv(endpoint)
+        .await
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner()
+        .kvs
+        .first()
+        .map(|kv| kv.value.clone())
+}
+
+/// Puts `key` = `value` through the etcd (or gateway) at `endpoint`.
+pub async fn put_at(endpoint: &str, key: &str, value: &str) -> Result<(), tonic::Status> {
+    kv(endpoint)
+        .await
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .map(|_| ())
+}
+
 /// The cluster id and current revision of the etcd at `endpoint`.
 pub async fn cluster_id_and_revision(endpoint: &str) -> (u64, i64) {
     let header = kv(endpoint)

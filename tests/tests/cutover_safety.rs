@@ -6,36 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest};
-use ferry_tests::live::{Cluster, kv, migrate_report, spawn_ferry, wait_for_phase, with_options};
+use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use ferry_tests::live::{
+    Cluster, kv, migrate_report, put_at, spawn_ferry, value_at, wait_for_phase, with_options,
+};
 use ferry_tests::process::FerryProcess;
-
-async fn value_in(endpoint: &str, key: &str) -> Option<Vec<u8>> {
-    kv(endpoint)
-        .await
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-        .first()
-        .map(|kv| kv.value.clone())
-}
-
-async fn put(endpoint: &str, key: &str, value: &str) -> Result<(), tonic::Status> {
-    kv(endpoint)
-        .await
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .map(|_| ())
-}
 
 fn gateway_in_front_of(upstream: &str) -> FerryProcess {
     FerryProcess::start(
@@ -79,7 +54,7 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
     let cluster = Cluster::start().await;
     // A replica in front of the old plane that `ferry migrate` does not know.
     let unlisted = gateway_in_front_of(&cluster.old.url());
-    put(&unlisted.field("listen"), "/app/before", "old")
+    put_at(&unlisted.field("listen"), "/app/before", "old")
         .await
         .expect("a write before the migration");
 
@@ -96,16 +71,16 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
         cluster.new.url(),
         "it forwards to the plane the record names"
     );
-    put(&restarted.field("listen"), "/app/restarted", "1")
+    put_at(&restarted.field("listen"), "/app/restarted", "1")
         .await
         .expect("a write through the restarted gateway");
     assert_eq!(
-        value_in(&restarted.field("listen"), "/app/before").await,
+        value_at(&restarted.field("listen"), "/app/before").await,
         Some(b"old".to_vec()),
         "reads come from the new plane, which holds the copy"
     );
     // The unlisted replica, still pointed at the old plane.
-    put(&unlisted.field("listen"), "/app/unlisted", "2")
+    put_at(&unlisted.field("listen"), "/app/unlisted", "2")
         .await
         .expect("the write follows the record to the new plane");
 
@@ -113,19 +88,19 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
     let new = cluster.new.endpoint();
     for (key, value) in [("/app/restarted", "1"), ("/app/unlisted", "2")] {
         assert_eq!(
-            value_in(&old, key).await,
+            value_at(&old, key).await,
             None,
             "{key} reached the fenced plane"
         );
         assert_eq!(
-            value_in(&new, key).await,
+            value_at(&new, key).await,
             Some(value.as_bytes().to_vec()),
             "{key}"
         );
     }
     // A write straight to the old plane is not ferry's to stop; the guard
     // key is there for any gateway to see.
-    assert!(value_in(&old, "__ferry__/fenced").await.is_some());
+    assert!(value_at(&old, "__ferry__/fenced").await.is_some());
 }
 
 /// Items 2 and 3: the driver is killed (-9) while the old plane is fenced
@@ -138,7 +113,7 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
 async fn a_driver_killed_while_the_old_plane_is_fenced_leaves_no_plane_stuck() {
     let cluster = Cluster::start().await;
     let listen = cluster.gateway.field("listen");
-    put(&listen, "/app/before", "1").await.expect("put");
+    put_at(&listen, "/app/before", "1").await.expect("put");
 
     let status_file = tempfile::NamedTempFile::new().expect("status file");
     let args = with_options(
@@ -169,9 +144,9 @@ async fn a_driver_killed_while_the_old_plane_is_fenced_leaves_no_plane_stuck() {
     // Fenced now: a write through the gateway is held.
     let held = {
         let listen = listen.clone();
-        tokio::spawn(async move { put(&listen, "/app/held", "2").await })
+        tokio::spawn(async move { put_at(&listen, "/app/held", "2").await })
     };
-    let record = value_in(&cluster.old.endpoint(), "__ferry__/fence")
+    let record = value_at(&cluster.old.endpoint(), "__ferry__/fence")
         .await
         .expect("a fence record");
     assert!(
@@ -197,11 +172,13 @@ async fn a_driver_killed_while_the_old_plane_is_fenced_leaves_no_plane_stuck() {
         writes.iter().any(|write| write.answer.is_ok()),
         "the writer wrote through the gateway"
     );
-    put(&listen, "/app/after", "3").await.expect("writes flow");
+    put_at(&listen, "/app/after", "3")
+        .await
+        .expect("writes flow");
     let old = cluster.old.endpoint();
-    assert_eq!(value_in(&old, "/app/held").await, Some(b"2".to_vec()));
-    assert_eq!(value_in(&old, "/app/after").await, Some(b"3".to_vec()));
-    assert_eq!(value_in(&old, "__ferry__/fenced").await, None, "unfenced");
+    assert_eq!(value_at(&old, "/app/held").await, Some(b"2".to_vec()));
+    assert_eq!(value_at(&old, "/app/after").await, Some(b"3".to_vec()));
+    assert_eq!(value_at(&old, "__ferry__/fenced").await, None, "unfenced");
     eprintln!("writes resumed {settled:?} after the driver was killed");
 
     let source_agent = cluster.source_agent.field("listen");
@@ -249,7 +226,7 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
     let cluster = Cluster::start().await;
     let listen = cluster.gateway.field("listen");
     for index in 0..1000 {
-        put(&listen, "/app/busy", &index.to_string())
+        put_at(&listen, "/app/busy", &index.to_string())
             .await
             .expect("put");
     }
@@ -274,7 +251,7 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
         }
     });
     'seen: for attempt in 0.. {
-        put(&listen, "/app/watched", &format!("before-{attempt}"))
+        put_at(&listen, "/app/watched", &format!("before-{attempt}"))
             .await
             .expect("put");
         while let Ok(Some(line)) =
@@ -308,7 +285,7 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
         "the new etcd starts lower ({new_raw}) than the old one's F ({fenced}): the case to test"
     );
 
-    put(&listen, "/app/after", "1")
+    put_at(&listen, "/app/after", "1")
         .await
         .expect("a write after the switch");
     let after = kv(&listen)
@@ -425,7 +402,7 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
         .await
         .expect("watch")
         .into_inner();
-    put(&listen, "/app/later", "2").await.expect("put");
+    put_at(&listen, "/app/later", "2").await.expect("put");
     let mut got = Vec::new();
     while got.is_empty() {
         let message = events.message().await.expect("events").expect("one");

@@ -100,6 +100,24 @@ pub fn ferry(args: &[&str]) -> Duration {
     started.elapsed()
 }
 
+/// CPU time (user and system) the process `pid` (or `self`) has used so
+/// far, from `/proc/PID/stat`; zero where there is no such file (the
+/// process is gone, or this is not Linux).
+pub fn cpu_time(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // After the command name (which may hold spaces), utime and stime are
+    // the 12th and 13th fields, in clock ticks (100 a second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&index| fields.get(index)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
 /// `items` per second over `time`.
 pub fn per_second(items: usize, time: Duration) -> f64 {
     items as f64 / time.as_secs_f64()

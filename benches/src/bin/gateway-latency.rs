@@ -3,6 +3,13 @@
 //! writers, against one real etcd, directly and through the gateway, in
 //! the same run and interleaved in rounds so both see the same machine.
 //!
+//! The gateway sends every Put to etcd as a Txn guarded by the fence
+//! (`__ferry__/fenced` absent). What that guard costs etcd itself is
+//! measured apart: the same guarded Txn sent directly, one at a time and by
+//! 32 writers. And since etcd, the gateway and this client share the
+//! machine's cores, it prints the CPU time each process spent per Put, in
+//! the 32-writer rounds and one at a time through the gateway.
+//!
 //! `cargo build --release -p ferry-cli && cargo run --release -p ferry-benches --bin gateway-latency [-- CALLS]`
 //! (needs `etcd`: `apt-get install -y etcd-server`). It prints median,
 //! 90th and 99th percentile per call kind and path, and the ratios; it
@@ -13,8 +20,11 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_benches::run::cpu_time;
+use ferry_engine::adapters::etcd::guard_compare;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest};
+use ferry_proto::etcd::etcdserverpb::request_op::Request;
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
 use ferry_tests::etcd::EtcdServer;
 use tonic::transport::Channel;
 
@@ -32,7 +42,7 @@ impl Drop for Gateway {
     }
 }
 
-fn start_gateway(upstream: &str) -> (Gateway, String) {
+fn start_gateway(upstream: &str) -> (Gateway, String, u32) {
     let binary = std::env::current_exe()
         .expect("this binary")
         .with_file_name("ferry");
@@ -57,7 +67,8 @@ fn start_gateway(upstream: &str) -> (Gateway, String) {
         .read_line(&mut line)
         .expect("the gateway says it is ready");
     assert!(line.contains(&listen), "the gateway printed {line:?}");
-    (Gateway(child), listen)
+    let pid = child.id();
+    (Gateway(child), listen, pid)
 }
 
 async fn client(address: &str) -> KvClient<Channel> {
@@ -75,16 +86,48 @@ fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
 }
 
+/// How a Put is sent: as a Put, or as the gateway sends it on (a Txn
+/// guarded by the fence).
+#[derive(Debug, Clone, Copy)]
+enum PutAs {
+    Put,
+    GuardedTxn,
+}
+
 async fn one_put(client: &mut KvClient<Channel>, index: usize, value: &[u8]) -> Duration {
+    one_put_as(client, index, value, PutAs::Put).await
+}
+
+async fn one_put_as(
+    client: &mut KvClient<Channel>,
+    index: usize,
+    value: &[u8],
+    how: PutAs,
+) -> Duration {
+    let put = PutRequest {
+        key: format!("/bench/{}", index % 1000).into_bytes(),
+        value: value.to_vec(),
+        ..PutRequest::default()
+    };
     let started = Instant::now();
-    client
-        .put(PutRequest {
-            key: format!("/bench/{}", index % 1000).into_bytes(),
-            value: value.to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .expect("put");
+    match how {
+        PutAs::Put => {
+            client.put(put).await.expect("put");
+        }
+        PutAs::GuardedTxn => {
+            let answer = client
+                .txn(TxnRequest {
+                    compare: vec![guard_compare()],
+                    success: vec![RequestOp {
+                        request: Some(Request::RequestPut(put)),
+                    }],
+                    failure: Vec::new(),
+                })
+                .await
+                .expect("guarded txn");
+            assert!(answer.into_inner().succeeded, "etcd here is not fenced");
+        }
+    }
     started.elapsed()
 }
 
@@ -100,8 +143,53 @@ async fn one_range(client: &mut KvClient<Channel>, index: usize) -> Duration {
     started.elapsed()
 }
 
-/// Puts per second with `WRITERS` writers sharing one connection.
-async fn throughput(client: &KvClient<Channel>, puts: usize, value: &[u8]) -> f64 {
+/// CPU time used by this client, etcd and the gateway.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuUse {
+    client: Duration,
+    etcd: Duration,
+    gateway: Duration,
+    puts: usize,
+}
+
+impl CpuUse {
+    /// Adds what each process used between `before` and `after` (as
+    /// [`Processes::now`] gives them) for `puts` Puts.
+    fn add(&mut self, before: [Duration; 3], after: [Duration; 3], puts: usize) {
+        self.client += after[0].saturating_sub(before[0]);
+        self.etcd += after[1].saturating_sub(before[1]);
+        self.gateway += after[2].saturating_sub(before[2]);
+        self.puts += puts;
+    }
+}
+
+/// The processes whose CPU time is counted.
+struct Processes {
+    etcd: String,
+    gateway: String,
+}
+
+impl Processes {
+    fn now(&self) -> [Duration; 3] {
+        [
+            cpu_time("self"),
+            cpu_time(&self.etcd),
+            cpu_time(&self.gateway),
+        ]
+    }
+}
+
+/// Puts per second with `WRITERS` writers sharing one connection; adds
+/// the CPU time each process spent to `cpu`.
+async fn throughput(
+    client: &KvClient<Channel>,
+    puts: usize,
+    value: &[u8],
+    how: PutAs,
+    processes: &Processes,
+    cpu: &mut CpuUse,
+) -> f64 {
+    let before = processes.now();
     let started = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..WRITERS {
@@ -109,12 +197,24 @@ async fn throughput(client: &KvClient<Channel>, puts: usize, value: &[u8]) -> f6
         let value = value.to_vec();
         writers.spawn(async move {
             for index in (writer..puts).step_by(WRITERS) {
-                one_put(&mut client, index, &value).await;
+                one_put_as(&mut client, index, &value, how).await;
             }
         });
     }
     while writers.join_next().await.is_some() {}
-    puts as f64 / started.elapsed().as_secs_f64()
+    let rate = puts as f64 / started.elapsed().as_secs_f64();
+    cpu.add(before, processes.now(), puts);
+    rate
+}
+
+fn report_cpu(path: &str, cpu: &CpuUse) {
+    let per_put = |time: Duration| micros(time) / cpu.puts.max(1) as f64;
+    println!(
+        "  CPU per put, {path:<24} client {:>4.0} µs, etcd {:>4.0} µs, gateway {:>4.0} µs",
+        per_put(cpu.client),
+        per_put(cpu.etcd),
+        per_put(cpu.gateway),
+    );
 }
 
 fn report(name: &str, direct: &mut [Duration], gateway: &mut [Duration]) {
@@ -145,7 +245,11 @@ async fn main() {
         .unwrap_or(2000);
     let per_round = (calls / ROUNDS).max(1);
     let etcd = EtcdServer::start().expect("etcd starts");
-    let (_gateway, listen) = start_gateway(&etcd.url());
+    let (_gateway, listen, gateway_pid) = start_gateway(&etcd.url());
+    let processes = Processes {
+        etcd: etcd.pid().to_string(),
+        gateway: gateway_pid.to_string(),
+    };
     let mut direct = client(&etcd.endpoint()).await;
     let mut through = client(&listen).await;
     let value = vec![b'v'; VALUE_BYTES];
@@ -155,34 +259,98 @@ async fn main() {
         one_put(&mut through, index, &value).await;
     }
     let (mut put_direct, mut put_gateway) = (Vec::new(), Vec::new());
+    let (mut put_guarded, mut put_plain) = (Vec::new(), Vec::new());
     let (mut range_direct, mut range_gateway) = (Vec::new(), Vec::new());
     let (mut throughput_direct, mut throughput_gateway) = (Vec::new(), Vec::new());
+    let mut throughput_guarded = Vec::new();
+    let (mut cpu_direct, mut cpu_gateway, mut cpu_guarded) =
+        (CpuUse::default(), CpuUse::default(), CpuUse::default());
+    let mut cpu_one_at_a_time = CpuUse::default();
     for _ in 0..ROUNDS {
         for index in 0..per_round {
             put_direct.push(one_put(&mut direct, index, &value).await);
         }
+        let before = processes.now();
         for index in 0..per_round {
             put_gateway.push(one_put(&mut through, index, &value).await);
         }
+        cpu_one_at_a_time.add(before, processes.now(), per_round);
         for index in 0..per_round {
             range_direct.push(one_range(&mut direct, index).await);
         }
         for index in 0..per_round {
             range_gateway.push(one_range(&mut through, index).await);
         }
-        throughput_direct.push(throughput(&direct, per_round * 4, &value).await);
-        throughput_gateway.push(throughput(&through, per_round * 4, &value).await);
+        // etcd's own cost of the guard: a Put and the guarded Txn, both direct.
+        for index in 0..per_round / 2 {
+            put_plain.push(one_put_as(&mut direct, index, &value, PutAs::Put).await);
+            put_guarded.push(one_put_as(&mut direct, index, &value, PutAs::GuardedTxn).await);
+        }
+        let puts = per_round * 4;
+        throughput_direct.push(
+            throughput(
+                &direct,
+                puts,
+                &value,
+                PutAs::Put,
+                &processes,
+                &mut cpu_direct,
+            )
+            .await,
+        );
+        throughput_gateway.push(
+            throughput(
+                &through,
+                puts,
+                &value,
+                PutAs::Put,
+                &processes,
+                &mut cpu_gateway,
+            )
+            .await,
+        );
+        throughput_guarded.push(
+            throughput(
+                &direct,
+                puts,
+                &value,
+                PutAs::GuardedTxn,
+                &processes,
+                &mut cpu_guarded,
+            )
+            .await,
+        );
     }
     println!("one call at a time, {VALUE_BYTES}-byte values, etcd on 127.0.0.1:");
     report("Put", &mut put_direct, &mut put_gateway);
     report("Range", &mut range_direct, &mut range_gateway);
-    throughput_direct.sort_by(f64::total_cmp);
-    throughput_gateway.sort_by(f64::total_cmp);
-    let median = |values: &[f64]| values[values.len() / 2];
+    put_plain.sort();
+    put_guarded.sort();
     println!(
-        "{WRITERS} concurrent writers: direct {:.0} puts/s, gateway {:.0} puts/s (x{:.2}; medians of {ROUNDS} rounds)",
-        median(&throughput_direct),
-        median(&throughput_gateway),
-        median(&throughput_gateway) / median(&throughput_direct),
+        "etcd's own cost of the guard, direct: Put median {:.0} µs, guarded Txn median {:.0} µs (+{:.0} µs)",
+        micros(percentile(&put_plain, 0.5)),
+        micros(percentile(&put_guarded, 0.5)),
+        micros(percentile(&put_guarded, 0.5)) - micros(percentile(&put_plain, 0.5)),
     );
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let (direct_rate, gateway_rate, guarded_rate) = (
+        median(&mut throughput_direct),
+        median(&mut throughput_gateway),
+        median(&mut throughput_guarded),
+    );
+    println!(
+        "{WRITERS} concurrent writers: direct {direct_rate:.0} puts/s, gateway {gateway_rate:.0} puts/s (x{:.2}; medians of {ROUNDS} rounds)",
+        gateway_rate / direct_rate,
+    );
+    println!(
+        "{WRITERS} concurrent writers sending the guarded Txn directly: {guarded_rate:.0} puts/s (x{:.2} of direct Puts: etcd's own cost of the guard)",
+        guarded_rate / direct_rate,
+    );
+    report_cpu("32 writers, direct Put", &cpu_direct);
+    report_cpu("32 writers, gateway", &cpu_gateway);
+    report_cpu("32 writers, guarded Txn", &cpu_guarded);
+    report_cpu("one at a time, gateway", &cpu_one_at_a_time);
 }

@@ -52,22 +52,32 @@ free_port() {
 }
 
 # Starts an etcd named $1; sets `started` to its client address. (Not in a
-# command substitution: its subshell would keep the pid from `cleanup`.)
+# command substitution: its subshell would keep the pid from `cleanup`.) A
+# port found free can be taken before etcd binds it ("address already in
+# use"): then it starts again on other ports.
 start_etcd() {
-    local name=$1 client peer
-    client=$(free_port)
-    peer=$(free_port)
-    etcd --name "$name" --data-dir "$work/$name" --log-level error --logger zap \
-        --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
-        --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-        --initial-cluster "$name=http://127.0.0.1:$peer" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 100); do
-        if ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$client" endpoint health >/dev/null 2>&1; then
-            started=127.0.0.1:$client
-            return
-        fi
-        sleep 0.1
+    local name=$1 client peer pid
+    for _ in 1 2 3 4 5; do
+        client=$(free_port)
+        peer=$(free_port)
+        rm -rf "${work:?}/$name"
+        etcd --name "$name" --data-dir "$work/$name" --log-level error --logger zap \
+            --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+            --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+            --initial-cluster "$name=http://127.0.0.1:$peer" >"$work/$name.log" 2>&1 &
+        pid=$!
+        pids+=("$pid")
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            if ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$client" --dial-timeout 1s --command-timeout 2s \
+                endpoint health >/dev/null 2>&1; then
+                started=127.0.0.1:$client
+                return
+            fi
+            sleep 0.1
+        done
+        kill "$pid" 2>/dev/null || true
+        grep -q 'address already in use' "$work/$name.log" || break
     done
     fail "etcd $name did not start: $(tail -n 3 "$work/$name.log")"
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use ferry_engine::adapters::AdapterError;
 use ferry_engine::adapters::etcd::{
     EtcdConnection, EtcdError, EtcdSource, EtcdSourceOptions, FenceMove, FenceOutcome, LiveEvent,
-    LiveFrom, ProgressRequester, describe_cluster, move_fence, read_fence,
+    LiveFrom, ProgressRequester, describe_cluster, move_fence, read_fence, read_fence_alarms,
 };
 use ferry_engine::progress::Progress;
 use ferry_proto::v1::extract_response::Event;
@@ -346,10 +346,17 @@ impl SourceAgent for EtcdSourceAgent {
         let stored = read_fence(&self.connection)
             .await
             .map_err(|error| status_for(&AdapterError::EtcdSource(error).into()))?;
+        let write_alarm_epochs = read_fence_alarms(&self.connection)
+            .await
+            .map_err(|error| status_for(&AdapterError::EtcdSource(error).into()))?;
         let Some(stored) = stored else {
-            return Ok(Response::new(FenceStatusResponse::default()));
+            return Ok(Response::new(FenceStatusResponse {
+                write_alarm_epochs,
+                ..FenceStatusResponse::default()
+            }));
         };
         Ok(Response::new(FenceStatusResponse {
+            write_alarm_epochs,
             recorded: true,
             epoch: stored.fence.epoch,
             fenced: stored.fence.fenced,

@@ -6,7 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use ferry_engine::adapters::etcd::{
+    EtcdConnection, FenceMove, FenceOutcome, fence_alarm_member, move_fence,
+};
+use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
+use ferry_proto::etcd::etcdserverpb::{AlarmRequest, AlarmType, RangeRequest, alarm_request};
+use ferry_tests::etcd::EtcdServer;
 use ferry_tests::live::{
     Cluster, kv, migrate_report, put_at, spawn_ferry, value_at, wait_for_phase, with_options,
 };
@@ -98,9 +103,154 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
             "{key}"
         );
     }
-    // A write straight to the old plane is not ferry's to stop; the guard
-    // key is there for any gateway to see.
     assert!(value_at(&old, "__ferry__/fenced").await.is_some());
+    // Nor does a client that goes straight to the old etcd: its write
+    // alarm refuses Puts from anyone, and it still serves reads.
+    let refused = etcdctl(&old, &["put", "/app/straight", "3"]);
+    assert!(!refused.status.success(), "a Put reached the fenced etcd");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("database space exceeded"),
+        "{refused:?}"
+    );
+    let read = etcdctl(&old, &["get", "/app/before", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "old");
+    assert_eq!(value_at(&old, "/app/straight").await, None);
+}
+
+fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--command-timeout", "5s"])
+        .args(args)
+        .output()
+        .expect("etcdctl runs")
+}
+
+/// Item 1, the store's half: once fenced, the old etcd refuses a Put from a
+/// client nobody here wrote (etcdctl); a fence whose write alarm an
+/// operator lowered (`etcdctl alarm disarm`, after which a Put lands past
+/// F) is never committed, nor answered again as fenced: the migration must
+/// roll back, and the unfence leaves the plane writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_whose_write_alarm_was_lowered_is_never_committed() {
+    let etcd = EtcdServer::start().expect("etcd starts");
+    let endpoint = etcd.endpoint();
+    let connection = EtcdConnection::from_url(&etcd.url(), None).expect("url");
+    let fence = FenceMove::Fence {
+        epoch: 3,
+        successor: "etcd://127.0.0.1:1".to_owned(),
+    };
+    let FenceOutcome::Done {
+        revision: fenced_at,
+    } = move_fence(&connection, &fence).await.expect("fence")
+    else {
+        panic!("an empty plane fences");
+    };
+    let refused = etcdctl(&endpoint, &["put", "/k", "after-the-fence"]);
+    assert!(!refused.status.success(), "the fenced etcd took a Put");
+    let alarms = etcdctl(&endpoint, &["alarm", "list"]);
+    assert!(
+        String::from_utf8_lossy(&alarms.stdout).contains("NOSPACE"),
+        "{alarms:?}"
+    );
+    assert!(etcdctl(&endpoint, &["alarm", "disarm"]).status.success());
+    let landed = etcdctl(&endpoint, &["put", "/k", "after-the-fence"]);
+    assert!(landed.status.success(), "{landed:?}");
+
+    let commit = FenceMove::Commit {
+        epoch: 3,
+        successor_revision_offset: fenced_at + 1,
+    };
+    for wanted in [&commit, &fence] {
+        match move_fence(&connection, wanted).await.expect("answers") {
+            FenceOutcome::Refused { reason, .. } => {
+                assert!(reason.contains("no longer raised"), "{reason}");
+            }
+            done => panic!("{wanted:?} went through without its alarm: {done:?}"),
+        }
+    }
+    let record = value_at(&endpoint, "__ferry__/fence")
+        .await
+        .expect("record");
+    assert!(
+        !String::from_utf8_lossy(&record).contains("\"switched\":true"),
+        "{}",
+        String::from_utf8_lossy(&record)
+    );
+    assert!(matches!(
+        move_fence(&connection, &FenceMove::Unfence { epoch: 3 }).await,
+        Ok(FenceOutcome::Done { .. })
+    ));
+    assert_eq!(value_at(&endpoint, "__ferry__/fenced").await, None);
+    assert!(
+        etcdctl(&endpoint, &["put", "/k", "unfenced"])
+            .status
+            .success()
+    );
+}
+
+/// A migration that raised its write alarm and died before it fenced (the
+/// source agent killed between the two) leaves Puts refused and the record
+/// unfenced. A gateway tells its clients so, and that `ferry migrate abort`
+/// lowers it; `migrate status` shows it; the abort lowers it (and only it:
+/// the alarm of a later attempt stays), and writes flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_alarm_left_by_a_dead_attempt_is_shown_and_lowered_by_abort() {
+    let cluster = Cluster::start().await;
+    let listen = cluster.gateway.field("listen");
+    put_at(&listen, "/app/before", "1").await.expect("put");
+    let old = cluster.old.endpoint();
+    let mut maintenance = MaintenanceClient::connect(format!("http://{old}"))
+        .await
+        .expect("connect");
+    maintenance
+        .alarm(AlarmRequest {
+            action: alarm_request::AlarmAction::Activate as i32,
+            member_id: fence_alarm_member(6),
+            alarm: AlarmType::Nospace as i32,
+        })
+        .await
+        .expect("raise");
+
+    let refused = put_at(&listen, "/app/during", "2")
+        .await
+        .expect_err("the alarm refuses Puts");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("epoch 6") && refused.message().contains("abort"),
+        "{refused:?}"
+    );
+
+    let source_agent = cluster.source_agent.field("listen");
+    let admin = cluster.gateway.field("admin");
+    let decide = |command: &str| {
+        ferry_json(&[
+            "--output",
+            "json",
+            "migrate",
+            command,
+            "--source-agent",
+            &source_agent,
+            "--gateway",
+            &admin,
+        ])
+    };
+    let (status, code) = decide("status");
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(status["write_alarms"], serde_json::json!([6]), "{status}");
+    assert!(
+        status["record"].as_str().unwrap_or("").contains("abort"),
+        "{status}"
+    );
+    let (aborted, code) = decide("abort");
+    assert_eq!(code, 0, "{aborted}");
+    assert_eq!(aborted["outcome"], "rolled back", "{aborted}");
+    assert!(aborted["status"].get("write_alarms").is_none(), "{aborted}");
+    put_at(&listen, "/app/after", "3")
+        .await
+        .expect("writes flow once the alarm is lowered");
+    assert_eq!(value_at(&old, "/app/after").await, Some(b"3".to_vec()));
+    assert_eq!(value_at(&old, "/app/during").await, None);
 }
 
 /// Items 2 and 3: the driver is killed (-9) while the old plane is fenced

@@ -9,14 +9,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use ferry_agent::gateway::{GatewayAdminClient, connect_admin};
+use ferry_engine::adapters::etcd::fence_alarm_member;
 use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
+use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
 use ferry_proto::etcd::etcdserverpb::{
-    AuthEnableRequest, AuthRoleAddRequest, AuthUserAddRequest, AuthUserGrantRoleRequest,
-    AuthenticateRequest, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, request_op, watch_request,
+    AlarmRequest, AlarmType, AuthEnableRequest, AuthRoleAddRequest, AuthUserAddRequest,
+    AuthUserGrantRoleRequest, AuthenticateRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    alarm_request, request_op, watch_request,
 };
 use ferry_proto::v1::{GatewayStatusRequest, HoldRequest, ReleaseRequest, SwitchRequest};
 use ferry_tests::etcd::{EtcdOptions, EtcdServer, EtcdServerTls};
@@ -245,6 +248,22 @@ async fn write_fence_record(
         .txn(request)
         .await
         .expect("the fence record is written");
+    // And the write alarm of the epoch, as ferry's fence raises it (ferry
+    // raises it first and nests the record's Puts).
+    let mut alarm = tonic::Request::new(AlarmRequest {
+        action: alarm_request::AlarmAction::Activate as i32,
+        member_id: fence_alarm_member(epoch),
+        alarm: AlarmType::Nospace as i32,
+    });
+    if let Some(password) = password {
+        as_root(old, password, &mut alarm).await;
+    }
+    MaintenanceClient::connect(format!("http://{}", old.endpoint()))
+        .await
+        .expect("connect")
+        .alarm(alarm)
+        .await
+        .expect("the write alarm is raised");
 }
 
 /// A port nothing listens on.

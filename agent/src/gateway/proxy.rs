@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 
 use ferry_proto::etcd::etcdserverpb::auth_server::Auth;
 use ferry_proto::etcd::etcdserverpb::cluster_server::Cluster;
+use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::kv_server::Kv;
 use ferry_proto::etcd::etcdserverpb::lease_server::Lease;
 use ferry_proto::etcd::etcdserverpb::maintenance_server::Maintenance;
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use ferry_engine::adapters::etcd::guard_compare;
@@ -39,6 +41,7 @@ use super::gate::Admission;
 use super::revisions::{
     FromClient, ToClient, WatchUp, compacted_watch, shifted, watch_from_client,
 };
+use super::settle::AfterFence;
 use super::upstream::{TOKEN_KEY, Upstream};
 
 /// Messages buffered each way on a stream the gateway relays.
@@ -112,12 +115,14 @@ impl EtcdProxy {
     }
 
     /// Sends a write that changes keys (Put, DeleteRange, a Txn that
-    /// writes) through the gate as a Txn guarded by the fence
-    /// ([`guard_compare`]): a fenced plane refuses it itself, whatever
-    /// gateway sent it. When the guard fails, the gateway reads the fence
-    /// record: a migration that switched is followed, and the write is sent
-    /// once more to the new plane; one that has not decided yet is answered
-    /// `UNAVAILABLE`, which clients retry.
+    /// writes) through the gate, so that a fenced plane refuses it itself,
+    /// whatever gateway sent it: a Put, or a Txn with a Put at its top level,
+    /// as it is (etcd refuses those under ferry's write alarm, see
+    /// `ferry_engine::adapters::etcd::fence`); any other write as a Txn
+    /// guarded by the fence ([`guard_compare`]). When the plane refuses it,
+    /// the gateway reads the fence record: a migration that switched is
+    /// followed, and the write is sent once more to the new plane; one that
+    /// has not decided yet is answered `UNAVAILABLE`, which clients retry.
     async fn guarded_write<W: GuardedWrite>(
         &self,
         request: Request<W>,
@@ -128,6 +133,7 @@ impl EtcdProxy {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let (metadata, _, message) = request.into_parts();
+            let as_it_is = message.stopped_by_alarm();
             let mut followed = false;
             loop {
                 let upstream = shared.upstream.borrow().clone();
@@ -136,23 +142,40 @@ impl EtcdProxy {
                 if offset != 0 {
                     message.lower_revisions(offset)?;
                 }
-                let mut guarded = Request::new(message.guarded());
-                *guarded.metadata_mut() = metadata.clone();
                 let client = upstream.kv.clone();
-                let response = upstream
-                    .call(guarded, |request| {
-                        let mut client = client.clone();
-                        async move { client.txn(request).await }
-                    })
-                    .await?
-                    .into_inner();
-                if response.succeeded {
-                    drop(permit);
-                    return W::unguarded(response)
-                        .map(Response::new)
-                        .map(shifted(offset));
-                }
-                // The plane is fenced: nothing of this write took effect.
+                let refusal = if as_it_is {
+                    let mut plain = Request::new(message);
+                    *plain.metadata_mut() = metadata.clone();
+                    match upstream
+                        .call(plain, |request| W::send(client.clone(), request))
+                        .await
+                    {
+                        Ok(response) => {
+                            drop(permit);
+                            return Ok(shifted(offset)(self::plain(response)));
+                        }
+                        Err(status) if is_no_space(&status) => Some(status),
+                        Err(status) => return Err(status),
+                    }
+                } else {
+                    let mut guarded = Request::new(message.guarded());
+                    *guarded.metadata_mut() = metadata.clone();
+                    let response = upstream
+                        .call(guarded, |request| {
+                            let mut client = client.clone();
+                            async move { client.txn(request).await }
+                        })
+                        .await?
+                        .into_inner();
+                    if response.succeeded {
+                        drop(permit);
+                        return W::unguarded(response)
+                            .map(Response::new)
+                            .map(shifted(offset));
+                    }
+                    None
+                };
+                // The plane refused it: nothing of this write took effect.
                 let fenced = |why: String| {
                     Status::unavailable(format!(
                         "the control plane is being switched: {} is fenced by a live migration ({why}); retry",
@@ -163,8 +186,16 @@ impl EtcdProxy {
                     return Err(fenced("the plane it switched to is fenced too".to_owned()));
                 }
                 match shared.follow_after_fenced_write(&upstream).await {
-                    Ok(true) => followed = true,
-                    Ok(false) => return Err(fenced("the migration has not switched yet".to_owned())),
+                    Ok(AfterFence::Followed) => followed = true,
+                    Ok(AfterFence::Undecided) => {
+                        return Err(fenced("the migration has not switched yet".to_owned()));
+                    }
+                    Ok(AfterFence::NotFenced) => {
+                        let Some(no_space) = refusal else {
+                            return Err(fenced("the fence was lifted meanwhile".to_owned()));
+                        };
+                        return Err(shared.no_space_refusal(&upstream, no_space).await);
+                    }
                     Err(reason) => return Err(fenced(reason)),
                 }
             }
@@ -442,11 +473,27 @@ fn plain<T>(response: Response<T>) -> Response<T> {
     Response::new(response.into_inner())
 }
 
-/// A write that changes keys, sent as the one op of a Txn guarded by the
-/// fence ([`guard_compare`]).
+/// Whether etcd refused a write for lack of space, or under an alarm
+/// raised as if it lacked space (ferry's write alarm is one).
+fn is_no_space(status: &Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+        && status.message().contains("database space exceeded")
+}
+
+/// A write that changes keys: sent as it is when etcd refuses it under
+/// ferry's write alarm, else as the one op of a Txn guarded by the fence
+/// ([`guard_compare`]).
 trait GuardedWrite: prost::Message + FromClient + Clone + Send + 'static {
     /// What the client expects back.
     type Response: ToClient + Send + 'static;
+    /// Whether etcd refuses this write while an alarm of ferry's is raised
+    /// (a Put; a Txn with a Put at its top level, which etcd's quota counts).
+    fn stopped_by_alarm(&self) -> bool;
+    /// Sends it as it is.
+    fn send(
+        client: KvClient<Channel>,
+        request: Request<Self>,
+    ) -> impl Future<Output = Result<Response<Self::Response>, Status>> + Send;
     /// The op, inside a Txn that requires the plane unfenced.
     fn guarded(self) -> TxnRequest;
     /// The client's answer, from the answer to a guarded Txn that passed.
@@ -483,6 +530,17 @@ fn unexpected() -> Status {
 impl GuardedWrite for PutRequest {
     type Response = PutResponse;
 
+    fn stopped_by_alarm(&self) -> bool {
+        true
+    }
+
+    async fn send(
+        mut client: KvClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<PutResponse>, Status> {
+        client.put(request).await
+    }
+
     fn guarded(self) -> TxnRequest {
         guarded_txn(request_op::Request::RequestPut(self))
     }
@@ -497,6 +555,17 @@ impl GuardedWrite for PutRequest {
 
 impl GuardedWrite for DeleteRangeRequest {
     type Response = DeleteRangeResponse;
+
+    fn stopped_by_alarm(&self) -> bool {
+        false
+    }
+
+    async fn send(
+        mut client: KvClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        client.delete_range(request).await
+    }
 
     fn guarded(self) -> TxnRequest {
         guarded_txn(request_op::Request::RequestDeleteRange(self))
@@ -514,6 +583,20 @@ impl GuardedWrite for DeleteRangeRequest {
 
 impl GuardedWrite for TxnRequest {
     type Response = TxnResponse;
+
+    fn stopped_by_alarm(&self) -> bool {
+        self.success
+            .iter()
+            .chain(&self.failure)
+            .any(|op| matches!(op.request, Some(request_op::Request::RequestPut(_))))
+    }
+
+    async fn send(
+        mut client: KvClient<Channel>,
+        request: Request<Self>,
+    ) -> Result<Response<TxnResponse>, Status> {
+        client.txn(request).await
+    }
 
     fn guarded(self) -> TxnRequest {
         guarded_txn(request_op::Request::RequestTxn(self))

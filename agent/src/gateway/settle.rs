@@ -19,6 +19,7 @@ use ferry_engine::adapters::etcd::{
     FenceMove, FenceOutcome, REVISION_OFFSET_KEY, RevisionOffset, StoredFence, describe_fence,
 };
 use ferry_proto::etcd::etcdserverpb::RangeRequest;
+use tonic::Status;
 use tracing::{info, warn};
 
 use super::gate::HoldId;
@@ -37,6 +38,17 @@ const SETTLE_RETRY: Duration = Duration::from_millis(500);
 /// there just before the switch to it was committed) into `upstream`: a
 /// gateway started in front of a plane that took over shows its clients
 /// the same revisions as the gateways that followed the switch.
+/// What a gateway found after the upstream refused a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterFence {
+    /// The migration switched: the gateway now forwards to the successor.
+    Followed,
+    /// Fenced by a migration that has not decided.
+    Undecided,
+    /// The record says the plane is not fenced.
+    NotFenced,
+}
+
 pub(crate) async fn adopt_plane_offset(
     upstream: &mut Upstream,
     timeout: Duration,
@@ -158,7 +170,7 @@ impl Shared {
                     epoch = id.epoch,
                     why, "the hold lapsed before Release: settling it from the fence record"
                 );
-                match self.settle_once().await {
+                match self.settle_once(id.epoch).await {
                     Ok(outcome) => {
                         let released = self.gate.release(id.epoch);
                         info!(epoch = id.epoch, %outcome, released = ?released, "lapsed hold settled");
@@ -180,7 +192,7 @@ impl Shared {
 
     /// One look at the record: follow a switch, or unfence a migration in
     /// doubt. Says what it did.
-    async fn settle_once(&self) -> Result<String, String> {
+    async fn settle_once(&self, held_for: u64) -> Result<String, String> {
         for _ in 0..MAX_FOLLOWED {
             let upstream = self.upstream.borrow().clone();
             let stored = upstream.read_fence(self.connect_timeout).await?;
@@ -208,7 +220,19 @@ impl Shared {
                         FenceOutcome::Refused { .. } => {}
                     }
                 }
-                _ => return Ok(format!("{} serves", upstream.url)),
+                _ => {
+                    // Not fenced: the migration of the hold may still have
+                    // raised its write alarm before it died (its own fence
+                    // finds the alarm gone and refuses, see the engine's
+                    // fence module).
+                    upstream
+                        .move_fence(
+                            &FenceMove::Unfence { epoch: held_for },
+                            self.connect_timeout,
+                        )
+                        .await?;
+                    return Ok(format!("{} serves", upstream.url));
+                }
             }
         }
         Err(format!(
@@ -239,20 +263,20 @@ impl Shared {
     pub(crate) async fn follow_after_fenced_write(
         self: &Arc<Self>,
         refused_by: &Arc<Upstream>,
-    ) -> Result<bool, String> {
+    ) -> Result<AfterFence, String> {
         let in_doubt = {
             let _one_at_a_time = self.switching.lock().await;
             if !Arc::ptr_eq(&self.upstream.borrow(), refused_by) {
                 // Someone moved the gateway on meanwhile.
-                return Ok(true);
+                return Ok(AfterFence::Followed);
             }
             match refused_by.read_fence(self.connect_timeout).await? {
                 Some(stored) if stored.switched() => {
                     self.follow(refused_by, &stored).await?;
-                    return Ok(true);
+                    return Ok(AfterFence::Followed);
                 }
                 Some(stored) if stored.in_doubt() => stored.fence.epoch,
-                _ => return Ok(false),
+                _ => return Ok(AfterFence::NotFenced),
             }
         };
         warn!(upstream = %refused_by.url, epoch = in_doubt, "a write met the fence of a migration that is undecided and does not hold this gateway: holding writes until it decides");
@@ -261,7 +285,22 @@ impl Shared {
             "a write met the fence of an undecided migration that did not hold this gateway",
         )
         .await;
-        Ok(false)
+        Ok(AfterFence::Undecided)
+    }
+
+    /// What a client is told when the upstream refused a write for lack of
+    /// space and its fence record says it is not fenced: a migration that
+    /// raised ferry's write alarm and has not fenced yet (or died between
+    /// the two), or a database that is full.
+    pub(crate) async fn no_space_refusal(&self, upstream: &Upstream, refusal: Status) -> Status {
+        match upstream.fence_alarms(self.connect_timeout).await {
+            Ok(epochs) if !epochs.is_empty() => Status::unavailable(format!(
+                "{} refuses writes: live migration epoch {} raised ferry's write alarm and has not fenced the plane yet; retry. If no migration is running, `ferry migrate abort` lowers it",
+                upstream.url,
+                epochs.iter().max().unwrap_or(&0)
+            )),
+            _ => refusal,
+        }
     }
 
     /// A migration fenced the upstream and has not decided, and nothing

@@ -8,8 +8,8 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdTls, FenceFailure, FenceMove, FenceOutcome, StoredFence, move_fence_with,
-    read_fence_with,
+    EtcdConnection, EtcdTls, FenceFailure, FenceMove, FenceOutcome, FencePlane, StoredFence,
+    move_fence_with, raised_fence_alarms, read_fence_with,
 };
 use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
 use ferry_proto::etcd::etcdserverpb::cluster_client::ClusterClient;
@@ -18,7 +18,7 @@ use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
 use ferry_proto::etcd::etcdserverpb::{
-    AuthenticateRequest, StatusRequest, TxnRequest, TxnResponse,
+    AlarmRequest, AlarmResponse, AuthenticateRequest, StatusRequest, TxnRequest, TxnResponse,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -265,29 +265,70 @@ impl Upstream {
     }
 }
 
-impl Upstream {
-    /// Sends a Txn of the gateway's own (the fence record) with its own
-    /// credentials, within `timeout`.
-    async fn own_txn(&self, request: TxnRequest, timeout: Duration) -> Result<TxnResponse, Status> {
-        let client = self.kv.clone();
-        let call = self.call(Request::new(request), |request| {
-            let mut client = client.clone();
-            async move { client.txn(request).await }
-        });
-        match tokio::time::timeout(timeout, call).await {
+/// The upstream as the gateway's own client of its fence: its credentials,
+/// and an answer within a timeout.
+struct OwnCalls<'a> {
+    upstream: &'a Upstream,
+    timeout: Duration,
+}
+
+impl OwnCalls<'_> {
+    async fn within<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(answer) => answer.map(Response::into_inner),
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "{} did not answer within {timeout:?}",
-                self.url
+                "{} did not answer within {:?}",
+                self.upstream.url, self.timeout
             ))),
+        }
+    }
+}
+
+impl FencePlane for OwnCalls<'_> {
+    type Error = Status;
+
+    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, Status> {
+        let client = self.upstream.kv.clone();
+        self.within(self.upstream.call(Request::new(request), |request| {
+            let mut client = client.clone();
+            async move { client.txn(request).await }
+        }))
+        .await
+    }
+
+    async fn alarm(&self, request: AlarmRequest) -> Result<AlarmResponse, Status> {
+        let client = self.upstream.maintenance.clone();
+        self.within(self.upstream.call(Request::new(request), |request| {
+            let mut client = client.clone();
+            async move { client.alarm(request).await }
+        }))
+        .await
+    }
+}
+
+impl Upstream {
+    fn own(&self, timeout: Duration) -> OwnCalls<'_> {
+        OwnCalls {
+            upstream: self,
+            timeout,
         }
     }
 
     /// The upstream's fence record.
     pub async fn read_fence(&self, timeout: Duration) -> Result<Option<StoredFence>, String> {
-        read_fence_with(&|request| self.own_txn(request, timeout))
+        read_fence_with(&self.own(timeout))
             .await
             .map_err(|failure| self.fence_failure(failure))
+    }
+
+    /// The epochs of the write alarms ferry raised on the upstream.
+    pub async fn fence_alarms(&self, timeout: Duration) -> Result<Vec<u64>, String> {
+        raised_fence_alarms(&self.own(timeout))
+            .await
+            .map_err(|status| self.fence_failure(FenceFailure::Call(status)))
     }
 
     /// Moves the upstream's fence record (the gateway unfences a plane whose
@@ -297,7 +338,7 @@ impl Upstream {
         wanted: &FenceMove,
         timeout: Duration,
     ) -> Result<FenceOutcome, String> {
-        move_fence_with(&|request| self.own_txn(request, timeout), wanted)
+        move_fence_with(&self.own(timeout), wanted)
             .await
             .map_err(|failure| self.fence_failure(failure))
     }

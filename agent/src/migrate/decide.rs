@@ -71,6 +71,9 @@ pub struct LiveStatus {
     /// F, while fenced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fenced_position: Option<u64>,
+    /// The epochs whose write alarm is raised on the old plane.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub write_alarms: Vec<u64>,
     /// Every gateway.
     pub gateways: Vec<GatewayState>,
 }
@@ -99,6 +102,14 @@ fn decision(record: &FenceStatusResponse) -> &'static str {
 }
 
 fn describe(record: &FenceStatusResponse) -> String {
+    let alarms = &record.write_alarm_epochs;
+    if !record.fenced && !alarms.is_empty() {
+        return format!(
+            "not fenced (last epoch {}), but the write alarm of epoch {} is raised: its migration died before it fenced; `ferry migrate abort` lowers it",
+            record.epoch,
+            alarms.iter().max().unwrap_or(&0)
+        );
+    }
     match decision(record) {
         "none" => "no migration has fenced this plane".to_owned(),
         "switched" => format!(
@@ -173,6 +184,7 @@ async fn read(
         epoch: record.epoch,
         successor_url: record.successor_url.clone(),
         fenced_position: record.fenced.then_some(record.fenced_position),
+        write_alarms: record.write_alarm_epochs.clone(),
         gateways,
     };
     Ok((record, status))
@@ -212,7 +224,8 @@ pub async fn live_status(options: &DecideOptions) -> Result<LiveStatus, MigrateE
 pub async fn resume(options: &DecideOptions) -> Result<Decided, MigrateError> {
     let mut connected = connect(options).await?;
     let (record, _) = read(&mut connected).await?;
-    if record.fenced && !record.switched {
+    let orphaned_alarm = !record.fenced && !record.write_alarm_epochs.is_empty();
+    if (record.fenced && !record.switched) || orphaned_alarm {
         let mut decided = roll_back(&mut connected, &record).await?;
         decided.steps.insert(
             0,
@@ -289,11 +302,15 @@ async fn roll_back(
     record: &FenceStatusResponse,
 ) -> Result<Decided, MigrateError> {
     let mut steps = Vec::new();
-    if record.fenced {
+    // An alarm raised by an attempt that died before it fenced is lowered
+    // the same way (an unfence lowers its epoch's alarms and older ones).
+    let orphaned = record.write_alarm_epochs.iter().copied().max().unwrap_or(0);
+    let unfencing = record.fenced || orphaned > 0;
+    if unfencing {
         connected
             .source
             .unfence(ferry_proto::v1::UnfenceRequest {
-                epoch: record.epoch,
+                epoch: record.epoch.max(orphaned),
             })
             .await
             .map_err(|status| {
@@ -302,12 +319,15 @@ async fn roll_back(
                     status_text(&status)
                 ))
             })?;
-        steps.push(format!("unfenced the old plane (epoch {})", record.epoch));
+        steps.push(format!(
+            "unfenced the old plane (epoch {}) and lowered its write alarm",
+            record.epoch.max(orphaned)
+        ));
     }
     steps.extend(release_stale_holds(connected, record).await?);
     let (_, status) = read(connected).await?;
     Ok(Decided {
-        outcome: if record.fenced {
+        outcome: if unfencing {
             "rolled back"
         } else {
             "nothing to do"

@@ -3,10 +3,11 @@
 //! writers, against one real etcd, directly and through the gateway, in
 //! the same run and interleaved in rounds so both see the same machine.
 //!
-//! The gateway sends every Put to etcd as a Txn guarded by the fence
-//! (`__ferry__/fenced` absent). What that guard costs etcd itself is
-//! measured apart: the same guarded Txn sent directly, one at a time and by
-//! 32 writers. And since etcd, the gateway and this client share the
+//! The gateway sends a Put to etcd as it is (a fenced etcd refuses it
+//! under ferry's write alarm), and a DeleteRange or a Txn with no Put at
+//! its top level as a Txn guarded by the fence (`__ferry__/fenced` absent).
+//! What that guard costs etcd itself is measured apart: a guarded Txn sent
+//! directly, one at a time and by 32 writers. And since etcd, the gateway and this client share the
 //! machine's cores, it prints the CPU time each process spent per Put, in
 //! the 32-writer rounds and one at a time through the gateway.
 //!

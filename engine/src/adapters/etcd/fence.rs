@@ -3,15 +3,39 @@
 //! process (a killed driver, a restarted gateway, a second replica) can
 //! decide it differently.
 //!
-//! Two keys, always written together in one Txn:
+//! Two keys, always written together in one Txn, and an alarm:
 //! - [`FENCE_KEY`], `{"epoch":..,"fenced":..,"successor":..,"switched":..}`:
 //!   the migration attempt that set it (G5), whether writes are fenced,
 //!   the plane that takes over, and whether the migration switched to it.
-//! - [`FENCE_GUARD_KEY`], present exactly while the plane is fenced. Every
-//!   write a ferry gateway sends is a Txn whose compare requires this key to
-//!   be absent ([`guard_compare`]), so the store itself refuses writes from
-//!   any gateway once the plane is fenced: a restarted one, a second
-//!   replica, or one started later with the flags it had before.
+//! - [`FENCE_GUARD_KEY`], present exactly while the plane is fenced. A ferry
+//!   gateway sends a DeleteRange, and a Txn with no Put of its own at its
+//!   top level, as a Txn whose compare requires this key to be absent
+//!   ([`guard_compare`]).
+//! - **ferry's write alarm**: etcd's own `NOSPACE` alarm, raised under a
+//!   member id of ferry's ([`fence_alarm_member`], one per epoch) just before
+//!   the record is fenced. While any `NOSPACE` alarm is raised, etcd refuses
+//!   every Put, every Txn with a Put at its top level, and every lease grant
+//!   ("database space exceeded"), from any client, and keeps serving reads,
+//!   watches and deletes; the alarm is stored in etcd's backend and survives
+//!   a restart. So a gateway sends Puts, and Txns that put, as they are, at
+//!   no cost to etcd: the plane itself refuses them once fenced. (A guarded
+//!   Txn costs etcd 3.4 about twice a Put: it copies its read buffer for
+//!   every Txn.)
+//!
+//! Together they make the store refuse every write from any gateway once
+//! the plane is fenced: a restarted one, a second replica, or one started
+//! later with the flags it had before; and Puts from any other client too.
+//! The record's own moves under the alarm are a Txn whose Puts sit inside a
+//! nested Txn, which etcd's quota does not count (3.4 to 3.6).
+//!
+//! The alarm is raised before the guard is written, so no Put lands after
+//! the fenced position F (the guard's create revision); it is verified after
+//! the fence and before the commit, and a fence or commit that finds it gone
+//! (an operator's `etcdctl alarm disarm`, or a lapsed gateway that settled an
+//! attempt whose fence had not landed yet) is refused, so the migration rolls
+//! back instead of losing writes. An unfence lowers the alarms of its epoch
+//! and every earlier one. Per-epoch ids make that safe: a late unfence of an
+//! earlier attempt never lowers a later attempt's alarm.
 //!
 //! The record moves through these states, each move a compare-and-swap on
 //! the record's mod revision:
@@ -28,11 +52,13 @@
 //! not switched, it unfences (the same compare-and-swap, so it and a late
 //! commit cannot both win) and writes go on to the old plane.
 
+use ferry_proto::etcd::etcdserverpb::alarm_request::AlarmAction;
 use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
 use ferry_proto::etcd::etcdserverpb::response_op::Response as TxnResponseOp;
 use ferry_proto::etcd::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+    AlarmRequest, AlarmResponse, AlarmType, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, TxnResponse,
 };
 use tracing::info;
 
@@ -45,6 +71,37 @@ pub const FENCE_KEY: &[u8] = b"__ferry__/fence";
 /// Present exactly while the plane is fenced; its create revision is the
 /// fenced position F. A gateway's writes require it absent.
 pub const FENCE_GUARD_KEY: &[u8] = b"__ferry__/fenced";
+
+/// The member ids of ferry's write alarms carry this tag in their top 16
+/// bits (`etcdctl alarm list` shows `memberID:18336...` for them).
+const FENCE_ALARM_TAG: u64 = 0xfe77;
+
+/// The member id under which migration `epoch` raises its write alarm.
+pub fn fence_alarm_member(epoch: u64) -> u64 {
+    (FENCE_ALARM_TAG << 48) | (epoch & 0xffff_ffff_ffff)
+}
+
+/// The epoch of a write alarm raised by ferry, or `None` for etcd's own.
+pub fn fence_alarm_epoch(member_id: u64) -> Option<u64> {
+    (member_id >> 48 == FENCE_ALARM_TAG).then_some(member_id & 0xffff_ffff_ffff)
+}
+
+/// A plane whose fence can be read and moved: an agent's client, or a
+/// gateway's own channel.
+pub trait FencePlane: Sync {
+    /// Why a call failed.
+    type Error: Send;
+    /// Sends a Txn.
+    fn txn(
+        &self,
+        request: TxnRequest,
+    ) -> impl std::future::Future<Output = Result<TxnResponse, Self::Error>> + Send;
+    /// Raises, lowers or lists alarms.
+    fn alarm(
+        &self,
+        request: AlarmRequest,
+    ) -> impl std::future::Future<Output = Result<AlarmResponse, Self::Error>> + Send;
+}
 
 /// ferry's fence record in a source etcd.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,9 +261,16 @@ pub fn move_request(stored: Option<&StoredFence>, next: &Fence) -> TxnRequest {
             })),
         });
     }
+    // Nested, so that etcd's quota lets it through ferry's own write alarm.
     TxnRequest {
         compare: vec![compare],
-        success,
+        success: vec![RequestOp {
+            request: Some(TxnRequestOp::RequestTxn(TxnRequest {
+                compare: Vec::new(),
+                success,
+                failure: Vec::new(),
+            })),
+        }],
         failure: Vec::new(),
     }
 }
@@ -235,6 +299,17 @@ pub enum Move {
         /// The migration attempt.
         epoch: u64,
     },
+}
+
+impl Move {
+    /// The migration attempt the move is for.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Move::Fence { epoch, .. } | Move::Commit { epoch, .. } | Move::Unfence { epoch } => {
+                *epoch
+            }
+        }
+    }
 }
 
 /// What to do with the record: write `next`, answer at once (the move was
@@ -345,10 +420,15 @@ pub fn describe(record: Option<&Fence>) -> String {
 /// Reads the record of `connection`'s cluster.
 pub async fn read_fence(connection: &EtcdConnection) -> Result<Option<StoredFence>, EtcdError> {
     let client = EtcdClient::connect(connection).await?;
-    let txn = client_txn(&client);
-    read_with(&txn)
+    read_with(&ClientPlane(&client))
         .await
         .map_err(|failure| failure.into_error(&client))
+}
+
+/// The epochs of ferry's write alarms raised on `connection`'s cluster.
+pub async fn read_fence_alarms(connection: &EtcdConnection) -> Result<Vec<u64>, EtcdError> {
+    let client = EtcdClient::connect(connection).await?;
+    raised_alarms(&ClientPlane(&client)).await
 }
 
 /// Moves the record of `connection`'s cluster as `wanted` says.
@@ -357,17 +437,16 @@ pub async fn move_fence(
     wanted: &Move,
 ) -> Result<FenceOutcome, EtcdError> {
     let client = EtcdClient::connect(connection).await?;
-    let txn = client_txn(&client);
-    move_with(&txn, wanted)
+    move_with(&ClientPlane(&client), wanted)
         .await
         .map_err(|failure| failure.into_error(&client))
 }
 
-/// Why a read or move of the record failed: the Txn itself, or a record
-/// that does not parse.
+/// Why a read or move of the record failed: a call, or a record that does
+/// not parse.
 #[derive(Debug)]
 pub enum FenceFailure<E> {
-    /// The Txn failed.
+    /// A call failed.
     Call(E),
     /// The record is not ferry's.
     Unreadable(String),
@@ -386,53 +465,161 @@ impl FenceFailure<EtcdError> {
     }
 }
 
-fn client_txn<'a>(
-    client: &'a EtcdClient,
-) -> impl Fn(TxnRequest) -> futures::future::BoxFuture<'a, Result<TxnResponse, EtcdError>> {
-    move |request: TxnRequest| {
-        Box::pin(async move {
-            client
-                .call("read or write the fence of", |mut services| {
-                    let request = request.clone();
-                    async move { services.kv.txn(request).await }
-                })
-                .await
-        })
+/// An agent's client as a [`FencePlane`].
+struct ClientPlane<'a>(&'a EtcdClient);
+
+impl FencePlane for ClientPlane<'_> {
+    type Error = EtcdError;
+
+    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
+        self.0
+            .call("read or write the fence of", |mut services| {
+                let request = request.clone();
+                async move { services.kv.txn(request).await }
+            })
+            .await
+    }
+
+    async fn alarm(&self, request: AlarmRequest) -> Result<AlarmResponse, EtcdError> {
+        self.0
+            .call(
+                "raise, lower or list ferry's write alarm on",
+                |mut services| async move { services.maintenance.alarm(request).await },
+            )
+            .await
     }
 }
 
-/// Reads the record with `txn`, a way to send a Txn to the plane (an agent's
-/// client, or a gateway's own channel).
-pub async fn read_with<E, F, Fut>(txn: &F) -> Result<Option<StoredFence>, FenceFailure<E>>
-where
-    F: Fn(TxnRequest) -> Fut,
-    Fut: std::future::Future<Output = Result<TxnResponse, E>>,
-{
-    let response = txn(read_request()).await.map_err(FenceFailure::Call)?;
+/// Reads the record of `plane`.
+pub async fn read_with<P: FencePlane>(
+    plane: &P,
+) -> Result<Option<StoredFence>, FenceFailure<P::Error>> {
+    let response = plane
+        .txn(read_request())
+        .await
+        .map_err(FenceFailure::Call)?;
     parse_read(&response).map_err(FenceFailure::Unreadable)
 }
 
-/// Moves the record with `txn` as `wanted` says, retrying the
-/// compare-and-swap while another writer moves it in between: the state
-/// machine's one driver, for agents and gateways alike.
-pub async fn move_with<E, F, Fut>(txn: &F, wanted: &Move) -> Result<FenceOutcome, FenceFailure<E>>
-where
-    F: Fn(TxnRequest) -> Fut,
-    Fut: std::future::Future<Output = Result<TxnResponse, E>>,
-{
+fn alarm_request(action: AlarmAction, epoch: u64) -> AlarmRequest {
+    AlarmRequest {
+        action: action as i32,
+        member_id: fence_alarm_member(epoch),
+        alarm: AlarmType::Nospace as i32,
+    }
+}
+
+/// The epochs whose write alarms `plane` has raised.
+pub async fn raised_alarms<P: FencePlane>(plane: &P) -> Result<Vec<u64>, P::Error> {
+    let listed = plane
+        .alarm(AlarmRequest {
+            action: AlarmAction::Get as i32,
+            member_id: 0,
+            alarm: AlarmType::None as i32,
+        })
+        .await?;
+    Ok(listed
+        .alarms
+        .iter()
+        .filter(|member| member.alarm == AlarmType::Nospace as i32)
+        .filter_map(|member| fence_alarm_epoch(member.member_id))
+        .collect())
+}
+
+/// Lowers ferry's write alarms of `epoch` and every earlier one.
+async fn lower_alarms<P: FencePlane>(plane: &P, epoch: u64) -> Result<(), P::Error> {
+    for raised in raised_alarms(plane).await? {
+        if raised <= epoch {
+            plane
+                .alarm(alarm_request(AlarmAction::Deactivate, raised))
+                .await?;
+            info!(epoch = raised, "write alarm lowered");
+        }
+    }
+    Ok(())
+}
+
+/// Why a fence or commit of `epoch` is refused when its alarm is gone.
+fn alarm_gone(epoch: u64) -> String {
+    format!(
+        "ferry's write alarm of epoch {epoch} is no longer raised on the fenced plane (cleared by `etcdctl alarm disarm`, or by a gateway that settled the attempt before its fence landed): Puts may have landed after the fence, so the migration must roll back and start again"
+    )
+}
+
+/// Moves the record of `plane` as `wanted` says, retrying the
+/// compare-and-swap while another writer moves it in between, and raises,
+/// checks or lowers ferry's write alarm with it (see the module's
+/// documentation): the state machine's one driver, for agents and gateways
+/// alike.
+pub async fn move_with<P: FencePlane>(
+    plane: &P,
+    wanted: &Move,
+) -> Result<FenceOutcome, FenceFailure<P::Error>> {
+    let epoch = wanted.epoch();
+    let mut raised = false;
     loop {
-        let stored = read_with(txn).await?;
-        let next = match decide(stored.as_ref(), wanted) {
-            Decision::AlreadyDone(revision) => return Ok(FenceOutcome::Done { revision }),
-            Decision::Refuse(reason) => {
+        let stored = read_with(plane).await?;
+        let decision = decide(stored.as_ref(), wanted);
+        if let Decision::Refuse(reason) = decision {
+            let stored = stored.expect("a refusal names a record");
+            if raised && stored.fence.epoch != epoch {
+                // Another attempt moved the record first: this one's alarm
+                // fences nothing.
+                lower_alarms(plane, epoch)
+                    .await
+                    .map_err(FenceFailure::Call)?;
+            }
+            return Ok(FenceOutcome::Refused { stored, reason });
+        }
+        let alarm_in_force = || async {
+            raised_alarms(plane)
+                .await
+                .map(|raised| raised.contains(&epoch))
+                .map_err(FenceFailure::Call)
+        };
+        let next = match (decision, wanted) {
+            (Decision::AlreadyDone(revision), Move::Unfence { .. }) => {
+                lower_alarms(plane, epoch)
+                    .await
+                    .map_err(FenceFailure::Call)?;
+                return Ok(FenceOutcome::Done { revision });
+            }
+            (Decision::AlreadyDone(revision), Move::Fence { .. }) => {
+                if !alarm_in_force().await? {
+                    let stored = stored.expect("a fenced plane has a record");
+                    return Ok(FenceOutcome::Refused {
+                        stored,
+                        reason: alarm_gone(epoch),
+                    });
+                }
+                return Ok(FenceOutcome::Done { revision });
+            }
+            (Decision::AlreadyDone(revision), Move::Commit { .. }) => {
+                return Ok(FenceOutcome::Done { revision });
+            }
+            (Decision::Write(next), _) => next,
+            (Decision::Refuse(_), _) => unreachable!("answered above"),
+        };
+        match wanted {
+            Move::Fence { .. } if !raised => {
+                // Before the guard: no Put lands after F.
+                plane
+                    .alarm(alarm_request(AlarmAction::Activate, epoch))
+                    .await
+                    .map_err(FenceFailure::Call)?;
+                raised = true;
+            }
+            Move::Commit { .. } if !alarm_in_force().await? => {
+                let stored = stored.expect("a fenced plane has a record");
                 return Ok(FenceOutcome::Refused {
-                    stored: stored.expect("a refusal names a record"),
-                    reason,
+                    stored,
+                    reason: alarm_gone(epoch),
                 });
             }
-            Decision::Write(next) => next,
-        };
-        let response = txn(move_request(stored.as_ref(), &next))
+            _ => {}
+        }
+        let response = plane
+            .txn(move_request(stored.as_ref(), &next))
             .await
             .map_err(FenceFailure::Call)?;
         if !response.succeeded {
@@ -450,6 +637,23 @@ where
             Move::Unfence { .. } => written,
         };
         info!(record = %describe(Some(&next)), revision, "fence record written");
+        match wanted {
+            Move::Fence { .. } if !alarm_in_force().await? => {
+                // Lowered between its raise and the guard: refused, and the
+                // caller rolls back.
+                let stored = read_with(plane).await?.expect("just written");
+                return Ok(FenceOutcome::Refused {
+                    stored,
+                    reason: alarm_gone(epoch),
+                });
+            }
+            Move::Unfence { .. } => {
+                lower_alarms(plane, epoch)
+                    .await
+                    .map_err(FenceFailure::Call)?;
+            }
+            _ => {}
+        }
         return Ok(FenceOutcome::Done { revision });
     }
 }
@@ -630,10 +834,22 @@ mod tests {
         );
     }
 
+    /// The writes of a move, inside the nested Txn that passes ferry's alarm.
+    fn writes(request: &TxnRequest) -> &[RequestOp] {
+        assert_eq!(request.success.len(), 1, "one nested Txn");
+        match &request.success[0].request {
+            Some(TxnRequestOp::RequestTxn(nested)) => {
+                assert!(nested.compare.is_empty());
+                &nested.success
+            }
+            other => panic!("a move is a nested Txn, not {other:?}"),
+        }
+    }
+
     #[test]
     fn the_guard_key_follows_the_fence() {
         let fencing = move_request(None, &fenced(1));
-        assert_eq!(fencing.success.len(), 2, "record and guard");
+        assert_eq!(writes(&fencing).len(), 2, "record and guard");
         let committing = move_request(
             Some(&stored(fenced(1), Some(4))),
             &Fence {
@@ -641,7 +857,7 @@ mod tests {
                 ..fenced(1)
             },
         );
-        assert_eq!(committing.success.len(), 1, "the guard stays");
+        assert_eq!(writes(&committing).len(), 1, "the guard stays");
         let unfencing = move_request(
             Some(&stored(fenced(1), Some(4))),
             &Fence {
@@ -650,8 +866,20 @@ mod tests {
             },
         );
         assert!(matches!(
-            unfencing.success[1].request,
+            writes(&unfencing)[1].request,
             Some(TxnRequestOp::RequestDeleteRange(_))
         ));
+    }
+
+    #[test]
+    fn alarm_member_ids_carry_the_epoch_and_are_told_from_etcds() {
+        assert_eq!(fence_alarm_epoch(fence_alarm_member(7)), Some(7));
+        assert_eq!(
+            fence_alarm_epoch(fence_alarm_member(1 << 40)),
+            Some(1 << 40)
+        );
+        // etcd's own member ids (random u64s) are not ferry's.
+        assert_eq!(fence_alarm_epoch(0x8e9e_05c5_2164_694d), None);
+        assert_ne!(fence_alarm_member(1), fence_alarm_member(2));
     }
 }

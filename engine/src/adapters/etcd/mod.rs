@@ -28,10 +28,11 @@ mod source;
 
 pub use digest::{RangeDigest, SetDigest, digest_range};
 pub use fence::{
-    FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, Move as FenceMove,
+    FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, FencePlane, Move as FenceMove,
     REVISION_OFFSET_KEY, RevisionOffset, StoredFence, adopt_revision_offset,
-    describe as describe_fence, guard_compare, move_fence, move_with as move_fence_with,
-    read_fence, read_with as read_fence_with,
+    describe as describe_fence, fence_alarm_epoch, fence_alarm_member, guard_compare, move_fence,
+    move_with as move_fence_with, raised_alarms as raised_fence_alarms, read_fence,
+    read_fence_alarms, read_with as read_fence_with,
 };
 pub use keepalive::LeaseKeeper;
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};

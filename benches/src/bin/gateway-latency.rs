@@ -11,6 +11,10 @@
 //! machine's cores, it prints the CPU time each process spent per Put, in
 //! the 32-writer rounds and one at a time through the gateway.
 //!
+//! The peer is etcd's own gRPC proxy (`etcd grpc-proxy start`, in the same
+//! etcd binary), measured the same way in the same rounds: what a hop
+//! through a Go gRPC proxy costs on this machine.
+//!
 //! `cargo build --release -p ferry-cli && cargo run --release -p ferry-benches --bin gateway-latency [-- CALLS]`
 //! (needs `etcd`: `apt-get install -y etcd-server`). It prints median,
 //! 90th and 99th percentile per call kind and path, and the ratios; it
@@ -70,6 +74,36 @@ fn start_gateway(upstream: &str) -> (Gateway, String, u32) {
     assert!(line.contains(&listen), "the gateway printed {line:?}");
     let pid = child.id();
     (Gateway(child), listen, pid)
+}
+
+/// `etcd grpc-proxy start` in front of `endpoint`: its pid and address.
+fn start_grpc_proxy(endpoint: &str) -> (Gateway, String, u32) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new("etcd")
+        .args([
+            "grpc-proxy",
+            "start",
+            "--endpoints",
+            endpoint,
+            "--listen-addr",
+            &listen,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd grpc-proxy runs");
+    let pid = child.id();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&listen).is_ok() {
+            return (Gateway(child), listen, pid);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("etcd grpc-proxy did not listen on {listen}");
 }
 
 async fn client(address: &str) -> KvClient<Channel> {
@@ -144,22 +178,24 @@ async fn one_range(client: &mut KvClient<Channel>, index: usize) -> Duration {
     started.elapsed()
 }
 
-/// CPU time used by this client, etcd and the gateway.
+/// CPU time used by this client, etcd, the gateway and etcd's proxy.
 #[derive(Debug, Default, Clone, Copy)]
 struct CpuUse {
     client: Duration,
     etcd: Duration,
     gateway: Duration,
+    proxy: Duration,
     puts: usize,
 }
 
 impl CpuUse {
     /// Adds what each process used between `before` and `after` (as
     /// [`Processes::now`] gives them) for `puts` Puts.
-    fn add(&mut self, before: [Duration; 3], after: [Duration; 3], puts: usize) {
+    fn add(&mut self, before: [Duration; 4], after: [Duration; 4], puts: usize) {
         self.client += after[0].saturating_sub(before[0]);
         self.etcd += after[1].saturating_sub(before[1]);
         self.gateway += after[2].saturating_sub(before[2]);
+        self.proxy += after[3].saturating_sub(before[3]);
         self.puts += puts;
     }
 }
@@ -168,14 +204,16 @@ impl CpuUse {
 struct Processes {
     etcd: String,
     gateway: String,
+    proxy: String,
 }
 
 impl Processes {
-    fn now(&self) -> [Duration; 3] {
+    fn now(&self) -> [Duration; 4] {
         [
             cpu_time("self"),
             cpu_time(&self.etcd),
             cpu_time(&self.gateway),
+            cpu_time(&self.proxy),
         ]
     }
 }
@@ -211,19 +249,25 @@ async fn throughput(
 fn report_cpu(path: &str, cpu: &CpuUse) {
     let per_put = |time: Duration| micros(time) / cpu.puts.max(1) as f64;
     println!(
-        "  CPU per put, {path:<24} client {:>4.0} µs, etcd {:>4.0} µs, gateway {:>4.0} µs",
+        "  CPU per put, {path:<28} client {:>4.0} µs, etcd {:>4.0} µs, gateway {:>4.0} µs, etcd grpc-proxy {:>4.0} µs",
         per_put(cpu.client),
         per_put(cpu.etcd),
         per_put(cpu.gateway),
+        per_put(cpu.proxy),
     );
 }
 
-fn report(name: &str, direct: &mut [Duration], gateway: &mut [Duration]) {
+fn report(name: &str, direct: &mut [Duration], gateway: &mut [Duration], proxy: &mut [Duration]) {
     direct.sort();
     gateway.sort();
-    for (path, samples) in [("direct", &*direct), ("gateway", &*gateway)] {
+    proxy.sort();
+    for (path, samples) in [
+        ("direct", &*direct),
+        ("gateway", &*gateway),
+        ("etcd grpc-proxy", &*proxy),
+    ] {
         println!(
-            "{name:<6} {path:<8} median {:>7.0} µs   p90 {:>7.0} µs   p99 {:>7.0} µs   ({} calls)",
+            "{name:<6} {path:<15} median {:>7.0} µs   p90 {:>7.0} µs   p99 {:>7.0} µs   ({} calls)",
             micros(percentile(samples, 0.5)),
             micros(percentile(samples, 0.9)),
             micros(percentile(samples, 0.99)),
@@ -236,6 +280,12 @@ fn report(name: &str, direct: &mut [Duration], gateway: &mut [Duration]) {
         percentile(gateway, 0.5).as_secs_f64() / percentile(direct, 0.5).as_secs_f64(),
         micros(percentile(gateway, 0.99)) - micros(percentile(direct, 0.99)),
     );
+    let added = |path: &[Duration]| micros(percentile(path, 0.5)) - micros(percentile(direct, 0.5));
+    println!(
+        "{name:<6} etcd grpc-proxy adds {:.0} µs at the median: the gateway adds x{:.2} of what etcd's own proxy adds",
+        added(proxy),
+        added(gateway) / added(proxy),
+    );
 }
 
 #[tokio::main]
@@ -247,21 +297,28 @@ async fn main() {
     let per_round = (calls / ROUNDS).max(1);
     let etcd = EtcdServer::start().expect("etcd starts");
     let (_gateway, listen, gateway_pid) = start_gateway(&etcd.url());
+    let (_proxy, proxy_listen, proxy_pid) = start_grpc_proxy(&etcd.endpoint());
     let processes = Processes {
         etcd: etcd.pid().to_string(),
         gateway: gateway_pid.to_string(),
+        proxy: proxy_pid.to_string(),
     };
     let mut direct = client(&etcd.endpoint()).await;
     let mut through = client(&listen).await;
+    let mut proxied = client(&proxy_listen).await;
     let value = vec![b'v'; VALUE_BYTES];
     // Warm both paths up (connections, etcd's caches).
     for index in 0..200 {
         one_put(&mut direct, index, &value).await;
         one_put(&mut through, index, &value).await;
+        one_put(&mut proxied, index, &value).await;
     }
     let (mut put_direct, mut put_gateway) = (Vec::new(), Vec::new());
     let (mut put_guarded, mut put_plain) = (Vec::new(), Vec::new());
     let (mut range_direct, mut range_gateway) = (Vec::new(), Vec::new());
+    let (mut put_proxy, mut range_proxy, mut throughput_proxy) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_proxy, mut cpu_proxy_one) = (CpuUse::default(), CpuUse::default());
     let (mut throughput_direct, mut throughput_gateway) = (Vec::new(), Vec::new());
     let mut throughput_guarded = Vec::new();
     let (mut cpu_direct, mut cpu_gateway, mut cpu_guarded) =
@@ -276,11 +333,19 @@ async fn main() {
             put_gateway.push(one_put(&mut through, index, &value).await);
         }
         cpu_one_at_a_time.add(before, processes.now(), per_round);
+        let before = processes.now();
+        for index in 0..per_round {
+            put_proxy.push(one_put(&mut proxied, index, &value).await);
+        }
+        cpu_proxy_one.add(before, processes.now(), per_round);
         for index in 0..per_round {
             range_direct.push(one_range(&mut direct, index).await);
         }
         for index in 0..per_round {
             range_gateway.push(one_range(&mut through, index).await);
+        }
+        for index in 0..per_round {
+            range_proxy.push(one_range(&mut proxied, index).await);
         }
         // etcd's own cost of the guard: a Put and the guarded Txn, both direct.
         for index in 0..per_round / 2 {
@@ -310,6 +375,17 @@ async fn main() {
             )
             .await,
         );
+        throughput_proxy.push(
+            throughput(
+                &proxied,
+                puts,
+                &value,
+                PutAs::Put,
+                &processes,
+                &mut cpu_proxy,
+            )
+            .await,
+        );
         throughput_guarded.push(
             throughput(
                 &direct,
@@ -323,8 +399,13 @@ async fn main() {
         );
     }
     println!("one call at a time, {VALUE_BYTES}-byte values, etcd on 127.0.0.1:");
-    report("Put", &mut put_direct, &mut put_gateway);
-    report("Range", &mut range_direct, &mut range_gateway);
+    report("Put", &mut put_direct, &mut put_gateway, &mut put_proxy);
+    report(
+        "Range",
+        &mut range_direct,
+        &mut range_gateway,
+        &mut range_proxy,
+    );
     put_plain.sort();
     put_guarded.sort();
     println!(
@@ -337,14 +418,20 @@ async fn main() {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let (direct_rate, gateway_rate, guarded_rate) = (
+    let (direct_rate, gateway_rate, guarded_rate, proxy_rate) = (
         median(&mut throughput_direct),
         median(&mut throughput_gateway),
         median(&mut throughput_guarded),
+        median(&mut throughput_proxy),
     );
     println!(
         "{WRITERS} concurrent writers: direct {direct_rate:.0} puts/s, gateway {gateway_rate:.0} puts/s (x{:.2}; medians of {ROUNDS} rounds)",
         gateway_rate / direct_rate,
+    );
+    println!(
+        "{WRITERS} concurrent writers through etcd grpc-proxy: {proxy_rate:.0} puts/s (x{:.2} of direct); the gateway reaches x{:.2} of etcd's own proxy",
+        proxy_rate / direct_rate,
+        gateway_rate / proxy_rate,
     );
     println!(
         "{WRITERS} concurrent writers sending the guarded Txn directly: {guarded_rate:.0} puts/s (x{:.2} of direct Puts: etcd's own cost of the guard)",
@@ -353,5 +440,7 @@ async fn main() {
     report_cpu("32 writers, direct Put", &cpu_direct);
     report_cpu("32 writers, gateway", &cpu_gateway);
     report_cpu("32 writers, guarded Txn", &cpu_guarded);
+    report_cpu("32 writers, etcd grpc-proxy", &cpu_proxy);
     report_cpu("one at a time, gateway", &cpu_one_at_a_time);
+    report_cpu("one at a time, etcd grpc-proxy", &cpu_proxy_one);
 }

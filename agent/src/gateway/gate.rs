@@ -4,8 +4,13 @@
 //! - Open (no hold, nobody queued): a write takes a [`WritePermit`] at once
 //!   and counts as in flight until the upstream answers it.
 //! - Holding: a write gets a ticket (a place in line) and waits as a
-//!   [`HeldWrite`]. [`Gate::hold`] returns once every write that was in
-//!   flight when the hold began has been answered.
+//!   [`HeldWrite`]. [`Gate::hold`] returns once every write in flight that
+//!   a fence does not refuse (lease grants and revokes, compactions: see
+//!   [`Gate::admit_write`]) has been answered. A fenced write in flight
+//!   (a Put, DeleteRange or Txn: [`Gate::admit_fenced_write`]) need not be
+//!   waited for: the old plane either applied it before the fence, or
+//!   refuses it, and then the gateway queues it again to go on after the
+//!   release.
 //! - Released: the queued writes go one at a time, in ticket order, each
 //!   after the one before it was answered, so they take effect in the order
 //!   they arrived; new writes queue behind them until the line is empty.
@@ -51,6 +56,8 @@ struct GateState {
     hold: Option<Hold>,
     /// Writes sent to the upstream and not answered yet.
     in_flight: u64,
+    /// Of those, the ones a fenced plane does not refuse.
+    in_flight_unfenced: u64,
     /// The ticket the next queued write gets.
     next_ticket: u64,
     /// The queued write whose turn it is (or will be, once released).
@@ -261,17 +268,30 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Asks for a write of `bytes` (its request's encoded size) to go
-    /// through (see [`Admission`]).
+    /// Asks for a write of `bytes` (its request's encoded size) that a
+    /// fenced plane does not refuse to go through (see [`Admission`]): a
+    /// Hold waits until it is answered.
     pub fn admit_write(self: &Arc<Self>, bytes: u64) -> Admission {
+        self.admit(bytes, false)
+    }
+
+    /// Asks for a write of `bytes` that a fenced plane refuses (Put,
+    /// DeleteRange, Txn) to go through: a Hold does not wait for it.
+    pub fn admit_fenced_write(self: &Arc<Self>, bytes: u64) -> Admission {
+        self.admit(bytes, true)
+    }
+
+    fn admit(self: &Arc<Self>, bytes: u64, fenced: bool) -> Admission {
         let now = Instant::now();
         let mut admission = None;
         self.state.send_if_modified(|state| match state.hold {
             None if state.line_is_empty() => {
                 state.in_flight += 1;
+                state.in_flight_unfenced += u64::from(!fenced);
                 admission = Some(Admission::Pass(WritePermit {
                     gate: self.clone(),
                     ticket: None,
+                    fenced,
                 }));
                 false
             }
@@ -306,6 +326,7 @@ impl Gate {
                     gate: self.clone(),
                     ticket,
                     bytes,
+                    fenced,
                     settled: false,
                 }));
                 false
@@ -327,7 +348,8 @@ impl Gate {
     }
 
     /// The first half of [`Gate::hold`]: holds new writes at once and
-    /// returns how many were in flight then, without waiting for them.
+    /// returns how many writes a fence does not refuse were in flight then,
+    /// without waiting for them.
     pub fn begin_hold(&self, epoch: u64, max_pause: Duration) -> Result<(u64, HoldId), GateError> {
         let now = Instant::now();
         let mut decided = None;
@@ -354,7 +376,7 @@ impl Gate {
                 }
             };
             decided = Some(Ok((
-                state.in_flight,
+                state.in_flight_unfenced,
                 HoldId {
                     epoch,
                     started: hold.started,
@@ -365,8 +387,9 @@ impl Gate {
         decided.expect("the closure always decides")
     }
 
-    /// The second half of [`Gate::hold`]: waits until no write is in
-    /// flight, while the hold `id` stands and its pause lasts.
+    /// The second half of [`Gate::hold`]: waits until no write that a fence
+    /// does not refuse is in flight, while the hold `id` stands and its
+    /// pause lasts.
     pub async fn drain(&self, id: HoldId) -> Result<(), GateError> {
         let mut changes = self.state.subscribe();
         loop {
@@ -376,7 +399,7 @@ impl Gate {
                 let Some(hold) = state.hold.filter(|_| Self::holds(&state, id)) else {
                     return Err(GateError::HoldLifted { epoch: id.epoch });
                 };
-                if state.in_flight == 0 {
+                if state.in_flight_unfenced == 0 {
                     return Ok(());
                 }
                 hold.deadline
@@ -386,7 +409,7 @@ impl Gate {
                 .is_err()
             {
                 return Err(GateError::DrainTimedOut {
-                    in_flight: self.state.borrow().in_flight,
+                    in_flight: self.state.borrow().in_flight_unfenced,
                     max_pause: deadline.duration_since(id.started),
                 });
             }
@@ -448,9 +471,9 @@ impl Gate {
                 holding: hold.epoch,
             });
         }
-        if state.in_flight > 0 {
+        if state.in_flight_unfenced > 0 {
             return Err(GateError::WritesInFlight {
-                in_flight: state.in_flight,
+                in_flight: state.in_flight_unfenced,
             });
         }
         Ok(())
@@ -505,18 +528,22 @@ pub struct WritePermit {
     gate: Arc<Gate>,
     /// Set for a write that waited in line: its drop lets the next go.
     ticket: Option<u64>,
+    /// Whether a fenced plane refuses it (a Hold does not wait for it).
+    fenced: bool,
 }
 
 impl Drop for WritePermit {
     fn drop(&mut self) {
         let ticket = self.ticket;
+        let fenced = self.fenced;
         self.gate.state.send_if_modified(|state| {
             state.in_flight -= 1;
+            state.in_flight_unfenced -= u64::from(!fenced);
             if ticket.is_some() {
                 state.advance();
                 return true;
             }
-            state.in_flight == 0 && state.hold.is_some()
+            !fenced && state.in_flight_unfenced == 0 && state.hold.is_some()
         });
     }
 }
@@ -528,6 +555,8 @@ pub struct HeldWrite {
     ticket: u64,
     /// Its request's bytes, counted in the line's until it leaves it.
     bytes: u64,
+    /// Whether a fenced plane refuses it.
+    fenced: bool,
     /// Turned into a permit or refused: its place in line is accounted for.
     settled: bool,
 }
@@ -546,6 +575,7 @@ impl HeldWrite {
             self.gate.state.send_if_modified(|state| match state.hold {
                 None if state.next_to_send == ticket => {
                     state.in_flight += 1;
+                    state.in_flight_unfenced += u64::from(!self.fenced);
                     state.queued_bytes -= bytes;
                     decided = Some(Ok(()));
                     false
@@ -568,6 +598,7 @@ impl HeldWrite {
                     return Ok(WritePermit {
                         gate: self.gate.clone(),
                         ticket: Some(self.ticket),
+                        fenced: self.fenced,
                     });
                 }
                 Some(Err(refusal)) => {
@@ -754,6 +785,32 @@ mod tests {
             gate.may_switch(5),
             Err(GateError::NotHolding { .. })
         ));
+    }
+
+    /// A Put, DeleteRange or Txn in flight is applied before the fence or
+    /// refused by the fenced plane: neither Hold nor Switch waits for it,
+    /// and it leaves the in-flight count when answered.
+    #[tokio::test]
+    async fn hold_and_switch_do_not_wait_for_fenced_writes_in_flight() {
+        let gate = Arc::new(Gate::default());
+        let fenced = permit(gate.admit_fenced_write(1));
+        let unfenced = permit(gate.admit_write(1));
+        drop(unfenced);
+        assert_eq!(
+            gate.hold(1, Duration::from_secs(60))
+                .await
+                .map(|(drained, _)| drained),
+            Ok(0)
+        );
+        gate.may_switch(1).expect("no unfenced write in flight");
+        assert_eq!(gate.snapshot().in_flight, 1);
+        // Refused by the fence, it queues again like any held write.
+        drop(fenced);
+        let again = held(gate.admit_fenced_write(1));
+        assert_eq!(gate.snapshot().in_flight, 0);
+        gate.release(1).expect("release");
+        drop(again.wait().await.expect("its turn"));
+        let _open_again = permit(gate.admit_fenced_write(1));
     }
 
     #[tokio::test]

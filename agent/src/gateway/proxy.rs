@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use ferry_engine::adapters::etcd::guard_compare;
 
 use super::Shared;
-use super::gate::Admission;
+use super::gate::{Admission, WritePermit};
 use super::revisions::{
     FromClient, ToClient, WatchUp, compacted_watch, shifted, watch_from_client,
 };
@@ -105,13 +105,10 @@ impl EtcdProxy {
         .map(plain)
     }
 
-    /// A permit to send a write: at once, after the release, or refused.
-    async fn admit(&self, bytes: usize) -> Result<super::gate::WritePermit, Status> {
-        match self.shared.gate.admit_write(bytes as u64) {
-            Admission::Pass(permit) => Ok(permit),
-            Admission::Held(held) => Ok(held.wait().await?),
-            Admission::Refused(refusal) => Err(refusal.into()),
-        }
+    /// A permit to send a write that a fence does not refuse: at once,
+    /// after the release, or refused.
+    async fn admit(&self, bytes: usize) -> Result<WritePermit, Status> {
+        admitted(self.shared.gate.admit_write(bytes as u64)).await
     }
 
     /// Sends a write that changes keys (Put, DeleteRange, a Txn that
@@ -128,7 +125,8 @@ impl EtcdProxy {
         request: Request<W>,
     ) -> Result<Response<W::Response>, Status> {
         let request = to_upstream(request);
-        let permit = self.admit(request.get_ref().encoded_len()).await?;
+        let bytes = request.get_ref().encoded_len() as u64;
+        let mut permit = admitted(self.shared.gate.admit_fenced_write(bytes)).await?;
         self.shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -176,6 +174,15 @@ impl EtcdProxy {
                     None
                 };
                 // The plane refused it: nothing of this write took effect.
+                if shared.gate.snapshot().holding {
+                    // A migration holds this gateway (it did not wait for
+                    // this write, which was in flight): the write waits in
+                    // line with the held ones and goes on after the
+                    // release, to the plane that serves then.
+                    drop(permit);
+                    permit = admitted(shared.gate.admit_fenced_write(bytes)).await?;
+                    continue;
+                }
                 let fenced = |why: String| {
                     Status::unavailable(format!(
                         "the control plane is being switched: {} is fenced by a live migration ({why}); retry",
@@ -471,6 +478,15 @@ fn copy_forwarded(from: &MetadataMap, to: &mut MetadataMap) {
 /// The upstream's answer without the upstream's response headers.
 fn plain<T>(response: Response<T>) -> Response<T> {
     Response::new(response.into_inner())
+}
+
+/// A permit from an admission: at once, after the release, or refused.
+async fn admitted(admission: Admission) -> Result<WritePermit, Status> {
+    match admission {
+        Admission::Pass(permit) => Ok(permit),
+        Admission::Held(held) => Ok(held.wait().await?),
+        Admission::Refused(refusal) => Err(refusal.into()),
+    }
 }
 
 /// Whether etcd refused a write for lack of space, or under an alarm

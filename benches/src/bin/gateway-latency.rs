@@ -97,9 +97,11 @@ fn start_grpc_proxy(endpoint: &str) -> (Gateway, String, u32) {
         .spawn()
         .expect("etcd grpc-proxy runs");
     let pid = child.id();
+    // Killed and waited for on drop, whatever happens next.
+    let proxy = Gateway(child);
     for _ in 0..100 {
         if std::net::TcpStream::connect(&listen).is_ok() {
-            return (Gateway(child), listen, pid);
+            return (proxy, listen, pid);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -29,11 +29,12 @@
 //! nested Txn, which etcd's quota does not count (3.4 to 3.6).
 //!
 //! The alarm is raised before the guard is written, so no Put lands after
-//! the fenced position F (the guard's create revision); it is verified after
-//! the fence and before the commit, and a fence or commit that finds it gone
-//! (an operator's `etcdctl alarm disarm`, or a lapsed gateway that settled an
-//! attempt whose fence had not landed yet) is refused, so the migration rolls
-//! back instead of losing writes. An unfence lowers the alarms of its epoch
+//! the fenced position F (the guard's create revision). The commit, and a
+//! fence repeated by the same epoch, check that it is still raised; one that
+//! finds it gone (an operator's `etcdctl alarm disarm`, or a lapsed gateway
+//! that settled the attempt between its alarm and its record) is refused, so
+//! the migration rolls back instead of losing the Puts that may have landed
+//! after F. An unfence lowers the alarms of its epoch
 //! and every earlier one. Per-epoch ids make that safe: a late unfence of an
 //! earlier attempt never lowers a later attempt's alarm.
 //!
@@ -558,7 +559,16 @@ pub async fn move_with<P: FencePlane>(
     let epoch = wanted.epoch();
     let mut raised = false;
     loop {
-        let stored = read_with(plane).await?;
+        // A fence and a commit need to know whether the epoch's alarm is in
+        // force: asked alongside the record, not after it.
+        let (stored, in_force) = match wanted {
+            Move::Unfence { .. } => (read_with(plane).await?, false),
+            Move::Fence { .. } | Move::Commit { .. } => {
+                let (stored, alarms) = tokio::join!(read_with(plane), raised_alarms(plane));
+                let in_force = alarms.map_err(FenceFailure::Call)?.contains(&epoch);
+                (stored?, in_force)
+            }
+        };
         let decision = decide(stored.as_ref(), wanted);
         if let Decision::Refuse(reason) = decision {
             let stored = stored.expect("a refusal names a record");
@@ -571,11 +581,11 @@ pub async fn move_with<P: FencePlane>(
             }
             return Ok(FenceOutcome::Refused { stored, reason });
         }
-        let alarm_in_force = || async {
-            raised_alarms(plane)
-                .await
-                .map(|raised| raised.contains(&epoch))
-                .map_err(FenceFailure::Call)
+        let alarm_gone = |stored: Option<StoredFence>| {
+            Ok(FenceOutcome::Refused {
+                stored: stored.expect("a fenced plane has a record"),
+                reason: alarm_gone(epoch),
+            })
         };
         let next = match (decision, wanted) {
             (Decision::AlreadyDone(revision), Move::Unfence { .. }) => {
@@ -584,39 +594,29 @@ pub async fn move_with<P: FencePlane>(
                     .map_err(FenceFailure::Call)?;
                 return Ok(FenceOutcome::Done { revision });
             }
-            (Decision::AlreadyDone(revision), Move::Fence { .. }) => {
-                if !alarm_in_force().await? {
-                    let stored = stored.expect("a fenced plane has a record");
-                    return Ok(FenceOutcome::Refused {
-                        stored,
-                        reason: alarm_gone(epoch),
-                    });
-                }
+            // Fenced already (a retry, a resume): only while the alarm
+            // stayed up since, else a Put may have landed after F.
+            (Decision::AlreadyDone(_), Move::Fence { .. }) if !in_force => {
+                return alarm_gone(stored);
+            }
+            (Decision::AlreadyDone(revision), _) => {
                 return Ok(FenceOutcome::Done { revision });
             }
-            (Decision::AlreadyDone(revision), Move::Commit { .. }) => {
-                return Ok(FenceOutcome::Done { revision });
-            }
+            // The point of no return, only while the alarm stayed up since
+            // the fence: lowered meanwhile (an operator's disarm, or a
+            // lapsed gateway that settled the attempt between the alarm and
+            // the record), a Put may have landed after F.
+            (Decision::Write(_), Move::Commit { .. }) if !in_force => return alarm_gone(stored),
             (Decision::Write(next), _) => next,
             (Decision::Refuse(_), _) => unreachable!("answered above"),
         };
-        match wanted {
-            Move::Fence { .. } if !raised => {
-                // Before the guard: no Put lands after F.
-                plane
-                    .alarm(alarm_request(AlarmAction::Activate, epoch))
-                    .await
-                    .map_err(FenceFailure::Call)?;
-                raised = true;
-            }
-            Move::Commit { .. } if !alarm_in_force().await? => {
-                let stored = stored.expect("a fenced plane has a record");
-                return Ok(FenceOutcome::Refused {
-                    stored,
-                    reason: alarm_gone(epoch),
-                });
-            }
-            _ => {}
+        if matches!(wanted, Move::Fence { .. }) && !raised {
+            // Before the guard: no Put lands after F.
+            plane
+                .alarm(alarm_request(AlarmAction::Activate, epoch))
+                .await
+                .map_err(FenceFailure::Call)?;
+            raised = true;
         }
         let response = plane
             .txn(move_request(stored.as_ref(), &next))
@@ -637,22 +637,10 @@ pub async fn move_with<P: FencePlane>(
             Move::Unfence { .. } => written,
         };
         info!(record = %describe(Some(&next)), revision, "fence record written");
-        match wanted {
-            Move::Fence { .. } if !alarm_in_force().await? => {
-                // Lowered between its raise and the guard: refused, and the
-                // caller rolls back.
-                let stored = read_with(plane).await?.expect("just written");
-                return Ok(FenceOutcome::Refused {
-                    stored,
-                    reason: alarm_gone(epoch),
-                });
-            }
-            Move::Unfence { .. } => {
-                lower_alarms(plane, epoch)
-                    .await
-                    .map_err(FenceFailure::Call)?;
-            }
-            _ => {}
+        if matches!(wanted, Move::Unfence { .. }) {
+            lower_alarms(plane, epoch)
+                .await
+                .map_err(FenceFailure::Call)?;
         }
         return Ok(FenceOutcome::Done { revision });
     }

@@ -1340,6 +1340,18 @@ async fn cutover(
             .into_inner();
         report.fenced_position = Some(fence.fenced_position);
         report.fence_ms = Some(ms(fence_started.elapsed()));
+        // The new plane records the offset its gateways will add to its
+        // revisions (for gateways started in front of it) while the target
+        // drains: it is known from F, and needed before the commit. An
+        // attempt that rolls back leaves it unused; the next overwrites it.
+        let revision_offset = running.revision_offset + fence.fenced_position as i64 + 1;
+        let adopting = {
+            let mut target = running.target.clone();
+            let budget = options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR);
+            tokio::spawn(async move {
+                tokio::time::timeout(budget, target.adopt(AdoptRequest { epoch, revision_offset })).await
+            })
+        };
 
         // Step 6: the target applies through F, within the pause budget.
         running.phase.send_replace(Phase::Draining);
@@ -1405,19 +1417,20 @@ async fn cutover(
         // every gateway switches (each checks the record).
         running.phase.send_replace(Phase::Switching);
         test_pause_point("switching").await;
-        let revision_offset = running.revision_offset + fence.fenced_position as i64 + 1;
-        // The new plane keeps the offset too, for gateways started in
-        // front of it.
-        tokio::time::timeout(
-            options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
-            running.target.adopt(AdoptRequest {
-                epoch,
-                revision_offset,
-            }),
-        )
-        .await
-        .map_err(|_| "the target agent did not record the revision offset within --max-pause".to_owned())?
-        .map_err(|status| format!("the target agent could not record the revision offset: {}", status_text(&status)))?;
+        if !matches!(adopting.await, Ok(Ok(Ok(_)))) {
+            // Sent while the target agent was away (its stream resumed
+            // meanwhile): once more, now that it drained through F.
+            tokio::time::timeout(
+                options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),
+                running.target.adopt(AdoptRequest {
+                    epoch,
+                    revision_offset,
+                }),
+            )
+            .await
+            .map_err(|_| "the target agent did not record the revision offset within --max-pause".to_owned())?
+            .map_err(|status| format!("the target agent could not record the revision offset: {}", status_text(&status)))?;
+        }
         commit_sent = true;
         let commit = tokio::time::timeout(
             options.max_pause.saturating_sub(held_at.elapsed()).max(AGENT_CALL_FLOOR),

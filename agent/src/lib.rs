@@ -1,10 +1,13 @@
 //! ferry-agent: the gRPC services that run beside a control plane.
 //!
 //! The services and their messages are declared in `proto/ferry/v1/agent.proto`
-//! and generated in `ferry-proto`; this crate will serve them:
-//! - a SourceAgent beside the old plane (extract, fence, unfence),
-//! - a TargetAgent beside the new plane (apply, checkpoint),
-//! - the write-fencing gateway.
+//! and `gateway.proto`, and generated in `ferry-proto`; this crate serves them:
+//! - a SourceAgent beside the old plane (extract, fence, commit, unfence, digest),
+//! - a TargetAgent beside the new plane (apply, checkpoint, digest, adopt),
+//! - the write-fencing gateway and its admin service,
+//!
+//! and drives a live migration across them (`migrate`). The design is in
+//! `docs/DESIGN.md`.
 //!
 //! Modules:
 //! - [`source`]: the SourceAgent over etcd ([`source::EtcdSourceAgent`]).

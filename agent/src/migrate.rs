@@ -1,18 +1,19 @@
 //! `ferry migrate --live`: moves a live control plane onto a new one while
 //! its clients keep writing through the gateway, then switches them over.
 //!
-//! The steps (DESIGN.md, "Agents, gateway and the cutover"):
+//! The steps (`docs/DESIGN.md`, "Live migration: agents, gateway, cutover"):
 //! 1. epoch = the highest epoch the target, the old plane's fence record or
 //!    a gateway has seen, plus one;
 //! 2. the source agent streams a snapshot at position R, relayed here to the
 //!    target agent, which applies it exactly once;
 //! 3. live changes follow from R+1 until the lag is under `max_lag`;
 //! 4. every gateway replica holds new writes and waits for the writes in
-//!    flight; each hold is a lease on its Hold stream ([`gateways`]);
+//!    flight that a fence does not refuse; each hold is a lease on its Hold
+//!    stream ([`gateways`]);
 //! 5. the source agent fences the old plane, naming the new one, and reads
 //!    its position F; from then on the old plane itself refuses every
-//!    gateway's writes (the fence guard);
-//! 6. the target applies through F;
+//!    gateway's writes (ferry's write alarm and the fence guard);
+//! 6. the target applies through F, and records the revision offset;
 //! 7. with `verify`, the digests of both planes agree;
 //! 8. the switch is committed in the old plane's fence record (the point of
 //!    no return), then every gateway switches to the new plane and releases

@@ -1647,13 +1647,13 @@ async fn verify(
             "the digest check failed: the old plane at position {fenced_position} holds {} keys ({} bytes, sha256 {}), the new plane {} keys ({} bytes, sha256 {}); nothing was switched",
             old.keys,
             old.bytes,
-            hex(&old.sha256),
+            hex::encode(&old.sha256),
             new.keys,
             new.bytes,
-            hex(&new.sha256)
+            hex::encode(&new.sha256)
         ));
     }
-    info!(keys = old.keys, sha256 = %hex(&old.sha256), "the planes' digests agree");
+    info!(keys = old.keys, sha256 = %hex::encode(&old.sha256), "the planes' digests agree");
     Ok(old.keys)
 }
 
@@ -1718,18 +1718,14 @@ async fn verify_through_chain(
             "the digest check failed: the version chain's image of the old plane at position {fenced_position} holds {} keys ({} bytes, set sha256 {}), the new plane {} keys ({} bytes, set sha256 {}); nothing was switched",
             image.keys,
             image.bytes,
-            hex(&image_sum),
+            hex::encode(image_sum),
             new.keys,
             new.bytes,
-            hex(&new.set_sha256)
+            hex::encode(&new.set_sha256)
         ));
     }
-    info!(keys = image.keys, set_sha256 = %hex(&image_sum), "the new plane holds the chain's image of the old one");
+    info!(keys = image.keys, set_sha256 = %hex::encode(image_sum), "the new plane holds the chain's image of the old one");
     Ok(image.keys)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Test hook of the fault tests (`tests/tests/cutover_faults.rs`), off

@@ -106,40 +106,12 @@ impl EtcdSourceAgent {
 }
 
 /// A new stream's id: `<platform>-<UTC time>-<random>`, e.g.
-/// `etcd-20261124T061500Z-3f9a2c1b`.
+/// `etcd-20261124T061500Z-3f9a2c1b` (a backup id's shape, after the platform).
 pub fn new_stream_id(platform: &str) -> String {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
-    let of_day = seconds % 86_400;
     format!(
-        "{platform}-{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z-{:08x}",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        rand::random::<u32>()
+        "{platform}-{}",
+        ferry_engine::backup::new_backup_id(time::OffsetDateTime::now_utc())
     )
-}
-
-/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
-/// Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[tonic::async_trait]
@@ -393,13 +365,6 @@ impl SourceAgent for EtcdSourceAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn days_become_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_416), (2025, 11, 24));
-    }
 
     #[test]
     fn stream_ids_name_platform_time_and_a_random_part() {

@@ -328,12 +328,7 @@ pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
     changes
 }
 
-/// The end of the range of keys starting with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    *end.last_mut().expect("a prefix") += 1;
-    end
-}
+pub use ferry_engine::adapters::etcd::prefix_end;
 
 /// How many keys the etcd at `endpoint` holds under `prefix` (all of them,
 /// ferry's own included, when it is empty).

@@ -30,7 +30,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
 use ferry_proto::etcd::etcdserverpb::{
@@ -46,7 +45,9 @@ use super::profile::Profile;
 use super::{MigrationError, printable};
 use crate::adapters::AdapterError;
 use crate::adapters::etcd::client::EtcdClient;
-use crate::adapters::etcd::{EtcdConnection, EtcdError, KIND_KV, RESERVED_PREFIX};
+use crate::adapters::etcd::{
+    EtcdConnection, EtcdError, KIND_KV, RESERVED_PREFIX, kv_op, prefix_end,
+};
 use crate::{Op, Result};
 
 /// Where ferry keeps migration state in an etcd target.
@@ -197,17 +198,6 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     RequestOp {
         request: Some(TxnRequestOp::RequestPut(PutRequest {
@@ -230,27 +220,6 @@ fn delete(key: Vec<u8>) -> RequestOp {
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("migration records serialize")
-}
-
-/// The op the etcd source makes of a key-value pair.
-fn kv_to_op(seq: u64, kv: &KeyValue) -> Op {
-    Op {
-        seq,
-        position: kv.mod_revision.max(0) as u64,
-        txn: 0,
-        txn_last: true,
-        kind: Bytes::from_static(KIND_KV.as_bytes()),
-        key: Bytes::copy_from_slice(&kv.key),
-        method: Bytes::from_static(b"Put"),
-        body: Bytes::copy_from_slice(&kv.value),
-        content_type: Bytes::new(),
-        platform_version: Bytes::new(),
-        deps: if kv.lease == 0 {
-            Vec::new()
-        } else {
-            vec![Bytes::from(format!("{:016x}", kv.lease))]
-        },
-    }
 }
 
 /// What one source key becomes: puts and maybe the delete of itself.
@@ -711,7 +680,7 @@ fn change_for(
     seq: u64,
     target: &Target,
 ) -> Result<(Op, Vec<Op>, Option<Change>)> {
-    let op = kv_to_op(seq, kv);
+    let op = kv_op(seq, kv.mod_revision.max(0) as u64, kv.clone());
     let outputs = run_steps(std::slice::from_ref(step), op.clone())?;
     let mut puts = Vec::with_capacity(outputs.len());
     for output in &outputs {

@@ -25,6 +25,7 @@ mod fence;
 mod keepalive;
 mod sink;
 mod source;
+pub(crate) use source::kv_op;
 
 pub use digest::{RangeDigest, SetDigest, digest_range};
 pub use fence::{
@@ -490,7 +491,7 @@ pub(crate) fn printable(key: &[u8]) -> String {
 
 /// The end of the range of keys starting with `prefix` (etcd's convention:
 /// `\0` means to the end of the keyspace).
-pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

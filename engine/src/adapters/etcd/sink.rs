@@ -55,6 +55,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use super::client::EtcdClient;
+use super::source::parse_lease_key;
 use super::{
     CHECKPOINT_PREFIX, EPOCH_KEY, EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX,
     prefix_end, printable,
@@ -1244,10 +1245,6 @@ fn version_is_zero(key: Vec<u8>) -> Compare {
         range_end: Vec::new(),
         target_union: Some(TargetUnion::Version(0)),
     }
-}
-
-fn parse_lease_key(key: &[u8]) -> Option<i64> {
-    i64::from_str_radix(std::str::from_utf8(key).ok()?, 16).ok()
 }
 
 #[derive(Deserialize)]

@@ -437,7 +437,13 @@ pub(crate) fn lease_key(id: i64) -> String {
     format!("{id:016x}")
 }
 
-fn kv_op(seq: u64, position: u64, kv: KeyValue) -> Op {
+/// The lease id a lease op's key names ([`lease_key`]).
+pub(crate) fn parse_lease_key(key: &[u8]) -> Option<i64> {
+    i64::from_str_radix(std::str::from_utf8(key).ok()?, 16).ok()
+}
+
+/// The op of a key-value pair read at `position`.
+pub(crate) fn kv_op(seq: u64, position: u64, kv: KeyValue) -> Op {
     let KeyValue {
         key, value, lease, ..
     } = kv;
@@ -1121,10 +1127,6 @@ impl Follower {
         self.announced.extend(new_leases);
         Ok(group)
     }
-}
-
-fn parse_lease_key(key: &[u8]) -> Option<i64> {
-    i64::from_str_radix(std::str::from_utf8(key).ok()?, 16).ok()
 }
 
 /// What an etcd cluster is, for an agent's Describe.

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferry_agent::client::{ClientOptions, connect_target};
+use ferry_agent::client::{ClientOptions, connect_source, connect_target};
 use ferry_proto::etcd::etcdserverpb::{CompactionRequest, RangeRequest};
-use ferry_proto::v1::{ApplyRequest, OpBatch, StreamStart};
+use ferry_proto::v1::{ApplyRequest, CheckpointRequest, DescribeRequest, OpBatch, StreamStart};
 use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
@@ -134,11 +134,24 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
                 .as_str()
                 .expect("a stream id")
                 .to_owned();
-            let refused = stale_apply(&cluster.target_agent.field("listen"), &stream_id).await;
+            let refused = stale_apply(
+                &cluster.source_agent.field("listen"),
+                &cluster.target_agent.field("listen"),
+                &stream_id,
+            )
+            .await;
             assert_eq!(
                 refused.code(),
                 tonic::Code::FailedPrecondition,
                 "a stale agent's batch: {refused:?}"
+            );
+            // Refused for its epoch, not for anything else about it: by the
+            // target agent, or else by the sink's own check in the Txn.
+            let message = refused.message();
+            assert!(
+                message.contains("a batch of epoch 0 is refused")
+                    || message.contains("newer than this one's 0"),
+                "{refused:?}"
             );
         }
         Fault::StrayWriteInNewEtcd => {
@@ -219,23 +232,45 @@ async fn migrate_under_load(cluster: &mut Cluster, fault: Fault, extra_args: &[&
 }
 
 /// Applies one put of `/live/stale` to `stream_id` with epoch 0, as an agent
-/// of an older attempt would; returns how the target agent refused it.
-async fn stale_apply(target_agent: &str, stream_id: &str) -> tonic::Status {
+/// of an older attempt would, in a stream valid in every other way: the old
+/// plane's own identity and version, and the next seq and position after
+/// what the target holds. Returns how the target agent refused it.
+async fn stale_apply(source_agent: &str, target_agent: &str, stream_id: &str) -> tonic::Status {
     let mut target = connect_target(target_agent, &ClientOptions::default())
         .await
         .expect("the target agent answers");
+    let source = connect_source(source_agent, &ClientOptions::default())
+        .await
+        .expect("the source agent answers")
+        .describe(DescribeRequest {})
+        .await
+        .expect("the source agent describes the old plane")
+        .into_inner();
+    let held = target
+        .checkpoint(CheckpointRequest {
+            stream_id: stream_id.to_owned(),
+        })
+        .await
+        .expect("the target's checkpoint")
+        .into_inner();
+    assert!(
+        held.epoch >= 1,
+        "the live stream's epoch is stored: {held:?}"
+    );
     let start = StreamStart {
         stream_id: stream_id.to_owned(),
-        platform: "etcd".to_owned(),
-        ..StreamStart::default()
+        platform: source.platform,
+        platform_version: source.platform_version,
+        snapshot_position: held.applied_through_position,
+        source_identity: source.identity,
     };
     let batch = OpBatch {
         stream_id: stream_id.to_owned(),
         epoch: 0,
         ops: vec![ferry_engine::Op {
-            seq: 1_000_000,
-            position: 1_000_000,
-            txn: 1_000_000,
+            seq: held.applied_through_seq + 1,
+            position: held.applied_through_position + 1,
+            txn: held.applied_through_position + 1,
             txn_last: true,
             kind: "etcd.kv".into(),
             key: b"/live/stale".to_vec().into(),

@@ -854,6 +854,24 @@ async fn stored_checkpoint(
     .expect("read checkpoint")
 }
 
+/// The value of `key` in `server` as of `revision`.
+async fn value_at_revision(server: &EtcdServer, key: &str, revision: i64) -> Option<Vec<u8>> {
+    kv(server)
+        .await
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec(),
+            revision,
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range at a revision")
+        .into_inner()
+        .kvs
+        .into_iter()
+        .next()
+        .map(|kv| kv.value)
+}
+
 async fn value_of(server: &EtcdServer, key: &str) -> Option<KeyValue> {
     kv(server)
         .await
@@ -872,10 +890,12 @@ async fn value_of(server: &EtcdServer, key: &str) -> Option<KeyValue> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     let target = EtcdServer::start().expect("target etcd");
-    // Txns of 3 ops beside the checkpoint, 2 in flight.
+    // Txns of 3 ops beside the checkpoint, 2 in flight; each apply returns
+    // once what it took in is in the target (as the live target agent's).
     let options = EtcdSinkOptions {
         max_txn_ops: 4,
         txns_in_flight: 2,
+        durable_each_apply: true,
         ..EtcdSinkOptions::default()
     };
     let mut sink = live_sink(&target, options.clone());
@@ -893,6 +913,23 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     ])
     .await
     .expect("apply, a transaction left open");
+    // At the batch boundary nothing of the open transaction is in the
+    // target, so a kill here leaves none of it: the checkpoint is before it.
+    assert_eq!(value_of(&target, "/live/a").await.expect("a").value, b"a1");
+    assert!(
+        value_of(&target, "/live/b").await.is_none(),
+        "b committed early"
+    );
+    assert!(
+        value_of(&target, "/live/c").await.is_none(),
+        "c committed early"
+    );
+    let (checkpoint, _) = stored_checkpoint(&target, "live-1").await;
+    assert_eq!(
+        checkpoint.expect("a checkpoint").applied_through_seq,
+        2,
+        "the checkpoint stops before the open transaction"
+    );
     // Its last op comes in the next batch.
     sink.apply(vec![
         kv_op(5, 7, true, "Delete", "/live/a", ""),
@@ -911,6 +948,16 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     assert_eq!(
         b.mod_revision, c.mod_revision,
         "one source transaction, one etcd Txn"
+    );
+    // Its delete too: /live/a existed just before that revision, and not at it.
+    assert_eq!(
+        value_at_revision(&target, "/live/a", b.mod_revision - 1).await,
+        Some(b"a1".to_vec())
+    );
+    assert_eq!(
+        value_at_revision(&target, "/live/a", b.mod_revision).await,
+        None,
+        "the delete of seq 5 took effect in the same Txn as seq 3 and 4"
     );
     let a = value_of(&target, "/live/a").await.expect("a");
     assert_eq!(a.value, b"a2");

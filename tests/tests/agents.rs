@@ -955,3 +955,102 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
     assert_eq!(compacted.code(), Code::FailedPrecondition, "{compacted:?}");
     assert!(compacted.message().contains("compacted"), "{compacted:?}");
 }
+
+/// G1 beyond the unit tests: one stream with a gap (seq 1, 2, then 4) is
+/// refused, naming the missing seq, by each of its consumers: the backup
+/// writer (and no backup is sealed), the etcd sink (and nothing after the
+/// gap is in the target), and the target agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_a_gap_is_refused_naming_the_seq_by_each_consumer() {
+    let with_gap = || {
+        [1, 2, 4]
+            .map(|seq| one_put("etcd-test-gap", 1, seq, &format!("/gap/{seq}")).ops[0].clone())
+            .to_vec()
+    };
+
+    // The backup writer.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store =
+        ferry_engine::store::BackupStore::open(&format!("file://{}", dir.path().display()), true)
+            .expect("store");
+    let ops = with_gap();
+    let extraction = ferry_engine::adapters::Extraction {
+        info: ferry_engine::manifest::SourceInfo {
+            platform: "etcd".to_owned(),
+            ..Default::default()
+        },
+        ops: Box::pin(futures::stream::iter([
+            Ok(ops[..2].to_vec()),
+            Ok(ops[2..].to_vec()),
+        ])),
+    };
+    let error = ferry_engine::backup::write_backup(
+        &store,
+        extraction,
+        ferry_engine::backup::ExtractOptions::default(),
+        std::sync::Arc::new(ferry_engine::progress::Progress::default()),
+    )
+    .await
+    .expect_err("a gap is refused");
+    assert!(error.to_string().contains("seq 3 is missing"), "{error}");
+    assert!(
+        store.backup_ids().await.expect("list").is_empty(),
+        "no backup was sealed"
+    );
+
+    // The etcd sink.
+    let sink_etcd = EtcdServer::start().expect("etcd");
+    let mut sink = ferry_engine::adapters::sink_from_url(
+        &sink_etcd.url(),
+        &ferry_engine::adapters::SinkOptions::default(),
+    )
+    .expect("sink");
+    sink.begin(&ferry_engine::adapters::StreamInfo {
+        stream_id: "etcd-test-gap".to_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("begin");
+    let error = sink.apply(with_gap()).await.expect_err("a gap is refused");
+    assert!(error.to_string().contains("seq 3 is missing"), "{error}");
+    let mut client = kv(&sink_etcd).await;
+    let after_the_gap = client
+        .range(RangeRequest {
+            key: b"/gap/4".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert!(
+        after_the_gap.kvs.is_empty(),
+        "an op after the gap was applied"
+    );
+
+    // The target agent.
+    let target_etcd = EtcdServer::start().expect("etcd");
+    let target_agent = Agent::start("target", &target_etcd);
+    let mut target = target_client(&target_agent).await;
+    let start = StreamStart {
+        stream_id: "etcd-test-gap".to_owned(),
+        platform: "etcd".to_owned(),
+        ..StreamStart::default()
+    };
+    let batch = OpBatch {
+        ops: with_gap(),
+        ..one_put("etcd-test-gap", 1, 1, "/gap/1")
+    };
+    let refused = apply_one(&mut target, &start, batch)
+        .await
+        .expect_err("a gap is refused");
+    assert!(
+        refused.message().contains("seq 3 is missing"),
+        "{refused:?}"
+    );
+    assert!(
+        dump(&target_etcd)
+            .await
+            .iter()
+            .all(|kv| kv.key != b"/gap/4")
+    );
+}

@@ -281,9 +281,18 @@ pub async fn writer_with(
 }
 
 /// Every change under the prefix in `endpoint`'s history, per key, in order
-/// (a Watch from revision 1: the test's etcds are never compacted).
+/// (a Watch from revision 1: the test's etcds are never compacted). The
+/// watch covers the whole keyspace, where every revision after 1 has at
+/// least one event, so it ends on seeing the revision the etcd was at when
+/// asked, not after a quiet spell: a loaded machine never cuts a history
+/// short. It panics if that takes two minutes.
 pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
     let (_, head) = cluster_id_and_revision(endpoint).await;
+    let mut changes: BTreeMap<Vec<u8>, Vec<Effect>> = BTreeMap::new();
+    if head <= 1 {
+        // A new etcd: revision 1 holds nothing.
+        return changes;
+    }
     let mut client = WatchClient::connect(format!("http://{endpoint}"))
         .await
         .expect("etcd answers");
@@ -291,8 +300,8 @@ pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
     sender
         .send(WatchRequest {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: PREFIX.as_bytes().to_vec(),
-                range_end: prefix_end(PREFIX.as_bytes()),
+                key: vec![0],
+                range_end: vec![0],
                 start_revision: 1,
                 ..WatchCreateRequest::default()
             })),
@@ -304,26 +313,34 @@ pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
         .await
         .expect("watch")
         .into_inner();
-    let mut changes: BTreeMap<Vec<u8>, Vec<Effect>> = BTreeMap::new();
-    let mut seen = 0;
-    while seen < head {
-        let Ok(Some(response)) = tokio::time::timeout(Duration::from_secs(2), stream.message())
-            .await
-            .map(|message| message.expect("watch stream"))
-        else {
-            break;
-        };
-        for event in response.events {
-            let kv = event.kv.expect("an event has its kv");
-            seen = seen.max(kv.mod_revision);
-            let effect = if event.r#type == EventType::Delete as i32 {
-                Effect::Delete
-            } else {
-                Effect::Put(kv.value)
-            };
-            changes.entry(kv.key).or_default().push(effect);
+    let watching = async {
+        let mut seen = 0;
+        while seen < head {
+            let response = stream
+                .message()
+                .await
+                .expect("watch stream")
+                .expect("the watch stream stays open");
+            for event in response.events {
+                let kv = event.kv.expect("an event has its kv");
+                seen = seen.max(kv.mod_revision);
+                if !kv.key.starts_with(PREFIX.as_bytes()) {
+                    continue;
+                }
+                let effect = if event.r#type == EventType::Delete as i32 {
+                    Effect::Delete
+                } else {
+                    Effect::Put(kv.value)
+                };
+                changes.entry(kv.key).or_default().push(effect);
+            }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(120), watching)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the history watch on {endpoint} did not reach revision {head} in two minutes")
+        });
     drop(sender);
     changes
 }

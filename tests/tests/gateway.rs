@@ -188,6 +188,21 @@ struct Held {
     lease: tonic::Streaming<ferry_proto::v1::HoldResponse>,
 }
 
+/// Waits until the gateway counts `queued` writes waiting in line.
+async fn wait_for_queued(admin: &mut GatewayAdminClient<Channel>, queued: u64) {
+    loop {
+        let status = admin
+            .status(GatewayStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if status.queued_writes == queued {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 async fn hold(admin: &mut GatewayAdminClient<Channel>, epoch: u64, max_pause_ms: u64) -> Held {
     let mut lease = admin
         .hold(HoldRequest {
@@ -373,15 +388,15 @@ async fn writes_held_during_a_switch_land_in_the_new_etcd_only_in_arrival_order(
 
     let held_writes = hold(&mut admin, 1, 30_000).await;
     assert_eq!(held_writes.drained, 0);
-    // Held: one put per value, each sent after the one before it had time
-    // to reach the gateway, so their arrival order is 0, 1, 2, ...
+    // Held: one put per value, each sent once the gateway counts the one
+    // before it in line, so their arrival order is 0, 1, 2, ...
     let mut held = Vec::new();
     for index in 0..5 {
         let mut client = client.clone();
         held.push(tokio::spawn(async move {
             put(&mut client, "/held", &index.to_string()).await
         }));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_for_queued(&mut admin, index + 1).await;
     }
     // Reads pass while writes are held.
     let read = client
@@ -495,17 +510,7 @@ async fn a_hold_that_lapses_settles_by_itself_and_the_held_writes_go_on() {
         tokio::spawn(async move { put(&mut client, "/dropped", "y").await })
     };
     // The write waits in line: the gateway counts it.
-    loop {
-        let status = admin
-            .status(GatewayStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        if status.queued_writes == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    wait_for_queued(&mut admin, 1).await;
     assert!(!waiting.is_finished());
     drop(held);
     waiting

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_engine::adapters::AdapterError;
-use ferry_engine::adapters::etcd::EtcdError;
-use ferry_engine::{Error, ErrorKind};
+use ferry_engine::{Error, ErrorClass};
 use ferry_proto::v1::source_agent_server::SourceAgentServer;
 use ferry_proto::v1::target_agent_server::TargetAgentServer;
 use tokio::net::TcpListener;
@@ -235,33 +234,18 @@ pub(crate) async fn digest_plane(
     })
 }
 
-/// The gRPC status an engine failure is answered with: the one place that
-/// decides. The message is the error's own (it names what and where).
+/// The gRPC status an engine failure is answered with: its class (see
+/// [`ErrorClass`], which the relay of `ferry migrate` reads back from the
+/// code). The message is the error's own (it names what and where).
 pub fn status_for(error: &Error) -> Status {
     let message = error.to_string();
-    if let Error::Adapter(AdapterError::EtcdSource(etcd) | AdapterError::EtcdTarget(etcd)) = error {
-        match etcd {
-            // The caller must change course: a new snapshot, an empty target,
-            // a higher epoch.
-            EtcdError::Compacted { .. }
-            | EtcdError::NotEmpty { .. }
-            | EtcdError::OtherSource { .. }
-            | EtcdError::Credentials { .. }
-            | EtcdError::Tls { .. }
-            | EtcdError::TlsFiles { .. }
-            | EtcdError::StaleEpoch { .. }
-            | EtcdError::NoSpace { .. } => return Status::failed_precondition(message),
-            EtcdError::Unreachable { .. } => return Status::unavailable(message),
-            EtcdError::TooLarge { .. } => return Status::resource_exhausted(message),
-            EtcdError::BadOp { .. } => return Status::invalid_argument(message),
-            _ => {}
-        }
-    }
-    match error.kind() {
-        ErrorKind::Usage => Status::invalid_argument(message),
-        ErrorKind::Source | ErrorKind::Target | ErrorKind::Storage => Status::unavailable(message),
-        ErrorKind::Damaged => Status::data_loss(message),
-        ErrorKind::NotFound => Status::not_found(message),
+    match error.class() {
+        ErrorClass::Transient => Status::unavailable(message),
+        ErrorClass::Precondition => Status::failed_precondition(message),
+        ErrorClass::Invalid => Status::invalid_argument(message),
+        ErrorClass::TooLarge => Status::resource_exhausted(message),
+        ErrorClass::Damaged => Status::data_loss(message),
+        ErrorClass::NotFound => Status::not_found(message),
     }
 }
 

@@ -65,5 +65,44 @@ impl Error {
     }
 }
 
+/// What the caller of a failed request should do: the one classification
+/// that an agent's gRPC codes and a live migration's relay both read (the
+/// relay resumes a [`Transient`](ErrorClass::Transient) failure and stops
+/// at any other). Each adapter classes its own errors; nothing outside it
+/// names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The same request may succeed later, or after a resume: a peer
+    /// unreachable, a stream broken, a server busy.
+    Transient,
+    /// The caller must change course first: take a new snapshot (a
+    /// compacted position), empty the target, use a higher epoch, fix
+    /// credentials or TLS, free space.
+    Precondition,
+    /// The request or an op in it is wrong and never will be taken.
+    Invalid,
+    /// The request or an op in it is larger than the other side takes.
+    TooLarge,
+    /// Stored data is damaged.
+    Damaged,
+    /// What was asked for does not exist.
+    NotFound,
+}
+
+impl Error {
+    /// What the caller should do (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Adapter(error) => error.class(),
+            _ => match self.kind() {
+                ErrorKind::Usage => ErrorClass::Invalid,
+                ErrorKind::Source | ErrorKind::Target | ErrorKind::Storage => ErrorClass::Transient,
+                ErrorKind::Damaged => ErrorClass::Damaged,
+                ErrorKind::NotFound => ErrorClass::NotFound,
+            },
+        }
+    }
+}
+
 /// The engine's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
-use crate::error::ErrorKind;
+use crate::error::{ErrorClass, ErrorKind};
 use crate::manifest::SourceInfo;
 use crate::order::OrderError;
 use crate::progress::Progress;
@@ -145,6 +145,20 @@ pub enum AdapterError {
 }
 
 impl AdapterError {
+    /// What the caller should do: each adapter classes its own errors.
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            AdapterError::EtcdSource(error) | AdapterError::EtcdTarget(error) => error.class(),
+            AdapterError::BadUrl { .. } | AdapterError::Unrepresentable { .. } => {
+                ErrorClass::Invalid
+            }
+            AdapterError::InvalidRecord { .. } | AdapterError::SourceOutOfOrder { .. } => {
+                ErrorClass::Damaged
+            }
+            AdapterError::Read { .. } | AdapterError::Write { .. } => ErrorClass::Transient,
+        }
+    }
+
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             AdapterError::BadUrl { .. } => ErrorKind::Usage,

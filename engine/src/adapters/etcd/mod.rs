@@ -45,7 +45,7 @@ pub use source::{
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::ErrorKind;
+use crate::error::{ErrorClass, ErrorKind};
 
 /// Keys ferry keeps in a target etcd for itself.
 pub const RESERVED_PREFIX: &[u8] = b"__ferry__/";
@@ -475,6 +475,25 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
+    /// What the caller should do about it.
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            // A new snapshot, an empty target, a higher epoch, other
+            // credentials or TLS files, free space.
+            EtcdError::Compacted { .. }
+            | EtcdError::NotEmpty { .. }
+            | EtcdError::OtherSource { .. }
+            | EtcdError::Credentials { .. }
+            | EtcdError::Tls { .. }
+            | EtcdError::TlsFiles { .. }
+            | EtcdError::StaleEpoch { .. }
+            | EtcdError::NoSpace { .. } => ErrorClass::Precondition,
+            EtcdError::TooLarge { .. } => ErrorClass::TooLarge,
+            EtcdError::BadOp { .. } | EtcdError::BadUrl { .. } => ErrorClass::Invalid,
+            _ => ErrorClass::Transient,
+        }
+    }
+
     pub(crate) fn kind(&self, target: bool) -> ErrorKind {
         match self {
             EtcdError::BadUrl { .. } | EtcdError::TlsFiles { .. } => ErrorKind::Usage,

@@ -302,6 +302,7 @@ impl Gateway {
             shutdown.await;
             let _ = stop.send(true);
         });
+        let following = tokio::spawn(self.shared.clone().follow_committed_switches());
         let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
@@ -349,13 +350,15 @@ impl Gateway {
                 },
             )
         };
-        tokio::select! {
+        let served = tokio::select! {
             result = servers => result.map(|_| ()),
             () = async {
                 until_stopped(stopped).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
             } => Ok(()),
-        }
+        };
+        following.abort();
+        served
     }
 }
 

@@ -52,8 +52,9 @@ fn signal(pid: u32, signal: &str) {
 /// Item 1: after a switch, a gateway started again with the flags it was
 /// first started with (`--upstream OLD`) follows the fence record to the new
 /// plane, for reads and writes; a gateway the migration was never told of
-/// has its next write refused by the fenced old plane itself, follows the
-/// record, and the write lands in the new plane. Nothing reaches the old.
+/// reads the record by itself and follows it (its reads come from the new
+/// plane before it writes anything), and its writes land in the new plane.
+/// Nothing reaches the old.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
     let cluster = Cluster::start().await;
@@ -84,7 +85,17 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
         Some(b"old".to_vec()),
         "reads come from the new plane, which holds the copy"
     );
-    // The unlisted replica, still pointed at the old plane.
+    // The replica nobody told reads the fence record by itself and
+    // follows: it serves the new plane's data before any write of its own.
+    let unlisted_reads_new = async {
+        while value_at(&unlisted.field("listen"), "/app/restarted").await != Some(b"1".to_vec()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), unlisted_reads_new)
+        .await
+        .expect("the unlisted replica follows the switch by itself");
+    // Its writes go there too.
     put_at(&unlisted.field("listen"), "/app/unlisted", "2")
         .await
         .expect("the write follows the record to the new plane");

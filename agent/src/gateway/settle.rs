@@ -34,6 +34,11 @@ const MAX_FOLLOWED: usize = 64;
 /// does not answer.
 const SETTLE_RETRY: Duration = Duration::from_millis(500);
 
+/// How often a gateway reads its upstream's fence record by itself, to
+/// follow a switch that no driver told it of (a replica the migration did
+/// not know): its reads come from the plane that serves within about this.
+const RECORD_LOOK_EVERY: Duration = Duration::from_secs(2);
+
 /// Reads the revision offset `upstream`'s plane keeps for itself (written
 /// there just before the switch to it was committed) into `upstream`: a
 /// gateway started in front of a plane that took over shows its clients
@@ -238,6 +243,41 @@ impl Shared {
         Err(format!(
             "the fence records lead through more than {MAX_FOLLOWED} migrations"
         ))
+    }
+
+    /// Follows, by itself, a switch committed in the upstream's fence record
+    /// that no driver told this gateway of (a replica the migration did not
+    /// know, whose writes would meet the fence but whose reads would go on
+    /// coming from the retired plane). Runs until the gateway stops; looks
+    /// every [`RECORD_LOOK_EVERY`], never while a hold is in force (the
+    /// driver, or the lapse, decides then).
+    pub(crate) async fn follow_committed_switches(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RECORD_LOOK_EVERY).await;
+            if self.gate.snapshot().holding {
+                continue;
+            }
+            let upstream = self.upstream.borrow().clone();
+            let stored = match upstream.read_fence(self.connect_timeout).await {
+                Ok(Some(stored)) if stored.switched() => stored,
+                Ok(_) => continue,
+                Err(reason) => {
+                    tracing::debug!(%reason, "cannot read the upstream's fence record now");
+                    continue;
+                }
+            };
+            let _one_at_a_time = self.switching.lock().await;
+            match self.follow(&upstream, &stored).await {
+                Ok(()) => info!(
+                    from = %upstream.url,
+                    record = %describe_fence(Some(&stored.fence)),
+                    "the upstream's fence record says a migration switched away from it: following"
+                ),
+                Err(reason) => {
+                    warn!(%reason, "cannot follow the switch the upstream's record names yet")
+                }
+            }
+        }
     }
 
     /// Points the gateway at the successor `stored` names, if `from` is

@@ -49,14 +49,14 @@ use ferry_engine::migrations::profile::Profile;
 use ferry_engine::migrations::{MigrationError, off_the_runtime};
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::{
-    AdoptRequest, ApplyRequest, CheckpointRequest, CommitRequest, DescribeRequest,
+    AdoptRequest, ApplyRequest, CheckpointRequest, CommitRequest, ConfirmRequest, DescribeRequest,
     DescribeResponse, DigestRequest, DigestResponse, ExtractRequest, FenceRequest,
     FenceStatusRequest, StreamStart, UnfenceRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::gateways::Gateways;
 use self::versions::{MAX_BOUNDARIES, RelayChain};
@@ -80,7 +80,8 @@ pub struct MigrateOptions {
     /// The longest clients' writes may be held at cutover.
     pub max_pause: Duration,
     /// The cutover starts once the target is at most this many source
-    /// positions (etcd revisions) behind.
+    /// positions behind, in the source's unit (its agent's Describe names
+    /// it: etcd revisions).
     pub max_lag: u64,
     /// Only keys starting with this (empty: everything).
     pub key_prefix: Vec<u8>,
@@ -312,6 +313,10 @@ pub struct MigrationReport {
     pub elapsed_ms: f64,
     /// The lag over time.
     pub lag: Vec<LagSample>,
+    /// What the positions of the report and of `--max-lag` count (the
+    /// source's unit: `etcd revision`).
+    #[serde(default)]
+    pub position_unit: String,
     /// The control plane clients now write to.
     pub upstream_url: String,
     /// The version migration chain the ops went through
@@ -357,11 +362,13 @@ pub enum MigrateError {
     Invalid(String),
     /// The target did not catch up in time; nothing was held or fenced.
     #[error(
-        "the target did not catch up within {timeout:?}: {lag} positions behind (--max-lag is {max_lag}); nothing was held or fenced"
+        "the target did not catch up within {timeout:?}: {lag} positions ({unit}s) behind (--max-lag is {max_lag}); nothing was held or fenced"
     )]
     CatchUp {
         /// The limit.
         timeout: Duration,
+        /// What a position counts.
+        unit: String,
         /// Where the lag stood.
         lag: u64,
         /// The threshold.
@@ -449,6 +456,60 @@ struct Relay {
 /// How long a broken session waits for the target agent to finish the
 /// batches it took in, without an ack, before the stream is resumed anyway.
 const APPLY_END_QUIET: Duration = Duration::from_secs(10);
+
+/// How often the relay tells the source agent at most how far the target
+/// holds the stream.
+const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+
+/// Tells the source agent, as the target acks (at most every
+/// [`CONFIRM_EVERY`]), how far the target durably holds the stream, so a
+/// source that keeps resources for it (a replication slot's WAL) releases
+/// them. A failed confirm is only logged: the next one says more, and a
+/// resume starts from the target's checkpoint whatever the source was told.
+async fn confirm_applied(
+    mut source: SourceClient,
+    stream_id: String,
+    epoch: u64,
+    mut state: watch::Receiver<RelayState>,
+) {
+    let mut confirmed = 0;
+    loop {
+        if state.changed().await.is_err() {
+            return;
+        }
+        let (applied_through_seq, applied_through_position) = {
+            let state = state.borrow_and_update();
+            (state.applied_seq, state.applied_position)
+        };
+        if applied_through_position <= confirmed {
+            continue;
+        }
+        let request = ConfirmRequest {
+            stream_id: stream_id.clone(),
+            epoch,
+            applied_through_seq,
+            applied_through_position,
+        };
+        match source.confirm(request).await {
+            Ok(_) => confirmed = applied_through_position,
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                debug!("the source agent takes no Confirm (an older ferry)");
+                return;
+            }
+            Err(status) => debug!(%status, "the source agent did not take a Confirm"),
+        }
+        tokio::time::sleep(CONFIRM_EVERY).await;
+    }
+}
+
+/// Aborts a task when dropped: a session's helpers end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How one relay session ended.
 enum SessionEnd {
@@ -652,6 +713,13 @@ impl Relay {
             Ok(answer) => answer.into_inner(),
             Err(status) => return answered("the target agent's Apply", &status, false),
         };
+        let confirm_task = tokio::spawn(confirm_applied(
+            source.clone(),
+            start.stream_id.clone(),
+            self.epoch,
+            self.state.subscribe(),
+        ));
+        let _confirming = AbortOnDrop(confirm_task);
         // Acks are read on their own task, so a full request channel never
         // keeps them waiting.
         let ack_state = self.state.clone();
@@ -835,6 +903,7 @@ struct Running {
     target: TargetClient,
     gateways: Gateways,
     target_description: DescribeResponse,
+    source_description: DescribeResponse,
     /// See [`Connected::revision_offset`].
     revision_offset: i64,
     epoch: u64,
@@ -865,6 +934,41 @@ pub struct MigrationPlan {
     /// The version migration chain, one line per step, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_chain: Option<Vec<String>>,
+}
+
+/// What a position of the plane counts ("position" when its agent does
+/// not say).
+fn position_unit(description: &DescribeResponse) -> &str {
+    description
+        .capabilities
+        .as_ref()
+        .map(|capabilities| capabilities.position_unit.as_str())
+        .filter(|unit| !unit.is_empty())
+        .unwrap_or("position")
+}
+
+/// Refuses a migration the adapters cannot carry out, before anything
+/// changes: the caller's side of the capabilities the agents declare.
+fn check_capabilities(
+    options: &MigrateOptions,
+    source: &DescribeResponse,
+    target: &DescribeResponse,
+) -> Result<(), MigrateError> {
+    let source_can = source.capabilities.clone().unwrap_or_default();
+    let target_can = target.capabilities.clone().unwrap_or_default();
+    if !source_can.store_fence && options.gateways.is_empty() {
+        return Err(MigrateError::Invalid(format!(
+            "{} cannot refuse writes by itself (its adapter has no store-level fence): only gateways hold writes back at the cutover. Put clients behind `ferry gateway` and name every replica with --gateway",
+            source.control_plane_url
+        )));
+    }
+    if target_can.server_assigned_ids && options.verify {
+        return Err(MigrateError::Invalid(format!(
+            "--verify compares the two planes key by key, but {} assigns ids of its own (its keys differ from the old plane's by design); migrate without --verify",
+            target.control_plane_url
+        )));
+    }
+    Ok(())
 }
 
 fn describe_plane(description: &DescribeResponse) -> String {
@@ -920,6 +1024,7 @@ async fn connect_all(options: &MigrateOptions) -> Result<Connected, MigrateError
         .await
         .map_err(|status| call_error("the target agent", "describe its plane", status))?
         .into_inner();
+    check_capabilities(options, &source_description, &target_description)?;
     if !source_description.identity.is_empty()
         && source_description.identity == target_description.identity
     {
@@ -1029,8 +1134,10 @@ pub async fn plan(options: &MigrateOptions) -> Result<MigrationPlan, MigrateErro
             "snapshot {source} at its current position R and apply it to {target}{through_chain}, exactly once"
         ),
         format!(
-            "follow the source's changes from R+1 until the target is at most {} positions behind (at most {:?})",
-            options.max_lag, options.catch_up_timeout
+            "follow the source's changes from R+1 until the target is at most {} positions ({}s) behind (at most {:?})",
+            options.max_lag,
+            position_unit(&connected.source_description),
+            options.catch_up_timeout
         ),
         format!(
             "hold writes at every gateway ({}; at most {:?}) and wait for the writes in flight",
@@ -1183,6 +1290,7 @@ pub async fn migrate(
         gateways: connected.gateways,
         revision_offset: connected.revision_offset,
         target_description: connected.target_description.clone(),
+        source_description: connected.source_description.clone(),
         epoch,
         state,
         stop,
@@ -1266,6 +1374,7 @@ async fn run(
             return Err(MigrateError::CatchUp {
                 timeout: options.catch_up_timeout,
                 lag: state.lag_positions(),
+                unit: position_unit(source_description).to_owned(),
                 max_lag: options.max_lag,
             });
         }
@@ -1300,6 +1409,7 @@ async fn cutover(
         reconnects: 0,
         elapsed_ms: 0.0,
         lag: Vec::new(),
+        position_unit: position_unit(&running.source_description).to_owned(),
         upstream_url: String::new(),
         version_chain: None,
         chain_checked_ops: None,

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_engine::adapters::AdapterError;
+use ferry_engine::adapters::live::{Capabilities, PlaneDescription, PlaneDigest};
 use ferry_engine::{Error, ErrorClass};
 use ferry_proto::v1::source_agent_server::SourceAgentServer;
 use ferry_proto::v1::target_agent_server::TargetAgentServer;
@@ -20,11 +20,11 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::info;
 
 use crate::auth::RequireToken;
-use crate::source::EtcdSourceAgent;
-use crate::target::EtcdTargetAgent;
+use crate::source::SourceAgentService;
+use crate::target::TargetAgentService;
 
 /// The largest message an agent takes or sends: a batch holds about a MiB of
-/// ops, but one etcd value may be as large as the target allows.
+/// ops, but one value may be as large as the target allows.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How an agent is served.
@@ -96,7 +96,7 @@ pub(crate) fn server_builder(tls: Option<&(PathBuf, PathBuf)>) -> Result<Server,
 
 /// Serves a SourceAgent on `listener` until `shutdown` completes.
 pub async fn serve_source_agent(
-    agent: EtcdSourceAgent,
+    agent: SourceAgentService,
     listener: TcpListener,
     options: &ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -111,7 +111,7 @@ pub async fn serve_source_agent(
 
 /// Serves a TargetAgent on `listener` until `shutdown` completes.
 pub async fn serve_target_agent(
-    agent: EtcdTargetAgent,
+    agent: TargetAgentService,
     listener: TcpListener,
     options: &ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -208,30 +208,35 @@ impl<S: Future<Output = ()>> Stopping<S> {
     }
 }
 
-/// Answers a Digest RPC: what `connection` holds under `prefix` at
-/// `position` (0: now). `as_target` labels errors as the target's.
-pub(crate) async fn digest_plane(
-    connection: &ferry_engine::adapters::etcd::EtcdConnection,
-    prefix: &[u8],
-    position: u64,
-    as_target: bool,
-) -> Result<ferry_proto::v1::DigestResponse, Status> {
-    let digest = ferry_engine::adapters::etcd::digest_range(connection, prefix, position as i64)
-        .await
-        .map_err(|error| {
-            status_for(&Error::from(if as_target {
-                AdapterError::EtcdTarget(error)
-            } else {
-                AdapterError::EtcdSource(error)
-            }))
-        })?;
-    Ok(ferry_proto::v1::DigestResponse {
+/// The answer to a Describe RPC.
+pub(crate) fn describe_response(
+    description: PlaneDescription,
+    capabilities: Capabilities,
+) -> ferry_proto::v1::DescribeResponse {
+    ferry_proto::v1::DescribeResponse {
+        platform: description.platform,
+        platform_version: description.version,
+        identity: description.identity,
+        control_plane_url: description.url,
+        capabilities: Some(ferry_proto::v1::Capabilities {
+            position_unit: capabilities.position_unit.to_owned(),
+            transactions: capabilities.transactions,
+            snapshot_reread: capabilities.snapshot_reread,
+            store_fence: capabilities.store_fence,
+            server_assigned_ids: capabilities.server_assigned_ids,
+        }),
+    }
+}
+
+/// The answer to a Digest RPC.
+pub(crate) fn digest_response(digest: PlaneDigest) -> ferry_proto::v1::DigestResponse {
+    ferry_proto::v1::DigestResponse {
         keys: digest.keys,
         bytes: digest.bytes,
         sha256: digest.sha256.to_vec().into(),
-        position: digest.revision as u64,
+        position: digest.position.0,
         set_sha256: digest.set_sha256.to_vec().into(),
-    })
+    }
 }
 
 /// The gRPC status an engine failure is answered with: its class (see

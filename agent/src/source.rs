@@ -1,54 +1,61 @@
-//! The SourceAgent beside an etcd control plane: streams a snapshot and the
+//! The SourceAgent beside the old control plane: streams a snapshot and the
 //! live changes after it (a new stream, or a broken one resumed statelessly
-//! from what the target holds), fences and unfences the plane's writes.
+//! from what the target holds), fences and unfences the plane's writes,
+//! through whatever [`LiveSource`] the adapter registry built for the
+//! plane's URL.
 
 use std::sync::{Arc, Mutex};
 
-use ferry_engine::adapters::AdapterError;
-use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdError, EtcdSource, EtcdSourceOptions, FenceMove, FenceOutcome, LiveEvent,
-    LiveFrom, ProgressRequester, describe_cluster, move_fence, read_fence, read_fence_alarms,
+use ferry_engine::adapters::live::{
+    Applied, Capabilities, FenceAnswer, FenceMove, LiveEvent, LiveFrom, LiveSource, Position,
+    ProgressRequester,
 };
-use ferry_engine::progress::Progress;
 use ferry_proto::v1::extract_response::Event;
 use ferry_proto::v1::source_agent_server::SourceAgent;
 use ferry_proto::v1::{
-    CommitRequest, CommitResponse, DescribeRequest, DescribeResponse, DigestRequest,
-    DigestResponse, ExtractRequest, ExtractResponse, FenceRequest, FenceResponse,
-    FenceStatusRequest, FenceStatusResponse, OpBatch, SnapshotComplete, SourceProgress,
-    StreamStart, UnfenceRequest, UnfenceResponse,
+    CommitRequest, CommitResponse, ConfirmRequest, ConfirmResponse, DescribeRequest,
+    DescribeResponse, DigestRequest, DigestResponse, ExtractRequest, ExtractResponse, FenceRequest,
+    FenceResponse, FenceStatusRequest, FenceStatusResponse, OpBatch, SnapshotComplete,
+    SourceProgress, StreamStart, UnfenceRequest, UnfenceResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::serve::{digest_plane, status_for};
+use crate::serve::{describe_response, digest_response, status_for};
 
 /// Messages an Extract stream holds ahead of a slow caller.
 const EXTRACT_AHEAD: usize = 8;
 
-/// A SourceAgent over one etcd cluster.
-#[derive(Debug, Clone)]
-pub struct EtcdSourceAgent {
-    connection: EtcdConnection,
+/// The SourceAgent over one control plane.
+#[derive(Clone)]
+pub struct SourceAgentService {
+    source: Arc<dyn LiveSource>,
     /// Keys outside it are never streamed (a request may narrow it).
     prefix: Vec<u8>,
-    /// Key ranges a snapshot reads at once.
-    parallel: usize,
     /// The progress requesters of the streams running, poked after a fence
     /// so the fenced position is reported at once.
     streams: Arc<Mutex<Vec<ProgressRequester>>>,
 }
 
-impl EtcdSourceAgent {
-    /// An agent streaming `connection`'s keys under `prefix` (all when empty).
-    pub fn new(connection: EtcdConnection, prefix: Vec<u8>, parallel: usize) -> Self {
+impl std::fmt::Debug for SourceAgentService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SourceAgentService")
+            .field("source", &self.source.display())
+            .field("prefix", &String::from_utf8_lossy(&self.prefix))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SourceAgentService {
+    /// An agent streaming `source`'s keys under `prefix` (all when empty).
+    pub fn new(source: Arc<dyn LiveSource>, prefix: Vec<u8>) -> Self {
         Self {
-            connection,
+            source,
             prefix,
-            parallel: parallel.max(1),
             streams: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -76,32 +83,22 @@ impl EtcdSourceAgent {
         }
     }
 
-    async fn describe_plane(&self) -> Result<DescribeResponse, Status> {
-        let description = describe_cluster(&self.connection)
+    /// Moves the plane's fence record; a move the record forbids is
+    /// FAILED_PRECONDITION.
+    async fn move_fence(&self, wanted: FenceMove) -> Result<u64, Status> {
+        match self
+            .source
+            .move_fence(wanted)
             .await
-            .map_err(|error| status_for(&error))?;
-        Ok(DescribeResponse {
-            platform: "etcd".to_owned(),
-            platform_version: description.version,
-            identity: description.identity,
-            control_plane_url: self.connection.display(),
-        })
+            .map_err(|error| status_for(&error))?
+        {
+            FenceAnswer::Done(position) => Ok(position.0),
+            FenceAnswer::Refused(reason) => Err(Status::failed_precondition(reason)),
+        }
     }
 
-    /// Moves the plane's fence record (see `ferry_engine::adapters::etcd`'s
-    /// fence module); a move the record forbids is FAILED_PRECONDITION.
-    async fn move_fence(&self, wanted: FenceMove) -> Result<u64, Status> {
-        let etcd_status = |error: EtcdError| status_for(&AdapterError::EtcdSource(error).into());
-        match move_fence(&self.connection, &wanted)
-            .await
-            .map_err(etcd_status)?
-        {
-            FenceOutcome::Done { revision } => Ok(revision.max(0) as u64),
-            FenceOutcome::Refused { reason, .. } => Err(Status::failed_precondition(format!(
-                "{}: {reason}",
-                self.connection.display()
-            ))),
-        }
+    fn capabilities(&self) -> Capabilities {
+        self.source.capabilities()
     }
 }
 
@@ -115,7 +112,7 @@ pub fn new_stream_id(platform: &str) -> String {
 }
 
 #[tonic::async_trait]
-impl SourceAgent for EtcdSourceAgent {
+impl SourceAgent for SourceAgentService {
     type ExtractStream = ReceiverStream<Result<ExtractResponse, Status>>;
 
     async fn extract(
@@ -138,36 +135,40 @@ impl SourceAgent for EtcdSourceAgent {
         let prefix = self.prefix_for(&request.key_prefix)?;
         let from = if resume {
             LiveFrom {
-                snapshot: Some(request.snapshot_position as i64),
+                snapshot: Some(Position(request.snapshot_position)),
                 from_seq_exclusive: request.from_seq_exclusive,
-                from_revision_exclusive: request.from_position_exclusive as i64,
+                from_position_exclusive: Position(request.from_position_exclusive),
                 snapshot_through_seq: (request.snapshot_through_seq > 0)
                     .then_some(request.snapshot_through_seq),
             }
         } else {
             LiveFrom::default()
         };
-        let source = EtcdSource::new(
-            self.connection.clone(),
-            EtcdSourceOptions {
-                prefix,
-                parallel: self.parallel,
-            },
-        );
-        let live = source
-            .open_live(from, Arc::new(Progress::default()))
+        if resume
+            && !self.capabilities().snapshot_reread
+            && !from.past_snapshot(Position(request.snapshot_position))
+        {
+            return Err(Status::failed_precondition(format!(
+                "stream {} broke inside its snapshot, and {} cannot read a snapshot again: start a new migration on an empty target",
+                request.stream_id,
+                self.source.display()
+            )));
+        }
+        let live = self
+            .source
+            .open(&prefix, from)
             .await
             .map_err(|error| status_for(&error))?;
         let stream_id = if resume {
             request.stream_id.clone()
         } else {
-            new_stream_id("etcd")
+            new_stream_id(&live.info.platform)
         };
         let start = StreamStart {
             stream_id: stream_id.clone(),
             platform: live.info.platform.clone(),
             platform_version: live.info.platform_version.clone().unwrap_or_default(),
-            snapshot_position: live.snapshot_revision as u64,
+            snapshot_position: live.snapshot_position.0,
             source_identity: live.info.identity.clone().unwrap_or_default(),
         };
         info!(%stream_id, resume, follow = request.follow, snapshot_position = start.snapshot_position, from_seq_exclusive = request.from_seq_exclusive, "extract stream starts");
@@ -304,7 +305,7 @@ impl SourceAgent for EtcdSourceAgent {
         let fenced_position = self
             .move_fence(FenceMove::Commit {
                 epoch,
-                successor_revision_offset,
+                successor_position_offset: successor_revision_offset,
             })
             .await?;
         info!(epoch, fenced_position, "switch committed in the old plane");
@@ -315,35 +316,63 @@ impl SourceAgent for EtcdSourceAgent {
         &self,
         _request: Request<FenceStatusRequest>,
     ) -> Result<Response<FenceStatusResponse>, Status> {
-        let stored = read_fence(&self.connection)
+        let state = self
+            .source
+            .fence_state()
             .await
-            .map_err(|error| status_for(&AdapterError::EtcdSource(error).into()))?;
-        let write_alarm_epochs = read_fence_alarms(&self.connection)
-            .await
-            .map_err(|error| status_for(&AdapterError::EtcdSource(error).into()))?;
-        let Some(stored) = stored else {
-            return Ok(Response::new(FenceStatusResponse {
-                write_alarm_epochs,
-                ..FenceStatusResponse::default()
-            }));
-        };
+            .map_err(|error| status_for(&error))?;
         Ok(Response::new(FenceStatusResponse {
-            write_alarm_epochs,
-            recorded: true,
-            epoch: stored.fence.epoch,
-            fenced: stored.fence.fenced,
-            switched: stored.fence.switched,
-            successor_url: stored.fence.successor.clone().unwrap_or_default(),
-            fenced_position: stored.fenced_revision.unwrap_or(0).max(0) as u64,
-            successor_revision_offset: stored.fence.successor_revision_offset,
+            recorded: state.recorded,
+            epoch: state.epoch,
+            fenced: state.fenced,
+            switched: state.switched,
+            successor_url: state.successor_url,
+            fenced_position: state.fenced_position.0,
+            successor_revision_offset: state.successor_position_offset,
+            write_alarm_epochs: state.guard_epochs,
         }))
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<ConfirmRequest>,
+    ) -> Result<Response<ConfirmResponse>, Status> {
+        let ConfirmRequest {
+            stream_id,
+            applied_through_seq,
+            applied_through_position,
+            epoch,
+        } = request.into_inner();
+        if stream_id.is_empty() {
+            return Err(Status::invalid_argument("a Confirm names its stream_id"));
+        }
+        self.source
+            .confirm(
+                &stream_id,
+                Applied {
+                    through_seq: applied_through_seq,
+                    through_position: Position(applied_through_position),
+                },
+            )
+            .await
+            .map_err(|error| status_for(&error))?;
+        debug!(%stream_id, epoch, applied_through_seq, applied_through_position, "confirmed");
+        Ok(Response::new(ConfirmResponse {}))
     }
 
     async fn describe(
         &self,
         _request: Request<DescribeRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
-        Ok(Response::new(self.describe_plane().await?))
+        let description = self
+            .source
+            .describe()
+            .await
+            .map_err(|error| status_for(&error))?;
+        Ok(Response::new(describe_response(
+            description,
+            self.capabilities(),
+        )))
     }
 
     async fn digest(
@@ -352,13 +381,17 @@ impl SourceAgent for EtcdSourceAgent {
     ) -> Result<Response<DigestResponse>, Status> {
         let request = request.into_inner();
         let prefix = self.prefix_for(&request.key_prefix)?;
-        let digest = digest_plane(&self.connection, &prefix, request.position, false).await?;
+        let digest = self
+            .source
+            .digest(&prefix, Position(request.position))
+            .await
+            .map_err(|error| status_for(&error))?;
         info!(
             keys = digest.keys,
-            position = digest.position,
+            position = digest.position.0,
             "digest of the source"
         );
-        Ok(Response::new(digest))
+        Ok(Response::new(digest_response(digest)))
     }
 }
 

@@ -1,16 +1,14 @@
-//! The TargetAgent beside an etcd control plane: applies a stream's batches
-//! exactly once through the engine's etcd sink (its checkpoint and epoch
-//! live in the target itself, G4 and G5), acks each one, and tells where a
-//! stream stands.
+//! The TargetAgent beside the new control plane: applies a stream's batches
+//! exactly once through whatever [`LiveSink`] the adapter registry built for
+//! the plane's URL (its checkpoint and epoch live in the target itself, G4
+//! and G5), acks each one, and tells where a stream stands.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_engine::Op;
-use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, KIND_LEASE, LeaseKeeper, RevisionOffset,
-    adopt_revision_offset, describe_cluster, read_checkpoint,
-};
-use ferry_engine::adapters::{AdapterError, Sink, StreamInfo};
+use ferry_engine::adapters::StreamInfo;
+use ferry_engine::adapters::live::{LiveApply, LiveSink, Position};
 use ferry_proto::v1::target_agent_server::TargetAgent;
 use ferry_proto::v1::{
     AdoptRequest, AdoptResponse, ApplyAck, ApplyRequest, CheckpointRequest, CheckpointResponse,
@@ -21,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::serve::{digest_plane, status_for};
+use crate::serve::{describe_response, digest_response, status_for};
 
 /// Acks an Apply stream holds ahead of a slow caller.
 const ACKS_AHEAD: usize = 16;
@@ -39,65 +37,48 @@ fn no_batch() -> Status {
     Status::invalid_argument("every ApplyRequest after the first carries a batch")
 }
 
-/// A TargetAgent over one etcd cluster.
-#[derive(Debug, Clone)]
-pub struct EtcdTargetAgent {
-    connection: EtcdConnection,
-    /// Txn limits of the target (`--max-txn-ops`, `--max-request-bytes`).
-    sink_options: EtcdSinkOptions,
+/// The TargetAgent over one control plane.
+#[derive(Clone)]
+pub struct TargetAgentService {
+    sink: Arc<dyn LiveSink>,
 }
 
-impl EtcdTargetAgent {
-    /// An agent applying onto `connection`'s cluster with Txns as
-    /// `sink_options` say (its epoch is each stream's own).
-    pub fn new(connection: EtcdConnection, sink_options: EtcdSinkOptions) -> Self {
-        Self {
-            connection,
-            sink_options,
-        }
+impl std::fmt::Debug for TargetAgentService {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TargetAgentService")
+            .field("sink", &self.sink.display())
+            .finish()
+    }
+}
+
+impl TargetAgentService {
+    /// An agent applying onto `sink` (its epoch is each stream's own).
+    pub fn new(sink: Arc<dyn LiveSink>) -> Self {
+        Self { sink }
     }
 }
 
 /// One Apply stream, from its StreamStart to its end.
 struct ApplyStream {
-    connection: EtcdConnection,
-    sink_options: EtcdSinkOptions,
+    target: Arc<dyn LiveSink>,
     start: StreamStart,
     acks: mpsc::Sender<Result<ApplyAck, Status>>,
     /// Opened at the first batch (it carries the epoch).
-    sink: Option<OpenSink>,
+    open: Option<OpenStream>,
 }
 
-struct OpenSink {
-    sink: EtcdSink,
+struct OpenStream {
+    apply: Box<dyn LiveApply>,
     epoch: u64,
     /// The target holds the stream through this seq.
     held_through_seq: u64,
-    leases: Option<LeaseKeeper>,
 }
 
 impl ApplyStream {
-    async fn open(&mut self, epoch: u64) -> Result<&mut OpenSink, Status> {
-        if self.sink.is_none() {
+    async fn open(&mut self, epoch: u64) -> Result<&mut OpenStream, Status> {
+        if self.open.is_none() {
             let stream_id = &self.start.stream_id;
-            let (_, stored_epoch) = read_checkpoint(&self.connection, stream_id)
-                .await
-                .map_err(|error| status_for(&error))?;
-            if epoch < stored_epoch {
-                return Err(stale(epoch, stored_epoch, &self.connection));
-            }
-            let mut sink = EtcdSink::new(
-                self.connection.clone(),
-                EtcdSinkOptions {
-                    epoch,
-                    allow_nonempty: false,
-                    // Every ack says what is in the target.
-                    durable_each_apply: true,
-                    // A live stream's Txns land in seq order (G2).
-                    lanes: 1,
-                    ..self.sink_options.clone()
-                },
-            );
             let stream = StreamInfo {
                 stream_id: stream_id.clone(),
                 source_identity: Some(self.start.source_identity.clone())
@@ -105,30 +86,27 @@ impl ApplyStream {
                 ops_total: None,
                 key_prefix: None,
             };
-            let held_through_seq = sink
-                .begin(&stream)
+            let apply = self
+                .target
+                .open(&stream, epoch)
                 .await
-                .map_err(|error| begin_status(&error))?
-                .unwrap_or(0);
-            let leases = match LeaseKeeper::start(&self.connection).await {
-                Ok(keeper) => Some(keeper),
-                Err(error) => {
-                    warn!(%error, "cannot keep the stream's leases alive on the target");
-                    None
-                }
-            };
+                .map_err(|error| status_for(&error))?;
+            let held_through_seq = apply.held_through_seq();
             info!(%stream_id, epoch, held_through_seq, "apply stream opened");
-            self.sink = Some(OpenSink {
-                sink,
+            self.open = Some(OpenStream {
+                apply,
                 epoch,
                 held_through_seq,
-                leases,
             });
         }
-        let open = self.sink.as_mut().expect("opened above");
+        let open = self.open.as_mut().expect("opened above");
         if epoch != open.epoch {
             return Err(if epoch < open.epoch {
-                stale(epoch, open.epoch, &self.connection)
+                Status::failed_precondition(format!(
+                    "a batch of epoch {epoch} is refused: {} has seen epoch {} (a later migration attempt owns it)",
+                    self.target.display(),
+                    open.epoch
+                ))
             } else {
                 Status::invalid_argument(format!(
                     "an Apply stream carries one epoch ({}); a batch of epoch {epoch} needs a stream of its own",
@@ -156,32 +134,20 @@ impl ApplyStream {
             .filter(|op| op.seq > open.held_through_seq)
             .collect();
         if !fresh.is_empty() {
-            let granted: Vec<Op> = fresh
-                .iter()
-                .filter(|op| &op.kind[..] == KIND_LEASE.as_bytes())
-                .cloned()
-                .collect();
-            open.sink
+            open.apply
                 .apply(fresh)
                 .await
                 .map_err(|error| status_for(&error))?;
-            if let Some(leases) = &open.leases {
-                leases.keep_granted(&granted).await;
-            }
         }
         if let Some((seq, position)) = last {
             // What the target confirmed; a batch held already (a replay after
             // a resume) is acked as the batch itself.
-            let (seq, position) = match open.sink.checkpoint() {
-                Some(checkpoint) if checkpoint.applied_through_seq >= seq => (
-                    checkpoint.applied_through_seq,
-                    checkpoint.applied_through_position,
-                ),
+            let (seq, position) = match open.apply.applied() {
+                Some(applied) if applied.through_seq >= seq => {
+                    (applied.through_seq, applied.through_position.0)
+                }
                 _ if seq <= open.held_through_seq => (seq, position),
-                Some(checkpoint) => (
-                    checkpoint.applied_through_seq,
-                    checkpoint.applied_through_position,
-                ),
+                Some(applied) => (applied.through_seq, applied.through_position.0),
                 None => (open.held_through_seq, 0),
             };
             open.held_through_seq = open.held_through_seq.max(seq);
@@ -196,8 +162,8 @@ impl ApplyStream {
             }
         }
         if batch.end_of_stream {
-            if let Some(open) = self.sink.take() {
-                Box::new(open.sink)
+            if let Some(open) = self.open.take() {
+                open.apply
                     .finish()
                     .await
                     .map_err(|error| status_for(&error))?;
@@ -209,32 +175,8 @@ impl ApplyStream {
     }
 }
 
-/// The answer to a stream the target cannot begin. A target that already
-/// holds keys is told in a live migration's words (the restore's advice,
-/// `--allow-nonempty`, is no option of `ferry migrate`): its keys may be
-/// what an earlier migration applied before it stopped without a switch,
-/// and merging a new snapshot into them would keep keys since deleted.
-fn begin_status(error: &ferry_engine::Error) -> Status {
-    match error {
-        ferry_engine::Error::Adapter(AdapterError::EtcdTarget(EtcdError::NotEmpty {
-            endpoints,
-            examples,
-        })) => Status::failed_precondition(format!(
-            "the new plane {endpoints} already holds keys, e.g. {examples}. A live migration starts on an empty new plane: these may be what an earlier migration applied before it stopped without a switch. Delete them and run the migration again"
-        )),
-        other => status_for(other),
-    }
-}
-
-fn stale(epoch: u64, stored: u64, connection: &EtcdConnection) -> Status {
-    Status::failed_precondition(format!(
-        "a batch of epoch {epoch} is refused: {} has seen epoch {stored} (a later migration attempt owns it)",
-        connection.display()
-    ))
-}
-
 #[tonic::async_trait]
-impl TargetAgent for EtcdTargetAgent {
+impl TargetAgent for TargetAgentService {
     type ApplyStream = ReceiverStream<Result<ApplyAck, Status>>;
 
     async fn apply(
@@ -255,11 +197,10 @@ impl TargetAgent for EtcdTargetAgent {
         }
         let (acks, receiver) = mpsc::channel(ACKS_AHEAD);
         let mut stream = ApplyStream {
-            connection: self.connection.clone(),
-            sink_options: self.sink_options.clone(),
+            target: self.sink.clone(),
             start,
             acks: acks.clone(),
-            sink: None,
+            open: None,
         };
         tokio::spawn(async move {
             let mut next = first.batch;
@@ -338,18 +279,17 @@ impl TargetAgent for EtcdTargetAgent {
         request: Request<CheckpointRequest>,
     ) -> Result<Response<CheckpointResponse>, Status> {
         let stream_id = request.into_inner().stream_id;
-        let (checkpoint, epoch) = read_checkpoint(&self.connection, &stream_id)
+        let stored = self
+            .sink
+            .stored(&stream_id)
             .await
             .map_err(|error| status_for(&error))?;
+        let applied = stored.applied.unwrap_or_default();
         Ok(Response::new(CheckpointResponse {
-            applied_through_seq: checkpoint
-                .as_ref()
-                .map_or(0, |checkpoint| checkpoint.applied_through_seq),
-            applied_through_position: checkpoint
-                .as_ref()
-                .map_or(0, |checkpoint| checkpoint.applied_through_position),
+            applied_through_seq: applied.through_seq,
+            applied_through_position: applied.through_position.0,
             stream_id,
-            epoch,
+            epoch: stored.epoch,
         }))
     }
 
@@ -357,15 +297,15 @@ impl TargetAgent for EtcdTargetAgent {
         &self,
         _request: Request<DescribeRequest>,
     ) -> Result<Response<DescribeResponse>, Status> {
-        let description = describe_cluster(&self.connection)
+        let description = self
+            .sink
+            .describe()
             .await
             .map_err(|error| status_for(&error))?;
-        Ok(Response::new(DescribeResponse {
-            platform: "etcd".to_owned(),
-            platform_version: description.version,
-            identity: description.identity,
-            control_plane_url: self.connection.display(),
-        }))
+        Ok(Response::new(describe_response(
+            description,
+            self.sink.capabilities(),
+        )))
     }
 
     async fn adopt(
@@ -376,20 +316,16 @@ impl TargetAgent for EtcdTargetAgent {
             epoch,
             revision_offset,
         } = request.into_inner();
-        let adopted = adopt_revision_offset(
-            &self.connection,
-            RevisionOffset {
-                epoch,
-                revision_offset,
-            },
-        )
-        .await
-        .map_err(|error| status_for(&AdapterError::EtcdTarget(error).into()))?;
+        let adopted = self
+            .sink
+            .adopt(epoch, revision_offset)
+            .await
+            .map_err(|error| status_for(&error))?;
         match adopted {
             Ok(()) => Ok(Response::new(AdoptResponse {})),
             Err(later) => Err(Status::failed_precondition(format!(
-                "epoch {epoch} is older than epoch {later}, which recorded its revision offset in {}: a later migration attempt owns the plane",
-                self.connection.display()
+                "epoch {epoch} is older than epoch {later}, which recorded its position offset in {}: a later migration attempt owns the plane",
+                self.sink.display()
             ))),
         }
     }
@@ -399,18 +335,16 @@ impl TargetAgent for EtcdTargetAgent {
         request: Request<DigestRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
         let request = request.into_inner();
-        let digest = digest_plane(
-            &self.connection,
-            &request.key_prefix,
-            request.position,
-            true,
-        )
-        .await?;
+        let digest = self
+            .sink
+            .digest(&request.key_prefix, Position(request.position))
+            .await
+            .map_err(|error| status_for(&error))?;
         info!(
             keys = digest.keys,
-            position = digest.position,
+            position = digest.position.0,
             "digest of the target"
         );
-        Ok(Response::new(digest))
+        Ok(Response::new(digest_response(digest)))
     }
 }

@@ -1,5 +1,6 @@
 //! `ferry agent source|target`: serve a SourceAgent or a TargetAgent beside
-//! an etcd control plane, until SIGTERM or Ctrl-C.
+//! a control plane (any adapter of the registry that is live), until
+//! SIGTERM or Ctrl-C.
 
 use std::path::PathBuf;
 
@@ -7,14 +8,17 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use ferry_agent::auth::server_token;
 use ferry_agent::serve::{ServeOptions, serve_source_agent, serve_target_agent};
-use ferry_agent::source::EtcdSourceAgent;
-use ferry_agent::target::EtcdTargetAgent;
-use ferry_engine::adapters::etcd::EtcdSinkOptions;
+use ferry_agent::source::SourceAgentService;
+use ferry_agent::target::TargetAgentService;
+use ferry_engine::adapters::{
+    ConnectionArgs, SinkOptions, SourceOptions, TargetLimitArgs, live_sink_from_url,
+    live_source_from_url,
+};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::commands::{EtcdArgs, UsageError};
+use crate::commands::UsageError;
 use crate::exposure::{self, Exposure};
 use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
@@ -37,7 +41,8 @@ enum AgentRole {
 /// What both agents take.
 #[derive(Debug, Args)]
 struct CommonArgs {
-    /// The control plane beside which the agent runs: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS).
+    /// The control plane beside which the agent runs, by URL: etcd://HOST:PORT[,HOST:PORT...]
+    /// (etcds:// for TLS).
     #[arg(long, value_name = "URL")]
     control_plane: String,
     /// Where to serve, HOST:PORT (port 0: any free port; the address is printed when ready).
@@ -58,7 +63,7 @@ struct CommonArgs {
     #[arg(long)]
     insecure_listen: bool,
     #[command(flatten)]
-    etcd: EtcdArgs,
+    connection: ConnectionArgs,
 }
 
 /// `ferry agent source`.
@@ -69,7 +74,7 @@ struct SourceArgs {
     /// Only keys starting with this prefix are ever streamed.
     #[arg(long, value_name = "PREFIX")]
     prefix: Option<String>,
-    /// Key ranges a snapshot reads at once.
+    /// Parts of a snapshot read at once (etcd: key ranges).
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
 }
@@ -79,12 +84,8 @@ struct SourceArgs {
 struct TargetArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Ops per Txn at most, ferry's checkpoint included (the target's --max-txn-ops).
-    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
-    max_txn_ops: u32,
-    /// Bytes per Txn request at most (the target's --max-request-bytes).
-    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
-    max_request_bytes: usize,
+    #[command(flatten)]
+    limits: TargetLimitArgs,
 }
 
 impl CommonArgs {
@@ -98,10 +99,14 @@ impl CommonArgs {
         Ok(ServeOptions { token, tls })
     }
 
-    fn connection(&self) -> Result<ferry_engine::adapters::etcd::EtcdConnection> {
-        self.etcd
-            .connection(&self.control_plane)
-            .map_err(|error| UsageError(error.to_string()).into())
+    /// A failure to build the plane's adapter: a usage error when the URL
+    /// or a flag is wrong.
+    fn build_error(error: ferry_engine::Error) -> anyhow::Error {
+        if error.kind() == ferry_engine::ErrorKind::Usage {
+            UsageError(error.to_string()).into()
+        } else {
+            error.into()
+        }
     }
 
     /// Binds `--listen`; refuses (exit 2) a non-loopback address without
@@ -155,14 +160,19 @@ fn announce(
 pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
     match args.role {
         AgentRole::Source(args) => {
-            let connection = args.common.connection()?;
+            let prefix = args.prefix.unwrap_or_default().into_bytes();
+            let source = live_source_from_url(
+                &args.common.control_plane,
+                &SourceOptions {
+                    prefix: prefix.clone(),
+                    parallel: usize::from(args.parallel),
+                    connection: args.common.connection.clone(),
+                },
+            )
+            .map_err(CommonArgs::build_error)?;
             let options = args.common.serve_options()?;
-            let plane = connection.display();
-            let agent = EtcdSourceAgent::new(
-                connection,
-                args.prefix.unwrap_or_default().into_bytes(),
-                usize::from(args.parallel),
-            );
+            let plane = source.display();
+            let agent = SourceAgentService::new(source, prefix);
             let listener = args
                 .common
                 .bind(
@@ -175,17 +185,18 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
             serve_source_agent(agent, listener, &options, shutdown()).await?;
         }
         AgentRole::Target(args) => {
-            let connection = args.common.connection()?;
-            let options = args.common.serve_options()?;
-            let plane = connection.display();
-            let agent = EtcdTargetAgent::new(
-                connection,
-                EtcdSinkOptions {
-                    max_txn_ops: args.max_txn_ops as usize,
-                    max_request_bytes: args.max_request_bytes,
-                    ..EtcdSinkOptions::default()
+            let sink = live_sink_from_url(
+                &args.common.control_plane,
+                &SinkOptions {
+                    connection: args.common.connection.clone(),
+                    target: args.limits.clone(),
+                    ..SinkOptions::default()
                 },
-            );
+            )
+            .map_err(CommonArgs::build_error)?;
+            let options = args.common.serve_options()?;
+            let plane = sink.display();
+            let agent = TargetAgentService::new(sink);
             let listener = args
                 .common
                 .bind(

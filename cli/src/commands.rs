@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
-use std::path::PathBuf;
 
-use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions, EtcdTls};
-use ferry_engine::adapters::{SinkOptions, SourceOptions, sink_from_url, source_from_url};
+use ferry_engine::adapters::registry::RestoreTuningArgs;
+use ferry_engine::adapters::{
+    ConnectionArgs, SinkOptions, SourceOptions, TargetLimitArgs, sink_from_url, source_from_url,
+};
 use ferry_engine::backup::{ExtractOptions, RestoreOptions, find_backup, verify_backup};
 use ferry_engine::pipeline;
 use ferry_engine::progress::Progress;
@@ -27,15 +28,15 @@ pub struct ExtractArgs {
     /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdin).
     #[arg(long, value_name = "URL")]
     source: String,
-    /// etcd: only keys starting with this prefix.
+    /// Only keys starting with this prefix (sources that hold keys: etcd).
     #[arg(long, value_name = "PREFIX")]
     prefix: Option<String>,
-    /// etcd: key ranges read at once, all at the snapshot's revision (more helps only when etcd
-    /// has cores to spare: on 2 cores shared with etcd, 1 reads fastest).
+    /// Parts of the snapshot read at once, all at the same position (etcd: key ranges; more
+    /// helps only when the source has cores to spare: on 2 cores shared with etcd, 1 reads fastest).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
     #[command(flatten)]
-    etcd: EtcdArgs,
+    connection: ConnectionArgs,
     /// Where backups go: file:///DIR (or a path), s3://BUCKET/PREFIX.
     #[arg(long, value_name = "STORE_URL")]
     to: String,
@@ -61,82 +62,22 @@ pub struct RestoreArgs {
     /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdout).
     #[arg(long, value_name = "URL")]
     target: String,
-    /// etcd: ops per Txn at most, ferry's checkpoint included (the target's --max-txn-ops).
-    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..))]
-    max_txn_ops: u32,
-    /// etcd: bytes per Txn request at most (the target's --max-request-bytes).
-    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
-    max_request_bytes: usize,
-    /// etcd: write keys starting with OLD as starting with NEW.
+    /// Write keys starting with OLD as starting with NEW (targets that hold keys: etcd).
     #[arg(long, value_name = "OLD=NEW")]
     rewrite_prefix: Option<String>,
-    /// etcd: write even when the target range already holds keys.
+    /// Write even when the target range already holds keys.
     #[arg(long)]
     allow_nonempty: bool,
-    /// etcd: Txns side by side, each on its own checkpoint chain (a lane); ops of one key stay in
-    /// seq order, Txns of different keys may land up to N-1 Txns apart (see the README).
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    lanes: u16,
-    /// etcd, with --lanes 1: Txns of the one chain sent before the first is answered (etcd
-    /// reorders concurrent requests, so more than 1 rarely helps: see the README).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    txns_in_flight: u16,
     #[command(flatten)]
-    etcd: EtcdArgs,
+    connection: ConnectionArgs,
+    #[command(flatten)]
+    target_limits: TargetLimitArgs,
+    #[command(flatten)]
+    tuning: RestoreTuningArgs,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
     migrations: crate::migrations::RestoreMigrationArgs,
-}
-
-/// Credentials and TLS for etcd: from the environment or files, never from argv.
-#[derive(Debug, Args)]
-pub struct EtcdArgs {
-    /// A file whose first line is the etcd password (the user is ETCD_USERNAME);
-    /// without it, ETCD_USERNAME and ETCD_PASSWORD are used when set.
-    #[arg(long, value_name = "FILE")]
-    etcd_password_file: Option<PathBuf>,
-    /// etcd over TLS: PEM file of the CA that signed the members' certificates
-    /// (etcds:// alone trusts the system's roots). Any --etcd-*-file of TLS turns TLS on.
-    #[arg(long, value_name = "FILE")]
-    etcd_ca_file: Option<PathBuf>,
-    /// etcd over TLS: PEM file of ferry's client certificate (members with --client-cert-auth).
-    #[arg(long, value_name = "FILE", requires = "etcd_key_file")]
-    etcd_cert_file: Option<PathBuf>,
-    /// etcd over TLS: PEM file of the client certificate's private key.
-    #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
-    etcd_key_file: Option<PathBuf>,
-}
-
-impl EtcdArgs {
-    fn tls(&self) -> EtcdTls {
-        EtcdTls {
-            ca_file: self.etcd_ca_file.clone(),
-            cert_file: self.etcd_cert_file.clone(),
-            key_file: self.etcd_key_file.clone(),
-        }
-    }
-
-    /// The gateway's own credentials and TLS towards its upstreams.
-    pub(crate) fn upstream_access(&self) -> ferry_agent::gateway::UpstreamAccess {
-        ferry_agent::gateway::UpstreamAccess {
-            password_file: self.etcd_password_file.clone(),
-            tls: self.tls(),
-        }
-    }
-
-    /// The cluster `url` names, with these credentials and TLS files.
-    pub(crate) fn connection(
-        &self,
-        url: &str,
-    ) -> Result<ferry_engine::adapters::etcd::EtcdConnection, ferry_engine::adapters::etcd::EtcdError>
-    {
-        ferry_engine::adapters::etcd::EtcdConnection::from_url(
-            url,
-            self.etcd_password_file.as_ref(),
-        )?
-        .with_tls_files(&self.tls())
-    }
 }
 
 /// `ferry inspect`.
@@ -198,12 +139,9 @@ fn print_json(value: &serde_json::Value) {
 
 pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
     let source_options = SourceOptions {
-        etcd: EtcdSourceOptions {
-            prefix: args.prefix.clone().unwrap_or_default().into_bytes(),
-            parallel: usize::from(args.parallel),
-        },
-        etcd_password_file: args.etcd.etcd_password_file.clone(),
-        etcd_tls: args.etcd.tls(),
+        prefix: args.prefix.clone().unwrap_or_default().into_bytes(),
+        parallel: usize::from(args.parallel),
+        connection: args.connection.clone(),
     };
     let source = match ferry_agent::remote::agent_address(&args.source) {
         Some(address) => Box::new(ferry_agent::remote::AgentSource::new(
@@ -278,19 +216,11 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
         None => None,
     };
     let sink_options = SinkOptions {
-        etcd: EtcdSinkOptions {
-            max_txn_ops: args.max_txn_ops as usize,
-            max_request_bytes: args.max_request_bytes,
-            rewrite_prefix,
-            allow_nonempty: args.allow_nonempty,
-            epoch: 0,
-            txns_in_flight: usize::from(args.txns_in_flight),
-            lanes: usize::from(args.lanes),
-            // A restore acks nothing: the tail of a batch may wait for the next.
-            durable_each_apply: false,
-        },
-        etcd_password_file: args.etcd.etcd_password_file.clone(),
-        etcd_tls: args.etcd.tls(),
+        rewrite_prefix,
+        allow_nonempty: args.allow_nonempty,
+        connection: args.connection.clone(),
+        target: args.target_limits.clone(),
+        restore: args.tuning.clone(),
     };
     let sink = match ferry_agent::remote::agent_address(&args.target) {
         Some(address) => Box::new(ferry_agent::remote::AgentSink::new(

@@ -11,10 +11,11 @@ use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::commands::{EtcdArgs, UsageError};
+use crate::commands::UsageError;
 use crate::exposure::{self, Exposure};
 use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
+use ferry_engine::adapters::etcd::EtcdArgs;
 
 /// `ferry gateway`.
 #[derive(Debug, Args)]
@@ -103,7 +104,10 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         upstream_url: args.upstream.clone(),
         default_max_pause: args.max_pause,
         connect_timeout: args.connect_timeout,
-        access: args.etcd.upstream_access(),
+        access: ferry_agent::gateway::UpstreamAccess {
+            password_file: args.etcd.etcd_password_file.clone(),
+            tls: args.etcd.tls(),
+        },
         admin_token: server_token(args.token_file.as_deref())
             .map_err(|error| UsageError(error.to_string()))?,
         tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),

@@ -106,9 +106,9 @@ struct LiveArgs {
     /// The longest clients' writes may be held at cutover, e.g. 2s or 500ms.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     max_pause: Duration,
-    /// Cut over once the target is at most this many source positions
-    /// (etcd revisions) behind.
-    #[arg(long, value_name = "OPS", default_value_t = 100)]
+    /// Cut over once the target is at most this many positions behind, in the source's unit
+    /// (etcd: revisions; the plan and the report name it).
+    #[arg(long, value_name = "POSITIONS", default_value_t = 100)]
     max_lag: u64,
     /// Only keys starting with this prefix.
     #[arg(long, value_name = "PREFIX")]
@@ -467,8 +467,13 @@ fn print_report(report: &MigrationReport, tee: Option<&str>) {
     );
     let peak = report.lag.iter().map(|sample| sample.positions).max();
     if let (Some(peak), Some(last)) = (peak, report.lag.last()) {
+        let unit = if report.position_unit.is_empty() {
+            "position"
+        } else {
+            report.position_unit.as_str()
+        };
         print_line!(
-            "  lag         peak {peak} positions, {} at the end ({} samples; --output json lists them)",
+            "  lag         peak {peak} positions ({unit}s), {} at the end ({} samples; --output json lists them)",
             last.positions,
             report.lag.len()
         );

@@ -160,7 +160,7 @@ struct TargetArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
     max_request_bytes: usize,
     #[command(flatten)]
-    etcd: crate::commands::EtcdArgs,
+    etcd: ferry_engine::adapters::etcd::EtcdArgs,
 }
 
 impl TargetArgs {
@@ -172,7 +172,7 @@ impl TargetArgs {
             )));
         }
         Ok(self.etcd.connection(&self.target).map_err(|error| {
-            ferry_engine::Error::from(ferry_engine::adapters::AdapterError::EtcdTarget(error))
+            ferry_engine::Error::from(ferry_engine::adapters::AdapterError::target(error))
         })?)
     }
 

@@ -15,10 +15,14 @@
 //! - [`progress`]: counters the CLI shows as progress.
 //! - [`error`]: the crate error and its kinds.
 //! - `testing` (feature `testing`): proptest strategies for ops.
+//! - `conformance` (feature `testing`): the suite every adapter runs on a
+//!   real server.
 //! - `fuzzing` (feature `testing`): the checks the fuzz targets in `fuzz/` run.
 
 pub mod adapters;
 pub mod backup;
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
 pub mod error;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]

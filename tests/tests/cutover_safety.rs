@@ -170,7 +170,7 @@ async fn a_fence_whose_write_alarm_was_lowered_is_never_committed() {
 
     let commit = FenceMove::Commit {
         epoch: 3,
-        successor_revision_offset: fenced_at + 1,
+        successor_position_offset: fenced_at + 1,
     };
     for wanted in [&commit, &fence] {
         match move_fence(&connection, wanted).await.expect("answers") {

@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::{EtcdSinkOptions, EtcdSourceOptions};
-use ferry_engine::adapters::{SinkOptions, SourceOptions, sink_from_url, source_from_url};
+use ferry_engine::adapters::etcd::{EtcdConnection, EtcdSink, EtcdSinkOptions};
+use ferry_engine::adapters::{SourceOptions, source_from_url};
 use ferry_engine::backup::{ExtractOptions, RestoreOptions};
 use ferry_engine::manifest::Manifest;
 use ferry_engine::pipeline;
@@ -116,10 +116,8 @@ async fn extract(
     parallel: usize,
 ) -> Manifest {
     let options = SourceOptions {
-        etcd: EtcdSourceOptions {
-            prefix: prefix.as_bytes().to_vec(),
-            parallel,
-        },
+        prefix: prefix.as_bytes().to_vec(),
+        parallel,
         ..SourceOptions::default()
     };
     let source = source_from_url(&server.url(), &options).expect("source");
@@ -139,13 +137,10 @@ async fn restore(
     store: &BackupStore,
     options: EtcdSinkOptions,
 ) -> ferry_engine::Result<pipeline::RestoreSummary> {
-    let sink = sink_from_url(
-        &server.url(),
-        &SinkOptions {
-            etcd: options,
-            ..SinkOptions::default()
-        },
-    )?;
+    let sink: Box<dyn ferry_engine::adapters::Sink> = Box::new(EtcdSink::new(
+        EtcdConnection::from_url(&server.url(), None).expect("url"),
+        options,
+    ));
     pipeline::restore(
         store,
         None,
@@ -773,10 +768,8 @@ async fn a_revision_compacted_during_the_extract_stops_it_and_seals_nothing() {
     seed(&server, 6_000).await;
     let (_dir, store) = store();
     let options = SourceOptions {
-        etcd: EtcdSourceOptions {
-            prefix: b"/app/".to_vec(),
-            parallel: 1,
-        },
+        prefix: b"/app/".to_vec(),
+        parallel: 1,
         ..SourceOptions::default()
     };
     let source = source_from_url(&server.url(), &options).expect("source");
@@ -852,14 +845,10 @@ fn live_sink(
     server: &EtcdServer,
     options: EtcdSinkOptions,
 ) -> Box<dyn ferry_engine::adapters::Sink> {
-    sink_from_url(
-        &server.url(),
-        &SinkOptions {
-            etcd: options,
-            ..SinkOptions::default()
-        },
-    )
-    .expect("sink")
+    Box::new(EtcdSink::new(
+        EtcdConnection::from_url(&server.url(), None).expect("url"),
+        options,
+    ))
 }
 
 /// The checkpoint of `stream_id` in `server`, as an agent reads it, and the

@@ -6,10 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::adapters::AdapterError;
-use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdError, EtcdSource, EtcdSourceOptions, LiveEvent, LiveExtraction, LiveFrom,
-};
+use ferry_engine::adapters::etcd::{EtcdConnection, EtcdError, EtcdSource, EtcdSourceOptions};
+use ferry_engine::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position};
 use ferry_engine::progress::Progress;
 use ferry_engine::{Error, Op};
 use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -117,7 +115,7 @@ fn connection(server: &EtcdServer) -> EtcdConnection {
     EtcdConnection::from_url(&server.url(), None).expect("a valid URL")
 }
 
-async fn open(server: &EtcdServer, prefix: &str, from: LiveFrom) -> LiveExtraction {
+async fn open(server: &EtcdServer, prefix: &str, from: LiveFrom) -> LiveStream {
     EtcdSource::new(
         connection(server),
         EtcdSourceOptions {
@@ -138,7 +136,7 @@ struct Received {
     last_progress: Option<(u64, u64, u64)>,
 }
 
-async fn read_until(live: &mut LiveExtraction, revision: i64, into: &mut Received) {
+async fn read_until(live: &mut LiveStream, revision: i64, into: &mut Received) {
     loop {
         let event = tokio::time::timeout(STUCK, live.events.next())
             .await
@@ -238,7 +236,7 @@ async fn the_snapshot_then_every_change_one_group_per_revision() {
     put(&mut client, "/other/outside", "x", 0).await;
 
     let mut live = open(&server, "/app/", LiveFrom::default()).await;
-    let snapshot_revision = live.snapshot_revision;
+    let snapshot_revision = live.snapshot_position.0 as i64;
     assert_eq!(
         live.info.snapshot_position,
         Some(snapshot_revision as u64),
@@ -366,7 +364,7 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
     put(&mut client, "__ferry__/checkpoints/x", "{}", 0).await;
 
     let mut live = open(&server, "", LiveFrom::default()).await;
-    let snapshot_revision = live.snapshot_revision;
+    let snapshot_revision = live.snapshot_position.0 as i64;
     let mut reference = Received::default();
     read_until(&mut live, snapshot_revision, &mut reference).await;
     let (snapshot_end, _) = reference.snapshot_complete.expect("the snapshot completes");
@@ -398,13 +396,13 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
     // target holds skipped, with or without the snapshot's end known.
     for snapshot_through_seq in [None, Some(snapshot_end)] {
         let from = LiveFrom {
-            snapshot: Some(snapshot_revision),
+            snapshot: Some(Position(snapshot_revision as u64)),
             from_seq_exclusive: 150,
-            from_revision_exclusive: snapshot_revision,
+            from_position_exclusive: Position(snapshot_revision as u64),
             snapshot_through_seq,
         };
         let mut resumed = open(&server, "", from).await;
-        assert_eq!(resumed.snapshot_revision, snapshot_revision);
+        assert_eq!(resumed.snapshot_position.0 as i64, snapshot_revision);
         let mut received = Received::default();
         read_until(&mut resumed, last_revision, &mut received).await;
         assert_eq!(
@@ -416,9 +414,9 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
 
     // Resumed right at the end of the snapshot: no snapshot read.
     let from = LiveFrom {
-        snapshot: Some(snapshot_revision),
+        snapshot: Some(Position(snapshot_revision as u64)),
         from_seq_exclusive: snapshot_end,
-        from_revision_exclusive: snapshot_revision,
+        from_position_exclusive: Position(snapshot_revision as u64),
         snapshot_through_seq: Some(snapshot_end),
     };
     let mut resumed = open(&server, "", from).await;
@@ -433,9 +431,9 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
         .position(|op| op.position > snapshot_revision as u64 + 4 && op.txn_last)
         .expect("a live revision");
     let from = LiveFrom {
-        snapshot: Some(snapshot_revision),
+        snapshot: Some(Position(snapshot_revision as u64)),
         from_seq_exclusive: all[middle].seq,
-        from_revision_exclusive: all[middle].position as i64,
+        from_position_exclusive: Position(all[middle].position),
         snapshot_through_seq: None,
     };
     let mut resumed = open(&server, "", from).await;
@@ -453,7 +451,7 @@ async fn a_compacted_revision_ends_the_stream_with_the_compaction_error() {
         put(&mut client, &format!("/app/{index}"), "v", 0).await;
     }
     let mut live = open(&server, "/app/", LiveFrom::default()).await;
-    let snapshot_revision = live.snapshot_revision;
+    let snapshot_revision = live.snapshot_position.0 as i64;
     let mut received = Received::default();
     read_until(&mut live, snapshot_revision, &mut received).await;
     drop(live);
@@ -473,14 +471,15 @@ async fn a_compacted_revision_ends_the_stream_with_the_compaction_error() {
     let is_compacted = |error: &Error| {
         matches!(
             error,
-            Error::Adapter(AdapterError::EtcdSource(EtcdError::Compacted { .. }))
+            Error::Adapter(failure)
+                if matches!(failure.platform_error::<EtcdError>(), Some(EtcdError::Compacted { .. }))
         )
     };
     // Following on from the snapshot needs revisions compacted away.
     let from = LiveFrom {
-        snapshot: Some(snapshot_revision),
+        snapshot: Some(Position(snapshot_revision as u64)),
         from_seq_exclusive: snapshot_end,
-        from_revision_exclusive: snapshot_revision,
+        from_position_exclusive: Position(snapshot_revision as u64),
         snapshot_through_seq: Some(snapshot_end),
     };
     let mut resumed = open(&server, "/app/", from).await;
@@ -503,9 +502,9 @@ async fn a_compacted_revision_ends_the_stream_with_the_compaction_error() {
 
     // Re-reading the snapshot itself at R fails the same way.
     let from = LiveFrom {
-        snapshot: Some(snapshot_revision),
+        snapshot: Some(Position(snapshot_revision as u64)),
         from_seq_exclusive: 3,
-        from_revision_exclusive: snapshot_revision,
+        from_position_exclusive: Position(snapshot_revision as u64),
         snapshot_through_seq: None,
     };
     let failure = EtcdSource::new(

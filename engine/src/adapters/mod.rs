@@ -1,5 +1,7 @@
 //! Adapters: one module per control plane, each a [`Source`] of ops, a
-//! [`Sink`] for them, or both. They are opened by URL:
+//! [`Sink`] for them, or both, and for live migration a
+//! [`LiveSource`](live::LiveSource) and a [`LiveSink`](live::LiveSink).
+//! They are opened by URL through the [`registry`]:
 //!
 //! | URL | adapter |
 //! | --- | --- |
@@ -8,8 +10,9 @@
 
 pub mod etcd;
 pub mod jsonl;
+pub mod live;
+pub mod registry;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -128,12 +131,12 @@ pub enum AdapterError {
         /// Why not.
         reason: String,
     },
-    /// The etcd source failed.
-    #[error(transparent)]
-    EtcdSource(etcd::EtcdError),
-    /// The etcd target failed or refused.
-    #[error(transparent)]
-    EtcdTarget(etcd::EtcdError),
+    /// The source failed, in its adapter's own words.
+    #[error("{0}")]
+    Source(Box<dyn PlatformError>),
+    /// The target failed or refused, in its adapter's own words.
+    #[error("{0}")]
+    Target(Box<dyn PlatformError>),
     /// Writing to the target failed.
     #[error("cannot write {target_name}: {error}")]
     Write {
@@ -148,7 +151,7 @@ impl AdapterError {
     /// What the caller should do: each adapter classes its own errors.
     pub(crate) fn class(&self) -> ErrorClass {
         match self {
-            AdapterError::EtcdSource(error) | AdapterError::EtcdTarget(error) => error.class(),
+            AdapterError::Source(error) | AdapterError::Target(error) => error.class(),
             AdapterError::BadUrl { .. } | AdapterError::Unrepresentable { .. } => {
                 ErrorClass::Invalid
             }
@@ -166,80 +169,50 @@ impl AdapterError {
             | AdapterError::InvalidRecord { .. }
             | AdapterError::SourceOutOfOrder { .. } => ErrorKind::Source,
             AdapterError::Write { .. } | AdapterError::Unrepresentable { .. } => ErrorKind::Target,
-            AdapterError::EtcdSource(error) => error.kind(false),
-            AdapterError::EtcdTarget(error) => error.kind(true),
+            AdapterError::Source(error) | AdapterError::Target(error) if error.is_usage() => {
+                ErrorKind::Usage
+            }
+            AdapterError::Source(_) => ErrorKind::Source,
+            AdapterError::Target(_) => ErrorKind::Target,
+        }
+    }
+
+    /// A failure of the source, in its adapter's words.
+    pub fn source(error: impl PlatformError) -> Self {
+        AdapterError::Source(Box::new(error))
+    }
+
+    /// A failure of the target, in its adapter's words.
+    pub fn target(error: impl PlatformError) -> Self {
+        AdapterError::Target(Box::new(error))
+    }
+
+    /// The adapter's own error, when it is an `E`.
+    pub fn platform_error<E: PlatformError>(&self) -> Option<&E> {
+        match self {
+            AdapterError::Source(error) | AdapterError::Target(error) => {
+                let error: &(dyn std::error::Error + 'static) = error.as_ref();
+                error.downcast_ref::<E>()
+            }
+            _ => None,
         }
     }
 }
 
-/// What a source needs beyond its URL.
-#[derive(Debug, Clone, Default)]
-pub struct SourceOptions {
-    /// For `etcd://`.
-    pub etcd: etcd::EtcdSourceOptions,
-    /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
-    pub etcd_password_file: Option<PathBuf>,
-    /// TLS files for etcd; any of them turns TLS on.
-    pub etcd_tls: etcd::EtcdTls,
-}
-
-/// What a sink needs beyond its URL.
-#[derive(Debug, Clone, Default)]
-pub struct SinkOptions {
-    /// For `etcd://`.
-    pub etcd: etcd::EtcdSinkOptions,
-    /// A file whose first line is the etcd password (else `ETCD_PASSWORD`).
-    pub etcd_password_file: Option<PathBuf>,
-    /// TLS files for etcd; any of them turns TLS on.
-    pub etcd_tls: etcd::EtcdTls,
-}
-
-/// Opens the source a URL names.
-pub fn source_from_url(url: &str, options: &SourceOptions) -> Result<Box<dyn Source>> {
-    match url.split_once("://") {
-        Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSource::new(jsonl::Location::parse(
-            url,
-        )?))),
-        Some(("etcd" | "etcds", _)) => {
-            let connection =
-                etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
-                    .and_then(|connection| connection.with_tls_files(&options.etcd_tls))
-                    .map_err(AdapterError::EtcdSource)?;
-            Ok(Box::new(etcd::EtcdSource::new(
-                connection,
-                options.etcd.clone(),
-            )))
-        }
-        _ => Err(unknown_scheme(url, "a source")),
+/// An adapter's own error type: each adapter classes its failures, and
+/// nothing outside it names them.
+pub trait PlatformError: std::error::Error + Send + Sync + 'static {
+    /// What the caller should do about it.
+    fn class(&self) -> ErrorClass;
+    /// True when the request itself is wrong (a URL, a file named by a
+    /// flag) rather than the plane.
+    fn is_usage(&self) -> bool {
+        false
     }
 }
 
-/// Opens the sink a URL names.
-pub fn sink_from_url(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
-    match url.split_once("://") {
-        Some(("jsonl", _)) => Ok(Box::new(jsonl::JsonlSink::create(jsonl::Location::parse(
-            url,
-        )?)?)),
-        Some(("etcd" | "etcds", _)) => {
-            let connection =
-                etcd::EtcdConnection::from_url(url, options.etcd_password_file.as_ref())
-                    .and_then(|connection| connection.with_tls_files(&options.etcd_tls))
-                    .map_err(AdapterError::EtcdTarget)?;
-            Ok(Box::new(etcd::EtcdSink::new(
-                connection,
-                options.etcd.clone(),
-            )))
-        }
-        _ => Err(unknown_scheme(url, "a target")),
-    }
-}
-
-fn unknown_scheme(url: &str, role: &str) -> crate::Error {
-    AdapterError::BadUrl {
-        url: url.to_owned(),
-        reason: format!(
-            "no adapter takes it as {role}; known: jsonl:///PATH, jsonl://-, etcd://HOST:PORT, etcds://HOST:PORT"
-        ),
-    }
-    .into()
-}
+pub use registry::{
+    ADAPTERS, Adapter, ConnectionArgs, RestoreTuningArgs, SinkOptions, SourceOptions,
+    TargetLimitArgs, adapter_for, live_sink_from_url, live_source_from_url, sink_from_url,
+    source_from_url,
+};

@@ -189,7 +189,7 @@ pub struct RunReport {
 }
 
 fn target_error(error: EtcdError) -> crate::Error {
-    AdapterError::EtcdTarget(error).into()
+    AdapterError::target(error).into()
 }
 
 fn now() -> String {
@@ -365,7 +365,12 @@ impl Target {
             )
             .await
             .map_err(|error| match &error {
-                crate::Error::Adapter(AdapterError::EtcdTarget(EtcdError::Compacted { .. })) => {
+                crate::Error::Adapter(failure)
+                    if matches!(
+                        failure.platform_error::<EtcdError>(),
+                        Some(EtcdError::Compacted { .. })
+                    ) =>
+                {
                     self.in_place(format!(
                         "revision {revision}, which this step reads at, was compacted; a step left half done cannot be finished. Restore from the backup taken before migrating"
                     ))

@@ -65,6 +65,7 @@ use tracing::info;
 
 use super::client::EtcdClient;
 use super::{EtcdConnection, EtcdError, printable};
+pub use crate::adapters::live::FenceMove as Move;
 
 /// Where the fence record lives.
 pub const FENCE_KEY: &[u8] = b"__ferry__/fence";
@@ -276,43 +277,6 @@ pub fn move_request(stored: Option<&StoredFence>, next: &Fence) -> TxnRequest {
     }
 }
 
-/// What a move wants, given the record as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Move {
-    /// Fence for `epoch`, naming `successor`.
-    Fence {
-        /// The migration attempt.
-        epoch: u64,
-        /// The plane that takes over.
-        successor: String,
-    },
-    /// Commit `epoch`'s switch, with the offset gateways add to the
-    /// successor's revisions.
-    Commit {
-        /// The migration attempt.
-        epoch: u64,
-        /// See [`Fence::successor_revision_offset`].
-        successor_revision_offset: i64,
-    },
-    /// Unfence for `epoch` (a rollback, or an abort of an attempt that
-    /// will never switch).
-    Unfence {
-        /// The migration attempt.
-        epoch: u64,
-    },
-}
-
-impl Move {
-    /// The migration attempt the move is for.
-    pub fn epoch(&self) -> u64 {
-        match self {
-            Move::Fence { epoch, .. } | Move::Commit { epoch, .. } | Move::Unfence { epoch } => {
-                *epoch
-            }
-        }
-    }
-}
-
 /// What to do with the record: write `next`, answer at once (the move was
 /// done already), or refuse.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,7 +324,7 @@ pub fn decide(stored: Option<&StoredFence>, wanted: &Move) -> Decision {
         },
         Move::Commit {
             epoch,
-            successor_revision_offset,
+            successor_position_offset: successor_revision_offset,
         } => match record {
             Some(fence) if fence.switched && fence.epoch == *epoch => {
                 Decision::AlreadyDone(stored.and_then(|s| s.fenced_revision).unwrap_or(0))
@@ -782,7 +746,7 @@ mod tests {
         ));
         let commit = Move::Commit {
             epoch: 2,
-            successor_revision_offset: 40,
+            successor_position_offset: 40,
         };
         let Decision::Write(switched) = decide(Some(&stored(fenced(2), Some(40))), &commit) else {
             panic!("a fenced plane commits");

@@ -36,7 +36,7 @@ impl LeaseKeeper {
     pub async fn start(connection: &EtcdConnection) -> Result<Self> {
         let client = EtcdClient::connect(connection)
             .await
-            .map_err(AdapterError::EtcdTarget)?;
+            .map_err(AdapterError::target)?;
         let (leases, receiver) = mpsc::channel(LEASES_AHEAD);
         let task = tokio::spawn(keep_alive(client, receiver));
         Ok(Self { leases, task })

@@ -19,14 +19,17 @@
 //! [`RESERVED_PREFIX`] are ferry's own: never extracted, never counted as
 //! the target's data.
 
+mod args;
 pub(crate) mod client;
 mod digest;
 mod fence;
 mod keepalive;
+mod live;
 mod sink;
 mod source;
 pub(crate) use source::kv_op;
 
+pub use args::{ADAPTER, EtcdArgs, EtcdRestoreArgs, EtcdTxnArgs};
 pub use digest::{RangeDigest, SetDigest, digest_range};
 pub use fence::{
     FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, FencePlane, Move as FenceMove,
@@ -36,16 +39,14 @@ pub use fence::{
     read_fence_alarms, read_with as read_fence_with,
 };
 pub use keepalive::LeaseKeeper;
+pub use live::{CAPABILITIES, EtcdLiveSink, EtcdLiveSource};
 pub use sink::{Checkpoint, EtcdSink, EtcdSinkOptions, read_checkpoint};
-pub use source::{
-    EtcdDescription, EtcdSource, EtcdSourceOptions, LiveEvent, LiveExtraction, LiveFrom,
-    ProgressRequester, describe_cluster,
-};
+pub use source::{EtcdDescription, EtcdSource, EtcdSourceOptions, describe_cluster};
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::{ErrorClass, ErrorKind};
+use crate::error::ErrorClass;
 
 /// Keys ferry keeps in a target etcd for itself.
 pub const RESERVED_PREFIX: &[u8] = b"__ferry__/";
@@ -420,6 +421,16 @@ pub enum EtcdError {
         /// A few of the keys found.
         examples: String,
     },
+    /// The new plane of a live migration already holds keys.
+    #[error(
+        "the new plane {endpoints} already holds keys, e.g. {examples}. A live migration starts on an empty new plane: these may be what an earlier migration applied before it stopped without a switch. Delete them and run the migration again"
+    )]
+    NewPlaneNotEmpty {
+        /// The target.
+        endpoints: String,
+        /// A few of the keys found.
+        examples: String,
+    },
     /// The target's checkpoint for this stream says it came from elsewhere.
     #[error(
         "{endpoints} holds a checkpoint for backup {stream_id} from source {checkpoint_source}, but this backup comes from source {backup_source}; refusing to mix them"
@@ -474,14 +485,14 @@ pub enum EtcdError {
     },
 }
 
-impl EtcdError {
-    /// What the caller should do about it.
-    pub(crate) fn class(&self) -> ErrorClass {
+impl crate::adapters::PlatformError for EtcdError {
+    fn class(&self) -> ErrorClass {
         match self {
             // A new snapshot, an empty target, a higher epoch, other
             // credentials or TLS files, free space.
             EtcdError::Compacted { .. }
             | EtcdError::NotEmpty { .. }
+            | EtcdError::NewPlaneNotEmpty { .. }
             | EtcdError::OtherSource { .. }
             | EtcdError::Credentials { .. }
             | EtcdError::Tls { .. }
@@ -494,12 +505,8 @@ impl EtcdError {
         }
     }
 
-    pub(crate) fn kind(&self, target: bool) -> ErrorKind {
-        match self {
-            EtcdError::BadUrl { .. } | EtcdError::TlsFiles { .. } => ErrorKind::Usage,
-            _ if target => ErrorKind::Target,
-            _ => ErrorKind::Source,
-        }
+    fn is_usage(&self) -> bool {
+        matches!(self, EtcdError::BadUrl { .. } | EtcdError::TlsFiles { .. })
     }
 }
 

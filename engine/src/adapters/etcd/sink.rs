@@ -284,7 +284,7 @@ pub struct EtcdSink {
 }
 
 fn target_error(error: EtcdError) -> crate::Error {
-    AdapterError::EtcdTarget(error).into()
+    AdapterError::target(error).into()
 }
 
 fn checkpoint_key(stream_id: &str) -> Vec<u8> {

@@ -15,13 +15,13 @@ use ferry_proto::etcd::etcdserverpb::{
 use ferry_proto::etcd::mvccpb::event::EventType;
 use ferry_proto::etcd::mvccpb::{Event, KeyValue};
 use futures::FutureExt;
-use futures::stream::BoxStream;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use super::client::EtcdClient;
 use super::{EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX, prefix_end};
+use crate::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position, ProgressRequester};
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
 use crate::progress::Progress;
@@ -75,7 +75,7 @@ impl EtcdSource {
 }
 
 fn source_error(error: EtcdError) -> crate::Error {
-    AdapterError::EtcdSource(error).into()
+    AdapterError::source(error).into()
 }
 
 /// The key range to read: `[start, end)`, etcd style.
@@ -376,7 +376,7 @@ async fn produce(
                             batch.push(lease_op(seq, position, 0, &lease));
                         }
                         Err(error) => {
-                            let _ = sender.send(Err(error)).await;
+                            let _ = sender.send(Err(source_error(error))).await;
                             return;
                         }
                     }
@@ -394,7 +394,7 @@ async fn produce(
 /// A lease's remaining TTL, as etcd tells it now. A lease gone already
 /// (expired or revoked) gets the shortest TTL a target grants: its keys are
 /// deleted by the source's next changes anyway.
-async fn lease_status(client: &EtcdClient, id: i64) -> Result<Lease> {
+async fn lease_status(client: &EtcdClient, id: i64) -> Result<Lease, EtcdError> {
     let alive = client
         .call("read a lease of", |mut services| async move {
             services
@@ -402,8 +402,7 @@ async fn lease_status(client: &EtcdClient, id: i64) -> Result<Lease> {
                 .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
                 .await
         })
-        .await
-        .map_err(source_error)?;
+        .await?;
     Ok(Lease {
         id,
         ttl: alive.ttl.max(1),
@@ -533,93 +532,6 @@ const COALESCED_RESPONSES: usize = 256;
 /// gives up with the last error.
 const WATCH_ATTEMPTS: u32 = 10;
 
-/// Where a live stream starts, or where a broken one resumes. A stream is
-/// resumed statelessly from what the target holds: see
-/// [`EtcdSource::open_live`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LiveFrom {
-    /// `None`: a new stream, with a new snapshot at the current revision R.
-    /// `Some(R)`: resume the stream whose snapshot was taken at R.
-    pub snapshot: Option<i64>,
-    /// Resume only: the target holds every op through this seq.
-    pub from_seq_exclusive: u64,
-    /// Resume only: the target holds every change through this revision.
-    pub from_revision_exclusive: i64,
-    /// Resume only: the seq the snapshot ended at, when the caller saw its
-    /// [`LiveEvent::SnapshotComplete`].
-    pub snapshot_through_seq: Option<u64>,
-}
-
-/// One event of a live stream.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LiveEvent {
-    /// Ops, seqs contiguous with the previous batch's, never splitting a
-    /// revision's group (G3).
-    Batch(Vec<Op>),
-    /// The snapshot is complete through `through_seq`; its ops all have
-    /// `position` (R). Live changes follow. Not repeated when a resume
-    /// skips the snapshot.
-    SnapshotComplete {
-        /// The snapshot's last seq.
-        through_seq: u64,
-        /// R.
-        position: u64,
-    },
-    /// Every change of the source at or below `position` has been sent, up
-    /// to `through_seq`; the source itself is at `head_position`. Sent after
-    /// every watch response and at least every second while following.
-    Progress {
-        /// The highest revision whose changes have all been sent.
-        position: u64,
-        /// The source's current revision, as etcd last said.
-        head_position: u64,
-        /// The last seq sent.
-        through_seq: u64,
-    },
-}
-
-/// A live stream: the snapshot, then the changes after it, without end.
-pub struct LiveExtraction {
-    /// What the ops are taken from; `snapshot_position` is R.
-    pub info: SourceInfo,
-    /// R: the revision the snapshot is read at (on a resume, the one asked for).
-    pub snapshot_revision: i64,
-    /// The events. The stream ends only with an `Err` (e.g. the source
-    /// compacted revisions the watch had yet to read:
-    /// [`EtcdError::Compacted`]), or when dropped.
-    pub events: BoxStream<'static, Result<LiveEvent>>,
-    /// Asks the stream to report its progress now rather than at the next
-    /// second (after a fence, say).
-    pub progress_requests: ProgressRequester,
-}
-
-impl std::fmt::Debug for LiveExtraction {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("LiveExtraction")
-            .field("info", &self.info)
-            .field("snapshot_revision", &self.snapshot_revision)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Asks a live stream to ask etcd where it stands and report a
-/// [`LiveEvent::Progress`] soon.
-#[derive(Debug, Clone, Default)]
-pub struct ProgressRequester(Arc<Notify>);
-
-impl ProgressRequester {
-    /// Requests a progress report (coalesced with any pending request).
-    pub fn request(&self) {
-        self.0.notify_one();
-    }
-
-    /// True when both ask the same stream.
-    pub fn same_as(&self, other: &ProgressRequester) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
 impl EtcdSource {
     /// Opens a live stream: a snapshot at one revision R, then every change
     /// after R, read with etcd's Watch, one group of ops per revision.
@@ -627,11 +539,11 @@ impl EtcdSource {
     /// A new stream ([`LiveFrom::snapshot`] `None`) snapshots the current
     /// revision. A resumed one names its R: when the target holds ops of the
     /// snapshot only (`from_seq_exclusive` below the snapshot's end, or the
-    /// end unknown and `from_revision_exclusive` not past R), the snapshot is
+    /// end unknown and `from_position_exclusive` not past R), the snapshot is
     /// read again at R — its seqs are the same for the same R — and the seqs
     /// the target holds are skipped; otherwise the snapshot is skipped and
     /// seqs continue at `from_seq_exclusive + 1`. Either way the watch
-    /// starts at `max(R, from_revision_exclusive) + 1`.
+    /// starts at `max(R, from_position_exclusive) + 1`.
     ///
     /// The ops of a change: `etcd.kv` `Put` (body: the value; `deps`: its
     /// lease) or `Delete` (empty body), `position` and `txn` the revision,
@@ -650,22 +562,15 @@ impl EtcdSource {
     /// and the reported position never runs ahead of what was sent: etcd 3.4
     /// may answer a progress request with a revision whose events are still
     /// in flight. The user therefore needs read access to the whole keyspace.
-    pub async fn open_live(
-        self,
-        from: LiveFrom,
-        progress: Arc<Progress>,
-    ) -> Result<LiveExtraction> {
+    pub async fn open_live(self, from: LiveFrom, progress: Arc<Progress>) -> Result<LiveStream> {
         let (client, status) = connect_with_status(&self.connection).await?;
         let cluster_id = status.header.as_ref().map_or(0, |header| header.cluster_id);
         let (start, end) = key_range(&self.options.prefix);
-        let past_snapshot = |revision: i64| {
-            from.snapshot_through_seq
-                .is_some_and(|through| from.from_seq_exclusive >= through)
-                || from.from_revision_exclusive > revision
-        };
+        let from_revision = from.from_position_exclusive.0 as i64;
         let (revision, snapshot) = match from.snapshot {
-            Some(revision) if past_snapshot(revision) => (revision, None),
+            Some(revision) if from.past_snapshot(revision) => (revision.0 as i64, None),
             requested => {
+                let requested = requested.map(|revision| revision.0 as i64);
                 let counted = count_keys(&client, &start, &end, requested.unwrap_or(0))
                     .await
                     .map_err(source_error)?;
@@ -697,8 +602,8 @@ impl EtcdSource {
         let follower = Follower {
             client,
             seq: from.from_seq_exclusive,
-            position: revision.max(from.from_revision_exclusive),
-            head: revision.max(from.from_revision_exclusive),
+            position: revision.max(from_revision),
+            head: revision.max(from_revision),
             prefix: self.options.prefix.clone(),
             announced: HashSet::new(),
             batch: LiveBatch::default(),
@@ -707,9 +612,9 @@ impl EtcdSource {
             progress,
         };
         tokio::spawn(follower.run(revision, snapshot, from.from_seq_exclusive));
-        Ok(LiveExtraction {
+        Ok(LiveStream {
             info: source_info(&self.options.prefix, status.version, cluster_id, revision),
-            snapshot_revision: revision,
+            snapshot_position: Position(revision as u64),
             events: Box::pin(ReceiverStream::new(receiver)),
             progress_requests: requester,
         })
@@ -1099,17 +1004,7 @@ impl Follower {
                 && !self.announced.contains(&kv.lease)
                 && !new_leases.contains(&kv.lease)
             {
-                let lease =
-                    lease_status(&self.client, kv.lease)
-                        .await
-                        .map_err(|error| match error {
-                            crate::Error::Adapter(AdapterError::EtcdSource(error)) => error,
-                            other => EtcdError::Request {
-                                endpoints: self.client.connection().display(),
-                                action: "read a lease".to_owned(),
-                                reason: other.to_string(),
-                            },
-                        })?;
+                let lease = lease_status(&self.client, kv.lease).await?;
                 new_leases.push(kv.lease);
                 seq += 1;
                 group.push(lease_op(seq, position, position, &lease));

@@ -34,8 +34,44 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::AdapterError;
+use super::registry::Adapter;
+use super::{AdapterError, Sink, SinkOptions, Source, SourceOptions};
 use crate::Op;
+
+/// jsonl in the registry: a batch source and sink, never live.
+pub const ADAPTER: Adapter = Adapter {
+    name: "jsonl",
+    schemes: &["jsonl"],
+    urls: "jsonl:///PATH, jsonl://- (stdin or stdout)",
+    source: Some(open_source),
+    sink: Some(open_sink),
+    live_source: None,
+    live_sink: None,
+};
+
+fn open_source(url: &str, options: &SourceOptions) -> crate::Result<Box<dyn Source>> {
+    if !options.prefix.is_empty() {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: "a jsonl source takes every line: --prefix is for sources that hold keys"
+                .to_owned(),
+        }
+        .into());
+    }
+    Ok(Box::new(JsonlSource::new(Location::parse(url)?)))
+}
+
+fn open_sink(url: &str, options: &SinkOptions) -> crate::Result<Box<dyn Sink>> {
+    if options.rewrite_prefix.is_some() {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: "a jsonl target writes ops as they are: --rewrite-prefix is for targets that hold keys"
+                .to_owned(),
+        }
+        .into());
+    }
+    Ok(Box::new(JsonlSink::create(Location::parse(url)?)?))
+}
 
 /// Media type of a `body` field.
 pub const JSON_CONTENT_TYPE: &str = "application/json";

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{Location, write_line};
 use crate::adapters::{AdapterError, Sink};
+use crate::order::SeqTracker;
 use crate::{Op, Result};
 
 /// Batches queued for the writer thread.
@@ -20,6 +21,8 @@ pub struct JsonlSink {
     sender: Option<mpsc::Sender<Vec<Op>>>,
     writer: Option<tokio::task::JoinHandle<Result<(), AdapterError>>>,
     partial: Option<PartialFile>,
+    /// G1: the ops written run 1, 2, 3... with no gap or repeat.
+    tracker: SeqTracker,
 }
 
 /// A file being written under a temporary name; removed unless completed.
@@ -95,6 +98,7 @@ impl JsonlSink {
             sender: Some(sender),
             writer: Some(writer),
             partial,
+            tracker: SeqTracker::new(),
         })
     }
 
@@ -110,6 +114,11 @@ impl JsonlSink {
 #[async_trait]
 impl Sink for JsonlSink {
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        for op in &ops {
+            self.tracker
+                .try_advance(op.seq)
+                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
+        }
         let sender = self
             .sender
             .as_ref()

@@ -4,12 +4,12 @@
 //!
 //! - [`Plane`]: an etcd reached at a plain-HTTP endpoint (a started
 //!   [`EtcdServer`], or `127.0.0.1:PORT` of one, or of a gateway in front
-//!   of one): its endpoint and URL, a KV client ([`kv`]) and its history
-//!   ([`history`]).
+//!   of one): its endpoint and URL, a KV client ([`kv`]), leases
+//!   ([`grant`], [`time_to_live`]) and its history ([`history`]).
 //! - [`ToKv`]: what the KV helpers act on: a [`Plane`] (a client connected
 //!   for the call) or a client the test holds (its connection kept, TLS
 //!   included): [`put`], [`try_put`], [`delete`], [`get`],
-//!   [`value_at_revision`], [`dump`], [`dump_text`].
+//!   [`value_at_revision`], [`value_text`], [`dump`], [`dump_text`].
 //! - [`ferry`], [`ferry_with_env`], [`ferry_json`], [`ferry_command`]: the
 //!   `ferry` binary of this build, without the etcd credentials of the
 //!   environment the tests run in.
@@ -27,10 +27,12 @@ use std::time::Duration;
 
 use ferry_engine::adapters::etcd::prefix_end;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
+use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
 use ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion;
 use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
 };
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_proto::etcd::mvccpb::event::EventType;
@@ -112,6 +114,35 @@ pub async fn kv(plane: &(impl Plane + ?Sized)) -> KvClient<Channel> {
     connect(&plane.endpoint()).await
 }
 
+/// Grants a lease of `ttl` seconds in `plane`; returns its id.
+pub async fn grant(plane: &(impl Plane + ?Sized), ttl: i64) -> i64 {
+    LeaseClient::connect(format!("http://{}", plane.endpoint()))
+        .await
+        .expect("lease client")
+        .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+        .await
+        .expect("grant")
+        .into_inner()
+        .id
+}
+
+/// What `plane` says of lease `id`: its TTL left in whole seconds (-1 once
+/// it is gone; etcd rounds down, so 0 is under a second left, or expired
+/// and not yet revoked), its granted TTL, and with `keys` its keys.
+pub async fn time_to_live(
+    plane: &(impl Plane + ?Sized),
+    id: i64,
+    keys: bool,
+) -> LeaseTimeToLiveResponse {
+    LeaseClient::connect(format!("http://{}", plane.endpoint()))
+        .await
+        .expect("lease client")
+        .lease_time_to_live(LeaseTimeToLiveRequest { id, keys })
+        .await
+        .expect("ttl")
+        .into_inner()
+}
+
 /// Puts `key` = `value`, on `lease` (0: none, as etcd has it); returns the
 /// revision of the write. Panics if etcd refuses it.
 pub async fn put(
@@ -120,7 +151,10 @@ pub async fn put(
     value: impl AsRef<[u8]>,
     lease: i64,
 ) -> i64 {
-    try_put(at, key, value, lease).await.expect("put")
+    let key = key.as_ref();
+    try_put(at, key, value, lease)
+        .await
+        .unwrap_or_else(|status| panic!("put {}: {status}", String::from_utf8_lossy(key)))
 }
 
 /// [`put`], with etcd's refusal returned.
@@ -146,14 +180,15 @@ pub async fn try_put(
 /// Deletes `key` (one key, not a prefix); returns the revision etcd
 /// answered at. Panics if etcd refuses it.
 pub async fn delete(at: &(impl ToKv + ?Sized), key: impl AsRef<[u8]>) -> i64 {
+    let key = key.as_ref();
     at.to_kv()
         .await
         .delete_range(DeleteRangeRequest {
-            key: key.as_ref().to_vec(),
+            key: key.to_vec(),
             ..DeleteRangeRequest::default()
         })
         .await
-        .expect("delete")
+        .unwrap_or_else(|status| panic!("delete {}: {status}", String::from_utf8_lossy(key)))
         .into_inner()
         .header
         .expect("a header")
@@ -189,6 +224,14 @@ pub async fn value_at_revision(
     revision: i64,
 ) -> Option<Vec<u8>> {
     get(at, key, revision).await.map(|kv| kv.value)
+}
+
+/// The value of `key` now, as text (bytes that are not UTF-8 replaced),
+/// if it is there.
+pub async fn value_text(at: &(impl ToKv + ?Sized), key: impl AsRef<[u8]>) -> Option<String> {
+    value_at_revision(at, key, 0)
+        .await
+        .map(|value| String::from_utf8_lossy(&value).into_owned())
 }
 
 /// Whether [`dump`] returns ferry's own keys ([`FERRY_KEYS_PREFIX`]).
@@ -355,20 +398,12 @@ pub fn ferry_command() -> Command {
 }
 
 /// Runs `ferry ARGS` ([`ferry_command`]) to its end.
-pub fn ferry<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn ferry(args: &[impl AsRef<OsStr>]) -> Output {
     ferry_with_env(args, &[])
 }
 
 /// Runs `ferry ARGS` ([`ferry_command`]) with `environment` added.
-pub fn ferry_with_env<I, S>(args: I, environment: &[(&str, &str)]) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn ferry_with_env(args: &[impl AsRef<OsStr>], environment: &[(&str, &str)]) -> Output {
     ferry_command()
         .args(args)
         .envs(environment.iter().copied())
@@ -379,18 +414,11 @@ where
 /// Runs `ferry ARGS` (which must print JSON: `--output json`): what it
 /// printed and its exit code (-1 if a signal ended it). Panics with its
 /// output if stdout is not JSON.
-pub fn ferry_json<I, S>(args: I) -> (serde_json::Value, i32)
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let args: Vec<std::ffi::OsString> = args
-        .into_iter()
-        .map(|arg| arg.as_ref().to_owned())
-        .collect();
-    let output = ferry(&args);
+pub fn ferry_json(args: &[impl AsRef<OsStr>]) -> (serde_json::Value, i32) {
+    let output = ferry(args);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
         panic!(
             "ferry {args:?} printed no JSON: {stdout}\nstderr: {}",
             String::from_utf8_lossy(&output.stderr)

@@ -4,16 +4,14 @@
 //! writes, a target agent killed with -9 and resumed from its checkpoint
 //! with nothing applied twice, an older epoch refused, and the token.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_agent::client::{
     ClientOptions, SourceClient, TargetClient, connect_source, connect_target,
 };
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
 use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_proto::v1::extract_response::Event;
@@ -22,8 +20,8 @@ use ferry_proto::v1::{
     ExtractResponse, FenceRequest, OpBatch, StreamStart, UnfenceRequest,
 };
 use ferry_tests::etcd::EtcdServer;
-use ferry_tests::plane::{FerryKeys, dump, ferry_with_env, kv, put};
-use ferry_tests::process::FerryProcess;
+use ferry_tests::plane::{FerryKeys, dump, ferry_with_env, grant, kv, put, time_to_live};
+use ferry_tests::process::{FerryProcess, signal};
 use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 
@@ -106,7 +104,7 @@ async fn write_changes(endpoint: String, count: usize, lease: i64) {
         match index % 5 {
             0 | 1 => {
                 put(
-                    &mut client,
+                    &client,
                     &format!("/app/live/{index:05}"),
                     &format!("w{index}"),
                     0,
@@ -115,7 +113,7 @@ async fn write_changes(endpoint: String, count: usize, lease: i64) {
             }
             2 => {
                 put(
-                    &mut client,
+                    &client,
                     &format!("/app/seed/{:04}", index % 200),
                     &format!("w{index}"),
                     0,
@@ -244,19 +242,12 @@ impl Relay {
 async fn a_live_stream_through_the_agents_survives_a_killed_target_agent() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let lease = LeaseClient::connect(format!("http://{}", source_etcd.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
-    let mut client = kv(&source_etcd).await;
+    let lease = grant(&source_etcd, 600).await;
+    let client = kv(&source_etcd).await;
     for index in 0..200 {
         let on_lease = if index % 40 == 1 { lease } else { 0 };
         put(
-            &mut client,
+            &client,
             &format!("/app/seed/{index:04}"),
             &format!("s{index}"),
             on_lease,
@@ -606,26 +597,19 @@ async fn an_agent_serves_tls_with_its_certificate() {
 async fn extract_and_restore_through_agent_urls() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let lease = LeaseClient::connect(format!("http://{}", source_etcd.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
-    let mut client = kv(&source_etcd).await;
+    let lease = grant(&source_etcd, 600).await;
+    let client = kv(&source_etcd).await;
     for index in 0..500 {
         let on_lease = if index % 100 == 0 { lease } else { 0 };
         put(
-            &mut client,
+            &client,
             &format!("/app/{index:04}"),
             &format!("v{index}"),
             on_lease,
         )
         .await;
     }
-    put(&mut client, "/elsewhere/x", "not in the prefix", 0).await;
+    put(&client, "/elsewhere/x", "not in the prefix", 0).await;
     let source_agent = Agent::start("source", &source_etcd);
     let target_agent = Agent::start("target", &target_etcd);
     let store = tempfile::tempdir().expect("store dir");
@@ -700,8 +684,6 @@ async fn extract_and_restore_through_agent_urls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
-    use ferry_proto::etcd::etcdserverpb::LeaseTimeToLiveRequest;
-
     let target_etcd = EtcdServer::start().expect("target etcd");
     let target_agent = Agent::start("target", &target_etcd);
     let mut target = target_client(&target_agent).await;
@@ -761,19 +743,7 @@ async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
     // The agent granted the lease before it acked the put on it: left
     // alone, the lease has no more than its granted TTL from here.
     let acked = Instant::now();
-    let time_to_live = || async {
-        LeaseClient::connect(format!("http://{}", target_etcd.endpoint()))
-            .await
-            .expect("lease client")
-            .lease_time_to_live(LeaseTimeToLiveRequest {
-                id: lease_id,
-                keys: false,
-            })
-            .await
-            .expect("ttl")
-            .into_inner()
-    };
-    let remaining = || async { time_to_live().await.ttl };
+    let remaining = || async { time_to_live(&target_etcd, lease_id, false).await.ttl };
     // With the stream open, the agent keeps the lease alive: it outlives
     // its granted TTL by a clear margin. The TTL left is read until a
     // reading asked for twice the granted TTL after the ack still has a
@@ -785,7 +755,7 @@ async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
         let mut readings = Vec::new();
         loop {
             let asked = Instant::now();
-            let answer = time_to_live().await;
+            let answer = time_to_live(&target_etcd, lease_id, false).await;
             readings.push(answer.ttl);
             let since_ack = asked.duration_since(acked);
             assert!(
@@ -851,11 +821,7 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
             None => panic!("the stream ended"),
         }
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.process.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    signal(agent.process.pid(), "-TERM");
     let exited = tokio::time::timeout(
         STUCK,
         tokio::task::spawn_blocking(move || agent.process.wait().expect("wait")),
@@ -872,12 +838,12 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
 async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let (mut source_kv, mut target_kv) = (kv(&source_etcd).await, kv(&target_etcd).await);
+    let (source_kv, target_kv) = (kv(&source_etcd).await, kv(&target_etcd).await);
     // The same keys, written in another order, and ferry's own key on the
     // target only.
     for index in 0..300 {
         put(
-            &mut source_kv,
+            &source_kv,
             &format!("/d/{index:03}"),
             &format!("v{index}"),
             0,
@@ -886,14 +852,14 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
     }
     for index in (0..300).rev() {
         put(
-            &mut target_kv,
+            &target_kv,
             &format!("/d/{index:03}"),
             &format!("v{index}"),
             0,
         )
         .await;
     }
-    put(&mut target_kv, "__ferry__/checkpoints/x", "{}", 0).await;
+    put(&target_kv, "__ferry__/checkpoints/x", "{}", 0).await;
     let source_agent = Agent::start("source", &source_etcd);
     let target_agent = Agent::start("target", &target_etcd);
     let mut source = source_client(&source_agent).await;
@@ -915,7 +881,7 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
 
     // One value changes on the source: the digest now differs, and the
     // digest at the earlier position is still the old one.
-    put(&mut source_kv, "/d/150", "changed", 0).await;
+    put(&source_kv, "/d/150", "changed", 0).await;
     let after = source.digest(digest(0)).await.expect("digest").into_inner();
     assert_eq!(after.keys, 300);
     assert_ne!(after.sha256, same.sha256, "one value differs");
@@ -928,8 +894,8 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
     assert_eq!(then.sha256, before.sha256, "read at the earlier revision");
 
     // A key moved to the value's place is a difference too.
-    put(&mut target_kv, "/d/150", "changed", 0).await;
-    put(&mut target_kv, "/d/299x", "", 0).await;
+    put(&target_kv, "/d/150", "changed", 0).await;
+    put(&target_kv, "/d/299x", "", 0).await;
     let moved = target.digest(digest(0)).await.expect("digest").into_inner();
     assert_eq!(moved.keys, 301);
     assert_ne!(moved.sha256, after.sha256);

@@ -8,9 +8,12 @@
 //! - [`S3Server`]: an S3-compatible server (s3s-fs, in-process, plain HTTP)
 //!   for the `s3://` store.
 //! - [`etcd::EtcdServer`]: a real etcd member (Debian's `etcd-server`).
+//! - [`plane`]: what a test does to an etcd (put, delete, read back, its
+//!   history), and `ferry` and `etcdctl` run as commands.
 
 pub mod etcd;
 pub mod live;
+pub mod plane;
 pub mod process;
 pub mod tls;
 

@@ -8,18 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
-use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
-use ferry_proto::etcd::etcdserverpb::watch_request::RequestUnion;
 use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
-    WatchRequest,
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use ferry_proto::etcd::mvccpb::event::EventType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tonic::transport::Channel;
 
 use crate::etcd::EtcdServer;
 use crate::process::{FerryProcess, TcpProxy};
@@ -33,14 +27,7 @@ pub const KEYS_PER_WRITER: usize = 12;
 /// Keys in the old etcd before anything starts.
 pub const SEEDED_KEYS: usize = 500;
 
-/// What a write did to one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// The key now holds this value.
-    Put(Vec<u8>),
-    /// The key is gone.
-    Delete,
-}
+pub use crate::plane::Effect;
 
 /// One write a client made, and how it was answered.
 #[derive(Debug, Clone)]
@@ -69,57 +56,18 @@ pub struct Answer {
     pub deleted: i64,
 }
 
-/// A KV client of the etcd (or gateway) at `endpoint`.
-pub async fn kv(endpoint: &str) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{endpoint}"))
-        .await
-        .expect("etcd answers")
-}
+pub use crate::plane::{cluster_id_and_revision, kv};
 
 /// The value of `key` in the etcd (or gateway) at `endpoint`, if any.
 pub async fn value_at(endpoint: &str, key: &str) -> Option<Vec<u8>> {
-    kv(endpoint)
-        .await
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-        .first()
-        .map(|kv| kv.value.clone())
+    crate::plane::value_at_revision(endpoint, key, 0).await
 }
 
 /// Puts `key` = `value` through the etcd (or gateway) at `endpoint`.
 pub async fn put_at(endpoint: &str, key: &str, value: &str) -> Result<(), tonic::Status> {
-    kv(endpoint)
-        .await
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            ..PutRequest::default()
-        })
+    crate::plane::try_put(endpoint, key, value, 0)
         .await
         .map(|_| ())
-}
-
-/// The cluster id and current revision of the etcd at `endpoint`.
-pub async fn cluster_id_and_revision(endpoint: &str) -> (u64, i64) {
-    let header = kv(endpoint)
-        .await
-        .range(RangeRequest {
-            key: b"/".to_vec(),
-            limit: 1,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .header
-        .expect("a header");
-    (header.cluster_id, header.revision)
 }
 
 /// The `index`th key of `writer`.
@@ -280,69 +228,10 @@ pub async fn writer_with(
     writes
 }
 
-/// Every change under the prefix in `endpoint`'s history, per key, in order
-/// (a Watch from revision 1: the test's etcds are never compacted). The
-/// watch covers the whole keyspace, where every revision after 1 has at
-/// least one event, so it ends on seeing the revision the etcd was at when
-/// asked, not after a quiet spell: a loaded machine never cuts a history
-/// short. It panics if that takes two minutes.
+/// Every change under [`PREFIX`] in `endpoint`'s history, per key, in
+/// order: [`crate::plane::history`].
 pub async fn history(endpoint: &str) -> BTreeMap<Vec<u8>, Vec<Effect>> {
-    let (_, head) = cluster_id_and_revision(endpoint).await;
-    let mut changes: BTreeMap<Vec<u8>, Vec<Effect>> = BTreeMap::new();
-    if head <= 1 {
-        // A new etcd: revision 1 holds nothing.
-        return changes;
-    }
-    let mut client = WatchClient::connect(format!("http://{endpoint}"))
-        .await
-        .expect("etcd answers");
-    let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    sender
-        .send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: vec![0],
-                range_end: vec![0],
-                start_revision: 1,
-                ..WatchCreateRequest::default()
-            })),
-        })
-        .await
-        .expect("send");
-    let mut stream = client
-        .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
-        .await
-        .expect("watch")
-        .into_inner();
-    let watching = async {
-        let mut seen = 0;
-        while seen < head {
-            let response = stream
-                .message()
-                .await
-                .expect("watch stream")
-                .expect("the watch stream stays open");
-            for event in response.events {
-                let kv = event.kv.expect("an event has its kv");
-                seen = seen.max(kv.mod_revision);
-                if !kv.key.starts_with(PREFIX.as_bytes()) {
-                    continue;
-                }
-                let effect = if event.r#type == EventType::Delete as i32 {
-                    Effect::Delete
-                } else {
-                    Effect::Put(kv.value)
-                };
-                changes.entry(kv.key).or_default().push(effect);
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), watching)
-        .await
-        .unwrap_or_else(|_| {
-            panic!("the history watch on {endpoint} did not reach revision {head} in two minutes")
-        });
-    drop(sender);
-    changes
+    crate::plane::history(endpoint, PREFIX).await
 }
 
 pub use ferry_engine::adapters::etcd::prefix_end;

@@ -16,6 +16,17 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::ferry_binary;
 
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`...) to process `pid` with
+/// `kill`; panics if it fails.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 /// A `ferry` server process, started with `--output json`, killed on drop.
 #[derive(Debug)]
 pub struct FerryProcess {

@@ -4,17 +4,14 @@
 //! writes, a target agent killed with -9 and resumed from its checkpoint
 //! with nothing applied twice, an older epoch refused, and the token.
 
-use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_agent::client::{
     ClientOptions, SourceClient, TargetClient, connect_source, connect_target,
 };
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
 use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_proto::v1::extract_response::Event;
@@ -23,10 +20,9 @@ use ferry_proto::v1::{
     ExtractResponse, FenceRequest, OpBatch, StreamStart, UnfenceRequest,
 };
 use ferry_tests::etcd::EtcdServer;
-use ferry_tests::ferry_binary;
-use ferry_tests::process::FerryProcess;
+use ferry_tests::plane::{FerryKeys, dump, ferry_with_env, grant, kv, put, time_to_live};
+use ferry_tests::process::{FerryProcess, signal};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 const TOKEN: &str = "test-agent-token-4f1c";
@@ -100,67 +96,29 @@ async fn target_client(agent: &Agent) -> TargetClient {
         .expect("the target agent answers")
 }
 
-async fn kv(server: &EtcdServer) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("a kv client connects")
-}
-
-async fn put(client: &mut KvClient<Channel>, key: &str, value: &str, lease: i64) {
-    client
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            lease,
-            ..PutRequest::default()
-        })
-        .await
-        .expect("put");
-}
-
-/// Every key of the server but ferry's own, in key order.
-async fn dump(server: &EtcdServer) -> Vec<KeyValue> {
-    kv(server)
-        .await
-        .range(RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-        .into_iter()
-        .filter(|kv| !kv.key.starts_with(b"__ferry__/"))
-        .collect()
-}
-
 /// Writes `count` changes to the source: puts (new keys and overwrites),
 /// deletes and Txns, each with a unique value.
 async fn write_changes(endpoint: String, count: usize, lease: i64) {
-    let mut client = KvClient::connect(format!("http://{endpoint}"))
-        .await
-        .expect("a kv client connects");
+    let mut client = kv(&endpoint).await;
     for index in 0..count {
         match index % 5 {
             0 | 1 => {
                 put(
-                    &mut client,
+                    &client,
                     &format!("/app/live/{index:05}"),
                     &format!("w{index}"),
                     0,
                 )
-                .await
+                .await;
             }
             2 => {
                 put(
-                    &mut client,
+                    &client,
                     &format!("/app/seed/{:04}", index % 200),
                     &format!("w{index}"),
                     0,
                 )
-                .await
+                .await;
             }
             3 => {
                 client
@@ -284,19 +242,12 @@ impl Relay {
 async fn a_live_stream_through_the_agents_survives_a_killed_target_agent() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let lease = LeaseClient::connect(format!("http://{}", source_etcd.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
-    let mut client = kv(&source_etcd).await;
+    let lease = grant(&source_etcd, 600).await;
+    let client = kv(&source_etcd).await;
     for index in 0..200 {
         let on_lease = if index % 40 == 1 { lease } else { 0 };
         put(
-            &mut client,
+            &client,
             &format!("/app/seed/{index:04}"),
             &format!("s{index}"),
             on_lease,
@@ -392,8 +343,8 @@ async fn a_live_stream_through_the_agents_survives_a_killed_target_agent() {
         .until(|relay| relay.applied_through_seq >= through)
         .await;
 
-    let expected = dump(&source_etcd).await;
-    let restored = dump(&target_etcd).await;
+    let expected = dump(&source_etcd, "", FerryKeys::Excluded).await;
+    let restored = dump(&target_etcd, "", FerryKeys::Excluded).await;
     assert!(
         expected.len() > 300,
         "the writes happened: {}",
@@ -504,7 +455,12 @@ async fn an_older_epoch_is_refused_by_both_agents() {
         checkpoint.applied_through_seq, 1,
         "nothing of epoch 4 applied"
     );
-    assert!(dump(&target_etcd).await.iter().all(|kv| kv.key != b"/b"));
+    assert!(
+        dump(&target_etcd, "", FerryKeys::Excluded)
+            .await
+            .iter()
+            .all(|kv| kv.key != b"/b")
+    );
 
     // The same batch of the current epoch applies; one already held is acked
     // without being applied again.
@@ -516,7 +472,7 @@ async fn an_older_epoch_is_refused_by_both_agents() {
         .await
         .expect("a later epoch applies");
     assert_eq!((ack.applied_through_seq, ack.epoch), (2, 6));
-    let target_kvs = dump(&target_etcd).await;
+    let target_kvs = dump(&target_etcd, "", FerryKeys::Excluded).await;
     assert_eq!(target_kvs.len(), 2);
     assert!(
         target_kvs.iter().all(|kv| kv.version == 1),
@@ -641,37 +597,26 @@ async fn an_agent_serves_tls_with_its_certificate() {
 async fn extract_and_restore_through_agent_urls() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let lease = LeaseClient::connect(format!("http://{}", source_etcd.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
-    let mut client = kv(&source_etcd).await;
+    let lease = grant(&source_etcd, 600).await;
+    let client = kv(&source_etcd).await;
     for index in 0..500 {
         let on_lease = if index % 100 == 0 { lease } else { 0 };
         put(
-            &mut client,
+            &client,
             &format!("/app/{index:04}"),
             &format!("v{index}"),
             on_lease,
         )
         .await;
     }
-    put(&mut client, "/elsewhere/x", "not in the prefix", 0).await;
+    put(&client, "/elsewhere/x", "not in the prefix", 0).await;
     let source_agent = Agent::start("source", &source_etcd);
     let target_agent = Agent::start("target", &target_etcd);
     let store = tempfile::tempdir().expect("store dir");
     let store_url = format!("file://{}", store.path().display());
 
     let run = |args: &[&str]| {
-        let output = Command::new(ferry_binary())
-            .args(args)
-            .env("FERRY_AGENT_TOKEN", TOKEN)
-            .output()
-            .expect("ferry runs");
+        let output = ferry_with_env(args, &[("FERRY_AGENT_TOKEN", TOKEN)]);
         assert!(
             output.status.success(),
             "ferry {args:?} failed: {}",
@@ -704,12 +649,12 @@ async fn extract_and_restore_through_agent_urls() {
     ]);
     assert_eq!(restored["ops"], 501);
 
-    let expected: Vec<KeyValue> = dump(&source_etcd)
+    let expected: Vec<KeyValue> = dump(&source_etcd, "", FerryKeys::Excluded)
         .await
         .into_iter()
         .filter(|kv| kv.key.starts_with(b"/app/"))
         .collect();
-    let target_kvs = dump(&target_etcd).await;
+    let target_kvs = dump(&target_etcd, "", FerryKeys::Excluded).await;
     assert_eq!(target_kvs.len(), expected.len());
     for (source_kv, target_kv) in expected.iter().zip(&target_kvs) {
         assert_eq!(target_kv.key, source_kv.key);
@@ -729,13 +674,16 @@ async fn extract_and_restore_through_agent_urls() {
         &target_url,
     ]);
     assert_eq!(again["ops"], 0);
-    assert!(dump(&target_etcd).await.iter().all(|kv| kv.version == 1));
+    assert!(
+        dump(&target_etcd, "", FerryKeys::Excluded)
+            .await
+            .iter()
+            .all(|kv| kv.version == 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
-    use ferry_proto::etcd::etcdserverpb::LeaseTimeToLiveRequest;
-
     let target_etcd = EtcdServer::start().expect("target etcd");
     let target_agent = Agent::start("target", &target_etcd);
     let mut target = target_client(&target_agent).await;
@@ -792,26 +740,42 @@ async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
     let ack = acks.message().await.expect("an ack").expect("an ack");
     assert_eq!(ack.applied_through_seq, 2);
 
-    let remaining = || async {
-        LeaseClient::connect(format!("http://{}", target_etcd.endpoint()))
-            .await
-            .expect("lease client")
-            .lease_time_to_live(LeaseTimeToLiveRequest {
-                id: lease_id,
-                keys: false,
-            })
-            .await
-            .expect("ttl")
-            .into_inner()
-            .ttl
-    };
-    // Twice the TTL with the stream open: the agent kept the lease alive.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(
-        remaining().await > 0,
-        "the lease is alive while the stream runs"
+    // The agent granted the lease before it acked the put on it: left
+    // alone, the lease has no more than its granted TTL from here.
+    let acked = Instant::now();
+    let remaining = || async { time_to_live(&target_etcd, lease_id, false).await.ttl };
+    // With the stream open, the agent keeps the lease alive: it outlives
+    // its granted TTL by a clear margin. The TTL left is read until a
+    // reading asked for twice the granted TTL after the ack still has a
+    // second or more left, which only a renewal after the grant gives. etcd
+    // rounds the TTL left down, so a reading of 0 (under a second left,
+    // the renewal late on a loaded machine) is no failure by itself; the
+    // lease gone (-1) is, at any reading.
+    let mut readings = Vec::new();
+    loop {
+        let asked = Instant::now();
+        let answer = time_to_live(&target_etcd, lease_id, false).await;
+        readings.push(answer.ttl);
+        let since_ack = asked.duration_since(acked);
+        assert!(
+            answer.ttl >= 0,
+            "the lease expired while the stream ran ({since_ack:?} after the ack; TTLs read: {readings:?})"
+        );
+        let granted = Duration::from_secs(answer.granted_ttl.max(1) as u64);
+        if since_ack > 2 * granted && answer.ttl >= 1 {
+            break;
+        }
+        assert!(
+            since_ack < STUCK,
+            "the lease (granted {granted:?}) showed no renewal in {since_ack:?} (TTLs read: {readings:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        dump(&target_etcd, "", FerryKeys::Excluded).await.len(),
+        1,
+        "its key too"
     );
-    assert_eq!(dump(&target_etcd).await.len(), 1, "its key too");
 
     // The stream ends: nobody keeps it alive any more, and etcd expires it
     // (waited for, not assumed after a fixed time: etcd's own clock decides).
@@ -819,7 +783,8 @@ async fn leases_granted_by_a_stream_are_kept_alive_while_it_runs() {
     while acks.message().await.ok().flatten().is_some() {}
     // An expired lease reads TTL 0 until etcd revokes it, with its key.
     let expired = async {
-        while remaining().await > 0 || !dump(&target_etcd).await.is_empty() {
+        while remaining().await > 0 || !dump(&target_etcd, "", FerryKeys::Excluded).await.is_empty()
+        {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
@@ -855,11 +820,7 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
             None => panic!("the stream ended"),
         }
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.process.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    signal(agent.process.pid(), "-TERM");
     let exited = tokio::time::timeout(
         STUCK,
         tokio::task::spawn_blocking(move || agent.process.wait().expect("wait")),
@@ -876,12 +837,12 @@ async fn an_agent_stops_on_sigterm_even_with_a_live_stream_open() {
 async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference() {
     let source_etcd = EtcdServer::start().expect("source etcd");
     let target_etcd = EtcdServer::start().expect("target etcd");
-    let (mut source_kv, mut target_kv) = (kv(&source_etcd).await, kv(&target_etcd).await);
+    let (source_kv, target_kv) = (kv(&source_etcd).await, kv(&target_etcd).await);
     // The same keys, written in another order, and ferry's own key on the
     // target only.
     for index in 0..300 {
         put(
-            &mut source_kv,
+            &source_kv,
             &format!("/d/{index:03}"),
             &format!("v{index}"),
             0,
@@ -890,14 +851,14 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
     }
     for index in (0..300).rev() {
         put(
-            &mut target_kv,
+            &target_kv,
             &format!("/d/{index:03}"),
             &format!("v{index}"),
             0,
         )
         .await;
     }
-    put(&mut target_kv, "__ferry__/checkpoints/x", "{}", 0).await;
+    put(&target_kv, "__ferry__/checkpoints/x", "{}", 0).await;
     let source_agent = Agent::start("source", &source_etcd);
     let target_agent = Agent::start("target", &target_etcd);
     let mut source = source_client(&source_agent).await;
@@ -919,7 +880,7 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
 
     // One value changes on the source: the digest now differs, and the
     // digest at the earlier position is still the old one.
-    put(&mut source_kv, "/d/150", "changed", 0).await;
+    put(&source_kv, "/d/150", "changed", 0).await;
     let after = source.digest(digest(0)).await.expect("digest").into_inner();
     assert_eq!(after.keys, 300);
     assert_ne!(after.sha256, same.sha256, "one value differs");
@@ -932,8 +893,8 @@ async fn digests_match_when_the_planes_hold_the_same_keys_and_name_a_difference(
     assert_eq!(then.sha256, before.sha256, "read at the earlier revision");
 
     // A key moved to the value's place is a difference too.
-    put(&mut target_kv, "/d/150", "changed", 0).await;
-    put(&mut target_kv, "/d/299x", "", 0).await;
+    put(&target_kv, "/d/150", "changed", 0).await;
+    put(&target_kv, "/d/299x", "", 0).await;
     let moved = target.digest(digest(0)).await.expect("digest").into_inner();
     assert_eq!(moved.keys, 301);
     assert_ne!(moved.sha256, after.sha256);
@@ -1052,7 +1013,7 @@ async fn a_stream_with_a_gap_is_refused_naming_the_seq_by_each_consumer() {
         "{refused:?}"
     );
     assert!(
-        dump(&target_etcd)
+        dump(&target_etcd, "", FerryKeys::Excluded)
             .await
             .iter()
             .all(|kv| kv.key != b"/gap/4")

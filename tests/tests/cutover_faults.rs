@@ -44,7 +44,7 @@ use ferry_tests::live::{
     Cluster, Effect, KEYS_PER_WRITER, PREFIX, SEEDED_KEYS, WRITERS, Write, cluster_id_and_revision,
     history, kv, with_options, writer, writer_key,
 };
-use ferry_tests::process::FerryProcess;
+use ferry_tests::process::{FerryProcess, signal};
 
 /// Where the driver stops for the fault (its test hook's points, in the
 /// order the cutover passes them).
@@ -253,15 +253,6 @@ impl Drop for Driver {
             eprintln!("--- ferry migrate logged ---\n{}---", self.stderr_text());
         }
     }
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// `ferry --output json migrate ARGS --source-agent .. --gateway G1,G2`:

@@ -15,7 +15,8 @@ use ferry_tests::etcd::EtcdServer;
 use ferry_tests::live::{
     Cluster, kv, migrate_report, put_at, spawn_ferry, value_at, wait_for_phase, with_options,
 };
-use ferry_tests::process::FerryProcess;
+use ferry_tests::plane::{etcdctl, etcdctl_binary, ferry_json};
+use ferry_tests::process::{FerryProcess, signal};
 
 fn gateway_in_front_of(upstream: &str) -> FerryProcess {
     FerryProcess::start(
@@ -23,30 +24,6 @@ fn gateway_in_front_of(upstream: &str) -> FerryProcess {
         &[],
     )
     .expect("gateway")
-}
-
-fn ferry_json(args: &[&str]) -> (serde_json::Value, i32) {
-    let output = std::process::Command::new(ferry_tests::ferry_binary())
-        .args(args)
-        .output()
-        .expect("ferry runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
-        panic!(
-            "ferry {args:?} printed no JSON: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (value, output.status.code().unwrap_or(-1))
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// Item 1: after a switch, a gateway started again with the flags it was
@@ -117,24 +94,15 @@ async fn gateways_that_missed_the_switch_never_write_to_the_fenced_plane() {
     assert!(value_at(&old, "__ferry__/fenced").await.is_some());
     // Nor does a client that goes straight to the old etcd: its write
     // alarm refuses Puts from anyone, and it still serves reads.
-    let refused = etcdctl(&old, &["put", "/app/straight", "3"]);
+    let refused = etcdctl(&old, &["put", "/app/straight", "3"], None);
     assert!(!refused.status.success(), "a Put reached the fenced etcd");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("database space exceeded"),
         "{refused:?}"
     );
-    let read = etcdctl(&old, &["get", "/app/before", "--print-value-only"]);
+    let read = etcdctl(&old, &["get", "/app/before", "--print-value-only"], None);
     assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "old");
     assert_eq!(value_at(&old, "/app/straight").await, None);
-}
-
-fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoint, "--command-timeout", "5s"])
-        .args(args)
-        .output()
-        .expect("etcdctl runs")
 }
 
 /// Item 1, the store's half: once fenced, the old etcd refuses a Put from a
@@ -157,15 +125,19 @@ async fn a_fence_whose_write_alarm_was_lowered_is_never_committed() {
     else {
         panic!("an empty plane fences");
     };
-    let refused = etcdctl(&endpoint, &["put", "/k", "after-the-fence"]);
+    let refused = etcdctl(&endpoint, &["put", "/k", "after-the-fence"], None);
     assert!(!refused.status.success(), "the fenced etcd took a Put");
-    let alarms = etcdctl(&endpoint, &["alarm", "list"]);
+    let alarms = etcdctl(&endpoint, &["alarm", "list"], None);
     assert!(
         String::from_utf8_lossy(&alarms.stdout).contains("NOSPACE"),
         "{alarms:?}"
     );
-    assert!(etcdctl(&endpoint, &["alarm", "disarm"]).status.success());
-    let landed = etcdctl(&endpoint, &["put", "/k", "after-the-fence"]);
+    assert!(
+        etcdctl(&endpoint, &["alarm", "disarm"], None)
+            .status
+            .success()
+    );
+    let landed = etcdctl(&endpoint, &["put", "/k", "after-the-fence"], None);
     assert!(landed.status.success(), "{landed:?}");
 
     let commit = FenceMove::Commit {
@@ -194,7 +166,7 @@ async fn a_fence_whose_write_alarm_was_lowered_is_never_committed() {
     ));
     assert_eq!(value_at(&endpoint, "__ferry__/fenced").await, None);
     assert!(
-        etcdctl(&endpoint, &["put", "/k", "unfenced"])
+        etcdctl(&endpoint, &["put", "/k", "unfenced"], None)
             .status
             .success()
     );
@@ -391,7 +363,7 @@ async fn revisions_only_grow_across_the_switch_and_watchers_are_told() {
             .await
             .expect("put");
     }
-    let mut watcher = std::process::Command::new("etcdctl")
+    let mut watcher = std::process::Command::new(etcdctl_binary())
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", &listen, "watch", "--prefix", "/app/"])
         .stdout(std::process::Stdio::piped())

@@ -2,7 +2,6 @@
 //! exactly-once restore that survives kill -9, leases, binary and large
 //! values, and the errors a user meets.
 
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,51 +12,13 @@ use ferry_engine::manifest::Manifest;
 use ferry_engine::pipeline;
 use ferry_engine::progress::Progress;
 use ferry_engine::store::BackupStore;
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
-use ferry_proto::etcd::etcdserverpb::{
-    LeaseGrantRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
-};
+use ferry_proto::etcd::etcdserverpb::RangeRequest;
 use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_tests::etcd::{EtcdOptions, EtcdServer};
-use ferry_tests::ferry_binary;
-use tonic::transport::Channel;
-
-async fn kv(server: &EtcdServer) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("a kv client connects")
-        .max_decoding_message_size(256 * 1024 * 1024)
-}
-
-async fn put(client: &mut KvClient<Channel>, key: &[u8], value: &[u8], lease: i64) {
-    client
-        .put(PutRequest {
-            key: key.to_vec(),
-            value: value.to_vec(),
-            lease,
-            ..PutRequest::default()
-        })
-        .await
-        .expect("put");
-}
-
-/// Every key-value of the server under `prefix`, ferry's own keys left out.
-async fn dump(server: &EtcdServer, prefix: &[u8]) -> Vec<KeyValue> {
-    let mut end = prefix.to_vec();
-    *end.last_mut().expect("a prefix") += 1;
-    let response = kv(server)
-        .await
-        .range(RangeRequest {
-            key: prefix.to_vec(),
-            range_end: end,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner();
-    response.kvs
-}
+use ferry_tests::plane::{
+    FerryKeys, dump, etcdctl_ok, ferry, ferry_command, ferry_with_env, get, grant, kv, put,
+    time_to_live, value_at_revision,
+};
 
 /// The value of `size` bytes for key number `index`: bytes of every value.
 fn value(index: usize, size: usize) -> Vec<u8> {
@@ -69,15 +30,8 @@ fn value(index: usize, size: usize) -> Vec<u8> {
 /// Seeds `/app/` with `count` keys (one binary key, values up to etcd's limit), three
 /// of them on a lease, and a few keys outside `/app/`. Returns the lease id.
 async fn seed(server: &EtcdServer, count: usize) -> i64 {
-    let mut client = kv(server).await;
-    let lease = LeaseClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
+    let client = kv(server).await;
+    let lease = grant(server, 600).await;
     for index in 0..count {
         let key = format!("/app/items/{index:06}");
         // Key 7 holds 1 MiB; key 8 as much as etcd's default request
@@ -88,17 +42,17 @@ async fn seed(server: &EtcdServer, count: usize) -> i64 {
             _ => 200,
         };
         let on_lease = if index % 1000 == 3 { lease } else { 0 };
-        put(&mut client, key.as_bytes(), &value(index, size), on_lease).await;
+        put(&client, key.as_bytes(), &value(index, size), on_lease).await;
     }
     put(
-        &mut client,
+        &client,
         b"/app/bin/\xff\x00\xfe",
         &[0, 159, 146, 150, 255],
         0,
     )
     .await;
-    put(&mut client, b"/other/not-in-prefix", b"x", 0).await;
-    put(&mut client, b"/apple", b"also not in /app/", 0).await;
+    put(&client, b"/other/not-in-prefix", b"x", 0).await;
+    put(&client, b"/apple", b"also not in /app/", 0).await;
     lease
 }
 
@@ -203,30 +157,27 @@ async fn a_prefix_round_trips_with_leases_binary_and_large_values() {
     };
     let summary = restore(&target, &store, pipelined).await.expect("restore");
     assert_eq!(summary.ops, 2_502);
-    let expected = dump(&source, b"/app/").await;
-    let restored = dump(&target, b"/app/").await;
+    let expected = dump(&source, b"/app/", FerryKeys::Included).await;
+    let restored = dump(&target, b"/app/", FerryKeys::Included).await;
     same_data(&expected, &restored);
     assert!(
-        dump(&target, b"/other/").await.is_empty(),
+        dump(&target, b"/other/", FerryKeys::Included)
+            .await
+            .is_empty(),
         "keys outside the prefix stay behind"
     );
-    assert!(dump(&target, b"/apple").await.is_empty());
+    assert!(
+        dump(&target, b"/apple", FerryKeys::Included)
+            .await
+            .is_empty()
+    );
 
     let on_lease = restored
         .iter()
         .find(|kv| kv.lease != 0)
         .expect("a key on a lease");
     assert_eq!(on_lease.lease, lease, "the lease keeps its id");
-    let alive = LeaseClient::connect(format!("http://{}", target.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_time_to_live(LeaseTimeToLiveRequest {
-            id: lease,
-            keys: true,
-        })
-        .await
-        .expect("ttl")
-        .into_inner();
+    let alive = time_to_live(&target, lease, true).await;
     assert!(
         alive.ttl > 500 && alive.ttl <= 600,
         "remaining TTL carried: {}",
@@ -243,7 +194,10 @@ async fn a_prefix_round_trips_with_leases_binary_and_large_values() {
         .await
         .expect("restore again");
     assert_eq!(again.ops, 0);
-    same_data(&expected, &dump(&target, b"/app/").await);
+    same_data(
+        &expected,
+        &dump(&target, b"/app/", FerryKeys::Included).await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,8 +253,8 @@ async fn a_nonempty_target_is_refused_with_examples_and_rewrite_moves_keys() {
     let (_dir, store) = store();
     extract(&source, &store, "/app/", 1).await;
 
-    let mut client = kv(&target).await;
-    put(&mut client, b"/app/items/000001", b"already here", 0).await;
+    let client = kv(&target).await;
+    put(&client, b"/app/items/000001", b"already here", 0).await;
     let error = restore(&target, &store, EtcdSinkOptions::default())
         .await
         .expect_err("refused");
@@ -311,7 +265,7 @@ async fn a_nonempty_target_is_refused_with_examples_and_rewrite_moves_keys() {
     );
     assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
     assert_eq!(
-        dump(&target, b"/app/").await.len(),
+        dump(&target, b"/app/", FerryKeys::Included).await.len(),
         1,
         "nothing was written"
     );
@@ -324,7 +278,7 @@ async fn a_nonempty_target_is_refused_with_examples_and_rewrite_moves_keys() {
     restore(&target, &store, moved)
         .await
         .expect("restore under a new prefix");
-    let restored = dump(&target, b"/restored/app/").await;
+    let restored = dump(&target, b"/restored/app/", FerryKeys::Included).await;
     assert_eq!(restored.len(), 51);
     assert!(
         restored
@@ -381,14 +335,14 @@ async fn a_request_the_target_refuses_stops_with_a_clear_error_and_an_honest_che
     let message = stopped.error.to_string();
     assert!(message.contains("too large"), "{message}");
     // Key 7 holds 1 MiB: the ops before its Txn are in, nothing after.
-    let restored = dump(small, b"/app/").await;
+    let restored = dump(small, b"/app/", FerryKeys::Included).await;
     assert!(
         restored
             .iter()
             .all(|kv| kv.key.as_slice() < b"/app/items/000007".as_slice()),
         "nothing past the refused Txn"
     );
-    let checkpoint = dump(small, b"__ferry__/checkpoints/").await;
+    let checkpoint = dump(small, b"__ferry__/checkpoints/", FerryKeys::Included).await;
     assert_eq!(checkpoint.len(), 1);
     let recorded: serde_json::Value =
         serde_json::from_slice(&checkpoint[0].value).expect("checkpoint JSON");
@@ -408,7 +362,7 @@ async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
     // ...which now says the backup of that id came from another etcd (a
     // store swapped under the same backup id, say).
     let checkpoint_key = format!("__ferry__/checkpoints/{}", manifest.backup_id);
-    let checkpoints = dump(small, b"__ferry__/checkpoints/").await;
+    let checkpoints = dump(small, b"__ferry__/checkpoints/", FerryKeys::Included).await;
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(checkpoints[0].key, checkpoint_key.as_bytes());
     let mut recorded: serde_json::Value =
@@ -419,31 +373,28 @@ async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
         .to_owned();
     recorded["source_identity"] = serde_json::Value::from("00000000000000ba");
     put(
-        &mut kv(small).await,
+        small,
         checkpoint_key.as_bytes(),
         recorded.to_string().as_bytes(),
         0,
     )
     .await;
     let everything = || async {
-        let mut all = dump(small, b"/").await;
-        all.extend(dump(small, b"__ferry__/").await);
+        let mut all = dump(small, b"/", FerryKeys::Included).await;
+        all.extend(dump(small, b"__ferry__/", FerryKeys::Included).await);
         all
     };
     let before = everything().await;
 
-    let refused = ferry(
-        &[
-            "restore",
-            "--from",
-            store_url,
-            "--target",
-            &small.url(),
-            "--max-request-bytes",
-            "524288",
-        ],
-        &[],
-    );
+    let refused = ferry(&[
+        "restore",
+        "--from",
+        store_url,
+        "--target",
+        &small.url(),
+        "--max-request-bytes",
+        "524288",
+    ]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(6), "{stderr}");
     for says in [
@@ -473,37 +424,22 @@ async fn a_checkpoint_from_another_source_is_refused_and_left_as_it_is() {
 fn extract_app_with_ferry(source: &EtcdServer) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_url = format!("file://{}", dir.path().display());
-    let extracted = ferry(
-        &[
-            "extract",
-            "--source",
-            &source.url(),
-            "--prefix",
-            "/app/",
-            "--to",
-            &store_url,
-            "--quiet",
-        ],
-        &[],
-    );
+    let extracted = ferry(&[
+        "extract",
+        "--source",
+        &source.url(),
+        "--prefix",
+        "/app/",
+        "--to",
+        &store_url,
+        "--quiet",
+    ]);
     assert!(
         extracted.status.success(),
         "{}",
         String::from_utf8_lossy(&extracted.stderr)
     );
     (dir, store_url)
-}
-
-fn ferry(args: &[&str], environment: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(ferry_binary());
-    command
-        .args(args)
-        .env_remove("ETCD_USERNAME")
-        .env_remove("ETCD_PASSWORD");
-    for (name, value) in environment {
-        command.env(name, value);
-    }
-    command.output().expect("ferry runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,7 +460,7 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
     // How many of the 6,000 items each killed run left in the target.
     let mut left_by_kills = Vec::new();
     for round in 0..40 {
-        let mut child = Command::new(ferry_binary())
+        let mut child = ferry_command()
             .args([
                 "restore",
                 "--from",
@@ -559,22 +495,19 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
                 child.kill().expect("kill -9");
                 child.wait().expect("reaped");
                 kills += 1;
-                left_by_kills.push(dump(&target, b"/app/").await.len());
+                left_by_kills.push(dump(&target, b"/app/", FerryKeys::Included).await.len());
             }
         }
     }
-    let finished = ferry(
-        &[
-            "restore",
-            "--from",
-            &store_url,
-            "--target",
-            &target.url(),
-            "--output",
-            "json",
-        ],
-        &[],
-    );
+    let finished = ferry(&[
+        "restore",
+        "--from",
+        &store_url,
+        "--target",
+        &target.url(),
+        "--output",
+        "json",
+    ]);
     assert!(
         finished.status.success(),
         "{}",
@@ -588,8 +521,11 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
             .any(|&items| items > 0 && items < 6_000),
         "no kill landed between the first Txn and the last: {left_by_kills:?}"
     );
-    let restored = dump(&target, b"/app/").await;
-    same_data(&dump(&source, b"/app/").await, &restored);
+    let restored = dump(&target, b"/app/", FerryKeys::Included).await;
+    same_data(
+        &dump(&source, b"/app/", FerryKeys::Included).await,
+        &restored,
+    );
     // Each item was put once, across every killed run and the last one.
     let twice: Vec<_> = restored
         .iter()
@@ -598,7 +534,7 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
         .collect();
     assert!(twice.is_empty(), "items put more than once: {twice:?}");
     // A finished restore leaves one checkpoint key, marked complete.
-    let checkpoints = dump(&target, b"__ferry__/checkpoints/").await;
+    let checkpoints = dump(&target, b"__ferry__/checkpoints/", FerryKeys::Included).await;
     assert_eq!(
         checkpoints.len(),
         1,
@@ -619,16 +555,13 @@ async fn a_restore_killed_at_any_moment_resumes_and_applies_each_op_once() {
 async fn errors_a_user_meets_have_their_exit_codes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_url = format!("file://{}", dir.path().display());
-    let unreachable = ferry(
-        &[
-            "extract",
-            "--source",
-            "etcd://127.0.0.1:9",
-            "--to",
-            &store_url,
-        ],
-        &[],
-    );
+    let unreachable = ferry(&[
+        "extract",
+        "--source",
+        "etcd://127.0.0.1:9",
+        "--to",
+        &store_url,
+    ]);
     assert_eq!(unreachable.status.code(), Some(5));
     assert!(
         String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach etcd://127.0.0.1:9"),
@@ -636,21 +569,18 @@ async fn errors_a_user_meets_have_their_exit_codes() {
         String::from_utf8_lossy(&unreachable.stderr)
     );
 
-    let in_url = ferry(
-        &[
-            "extract",
-            "--source",
-            "etcd://root:secret@127.0.0.1:2379",
-            "--to",
-            &store_url,
-        ],
-        &[],
-    );
+    let in_url = ferry(&[
+        "extract",
+        "--source",
+        "etcd://root:secret@127.0.0.1:2379",
+        "--to",
+        &store_url,
+    ]);
     assert_eq!(in_url.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&in_url.stderr).contains("credentials do not belong in a URL"));
 
     let source = EtcdServer::start().expect("etcd");
-    let no_password = ferry(
+    let no_password = ferry_with_env(
         &["extract", "--source", &source.url(), "--to", &store_url],
         &[("ETCD_USERNAME", "root")],
     );
@@ -694,10 +624,7 @@ async fn credentials_come_from_the_environment_or_a_file_and_bad_ones_are_named(
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store_url = format!("file://{}", dir.path().display());
-    let anonymous = ferry(
-        &["extract", "--source", &server.url(), "--to", &store_url],
-        &[],
-    );
+    let anonymous = ferry(&["extract", "--source", &server.url(), "--to", &store_url]);
     assert_eq!(
         anonymous.status.code(),
         Some(5),
@@ -705,7 +632,7 @@ async fn credentials_come_from_the_environment_or_a_file_and_bad_ones_are_named(
         String::from_utf8_lossy(&anonymous.stderr)
     );
 
-    let wrong = ferry(
+    let wrong = ferry_with_env(
         &["extract", "--source", &server.url(), "--to", &store_url],
         &[("ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "wrong")],
     );
@@ -717,7 +644,7 @@ async fn credentials_come_from_the_environment_or_a_file_and_bad_ones_are_named(
         "the password is never printed: {message}"
     );
 
-    let good = ferry(
+    let good = ferry_with_env(
         &[
             "extract",
             "--source",
@@ -738,7 +665,7 @@ async fn credentials_come_from_the_environment_or_a_file_and_bad_ones_are_named(
 
     let password_file = dir.path().join("etcd-password");
     std::fs::write(&password_file, "s3cret-pass\n").expect("password file");
-    let restored = ferry(
+    let restored = ferry_with_env(
         &[
             "restore",
             "--from",
@@ -780,8 +707,8 @@ async fn a_revision_compacted_during_the_extract_stops_it_and_seals_nothing() {
         .expect("opens");
     // ...then the cluster moves on and compacts past it.
     let mut client = kv(&server).await;
-    put(&mut client, b"/app/late", b"after the snapshot", 0).await;
-    let current = dump(&server, b"/app/late").await[0].mod_revision;
+    put(&client, b"/app/late", b"after the snapshot", 0).await;
+    let current = dump(&server, b"/app/late", FerryKeys::Included).await[0].mod_revision;
     client
         .compact(CompactionRequest {
             revision: current,
@@ -865,39 +792,6 @@ async fn stored_checkpoint(
     .expect("read checkpoint")
 }
 
-/// The value of `key` in `server` as of `revision`.
-async fn value_at_revision(server: &EtcdServer, key: &str, revision: i64) -> Option<Vec<u8>> {
-    kv(server)
-        .await
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            revision,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range at a revision")
-        .into_inner()
-        .kvs
-        .into_iter()
-        .next()
-        .map(|kv| kv.value)
-}
-
-async fn value_of(server: &EtcdServer, key: &str) -> Option<KeyValue> {
-    kv(server)
-        .await
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-        .into_iter()
-        .next()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     let target = EtcdServer::start().expect("target etcd");
@@ -926,13 +820,13 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     .expect("apply, a transaction left open");
     // At the batch boundary nothing of the open transaction is in the
     // target, so a kill here leaves none of it: the checkpoint is before it.
-    assert_eq!(value_of(&target, "/live/a").await.expect("a").value, b"a1");
+    assert_eq!(get(&target, "/live/a", 0).await.expect("a").value, b"a1");
     assert!(
-        value_of(&target, "/live/b").await.is_none(),
+        get(&target, "/live/b", 0).await.is_none(),
         "b committed early"
     );
     assert!(
-        value_of(&target, "/live/c").await.is_none(),
+        get(&target, "/live/c", 0).await.is_none(),
         "c committed early"
     );
     let (checkpoint, _) = stored_checkpoint(&target, "live-1").await;
@@ -953,8 +847,8 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
     .expect("apply");
 
     let (b, c) = (
-        value_of(&target, "/live/b").await.expect("b"),
-        value_of(&target, "/live/c").await.expect("c"),
+        get(&target, "/live/b", 0).await.expect("b"),
+        get(&target, "/live/c", 0).await.expect("c"),
     );
     assert_eq!(
         b.mod_revision, c.mod_revision,
@@ -970,16 +864,16 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
         None,
         "the delete of seq 5 took effect in the same Txn as seq 3 and 4"
     );
-    let a = value_of(&target, "/live/a").await.expect("a");
+    let a = get(&target, "/live/a", 0).await.expect("a");
     assert_eq!(a.value, b"a2");
     assert_eq!(a.version, 1, "deleted in seq 5, then put again");
     assert!(
         a.create_revision > b.mod_revision,
         "the put of seq 6 came after the transaction that deleted /live/a"
     );
-    let d = value_of(&target, "/live/d").await.expect("d");
+    let d = get(&target, "/live/d", 0).await.expect("d");
     assert!(
-        value_of(&target, "/live/x").await.is_none(),
+        get(&target, "/live/x", 0).await.is_none(),
         "deleted in the same Txn as /live/d was put"
     );
     assert!(d.mod_revision >= a.mod_revision, "in order");
@@ -1000,7 +894,7 @@ async fn deletes_and_source_transactions_apply_whole_and_in_order() {
         "{message}"
     );
     assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
-    assert!(value_of(&target, "/live/e").await.is_none(), "none of it");
+    assert!(get(&target, "/live/e", 0).await.is_none(), "none of it");
     let (checkpoint, epoch) = stored_checkpoint(&target, "live-1").await;
     assert_eq!(epoch, 0);
     assert_eq!(
@@ -1071,9 +965,14 @@ async fn lanes_keep_each_keys_ops_in_order_and_resume_without_reapplying() {
         first.apply(chunk.to_vec()).await.expect("apply");
     }
     drop(first);
-    let lane_keys = dump(&target, b"__ferry__/checkpoints/lanes-1/lanes/").await;
+    let lane_keys = dump(
+        &target,
+        b"__ferry__/checkpoints/lanes-1/lanes/",
+        FerryKeys::Included,
+    )
+    .await;
     assert!(!lane_keys.is_empty(), "lanes 1 and 2 wrote their keys");
-    let hot_before = value_of(&target, "/lanes/hot").await.expect("hot");
+    let hot_before = get(&target, "/lanes/hot", 0).await.expect("hot");
 
     // The second run resumes with 2 lanes; the pipeline hands it the ops
     // after the contiguous point, the sink skips those a lane applied.
@@ -1096,20 +995,25 @@ async fn lanes_keep_each_keys_ops_in_order_and_resume_without_reapplying() {
         .expect("apply the rest");
     second.finish().await.expect("finish");
 
-    let hot = value_of(&target, "/lanes/hot").await.expect("hot");
+    let hot = get(&target, "/lanes/hot", 0).await.expect("hot");
     assert_eq!(hot.value, b"v39", "the last put of the key wins");
     assert_eq!(hot.version, 40, "each put of the key applied once");
     assert!(hot.version > hot_before.version);
-    let gone = value_of(&target, "/lanes/gone").await.expect("gone");
+    let gone = get(&target, "/lanes/gone", 0).await.expect("gone");
     assert_eq!(gone.value, b"g39");
     assert_eq!(gone.version, 4, "put 4 times since its last delete");
     for round in 0..40 {
-        let key = value_of(&target, &format!("/lanes/k{round:02}"))
+        let key = get(&target, &format!("/lanes/k{round:02}"), 0)
             .await
             .expect("key");
         assert_eq!(key.version, 1, "/lanes/k{round:02} applied once");
     }
-    let checkpoints = dump(&target, b"__ferry__/checkpoints/lanes-1").await;
+    let checkpoints = dump(
+        &target,
+        b"__ferry__/checkpoints/lanes-1",
+        FerryKeys::Included,
+    )
+    .await;
     assert_eq!(
         checkpoints.len(),
         1,
@@ -1130,9 +1034,9 @@ async fn a_lane_txn_applied_ahead_of_an_earlier_one_is_skipped_on_resume() {
     // What a restore in 2 lanes of 2-op Txns leaves when killed after its
     // third Txn (seq 5..=6, lane 0, sent once everything through 2 was in)
     // took effect and its second (seq 3..=4, lane 1) never did.
-    let mut client = kv(&target).await;
+    let client = kv(&target).await;
     for key in ["/ahead/k1", "/ahead/k2", "/ahead/k5", "/ahead/k6"] {
-        put(&mut client, key.as_bytes(), b"v", 0).await;
+        put(&client, key.as_bytes(), b"v", 0).await;
     }
     let lane_0 = serde_json::json!({
         "stream_id": "ahead-1",
@@ -1145,7 +1049,7 @@ async fn a_lane_txn_applied_ahead_of_an_earlier_one_is_skipped_on_resume() {
         "lane_txn": {"lane": 0, "first_seq": 5, "last_seq": 6, "last_position": 1006},
     });
     put(
-        &mut client,
+        &client,
         b"__ferry__/checkpoints/ahead-1",
         lane_0.to_string().as_bytes(),
         0,
@@ -1170,7 +1074,7 @@ async fn a_lane_txn_applied_ahead_of_an_earlier_one_is_skipped_on_resume() {
     sink.apply(ops[2..].to_vec()).await.expect("apply");
     sink.finish().await.expect("finish");
     for seq in 1..=6 {
-        let key = value_of(&target, &format!("/ahead/k{seq}"))
+        let key = get(&target, &format!("/ahead/k{seq}"), 0)
             .await
             .unwrap_or_else(|| panic!("/ahead/k{seq} restored"));
         assert_eq!(key.version, 1, "/ahead/k{seq} applied once");
@@ -1194,7 +1098,7 @@ async fn a_sink_with_an_older_epoch_is_refused_at_begin() {
         .await
         .expect("apply");
     assert_eq!(
-        value_of(&target, "__ferry__/epoch")
+        get(&target, "__ferry__/epoch", 0)
             .await
             .expect("epoch key")
             .value,
@@ -1221,7 +1125,7 @@ async fn a_sink_with_an_older_epoch_is_refused_at_begin() {
         assert_eq!(error.kind(), ferry_engine::ErrorKind::Target);
     }
     assert_eq!(
-        value_of(&target, "__ferry__/epoch")
+        get(&target, "__ferry__/epoch", 0)
             .await
             .expect("epoch key")
             .value,
@@ -1285,37 +1189,20 @@ async fn a_newer_epoch_takes_the_stream_over_and_fences_the_older_sink() {
         "{message}"
     );
     for seq in 11..=20 {
-        let kv = value_of(&target, &format!("/live/{seq:02}"))
+        let kv = get(&target, &format!("/live/{seq:02}"), 0)
             .await
             .expect("key");
         assert_eq!(kv.value, b"second", "key {seq} is the newer attempt's");
         assert_eq!(kv.version, 1, "key {seq} written once");
     }
     assert!(
-        value_of(&target, "/live/stale-only").await.is_none(),
+        get(&target, "/live/stale-only", 0).await.is_none(),
         "nothing of the stale batch landed"
     );
     let (checkpoint, epoch) = stored_checkpoint(&target, "live-3").await;
     let checkpoint = checkpoint.expect("a checkpoint");
     assert_eq!(epoch, 2);
     assert_eq!((checkpoint.applied_through_seq, checkpoint.epoch), (20, 2));
-}
-
-/// Runs `etcdctl ARGS` against `server`; panics with its output if it fails.
-fn etcdctl(server: &EtcdServer, args: &[&str]) -> String {
-    let output = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", server.endpoint()))
-        .args(args)
-        .output()
-        .expect("etcdctl runs (apt-get install -y etcd-client)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "etcdctl {args:?}: {text}");
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1325,10 +1212,10 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
     // (every 100 ms), so writes of the interval slip past the quota: the
     // margin on both sides is megabytes.
     let source = EtcdServer::start().expect("source etcd");
-    let mut client = kv(&source).await;
+    let client = kv(&source).await;
     for index in 0..8_000 {
         let key = format!("/app/items/{index:06}");
-        put(&mut client, key.as_bytes(), &value(index, 1_000), 0).await;
+        put(&client, key.as_bytes(), &value(index, 1_000), 0).await;
     }
     let target = EtcdServer::start_with(&EtcdOptions {
         quota_backend_bytes: Some(16 * 1024 * 1024),
@@ -1338,13 +1225,7 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
     let mut target_client = kv(&target).await;
     for index in 0..120 {
         let key = format!("/ballast/{index:03}");
-        put(
-            &mut target_client,
-            key.as_bytes(),
-            &value(index, 100 * 1024),
-            0,
-        )
-        .await;
+        put(&target_client, key.as_bytes(), &value(index, 100 * 1024), 0).await;
     }
     let (_dir, store_url) = extract_app_with_ferry(&source);
 
@@ -1356,7 +1237,7 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
         &target.url(),
         "--quiet",
     ];
-    let full = ferry(&restore, &[]);
+    let full = ferry(&restore);
     let stderr = String::from_utf8_lossy(&full.stderr);
     assert_eq!(full.status.code(), Some(6), "a target error: {stderr}");
     for says in [
@@ -1373,14 +1254,14 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
         !stderr.contains("too large"),
         "NOSPACE is not a request too large: {stderr}"
     );
-    let before_freeing = dump(&target, b"/app/").await.len();
+    let before_freeing = dump(&target, b"/app/", FerryKeys::Included).await.len();
     assert!(
         before_freeing > 0 && before_freeing < 8_000,
         "the quota stops the restore part way: {before_freeing} of 8,000 keys in"
     );
 
     // What the message says to do: free space, disarm, the same command.
-    etcdctl(&target, &["del", "--prefix", "/ballast/"]);
+    etcdctl_ok(&target, &["del", "--prefix", "/ballast/"], None);
     let revision = target_client
         .range(RangeRequest {
             key: b"/".to_vec(),
@@ -1392,10 +1273,14 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
         .header
         .expect("a header")
         .revision;
-    etcdctl(&target, &["compact", &revision.to_string(), "--physical"]);
-    etcdctl(&target, &["defrag"]);
-    etcdctl(&target, &["alarm", "disarm"]);
-    let resumed = ferry(&restore, &[]);
+    etcdctl_ok(
+        &target,
+        &["compact", &revision.to_string(), "--physical"],
+        None,
+    );
+    etcdctl_ok(&target, &["defrag"], None);
+    etcdctl_ok(&target, &["alarm", "disarm"], None);
+    let resumed = ferry(&restore);
     assert!(
         resumed.status.success(),
         "{}",
@@ -1404,8 +1289,8 @@ async fn a_target_out_of_space_stops_the_restore_and_the_same_command_resumes_on
     // Every key once (etcd version 1), none missing: the checkpoint written
     // with each Txn told the resume exactly what was in.
     same_data(
-        &dump(&source, b"/app/").await,
-        &dump(&target, b"/app/").await,
+        &dump(&source, b"/app/", FerryKeys::Included).await,
+        &dump(&target, b"/app/", FerryKeys::Included).await,
     );
     eprintln!("the quota stopped the restore at {before_freeing} of 8,000 keys");
 }

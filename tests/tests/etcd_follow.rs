@@ -12,67 +12,18 @@ use ferry_engine::progress::Progress;
 use ferry_engine::{Error, Op};
 use ferry_proto::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
 use ferry_proto::etcd::etcdserverpb::{
-    CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RequestOp,
-    TxnRequest,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
 };
 use ferry_tests::etcd::EtcdServer;
+use ferry_tests::plane::{delete, grant, kv, put};
 use futures::StreamExt;
 use tonic::transport::Channel;
 
 /// How long a test waits for an event before calling the stream stuck (a
 /// guard against hanging, not a measurement).
 const STUCK: Duration = Duration::from_secs(30);
-
-async fn kv(server: &EtcdServer) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("a kv client connects")
-}
-
-async fn grant(server: &EtcdServer, ttl: i64) -> i64 {
-    LeaseClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id
-}
-
-/// Puts a key; returns the revision of the write.
-async fn put(client: &mut KvClient<Channel>, key: &str, value: &str, lease: i64) -> i64 {
-    client
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            lease,
-            ..PutRequest::default()
-        })
-        .await
-        .expect("put")
-        .into_inner()
-        .header
-        .expect("a header")
-        .revision
-}
-
-async fn delete(client: &mut KvClient<Channel>, key: &str) -> i64 {
-    client
-        .delete_range(DeleteRangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..DeleteRangeRequest::default()
-        })
-        .await
-        .expect("delete")
-        .into_inner()
-        .header
-        .expect("a header")
-        .revision
-}
 
 /// One Txn of several puts and a delete, guarded by a compare that holds.
 async fn txn(client: &mut KvClient<Channel>, puts: &[(&str, &str)], delete: &str) -> i64 {
@@ -226,14 +177,14 @@ async fn the_snapshot_then_every_change_one_group_per_revision() {
     for index in 0..20 {
         let on_lease = if index == 5 { lease } else { 0 };
         put(
-            &mut client,
+            &client,
             &format!("/app/items/{index:03}"),
             &format!("v{index}"),
             on_lease,
         )
         .await;
     }
-    put(&mut client, "/other/outside", "x", 0).await;
+    put(&client, "/other/outside", "x", 0).await;
 
     let mut live = open(&server, "/app/", LiveFrom::default()).await;
     let snapshot_revision = live.snapshot_position.0 as i64;
@@ -271,18 +222,18 @@ async fn the_snapshot_then_every_change_one_group_per_revision() {
     // Live changes: a put, a delete, a txn of three puts and a delete, a
     // key outside the prefix, a key on a new lease, ferry's fence key.
     let new_lease = grant(&server, 300).await;
-    let put_revision = put(&mut client, "/app/new", "n1", 0).await;
-    let delete_revision = delete(&mut client, "/app/items/000").await;
+    let put_revision = put(&client, "/app/new", "n1", 0).await;
+    let delete_revision = delete(&client, "/app/items/000").await;
     let txn_revision = txn(
         &mut client,
         &[("/app/t/a", "1"), ("/app/t/b", "2"), ("/app/t/c", "3")],
         "/app/items/001",
     )
     .await;
-    put(&mut client, "/other/outside", "y", 0).await;
-    let leased_revision = put(&mut client, "/app/leased", "l", new_lease).await;
-    let again_revision = put(&mut client, "/app/leased-too", "l2", new_lease).await;
-    let fence_revision = put(&mut client, "__ferry__/fence", "{}", 0).await;
+    put(&client, "/other/outside", "y", 0).await;
+    let leased_revision = put(&client, "/app/leased", "l", new_lease).await;
+    let again_revision = put(&client, "/app/leased-too", "l2", new_lease).await;
+    let fence_revision = put(&client, "__ferry__/fence", "{}", 0).await;
 
     let mut changes = Received::default();
     read_until(&mut live, fence_revision, &mut changes).await;
@@ -353,7 +304,7 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
             _ => 0,
         };
         put(
-            &mut client,
+            &client,
             &format!("/app/{index:04}"),
             &format!("value {index}"),
             lease,
@@ -361,7 +312,7 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
         .await;
     }
     // A key ferry keeps for itself is never part of the stream.
-    put(&mut client, "__ferry__/checkpoints/x", "{}", 0).await;
+    put(&client, "__ferry__/checkpoints/x", "{}", 0).await;
 
     let mut live = open(&server, "", LiveFrom::default()).await;
     let snapshot_revision = live.snapshot_position.0 as i64;
@@ -372,8 +323,8 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
 
     let mut last_revision = 0;
     for round in 0..5 {
-        put(&mut client, &format!("/app/{round:04}"), "changed", 0).await;
-        delete(&mut client, &format!("/app/{:04}", 100 + round)).await;
+        put(&client, &format!("/app/{round:04}"), "changed", 0).await;
+        delete(&client, &format!("/app/{:04}", 100 + round)).await;
         last_revision = txn(
             &mut client,
             &[
@@ -385,7 +336,7 @@ async fn a_resumed_stream_gives_the_ops_of_one_that_never_broke() {
         .await;
     }
     // A lease the snapshot announced, used again live.
-    last_revision = last_revision.max(put(&mut client, "/app/late", "late", leases[1]).await);
+    last_revision = last_revision.max(put(&client, "/app/late", "late", leases[1]).await);
     read_until(&mut live, last_revision, &mut reference).await;
     drop(live);
     let all = reference.ops;
@@ -448,7 +399,7 @@ async fn a_compacted_revision_ends_the_stream_with_the_compaction_error() {
     let server = EtcdServer::start().expect("etcd");
     let mut client = kv(&server).await;
     for index in 0..10 {
-        put(&mut client, &format!("/app/{index}"), "v", 0).await;
+        put(&client, &format!("/app/{index}"), "v", 0).await;
     }
     let mut live = open(&server, "/app/", LiveFrom::default()).await;
     let snapshot_revision = live.snapshot_position.0 as i64;
@@ -458,7 +409,7 @@ async fn a_compacted_revision_ends_the_stream_with_the_compaction_error() {
     let (snapshot_end, _) = received.snapshot_complete.expect("complete");
     let mut last = 0;
     for index in 0..5 {
-        last = put(&mut client, &format!("/app/{index}"), "changed", 0).await;
+        last = put(&client, &format!("/app/{index}"), "changed", 0).await;
     }
     client
         .compact(CompactionRequest {

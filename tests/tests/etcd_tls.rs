@@ -7,13 +7,12 @@
 //! that failed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use ferry_proto::etcd::etcdserverpb::PutRequest;
 use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest};
-use ferry_proto::etcd::mvccpb::KeyValue;
 use ferry_tests::etcd::{EtcdOptions, EtcdServer, EtcdServerTls};
-use ferry_tests::ferry_binary;
+use ferry_tests::plane::{FerryKeys, dump, ferry};
 use ferry_tests::tls::write_test_pki;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -72,30 +71,6 @@ impl Pki {
             .expect("the test's client connects over TLS");
         KvClient::new(channel)
     }
-}
-
-async fn dump(client: &mut KvClient<Channel>, prefix: &[u8]) -> Vec<KeyValue> {
-    let mut end = prefix.to_vec();
-    *end.last_mut().expect("a prefix") += 1;
-    client
-        .range(RangeRequest {
-            key: prefix.to_vec(),
-            range_end: end,
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-}
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(ferry_binary())
-        .args(args)
-        .env_remove("ETCD_USERNAME")
-        .env_remove("ETCD_PASSWORD")
-        .output()
-        .expect("ferry runs")
 }
 
 fn stderr(output: &Output) -> String {
@@ -228,8 +203,12 @@ async fn extract_and_restore_over_tls_and_clear_errors_without_the_right_files()
         "{}",
         stderr(&untrusted)
     );
-    let mut target_kv = pki.kv(&target).await;
-    assert!(dump(&mut target_kv, b"/app/").await.is_empty());
+    let target_kv = pki.kv(&target).await;
+    assert!(
+        dump(&target_kv, b"/app/", FerryKeys::Included)
+            .await
+            .is_empty()
+    );
 
     let restored = ferry(&[
         "restore",
@@ -242,8 +221,8 @@ async fn extract_and_restore_over_tls_and_clear_errors_without_the_right_files()
         "--quiet",
     ]);
     assert!(restored.status.success(), "{}", stderr(&restored));
-    let expected = dump(&mut source_kv, b"/app/").await;
-    let got = dump(&mut target_kv, b"/app/").await;
+    let expected = dump(&source_kv, b"/app/", FerryKeys::Included).await;
+    let got = dump(&target_kv, b"/app/", FerryKeys::Included).await;
     assert_eq!(expected.len(), 300);
     assert_eq!(expected.len(), got.len());
     for (expected, got) in expected.iter().zip(&got) {
@@ -315,7 +294,7 @@ async fn migrations_run_in_place_over_tls_with_a_client_certificate() {
     assert!(up.status.success(), "{}", stderr(&up));
     let done = run("status", true);
     assert!(done.status.success(), "up to date: {}", stderr(&done));
-    let pipelines = dump(&mut kv, b"/mystic/pipelines/").await;
+    let pipelines = dump(&kv, b"/mystic/pipelines/", FerryKeys::Included).await;
     assert_eq!(pipelines.len(), 1, "migrated in place");
     assert_eq!(pipelines[0].key, b"/mystic/pipelines/alpha");
     assert_eq!(pipelines[0].value, br#"{"name":"alpha"}"#);

@@ -4,8 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ferry_agent::gateway::{GatewayAdminClient, connect_admin};
@@ -23,7 +22,9 @@ use ferry_proto::etcd::etcdserverpb::{
 };
 use ferry_proto::v1::{GatewayStatusRequest, HoldRequest, ReleaseRequest, SwitchRequest};
 use ferry_tests::etcd::{EtcdOptions, EtcdServer, EtcdServerTls};
-use ferry_tests::ferry_binary;
+use ferry_tests::plane::{
+    etcdctl_binary, etcdctl_ok, ferry, ferry_command, ferry_with_env, kv, try_put, value_text,
+};
 use futures::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -45,12 +46,10 @@ impl GatewayProcess {
 
     fn start_with_env(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let stderr = tempfile::NamedTempFile::new().expect("a temp file");
-        let mut child = Command::new(ferry_binary())
+        let mut child = ferry_command()
             .args(["--output", "json", "gateway", "--listen", "127.0.0.1:0"])
             .args(["--upstream", upstream])
             .args(extra)
-            .env_remove("ETCD_USERNAME")
-            .env_remove("ETCD_PASSWORD")
             .env_remove("FERRY_AGENT_TOKEN")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -83,9 +82,7 @@ impl GatewayProcess {
     }
 
     async fn kv(&self) -> KvClient<Channel> {
-        KvClient::connect(format!("http://{}", self.listen))
-            .await
-            .expect("a kv client connects to the gateway")
+        kv(&self.listen).await
     }
 
     async fn admin(&self) -> GatewayAdminClient<Channel> {
@@ -104,80 +101,6 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn etcdctl_binary() -> PathBuf {
-    std::env::var_os("FERRY_TEST_ETCDCTL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("etcdctl"))
-}
-
-/// Runs `etcdctl --endpoints ENDPOINT ARGS...` (API v3) with `input` on stdin.
-fn etcdctl(endpoint: &str, args: &[&str], input: Option<&str>) -> Output {
-    let mut command = Command::new(etcdctl_binary());
-    command
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoint, "--command-timeout=20s"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-    let mut child = command
-        .spawn()
-        .expect("etcdctl runs (install Debian's etcd-client, or set FERRY_TEST_ETCDCTL)");
-    if let Some(input) = input {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write etcdctl's input");
-    }
-    child.wait_with_output().expect("etcdctl finishes")
-}
-
-fn etcdctl_ok(endpoint: &str, args: &[&str], input: Option<&str>) -> String {
-    let output = etcdctl(endpoint, args, input);
-    assert!(
-        output.status.success(),
-        "etcdctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
-/// The value of `key` in `server`, read directly (not through the gateway).
-async fn value_in(server: &EtcdServer, key: &str) -> Option<String> {
-    let mut client = KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("connect to etcd");
-    client
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner()
-        .kvs
-        .first()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-}
-
-async fn put(client: &mut KvClient<Channel>, key: &str, value: &str) -> Result<(), tonic::Status> {
-    client
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .map(|_| ())
 }
 
 /// A hold taken through the admin service: it lasts while `lease` is kept
@@ -257,9 +180,8 @@ async fn write_fence_record(
     if let Some(password) = password {
         as_root(old, password, &mut request).await;
     }
-    KvClient::connect(format!("http://{}", old.endpoint()))
+    kv(old)
         .await
-        .expect("connect")
         .txn(request)
         .await
         .expect("the fence record is written");
@@ -300,7 +222,7 @@ async fn etcdctl_works_through_the_gateway() {
         etcdctl_ok(&endpoint, &["put", "/app/a", "1"], None).trim(),
         "OK"
     );
-    assert_eq!(value_in(&etcd, "/app/a").await.as_deref(), Some("1"));
+    assert_eq!(value_text(&etcd, "/app/a").await.as_deref(), Some("1"));
     assert_eq!(
         etcdctl_ok(&endpoint, &["get", "/app/a", "--print-value-only"], None).trim(),
         "1"
@@ -312,9 +234,9 @@ async fn etcdctl_works_through_the_gateway() {
         Some("value(\"/app/a\") = \"1\"\n\nput /app/b 2\n\nput /app/b never\n\n"),
     );
     assert!(txn.starts_with("SUCCESS"), "txn said {txn:?}");
-    assert_eq!(value_in(&etcd, "/app/b").await.as_deref(), Some("2"));
+    assert_eq!(value_text(&etcd, "/app/b").await.as_deref(), Some("2"));
     assert_eq!(etcdctl_ok(&endpoint, &["del", "/app/a"], None).trim(), "1");
-    assert_eq!(value_in(&etcd, "/app/a").await, None);
+    assert_eq!(value_text(&etcd, "/app/a").await, None);
     // Leases: grant, keep alive once, time to live.
     let granted = etcdctl_ok(&endpoint, &["lease", "grant", "60"], None);
     let lease = granted
@@ -345,11 +267,11 @@ async fn etcdctl_works_through_the_gateway() {
     let mut lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
     // Put until the watcher reports it: it may not be watching yet.
     let seen = tokio::task::spawn_blocking(move || lines.next());
-    let mut client = gateway.kv().await;
+    let client = gateway.kv().await;
     let mut attempt = 0;
     while !seen.is_finished() {
         attempt += 1;
-        put(&mut client, "/app/watched", &format!("v{attempt}"))
+        try_put(&client, "/app/watched", &format!("v{attempt}"), 0)
             .await
             .expect("put");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -384,7 +306,7 @@ async fn writes_held_during_a_switch_land_in_the_new_etcd_only_in_arrival_order(
     let gateway = GatewayProcess::start(&old.url(), &[]);
     let mut admin = gateway.admin().await;
     let mut client = gateway.kv().await;
-    put(&mut client, "/before", "old").await.expect("put");
+    try_put(&client, "/before", "old", 0).await.expect("put");
 
     let held_writes = hold(&mut admin, 1, 30_000).await;
     assert_eq!(held_writes.drained, 0);
@@ -392,9 +314,9 @@ async fn writes_held_during_a_switch_land_in_the_new_etcd_only_in_arrival_order(
     // before it in line, so their arrival order is 0, 1, 2, ...
     let mut held = Vec::new();
     for index in 0..5 {
-        let mut client = client.clone();
+        let client = client.clone();
         held.push(tokio::spawn(async move {
-            put(&mut client, "/held", &index.to_string()).await
+            try_put(&client, "/held", &index.to_string(), 0).await
         }));
         wait_for_queued(&mut admin, index + 1).await;
     }
@@ -431,16 +353,14 @@ async fn writes_held_during_a_switch_land_in_the_new_etcd_only_in_arrival_order(
     for write in held {
         write.await.expect("joins").expect("a held write succeeds");
     }
-    put(&mut client, "/after", "new").await.expect("put");
+    try_put(&client, "/after", "new", 0).await.expect("put");
 
-    assert_eq!(value_in(&old, "/held").await, None);
-    assert_eq!(value_in(&old, "/after").await, None);
-    assert_eq!(value_in(&new, "/after").await.as_deref(), Some("new"));
-    assert_eq!(value_in(&new, "/before").await, None);
+    assert_eq!(value_text(&old, "/held").await, None);
+    assert_eq!(value_text(&old, "/after").await, None);
+    assert_eq!(value_text(&new, "/after").await.as_deref(), Some("new"));
+    assert_eq!(value_text(&new, "/before").await, None);
     // The key's history in the new etcd follows the arrival order.
-    let mut direct = KvClient::connect(format!("http://{}", new.endpoint()))
-        .await
-        .expect("connect");
+    let mut direct = kv(&new).await;
     let latest = direct
         .range(RangeRequest {
             key: b"/held".to_vec(),
@@ -485,15 +405,15 @@ async fn a_hold_that_lapses_settles_by_itself_and_the_held_writes_go_on() {
     let etcd = EtcdServer::start().expect("etcd starts");
     let gateway = GatewayProcess::start(&etcd.url(), &["--max-pause", "300ms"]);
     let mut admin = gateway.admin().await;
-    let mut client = gateway.kv().await;
+    let client = gateway.kv().await;
 
     // The pause runs out (max_pause_ms 0: the gateway's --max-pause) while
     // the lease is kept, as by a driver that hangs.
     let held = hold(&mut admin, 7, 0).await;
-    put(&mut client, "/late", "x")
+    try_put(&client, "/late", "x", 0)
         .await
         .expect("the held write goes on once the hold settles");
-    assert_eq!(value_in(&etcd, "/late").await.as_deref(), Some("x"));
+    assert_eq!(value_text(&etcd, "/late").await.as_deref(), Some("x"));
     let status = admin
         .status(GatewayStatusRequest {})
         .await
@@ -506,8 +426,8 @@ async fn a_hold_that_lapses_settles_by_itself_and_the_held_writes_go_on() {
     // The caller goes away long before the pause: the hold lapses at once.
     let held = hold(&mut admin, 8, 60_000).await;
     let waiting = {
-        let mut client = client.clone();
-        tokio::spawn(async move { put(&mut client, "/dropped", "y").await })
+        let client = client.clone();
+        tokio::spawn(async move { try_put(&client, "/dropped", "y", 0).await })
     };
     // The write waits in line: the gateway counts it.
     wait_for_queued(&mut admin, 1).await;
@@ -517,7 +437,7 @@ async fn a_hold_that_lapses_settles_by_itself_and_the_held_writes_go_on() {
         .await
         .expect("joins")
         .expect("the held write goes on once the lease is dropped");
-    assert_eq!(value_in(&etcd, "/dropped").await.as_deref(), Some("y"));
+    assert_eq!(value_text(&etcd, "/dropped").await.as_deref(), Some("y"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +446,7 @@ async fn reads_and_keep_alives_pass_during_a_hold_and_lease_grants_wait() {
     let gateway = GatewayProcess::start(&etcd.url(), &[]);
     let mut admin = gateway.admin().await;
     let mut client = gateway.kv().await;
-    put(&mut client, "/r", "1").await.expect("put");
+    try_put(&client, "/r", "1", 0).await.expect("put");
     let channel = Channel::from_shared(format!("http://{}", gateway.listen))
         .expect("uri")
         .connect()
@@ -627,21 +547,21 @@ async fn reads_and_keep_alives_pass_during_a_hold_and_lease_grants_wait() {
 async fn a_write_meeting_an_undecided_fence_unfences_it_after_the_pause() {
     let etcd = EtcdServer::start().expect("etcd starts");
     let gateway = GatewayProcess::start(&etcd.url(), &["--max-pause", "500ms"]);
-    let mut client = gateway.kv().await;
-    put(&mut client, "/k", "before").await.expect("put");
+    let client = gateway.kv().await;
+    try_put(&client, "/k", "before", 0).await.expect("put");
     write_fence_record(&etcd, None, 4, "etcd://127.0.0.1:1", false).await;
-    let refused = put(&mut client, "/k", "fenced")
+    let refused = try_put(&client, "/k", "fenced", 0)
         .await
         .expect_err("the plane is fenced and undecided");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("before"));
+    assert_eq!(value_text(&etcd, "/k").await.as_deref(), Some("before"));
     // A retry waits in the gateway's hold, then goes on once it settled.
-    put(&mut client, "/k", "after")
+    try_put(&client, "/k", "after", 0)
         .await
         .expect("the retry goes on after the gateway settles the fence");
-    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("after"));
-    assert_eq!(value_in(&etcd, "__ferry__/fenced").await, None);
-    let record = value_in(&etcd, "__ferry__/fence")
+    assert_eq!(value_text(&etcd, "/k").await.as_deref(), Some("after"));
+    assert_eq!(value_text(&etcd, "__ferry__/fenced").await, None);
+    let record = value_text(&etcd, "__ferry__/fence")
         .await
         .expect("the record");
     assert!(record.contains(r#""fenced":false"#), "{record}");
@@ -656,7 +576,7 @@ async fn a_switch_needs_a_committed_record_and_a_reachable_successor() {
     let other = EtcdServer::start().expect("other etcd starts");
     let gateway = GatewayProcess::start(&etcd.url(), &["--connect-timeout", "1s"]);
     let mut admin = gateway.admin().await;
-    let mut client = gateway.kv().await;
+    let client = gateway.kv().await;
 
     let held_writes = hold(&mut admin, 2, 30_000).await;
     let uncommitted = admin
@@ -681,13 +601,13 @@ async fn a_switch_needs_a_committed_record_and_a_reachable_successor() {
         .await
         .expect("release");
     drop(held_writes);
-    put(&mut client, "/k", "after").await.expect("put");
-    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("after"));
+    try_put(&client, "/k", "after", 0).await.expect("put");
+    assert_eq!(value_text(&etcd, "/k").await.as_deref(), Some("after"));
 
     let _held = hold(&mut admin, 3, 30_000).await;
     let held = {
-        let mut client = client.clone();
-        tokio::spawn(async move { put(&mut client, "/k", "held").await })
+        let client = client.clone();
+        tokio::spawn(async move { try_put(&client, "/k", "held", 0).await })
     };
     let nowhere = format!("etcd://127.0.0.1:{}", closed_port());
     commit_switch(&etcd, None, 3, &nowhere).await;
@@ -718,7 +638,7 @@ async fn a_switch_needs_a_committed_record_and_a_reachable_successor() {
         .expect("joins")
         .expect_err("the old plane is fenced");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert_eq!(value_in(&etcd, "/k").await.as_deref(), Some("after"));
+    assert_eq!(value_text(&etcd, "/k").await.as_deref(), Some("after"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,7 +708,7 @@ async fn watches_end_unavailable_on_a_switch_and_reopen_on_the_new_etcd() {
     let new = EtcdServer::start().expect("new etcd starts");
     let gateway = GatewayProcess::start(&old.url(), &[]);
     let mut admin = gateway.admin().await;
-    let mut client = gateway.kv().await;
+    let client = gateway.kv().await;
     let watch = |start_revision: i64| WatchRequest {
         request_union: Some(watch_request::RequestUnion::CreateRequest(
             WatchCreateRequest {
@@ -808,7 +728,7 @@ async fn watches_end_unavailable_on_a_switch_and_reopen_on_the_new_etcd() {
         .into_inner();
     let created = events.message().await.expect("created").expect("one");
     assert!(created.created);
-    put(&mut client, "/w", "on-old").await.expect("put");
+    try_put(&client, "/w", "on-old", 0).await.expect("put");
     let event = events.message().await.expect("event").expect("one");
     assert_eq!(event.events[0].kv.as_ref().expect("kv").value, b"on-old");
 
@@ -848,11 +768,11 @@ async fn watches_end_unavailable_on_a_switch_and_reopen_on_the_new_etcd() {
             .expect("one")
             .created
     );
-    put(&mut client, "/w", "on-new").await.expect("put");
+    try_put(&client, "/w", "on-new", 0).await.expect("put");
     let event = events.message().await.expect("event").expect("one");
     assert_eq!(event.events[0].kv.as_ref().expect("kv").value, b"on-new");
-    assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
-    assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+    assert_eq!(value_text(&new, "/w").await.as_deref(), Some("on-new"));
+    assert_eq!(value_text(&old, "/w").await.as_deref(), Some("on-old"));
 }
 
 /// Turns auth on in `server` with user `root` (role root) and `password`.
@@ -908,9 +828,7 @@ async fn value_as_root(server: &EtcdServer, password: &str, key: &str) -> Option
         ..RangeRequest::default()
     });
     as_root(server, password, &mut request).await;
-    let mut client = KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("connect");
+    let mut client = kv(server).await;
     client
         .range(request)
         .await
@@ -930,19 +848,19 @@ async fn the_gateway_authenticates_with_its_own_credentials_and_passes_client_to
     enable_auth(&new, PASSWORD).await;
 
     // A wrong password: the gateway does not start, and says why without it.
-    let refused = Command::new(ferry_binary())
-        .args([
+    let refused = ferry_with_env(
+        &[
             "gateway",
             "--listen",
             "127.0.0.1:0",
             "--upstream",
             &old.url(),
-        ])
-        .env("ETCD_USERNAME", "root")
-        .env("ETCD_PASSWORD", "not-the-password")
-        .stdin(Stdio::null())
-        .output()
-        .expect("ferry gateway runs");
+        ],
+        &[
+            ("ETCD_USERNAME", "root"),
+            ("ETCD_PASSWORD", "not-the-password"),
+        ],
+    );
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("authenticating"), "{message}");
@@ -958,7 +876,7 @@ async fn the_gateway_authenticates_with_its_own_credentials_and_passes_client_to
     );
     // A client without a token writes as the gateway's user.
     let mut client = gateway.kv().await;
-    put(&mut client, "/anonymous", "1")
+    try_put(&client, "/anonymous", "1", 0)
         .await
         .expect("a put with the gateway's token");
     assert_eq!(
@@ -1013,7 +931,7 @@ async fn the_gateway_authenticates_with_its_own_credentials_and_passes_client_to
         .release(ReleaseRequest { epoch: 1 })
         .await
         .expect("release");
-    put(&mut client, "/anonymous", "on-new")
+    try_put(&client, "/anonymous", "on-new", 0)
         .await
         .expect("a put with the gateway's token on the new etcd");
     assert_eq!(
@@ -1051,13 +969,17 @@ async fn the_gateway_reaches_a_tls_upstream_with_its_own_certificate() {
     let tls_url = format!("etcds://{}", etcd.endpoint());
 
     // Without its certificate the gateway does not start, and says why.
-    let refused = Command::new(ferry_binary())
-        .args(["gateway", "--listen", "127.0.0.1:0", "--upstream", &tls_url])
-        .args(["--etcd-ca-file", &file("ca.pem")])
-        .args(["--connect-timeout", "3s"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ferry gateway runs");
+    let refused = ferry(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &tls_url,
+        "--etcd-ca-file",
+        &file("ca.pem"),
+        "--connect-timeout",
+        "3s",
+    ]);
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains(&tls_url), "{message}");
@@ -1075,7 +997,7 @@ async fn the_gateway_reaches_a_tls_upstream_with_its_own_certificate() {
     );
     // Clients speak plain HTTP/2 to the gateway; the gateway TLS upstream.
     let mut client = gateway.kv().await;
-    put(&mut client, "/over-tls", "yes").await.expect("put");
+    try_put(&client, "/over-tls", "yes", 0).await.expect("put");
     let read = client
         .range(RangeRequest {
             key: b"/over-tls".to_vec(),
@@ -1102,11 +1024,9 @@ async fn etcdctl_watch_reopens_on_the_new_etcd_after_a_switch() {
     // etcdctl resumes its watch from the last revision it saw plus one, and
     // that is the old etcd's revision: give the new etcd a higher one, as a
     // migration's target usually has (see the gateway's documentation).
-    let mut seed = KvClient::connect(format!("http://{}", new.endpoint()))
-        .await
-        .expect("connect");
+    let seed = kv(&new).await;
     for index in 0..20 {
-        put(&mut seed, "/seed", &index.to_string())
+        try_put(&seed, "/seed", &index.to_string(), 0)
             .await
             .expect("seed");
     }
@@ -1138,7 +1058,7 @@ async fn etcdctl_watch_reopens_on_the_new_etcd_after_a_switch() {
         value: &str,
     ) {
         for _ in 0..100 {
-            put(client, "/w", value).await.expect("put");
+            try_put(client, "/w", value, 0).await.expect("put");
             let deadline = tokio::time::sleep(Duration::from_millis(300));
             tokio::pin!(deadline);
             loop {
@@ -1172,8 +1092,8 @@ async fn etcdctl_watch_reopens_on_the_new_etcd_after_a_switch() {
     until_seen(&mut client, &mut lines, "on-new").await;
     let _ = watcher.kill();
     let _ = watcher.wait();
-    assert_eq!(value_in(&new, "/w").await.as_deref(), Some("on-new"));
-    assert_eq!(value_in(&old, "/w").await.as_deref(), Some("on-old"));
+    assert_eq!(value_text(&new, "/w").await.as_deref(), Some("on-new"));
+    assert_eq!(value_text(&old, "/w").await.as_deref(), Some("on-old"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1211,8 +1131,8 @@ async fn the_admin_service_requires_its_token_when_one_is_set() {
         .into_inner();
     assert!(!status.holding, "the refused hold did nothing");
     // etcd's API needs no admin token.
-    let mut client = gateway.kv().await;
-    put(&mut client, "/k", "v").await.expect("put");
+    let client = gateway.kv().await;
+    try_put(&client, "/k", "v", 0).await.expect("put");
     assert!(!gateway.log().contains("admin-t0ken"));
 }
 
@@ -1223,19 +1143,17 @@ async fn the_gateway_serves_tls_to_its_clients_and_to_ferry_migrate() {
     let etcd = EtcdServer::start().expect("etcd");
 
     // A key file that is not a key: the gateway does not start, and says so.
-    let refused = Command::new(ferry_binary())
-        .args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &etcd.url(),
-        ])
-        .args(["--tls-cert-file", &file("server.pem")])
-        .args(["--tls-key-file", &file("ca.pem")])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ferry gateway runs");
+    let refused = ferry(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &etcd.url(),
+        "--tls-cert-file",
+        &file("server.pem"),
+        "--tls-key-file",
+        &file("ca.pem"),
+    ]);
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("TLS"), "{message}");
@@ -1260,21 +1178,23 @@ async fn the_gateway_serves_tls_to_its_clients_and_to_ferry_migrate() {
         .connect()
         .await
         .expect("a TLS client connects to the gateway");
-    let mut client = KvClient::new(channel);
-    put(&mut client, "/gateway-tls", "yes").await.expect("put");
+    let client = KvClient::new(channel);
+    try_put(&client, "/gateway-tls", "yes", 0)
+        .await
+        .expect("put");
     assert_eq!(
-        value_in(&etcd, "/gateway-tls").await.as_deref(),
+        value_text(&etcd, "/gateway-tls").await.as_deref(),
         Some("yes")
     );
 
     // A plain-text client gets no answer from a TLS listener.
     let plain = KvClient::connect(format!("http://{}", gateway.listen)).await;
     let plain_put = match plain {
-        Ok(mut plain) => put(&mut plain, "/plain", "no").await.is_err(),
+        Ok(plain) => try_put(&plain, "/plain", "no", 0).await.is_err(),
         Err(_) => true,
     };
     assert!(plain_put, "plain text is refused");
-    assert_eq!(value_in(&etcd, "/plain").await, None);
+    assert_eq!(value_text(&etcd, "/plain").await, None);
 
     // The admin service as `ferry migrate --agent-ca-file` reaches it.
     let mut admin = ferry_agent::client::connect_gateway(
@@ -1317,7 +1237,7 @@ async fn a_request_over_the_size_cap_is_refused_as_it_arrives_neither_held_nor_f
     // Writes are held for a minute: a write under the cap would wait in
     // line; this one is refused while the hold still stands.
     let held = hold(&mut admin, 1, 60_000).await;
-    let refused = put(&mut client, "/big/two-mib", &two_mib)
+    let refused = try_put(&client, "/big/two-mib", &two_mib, 0)
         .await
         .expect_err("2 MiB and its key are over 1.5 MiB + 512 KiB");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
@@ -1338,7 +1258,7 @@ async fn a_request_over_the_size_cap_is_refused_as_it_arrives_neither_held_nor_f
     assert_eq!(status.queued_writes, 0, "never held: {status:?}");
     drop(held);
     assert_eq!(
-        value_in(&etcd, "/big/two-mib").await,
+        value_text(&etcd, "/big/two-mib").await,
         None,
         "never forwarded"
     );
@@ -1346,10 +1266,11 @@ async fn a_request_over_the_size_cap_is_refused_as_it_arrives_neither_held_nor_f
     // Under the cap, through to etcd; and a Range whose answer is larger
     // than the cap comes back whole.
     for index in 0..3 {
-        put(
-            &mut client,
+        try_put(
+            &client,
             &format!("/big/one-mib-{index}"),
             &"y".repeat(1 << 20),
+            0,
         )
         .await
         .expect("1 MiB is under the gateway's cap and etcd's");
@@ -1371,11 +1292,11 @@ async fn a_request_over_the_size_cap_is_refused_as_it_arrives_neither_held_nor_f
         &etcd.url(),
         &["--max-request-bytes", &(3 << 20).to_string()],
     );
-    put(&mut large_gateway.kv().await, "/big/two-mib", &two_mib)
+    try_put(&large_gateway.kv().await, "/big/two-mib", &two_mib, 0)
         .await
         .expect("2 MiB is under a 3 MiB cap");
     assert_eq!(
-        value_in(&etcd, "/big/two-mib")
+        value_text(&etcd, "/big/two-mib")
             .await
             .map(|value| value.len()),
         Some(2 << 20)

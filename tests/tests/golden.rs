@@ -9,7 +9,7 @@
 //! works on a copy in a temporary directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use bytes::Bytes;
 use ferry_engine::Op;
@@ -19,7 +19,7 @@ use ferry_engine::migrations::profile::{PROFILE_FORMAT_VERSION, Profile};
 use ferry_engine::segment::{
     self, MAGIC, SegmentEncoder, SegmentHeader, SegmentLimits, SegmentOptions, decode_segment,
 };
-use ferry_tests::ferry_binary;
+use ferry_tests::plane::ferry;
 
 /// The folder of format version 1 (manifest 1, segment 1, migration file
 /// and profile 1).
@@ -66,13 +66,6 @@ fn copy_of(folder: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     copy_tree(&golden(folder), dir.path());
     dir
-}
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(ferry_binary())
-        .args(args)
-        .output()
-        .expect("ferry runs")
 }
 
 fn succeeds(output: &Output) {

@@ -25,12 +25,13 @@ use std::time::Duration;
 use ferry_agent::client::{ClientOptions, connect_source, connect_target};
 use ferry_proto::etcd::etcdserverpb::{CompactionRequest, RangeRequest};
 use ferry_proto::v1::{ApplyRequest, CheckpointRequest, DescribeRequest, OpBatch, StreamStart};
-use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, cluster_id_and_revision, expected_history, history, kv,
     migrate_output, migrate_report, spawn_ferry, start_target_agent, wait_for_phase, with_options,
     writer,
 };
+use ferry_tests::plane::ferry;
+use ferry_tests::process::signal;
 
 /// A fault to inject while the migration runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,15 +295,6 @@ async fn stale_apply(source_agent: &str, target_agent: &str, stream_id: &str) ->
     }
 }
 
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
 /// The checks after a migration that switched.
 async fn assert_switched_without_loss(cluster: &Cluster, outcome: &Outcome) {
     let report = &outcome.report;
@@ -462,19 +454,13 @@ async fn writers_keep_writing_through_a_live_migration_and_lose_nothing() {
     // The migration left a sound backup of everything it moved behind.
     let tee_line = outcome.report["tee"].as_str().unwrap_or_default();
     assert!(tee_line.contains("sealed"), "{}", outcome.report);
-    let verified = std::process::Command::new(ferry_binary())
-        .args(["--output", "json", "verify", &tee_url])
-        .output()
-        .expect("ferry verify runs");
+    let verified = ferry(&["--output", "json", "verify", &tee_url]);
     assert!(
         verified.status.success(),
         "{}",
         String::from_utf8_lossy(&verified.stderr)
     );
-    let listing = std::process::Command::new(ferry_binary())
-        .args(["--output", "json", "inspect", &tee_url])
-        .output()
-        .expect("ferry inspect runs");
+    let listing = ferry(&["--output", "json", "inspect", &tee_url]);
     let listing = String::from_utf8_lossy(&listing.stdout);
     let moved = outcome.report["ops_moved"].as_u64().expect("ops moved");
     assert!(
@@ -747,20 +733,17 @@ async fn assert_the_old_etcd_holds_every_acknowledged_write(
 async fn a_dry_run_prints_the_steps_and_changes_nothing() {
     let cluster = Cluster::start().await;
     let (_, before) = cluster_id_and_revision(&cluster.old.endpoint()).await;
-    let output = std::process::Command::new(ferry_binary())
-        .args([
-            "migrate",
-            "--live",
-            "--dry-run",
-            "--source-agent",
-            &cluster.source_agent.field("listen"),
-            "--target-agent",
-            &cluster.target_agent.field("listen"),
-            "--gateway",
-            &cluster.gateway.field("admin"),
-        ])
-        .output()
-        .expect("ferry runs");
+    let output = ferry(&[
+        "migrate",
+        "--live",
+        "--dry-run",
+        "--source-agent",
+        &cluster.source_agent.field("listen"),
+        "--target-agent",
+        &cluster.target_agent.field("listen"),
+        "--gateway",
+        &cluster.gateway.field("admin"),
+    ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

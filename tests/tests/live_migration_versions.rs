@@ -27,15 +27,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_proto::etcd::etcdserverpb::request_op::Request;
-use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest};
 use ferry_tests::etcd::EtcdServer;
-use ferry_tests::ferry_binary;
 use ferry_tests::live::{
     Cluster, Effect, WRITERS, Write, WriterKeys, cluster_id_and_revision, count_under, kv,
     migrate_report, prefix_end, spawn_ferry, wait_for_phase, with_options, writer_with,
 };
+use ferry_tests::plane::{delete, ferry, put, value_at_revision};
 use ferry_tests::process::FerryProcess;
 use serde_json::{Value, json};
 
@@ -347,7 +345,8 @@ async fn migrate_mystic(
             put(
                 &cluster.new.endpoint(),
                 "/mystic/users/stray",
-                &json!({"name": "stray"}),
+                json!({"name": "stray"}).to_string(),
+                0,
             )
             .await;
         }
@@ -877,10 +876,7 @@ async fn a_chain_with_a_hole_or_a_missing_down_is_refused_before_anything_is_wri
         .into_iter()
         .filter(|argument| argument != "--output" && argument != "json")
         .collect();
-    let output = std::process::Command::new(ferry_binary())
-        .args(&args)
-        .output()
-        .expect("ferry runs");
+    let output = ferry(&args);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -1013,20 +1009,6 @@ async fn a_chain_whose_image_verify_cannot_compare_is_refused_before_anything_is
     assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
 }
 
-/// Puts `value` at `key` in the etcd at `endpoint` (the old one, or the
-/// gateway in front of it).
-async fn put(endpoint: &str, key: &str, value: &Value) {
-    kv(endpoint)
-        .await
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.to_string().into_bytes(),
-            ..PutRequest::default()
-        })
-        .await
-        .unwrap_or_else(|status| panic!("put {key}: {status}"));
-}
-
 /// A write through the gateway is answered by the old etcd.
 async fn assert_the_gateway_writes_to_the_old_etcd(cluster: &Cluster) {
     let answer = kv(&cluster.gateway.field("listen"))
@@ -1047,18 +1029,6 @@ async fn assert_the_gateway_writes_to_the_old_etcd(cluster: &Cluster) {
     );
 }
 
-/// Deletes `key` in the etcd at `endpoint`.
-async fn delete(endpoint: &str, key: &str) {
-    kv(endpoint)
-        .await
-        .delete_range(DeleteRangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..DeleteRangeRequest::default()
-        })
-        .await
-        .unwrap_or_else(|status| panic!("delete {key}: {status}"));
-}
-
 /// Runs a `ferry migrate` with `extra` flags (and `--dry-run`) that is to
 /// stop by itself with an error: its exit code and stderr.
 fn refused_migration(
@@ -1071,10 +1041,7 @@ fn refused_migration(
     if dry_run {
         extra.push("--dry-run");
     }
-    let output = std::process::Command::new(ferry_binary())
-        .args(with_options(cluster.migrate_args(status_file), &extra))
-        .output()
-        .expect("ferry runs");
+    let output = ferry(&with_options(cluster.migrate_args(status_file), &extra));
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -1082,20 +1049,10 @@ fn refused_migration(
 }
 
 /// The value at `key` in the etcd at `endpoint`, as JSON, if it is there.
-async fn get(endpoint: &str, key: &str) -> Option<Value> {
-    let answer = kv(endpoint)
+async fn json_at(endpoint: &str, key: &str) -> Option<Value> {
+    value_at_revision(endpoint, key, 0)
         .await
-        .range(RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        })
-        .await
-        .unwrap_or_else(|status| panic!("get {key}: {status}"))
-        .into_inner();
-    answer
-        .kvs
-        .first()
-        .map(|kv| serde_json::from_slice(&kv.value).expect("a JSON value"))
+        .map(|value| serde_json::from_slice(&value).expect("a JSON value"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,8 +1062,20 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
     let old = cluster.old.endpoint();
     let new = cluster.new.endpoint();
     seed_mystic(&old, 1).await;
-    put(&old, "/mystic/users/Foo", &json!({"name": "Foo", "n": 1})).await;
-    put(&old, "/mystic/users/FOO", &json!({"name": "FOO", "n": 2})).await;
+    put(
+        &old,
+        "/mystic/users/Foo",
+        json!({"name": "Foo", "n": 1}).to_string(),
+        0,
+    )
+    .await;
+    put(
+        &old,
+        "/mystic/users/FOO",
+        json!({"name": "FOO", "n": 2}).to_string(),
+        0,
+    )
+    .await;
     let (_, old_before) = cluster_id_and_revision(&old).await;
     let temp = tempfile::tempdir().expect("temp dir");
     let status_file = temp.path().join("status.json");
@@ -1163,12 +1132,13 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
     put(
         &gateway,
         "/mystic/users/FOO",
-        &json!({"name": "FOO", "n": 3}),
+        json!({"name": "FOO", "n": 3}).to_string(),
+        0,
     )
     .await;
     let moved = async {
         for _ in 0..200 {
-            if get(&new, "/mystic/users/foo").await == Some(json!({"name": "foo", "n": 3})) {
+            if json_at(&new, "/mystic/users/foo").await == Some(json!({"name": "foo", "n": 3})) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1185,7 +1155,8 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
     put(
         &gateway,
         "/mystic/users/Foo",
-        &json!({"name": "Foo", "n": 4}),
+        json!({"name": "Foo", "n": 4}).to_string(),
+        0,
     )
     .await;
     let output = tokio::time::timeout(Duration::from_secs(60), migrate.wait_with_output())
@@ -1206,18 +1177,18 @@ async fn two_names_that_lowercase_to_one_stop_a_live_migration_before_the_target
         assert!(stderr.contains(says), "says {says:?}: {stderr}");
     }
     assert_eq!(
-        get(&new, "/mystic/users/foo").await,
+        json_at(&new, "/mystic/users/foo").await,
         Some(json!({"name": "foo", "n": 3})),
         "the second key overwrote the first in the new etcd"
     );
     // Clients still write to the old etcd, which holds both.
     assert_the_gateway_writes_to_the_old_etcd(&cluster).await;
     assert_eq!(
-        get(&old, "/mystic/users/Foo").await,
+        json_at(&old, "/mystic/users/Foo").await,
         Some(json!({"name": "Foo", "n": 4}))
     );
     assert_eq!(
-        get(&old, "/mystic/users/FOO").await,
+        json_at(&old, "/mystic/users/FOO").await,
         Some(json!({"name": "FOO", "n": 3}))
     );
 

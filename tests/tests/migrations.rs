@@ -6,75 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
-use ferry_proto::etcd::etcdserverpb::{LeaseGrantRequest, PutRequest, RangeRequest};
+use ferry_proto::etcd::etcdserverpb::{PutRequest, RangeRequest};
 use ferry_tests::etcd::EtcdServer;
 use ferry_tests::ferry_binary;
 use ferry_tests::live::count_under;
-use tonic::transport::Channel;
+use ferry_tests::plane::{FerryKeys, dump_text, ferry, ferry_command, grant, kv, put};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("examples")
         .join("profiles")
-}
-
-async fn kv(server: &EtcdServer) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("a kv client connects")
-}
-
-async fn put(server: &EtcdServer, key: &str, value: &str) {
-    kv(server)
-        .await
-        .put(PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
-            ..PutRequest::default()
-        })
-        .await
-        .expect("put");
-}
-
-/// Every key and value of the server, ferry's own keys included when asked.
-async fn dump(server: &EtcdServer, with_ferry_keys: bool) -> Vec<(String, String)> {
-    let response = kv(server)
-        .await
-        .range(RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            ..RangeRequest::default()
-        })
-        .await
-        .expect("range")
-        .into_inner();
-    response
-        .kvs
-        .into_iter()
-        .map(|kv| {
-            (
-                String::from_utf8(kv.key).expect("text keys"),
-                String::from_utf8(kv.value).expect("text values"),
-            )
-        })
-        .filter(|(key, _)| with_ferry_keys || !key.starts_with("__ferry__/"))
-        .collect()
-}
-
-fn ferry(args: &[&str]) -> Output {
-    ferry_command().args(args).output().expect("ferry runs")
-}
-
-/// `ferry`, with no etcd credentials from this environment.
-fn ferry_command() -> Command {
-    let mut command = Command::new(ferry_binary());
-    command
-        .env_remove("ETCD_USERNAME")
-        .env_remove("ETCD_PASSWORD");
-    command
 }
 
 fn stderr(output: &Output) -> String {
@@ -117,33 +59,38 @@ async fn seed_mystic(server: &EtcdServer) {
         server,
         "/mystic/users/Alice",
         r#"{"name":"Alice","email":"a@example.com"}"#,
+        0,
     )
     .await;
     put(
         server,
         "/mystic/pipelines/ImageNet-Classifier",
         r#"{"name":"ImageNet-Classifier","environment":"py39-torch","gpu":true}"#,
+        0,
     )
     .await;
     put(
         server,
         "/mystic/pipelines/stable-diffusion",
         r#"{"name":"stable-diffusion","environment":"py310","gpu":true}"#,
+        0,
     )
     .await;
     put(
         server,
         "/mystic/environments/py39-torch",
         r#"{"python":"3.9"}"#,
+        0,
     )
     .await;
     put(
         server,
         "/mystic/v3/runs/run-0001",
         r#"{"pipeline":"ImageNet-Classifier","state":"done"}"#,
+        0,
     )
     .await;
-    put(server, "/mystic/settings/banner", "plain text, not JSON").await;
+    put(server, "/mystic/settings/banner", "plain text, not JSON", 0).await;
 }
 
 /// `ferry restore --from STORE --target TARGET_URL` through the example
@@ -212,10 +159,13 @@ async fn a_mystic_v3_backup_restores_as_v4() {
         "{}",
         stderr(&output)
     );
-    assert!(dump(&target, true).await.is_empty(), "nothing was written");
+    assert!(
+        dump_text(&target, "", FerryKeys::Included).await.is_empty(),
+        "nothing was written"
+    );
 
     succeeds(&restore_mystic(&store, &target.url(), "v3", "v4", &[]));
-    let restored = dump(&target, false).await;
+    let restored = dump_text(&target, "", FerryKeys::Excluded).await;
     let expected: Vec<(String, String)> = [
         (
             "/mystic/pipelines/imagenet-classifier",
@@ -272,7 +222,7 @@ async fn a_mystic_v3_backup_restores_as_v4() {
         "{}",
         stderr(&output)
     );
-    assert!(dump(&back, true).await.is_empty());
+    assert!(dump_text(&back, "", FerryKeys::Included).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +232,7 @@ async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
         &source,
         "/mystic/pipelines/IMAGENET-classifier",
         r#"{"name":"IMAGENET-classifier"}"#,
+        0,
     )
     .await;
     let (_dir, store) = extract(&source, "/mystic/");
@@ -297,7 +248,7 @@ async fn names_that_lowercase_alike_are_refused_before_anything_is_written() {
         assert!(message.contains(part), "{part} missing from: {message}");
     }
     assert!(
-        dump(&target, true).await.is_empty(),
+        dump_text(&target, "", FerryKeys::Included).await.is_empty(),
         "the target stays empty"
     );
 }
@@ -310,8 +261,8 @@ async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
     let (source, target) = mystic_source_and_empty_target().await;
     let (_dir, store) = extract(&source, "/mystic/v3/");
     let theirs = r#"{"pipeline":"someone else's","state":"running"}"#;
-    put(&target, "/mystic/v4/runs/run-0001", theirs).await;
-    let before = dump(&target, true).await;
+    put(&target, "/mystic/v4/runs/run-0001", theirs, 0).await;
+    let before = dump_text(&target, "", FerryKeys::Included).await;
     let target_url = target.url();
     let restore = |extra: &[&str]| restore_mystic(&store, &target_url, "v3", "v4", extra);
     let output = restore(&[]);
@@ -321,12 +272,16 @@ async fn a_target_holding_keys_where_the_chain_lands_them_is_refused() {
         "the refusal names the key: {}",
         stderr(&output)
     );
-    assert_eq!(dump(&target, true).await, before, "the target is unchanged");
+    assert_eq!(
+        dump_text(&target, "", FerryKeys::Included).await,
+        before,
+        "the target is unchanged"
+    );
 
     // Told so, the restore writes over it.
     succeeds(&restore(&["--allow-nonempty"]));
     assert_eq!(
-        dump(&target, false).await,
+        dump_text(&target, "", FerryKeys::Excluded).await,
         vec![(
             "/mystic/v4/runs/run-0001".to_owned(),
             r#"{"pipeline":"imagenet-classifier","state":"done"}"#.to_owned()
@@ -381,7 +336,7 @@ async fn a_restore_through_the_chain_killed_at_any_moment_applies_each_op_once()
         "v4",
         &["--quiet"],
     ));
-    let expected = dump(&unbroken, false).await;
+    let expected = dump_text(&unbroken, "", FerryKeys::Excluded).await;
     assert_eq!(expected.len(), 1500 - 375, "v4 drops the environments");
 
     let target = EtcdServer::start().expect("etcd");
@@ -438,7 +393,7 @@ async fn a_restore_through_the_chain_killed_at_any_moment_applies_each_op_once()
         "a restore was killed while it wrote (keys held at each kill: {held_at_kills:?}, of {})",
         expected.len()
     );
-    assert_eq!(dump(&target, false).await, expected);
+    assert_eq!(dump_text(&target, "", FerryKeys::Excluded).await, expected);
     let written_twice: Vec<String> = kv(&target)
         .await
         .range(RangeRequest {
@@ -485,8 +440,8 @@ fn small_profile(up: &str, down: Option<&str>) -> tempfile::TempDir {
 async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
     let source = EtcdServer::start().expect("source etcd");
     let target = EtcdServer::start().expect("target etcd");
-    put(&source, "/small/a", r#"{"x":{"y":1}}"#).await;
-    put(&source, "/small/b", r#"{"x":"a string"}"#).await;
+    put(&source, "/small/a", r#"{"x":{"y":1}}"#, 0).await;
+    put(&source, "/small/b", r#"{"x":"a string"}"#, 0).await;
     let (_dir, store) = extract(&source, "/small/");
 
     // A jq error on the second op: the first is not written either.
@@ -517,7 +472,7 @@ async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
     ] {
         assert!(message.contains(part), "{part} missing from: {message}");
     }
-    assert!(dump(&target, true).await.is_empty());
+    assert!(dump_text(&target, "", FerryKeys::Included).await.is_empty());
 
     // An output that is not an op.
     let profile = small_profile("del(.key)", None);
@@ -540,7 +495,7 @@ async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
         "{}",
         stderr(&output)
     );
-    assert!(dump(&target, true).await.is_empty());
+    assert!(dump_text(&target, "", FerryKeys::Included).await.is_empty());
 
     // No migration from 2 to 3: a hole, refused before reading anything.
     let profile = small_profile(".", Some("."));
@@ -563,7 +518,7 @@ async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
         "{}",
         stderr(&output)
     );
-    assert!(dump(&target, true).await.is_empty());
+    assert!(dump_text(&target, "", FerryKeys::Included).await.is_empty());
 
     // Down without a `down` filter.
     let profile = small_profile(".", None);
@@ -586,7 +541,7 @@ async fn jq_errors_holes_and_missing_downs_stop_before_anything_is_written() {
         "{}",
         stderr(&output)
     );
-    assert!(dump(&target, true).await.is_empty());
+    assert!(dump_text(&target, "", FerryKeys::Included).await.is_empty());
 }
 
 /// Exodus ModelInfo documents as an API writes them: compact, keys in the
@@ -601,16 +556,22 @@ fn model(index: usize) -> String {
 /// that is not a model.
 async fn seed_exodus(server: &EtcdServer) {
     for index in 0..20 {
-        put(server, &format!("/exodus/models/{index:02}"), &model(index)).await;
+        put(
+            server,
+            &format!("/exodus/models/{index:02}"),
+            &model(index),
+            0,
+        )
+        .await;
     }
-    put(server, "/exodus/other", "not a model").await;
+    put(server, "/exodus/other", "not a model", 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_history() {
     let server = EtcdServer::start().expect("etcd");
     seed_exodus(&server).await;
-    let before = dump(&server, false).await;
+    let before = dump_text(&server, "", FerryKeys::Excluded).await;
     let profile = examples().join("exodus-modelinfo");
     let dir = profile.to_str().expect("utf-8");
     let url = server.url();
@@ -639,7 +600,7 @@ async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_histo
         "--max-txn-ops",
         "8",
     ]));
-    let after_up = dump(&server, false).await;
+    let after_up = dump_text(&server, "", FerryKeys::Excluded).await;
     assert_eq!(after_up.len(), before.len());
     for (key, value) in &after_up {
         if let Some(index) = key.strip_prefix("/exodus/models/") {
@@ -688,7 +649,7 @@ async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_histo
         "--to",
         "1",
     ]));
-    assert_eq!(dump(&server, false).await, before);
+    assert_eq!(dump_text(&server, "", FerryKeys::Excluded).await, before);
     let status = ferry(&[
         "migrations",
         "status",
@@ -708,17 +669,10 @@ async fn exodus_in_place_up_then_down_gives_back_the_bytes_with_status_and_histo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_is_refused_while_another_holds_the_lock() {
     let server = EtcdServer::start().expect("etcd");
-    put(&server, "/exodus/models/00", &model(0)).await;
+    put(&server, "/exodus/models/00", &model(0), 0).await;
     // Built first: the lease below must not run out while ferry builds.
     ferry_binary();
-    let lease = LeaseClient::connect(format!("http://{}", server.endpoint()))
-        .await
-        .expect("lease client")
-        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
-        .await
-        .expect("grant")
-        .into_inner()
-        .id;
+    let lease = grant(&server, 600).await;
     kv(&server)
         .await
         .put(PutRequest {
@@ -746,7 +700,7 @@ async fn a_second_run_is_refused_while_another_holds_the_lock() {
         stderr(&output)
     );
     assert_eq!(
-        dump(&server, false).await,
+        dump_text(&server, "", FerryKeys::Excluded).await,
         vec![("/exodus/models/00".to_owned(), model(0))],
         "nothing changed"
     );
@@ -821,7 +775,7 @@ async fn a_restore_onto_an_older_version_runs_the_down_steps_and_gives_back_the_
     // Up: every model gains baz.
     let upgraded = EtcdServer::start().expect("etcd at version 2");
     restore_exodus(&store_v1, &upgraded, "1", "2");
-    let models_v2 = dump(&upgraded, false).await;
+    let models_v2 = dump_text(&upgraded, "", FerryKeys::Excluded).await;
     assert_eq!(models_v2.len(), 21);
     for (key, value) in &models_v2 {
         if key == "/exodus/other" {
@@ -842,5 +796,8 @@ async fn a_restore_onto_an_older_version_runs_the_down_steps_and_gives_back_the_
     let (_dir, store_v2) = extract(&upgraded, "/exodus/");
     let downgraded = EtcdServer::start().expect("etcd at version 1 again");
     restore_exodus(&store_v2, &downgraded, "2", "1");
-    assert_eq!(dump(&downgraded, false).await, dump(&original, false).await);
+    assert_eq!(
+        dump_text(&downgraded, "", FerryKeys::Excluded).await,
+        dump_text(&original, "", FerryKeys::Excluded).await
+    );
 }

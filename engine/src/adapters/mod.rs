@@ -8,6 +8,7 @@
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
 //! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster (`etcds://` for TLS) |
 
+pub mod driver;
 pub mod etcd;
 pub mod jsonl;
 pub mod live;
@@ -137,6 +138,47 @@ pub enum AdapterError {
     /// The target failed or refused, in its adapter's own words.
     #[error("{0}")]
     Target(Box<dyn PlatformError>),
+    /// A newer migration attempt owns the target (G5).
+    #[error(
+        "{target_name} belongs to migration attempt (epoch) {stored}, newer than this one's {offered}; this attempt was superseded and wrote nothing more"
+    )]
+    StaleEpoch {
+        /// The target, for people.
+        target_name: String,
+        /// The epoch the target holds.
+        stored: u64,
+        /// This sink's epoch.
+        offered: u64,
+    },
+    /// An op names in its `deps` a key that neither the target nor the
+    /// stream holds (G6).
+    #[error(
+        "cannot apply op seq {seq} (key {key}) to {target_name}: it depends on {dep}, and {why}"
+    )]
+    UnmetDependency {
+        /// The target, for people.
+        target_name: String,
+        /// The op.
+        seq: u64,
+        /// Its key, printable.
+        key: String,
+        /// The key it waits for, printable.
+        dep: String,
+        /// Why the wait ended.
+        why: String,
+    },
+    /// A source transaction was left open by the ops of another (G3).
+    #[error(
+        "op seq {seq} to {target_name} breaks source transaction {txn}, which has not ended with its last op (the stream broke G3)"
+    )]
+    BrokenTransaction {
+        /// The target, for people.
+        target_name: String,
+        /// The op that came instead.
+        seq: u64,
+        /// The transaction left open.
+        txn: u64,
+    },
     /// Writing to the target failed.
     #[error("cannot write {target_name}: {error}")]
     Write {
@@ -152,12 +194,13 @@ impl AdapterError {
     pub(crate) fn class(&self) -> ErrorClass {
         match self {
             AdapterError::Source(error) | AdapterError::Target(error) => error.class(),
-            AdapterError::BadUrl { .. } | AdapterError::Unrepresentable { .. } => {
-                ErrorClass::Invalid
-            }
-            AdapterError::InvalidRecord { .. } | AdapterError::SourceOutOfOrder { .. } => {
-                ErrorClass::Damaged
-            }
+            AdapterError::BadUrl { .. }
+            | AdapterError::Unrepresentable { .. }
+            | AdapterError::UnmetDependency { .. } => ErrorClass::Invalid,
+            AdapterError::StaleEpoch { .. } => ErrorClass::Precondition,
+            AdapterError::InvalidRecord { .. }
+            | AdapterError::SourceOutOfOrder { .. }
+            | AdapterError::BrokenTransaction { .. } => ErrorClass::Damaged,
             AdapterError::Read { .. } | AdapterError::Write { .. } => ErrorClass::Transient,
         }
     }
@@ -167,8 +210,12 @@ impl AdapterError {
             AdapterError::BadUrl { .. } => ErrorKind::Usage,
             AdapterError::Read { .. }
             | AdapterError::InvalidRecord { .. }
-            | AdapterError::SourceOutOfOrder { .. } => ErrorKind::Source,
-            AdapterError::Write { .. } | AdapterError::Unrepresentable { .. } => ErrorKind::Target,
+            | AdapterError::SourceOutOfOrder { .. }
+            | AdapterError::BrokenTransaction { .. } => ErrorKind::Source,
+            AdapterError::Write { .. }
+            | AdapterError::Unrepresentable { .. }
+            | AdapterError::StaleEpoch { .. }
+            | AdapterError::UnmetDependency { .. } => ErrorKind::Target,
             AdapterError::Source(error) | AdapterError::Target(error) if error.is_usage() => {
                 ErrorKind::Usage
             }

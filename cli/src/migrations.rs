@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use ferry_agent::migrate::VersionMigrations;
-use ferry_engine::adapters::etcd::EtcdConnection;
+use ferry_engine::adapters::{ConnectionArgs, SinkOptions, TargetLimitArgs, in_place_from_url};
 use ferry_engine::migrations::chain::plan;
-use ferry_engine::migrations::etcd::{self as in_place, InPlaceOptions, TargetStatus};
+use ferry_engine::migrations::in_place::{InPlaceTarget, TargetStatus};
 use ferry_engine::migrations::profile::{Profile, new_migration};
 use ferry_engine::pipeline::MigrateOnRestore;
 
@@ -140,7 +140,7 @@ struct NewArgs {
 /// A target and a profile.
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// The target: etcd://HOST:PORT[,HOST:PORT...].
+    /// The target, by URL: etcd://HOST:PORT[,HOST:PORT...] (the adapters that migrate in place).
     #[arg(long, value_name = "URL")]
     target: String,
     /// The profile's folder.
@@ -153,27 +153,26 @@ struct TargetArgs {
     /// (default: the profile's oldest).
     #[arg(long, value_name = "VERSION")]
     from_version: Option<String>,
-    /// etcd: the target's --max-txn-ops.
-    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(4..))]
-    max_txn_ops: u32,
-    /// etcd: the target's --max-request-bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
-    max_request_bytes: usize,
     #[command(flatten)]
-    etcd: ferry_engine::adapters::etcd::EtcdArgs,
+    connection: ConnectionArgs,
+    #[command(flatten)]
+    limits: TargetLimitArgs,
 }
 
 impl TargetArgs {
-    fn connection(&self) -> Result<EtcdConnection> {
-        if !(self.target.starts_with("etcd://") || self.target.starts_with("etcds://")) {
-            anyhow::bail!(UsageError(format!(
-                "migrations run in place on etcd targets (etcd://HOST:PORT or etcds://HOST:PORT), not {}",
-                self.target
-            )));
-        }
-        Ok(self.etcd.connection(&self.target).map_err(|error| {
-            ferry_engine::Error::from(ferry_engine::adapters::AdapterError::target(error))
-        })?)
+    fn in_place(&self) -> Result<std::sync::Arc<dyn InPlaceTarget>> {
+        let options = SinkOptions {
+            connection: self.connection.clone(),
+            target: self.limits.clone(),
+            ..SinkOptions::default()
+        };
+        in_place_from_url(&self.target, &options).map_err(|error| {
+            if error.kind() == ferry_engine::ErrorKind::Usage {
+                UsageError(error.to_string()).into()
+            } else {
+                error.into()
+            }
+        })
     }
 
     fn profile(&self) -> Result<Profile> {
@@ -300,14 +299,10 @@ fn status_text(status: &TargetStatus) -> String {
 
 async fn status(args: TargetArgs, global: GlobalOptions) -> Result<u8> {
     let profile = args.profile()?;
-    let connection = args.connection()?;
-    let status = in_place::status(
-        &connection,
-        &profile,
-        args.to.as_deref(),
-        args.from_version.as_deref(),
-    )
-    .await?;
+    let target = args.in_place()?;
+    let status = target
+        .status(&profile, args.to.as_deref(), args.from_version.as_deref())
+        .await?;
     let code = if status.is_up_to_date {
         exit::SUCCESS
     } else {
@@ -325,7 +320,7 @@ async fn status(args: TargetArgs, global: GlobalOptions) -> Result<u8> {
 
 async fn run(args: TargetArgs, global: GlobalOptions, down: bool) -> Result<u8> {
     let profile = args.profile()?;
-    let connection = args.connection()?;
+    let target = args.in_place()?;
     if down && args.to.is_none() {
         anyhow::bail!(UsageError(
             "`ferry migrations down` needs --to VERSION: the version to go back to".to_owned()
@@ -336,7 +331,8 @@ async fn run(args: TargetArgs, global: GlobalOptions, down: bool) -> Result<u8> 
         let wanted_index = profile
             .version_index(wanted)
             .map_err(ferry_engine::Error::from)?;
-        let current = in_place::status(&connection, &profile, None, args.from_version.as_deref())
+        let current = target
+            .status(&profile, None, args.from_version.as_deref())
             .await?
             .version;
         let current_index = profile
@@ -353,19 +349,9 @@ async fn run(args: TargetArgs, global: GlobalOptions, down: bool) -> Result<u8> 
             )));
         }
     }
-    let options = InPlaceOptions {
-        max_txn_ops: args.max_txn_ops as usize,
-        max_request_bytes: args.max_request_bytes,
-        ..InPlaceOptions::default()
-    };
-    let report = in_place::run(
-        &connection,
-        &profile,
-        wanted.as_deref(),
-        args.from_version.as_deref(),
-        &options,
-    )
-    .await?;
+    let report = target
+        .run(&profile, wanted.as_deref(), args.from_version.as_deref())
+        .await?;
     if global.quiet {
         return Ok(exit::SUCCESS);
     }
@@ -375,13 +361,13 @@ async fn run(args: TargetArgs, global: GlobalOptions, down: bool) -> Result<u8> 
             if report.steps.is_empty() {
                 println!(
                     "{} is already in version {}: nothing to do",
-                    connection.display(),
+                    target.display(),
                     report.to
                 );
             } else {
                 println!(
                     "migrated {} from version {} to {}:",
-                    connection.display(),
+                    target.display(),
                     report.from,
                     report.to
                 );

@@ -260,6 +260,6 @@ pub trait PlatformError: std::error::Error + Send + Sync + 'static {
 
 pub use registry::{
     ADAPTERS, Adapter, ConnectionArgs, RestoreTuningArgs, SinkOptions, SourceOptions,
-    TargetLimitArgs, adapter_for, live_sink_from_url, live_source_from_url, sink_from_url,
-    source_from_url,
+    TargetLimitArgs, adapter_for, in_place_from_url, live_sink_from_url, live_source_from_url,
+    sink_from_url, source_from_url,
 };

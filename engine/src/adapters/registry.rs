@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::live::{LiveSink, LiveSource};
 use super::{AdapterError, Sink, Source, etcd, jsonl};
 use crate::Result;
+use crate::migrations::in_place::InPlaceTarget;
 
 /// Builds a source from its URL.
 pub type SourceFactory = fn(&str, &SourceOptions) -> Result<Box<dyn Source>>;
@@ -21,6 +22,8 @@ pub type SinkFactory = fn(&str, &SinkOptions) -> Result<Box<dyn Sink>>;
 pub type LiveSourceFactory = fn(&str, &SourceOptions) -> Result<Arc<dyn LiveSource>>;
 /// Builds a live sink from its URL.
 pub type LiveSinkFactory = fn(&str, &SinkOptions) -> Result<Arc<dyn LiveSink>>;
+/// Builds a target of in-place version migrations from its URL.
+pub type InPlaceFactory = fn(&str, &SinkOptions) -> Result<Arc<dyn InPlaceTarget>>;
 
 /// What an adapter can be built as, by URL.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +42,8 @@ pub struct Adapter {
     pub live_source: Option<LiveSourceFactory>,
     /// Builds a [`LiveSink`] (a target agent).
     pub live_sink: Option<LiveSinkFactory>,
+    /// Builds an [`InPlaceTarget`] (`ferry migrations`).
+    pub in_place: Option<InPlaceFactory>,
 }
 
 /// Every adapter ferry has.
@@ -152,6 +157,16 @@ pub fn live_sink_from_url(url: &str, options: &SinkOptions) -> Result<Arc<dyn Li
         Some(build) => build(url, options),
         None => Err(refuse(url, "a live target", |adapter| {
             adapter.live_sink.is_some()
+        })),
+    }
+}
+
+/// The target of in-place version migrations a URL names.
+pub fn in_place_from_url(url: &str, options: &SinkOptions) -> Result<Arc<dyn InPlaceTarget>> {
+    match adapter_for(url).and_then(|adapter| adapter.in_place) {
+        Some(build) => build(url, options),
+        None => Err(refuse(url, "migrated in place", |adapter| {
+            adapter.in_place.is_some()
         })),
     }
 }

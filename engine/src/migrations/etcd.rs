@@ -41,6 +41,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::chain::{KeyCheck, Step, plan, run_steps};
+use super::in_place::{
+    HistoryEntry, InPlaceOptions, InPlaceTarget, ProgressRecord, RunReport, StateRecord,
+    StepReport, TargetStatus,
+};
 use super::profile::Profile;
 use super::{MigrationError, printable};
 use crate::adapters::AdapterError;
@@ -49,6 +53,49 @@ use crate::adapters::etcd::{
     EtcdConnection, EtcdError, KIND_KV, RESERVED_PREFIX, kv_op, prefix_end,
 };
 use crate::{Op, Result};
+
+/// etcd as an in-place target: the cluster of a connection, written with
+/// the options' Txn limits.
+#[derive(Debug, Clone)]
+pub struct EtcdInPlace {
+    connection: EtcdConnection,
+    options: InPlaceOptions,
+}
+
+impl EtcdInPlace {
+    /// The cluster of `connection`.
+    pub fn new(connection: EtcdConnection, options: InPlaceOptions) -> Self {
+        Self {
+            connection,
+            options,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl InPlaceTarget for EtcdInPlace {
+    fn display(&self) -> String {
+        self.connection.display()
+    }
+
+    async fn status(
+        &self,
+        profile: &Profile,
+        wanted: Option<&str>,
+        assumed: Option<&str>,
+    ) -> Result<TargetStatus> {
+        status(&self.connection, profile, wanted, assumed).await
+    }
+
+    async fn run(
+        &self,
+        profile: &Profile,
+        wanted: Option<&str>,
+        assumed: Option<&str>,
+    ) -> Result<RunReport> {
+        run(&self.connection, profile, wanted, assumed, &self.options).await
+    }
+}
 
 /// Where ferry keeps migration state in an etcd target.
 pub const MIGRATIONS_PREFIX: &str = "__ferry__/migrations/";
@@ -60,133 +107,6 @@ const HISTORY_PREFIX: &str = "__ferry__/migrations/history/";
 const PAGE_KEYS: i64 = 500;
 /// Bytes kept free in each Txn for the records and framing.
 const REQUEST_MARGIN_BYTES: usize = 4096;
-
-/// How a migration in place writes.
-#[derive(Debug, Clone)]
-pub struct InPlaceOptions {
-    /// The target's `--max-txn-ops` (etcd's default: 128).
-    pub max_txn_ops: usize,
-    /// The target's `--max-request-bytes` (etcd's default: 1.5 MiB).
-    pub max_request_bytes: usize,
-    /// How long the lock outlives a run that died, in seconds.
-    pub lock_ttl_seconds: i64,
-}
-
-impl Default for InPlaceOptions {
-    fn default() -> Self {
-        Self {
-            max_txn_ops: 128,
-            max_request_bytes: 1_572_864,
-            lock_ttl_seconds: 15,
-        }
-    }
-}
-
-/// The version the target's data is in, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateRecord {
-    /// The profile's platform.
-    pub platform: String,
-    /// The version.
-    pub version: String,
-    /// When it was recorded (RFC 3339).
-    pub updated_at: String,
-}
-
-/// One step run in place, as the history keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// Its place in the history, from 1.
-    pub number: u64,
-    /// The migration.
-    pub id: String,
-    /// `up` or `down`.
-    pub direction: String,
-    /// The version before.
-    pub from: String,
-    /// The version after.
-    pub to: String,
-    /// Keys put.
-    pub keys_written: u64,
-    /// Keys deleted (moved or dropped).
-    pub keys_deleted: u64,
-    /// Txns it took; 1 means it was atomic.
-    pub txns: u64,
-    /// The revision its keys were read at.
-    pub read_revision: i64,
-    /// When it finished (RFC 3339).
-    pub finished_at: String,
-    /// The ferry that ran it.
-    pub ferry_version: String,
-}
-
-/// A step under way that spans several Txns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgressRecord {
-    /// The migration.
-    pub id: String,
-    /// `up` or `down`.
-    pub direction: String,
-    /// The version before.
-    pub from: String,
-    /// The version after.
-    pub to: String,
-    /// The revision every key of the step is read at.
-    pub read_revision: i64,
-    /// Every source key up to and including this one (hex) is migrated.
-    pub done_through_key_hex: String,
-    /// Keys put so far.
-    pub keys_written: u64,
-    /// Keys deleted so far.
-    pub keys_deleted: u64,
-    /// Txns so far.
-    pub txns: u64,
-}
-
-/// What `ferry migrations status` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct TargetStatus {
-    /// The profile's platform.
-    pub platform: String,
-    /// The version the target's data is in.
-    pub version: String,
-    /// Whether that version is recorded in the target (else it is assumed).
-    pub version_recorded: bool,
-    /// The version asked for (the profile's newest by default).
-    pub wanted_version: String,
-    /// The migrations between the oldest version and `version`.
-    pub applied: Vec<String>,
-    /// The steps from `version` to `wanted_version`, `id (direction)`.
-    pub pending: Vec<String>,
-    /// True when the data is in `wanted_version` and no step is half done.
-    pub is_up_to_date: bool,
-    /// Why there is no way to `wanted_version`, if there is none.
-    pub problem: Option<String>,
-    /// Every step run in place, oldest first.
-    pub history: Vec<HistoryEntry>,
-    /// A step half done, if one is.
-    pub in_progress: Option<ProgressRecord>,
-}
-
-/// What one step in place did.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepReport {
-    /// The history entry it recorded.
-    pub entry: HistoryEntry,
-    /// Whether it finished a step an earlier run left half done.
-    pub resumed: bool,
-}
-
-/// What `ferry migrations up|down` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunReport {
-    /// The version before.
-    pub from: String,
-    /// The version now.
-    pub to: String,
-    /// The steps run.
-    pub steps: Vec<StepReport>,
-}
 
 fn target_error(error: EtcdError) -> crate::Error {
     AdapterError::target(error).into()

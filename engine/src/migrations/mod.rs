@@ -20,6 +20,7 @@
 pub mod chain;
 pub mod etcd;
 pub mod file;
+pub mod in_place;
 pub mod jq;
 pub mod op_json;
 pub mod profile;

@@ -14,6 +14,8 @@ use crate::Result;
 use crate::adapters::live::{LiveSink, LiveSource};
 use crate::adapters::registry::Adapter;
 use crate::adapters::{AdapterError, Sink, SinkOptions, Source, SourceOptions};
+use crate::migrations::etcd::EtcdInPlace;
+use crate::migrations::in_place::{InPlaceOptions, InPlaceTarget};
 
 /// etcd in the registry.
 pub const ADAPTER: Adapter = Adapter {
@@ -24,6 +26,7 @@ pub const ADAPTER: Adapter = Adapter {
     sink: Some(sink),
     live_source: Some(live_source),
     live_sink: Some(live_sink),
+    in_place: Some(in_place),
 };
 
 /// Credentials and TLS for etcd: from the environment or files, never from
@@ -159,5 +162,28 @@ fn live_sink(url: &str, options: &SinkOptions) -> Result<Arc<dyn LiveSink>> {
     Ok(Arc::new(EtcdLiveSink::new(
         connection,
         sink_options(options),
+    )))
+}
+
+fn in_place(url: &str, options: &SinkOptions) -> Result<Arc<dyn InPlaceTarget>> {
+    let txn = &options.target.etcd;
+    if txn.max_txn_ops < 4 {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: format!(
+                "a migration in place needs --max-txn-ops of at least 4 (its records and lock share each Txn), not {}",
+                txn.max_txn_ops
+            ),
+        }
+        .into());
+    }
+    let connection = connection(url, &options.connection.etcd, AdapterError::target)?;
+    Ok(Arc::new(EtcdInPlace::new(
+        connection,
+        InPlaceOptions {
+            max_txn_ops: txn.max_txn_ops as usize,
+            max_request_bytes: txn.max_request_bytes,
+            ..InPlaceOptions::default()
+        },
     )))
 }

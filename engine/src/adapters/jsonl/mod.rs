@@ -47,6 +47,7 @@ pub const ADAPTER: Adapter = Adapter {
     sink: Some(open_sink),
     live_source: None,
     live_sink: None,
+    in_place: None,
 };
 
 fn open_source(url: &str, options: &SourceOptions) -> crate::Result<Box<dyn Source>> {

@@ -303,6 +303,33 @@ async fn restore_into(planes: &dyn Planes, ops: Vec<Op>, stream_id: &str) -> Box
     target
 }
 
+/// A sink of `target` begun for `stream`, and what it says it holds.
+async fn begun_sink(
+    planes: &dyn Planes,
+    target: &dyn Plane,
+    stream: &StreamInfo,
+) -> (Box<dyn crate::adapters::Sink>, Option<u64>) {
+    let mut sink = sink_from_url(&target.url(), &planes.sink_options())
+        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
+    let held = sink
+        .begin(stream)
+        .await
+        .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()));
+    (sink, held)
+}
+
+async fn apply_all(sink: &mut Box<dyn crate::adapters::Sink>, ops: &[Op], target: &dyn Plane) {
+    sink.apply(ops.to_vec())
+        .await
+        .unwrap_or_else(|error| panic!("{}: apply failed: {error}", target.url()));
+}
+
+async fn finish(sink: Box<dyn crate::adapters::Sink>, target: &dyn Plane) {
+    sink.finish()
+        .await
+        .unwrap_or_else(|error| panic!("{}: finish failed: {error}", target.url()));
+}
+
 fn stream(stream_id: &str) -> StreamInfo {
     StreamInfo {
         stream_id: stream_id.to_owned(),
@@ -369,11 +396,7 @@ async fn sink_refuses_a_gap(planes: &dyn Planes) -> Verdict {
     let missing = 2;
     let with_gap: Vec<Op> = ops.into_iter().filter(|op| op.seq != missing).collect();
     let target = planes.start().await;
-    let mut sink = sink_from_url(&target.url(), &planes.sink_options())
-        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
-    sink.begin(&stream("conformance-gap"))
-        .await
-        .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()));
+    let (mut sink, _) = begun_sink(planes, target.as_ref(), &stream("conformance-gap")).await;
     let applied = sink.apply(with_gap).await;
     let finished = match applied {
         Ok(()) => sink.finish().await,
@@ -394,22 +417,11 @@ async fn sink_resumes_exactly_once(planes: &dyn Planes) -> Verdict {
     let stream = stream("conformance-resume");
     let half = ops.len() / 2;
     {
-        let mut sink = sink_from_url(&target.url(), &planes.sink_options())
-            .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
-        sink.begin(&stream)
-            .await
-            .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()));
-        sink.apply(ops[..half].to_vec())
-            .await
-            .unwrap_or_else(|error| panic!("{}: apply failed: {error}", target.url()));
+        let (mut sink, _) = begun_sink(planes, target.as_ref(), &stream).await;
+        apply_all(&mut sink, &ops[..half], target.as_ref()).await;
         // Killed: dropped without finish.
     }
-    let mut sink = sink_from_url(&target.url(), &planes.sink_options())
-        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
-    let held = sink
-        .begin(&stream)
-        .await
-        .unwrap_or_else(|error| panic!("{}: begin after a kill failed: {error}", target.url()));
+    let (mut sink, held) = begun_sink(planes, target.as_ref(), &stream).await;
     if let Some(held) = held {
         assert!(
             held <= half as u64,
@@ -438,12 +450,8 @@ async fn sink_resumes_exactly_once(planes: &dyn Planes) -> Verdict {
         }
     }
     let from = held.unwrap_or(0) as usize;
-    sink.apply(ops[from..].to_vec())
-        .await
-        .unwrap_or_else(|error| panic!("{}: apply after a resume failed: {error}", target.url()));
-    sink.finish()
-        .await
-        .unwrap_or_else(|error| panic!("{}: finish failed: {error}", target.url()));
+    apply_all(&mut sink, &ops[from..], target.as_ref()).await;
+    finish(sink, target.as_ref()).await;
     assert_eq!(
         target.read_all().await,
         want,
@@ -467,15 +475,9 @@ async fn sink_split_transaction(planes: &dyn Planes) -> Verdict {
     let target = planes.start().await;
     let stream = stream("conformance-split");
     {
-        let mut sink = sink_from_url(&target.url(), &planes.sink_options())
-            .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
-        sink.begin(&stream)
-            .await
-            .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()));
+        let (mut sink, _) = begun_sink(planes, target.as_ref(), &stream).await;
         // Everything before the transaction and its first op, then killed.
-        sink.apply(ops[..=first].to_vec())
-            .await
-            .unwrap_or_else(|error| panic!("{}: apply failed: {error}", target.url()));
+        apply_all(&mut sink, &ops[..=first], target.as_ref()).await;
     }
     let holds = target.read_all().await;
     let opened = &ops[first];
@@ -487,13 +489,8 @@ async fn sink_split_transaction(planes: &dyn Planes) -> Verdict {
         target.url(),
         opened.seq
     );
-    let mut sink = sink_from_url(&target.url(), &planes.sink_options())
-        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
-    let held = sink
-        .begin(&stream)
-        .await
-        .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()))
-        .unwrap_or(0);
+    let (mut sink, held) = begun_sink(planes, target.as_ref(), &stream).await;
+    let held = held.unwrap_or(0);
     assert!(
         held < ops[first].seq || held >= ops[last].seq,
         "{}: the checkpoint ({held}) lies inside transaction {txn} (G3)",
@@ -504,13 +501,9 @@ async fn sink_split_transaction(planes: &dyn Planes) -> Verdict {
     let split = rest.iter().position(|op| op.seq == ops[first].seq + 1);
     let (one, two) = rest.split_at(split.unwrap_or(rest.len() / 2));
     for part in [one, two] {
-        sink.apply(part.to_vec())
-            .await
-            .unwrap_or_else(|error| panic!("{}: apply failed: {error}", target.url()));
+        apply_all(&mut sink, part, target.as_ref()).await;
     }
-    sink.finish()
-        .await
-        .unwrap_or_else(|error| panic!("{}: finish failed: {error}", target.url()));
+    finish(sink, target.as_ref()).await;
     assert_eq!(
         target.read_all().await,
         want,

@@ -11,6 +11,7 @@
 //! - [`plane`]: what a test does to an etcd (put, delete, read back, its
 //!   history), and `ferry` and `etcdctl` run as commands.
 
+pub mod conformance;
 pub mod etcd;
 pub mod live;
 pub mod plane;

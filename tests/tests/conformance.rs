@@ -6,11 +6,9 @@ use async_trait::async_trait;
 use ferry_engine::adapters::live::Position;
 use ferry_engine::conformance::{self, CHECKS, Change, Contents, Plane, Planes, Verdict};
 use ferry_proto::etcd::etcdserverpb::request_op::Request as TxnRequestOp;
-use ferry_proto::etcd::etcdserverpb::{
-    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use ferry_proto::etcd::etcdserverpb::{DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
 use ferry_tests::etcd::EtcdServer;
-use ferry_tests::live::kv;
+use ferry_tests::plane::{FerryKeys, dump, kv};
 
 /// A real etcd as a plane; its own clients write with Txns.
 struct Etcd(EtcdServer);
@@ -40,7 +38,7 @@ impl Plane for Etcd {
                 }),
             })
             .collect();
-        let answer = kv(&self.0.endpoint())
+        let answer = kv(&self.0)
             .await
             .txn(TxnRequest {
                 success,
@@ -55,19 +53,9 @@ impl Plane for Etcd {
     }
 
     async fn read_all(&self) -> Contents {
-        kv(&self.0.endpoint())
+        dump(&self.0, b"", FerryKeys::Excluded)
             .await
-            .range(RangeRequest {
-                key: vec![0],
-                range_end: vec![0],
-                ..RangeRequest::default()
-            })
-            .await
-            .expect("range")
-            .into_inner()
-            .kvs
             .into_iter()
-            .filter(|kv| !kv.key.starts_with(b"__ferry__/"))
             .map(|kv| (kv.key, kv.value))
             .collect()
     }
@@ -90,4 +78,14 @@ async fn etcd_passes_the_conformance_suite() {
     for (name, verdict) in &verdicts {
         assert_eq!(*verdict, Verdict::Passed, "{name}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_restore_killed_with_sigkill_resumes_to_the_same_data() {
+    ferry_tests::conformance::restore_survives_kill_9(
+        &EtcdServers,
+        6_000,
+        &["--max-txn-ops", "16"],
+    )
+    .await;
 }

@@ -18,8 +18,8 @@
 use ferry_proto::v1::{FenceStatusRequest, FenceStatusResponse, GatewayStatusResponse};
 use serde::Serialize;
 
+use super::error::{MigrateError, call_error};
 use super::gateways::Gateways;
-use super::{MigrateError, call_error};
 use crate::client::{ClientOptions, connect_source};
 use crate::remote::status_text;
 

@@ -56,7 +56,7 @@ use ferry_engine::migrations::{MigrationError, off_the_runtime, printable};
 use ferry_proto::v1::ExtractRequest;
 use ferry_proto::v1::extract_response::Event;
 
-use super::{MigrateError, call_error};
+use super::error::{MigrateError, call_error};
 use crate::client::SourceClient;
 
 /// Source transactions in flight (sent, not yet acked) at most; past it the

@@ -10,8 +10,10 @@
 //! `docs/DESIGN.md`.
 //!
 //! Modules:
-//! - [`source`]: the SourceAgent over etcd ([`source::EtcdSourceAgent`]).
-//! - [`target`]: the TargetAgent over etcd ([`target::EtcdTargetAgent`]).
+//! - [`source`]: the SourceAgent over any live source of the adapter
+//!   registry ([`source::SourceAgentService`]).
+//! - [`target`]: the TargetAgent over any live sink
+//!   ([`target::TargetAgentService`]).
 //! - [`serve`]: serving them (zstd, TLS, token) and mapping errors to gRPC codes.
 //! - [`auth`]: the bearer token the agents require when one is configured.
 //! - [`remote`]: `agent://HOST:PORT` as a source (extract) and a sink (restore).

@@ -192,7 +192,8 @@ async fn run(
         if Instant::now() >= catch_up_deadline + options.follow_at_least {
             running.phase.send_replace(Phase::Failed);
             return Err(MigrateError::CatchUp {
-                timeout: options.catch_up_timeout,
+                // The wait it gave up after: --follow-at-least extends it.
+                timeout: options.catch_up_timeout + options.follow_at_least,
                 lag: state.lag_positions(),
                 unit: position_unit(source_description).to_owned(),
                 max_lag: options.max_lag,

@@ -35,10 +35,10 @@ pub enum MigrateError {
     Invalid(String),
     /// The target did not catch up in time; nothing was held or fenced.
     #[error(
-        "the target did not catch up within {timeout:?}: {lag} positions ({unit}s) behind (--max-lag is {max_lag}); nothing was held or fenced"
+        "the target did not catch up within {timeout:?} (--catch-up-timeout, plus --follow-at-least): {lag} positions ({unit}s) behind (--max-lag is {max_lag}); nothing was held or fenced"
     )]
     CatchUp {
-        /// The limit.
+        /// How long it waited: the catch-up timeout plus the follow-at-least.
         timeout: Duration,
         /// What a position counts.
         unit: String,

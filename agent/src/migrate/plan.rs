@@ -18,7 +18,7 @@ use super::report::ms;
 use super::versions;
 use crate::client::{SourceClient, TargetClient, connect_source, connect_target};
 
-/// One line per step of a planned chain, for the dry run and the report.
+/// One line per step of a planned chain, for the dry run (`plan`).
 fn describe_chain(chain: &Chain) -> Vec<String> {
     let plan = chain.plan();
     let mut lines = vec![format!(

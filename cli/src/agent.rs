@@ -62,8 +62,6 @@ struct CommonArgs {
     /// token (refused otherwise): anyone who reaches it can use the agent.
     #[arg(long)]
     insecure_listen: bool,
-    #[command(flatten)]
-    connection: ConnectionArgs,
 }
 
 /// `ferry agent source`.
@@ -77,6 +75,9 @@ struct SourceArgs {
     /// Parts of a snapshot read at once (etcd: key ranges).
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
+    // The adapters' own flags last: each opens a help heading of its own.
+    #[command(flatten)]
+    connection: ConnectionArgs,
 }
 
 /// `ferry agent target`.
@@ -84,6 +85,8 @@ struct SourceArgs {
 struct TargetArgs {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     #[command(flatten)]
     limits: TargetLimitArgs,
 }
@@ -166,7 +169,7 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
                 &SourceOptions {
                     prefix: prefix.clone(),
                     parallel: usize::from(args.parallel),
-                    connection: args.common.connection.clone(),
+                    connection: args.connection.clone(),
                 },
             )
             .map_err(CommonArgs::build_error)?;
@@ -188,7 +191,7 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
             let sink = live_sink_from_url(
                 &args.common.control_plane,
                 &SinkOptions {
-                    connection: args.common.connection.clone(),
+                    connection: args.connection.clone(),
                     target: args.limits.clone(),
                     ..SinkOptions::default()
                 },

@@ -35,8 +35,6 @@ pub struct ExtractArgs {
     /// helps only when the source has cores to spare: on 2 cores shared with etcd, 1 reads fastest).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
-    #[command(flatten)]
-    connection: ConnectionArgs,
     /// Where backups go: file:///DIR (or a path), s3://BUCKET/PREFIX.
     #[arg(long, value_name = "STORE_URL")]
     to: String,
@@ -47,6 +45,9 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "LEVEL", default_value_t = SegmentOptions::default().compression_level,
           value_parser = clap::value_parser!(i32).range(1..=19))]
     compression_level: i32,
+    // The adapters' own flags last: each opens a help heading of its own.
+    #[command(flatten)]
+    connection: ConnectionArgs,
 }
 
 /// `ferry restore`.
@@ -69,15 +70,16 @@ pub struct RestoreArgs {
     #[arg(long)]
     allow_nonempty: bool,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    migrations: crate::migrations::RestoreMigrationArgs,
+    // The adapters' own flags last: each opens a help heading of its own.
+    #[command(flatten)]
     connection: ConnectionArgs,
     #[command(flatten)]
     target_limits: TargetLimitArgs,
     #[command(flatten)]
     tuning: RestoreTuningArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
-    #[command(flatten)]
-    migrations: crate::migrations::RestoreMigrationArgs,
 }
 
 /// `ferry inspect`.

@@ -42,10 +42,6 @@ pub struct GatewayArgs {
     /// refuses it, before it is held or forwarded.
     #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
     max_request_bytes: usize,
-    /// The gateway's own credentials and TLS, for every upstream (the first
-    /// and each Switch's); a client's own token is passed on as it is.
-    #[command(flatten)]
-    etcd: EtcdArgs,
     /// A file whose first line is the token every admin call must carry as
     /// `authorization: Bearer <token>`; without it, FERRY_AGENT_TOKEN when set.
     #[arg(long, value_name = "FILE")]
@@ -63,6 +59,11 @@ pub struct GatewayArgs {
     /// reaches it can hold and switch every client's writes.
     #[arg(long)]
     insecure_listen: bool,
+    /// The gateway's own credentials and TLS, for every upstream (the first
+    /// and each Switch's); a client's own token is passed on as it is.
+    /// Last: it opens a help heading of its own.
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.

@@ -525,3 +525,48 @@ fn a_gateway_admin_service_off_loopback_needs_tls_and_a_token_or_insecure_listen
     assert_eq!(clients_anywhere.status.code(), Some(1));
     assert!(text(&clients_anywhere.stderr).contains("cannot reach upstream"));
 }
+
+/// Each adapter's flags open a help heading of their own (the registry
+/// flattens them in): the heading holds that adapter's flags and no
+/// command's own, whatever the order of the fields.
+#[test]
+fn the_etcd_heading_holds_etcd_flags_only() {
+    let etcd_flags = [
+        "--etcd-password-file",
+        "--etcd-ca-file",
+        "--etcd-cert-file",
+        "--etcd-key-file",
+        "--max-txn-ops",
+        "--max-request-bytes",
+        "--lanes",
+        "--txns-in-flight",
+    ];
+    for command in [
+        &["extract"][..],
+        &["restore"],
+        &["agent", "source"],
+        &["agent", "target"],
+        &["gateway"],
+        &["migrations", "up"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = text(&ferry(&args).stdout);
+        let (_, under_etcd) = help
+            .split_once("\netcd:\n")
+            .unwrap_or_else(|| panic!("ferry {command:?} --help has no etcd heading:\n{help}"));
+        let flags: Vec<&str> = under_etcd
+            .lines()
+            .filter_map(|line| line.strip_prefix("      --"))
+            .map(|line| line.split_whitespace().next().unwrap_or_default())
+            .collect();
+        assert!(flags.len() >= 4, "ferry {command:?}: {flags:?}");
+        for flag in flags {
+            let flag = format!("--{flag}");
+            assert!(
+                etcd_flags.contains(&flag.as_str()),
+                "ferry {command:?} --help lists {flag} under etcd"
+            );
+        }
+    }
+}

@@ -26,7 +26,7 @@ use crate::adapters::live::{
     Capabilities, FenceAnswer, FenceMove, LiveEvent, LiveFrom, LiveSink, LiveSource, Position,
 };
 use crate::adapters::{
-    SinkOptions, SourceOptions, StreamInfo, live_sink_from_url, live_source_from_url,
+    SinkOptions, SourceOptions, StreamInfo, adapter_for, live_sink_from_url, live_source_from_url,
     sink_from_url, source_from_url,
 };
 use crate::progress::Progress;
@@ -513,12 +513,23 @@ async fn sink_split_transaction(planes: &dyn Planes) -> Verdict {
     Verdict::Passed
 }
 
+/// The plane as a live source; `None` only when its adapter has no live
+/// source (a failure to build one is a failed check, not "not supported").
 fn live_source(planes: &dyn Planes, plane: &dyn Plane) -> Option<Arc<dyn LiveSource>> {
-    live_source_from_url(&plane.url(), &planes.source_options()).ok()
+    adapter_for(&plane.url())?.live_source?;
+    Some(
+        live_source_from_url(&plane.url(), &planes.source_options())
+            .unwrap_or_else(|error| panic!("{}: no live source: {error}", plane.url())),
+    )
 }
 
+/// The plane as a live sink; `None` only when its adapter has none.
 fn live_sink(planes: &dyn Planes, plane: &dyn Plane) -> Option<Arc<dyn LiveSink>> {
-    live_sink_from_url(&plane.url(), &planes.sink_options()).ok()
+    adapter_for(&plane.url())?.live_sink?;
+    Some(
+        live_sink_from_url(&plane.url(), &planes.sink_options())
+            .unwrap_or_else(|error| panic!("{}: no live sink: {error}", plane.url())),
+    )
 }
 
 fn no_live(plane: &dyn Plane) -> Verdict {

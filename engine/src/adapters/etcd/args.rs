@@ -88,25 +88,30 @@ impl Default for EtcdTxnArgs {
     }
 }
 
+/// Lanes of a restore when not told.
+const DEFAULT_LANES: u16 = 4;
+/// Txns in flight on one lane when not told.
+const DEFAULT_TXNS_IN_FLIGHT: u16 = 1;
+
 /// How a restore writes.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "etcd")]
 pub struct EtcdRestoreArgs {
     /// etcd: Txns side by side, each on its own checkpoint chain (a lane); ops of one key stay in
     /// seq order, Txns of different keys may land up to N-1 Txns apart (see the README).
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LANES, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub lanes: u16,
     /// etcd, with --lanes 1: Txns of the one chain sent before the first is answered (etcd
     /// reorders concurrent requests, so more than 1 rarely helps: see the README).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TXNS_IN_FLIGHT, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub txns_in_flight: u16,
 }
 
 impl Default for EtcdRestoreArgs {
     fn default() -> Self {
         Self {
-            lanes: 4,
-            txns_in_flight: 1,
+            lanes: DEFAULT_LANES,
+            txns_in_flight: DEFAULT_TXNS_IN_FLIGHT,
         }
     }
 }

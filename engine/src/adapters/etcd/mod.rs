@@ -461,18 +461,6 @@ pub enum EtcdError {
         /// What went wrong and what to do.
         reason: String,
     },
-    /// A newer migration attempt owns the target (G5): this one must stop.
-    #[error(
-        "{endpoints} belongs to migration attempt (epoch) {stored}, newer than this one's {offered}; this attempt was superseded and wrote nothing more"
-    )]
-    StaleEpoch {
-        /// The target.
-        endpoints: String,
-        /// The epoch the target holds.
-        stored: u64,
-        /// This sink's epoch.
-        offered: u64,
-    },
     /// An op cannot be applied as etcd ops.
     #[error("cannot apply op seq {seq} (key {key}): {reason}")]
     BadOp {
@@ -497,7 +485,6 @@ impl crate::adapters::PlatformError for EtcdError {
             | EtcdError::Credentials { .. }
             | EtcdError::Tls { .. }
             | EtcdError::TlsFiles { .. }
-            | EtcdError::StaleEpoch { .. }
             | EtcdError::NoSpace { .. } => ErrorClass::Precondition,
             EtcdError::TooLarge { .. } => ErrorClass::TooLarge,
             EtcdError::BadOp { .. } | EtcdError::BadUrl { .. } => ErrorClass::Invalid,

@@ -208,11 +208,12 @@ impl EtcdSink {
     }
 
     fn stale_epoch(&self, stored: u64) -> crate::Error {
-        target_error(EtcdError::StaleEpoch {
-            endpoints: self.connection.display(),
+        AdapterError::StaleEpoch {
+            target_name: self.connection.display(),
             stored,
             offered: self.options.epoch,
-        })
+        }
+        .into()
     }
 
     /// Raises `__ferry__/epoch` to this sink's epoch with a compare-and-swap;

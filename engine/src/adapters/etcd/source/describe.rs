@@ -1,11 +1,8 @@
 //! What a cluster is, for an agent's Describe.
 
-use ferry_proto::etcd::etcdserverpb::StatusRequest;
-
-use super::source_error;
+use super::connect_with_status;
 use crate::Result;
 use crate::adapters::etcd::EtcdConnection;
-use crate::adapters::etcd::client::EtcdClient;
 
 /// What an etcd cluster is, for an agent's Describe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,15 +17,7 @@ pub struct EtcdDescription {
 
 /// Reads what `connection`'s cluster is.
 pub async fn describe_cluster(connection: &EtcdConnection) -> Result<EtcdDescription> {
-    let client = EtcdClient::connect(connection)
-        .await
-        .map_err(source_error)?;
-    let status = client
-        .call("read the status of", |mut services| async move {
-            services.maintenance.status(StatusRequest {}).await
-        })
-        .await
-        .map_err(source_error)?;
+    let (_, status) = connect_with_status(connection).await?;
     let header = status.header.unwrap_or_default();
     Ok(EtcdDescription {
         version: status.version,

@@ -21,7 +21,7 @@ use super::lease::{lease_op, lease_status, parse_lease_key};
 use super::snapshot::{PAGES_AHEAD, count_keys, kv_op, produce, split_range};
 use super::{EtcdSource, connect_with_status, key_range, source_error, source_info};
 use crate::adapters::etcd::client::EtcdClient;
-use crate::adapters::etcd::{EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX};
+use crate::adapters::etcd::{EtcdConnection, EtcdError, KIND_KV, KIND_LEASE, RESERVED_PREFIX};
 use crate::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position, ProgressRequester};
 use crate::progress::Progress;
 use crate::{Op, Result};
@@ -357,15 +357,9 @@ impl Follower {
         loop {
             tokio::select! {
                 message = responses.message() => {
-                    let response = match message {
-                        Ok(Some(response)) => response,
-                        Ok(None) => {
-                            return WatchEnd::Broken(EtcdError::Unreachable {
-                                endpoints: connection.display(),
-                                reason: "the watch stream ended".to_owned(),
-                            });
-                        }
-                        Err(status) => return self.sorted(connection.failed("watch", &status)),
+                    let response = match self.received(message, &connection) {
+                        Ok(response) => response,
+                        Err(end) => return end,
                     };
                     *failures = 0;
                     idle.reset();
@@ -379,15 +373,9 @@ impl Follower {
                         let Some(message) = responses.message().now_or_never() else {
                             break;
                         };
-                        let response = match message {
-                            Ok(Some(response)) => response,
-                            Ok(None) => {
-                                return WatchEnd::Broken(EtcdError::Unreachable {
-                                    endpoints: connection.display(),
-                                    reason: "the watch stream ended".to_owned(),
-                                });
-                            }
-                            Err(status) => return self.sorted(connection.failed("watch", &status)),
+                        let response = match self.received(message, &connection) {
+                            Ok(response) => response,
+                            Err(end) => return end,
                         };
                         if let Some(end) = self.handle(response).await {
                             return end;
@@ -414,6 +402,22 @@ impl Follower {
 
     /// Compaction and refused credentials end the stream; the rest is worth
     /// another attempt.
+    /// A message of the watch stream: its response, or how the watch ends.
+    fn received(
+        &self,
+        message: Result<Option<WatchResponse>, tonic::Status>,
+        connection: &EtcdConnection,
+    ) -> Result<WatchResponse, WatchEnd> {
+        match message {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(WatchEnd::Broken(EtcdError::Unreachable {
+                endpoints: connection.display(),
+                reason: "the watch stream ended".to_owned(),
+            })),
+            Err(status) => Err(self.sorted(connection.failed("watch", &status))),
+        }
+    }
+
     fn sorted(&self, error: EtcdError) -> WatchEnd {
         match error {
             EtcdError::Compacted { .. } | EtcdError::Credentials { .. } => {

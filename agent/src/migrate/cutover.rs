@@ -32,7 +32,7 @@ pub(super) struct Running {
     pub(super) source: SourceClient,
     pub(super) target: TargetClient,
     gateways: Gateways,
-    target_description: DescribeResponse,
+    pub(super) target_description: DescribeResponse,
     source_description: DescribeResponse,
     /// See [`Connected::revision_offset`](super::plan::Connected::revision_offset).
     revision_offset: i64,

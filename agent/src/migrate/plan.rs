@@ -6,6 +6,9 @@
 
 use std::time::Instant;
 
+use ferry_engine::Op;
+use ferry_engine::adapters::live::DigestEntry;
+use ferry_engine::adapters::registry::adapter_named;
 use ferry_engine::migrations::chain::Chain;
 use ferry_proto::v1::{CheckpointRequest, DescribeRequest, DescribeResponse, FenceStatusRequest};
 use serde::Serialize;
@@ -91,6 +94,22 @@ fn check_capabilities(
         )));
     }
     Ok(())
+}
+
+/// What an op counts as in the digest of the target's plane, from its
+/// adapter: `--verify` through a version chain sums the chain's image with
+/// it.
+pub(super) fn digest_entry_of(
+    target: &DescribeResponse,
+) -> Result<fn(&Op) -> DigestEntry<'_>, MigrateError> {
+    adapter_named(&target.platform)
+        .and_then(|adapter| adapter.digest_entry)
+        .ok_or_else(|| {
+            MigrateError::Invalid(format!(
+                "--verify through --migrations compares the new plane's digest with the chain's image of the old plane, and this ferry has no {:?} live sink to say what that digest counts: migrate without --verify, or upgrade ferry",
+                target.platform
+            ))
+        })
 }
 
 pub(super) fn describe_plane(description: &DescribeResponse) -> String {
@@ -311,11 +330,15 @@ pub(super) async fn precheck_chain(
     };
     let started = Instant::now();
     info!("reading the source's snapshot through the version chain first, writing nothing");
+    let verify = match options.verify {
+        true => Some(digest_entry_of(&connected.target_description)?),
+        false => None,
+    };
     let (planned, read) = versions::precheck(
         &mut connected.source.clone(),
         planned,
         &options.key_prefix,
-        options.verify,
+        verify,
         connected.epoch,
     )
     .await?;

@@ -10,6 +10,7 @@ use ferry_proto::v1::{DigestRequest, DigestResponse};
 use tracing::info;
 
 use super::cutover::Running;
+use super::plan::digest_entry_of;
 use super::versions;
 use crate::remote::status_text;
 
@@ -92,8 +93,10 @@ pub(super) async fn verify_through_chain(
     fenced_position: u64,
     budget: Duration,
 ) -> Result<u64, String> {
+    let entry = digest_entry_of(&running.target_description)
+        .map_err(|error| format!("{error}; nothing was switched"))?;
     let mut source = running.source.clone();
-    let image = versions::image_digest(&mut source, chain, key_prefix, running.epoch);
+    let image = versions::image_digest(&mut source, chain, key_prefix, running.epoch, entry);
     let (image, new) = beside_the_new_plane_digest(running, key_prefix, budget, image).await?;
     let (position, image) = image.map_err(|error| {
         format!("the version chain's image of the old plane could not be digested: {error}; nothing was switched")

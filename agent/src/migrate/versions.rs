@@ -50,7 +50,8 @@
 use std::collections::VecDeque;
 
 use ferry_engine::Op;
-use ferry_engine::adapters::etcd::{KIND_KV, KIND_LEASE, SetDigest};
+use ferry_engine::adapters::digest::SetDigest;
+use ferry_engine::adapters::live::DigestEntry;
 use ferry_engine::migrations::chain::{Chain, KeyCheck};
 use ferry_engine::migrations::{MigrationError, off_the_runtime, printable};
 use ferry_proto::v1::ExtractRequest;
@@ -283,8 +284,9 @@ pub(crate) struct Prechecked {
 /// nothing, as a restore with `--migrations` reads its backup first: a
 /// filter error, an output that is not an op, or two source keys landing on
 /// one key (Mystic's `Foo` and `FOO`) stops the migration before anything
-/// is held, fenced or written. With `verify`, so does an output that
-/// `--verify` could not compare at step 7 (see [`counted_in_the_digest`]).
+/// is held, fenced or written. With `verify` (the target adapter's
+/// [`DigestEntry`]), so does an output that `--verify` could not compare at
+/// step 7 (see [`counted_in_the_digest`]).
 /// Memory grows with the number of keys, as the restore's check does (16
 /// bytes and the source key each).
 ///
@@ -294,7 +296,7 @@ pub(crate) async fn precheck(
     source: &mut SourceClient,
     chain: Chain,
     key_prefix: &[u8],
-    verify: bool,
+    verify: Option<fn(&Op) -> DigestEntry<'_>>,
     epoch: u64,
 ) -> Result<(Chain, Prechecked), MigrateError> {
     let counted = (KeyCheck::new(), 0u64, 0u64);
@@ -309,9 +311,9 @@ pub(crate) async fn precheck(
         move |chain, (check, source_ops, outputs), batch| {
             *source_ops += batch.len() as u64;
             each_op_through(chain, batch, Some(check), |source, made| {
-                if verify {
+                if let Some(entry) = verify {
                     for output in made {
-                        counted_in_the_digest(source, output, &prefix)?;
+                        counted_in_the_digest(source, output, entry, &prefix)?;
                     }
                 }
                 *outputs += made.len() as u64;
@@ -333,14 +335,16 @@ pub(crate) async fn precheck(
 
 /// The chain's image of a source snapshot, summed up in a [`SetDigest`]:
 /// what the new plane must hold once it has applied through the snapshot's
-/// position (`--verify` through a version chain). Every output must count
-/// in the digest ([`counted_in_the_digest`]). Memory stays flat: the digest
+/// position (`--verify` through a version chain). `entry` is the target
+/// adapter's word on what an op counts as in its digest, and every output
+/// must count ([`counted_in_the_digest`]). Memory stays flat: the digest
 /// does not depend on order.
 pub(crate) async fn image_digest(
     source: &mut SourceClient,
     chain: Chain,
     key_prefix: &[u8],
     epoch: u64,
+    entry: fn(&Op) -> DigestEntry<'_>,
 ) -> Result<(u64, SetDigest), MigrateError> {
     let prefix = key_prefix.to_vec();
     let read = through_chain(
@@ -353,8 +357,10 @@ pub(crate) async fn image_digest(
         move |chain, digest, batch| {
             each_op_through(chain, batch, None, |source, made| {
                 for output in made {
-                    if counted_in_the_digest(source, output, &prefix)? {
-                        digest.add(&output.key, &output.body);
+                    if let DigestEntry::Entry { key, value } =
+                        counted_in_the_digest(source, output, entry, &prefix)?
+                    {
+                        digest.add(key, value);
                     }
                 }
                 Ok(())
@@ -396,28 +402,28 @@ fn each_op_through(
     Ok(())
 }
 
-/// Whether an output of the chain counts in `--verify`'s digest of the new
-/// plane: a lease does not (as in the planes' own digests), a Put under
-/// `key_prefix` does, and anything else cannot be compared: a Delete or
-/// another method, or a key the chain moves out of the prefix digested.
-fn counted_in_the_digest(
+/// What an output of the chain counts as in `--verify`'s digest of the new
+/// plane (never `Unverifiable`): what the target adapter says (`entry`: an etcd lease nothing, a
+/// Put its key and value), as long as it stays under `key_prefix`; an
+/// output the adapter cannot compare (a Delete, another method) or a key
+/// the chain moves out of the prefix digested cannot be verified.
+fn counted_in_the_digest<'a>(
     source: &SourceOp,
-    output: &Op,
+    output: &'a Op,
+    entry: fn(&Op) -> DigestEntry<'_>,
     key_prefix: &[u8],
-) -> Result<bool, MigrateError> {
-    if output.kind == KIND_LEASE.as_bytes() {
-        return Ok(false);
-    }
-    let what = if output.kind != KIND_KV.as_bytes() || output.method != "Put".as_bytes() {
-        format!(
+) -> Result<DigestEntry<'a>, MigrateError> {
+    let what = match entry(output) {
+        DigestEntry::Uncounted => return Ok(DigestEntry::Uncounted),
+        counted @ DigestEntry::Entry { key, .. } if key.starts_with(key_prefix) => {
+            return Ok(counted);
+        }
+        DigestEntry::Entry { key, .. } => format!("moved to {}", printable(key)),
+        DigestEntry::Unverifiable => format!(
             "as a {} {}",
             String::from_utf8_lossy(&output.kind),
             String::from_utf8_lossy(&output.method)
-        )
-    } else if !output.key.starts_with(key_prefix) {
-        format!("moved to {}", printable(&output.key))
-    } else {
-        return Ok(true);
+        ),
     };
     Err(MigrateError::Chain(MigrationError::Unverifiable {
         what,

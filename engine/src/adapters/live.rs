@@ -238,6 +238,28 @@ pub struct FenceState {
     pub guard_epochs: Vec<u64>,
 }
 
+/// What one op counts as in its sink's [`PlaneDigest`], applied to a plane
+/// that lacks its key: `ferry migrate --verify` through a version chain
+/// sums the chain's image of the old plane with it, in a
+/// [`SetDigest`](super::digest::SetDigest), to compare with the new plane's
+/// `set_sha256`. Each adapter says it for its own ops
+/// ([`Adapter::digest_entry`](super::registry::Adapter::digest_entry)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestEntry<'a> {
+    /// Nothing: the plane's digest leaves such ops out (etcd's leases).
+    Uncounted,
+    /// This key with this value.
+    Entry {
+        /// The key as the plane's digest hashes it.
+        key: &'a [u8],
+        /// The value as the plane's digest hashes it.
+        value: &'a [u8],
+    },
+    /// The op leaves no entry to compare (a delete, an unknown method): an
+    /// image holding it cannot be verified.
+    Unverifiable,
+}
+
 /// What a plane holds under a key prefix at a position, summed up: two
 /// planes holding the same keys with the same bodies agree.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

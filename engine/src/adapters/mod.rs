@@ -8,6 +8,7 @@
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
 //! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster (`etcds://` for TLS) |
 
+pub mod digest;
 pub mod driver;
 pub mod etcd;
 pub mod jsonl;

@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
-use super::live::{LiveSink, LiveSource};
+use super::live::{DigestEntry, LiveSink, LiveSource};
 use super::{AdapterError, Sink, Source, etcd, jsonl};
-use crate::Result;
 use crate::migrations::in_place::InPlaceTarget;
+use crate::{Op, Result};
 
 /// Builds a source from its URL.
 pub type SourceFactory = fn(&str, &SourceOptions) -> Result<Box<dyn Source>>;
@@ -44,6 +44,9 @@ pub struct Adapter {
     pub live_sink: Option<LiveSinkFactory>,
     /// Builds an [`InPlaceTarget`] (`ferry migrations`).
     pub in_place: Option<InPlaceFactory>,
+    /// What an op counts as in its live sink's digest (`--verify` through a
+    /// version chain); `None` when the adapter has no live sink.
+    pub digest_entry: Option<fn(&Op) -> DigestEntry<'_>>,
 }
 
 /// Every adapter ferry has.
@@ -106,6 +109,11 @@ pub fn adapter_for(url: &str) -> Option<&'static Adapter> {
     ADAPTERS
         .iter()
         .find(|adapter| adapter.schemes.contains(&scheme))
+}
+
+/// The adapter of that name, as agents describe their platform.
+pub fn adapter_named(name: &str) -> Option<&'static Adapter> {
+    ADAPTERS.iter().find(|adapter| adapter.name == name)
 }
 
 fn refuse(url: &str, role: &str, takes: fn(&Adapter) -> bool) -> crate::Error {

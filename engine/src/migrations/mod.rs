@@ -18,7 +18,6 @@
 //! [`profile::Profile::add_migration`].
 
 pub mod chain;
-pub mod etcd;
 pub mod file;
 pub mod in_place;
 pub mod jq;

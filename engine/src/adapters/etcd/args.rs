@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::in_place::EtcdInPlace;
 use super::{
     EtcdConnection, EtcdError, EtcdLiveSink, EtcdLiveSource, EtcdSink, EtcdSinkOptions, EtcdSource,
     EtcdSourceOptions, EtcdTls,
@@ -14,7 +15,6 @@ use crate::Result;
 use crate::adapters::live::{LiveSink, LiveSource};
 use crate::adapters::registry::Adapter;
 use crate::adapters::{AdapterError, Sink, SinkOptions, Source, SourceOptions};
-use crate::migrations::etcd::EtcdInPlace;
 use crate::migrations::in_place::{InPlaceOptions, InPlaceTarget};
 
 /// etcd in the registry.
@@ -27,6 +27,7 @@ pub const ADAPTER: Adapter = Adapter {
     live_source: Some(live_source),
     live_sink: Some(live_sink),
     in_place: Some(in_place),
+    digest_entry: Some(super::live::digest_entry),
 };
 
 /// Credentials and TLS for etcd: from the environment or files, never from

@@ -13,12 +13,12 @@ use super::fence::{
     FenceOutcome, adopt_revision_offset, move_fence, read_fence, read_fence_alarms,
 };
 use super::{
-    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, EtcdSource, EtcdSourceOptions,
+    EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, EtcdSource, EtcdSourceOptions, KIND_KV,
     KIND_LEASE, LeaseKeeper, RevisionOffset, describe_cluster, digest_range, read_checkpoint,
 };
 use crate::adapters::live::{
-    Applied, Capabilities, FenceAnswer, FenceMove, FenceState, LiveApply, LiveFrom, LiveSink,
-    LiveSource, LiveStream, PlaneDescription, PlaneDigest, Position, StoredStream,
+    Applied, Capabilities, DigestEntry, FenceAnswer, FenceMove, FenceState, LiveApply, LiveFrom,
+    LiveSink, LiveSource, LiveStream, PlaneDescription, PlaneDigest, Position, StoredStream,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::progress::Progress;
@@ -32,6 +32,22 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     store_fence: true,
     server_assigned_ids: false,
 };
+
+/// What an etcd op counts as in [`digest_range`]'s set digest: a Put its
+/// key and value, a lease nothing (digests leave leases out); a delete or
+/// any other method cannot be compared.
+pub fn digest_entry(op: &Op) -> DigestEntry<'_> {
+    if op.kind == KIND_LEASE.as_bytes() {
+        DigestEntry::Uncounted
+    } else if op.kind == KIND_KV.as_bytes() && op.method == "Put".as_bytes() {
+        DigestEntry::Entry {
+            key: &op.key,
+            value: &op.body,
+        }
+    } else {
+        DigestEntry::Unverifiable
+    }
+}
 
 /// An etcd cluster as a live source.
 #[derive(Debug, Clone)]

@@ -23,6 +23,7 @@ mod args;
 pub(crate) mod client;
 mod digest;
 mod fence;
+mod in_place;
 mod keepalive;
 mod live;
 mod sink;
@@ -30,7 +31,7 @@ mod source;
 pub(crate) use source::kv_op;
 
 pub use args::{ADAPTER, EtcdArgs, EtcdRestoreArgs, EtcdTxnArgs};
-pub use digest::{RangeDigest, SetDigest, digest_range};
+pub use digest::{RangeDigest, digest_range};
 pub use fence::{
     FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, FencePlane, Move as FenceMove,
     REVISION_OFFSET_KEY, RevisionOffset, StoredFence, adopt_revision_offset,

@@ -48,6 +48,7 @@ pub const ADAPTER: Adapter = Adapter {
     live_source: None,
     live_sink: None,
     in_place: None,
+    digest_entry: None,
 };
 
 fn open_source(url: &str, options: &SourceOptions) -> crate::Result<Box<dyn Source>> {

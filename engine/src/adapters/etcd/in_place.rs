@@ -40,18 +40,18 @@ use ferry_proto::etcd::mvccpb::KeyValue;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::chain::{KeyCheck, Step, plan, run_steps};
-use super::in_place::{
-    HistoryEntry, InPlaceOptions, InPlaceTarget, ProgressRecord, RunReport, StateRecord,
-    StepReport, TargetStatus,
-};
-use super::profile::Profile;
-use super::{MigrationError, printable};
 use crate::adapters::AdapterError;
 use crate::adapters::etcd::client::EtcdClient;
 use crate::adapters::etcd::{
     EtcdConnection, EtcdError, KIND_KV, RESERVED_PREFIX, kv_op, prefix_end,
 };
+use crate::migrations::chain::{KeyCheck, Step, plan, run_steps};
+use crate::migrations::in_place::{
+    HistoryEntry, InPlaceOptions, InPlaceTarget, ProgressRecord, RunReport, StateRecord,
+    StepReport, TargetStatus,
+};
+use crate::migrations::profile::Profile;
+use crate::migrations::{MigrationError, printable};
 use crate::{Op, Result};
 
 /// etcd as an in-place target: the cluster of a connection, written with
@@ -97,8 +97,6 @@ impl InPlaceTarget for EtcdInPlace {
     }
 }
 
-/// Where ferry keeps migration state in an etcd target.
-pub const MIGRATIONS_PREFIX: &str = "__ferry__/migrations/";
 const STATE_KEY: &str = "__ferry__/migrations/state";
 const PROGRESS_KEY: &str = "__ferry__/migrations/progress";
 const LOCK_KEY: &str = "__ferry__/migrations/lock";

@@ -54,7 +54,8 @@ pub enum PgType {
     /// `delimiter` (the element type's `typdelim`: `,` for every built-in
     /// type but `box`, which uses `;`).
     Array {
-        /// The element type; never itself an array.
+        /// The element type; never itself an array (the elements of an
+        /// array of a domain over an array are [`PgType::Other`]).
         element: Box<PgType>,
         /// The ASCII byte between elements in the array literal.
         delimiter: u8,
@@ -216,14 +217,18 @@ impl TypeCatalog {
             }),
             b'b' if is_array(row) => {
                 let element_row = self.row(row.element_oid, Some(column_type))?;
-                let element = self
+                let element = match self
                     .classify_row(element_row, &element_row.name, depth + 1)
-                    .map_err(|refused| within(refused, column_type, "an array of"))?;
-                if matches!(element, PgType::Array { .. }) {
-                    return Err(refuse(
-                        "its element type is itself an array; the catalog looks broken".to_owned(),
-                    ));
-                }
+                    .map_err(|refused| within(refused, column_type, "an array of"))?
+                {
+                    // An array of a domain over an array: each element is
+                    // one array, carried as its text, as a JSON array here
+                    // would read back as a dimension.
+                    PgType::Array { .. } => PgType::Other {
+                        name: element_row.name.clone(),
+                    },
+                    element => element,
+                };
                 if !element_row.delimiter.is_ascii() || element_row.delimiter == b'"' {
                     return Err(refuse(format!(
                         "its element type {} separates array elements with byte {:#04x}, \
@@ -450,6 +455,25 @@ mod tests {
             catalog.classify(22),
             Ok(PgType::Other {
                 name: "int2vector".into()
+            })
+        );
+    }
+
+    #[test]
+    fn an_array_of_a_domain_over_an_array_carries_each_element_as_its_text() {
+        let catalog = catalog([
+            base(23, "int4"),
+            array_of(1007, "_int4", 23),
+            domain(70030, "int_list", 1007),
+            array_of(70031, "_int_list", 70030),
+        ]);
+        assert_eq!(
+            catalog.classify(70031),
+            Ok(PgType::Array {
+                element: Box::new(PgType::Other {
+                    name: "int_list".into()
+                }),
+                delimiter: b','
             })
         );
     }

@@ -446,6 +446,11 @@ mod tests {
             "12345678901234567890.5"
         );
         assert_eq!(decode(PgType::Jsonb, "null"), r#"{"$json":"null"}"#);
+        // json keeps whitespace around its value; the op body would not.
+        assert_eq!(
+            decode(PgType::Json, " [1,  2] \\n"),
+            r#"{"$json":" [1,  2] \n"}"#
+        );
         assert_eq!(
             decode(PgType::Jsonb, r#"{"$json": "x"}"#),
             r#"{"$json":"{\"$json\": \"x\"}"}"#

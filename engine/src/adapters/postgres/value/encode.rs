@@ -526,6 +526,10 @@ mod tests {
             "12345678901234567890.5"
         );
         assert_eq!(encode(PgType::Jsonb, r#"{"$json":"null"}"#), "null");
+        assert_eq!(
+            encode(PgType::Json, r#"{"$json":" [1,  2] \n"}"#),
+            " [1,  2] \\n"
+        );
         assert_eq!(encode(PgType::Json, r#"{"$json":" null\n"}"#), " null\\n");
         assert_eq!(encode(PgType::Jsonb, r#""null""#), r#""null""#);
         assert_eq!(encode(PgType::Jsonb, "null"), "\\N");

@@ -104,7 +104,8 @@ fn digits_from(bytes: &[u8], start: usize) -> usize {
 
 /// The one key of the object that carries a json or jsonb value that could
 /// not be carried as itself: the JSON value `null` (which would read back as
-/// SQL NULL) and an object that is itself such a wrapper.
+/// SQL NULL), a `json` text with whitespace around the value (which the
+/// op body would not keep), and an object that is itself such a wrapper.
 pub(super) const WRAPPER_KEY: &str = "$json";
 
 /// `{"$json": "<the value's JSON text>"}`.
@@ -129,9 +130,10 @@ pub(super) fn unwrap(json: &str) -> Option<Cow<'_, str>> {
 }
 
 /// True when the json or jsonb value `json` must travel wrapped: it is
-/// `null`, or it is itself a wrapper.
+/// `null`, has whitespace around it, or is itself a wrapper.
 pub(super) fn needs_wrapping(json: &str) -> bool {
-    json.trim_matches(is_json_whitespace) == "null" || unwrap(json).is_some()
+    let trimmed = json.trim_matches(is_json_whitespace);
+    trimmed.len() != json.len() || trimmed == "null" || unwrap(json).is_some()
 }
 
 fn is_json_whitespace(character: char) -> bool {
@@ -215,6 +217,9 @@ mod tests {
         for wrapped in [
             "null",
             " null\n",
+            " {}",
+            "[1]\n",
+            "\t\"s\"\r",
             r#"{"$json":"null"}"#,
             r#"{ "$json" : "x" }"#,
             r#"{"\u0024json":"x"}"#,

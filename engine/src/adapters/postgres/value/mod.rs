@@ -9,14 +9,17 @@
 //! column types come from [`TypeCatalog::classify`], which also refuses the
 //! few types that cannot be carried exactly.
 //!
-//! Every connection first sets [`SESSION_SETTINGS`], which make the text
-//! forms below the canonical ones; a value in another form (another
-//! DateStyle, a time zone other than UTC, bytea in escape form) is an
-//! error, not a guess.
+//! Every connection, extract and restore, first sets [`SESSION_SETTINGS`],
+//! which make the text forms below the canonical ones; a value in another
+//! form (another DateStyle, a time zone other than UTC, bytea in escape
+//! form) is an error, not a guess.
 //!
 //! # How values are carried
 //!
-//! | type | JSON | COPY text -> JSON |
+//! The examples are fields as COPY sends them (a backslash in the value is
+//! doubled) and the JSON they become.
+//!
+//! | type | JSON | COPY field -> JSON |
 //! | --- | --- | --- |
 //! | any type, NULL | `null` | `\N` -> `null` |
 //! | `bool` | `true` / `false` | `t` -> `true` |
@@ -27,7 +30,7 @@
 //! | `text`, `varchar`, `bpchar`, `name`, `"char"`, `citext`, enums, `uuid` | string | `a\tb` -> `"a\tb"` |
 //! | `bytea` | string, base64 (standard alphabet, padded) | `\\x00ff10` -> `"AP8Q"` |
 //! | `json`, `jsonb` | the JSON value itself, as PostgreSQL spelled it | `{"a": [1, 2]}` -> `{"a": [1, 2]}` |
-//! | `json`, `jsonb` holding `null`, or an object whose only key is `$json` | `{"$json": "<its JSON text>"}` | `null` -> `{"$json":"null"}` |
+//! | `json`, `jsonb` holding `null`, `json` with whitespace around the value, an object whose only key is `$json` | `{"$json": "<its JSON text>"}` | `null` -> `{"$json":"null"}`, ` [1] ` -> `{"$json":" [1] "}` |
 //! | `timestamptz` | string, `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` | `2024-01-02 03:04:05.12+00` -> `"2024-01-02T03:04:05.12Z"` |
 //! | `timestamp` | string, `YYYY-MM-DDTHH:MM:SS[.ffffff]` | `2024-01-02 03:04:05` -> `"2024-01-02T03:04:05"` |
 //! | `date` | string, `YYYY-MM-DD` | `2024-01-02` -> `"2024-01-02"` |
@@ -36,6 +39,7 @@
 //! | `time`, `timetz`, `interval` | string of its text | `P1Y2M3DT4H5M6.5S` -> `"P1Y2M3DT4H5M6.5S"` |
 //! | arrays | array of the element's JSON, nested per dimension; NULL elements `null` | `{{1,NULL},{3,4}}` -> `[[1,null],[3,4]]` |
 //! | arrays of `json`, `jsonb` | array of strings holding each element's JSON text | `{"[1, 2]"}` -> `["[1, 2]"]` |
+//! | arrays of a domain over an array | array of strings holding each element's array text | `{"{1,2}",NULL}` -> `["{1,2}",null]` |
 //! | arrays whose lower bounds are not all 1 | `{"lower_bounds": [...], "values": [...]}` | `[0:1]={a,b}` -> `{"lower_bounds":[0],"values":["a","b"]}` |
 //! | every other type: composite, range, multirange, `inet`, `xml`, `bit`, geometric, extension types (`hstore`...) | string of its text | `[1,5)` -> `"[1,5)"` |
 //!
@@ -47,10 +51,15 @@
 //! - `numeric` is a string because a JSON reader would round it to a float.
 //! - `json` keeps its text as written (whitespace, key order, repeated
 //!   keys are part of a `json` value). The JSON value `null` cannot be
-//!   carried as itself: it would read back as SQL NULL; so it, and an object
-//!   that already looks like the wrapper, travel wrapped.
-//! - The elements of `json[]` are strings because a JSON array element
-//!   cannot be told from a dimension of the array.
+//!   carried as itself: it would read back as SQL NULL; nor can whitespace
+//!   before or after a `json` value, which the op body does not keep; so
+//!   those, and an object that already looks like the wrapper, travel
+//!   wrapped. Numbers inside json keep their digits, even past what an
+//!   `f64` holds (`jsonb` prints `1e400` as 401 digits): a reader that parses
+//!   them as `f64` must expect that.
+//! - The elements of `json[]` (and of arrays of a domain over an array) are
+//!   strings because a JSON array element cannot be told from a dimension
+//!   of the array.
 //! - The restore also takes a JSON number for `numeric` (its digits as
 //!   written), for ops written by hand.
 //!

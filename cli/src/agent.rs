@@ -170,6 +170,7 @@ pub async fn agent(args: AgentArgs, global: GlobalOptions) -> Result<u8> {
                     prefix: prefix.clone(),
                     parallel: usize::from(args.parallel),
                     connection: args.connection.clone(),
+                    ..SourceOptions::default()
                 },
             )
             .map_err(CommonArgs::build_error)?;

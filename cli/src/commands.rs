@@ -7,7 +7,8 @@ use clap::Args;
 
 use ferry_engine::adapters::registry::RestoreTuningArgs;
 use ferry_engine::adapters::{
-    ConnectionArgs, SinkOptions, SourceOptions, TargetLimitArgs, sink_from_url, source_from_url,
+    ConnectionArgs, SinkOptions, SourceArgs, SourceOptions, TargetLimitArgs, sink_from_url,
+    source_from_url,
 };
 use ferry_engine::backup::{ExtractOptions, RestoreOptions, find_backup, verify_backup};
 use ferry_engine::pipeline;
@@ -24,15 +25,16 @@ use crate::{GlobalOptions, OutputFormat};
 /// `ferry extract`.
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// What to back up: etcd://HOST:PORT[,HOST:PORT...], agent://HOST:PORT (a source agent;
-    /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdin).
+    /// What to back up: etcd://HOST:PORT[,HOST:PORT...], postgres://[USER@]HOST[:PORT]/DB,
+    /// agent://HOST:PORT (a source agent; FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdin).
     #[arg(long, value_name = "URL")]
     source: String,
     /// Only keys starting with this prefix (sources that hold keys: etcd).
     #[arg(long, value_name = "PREFIX")]
     prefix: Option<String>,
-    /// Parts of the snapshot read at once, all at the same position (etcd: key ranges; more
-    /// helps only when the source has cores to spare: on 2 cores shared with etcd, 1 reads fastest).
+    /// Parts of the snapshot read at once, all at the same position (etcd: key ranges; PostgreSQL:
+    /// connections copying tables and page ranges of large ones). More helps only when the source
+    /// has cores to spare: on 2 cores shared with etcd, 1 reads fastest.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
     /// Where backups go: file:///DIR (or a path), s3://BUCKET/PREFIX.
@@ -48,6 +50,8 @@ pub struct ExtractArgs {
     // The adapters' own flags last: each opens a help heading of its own.
     #[command(flatten)]
     connection: ConnectionArgs,
+    #[command(flatten)]
+    selection: SourceArgs,
 }
 
 /// `ferry restore`.
@@ -59,8 +63,8 @@ pub struct RestoreArgs {
     /// The backup to restore; the latest complete one when left out.
     #[arg(long, value_name = "ID")]
     backup: Option<String>,
-    /// Where to replay it: etcd://HOST:PORT[,HOST:PORT...], agent://HOST:PORT (a target agent;
-    /// FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdout).
+    /// Where to replay it: etcd://HOST:PORT[,HOST:PORT...], postgres://[USER@]HOST[:PORT]/DB,
+    /// agent://HOST:PORT (a target agent; FERRY_AGENT_TOKEN), jsonl:///PATH or jsonl://- (stdout).
     #[arg(long, value_name = "URL")]
     target: String,
     /// Write keys starting with OLD as starting with NEW (targets that hold keys: etcd).
@@ -144,6 +148,7 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
         prefix: args.prefix.clone().unwrap_or_default().into_bytes(),
         parallel: usize::from(args.parallel),
         connection: args.connection.clone(),
+        source: args.selection.clone(),
     };
     let source = match ferry_agent::remote::agent_address(&args.source) {
         Some(address) => Box::new(ferry_agent::remote::AgentSource::new(

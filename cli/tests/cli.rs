@@ -530,7 +530,7 @@ fn a_gateway_admin_service_off_loopback_needs_tls_and_a_token_or_insecure_listen
 /// flattens them in): the heading holds that adapter's flags and no
 /// command's own, whatever the order of the fields.
 #[test]
-fn the_etcd_heading_holds_etcd_flags_only() {
+fn each_adapter_heading_holds_its_own_flags_only() {
     let etcd_flags = [
         "--etcd-password-file",
         "--etcd-ca-file",
@@ -541,32 +541,52 @@ fn the_etcd_heading_holds_etcd_flags_only() {
         "--lanes",
         "--txns-in-flight",
     ];
-    for command in [
-        &["extract"][..],
-        &["restore"],
-        &["agent", "source"],
-        &["agent", "target"],
-        &["gateway"],
-        &["migrations", "up"],
+    let postgres_flags = [
+        "--pg-password-file",
+        "--pg-ca-file",
+        "--schema",
+        "--table",
+        "--keep-slot",
+        "--pg-ops-per-commit",
+    ];
+    for (command, headings) in [
+        (&["extract"][..], &["etcd", "PostgreSQL"][..]),
+        (&["restore"], &["etcd", "PostgreSQL"]),
+        (&["agent", "source"], &["etcd", "PostgreSQL"]),
+        (&["agent", "target"], &["etcd", "PostgreSQL"]),
+        (&["gateway"], &["etcd"]),
+        (&["migrations", "up"], &["etcd"]),
     ] {
         let mut args = command.to_vec();
         args.push("--help");
         let help = text(&ferry(&args).stdout);
-        let (_, under_etcd) = help
-            .split_once("\netcd:\n")
-            .unwrap_or_else(|| panic!("ferry {command:?} --help has no etcd heading:\n{help}"));
-        let flags: Vec<&str> = under_etcd
-            .lines()
-            .filter_map(|line| line.strip_prefix("      --"))
-            .map(|line| line.split_whitespace().next().unwrap_or_default())
-            .collect();
-        assert!(flags.len() >= 4, "ferry {command:?}: {flags:?}");
-        for flag in flags {
-            let flag = format!("--{flag}");
-            assert!(
-                etcd_flags.contains(&flag.as_str()),
-                "ferry {command:?} --help lists {flag} under etcd"
-            );
+        for heading in headings {
+            let own: &[&str] = if *heading == "etcd" {
+                &etcd_flags
+            } else {
+                &postgres_flags
+            };
+            let (_, under) = help
+                .split_once(&format!("\n{heading}:\n"))
+                .unwrap_or_else(|| {
+                    panic!("ferry {command:?} --help has no {heading} heading:\n{help}")
+                });
+            // The section ends at the next heading (a line that does not
+            // start with a space).
+            let flags: Vec<&str> = under
+                .lines()
+                .take_while(|line| line.is_empty() || line.starts_with(' '))
+                .filter_map(|line| line.strip_prefix("      --"))
+                .map(|line| line.split_whitespace().next().unwrap_or_default())
+                .collect();
+            assert!(flags.len() >= 2, "ferry {command:?} {heading}: {flags:?}");
+            for flag in flags {
+                let flag = format!("--{flag}");
+                assert!(
+                    own.contains(&flag.as_str()),
+                    "ferry {command:?} --help lists {flag} under {heading}"
+                );
+            }
         }
     }
 }

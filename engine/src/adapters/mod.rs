@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
 //! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster (`etcds://` for TLS) |
+//! | `postgres://[USER@]HOST[:PORT]/DB` | [`postgres`]: a PostgreSQL database |
 
 pub mod digest;
 pub mod driver;
@@ -261,7 +262,7 @@ pub trait PlatformError: std::error::Error + Send + Sync + 'static {
 }
 
 pub use registry::{
-    ADAPTERS, Adapter, ConnectionArgs, RestoreTuningArgs, SinkOptions, SourceOptions,
+    ADAPTERS, Adapter, ConnectionArgs, RestoreTuningArgs, SinkOptions, SourceArgs, SourceOptions,
     TargetLimitArgs, adapter_for, in_place_from_url, live_sink_from_url, live_source_from_url,
     sink_from_url, source_from_url,
 };

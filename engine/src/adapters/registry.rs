@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::live::{DigestEntry, LiveSink, LiveSource};
-use super::{AdapterError, Sink, Source, etcd, jsonl};
+use super::{AdapterError, Sink, Source, etcd, jsonl, postgres};
 use crate::migrations::in_place::InPlaceTarget;
 use crate::{Op, Result};
 
@@ -50,7 +50,7 @@ pub struct Adapter {
 }
 
 /// Every adapter ferry has.
-pub const ADAPTERS: &[Adapter] = &[jsonl::ADAPTER, etcd::ADAPTER];
+pub const ADAPTERS: &[Adapter] = &[jsonl::ADAPTER, etcd::ADAPTER, postgres::ADAPTER];
 
 /// Credentials and TLS, each adapter's own: from the environment or files,
 /// never from argv.
@@ -59,6 +59,18 @@ pub struct ConnectionArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub etcd: etcd::EtcdArgs,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub postgres: postgres::PgArgs,
+}
+
+/// What an extract reads of its source beyond `--prefix`, each adapter's
+/// own.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceArgs {
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub postgres: postgres::PgSourceArgs,
 }
 
 /// What a target takes at most (its request limits), each adapter's own.
@@ -75,6 +87,9 @@ pub struct RestoreTuningArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub etcd: etcd::EtcdRestoreArgs,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub postgres: postgres::PgRestoreArgs,
 }
 
 /// What a source needs beyond its URL.
@@ -86,6 +101,8 @@ pub struct SourceOptions {
     pub parallel: usize,
     /// Credentials and TLS.
     pub connection: ConnectionArgs,
+    /// What to read beyond the prefix.
+    pub source: SourceArgs,
 }
 
 /// What a sink needs beyond its URL.

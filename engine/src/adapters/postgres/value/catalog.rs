@@ -164,6 +164,12 @@ impl TypeCatalog {
         self.rows.insert(row.oid, row);
     }
 
+    /// The element type of the array type `oid`; 0 when it is none or
+    /// unknown.
+    pub fn element_of(&self, oid: u32) -> u32 {
+        self.rows.get(&oid).map_or(0, |row| row.element_oid)
+    }
+
     /// How a column of type `oid` is carried, or why it is refused.
     ///
     /// Refused: `money` (its text form follows `lc_monetary`, so another

@@ -1,0 +1,143 @@
+//! PostgreSQL's own flags and its entry in the adapter registry: parsed
+//! first (paths only), built second (the password from the environment or a
+//! file when the adapter is built).
+
+use std::path::PathBuf;
+
+use super::connection::PasswordSources;
+use super::{PgConnection, PgError, PgSink, PgSinkOptions, PgSource, PgSourceOptions};
+use crate::Result;
+use crate::adapters::registry::Adapter;
+use crate::adapters::{AdapterError, Sink, SinkOptions, Source, SourceOptions};
+
+/// PostgreSQL in the registry.
+pub const ADAPTER: Adapter = Adapter {
+    name: "postgres",
+    schemes: &["postgres", "postgresql"],
+    urls: "postgres://[USER@]HOST[:PORT]/DB[?sslmode=MODE]",
+    source: Some(source),
+    sink: Some(sink),
+    live_source: None,
+    live_sink: None,
+    in_place: None,
+    digest_entry: None,
+};
+
+/// Credentials and TLS for PostgreSQL: from the environment or files, never
+/// from argv or the URL.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "PostgreSQL")]
+pub struct PgArgs {
+    /// A file whose first line is the PostgreSQL password; without it, PGPASSWORD, then the
+    /// password file (PGPASSFILE, or ~/.pgpass) are used, as libpq does.
+    #[arg(long, value_name = "FILE")]
+    pub pg_password_file: Option<PathBuf>,
+    /// PostgreSQL over TLS: PEM file of the CA that signed the server's certificate (the URL's
+    /// sslrootcert= says the same; sslmode=verify-ca or verify-full need one).
+    #[arg(long, value_name = "FILE")]
+    pub pg_ca_file: Option<PathBuf>,
+}
+
+impl PgArgs {
+    /// The database `url` names, with the password from these flags or the
+    /// environment (read now).
+    pub fn connection(&self, url: &str) -> Result<PgConnection, PgError> {
+        let mut connection = PgConnection::from_url(
+            url,
+            &PasswordSources::from_env(self.pg_password_file.clone()),
+        )?;
+        if let Some(ca_file) = &self.pg_ca_file {
+            connection.tls.ca_file = Some(ca_file.clone());
+        }
+        Ok(connection)
+    }
+}
+
+/// What an extract reads from PostgreSQL.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "PostgreSQL")]
+pub struct PgSourceArgs {
+    /// PostgreSQL: extract only this schema (repeat for more); all but the system's and
+    /// ferry's own when none is named.
+    #[arg(long = "schema", value_name = "SCHEMA")]
+    pub schemas: Vec<String>,
+    /// PostgreSQL: extract only this table, SCHEMA.TABLE or TABLE in any extracted schema
+    /// (repeat for more).
+    #[arg(long = "table", value_name = "TABLE")]
+    pub tables: Vec<String>,
+    /// PostgreSQL: keep the extract's logical replication slot under this name, so a live
+    /// migration can follow from the backup's position; without it the slot is temporary and
+    /// goes away with the extract, also when it fails or is killed.
+    #[arg(long, value_name = "NAME")]
+    pub keep_slot: Option<String>,
+}
+
+/// Rows a restore commits at once when not told.
+const DEFAULT_ROWS_PER_COMMIT: u64 = 20_000;
+
+/// How a PostgreSQL restore writes.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "PostgreSQL")]
+pub struct PgRestoreArgs {
+    /// PostgreSQL: ops per target transaction (each commits ferry's checkpoint with it); a
+    /// killed restore redoes at most this many.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_ROWS_PER_COMMIT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pg_ops_per_commit: u64,
+}
+
+impl Default for PgRestoreArgs {
+    fn default() -> Self {
+        Self {
+            pg_ops_per_commit: DEFAULT_ROWS_PER_COMMIT,
+        }
+    }
+}
+
+fn connection(
+    url: &str,
+    args: &PgArgs,
+    error: fn(PgError) -> AdapterError,
+) -> Result<PgConnection> {
+    Ok(args.connection(url).map_err(error)?)
+}
+
+fn source(url: &str, options: &SourceOptions) -> Result<Box<dyn Source>> {
+    let connection = connection(url, &options.connection.postgres, AdapterError::source)?;
+    if !options.prefix.is_empty() {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: "PostgreSQL takes --schema and --table, not --prefix".to_owned(),
+        }
+        .into());
+    }
+    let selection = &options.source.postgres;
+    Ok(Box::new(PgSource::new(
+        connection,
+        PgSourceOptions {
+            schemas: selection.schemas.clone(),
+            tables: selection.tables.clone(),
+            keep_slot: selection.keep_slot.clone(),
+            parallel: options.parallel.max(1),
+        },
+    )))
+}
+
+fn sink(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
+    let connection = connection(url, &options.connection.postgres, AdapterError::target)?;
+    if options.rewrite_prefix.is_some() {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: "PostgreSQL keys are tables and rows: --rewrite-prefix does not apply"
+                .to_owned(),
+        }
+        .into());
+    }
+    Ok(Box::new(PgSink::new(
+        connection,
+        PgSinkOptions {
+            allow_nonempty: options.allow_nonempty,
+            ops_per_commit: options.restore.postgres.pg_ops_per_commit as usize,
+            epoch: 0,
+        },
+    )))
+}

@@ -1,0 +1,815 @@
+//! Restore: ops into a PostgreSQL database, each exactly once.
+//!
+//! [`PgTarget`] is a [`TransactionalTarget`] under the shared
+//! [`SinkDriver`]: the driver owns seq order, transaction grouping, resume
+//! and the epoch (G1, G3-G5); the target runs one transaction at a time on
+//! one connection. Rows of one table that follow each other go into one
+//! `COPY ... FROM STDIN`, fed as they arrive; any other op (a table, an
+//! index) or the commit ends it. A commit writes the stream's checkpoint
+//! row in `ferry.streams` in the same transaction, after checking, under a
+//! lock, that no later migration attempt took the target (`ferry.target`),
+//! so a kill at any moment leaves every op in or out with its checkpoint.
+//!
+//! Schemas are created as the ops need them. Triggers do not fire: the
+//! backup carries none, and constraints (foreign keys included) come after
+//! the rows, as `pg_restore` adds them.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::SinkExt;
+use tokio_postgres::{Client, CopyInSink};
+
+use super::catalog::{Column, EnumType, Extension, Sequence, SequenceValue, Table};
+use super::value::{Column as ValueColumn, RowEncoder, TypeCatalog, TypeRow};
+use super::{
+    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_SEQUENCE, KIND_TABLE,
+    KIND_TYPE, PgConnection, PgError, qualified, quote_ident, quote_literal,
+};
+use crate::adapters::driver::{DriverOptions, SinkDriver, TransactionalTarget};
+use crate::adapters::live::{Applied, Position, StoredStream};
+use crate::adapters::{AdapterError, Sink, StreamInfo};
+use crate::{Op, Result};
+
+/// Bytes of COPY data sent to the server at once.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// How a restore writes.
+#[derive(Debug, Clone)]
+pub struct PgSinkOptions {
+    /// Write even when the target holds tables.
+    pub allow_nonempty: bool,
+    /// Ops per target transaction.
+    pub ops_per_commit: usize,
+    /// The migration attempt (G5); 0 for a restore.
+    pub epoch: u64,
+}
+
+/// A PostgreSQL database as a [`Sink`]: the shared driver over a
+/// [`PgTarget`].
+pub struct PgSink {
+    driver: SinkDriver<PgTarget>,
+}
+
+impl PgSink {
+    /// A restore into the database `connection` reaches.
+    pub fn new(connection: PgConnection, options: PgSinkOptions) -> Self {
+        let driver_options = DriverOptions {
+            ops_per_commit: options.ops_per_commit.max(1),
+            epoch: options.epoch,
+            ..DriverOptions::default()
+        };
+        Self {
+            driver: SinkDriver::new(PgTarget::new(connection, options), driver_options),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for PgSink {
+    async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
+        self.driver.begin(stream).await
+    }
+
+    async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        self.driver.apply(ops).await
+    }
+
+    async fn finish(self: Box<Self>) -> Result<()> {
+        Box::new(self.driver).finish().await
+    }
+}
+
+/// The rows of one table being copied in.
+struct OpenCopy {
+    table: (String, String),
+    sink: Pin<Box<CopyInSink<Bytes>>>,
+    buffer: BytesMut,
+    /// The seq of the first row in it: COPY's line N is op `first_seq + N - 1`.
+    first_seq: u64,
+}
+
+/// How the rows of one target table are written.
+struct TableCodec {
+    encoder: RowEncoder,
+    statement: String,
+}
+
+/// One PostgreSQL database under the [`SinkDriver`].
+pub struct PgTarget {
+    connection: PgConnection,
+    options: PgSinkOptions,
+    server: String,
+    client: Option<Client>,
+    stream_id: String,
+    copy: Option<OpenCopy>,
+    codecs: HashMap<(String, String), TableCodec>,
+    types: Option<TypeCatalog>,
+    schemas: HashSet<String>,
+    line: Vec<u8>,
+}
+
+impl PgTarget {
+    fn new(connection: PgConnection, options: PgSinkOptions) -> Self {
+        Self {
+            server: connection.server(),
+            connection,
+            options,
+            client: None,
+            stream_id: String::new(),
+            copy: None,
+            codecs: HashMap::new(),
+            types: None,
+            schemas: HashSet::new(),
+            line: Vec::new(),
+        }
+    }
+
+    fn error(&self, error: PgError) -> crate::Error {
+        AdapterError::target(error).into()
+    }
+
+    fn client(&self) -> Result<&Client> {
+        self.client.as_ref().ok_or_else(|| {
+            self.error(PgError::Unreachable {
+                server: self.server.clone(),
+                reason: "the restore's connection is not open".to_owned(),
+            })
+        })
+    }
+
+    async fn execute(&self, sql: &str, what: impl Into<String>) -> Result<()> {
+        self.client()?
+            .batch_execute(sql)
+            .await
+            .map_err(|error| self.error(PgError::statement(&self.server, what, &error)))
+    }
+
+    fn bad_op(&self, op: &Op, reason: String) -> crate::Error {
+        self.error(PgError::BadOp {
+            server: self.server.clone(),
+            seq: op.seq,
+            key: String::from_utf8_lossy(&op.key).into_owned(),
+            reason,
+        })
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self, op: &Op) -> Result<T> {
+        serde_json::from_slice(&op.body).map_err(|error| {
+            self.bad_op(
+                op,
+                format!(
+                    "its body is not a {} {}: {error}",
+                    String::from_utf8_lossy(&op.kind),
+                    String::from_utf8_lossy(&op.method)
+                ),
+            )
+        })
+    }
+
+    /// Runs `sql` for `op`, its failure naming the op.
+    async fn run_for(&self, op: &Op, sql: &str) -> Result<()> {
+        let what = format!(
+            "op seq {} ({} {})",
+            op.seq,
+            String::from_utf8_lossy(&op.method),
+            String::from_utf8_lossy(&op.key)
+        );
+        self.execute(sql, what).await
+    }
+
+    async fn ensure_schema(&mut self, op: &Op, schema: &str) -> Result<()> {
+        if self.schemas.contains(schema) {
+            return Ok(());
+        }
+        self.run_for(
+            op,
+            &format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)),
+        )
+        .await?;
+        self.schemas.insert(schema.to_owned());
+        Ok(())
+    }
+
+    /// Ends the open COPY, if any; its failure names the op of the line the
+    /// server complained about.
+    async fn end_copy(&mut self) -> Result<()> {
+        let Some(mut copy) = self.copy.take() else {
+            return Ok(());
+        };
+        let sent = async {
+            if !copy.buffer.is_empty() {
+                copy.sink.send(copy.buffer.split().freeze()).await?;
+            }
+            copy.sink.as_mut().finish().await
+        }
+        .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let mut reason = super::describe_error(&error);
+                if let Some(line) = copy_line(&error) {
+                    reason = format!("op seq {}: {reason}", copy.first_seq + line - 1);
+                }
+                Err(self.error(PgError::Statement {
+                    server: self.server.clone(),
+                    what: format!("copying rows into {}.{}", copy.table.0, copy.table.1),
+                    code: error.code().map(|code| code.code().to_owned()),
+                    reason,
+                }))
+            }
+        }
+    }
+
+    /// The target's `pg_type`, read once.
+    async fn types(&mut self) -> Result<&TypeCatalog> {
+        if self.types.is_none() {
+            let rows = self
+                .client()?
+                .query(
+                    "SELECT oid, typname, typtype, typcategory, typelem, typbasetype, typdelim FROM pg_catalog.pg_type",
+                    &[],
+                )
+                .await
+                .map_err(|error| self.error(PgError::statement(&self.server, "reading pg_type", &error)))?;
+            let mut types = TypeCatalog::new();
+            for row in rows {
+                types.insert(TypeRow {
+                    oid: row.get(0),
+                    name: row.get(1),
+                    kind: row.get::<_, i8>(2) as u8,
+                    category: row.get::<_, i8>(3) as u8,
+                    element_oid: row.get(4),
+                    base_oid: row.get(5),
+                    delimiter: row.get::<_, i8>(6) as u8,
+                });
+            }
+            self.types = Some(types);
+        }
+        Ok(self.types.as_ref().expect("read above"))
+    }
+
+    /// How rows of `table` are written, from the target's own catalog (so a
+    /// resumed restore, or one through a version chain, writes what the
+    /// target table has).
+    async fn codec(&mut self, op: &Op, table: &(String, String)) -> Result<&mut TableCodec> {
+        if !self.codecs.contains_key(table) {
+            let rows = self
+                .client()?
+                .query(
+                    "SELECT a.attname, a.atttypid FROM pg_catalog.pg_attribute a \
+                     WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                     ORDER BY a.attnum",
+                    &[&qualified(&table.0, &table.1)],
+                )
+                .await
+                .map_err(|error| {
+                    self.error(PgError::statement(
+                        &self.server,
+                        format!("op seq {}: reading the columns of {}.{}", op.seq, table.0, table.1),
+                        &error,
+                    ))
+                })?;
+            let mut columns = Vec::with_capacity(rows.len());
+            for row in rows {
+                let name: String = row.get(0);
+                let oid: u32 = row.get(1);
+                let pg_type = self.types().await?.classify(oid).map_err(|refused| {
+                    self.bad_op(
+                        op,
+                        format!("column {name} of {}.{}: {refused}", table.0, table.1),
+                    )
+                })?;
+                columns.push(ValueColumn { name, pg_type });
+            }
+            let statement = format!(
+                "COPY {} ({}) FROM STDIN",
+                qualified(&table.0, &table.1),
+                columns
+                    .iter()
+                    .map(|column| quote_ident(&column.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.codecs.insert(
+                table.clone(),
+                TableCodec {
+                    encoder: RowEncoder::new(columns),
+                    statement,
+                },
+            );
+        }
+        Ok(self.codecs.get_mut(table).expect("inserted above"))
+    }
+
+    async fn apply_row(&mut self, op: &Op) -> Result<()> {
+        let table = row_table(&op.key)
+            .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
+        if self.copy.as_ref().is_some_and(|copy| copy.table != table) {
+            self.end_copy().await?;
+        }
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        let encoded = self
+            .codec(op, &table)
+            .await?
+            .encoder
+            .encode_row(&op.body, &mut line);
+        if let Err(error) = encoded {
+            return Err(self.bad_op(op, format!("{}.{}: {error}", table.0, table.1)));
+        }
+        if self.copy.is_none() {
+            let statement = self.codec(op, &table).await?.statement.clone();
+            let sink = self
+                .client()?
+                .copy_in(statement.as_str())
+                .await
+                .map_err(|error| {
+                    self.error(PgError::statement(
+                        &self.server,
+                        format!(
+                            "op seq {}: starting the copy into {}.{}",
+                            op.seq, table.0, table.1
+                        ),
+                        &error,
+                    ))
+                })?;
+            self.copy = Some(OpenCopy {
+                table,
+                sink: Box::pin(sink),
+                buffer: BytesMut::with_capacity(COPY_CHUNK * 2),
+                first_seq: op.seq,
+            });
+        }
+        let copy = self.copy.as_mut().expect("opened above");
+        copy.buffer.extend_from_slice(&line);
+        self.line = line;
+        if copy.buffer.len() >= COPY_CHUNK {
+            let chunk = copy.buffer.split().freeze();
+            if let Err(error) = copy.sink.send(chunk).await {
+                // The server refused the copy: its reason comes with the
+                // end of it.
+                tracing::debug!(error = %super::describe_error(&error), "the copy broke");
+                return self.end_copy().await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_other(&mut self, op: &Op) -> Result<()> {
+        self.end_copy().await?;
+        let kind = op.kind.as_ref();
+        let method = op.method.as_ref();
+        let sql = if kind == KIND_EXTENSION.as_bytes() && method == b"CREATE" {
+            let extension: Extension = self.parse(op)?;
+            self.ensure_schema(op, &extension.schema).await?;
+            format!(
+                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
+                quote_ident(&extension.name),
+                quote_ident(&extension.schema)
+            )
+        } else if kind == KIND_TYPE.as_bytes() && method == b"CREATE" {
+            let enum_type: EnumType = self.parse(op)?;
+            self.ensure_schema(op, &enum_type.schema).await?;
+            format!(
+                "CREATE TYPE {} AS ENUM ({})",
+                qualified(&enum_type.schema, &enum_type.name),
+                enum_type
+                    .labels
+                    .iter()
+                    .map(|label| quote_literal(label))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if kind == KIND_SEQUENCE.as_bytes() && method == b"CREATE" {
+            let sequence: Sequence = self.parse(op)?;
+            self.ensure_schema(op, &sequence.schema).await?;
+            create_sequence(&sequence)
+        } else if kind == KIND_TABLE.as_bytes() && method == b"CREATE" {
+            let table: Table = self.parse(op)?;
+            self.ensure_schema(op, &table.schema).await?;
+            self.codecs
+                .remove(&(table.schema.clone(), table.name.clone()));
+            create_table(&table)
+        } else if kind == KIND_INDEX.as_bytes() && method == b"CREATE" {
+            let index: super::catalog::Index = self.parse(op)?;
+            index.definition
+        } else if kind == KIND_CONSTRAINT.as_bytes() && method == b"ADD" {
+            let constraint: super::catalog::Constraint = self.parse(op)?;
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                qualified(&constraint.schema, &constraint.table),
+                quote_ident(&constraint.name),
+                constraint.definition
+            )
+        } else if kind == KIND_SEQUENCE.as_bytes() && method == b"SETVAL" {
+            let value: SequenceValue = self.parse(op)?;
+            return self.set_sequence(op, &value).await;
+        } else {
+            return Err(self.bad_op(
+                op,
+                format!(
+                    "a PostgreSQL target takes pg.* ops, not {} {}",
+                    String::from_utf8_lossy(kind),
+                    String::from_utf8_lossy(method)
+                ),
+            ));
+        };
+        self.run_for(op, &sql).await
+    }
+
+    async fn set_sequence(&mut self, op: &Op, value: &SequenceValue) -> Result<()> {
+        let client = self.client()?;
+        let what = || format!("op seq {} (SETVAL {}.{})", op.seq, value.schema, value.name);
+        let sequence = match (&value.owned_by, value.identity) {
+            // An identity column's sequence is the table's, named by it.
+            (Some([schema, table, column]), true) => {
+                let row = client
+                    .query_one(
+                        "SELECT pg_catalog.pg_get_serial_sequence($1, $2)",
+                        &[&qualified(schema, table), &column],
+                    )
+                    .await
+                    .map_err(|error| {
+                        self.error(PgError::statement(&self.server, what(), &error))
+                    })?;
+                row.get::<_, Option<String>>(0).ok_or_else(|| {
+                    self.bad_op(
+                        op,
+                        format!("{schema}.{table}.{column} has no identity sequence on the target"),
+                    )
+                })?
+            }
+            _ => qualified(&value.schema, &value.name),
+        };
+        client
+            .query_one(
+                "SELECT pg_catalog.setval($1::text::regclass, $2, $3)",
+                &[&sequence, &value.last_value, &value.is_called],
+            )
+            .await
+            .map_err(|error| self.error(PgError::statement(&self.server, what(), &error)))?;
+        if let (Some([schema, table, column]), false) = (&value.owned_by, value.identity) {
+            let sql = format!(
+                "ALTER SEQUENCE {sequence} OWNED BY {}.{}",
+                qualified(schema, table),
+                quote_ident(column)
+            );
+            self.run_for(op, &sql).await?;
+        }
+        Ok(())
+    }
+
+    /// The user tables the target holds outside ferry's schema, a few.
+    async fn some_tables(&self) -> Result<Vec<String>> {
+        let rows = self
+            .client()?
+            .query(
+                "SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', $1) \
+                   AND n.nspname NOT LIKE 'pg\\_%' \
+                 ORDER BY 1 LIMIT 6",
+                &[&FERRY_SCHEMA],
+            )
+            .await
+            .map_err(|error| self.error(PgError::statement(&self.server, "listing the target's tables", &error)))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+/// The `(schema, table)` a row key names: `SCHEMA.TABLE/KEY`, each name
+/// with `%`, `.` and `/` percent-encoded.
+pub(crate) fn row_table(key: &[u8]) -> Option<(String, String)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (table, _) = key.split_once('/')?;
+    let (schema, name) = table.split_once('.')?;
+    Some((percent_decode(schema)?, percent_decode(name)?))
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = text.get(index + 1..index + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The line of a COPY the server's error context names (`COPY t, line 42`).
+fn copy_line(error: &tokio_postgres::Error) -> Option<u64> {
+    let context = error.as_db_error()?.where_()?;
+    let (_, after) = context.split_once(", line ")?;
+    after
+        .split(|char: char| !char.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn create_sequence(sequence: &Sequence) -> String {
+    format!(
+        "CREATE SEQUENCE {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}",
+        qualified(&sequence.schema, &sequence.name),
+        sequence.data_type,
+        sequence.increment,
+        sequence.min,
+        sequence.max,
+        sequence.start,
+        sequence.cache,
+        if sequence.cycle { "CYCLE" } else { "NO CYCLE" }
+    )
+}
+
+fn column_sql(column: &Column) -> String {
+    let mut sql = format!("{} {}", quote_ident(&column.name), column.type_name);
+    if let Some(collation) = &column.collation {
+        sql.push_str(&format!(" COLLATE {collation}"));
+    }
+    if let Some(expression) = &column.generated {
+        sql.push_str(&format!(" GENERATED ALWAYS AS ({expression}) STORED"));
+    } else if let Some(identity) = &column.identity {
+        let identity = if identity == "always" {
+            "ALWAYS"
+        } else {
+            "BY DEFAULT"
+        };
+        sql.push_str(&format!(" GENERATED {identity} AS IDENTITY"));
+    } else if let Some(default) = &column.default {
+        sql.push_str(&format!(" DEFAULT {default}"));
+    }
+    if column.not_null {
+        sql.push_str(" NOT NULL");
+    }
+    sql
+}
+
+fn create_table(table: &Table) -> String {
+    format!(
+        "CREATE {}TABLE {} ({})",
+        if table.unlogged { "UNLOGGED " } else { "" },
+        qualified(&table.schema, &table.name),
+        table
+            .columns
+            .iter()
+            .map(column_sql)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+#[async_trait]
+impl TransactionalTarget for PgTarget {
+    fn name(&self) -> String {
+        format!("PostgreSQL {}", self.server)
+    }
+
+    async fn open(&mut self, stream: &StreamInfo, epoch: u64) -> Result<StoredStream> {
+        let client = self
+            .connection
+            .connect()
+            .await
+            .map_err(|error| self.error(error))?;
+        self.client = Some(client);
+        self.stream_id = stream.stream_id.clone();
+        let ferry = quote_ident(FERRY_SCHEMA);
+        self.execute(
+            &format!(
+                "SET search_path = ''; \
+                 CREATE SCHEMA IF NOT EXISTS {ferry}; \
+                 CREATE TABLE IF NOT EXISTS {ferry}.target (id int PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL); \
+                 CREATE TABLE IF NOT EXISTS {ferry}.streams (stream_id text PRIMARY KEY, source_identity text, \
+                     through_seq bigint NOT NULL DEFAULT 0, through_position numeric NOT NULL DEFAULT 0, \
+                     complete boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now()); \
+                 INSERT INTO {ferry}.target (id, epoch) VALUES (1, 0) ON CONFLICT DO NOTHING"
+            ),
+            "creating ferry's checkpoint tables (the role needs CREATE on the database)",
+        )
+        .await?;
+        self.execute("BEGIN", "beginning").await?;
+        let client = self.client()?;
+        let failed = |what: &str, error: tokio_postgres::Error| {
+            self.error(PgError::statement(&self.server, what, &error))
+        };
+        let stored: i64 = client
+            .query_one(
+                &format!("SELECT epoch FROM {ferry}.target WHERE id = 1 FOR UPDATE"),
+                &[],
+            )
+            .await
+            .map_err(|error| failed("reading the target's epoch", error))?
+            .get(0);
+        let stored = stored.max(0) as u64;
+        if stored > epoch {
+            self.execute("ROLLBACK", "rolling back").await?;
+            return Ok(StoredStream {
+                applied: None,
+                epoch: stored,
+            });
+        }
+        client
+            .execute(
+                &format!("UPDATE {ferry}.target SET epoch = $1 WHERE id = 1"),
+                &[&(epoch as i64)],
+            )
+            .await
+            .map_err(|error| failed("raising the target's epoch", error))?;
+        let row = client
+            .query_opt(
+                &format!("SELECT through_seq, through_position::text, source_identity FROM {ferry}.streams WHERE stream_id = $1"),
+                &[&stream.stream_id],
+            )
+            .await
+            .map_err(|error| failed("reading the stream's checkpoint", error))?;
+        let applied = match row {
+            Some(row) => {
+                let through_seq: i64 = row.get(0);
+                let position: String = row.get(1);
+                let identity: Option<String> = row.get(2);
+                if let (Some(stored), Some(offered)) = (&identity, &stream.source_identity)
+                    && stored != offered
+                {
+                    let _ = self.execute("ROLLBACK", "rolling back").await;
+                    return Err(self.error(PgError::Precondition {
+                        server: self.server.clone(),
+                        reason: format!(
+                            "stream {} was restored here from source {stored}, and this one comes from {offered}",
+                            stream.stream_id
+                        ),
+                    }));
+                }
+                (through_seq > 0).then(|| Applied {
+                    through_seq: through_seq as u64,
+                    through_position: Position(position.parse().unwrap_or(0)),
+                })
+            }
+            None => {
+                if !self.options.allow_nonempty {
+                    let tables = self.some_tables().await?;
+                    if !tables.is_empty() {
+                        let _ = self.execute("ROLLBACK", "rolling back").await;
+                        let mut shown = tables[..tables.len().min(5)].join(", ");
+                        if tables.len() > 5 {
+                            shown.push_str(", ...");
+                        }
+                        return Err(self.error(PgError::NotEmpty {
+                            server: self.server.clone(),
+                            tables: shown,
+                        }));
+                    }
+                }
+                self.client()?
+                    .execute(
+                        &format!("INSERT INTO {ferry}.streams (stream_id, source_identity) VALUES ($1, $2)"),
+                        &[&stream.stream_id, &stream.source_identity],
+                    )
+                    .await
+                    .map_err(|error| self.error(PgError::statement(&self.server, "recording the stream", &error)))?;
+                None
+            }
+        };
+        self.execute("COMMIT", "committing the stream's start")
+            .await?;
+        Ok(StoredStream {
+            applied,
+            epoch: stored,
+        })
+    }
+
+    async fn begin(&mut self) -> Result<()> {
+        self.execute("BEGIN", "beginning a transaction").await
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<()> {
+        if op.kind.as_ref() == KIND_ROW.as_bytes() && op.method.as_ref() == b"INSERT" {
+            self.apply_row(op).await
+        } else {
+            self.apply_other(op).await
+        }
+    }
+
+    async fn commit(&mut self, applied: Applied, complete: bool) -> Result<()> {
+        self.end_copy().await?;
+        let ferry = quote_ident(FERRY_SCHEMA);
+        let client = self.client()?;
+        let failed = |error: tokio_postgres::Error| {
+            self.error(PgError::statement(
+                &self.server,
+                "writing the checkpoint",
+                &error,
+            ))
+        };
+        // Under a lock a later attempt's open must wait for: either it
+        // took the target before (and this commits nothing), or it reads
+        // this checkpoint after.
+        let stored: i64 = client
+            .query_one(
+                &format!("SELECT epoch FROM {ferry}.target WHERE id = 1 FOR SHARE"),
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if stored as u64 != self.options.epoch {
+            let _ = self.execute("ROLLBACK", "rolling back").await;
+            return Err(AdapterError::StaleEpoch {
+                target_name: self.name(),
+                stored: stored as u64,
+                offered: self.options.epoch,
+            }
+            .into());
+        }
+        client
+            .execute(
+                &format!(
+                    "UPDATE {ferry}.streams SET through_seq = $2, through_position = $3::text::numeric, complete = $4, updated_at = now() WHERE stream_id = $1"
+                ),
+                &[
+                    &self.stream_id,
+                    &(applied.through_seq as i64),
+                    &applied.through_position.0.to_string(),
+                    &complete,
+                ],
+            )
+            .await
+            .map_err(failed)?;
+        self.execute("COMMIT", "committing").await
+    }
+
+    async fn exists(&mut self, key: &[u8]) -> Result<bool> {
+        Err(self.error(PgError::Precondition {
+            server: self.server.clone(),
+            reason: format!(
+                "an op names {} as a dependency, and PostgreSQL ops carry none: the stream is not one ferry's PostgreSQL adapter made",
+                String::from_utf8_lossy(key)
+            ),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_key_names_its_table_whatever_the_names_hold() {
+        assert_eq!(
+            row_table(b"public.runs_v3/HelloFlow/42"),
+            Some(("public".to_owned(), "runs_v3".to_owned()))
+        );
+        assert_eq!(
+            row_table(b"my%2Eschema.odd%2Fname/1"),
+            Some(("my.schema".to_owned(), "odd/name".to_owned()))
+        );
+        assert_eq!(row_table(b"no-slash"), None);
+    }
+
+    #[test]
+    fn a_table_is_created_with_its_columns_as_the_source_printed_them() {
+        let table = Table {
+            schema: "public".to_owned(),
+            name: "runs".to_owned(),
+            columns: vec![
+                Column {
+                    name: "id".to_owned(),
+                    type_name: "bigint".to_owned(),
+                    type_oid: 20,
+                    not_null: true,
+                    default: None,
+                    identity: Some("by default".to_owned()),
+                    generated: None,
+                    collation: None,
+                },
+                Column {
+                    name: "Name".to_owned(),
+                    type_name: "character varying(255)".to_owned(),
+                    type_oid: 1043,
+                    not_null: false,
+                    default: Some("'x'::character varying".to_owned()),
+                    identity: None,
+                    generated: None,
+                    collation: None,
+                },
+            ],
+            primary_key: vec!["id".to_owned()],
+            unlogged: false,
+            oid: 0,
+            pages: 0,
+            replica_identity: 'd',
+        };
+        assert_eq!(
+            create_table(&table),
+            "CREATE TABLE \"public\".\"runs\" (\"id\" bigint GENERATED BY DEFAULT AS IDENTITY NOT NULL, \"Name\" character varying(255) DEFAULT 'x'::character varying)"
+        );
+    }
+}

@@ -631,7 +631,8 @@ impl TransactionalTarget for PgTarget {
             )
             .await
             .map_err(|error| failed("reading the stream's checkpoint", error))?;
-        let applied = match row {
+        let mut applied = None;
+        match row {
             Some(row) => {
                 let through_seq: i64 = row.get(0);
                 let position: String = row.get(1);
@@ -648,26 +649,12 @@ impl TransactionalTarget for PgTarget {
                         ),
                     }));
                 }
-                (through_seq > 0).then(|| Applied {
+                applied = (through_seq > 0).then(|| Applied {
                     through_seq: through_seq as u64,
                     through_position: Position(position.parse().unwrap_or(0)),
-                })
+                });
             }
             None => {
-                if !self.options.allow_nonempty {
-                    let tables = self.some_tables().await?;
-                    if !tables.is_empty() {
-                        let _ = self.execute("ROLLBACK", "rolling back").await;
-                        let mut shown = tables[..tables.len().min(5)].join(", ");
-                        if tables.len() > 5 {
-                            shown.push_str(", ...");
-                        }
-                        return Err(self.error(PgError::NotEmpty {
-                            server: self.server.clone(),
-                            tables: shown,
-                        }));
-                    }
-                }
                 self.client()?
                     .execute(
                         &format!("INSERT INTO {ferry}.streams (stream_id, source_identity) VALUES ($1, $2)"),
@@ -675,9 +662,24 @@ impl TransactionalTarget for PgTarget {
                     )
                     .await
                     .map_err(|error| self.error(PgError::statement(&self.server, "recording the stream", &error)))?;
-                None
             }
-        };
+        }
+        // Nothing of this stream is in yet (also when an earlier attempt
+        // failed before its first commit): the target must be empty.
+        if applied.is_none() && !self.options.allow_nonempty {
+            let tables = self.some_tables().await?;
+            if !tables.is_empty() {
+                let _ = self.execute("ROLLBACK", "rolling back").await;
+                let mut shown = tables[..tables.len().min(5)].join(", ");
+                if tables.len() > 5 {
+                    shown.push_str(", ...");
+                }
+                return Err(self.error(PgError::NotEmpty {
+                    server: self.server.clone(),
+                    tables: shown,
+                }));
+            }
+        }
         self.execute("COMMIT", "committing the stream's start")
             .await?;
         Ok(StoredStream {

@@ -12,6 +12,7 @@ pub mod driver;
 pub mod etcd;
 pub mod jsonl;
 pub mod live;
+pub mod postgres;
 pub mod registry;
 
 use std::sync::Arc;

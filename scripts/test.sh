@@ -2,8 +2,9 @@
 # Installs what ferry's tests need when it is missing, then runs them all:
 # `bash scripts/test.sh [cargo test options]`. On a fresh machine with only
 # a Rust toolchain this is the one command. The tests start their own
-# servers on 127.0.0.1: etcd (Debian's etcd-server and etcd-client), and an
-# S3-compatible server built from crates.
+# servers on 127.0.0.1: etcd (Debian's etcd-server and etcd-client),
+# PostgreSQL 15 (Debian's postgresql), and an S3-compatible server built
+# from crates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +24,20 @@ install_packages() {
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
+# The tests run PostgreSQL's own binaries from here (initdb, pg_ctl, psql),
+# not the pg_wrapper scripts on the PATH. Installing the package also makes
+# Debian's "main" cluster (port 5432), which the tests never use.
+postgres_bin=/usr/lib/postgresql/15/bin
+[ -x "$postgres_bin/initdb" ] || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then install_packages "${missing[@]}"; fi
+if [ ! -x "$postgres_bin/initdb" ]; then
+    echo "$postgres_bin/initdb is still missing: this Debian's postgresql package is not PostgreSQL 15 (apt-cache policy postgresql)" >&2
+    exit 1
+fi
 # sed reads to the end: `| head -n 1` let etcd die of SIGPIPE (exit 141
 # under pipefail) when head closed the pipe before etcd wrote its last line.
 etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
+"$postgres_bin/postgres" --version
 
 cargo test --workspace --locked "$@"

@@ -14,6 +14,7 @@
 pub mod conformance;
 pub mod etcd;
 pub mod live;
+pub mod pg;
 pub mod plane;
 pub mod process;
 pub mod tls;

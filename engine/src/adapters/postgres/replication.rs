@@ -26,12 +26,13 @@
 //! and TLS is the rustls with aws-lc the workspace already builds for tonic.
 //! The candidates that were weighed:
 //!
-//! - `pg_walstream` 0.10 (with `libpq`, since its rustls feature does not
-//!   resolve here): links the C libpq, so every machine that builds ferry,
-//!   CI's lint step included (it runs before any package is installed),
-//!   needs `libpq-dev`; TLS would then be libpq's OpenSSL, a second stack
-//!   with its own CA handling beside rustls; and it is 67,000 lines, most
-//!   of them a pgoutput decoder and snapshot machinery ferry builds itself.
+//! - `pg_walstream` 0.10, with `libpq` (its rustls feature needs
+//!   webpki-roots 1.0.11, newer than the registry ferry builds from has):
+//!   links the C libpq, so every machine that builds ferry, CI's lint step
+//!   included (it runs before any package is installed), needs
+//!   `libpq-dev`; TLS would then be libpq's OpenSSL, a second stack with
+//!   its own CA handling beside rustls; and it is 52,000 lines, most of
+//!   them a pgoutput decoder and snapshot machinery ferry builds itself.
 //! - `pgwire-replication` 0.5: pure Rust on tokio with SCRAM (MD5 behind a
 //!   feature) and rustls, but it pins rustls to `ring` and installs ring as
 //!   the process-wide default crypto provider on its first TLS connection
@@ -39,6 +40,15 @@
 //!   derives `Debug` with the password in clear, and a connection is bound
 //!   at connect time to one slot and publication, with slot creation left
 //!   to a general query helper.
+//!
+//! # Deadlines
+//!
+//! Connecting is bounded by [`ConnectionConfig::connect_timeout`]. Commands
+//! have no deadline of their own, since `CREATE_REPLICATION_SLOT` rightly
+//! waits for every transaction running when it starts: callers bound them
+//! (`tokio::time::timeout`). While streaming, the server sends a keepalive
+//! at least every `wal_sender_timeout / 2` (30 s by default), so a longer
+//! silence means a dead peer.
 //!
 //! # Session settings
 //!
@@ -766,7 +776,7 @@ pub enum ReplicationError {
         /// The role.
         user: String,
         /// What the server said.
-        error: ServerError,
+        error: Box<ServerError>,
     },
     /// The server refused a command.
     #[error("PostgreSQL at {server} refused {command}: {error}")]
@@ -776,7 +786,7 @@ pub enum ReplicationError {
         /// The command, as sent (commands never hold a password).
         command: String,
         /// What the server said.
-        error: ServerError,
+        error: Box<ServerError>,
     },
     /// The connection broke: closed by the server, reset, or already broken
     /// by an earlier failure.
@@ -926,12 +936,12 @@ fn refused_at_startup(server: &str, user: &str, error: ServerError) -> Replicati
         "42501" => ReplicationError::NotPermitted {
             server,
             user,
-            error,
+            error: Box::new(error),
         },
         _ => ReplicationError::Server {
             server,
-            command: "the connection's startup".to_owned(),
-            error,
+            command: "the connection".to_owned(),
+            error: Box::new(error),
         },
     }
 }
@@ -1319,7 +1329,7 @@ impl ReplicationConnection {
     /// position, whichever is later. `plugin_options` are the output
     /// plugin's, e.g. `[("proto_version", "1"), ("publication_names",
     /// "ferry")]` for `pgoutput`. The connection runs commands again after
-    /// [`LogicalReplicationStream::finish`].
+    /// [`LogicalReplicationStream::finish`]; on an error it is dropped.
     pub async fn start_logical_replication(
         mut self,
         slot: &str,
@@ -1436,7 +1446,7 @@ impl ReplicationConnection {
             Ok(error) => Ok(ReplicationError::Server {
                 server: self.wire.server.clone(),
                 command: command.to_owned(),
-                error,
+                error: Box::new(error),
             }),
             Err(error) => Err(self.break_off(command, &format!("an unreadable error: {error}"))),
         }
@@ -2233,13 +2243,13 @@ mod tests {
         let error = ReplicationError::Server {
             server: "10.0.0.5:5432".to_owned(),
             command: "DROP_REPLICATION_SLOT \"gone\"".to_owned(),
-            error: ServerError {
+            error: Box::new(ServerError {
                 severity: "ERROR".to_owned(),
                 code: "42704".to_owned(),
                 message: "replication slot \"gone\" does not exist".to_owned(),
                 detail: None,
                 hint: Some("create it first".to_owned()),
-            },
+            }),
         };
         assert_eq!(
             error.to_string(),

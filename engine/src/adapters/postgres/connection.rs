@@ -365,12 +365,13 @@ mod tests {
             "postgres://meta@db.example:6543/metaflow?sslmode=verify-full&sslrootcert=/etc/ca.pem",
             &sources(),
         )
-        .unwrap();
+        .expect("it works");
         assert_eq!(connection.server(), "db.example:6543/metaflow");
         assert_eq!(connection.user, "meta");
         assert_eq!(connection.tls.mode, SslMode::VerifyFull);
         assert_eq!(connection.tls.ca_file, Some(PathBuf::from("/etc/ca.pem")));
-        let defaults = PgConnection::from_url("postgresql://127.0.0.1/app", &sources()).unwrap();
+        let defaults =
+            PgConnection::from_url("postgresql://127.0.0.1/app", &sources()).expect("it works");
         assert_eq!((defaults.port, defaults.user.as_str()), (5432, "ferry"));
         assert_eq!(defaults.tls.mode, SslMode::Prefer);
     }
@@ -382,35 +383,38 @@ mod tests {
             "postgres://meta@db:5432/app?password=hunter2",
         ] {
             let error = PgConnection::from_url(url, &sources())
-                .unwrap_err()
+                .expect_err("an error")
                 .to_string();
             assert!(error.contains("PGPASSWORD"), "{error}");
             assert!(!error.contains("hunter2"), "{error}");
         }
         let error = PgConnection::from_url("postgres://db:5432/app?sslmode=maybe", &sources())
-            .unwrap_err()
+            .expect_err("an error")
             .to_string();
         assert!(error.contains("sslmode=maybe"), "{error}");
         let error = PgConnection::from_url("postgres://db:5432/", &sources())
-            .unwrap_err()
+            .expect_err("an error")
             .to_string();
         assert!(error.contains("one database"), "{error}");
     }
 
     #[test]
     fn the_password_comes_from_the_flag_then_the_environment_then_pgpass() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("it works");
         let file = dir.path().join("password");
-        std::fs::write(&file, "from-file\nignored\n").unwrap();
+        std::fs::write(&file, "from-file\nignored\n").expect("it works");
         let passfile = dir.path().join("pgpass");
         std::fs::write(
             &passfile,
             "# comment\nother:*:*:*:no\n127.0.0.1:5433:app:meta:from\\:pgpass\n",
         )
-        .unwrap();
+        .expect("it works");
         let url = "postgres://meta@127.0.0.1:5433/app";
-        let with =
-            |sources: PasswordSources| PgConnection::from_url(url, &sources).unwrap().password;
+        let with = |sources: PasswordSources| {
+            PgConnection::from_url(url, &sources)
+                .expect("it works")
+                .password
+        };
         let all = PasswordSources {
             password_file: Some(file.clone()),
             env_password: Some("from-env".to_owned()),
@@ -428,7 +432,7 @@ mod tests {
             ..no_file
         };
         assert_eq!(with(only_pgpass).as_deref(), Some("from:pgpass"));
-        let connection = PgConnection::from_url(url, &all).unwrap();
+        let connection = PgConnection::from_url(url, &all).expect("it works");
         assert!(!format!("{connection:?}").contains("from-file"));
     }
 

@@ -1,18 +1,37 @@
-//! The write-fencing gateway: the address the clients of an etcd-backed
-//! control plane talk to, so that `ferry migrate` can move them to a new
-//! etcd without them noticing more than a short pause of their writes.
+//! The write-fencing gateway: the address the clients of a control plane
+//! talk to, so that `ferry migrate` can move them to a new plane without
+//! them noticing more than a short pause of their writes.
 //!
-//! It serves etcd's v3 API (KV, Watch, Lease, Maintenance, Cluster, Auth)
-//! and forwards every call to the current upstream etcd over one shared
-//! HTTP/2 channel. Reads always pass; writes pass through a gate that the
-//! admin service (`ferry.v1.GatewayAdmin`, `proto/ferry/v1/gateway.proto`)
-//! can close:
+//! It has two halves:
+//!
+//! - **The platform-free half** (this module, `gate`, `admin`, `settle`,
+//!   `upstream`): the gate every write passes, the admin service
+//!   (`ferry.v1.GatewayAdmin`, `proto/ferry/v1/gateway.proto`) that closes
+//!   and opens it, and the settling of a hold from the old plane's fence
+//!   record, read in the live contract's words
+//!   (`ferry_engine::adapters::live::FenceState`).
+//! - **The kinds** of upstream: each serves one platform's client protocol
+//!   and forwards it to the upstream plane in force. [`etcd`] is the one
+//!   built: etcd's v3 gRPC API (KV, Watch, Lease, Maintenance, Cluster,
+//!   Auth) over one shared HTTP/2 channel. A kind implements
+//!   [`UpstreamPlane`]: connect to a plane by URL with its own
+//!   [`Access`](UpstreamPlane::Access) (credentials, TLS), read and move
+//!   its fence record, keep the position offset its clients see, and serve
+//!   its clients through the gate ([`UpstreamPlane::serve_clients`]), with
+//!   its own [`ClientLimits`](UpstreamPlane::ClientLimits). The CLI picks
+//!   the kind by the upstream URL's scheme ([`UpstreamPlane::SCHEMES`]). A
+//!   PostgreSQL wire proxy, holding at transaction boundaries, is to be the
+//!   next kind.
+//!
+//! Reads always pass; writes pass through the gate, which the admin
+//! service can close:
 //!
 //! 1. **Hold**(epoch, max_pause): new writes wait; the call returns once
 //!    every write that was in flight to the upstream has been answered.
-//! 2. **Switch**(epoch, url): only while holding; connects to the new
-//!    upstream first, and fails (leaving the old one in place) if it does
-//!    not answer etcd's Status.
+//! 2. **Switch**(epoch, url): only while holding, and only to the successor
+//!    the old plane's fence record says the migration committed to;
+//!    connects to the new upstream first, and fails (leaving the old one in
+//!    place) if it does not answer.
 //! 3. **Release**(epoch): the held writes go to the (possibly new)
 //!    upstream one at a time in the order they arrived, then new writes
 //!    flow again.
@@ -22,35 +41,16 @@
 //! switched ... retry") until the Release: the gateway never sends a
 //! write on to an upstream that may have been fenced. A request with an
 //! epoch lower than the gateway's is refused with `FAILED_PRECONDITION`.
+//! A hold whose driver goes away, or whose pause runs out, is settled from
+//! the fence record (`settle`).
 //!
-//! What tells a write from a read is the method (see the `proxy` module):
-//! Put, DeleteRange, a Txn with any put or delete, Compact, LeaseGrant,
-//! LeaseRevoke and the Auth service's changes are writes; Range, a Txn of
-//! ranges, Watch, LeaseKeepAlive, LeaseTimeToLive, LeaseLeases and status
-//! calls are reads.
-//!
-//! Streams across a switch: a Watch or LeaseKeepAlive stream is bound to
-//! the upstream it was opened on. Switch ends those streams with
-//! `UNAVAILABLE`, and etcd clients (clientv3, `etcdctl watch`, Rust's
-//! `etcd-client` users who re-watch) open them again on the new upstream.
-//! A re-opened watch asks for revisions after the last one it saw, and
-//! those are the old etcd's revisions: the new etcd numbers its own, so a
-//! client that resumes a watch by revision must tolerate a compacted-
-//! revision error or a replay of events (Kubernetes' reflectors relist).
-//!
-//! Auth: a client's `token` (or `authorization`) metadata is passed on to
-//! the upstream. A simple token is only valid on the etcd that issued it;
-//! after a switch such clients authenticate again (JWT tokens signed with
-//! the same key work on both). The gateway's own credentials
-//! ([`UpstreamAccess`]: `ETCD_USERNAME` and a password from the environment
-//! or a file) are used for calls whose client sent no token, and its TLS
-//! files for every upstream, the first and each Switch's.
+//! What tells a write from a read, what becomes of a stream across a
+//! switch, and how clients' credentials are passed on are the kind's own
+//! (for etcd, see [`etcd`]).
 
 mod admin;
+pub mod etcd;
 mod gate;
-mod proxy;
-mod revisions;
-mod router;
 mod settle;
 mod upstream;
 
@@ -68,24 +68,20 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use ferry_proto::v1::gateway_admin_client::GatewayAdminClient;
 pub use gate::{GateError, GateRefusal};
-pub use upstream::UpstreamAccess;
+pub use upstream::UpstreamPlane;
 
 use crate::auth::RequireToken;
 use crate::serve::server_builder;
 use admin::AdminService;
 use gate::Gate;
-use proxy::EtcdProxy;
-use router::EtcdRouter;
-use upstream::Upstream;
 
 /// How long open streams (watches) get to finish after a shutdown before
 /// the gateway stops anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// How a [`Gateway`] starts.
-#[derive(Clone)]
-pub struct GatewayOptions {
-    /// The first upstream: `etcd://HOST:PORT[,HOST:PORT...]`.
+/// How a [`Gateway`] in front of planes of kind `U` starts.
+pub struct GatewayOptions<U: UpstreamPlane> {
+    /// The first upstream, e.g. `etcd://HOST:PORT[,HOST:PORT...]`.
     pub upstream_url: String,
     /// The pause a Hold allows when its request names none
     /// (`max_pause_ms` = 0).
@@ -94,17 +90,17 @@ pub struct GatewayOptions {
     /// before it is called unreachable.
     pub connect_timeout: Duration,
     /// The gateway's own credentials and TLS towards every upstream.
-    pub access: UpstreamAccess,
+    pub access: U::Access,
     /// The bearer token every call to the admin service must carry
     /// (`authorization: Bearer <token>`, as `ferry migrate` sends it); any
     /// caller may hold, switch and release when `None`.
     pub admin_token: Option<String>,
-    /// PEM files of the certificate and key both listeners (etcd's API and
-    /// the admin service) serve TLS with; plain HTTP/2 when `None`.
+    /// PEM files of the certificate and key both listeners (the clients'
+    /// API and the admin service) serve TLS with; no TLS when `None`.
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
-impl std::fmt::Debug for GatewayOptions {
+impl<U: UpstreamPlane> std::fmt::Debug for GatewayOptions<U> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
         formatter
@@ -119,7 +115,7 @@ impl std::fmt::Debug for GatewayOptions {
     }
 }
 
-impl GatewayOptions {
+impl<U: UpstreamPlane> GatewayOptions<U> {
     /// Options for `upstream_url` with the defaults: a 2 s pause, 5 s to
     /// connect.
     pub fn new(upstream_url: impl Into<String>) -> Self {
@@ -127,7 +123,7 @@ impl GatewayOptions {
             upstream_url: upstream_url.into(),
             default_max_pause: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
-            access: UpstreamAccess::default(),
+            access: U::Access::default(),
             admin_token: None,
             tls: None,
         }
@@ -147,12 +143,14 @@ pub enum GatewayError {
         reason: String,
     },
     /// The upstream did not answer.
-    #[error("cannot reach upstream {url}: {reason}; check the address and that etcd is running")]
+    #[error("cannot reach upstream {url}: {reason}; check the address and that {kind} is running")]
     Unreachable {
         /// The upstream's members.
         url: String,
-        /// What the transport or etcd said.
+        /// What the transport or the plane said.
         reason: String,
+        /// The upstream's kind ([`UpstreamPlane::KIND`]): `etcd`.
+        kind: &'static str,
     },
     /// The gateway's own certificate or key cannot be used.
     #[error("the gateway cannot serve TLS: {reason}")]
@@ -163,7 +161,7 @@ pub enum GatewayError {
     /// A server of the gateway failed.
     #[error("the gateway's {service} server on {address} failed: {reason}")]
     Serve {
-        /// `etcd API` or `admin`.
+        /// `admin`, or the clients' API (`etcd API`).
         service: &'static str,
         /// Where it listened.
         address: String,
@@ -189,18 +187,21 @@ impl From<GatewayError> for tonic::Status {
     }
 }
 
-/// The state every service of one gateway shares.
+/// The state every service of one gateway shares: the gate, the upstream
+/// in force and the counters Status shows. Opaque outside the gateway: a
+/// kind's client server ([`UpstreamPlane::serve_clients`]) forwards through
+/// it.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub struct Shared<U: UpstreamPlane> {
     gate: Arc<Gate>,
     /// The upstream in force; a switch replaces it, and streams opened on
     /// the old one see the change and end.
-    upstream: watch::Sender<Arc<Upstream>>,
+    upstream: watch::Sender<Arc<U>>,
     writes_forwarded: AtomicU64,
     reads_forwarded: AtomicU64,
     default_max_pause: Duration,
     connect_timeout: Duration,
-    access: UpstreamAccess,
+    access: U::Access,
     /// One change of upstream at a time: Switch, a lapsed hold settling,
     /// and a write that met a fence and follows the record.
     switching: tokio::sync::Mutex<()>,
@@ -213,33 +214,33 @@ pub(crate) struct Shared {
 /// it holds are refused: the "small bound" past the pause.
 pub const SETTLE_BOUND: Duration = Duration::from_secs(3);
 
-/// A gateway connected to its first upstream, ready to serve.
-pub struct Gateway {
-    shared: Arc<Shared>,
+/// A gateway connected to its first upstream of kind `U`, ready to serve.
+pub struct Gateway<U: UpstreamPlane> {
+    shared: Arc<Shared<U>>,
     admin_token: Option<String>,
     tls: Option<(PathBuf, PathBuf)>,
 }
 
-impl std::fmt::Debug for Gateway {
+impl<U: UpstreamPlane> std::fmt::Debug for Gateway<U> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the admin token, nor the upstream's credentials.
         formatter
             .debug_struct("Gateway")
-            .field("upstream_url", &self.shared.upstream.borrow().url)
+            .field("upstream_url", &self.upstream_url())
             .field("admin_token_required", &self.admin_token.is_some())
             .field("tls", &self.tls)
             .finish()
     }
 }
 
-impl Gateway {
+impl<U: UpstreamPlane> Gateway<U> {
     /// Connects to the first upstream; fails if it does not answer.
-    pub async fn connect(options: &GatewayOptions) -> Result<Self, GatewayError> {
+    pub async fn connect(options: &GatewayOptions<U>) -> Result<Self, GatewayError> {
         // Bad TLS files fail here, before anyone is told the gateway serves.
         server_builder(options.tls.as_ref()).map_err(|error| GatewayError::Tls {
             reason: error.to_string(),
         })?;
-        let first = Upstream::connect(
+        let first = U::connect(
             &options.upstream_url,
             &options.access,
             options.connect_timeout,
@@ -278,23 +279,20 @@ impl Gateway {
         })
     }
 
-    /// The upstream in force, as `etcd://HOST:PORT[,...]`.
+    /// The upstream in force, as its URL (`etcd://HOST:PORT[,...]`).
     pub fn upstream_url(&self) -> String {
-        self.shared.upstream.borrow().url.clone()
+        self.shared.upstream.borrow().url().to_owned()
     }
 
-    /// Serves etcd's API on `etcd_listener` and the admin service on
-    /// `admin_listener` until `shutdown` completes (then open streams get
-    /// a moment to end) or a server fails. `max_request_bytes` is etcd's
-    /// `--max-request-bytes` (its default: 1,572,864): a client's request
-    /// message over it plus etcd's 512 KiB allowance for gRPC is refused
-    /// `RESOURCE_EXHAUSTED` as it arrives, as etcd refuses it, neither held
-    /// nor forwarded. Responses are not capped.
+    /// Serves the kind's client API on `client_listener` and the admin
+    /// service on `admin_listener` until `shutdown` completes (then open
+    /// streams get a moment to end) or a server fails. `limits` bound what
+    /// clients may send, as the kind says (etcd: its `--max-request-bytes`).
     pub async fn serve(
         self,
-        etcd_listener: TcpListener,
+        client_listener: TcpListener,
         admin_listener: TcpListener,
-        max_request_bytes: usize,
+        limits: U::ClientLimits,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let (stop, stopped) = watch::channel(false);
@@ -306,49 +304,34 @@ impl Gateway {
         let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        let address = |listener: &TcpListener| {
-            listener
-                .local_addr()
-                .map(|address| address.to_string())
-                .unwrap_or_else(|_| "?".to_owned())
-        };
-        let etcd_address = address(&etcd_listener);
-        let admin_address = address(&admin_listener);
-        let builder = || {
-            server_builder(self.tls.as_ref()).map_err(|error| GatewayError::Tls {
+        let admin_address = listen_address(&admin_listener);
+        let clients = U::serve_clients(
+            self.shared.clone(),
+            client_listener,
+            self.tls.clone(),
+            limits,
+            until_stopped(stopped.clone()),
+        );
+        let admin = server_builder(self.tls.as_ref())
+            .map_err(|error| GatewayError::Tls {
                 reason: error.to_string(),
-            })
-        };
-        let etcd = builder()?.serve_with_incoming_shutdown(
-            EtcdRouter::new(EtcdProxy::new(self.shared.clone()), max_request_bytes),
-            TcpIncoming::from(etcd_listener).with_nodelay(Some(true)),
-            until_stopped(stopped.clone()),
-        );
-        let admin = builder()?.serve_with_incoming_shutdown(
-            GatewayAdminServer::with_interceptor(
-                AdminService::new(self.shared.clone()),
-                RequireToken::new(self.admin_token),
-            ),
-            TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
-            until_stopped(stopped.clone()),
-        );
+            })?
+            .serve_with_incoming_shutdown(
+                GatewayAdminServer::with_interceptor(
+                    AdminService::new(self.shared.clone()),
+                    RequireToken::new(self.admin_token),
+                ),
+                TcpIncoming::from(admin_listener).with_nodelay(Some(true)),
+                until_stopped(stopped.clone()),
+            );
         let servers = async {
-            tokio::try_join!(
-                async {
-                    etcd.await.map_err(|error| GatewayError::Serve {
-                        service: "etcd API",
-                        address: etcd_address.clone(),
-                        reason: error.to_string(),
-                    })
-                },
-                async {
-                    admin.await.map_err(|error| GatewayError::Serve {
-                        service: "admin",
-                        address: admin_address.clone(),
-                        reason: error.to_string(),
-                    })
-                },
-            )
+            tokio::try_join!(clients, async {
+                admin.await.map_err(|error| GatewayError::Serve {
+                    service: "admin",
+                    address: admin_address.clone(),
+                    reason: error.to_string(),
+                })
+            },)
         };
         let served = tokio::select! {
             result = servers => result.map(|_| ()),
@@ -360,6 +343,14 @@ impl Gateway {
         following.abort();
         served
     }
+}
+
+/// Where `listener` listens, for messages (`?` when it cannot say).
+pub(crate) fn listen_address(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|address| address.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// A client of a gateway's admin service at `address` (`HOST:PORT` or

@@ -1,5 +1,7 @@
-//! `ferry gateway`: serve etcd's API in front of an etcd cluster, with the
-//! admin service `ferry migrate` holds, switches and releases writes with.
+//! `ferry gateway`: serve a control plane's client API in front of it, with
+//! the admin service `ferry migrate` holds, switches and releases writes
+//! with. The upstream URL's scheme picks the kind: etcd's API in front of
+//! an etcd cluster (`etcd://`, `etcds://`) is the one built.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use ferry_agent::auth::server_token;
-use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions};
+use ferry_agent::gateway::etcd::{ClientLimits, EtcdUpstream, UpstreamAccess};
+use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions, UpstreamPlane};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -99,23 +102,11 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
                 .with_context(|| format!("cannot listen on {address} ({flag})"))
         }
     };
-    let etcd_listener = bind(&args.listen, "--listen").await?;
+    let client_listener = bind(&args.listen, "--listen").await?;
     let admin_listener = bind(&args.admin_listen, "--admin-listen").await?;
-    let options = GatewayOptions {
-        upstream_url: args.upstream.clone(),
-        default_max_pause: args.max_pause,
-        connect_timeout: args.connect_timeout,
-        access: ferry_agent::gateway::UpstreamAccess {
-            password_file: args.etcd.etcd_password_file.clone(),
-            tls: args.etcd.tls(),
-        },
-        admin_token: server_token(args.token_file.as_deref())
-            .map_err(|error| UsageError(error.to_string()))?,
-        tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
-    };
-    let token_required = options.admin_token.is_some();
-    let tls = options.tls.is_some();
-    // Clients talk plain etcd on --listen, as they would to etcd; the admin
+    let admin_token =
+        server_token(args.token_file.as_deref()).map_err(|error| UsageError(error.to_string()))?;
+    // Clients talk to --listen as they would to the plane itself; the admin
     // service is ferry's own, and is refused before the upstream is reached.
     exposure::check(
         &Exposure {
@@ -124,11 +115,102 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
             flag: "--admin-listen",
             requested: &args.admin_listen,
             bound: admin_listener.local_addr()?,
-            tls,
-            token: token_required,
+            tls: args.tls_cert_file.is_some() && args.tls_key_file.is_some(),
+            token: admin_token.is_some(),
         },
         args.insecure_listen,
     )?;
+    let listeners = Listeners {
+        client: client_listener,
+        admin: admin_listener,
+    };
+    match UpstreamKind::of(&args.upstream)? {
+        UpstreamKind::Etcd => {
+            let access = UpstreamAccess {
+                password_file: args.etcd.etcd_password_file.clone(),
+                tls: args.etcd.tls(),
+            };
+            let limits = ClientLimits {
+                max_request_bytes: args.max_request_bytes,
+            };
+            let options = gateway_options::<EtcdUpstream>(&args, access, admin_token);
+            serve(options, listeners, limits, "etcd's API", global.output).await
+        }
+    }
+}
+
+/// The kinds of upstream `ferry gateway` serves, picked by the scheme of
+/// `--upstream`.
+enum UpstreamKind {
+    Etcd,
+}
+
+impl UpstreamKind {
+    /// The kind `url` names, or a usage error naming the URL and the kinds
+    /// known.
+    fn of(url: &str) -> Result<Self, UsageError> {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        if scheme.is_some_and(|scheme| EtcdUpstream::SCHEMES.contains(&scheme)) {
+            return Ok(Self::Etcd);
+        }
+        let known = [(EtcdUpstream::KIND, EtcdUpstream::SCHEMES)]
+            .iter()
+            .map(|(kind, schemes)| {
+                let prefixes: Vec<String> = schemes
+                    .iter()
+                    .map(|scheme| format!("{scheme}://"))
+                    .collect();
+                format!("{kind} ({})", prefixes.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(UsageError(
+            GatewayError::BadUpstream {
+                url: url.to_owned(),
+                reason: format!(
+                    "its scheme names no kind of upstream the gateway serves; the kinds it knows: {known}"
+                ),
+            }
+            .to_string(),
+        ))
+    }
+}
+
+/// Where the gateway listens, bound before the upstream is reached.
+struct Listeners {
+    /// The clients' API (--listen).
+    client: TcpListener,
+    /// The admin service (--admin-listen).
+    admin: TcpListener,
+}
+
+/// The options of a gateway of kind `U` from the command line.
+fn gateway_options<U: UpstreamPlane>(
+    args: &GatewayArgs,
+    access: U::Access,
+    admin_token: Option<String>,
+) -> GatewayOptions<U> {
+    GatewayOptions {
+        upstream_url: args.upstream.clone(),
+        default_max_pause: args.max_pause,
+        connect_timeout: args.connect_timeout,
+        access,
+        admin_token,
+        tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
+    }
+}
+
+/// Connects a gateway of kind `U`, prints where it serves (`api`: the
+/// clients' API, in the text output) and serves until Ctrl-C or SIGTERM.
+async fn serve<U: UpstreamPlane>(
+    options: GatewayOptions<U>,
+    listeners: Listeners,
+    limits: U::ClientLimits,
+    api: &str,
+    output: OutputFormat,
+) -> Result<u8> {
+    let token_required = options.admin_token.is_some();
+    let tls = options.tls.is_some();
     let gateway = match Gateway::connect(&options).await {
         Ok(gateway) => gateway,
         Err(error @ GatewayError::BadUpstream { .. }) => {
@@ -136,29 +218,24 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
         }
         Err(error) => return Err(error.into()),
     };
-    let listen = etcd_listener.local_addr()?.to_string();
-    let admin = admin_listener.local_addr()?.to_string();
+    let listen = listeners.client.local_addr()?.to_string();
+    let admin = listeners.admin.local_addr()?.to_string();
     let upstream = gateway.upstream_url();
     // Printed when both servers can accept: tests and scripts wait for it,
     // and may close the pipe once they have it.
-    match global.output {
+    match output {
         OutputFormat::Json => print_line!(
             "{}",
             json!({"listen": listen, "admin": admin, "upstream": upstream, "token_required": token_required, "tls": tls})
         ),
         OutputFormat::Text => print_line!(
-            "gateway serving etcd's API on {listen}{}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
+            "gateway serving {api} on {listen}{}, forwarding to {upstream}\nadmin service on {admin} (token: {})",
             if tls { " over TLS" } else { "" },
             if token_required { "required" } else { "none" }
         ),
     }
     gateway
-        .serve(
-            etcd_listener,
-            admin_listener,
-            args.max_request_bytes,
-            shutdown(),
-        )
+        .serve(listeners.client, listeners.admin, limits, shutdown())
         .await?;
     Ok(exit::SUCCESS)
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::describe_fence;
 use ferry_proto::v1::gateway_admin_server::GatewayAdmin;
 use ferry_proto::v1::{
     GatewayStatusRequest, GatewayStatusResponse, HoldRequest, HoldResponse, ReleaseRequest,
@@ -16,17 +15,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::upstream::Upstream;
+use super::upstream::{UpstreamPlane, describe_record, successor};
 use super::{SETTLE_BOUND, Shared};
 
-/// The admin service. Cheap to clone: the state is shared.
-#[derive(Clone)]
-pub(crate) struct AdminService {
-    shared: Arc<Shared>,
+/// The admin service of a gateway in front of planes of kind `U`.
+pub(crate) struct AdminService<U: UpstreamPlane> {
+    shared: Arc<Shared<U>>,
 }
 
-impl AdminService {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+impl<U: UpstreamPlane> AdminService<U> {
+    pub(crate) fn new(shared: Arc<Shared<U>>) -> Self {
         Self { shared }
     }
 }
@@ -36,7 +34,7 @@ impl AdminService {
 type HoldStream = ReceiverStream<Result<HoldResponse, Status>>;
 
 #[tonic::async_trait]
-impl GatewayAdmin for AdminService {
+impl<U: UpstreamPlane> GatewayAdmin for AdminService<U> {
     type HoldStream = HoldStream;
 
     async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldStream>, Status> {
@@ -93,54 +91,53 @@ impl GatewayAdmin for AdminService {
         } = request.into_inner();
         let _one_at_a_time = self.shared.switching.lock().await;
         let current = self.shared.upstream.borrow().clone();
-        if current.url == upstream_url && self.shared.gate.snapshot().epoch == epoch {
+        if current.url() == upstream_url && self.shared.gate.snapshot().epoch == epoch {
             // Done already (a lapsed hold followed the record there).
             return Ok(Response::new(SwitchResponse {}));
         }
         self.shared.gate.may_switch(epoch)?;
         // The old plane's record decides, not this call: only a switch the
         // migration committed there is made.
-        let stored = current
-            .read_fence(self.shared.connect_timeout)
+        let record = current
+            .fence_record(self.shared.connect_timeout)
             .await
             .map_err(Status::unavailable)?;
-        let committed = stored.as_ref().filter(|stored| {
-            stored.switched()
-                && stored.fence.epoch == epoch
-                && stored.fence.successor.as_deref() == Some(upstream_url.as_str())
-        });
-        let Some(committed) = committed else {
+        let committed = record.switched
+            && record.epoch == epoch
+            && successor(&record) == Some(upstream_url.as_str());
+        if !committed {
             return Err(Status::failed_precondition(format!(
                 "the fence record of {} says {}, not that epoch {epoch} switched to {upstream_url}: commit the switch in the old plane first",
-                current.url,
-                describe_fence(stored.as_ref().map(|stored| &stored.fence))
+                current.url(),
+                describe_record(&record)
             )));
-        };
+        }
         // Connect before anything changes: an unreachable upstream leaves
         // the old one in place.
-        let mut upstream = Upstream::connect(
+        let mut upstream = U::connect(
             &upstream_url,
             &self.shared.access,
             self.shared.connect_timeout,
         )
         .await
         .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
-        upstream.revision_offset = committed.fence.successor_revision_offset;
-        super::settle::adopt_plane_offset(&mut upstream, self.shared.connect_timeout)
+        upstream.set_position_offset(record.successor_position_offset);
+        upstream
+            .adopt_plane_offset(self.shared.connect_timeout)
             .await
             .inspect_err(|error| warn!(epoch, %error, "switch failed"))?;
-        let to = upstream.url.clone();
-        let offset = upstream.revision_offset;
+        let to = upstream.url().to_owned();
+        let offset = upstream.position_offset();
         let mut from = String::new();
         self.shared.gate.switch_if_holding(epoch, || {
             from = self
                 .shared
                 .upstream
                 .send_replace(Arc::new(upstream))
-                .url
-                .clone();
+                .url()
+                .to_owned();
         })?;
-        info!(epoch, %from, %to, revision_offset = offset, "upstream switched");
+        info!(epoch, %from, %to, position_offset = offset, "upstream switched");
         Ok(Response::new(SwitchResponse {}))
     }
 
@@ -168,12 +165,12 @@ impl GatewayAdmin for AdminService {
     ) -> Result<Response<GatewayStatusResponse>, Status> {
         let gate = self.shared.gate.snapshot();
         Ok(Response::new(GatewayStatusResponse {
-            upstream_url: self.shared.upstream.borrow().url.clone(),
+            upstream_url: self.shared.upstream.borrow().url().to_owned(),
             holding: gate.holding,
             epoch: gate.epoch,
             writes_forwarded: self.shared.writes_forwarded.load(Ordering::Relaxed),
             reads_forwarded: self.shared.reads_forwarded.load(Ordering::Relaxed),
-            revision_offset: self.shared.upstream.borrow().revision_offset,
+            revision_offset: self.shared.upstream.borrow().position_offset(),
             queued_writes: gate.queued,
             settling: self
                 .shared

@@ -1,11 +1,11 @@
 //! How a gateway finds the plane that serves, from the fence records the
-//! planes keep (`ferry_engine::adapters::etcd`'s fence module), without a
-//! driver to tell it: at start, when a hold lapses, and when the old plane
-//! refuses a write because it is fenced.
+//! planes keep (read through [`UpstreamPlane::fence_record`], in the live
+//! contract's words), without a driver to tell it: at start, when a hold
+//! lapses, and when the old plane refuses a write because it is fenced.
 //!
 //! - A record that says **switched** is followed to its successor (and on,
 //!   through as many migrations as were made), with the successor's
-//!   revision offset.
+//!   position offset.
 //! - A record **in doubt** (fenced, not switched) met by a hold that lapsed
 //!   is settled by unfencing: the same compare-and-swap as the driver's
 //!   commit, so exactly one of them wins, and the loser sees the outcome.
@@ -15,15 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::{
-    FenceMove, FenceOutcome, REVISION_OFFSET_KEY, RevisionOffset, StoredFence, describe_fence,
-};
-use ferry_proto::etcd::etcdserverpb::RangeRequest;
-use tonic::Status;
+use ferry_engine::adapters::live::{FenceAnswer, FenceMove, FenceState};
 use tracing::{info, warn};
 
 use super::gate::HoldId;
-use super::upstream::{Upstream, UpstreamAccess};
+use super::upstream::{UpstreamPlane, describe_record, in_doubt, successor};
 use super::{GatewayError, SETTLE_BOUND, Shared};
 
 /// The most migrations a gateway follows from the plane it was started
@@ -39,10 +35,6 @@ const SETTLE_RETRY: Duration = Duration::from_millis(500);
 /// not know): its reads come from the plane that serves within about this.
 const RECORD_LOOK_EVERY: Duration = Duration::from_secs(2);
 
-/// Reads the revision offset `upstream`'s plane keeps for itself (written
-/// there just before the switch to it was committed) into `upstream`: a
-/// gateway started in front of a plane that took over shows its clients
-/// the same revisions as the gateways that followed the switch.
 /// What a gateway found after the upstream refused a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AfterFence {
@@ -54,109 +46,66 @@ pub(crate) enum AfterFence {
     NotFenced,
 }
 
-pub(crate) async fn adopt_plane_offset(
-    upstream: &mut Upstream,
-    timeout: Duration,
-) -> Result<(), GatewayError> {
-    let unreachable = |reason: String| GatewayError::Unreachable {
-        url: upstream.url.clone(),
-        reason,
-    };
-    let client = upstream.kv.clone();
-    let read = upstream.call(
-        tonic::Request::new(RangeRequest {
-            key: REVISION_OFFSET_KEY.to_vec(),
-            ..RangeRequest::default()
-        }),
-        |request| {
-            let mut client = client.clone();
-            async move { client.range(request).await }
-        },
-    );
-    let stored = tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
-        .map_err(|status| {
-            unreachable(format!(
-                "cannot read its revision offset: {}",
-                status.message()
-            ))
-        })?
-        .into_inner()
-        .kvs
-        .into_iter()
-        .next();
-    if let Some(kv) = stored {
-        let offset: RevisionOffset = serde_json::from_slice(&kv.value).map_err(|error| {
-            unreachable(format!(
-                "its {} does not parse ({error})",
-                String::from_utf8_lossy(REVISION_OFFSET_KEY)
-            ))
-        })?;
-        upstream.revision_offset = offset.revision_offset;
-    }
-    Ok(())
-}
-
-/// Connects to the plane `stored` says took over from `from`.
-async fn successor(
-    from: &Upstream,
-    stored: &StoredFence,
-    access: &UpstreamAccess,
+/// Connects to the plane `record` says took over from `from`.
+async fn connect_successor<U: UpstreamPlane>(
+    from: &U,
+    record: &FenceState,
+    access: &U::Access,
     connect_timeout: Duration,
-) -> Result<Upstream, GatewayError> {
-    let Some(url) = stored.fence.successor.as_deref() else {
+) -> Result<U, GatewayError> {
+    let Some(url) = successor(record) else {
         return Err(GatewayError::Unreachable {
-            url: from.url.clone(),
+            url: from.url().to_owned(),
             reason: format!(
                 "its fence record says {} but names no successor; point --upstream at the plane that serves now",
-                describe_fence(Some(&stored.fence))
+                describe_record(record)
             ),
+            kind: U::KIND,
         });
     };
-    let mut next = Upstream::connect(url, access, connect_timeout).await?;
-    next.revision_offset = stored.fence.successor_revision_offset;
-    adopt_plane_offset(&mut next, connect_timeout).await?;
-    info!(from = %from.url, to = %next.url, epoch = stored.fence.epoch, revision_offset = next.revision_offset, "following the fence record to the plane that took over");
+    let mut next = U::connect(url, access, connect_timeout).await?;
+    next.set_position_offset(record.successor_position_offset);
+    next.adopt_plane_offset(connect_timeout).await?;
+    info!(from = %from.url(), to = %next.url(), epoch = record.epoch, position_offset = next.position_offset(), "following the fence record to the plane that took over");
     Ok(next)
 }
 
 /// Where a gateway started with `first` must send its clients: `first`, or
 /// the plane its fence records lead to; and the epoch of a migration that
 /// has fenced that plane and not decided yet.
-pub(crate) async fn serving_plane(
-    first: Upstream,
-    access: &UpstreamAccess,
+pub(crate) async fn serving_plane<U: UpstreamPlane>(
+    first: U,
+    access: &U::Access,
     connect_timeout: Duration,
-) -> Result<(Upstream, Option<u64>), GatewayError> {
+) -> Result<(U, Option<u64>), GatewayError> {
     let mut upstream = first;
-    adopt_plane_offset(&mut upstream, connect_timeout).await?;
+    upstream.adopt_plane_offset(connect_timeout).await?;
     for _ in 0..MAX_FOLLOWED {
-        let stored = upstream
-            .read_fence(connect_timeout)
+        let record = upstream
+            .fence_record(connect_timeout)
             .await
             .map_err(|reason| GatewayError::Unreachable {
-                url: upstream.url.clone(),
+                url: upstream.url().to_owned(),
                 reason,
+                kind: U::KIND,
             })?;
-        match stored {
-            Some(stored) if stored.switched() => {
-                upstream = successor(&upstream, &stored, access, connect_timeout).await?;
-            }
-            Some(stored) if stored.in_doubt() => {
-                warn!(upstream = %upstream.url, record = %describe_fence(Some(&stored.fence)), "the upstream is fenced by a migration that has not switched: writes are held until it decides");
-                return Ok((upstream, Some(stored.fence.epoch)));
-            }
-            _ => return Ok((upstream, None)),
+        if record.switched {
+            upstream = connect_successor(&upstream, &record, access, connect_timeout).await?;
+        } else if in_doubt(&record) {
+            warn!(upstream = %upstream.url(), record = %describe_record(&record), "the upstream is fenced by a migration that has not switched: writes are held until it decides");
+            return Ok((upstream, Some(record.epoch)));
+        } else {
+            return Ok((upstream, None));
         }
     }
     Err(GatewayError::Unreachable {
-        url: upstream.url.clone(),
+        url: upstream.url().to_owned(),
         reason: format!("its fence records lead through more than {MAX_FOLLOWED} migrations"),
+        kind: U::KIND,
     })
 }
 
-impl Shared {
+impl<U: UpstreamPlane> Shared<U> {
     /// Settles the hold `id`, which lapsed (its driver went away, or its
     /// pause ran out) before Release: from the current upstream's fence
     /// record, the held writes go on to the plane that serves. Tries until
@@ -200,44 +149,36 @@ impl Shared {
     async fn settle_once(&self, held_for: u64) -> Result<String, String> {
         for _ in 0..MAX_FOLLOWED {
             let upstream = self.upstream.borrow().clone();
-            let stored = upstream.read_fence(self.connect_timeout).await?;
-            match stored {
-                Some(stored) if stored.switched() => {
-                    self.follow(&upstream, &stored).await?;
-                }
-                Some(stored) if stored.in_doubt() => {
-                    match upstream
-                        .move_fence(
-                            &FenceMove::Unfence {
-                                epoch: stored.fence.epoch,
-                            },
-                            self.connect_timeout,
-                        )
-                        .await?
-                    {
-                        FenceOutcome::Done { .. } => {
-                            return Ok(format!(
-                                "unfenced {} (epoch {} never switched); writes go on there",
-                                upstream.url, stored.fence.epoch
-                            ));
-                        }
-                        // Switched meanwhile: the next look follows it.
-                        FenceOutcome::Refused { .. } => {}
+            let record = upstream.fence_record(self.connect_timeout).await?;
+            if record.switched {
+                self.follow(&upstream, &record).await?;
+            } else if in_doubt(&record) {
+                let unfence = FenceMove::Unfence {
+                    epoch: record.epoch,
+                };
+                match upstream.move_fence(&unfence, self.connect_timeout).await? {
+                    FenceAnswer::Done(_) => {
+                        return Ok(format!(
+                            "unfenced {} (epoch {} never switched); writes go on there",
+                            upstream.url(),
+                            record.epoch
+                        ));
                     }
+                    // Switched meanwhile: the next look follows it.
+                    FenceAnswer::Refused(_) => {}
                 }
-                _ => {
-                    // Not fenced: the migration of the hold may still have
-                    // raised its write alarm before it died (its own fence
-                    // finds the alarm gone and refuses, see the engine's
-                    // fence module).
-                    upstream
-                        .move_fence(
-                            &FenceMove::Unfence { epoch: held_for },
-                            self.connect_timeout,
-                        )
-                        .await?;
-                    return Ok(format!("{} serves", upstream.url));
-                }
+            } else {
+                // Not fenced: the migration of the hold may still have
+                // raised its store-level guard before it died (its own
+                // fence then finds the guard gone and refuses); the
+                // unfence lowers it.
+                upstream
+                    .move_fence(
+                        &FenceMove::Unfence { epoch: held_for },
+                        self.connect_timeout,
+                    )
+                    .await?;
+                return Ok(format!("{} serves", upstream.url()));
             }
         }
         Err(format!(
@@ -258,8 +199,8 @@ impl Shared {
                 continue;
             }
             let upstream = self.upstream.borrow().clone();
-            let stored = match upstream.read_fence(self.connect_timeout).await {
-                Ok(Some(stored)) if stored.switched() => stored,
+            let record = match upstream.fence_record(self.connect_timeout).await {
+                Ok(record) if record.switched => record,
                 Ok(_) => continue,
                 Err(reason) => {
                     tracing::debug!(%reason, "cannot read the upstream's fence record now");
@@ -267,10 +208,10 @@ impl Shared {
                 }
             };
             let _one_at_a_time = self.switching.lock().await;
-            match self.follow(&upstream, &stored).await {
+            match self.follow(&upstream, &record).await {
                 Ok(()) => info!(
-                    from = %upstream.url,
-                    record = %describe_fence(Some(&stored.fence)),
+                    from = %upstream.url(),
+                    record = %describe_record(&record),
                     "the upstream's fence record says a migration switched away from it: following"
                 ),
                 Err(reason) => {
@@ -280,10 +221,11 @@ impl Shared {
         }
     }
 
-    /// Points the gateway at the successor `stored` names, if `from` is
-    /// still the upstream. Streams opened on `from` end (see the proxy).
-    async fn follow(&self, from: &Arc<Upstream>, stored: &StoredFence) -> Result<(), String> {
-        let next = successor(from, stored, &self.access, self.connect_timeout)
+    /// Points the gateway at the successor `record` names, if `from` is
+    /// still the upstream. Streams opened on `from` end (the kind's client
+    /// server ends them).
+    async fn follow(&self, from: &Arc<U>, record: &FenceState) -> Result<(), String> {
+        let next = connect_successor(from.as_ref(), record, &self.access, self.connect_timeout)
             .await
             .map_err(|error| error.to_string())?;
         self.upstream.send_if_modified(|current| {
@@ -302,7 +244,7 @@ impl Shared {
     /// the cutover is undecided and the write must wait for it.
     pub(crate) async fn follow_after_fenced_write(
         self: &Arc<Self>,
-        refused_by: &Arc<Upstream>,
+        refused_by: &Arc<U>,
     ) -> Result<AfterFence, String> {
         let in_doubt = {
             let _one_at_a_time = self.switching.lock().await;
@@ -310,37 +252,23 @@ impl Shared {
                 // Someone moved the gateway on meanwhile.
                 return Ok(AfterFence::Followed);
             }
-            match refused_by.read_fence(self.connect_timeout).await? {
-                Some(stored) if stored.switched() => {
-                    self.follow(refused_by, &stored).await?;
-                    return Ok(AfterFence::Followed);
-                }
-                Some(stored) if stored.in_doubt() => stored.fence.epoch,
-                _ => return Ok(AfterFence::NotFenced),
+            let record = refused_by.fence_record(self.connect_timeout).await?;
+            if record.switched {
+                self.follow(refused_by, &record).await?;
+                return Ok(AfterFence::Followed);
             }
+            if !in_doubt(&record) {
+                return Ok(AfterFence::NotFenced);
+            }
+            record.epoch
         };
-        warn!(upstream = %refused_by.url, epoch = in_doubt, "a write met the fence of a migration that is undecided and does not hold this gateway: holding writes until it decides");
+        warn!(upstream = %refused_by.url(), epoch = in_doubt, "a write met the fence of a migration that is undecided and does not hold this gateway: holding writes until it decides");
         self.hold_until_decided(
             in_doubt,
             "a write met the fence of an undecided migration that did not hold this gateway",
         )
         .await;
         Ok(AfterFence::Undecided)
-    }
-
-    /// What a client is told when the upstream refused a write for lack of
-    /// space and its fence record says it is not fenced: a migration that
-    /// raised ferry's write alarm and has not fenced yet (or died between
-    /// the two), or a database that is full.
-    pub(crate) async fn no_space_refusal(&self, upstream: &Upstream, refusal: Status) -> Status {
-        match upstream.fence_alarms(self.connect_timeout).await {
-            Ok(epochs) if !epochs.is_empty() => Status::unavailable(format!(
-                "{} refuses writes: live migration epoch {} raised ferry's write alarm and has not fenced the plane yet; retry. If no migration is running, `ferry migrate abort` lowers it",
-                upstream.url,
-                epochs.iter().max().unwrap_or(&0)
-            )),
-            _ => refusal,
-        }
     }
 
     /// A migration fenced the upstream and has not decided, and nothing

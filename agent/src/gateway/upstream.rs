@@ -1,398 +1,177 @@
-//! The etcd cluster the gateway forwards to: one HTTP/2 channel to its
-//! members, shared by every call, a client of each service on it, and the
-//! gateway's own credentials and TLS towards it.
+//! What the gateway needs of one kind of upstream plane: to connect to one,
+//! to read and move its fence record in the live contract's words
+//! ([`FenceState`], [`FenceMove`], [`FenceAnswer`]), the position offset
+//! its clients see, and to serve the platform's client protocol. The gate,
+//! the admin service and the settling of a lapsed hold are written against
+//! this trait alone; etcd's v3 gRPC proxy is one kind (`super::etcd`), and a
+//! PostgreSQL wire proxy or an HTTP proxy would be others.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::adapters::etcd::{
-    EtcdConnection, EtcdTls, FenceFailure, FenceMove, FenceOutcome, FencePlane, StoredFence,
-    move_fence_with, raised_fence_alarms, read_fence_with,
-};
-use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
-use ferry_proto::etcd::etcdserverpb::cluster_client::ClusterClient;
-use ferry_proto::etcd::etcdserverpb::kv_client::KvClient;
-use ferry_proto::etcd::etcdserverpb::lease_client::LeaseClient;
-use ferry_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient;
-use ferry_proto::etcd::etcdserverpb::watch_client::WatchClient;
-use ferry_proto::etcd::etcdserverpb::{
-    AlarmRequest, AlarmResponse, AuthenticateRequest, StatusRequest, TxnRequest, TxnResponse,
-};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Response, Status};
+use ferry_engine::adapters::live::{FenceAnswer, FenceMove, FenceState};
+use tokio::net::TcpListener;
 
-use super::GatewayError;
+use super::{GatewayError, Shared};
 
-/// The largest message the gateway exchanges with an upstream, either way:
-/// etcd's own default for what it sends (`math.MaxInt32`). What clients may
-/// send the gateway is capped where they arrive (`ferry gateway
-/// --max-request-bytes`, see the router).
-pub(crate) const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+/// One upstream plane of a kind, connected: what the gateway forwards its
+/// clients to, and whose fence record decides where it forwards them.
+///
+/// # Contract
+/// - `connect` fails, naming the URL, when the plane does not answer
+///   within the timeout; nothing is changed in the plane.
+/// - `fence_record` reads the record that `ferry migrate`'s source agent
+///   moves (the same one its `LiveSource::fence_state` reads), with the
+///   gateway's own credentials; `guard_epochs` is not read and stays empty
+///   (the gateway looks at the record every 2 s, and settling never needs
+///   the store-level guards; a kind that must explain a refusal by them
+///   reads them itself).
+/// - `move_fence` moves that record by the same compare-and-swap as the
+///   source agent's moves, so that a gateway's unfence and a driver's
+///   commit cannot both win; the gateway only ever unfences.
+/// - The position offset is added to every position the plane's clients
+///   are answered with and taken off every one they send (0 for a plane
+///   nothing switched to); `adopt_plane_offset` replaces it with the one the
+///   plane keeps for itself, when it keeps one.
+/// - `serve_clients` admits every write through `shared`'s gate and sends
+///   it to the upstream in force when its permit is given, never to one a
+///   switch replaced; it ends streams bound to a replaced upstream; and it
+///   returns once `shutdown` completes (open streams may outlive it; the
+///   gateway gives them a moment).
+pub trait UpstreamPlane: Sized + Send + Sync + std::fmt::Debug + 'static {
+    /// The kind, for messages: `etcd`.
+    const KIND: &'static str;
+    /// The URL schemes that name a plane of this kind (`etcd`, `etcds`).
+    const SCHEMES: &'static [&'static str];
+    /// The gateway's own credentials and TLS towards every upstream of this
+    /// kind: the first, and each one a switch moves to.
+    type Access: Clone + Default + std::fmt::Debug + Send + Sync + 'static;
+    /// What this kind bounds in what its clients send (etcd: the request
+    /// size the plane itself would take).
+    type ClientLimits: Send + 'static;
 
-/// The metadata key of etcd's auth token (gRPC clients).
-pub(crate) const TOKEN_KEY: &str = "token";
-
-/// How the gateway reaches any upstream: its own credentials and TLS,
-/// the same for the first upstream and every Switch.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamAccess {
-    /// A file whose first line is the password of `ETCD_USERNAME`; without
-    /// it, `ETCD_USERNAME` and `ETCD_PASSWORD` when set.
-    pub password_file: Option<PathBuf>,
-    /// TLS files; any of them turns TLS on (`etcds://` does too).
-    pub tls: EtcdTls,
-}
-
-/// One upstream cluster. Cloning a client is cheap (it shares the channel).
-pub(crate) struct Upstream {
-    /// `etcd://HOST:PORT[,...]` (`etcds://` with TLS), for Status and messages.
-    pub url: String,
-    /// What the gateway adds to this upstream's revisions in what clients
-    /// see, and takes off what they send: 0 for the first upstream, the
-    /// fence record's `successor_revision_offset` after a switch.
-    pub revision_offset: i64,
-    pub kv: KvClient<Channel>,
-    pub watch: WatchClient<Channel>,
-    pub lease: LeaseClient<Channel>,
-    pub maintenance: MaintenanceClient<Channel>,
-    pub cluster: ClusterClient<Channel>,
-    pub auth: AuthClient<Channel>,
-    /// The gateway's own user, when the upstream has auth on.
-    credentials: Option<(String, String)>,
-    /// The gateway's token, sent on calls whose client sent none.
-    token: RwLock<Option<MetadataValue<Ascii>>>,
-    /// One re-authentication at a time.
-    authenticating: tokio::sync::Mutex<()>,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the password or the token.
-        formatter
-            .debug_struct("Upstream")
-            .field("url", &self.url)
-            .field("revision_offset", &self.revision_offset)
-            .field(
-                "user",
-                &self.credentials.as_ref().map(|(name, _)| name.as_str()),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-impl Upstream {
-    /// Connects to `url` (`etcd://HOST:PORT[,HOST:PORT...]`, or `etcds://`)
-    /// with `access`, authenticates when credentials are set, and checks
-    /// that a member answers etcd's Status within `connect_timeout`.
-    pub async fn connect(
+    /// Connects to the plane at `url` with `access`; fails if it does not
+    /// answer within `timeout`.
+    fn connect(
         url: &str,
-        access: &UpstreamAccess,
-        connect_timeout: Duration,
-    ) -> Result<Self, GatewayError> {
-        let bad = |reason: String| GatewayError::BadUpstream {
-            url: url.to_owned(),
-            reason,
-        };
-        let connection = EtcdConnection::from_url(url, access.password_file.as_ref())
-            .and_then(|connection| connection.with_tls_files(&access.tls))
-            .map_err(|error| bad(error.to_string()))?;
-        let display = connection.display();
-        let tls = match &connection.tls {
-            Some(files) => Some(tls_config(files).await.map_err(bad)?),
-            None => None,
-        };
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let endpoints = connection
-            .endpoints
-            .iter()
-            .map(|address| {
-                let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
-                    .map_err(|error| bad(format!("{address}: {error}")))?
-                    .connect_timeout(connect_timeout)
-                    .tcp_nodelay(true)
-                    .tcp_keepalive(Some(Duration::from_secs(30)))
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_while_idle(true);
-                match &tls {
-                    Some(tls) => endpoint
-                        .tls_config(tls.clone())
-                        .map_err(|error| bad(format!("{address}: {error}"))),
-                    None => Ok(endpoint),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = match endpoints.as_slice() {
-            [single] => single
-                .connect()
-                .await
-                .map_err(|error| GatewayError::Unreachable {
-                    url: display.clone(),
-                    reason: error_chain(&error),
-                })?,
-            _ => Channel::balance_list(endpoints.into_iter()),
-        };
-        let upstream = Self {
-            url: display,
-            revision_offset: 0,
-            kv: KvClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            watch: WatchClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            lease: LeaseClient::new(channel.clone()),
-            maintenance: MaintenanceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            cluster: ClusterClient::new(channel.clone()),
-            auth: AuthClient::new(channel),
-            credentials: connection.credentials,
-            token: RwLock::new(None),
-            authenticating: tokio::sync::Mutex::new(()),
-        };
-        upstream.check(connect_timeout).await?;
-        if upstream.credentials.is_some() {
-            upstream
-                .authenticate()
-                .await
-                .map_err(|status| GatewayError::Unreachable {
-                    url: upstream.url.clone(),
-                    reason: format!(
-                        "authenticating as ETCD_USERNAME failed: {}",
-                        status.message()
-                    ),
-                })?;
-        }
-        Ok(upstream)
-    }
-
-    /// Asks a member for its Status: proof that an etcd answers there.
-    async fn check(&self, timeout: Duration) -> Result<(), GatewayError> {
-        let unreachable = |reason: String| GatewayError::Unreachable {
-            url: self.url.clone(),
-            reason,
-        };
-        match tokio::time::timeout(timeout, self.maintenance.clone().status(StatusRequest {})).await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(unreachable(format!(
-                "Status failed: {}",
-                error_chain(&status)
-            ))),
-            Err(_) => Err(unreachable(format!(
-                "no answer to Status within {timeout:?}"
-            ))),
-        }
-    }
-
-    /// Gets a fresh token for the gateway's own user.
-    async fn authenticate(&self) -> Result<(), Status> {
-        let Some((name, password)) = &self.credentials else {
-            return Ok(());
-        };
-        let response = tokio::time::timeout(
-            Duration::from_secs(30),
-            self.auth.clone().authenticate(AuthenticateRequest {
-                name: name.clone(),
-                password: password.clone(),
-            }),
-        )
-        .await
-        .map_err(|_| Status::unavailable(format!("{} did not answer Authenticate", self.url)))??;
-        let token = MetadataValue::try_from(response.into_inner().token)
-            .map_err(|_| Status::internal("etcd's auth token is not a valid header value"))?;
-        if let Ok(mut slot) = self.token.write() {
-            *slot = Some(token);
-        }
-        Ok(())
-    }
-
-    /// The gateway's token, for a call whose client sent none; `None` when
-    /// the gateway has no credentials or the client brought its own.
-    pub fn token_for<T>(&self, request: &Request<T>) -> Option<MetadataValue<Ascii>> {
-        if self.credentials.is_none()
-            || request.metadata().contains_key(TOKEN_KEY)
-            || request.metadata().contains_key("authorization")
-        {
-            return None;
-        }
-        self.token.read().ok().and_then(|token| token.clone())
-    }
-
-    /// Adds the gateway's token to a stream's request (see
-    /// [`Upstream::token_for`]).
-    pub fn authorize<T>(&self, request: &mut Request<T>) {
-        if let Some(token) = self.token_for(request) {
-            request.metadata_mut().insert(TOKEN_KEY, token);
-        }
-    }
-
-    /// Makes a unary call. When it carries the gateway's token and etcd
-    /// says the token is no longer valid (it expired, or etcd restarted),
-    /// the gateway authenticates again and makes the call once more: etcd
-    /// checked the token before doing anything, so nothing ran twice. Only
-    /// then is the request cloned.
-    pub async fn call<Req, Resp, Call, Fut>(
-        &self,
-        mut request: Request<Req>,
-        call: Call,
-    ) -> Result<Response<Resp>, Status>
-    where
-        Req: Clone,
-        Call: Fn(Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        let Some(token) = self.token_for(&request) else {
-            return call(request).await;
-        };
-        let again = Request::new(request.get_ref().clone());
-        request.metadata_mut().insert(TOKEN_KEY, token.clone());
-        match call(request).await {
-            Err(status) if status.message().contains("invalid auth token") => {
-                let _one_at_a_time = self.authenticating.lock().await;
-                let current = self.token.read().ok().and_then(|token| token.clone());
-                if current.as_ref() == Some(&token) {
-                    self.authenticate().await?;
-                }
-                let mut again = again;
-                self.authorize(&mut again);
-                call(again).await
-            }
-            answer => answer,
-        }
-    }
-}
-
-/// The upstream as the gateway's own client of its fence: its credentials,
-/// and an answer within a timeout.
-struct OwnCalls<'a> {
-    upstream: &'a Upstream,
-    timeout: Duration,
-}
-
-impl OwnCalls<'_> {
-    async fn within<T>(
-        &self,
-        call: impl Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<T, Status> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(answer) => answer.map(Response::into_inner),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{} did not answer within {:?}",
-                self.upstream.url, self.timeout
-            ))),
-        }
-    }
-}
-
-impl FencePlane for OwnCalls<'_> {
-    type Error = Status;
-
-    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, Status> {
-        let client = self.upstream.kv.clone();
-        self.within(self.upstream.call(Request::new(request), |request| {
-            let mut client = client.clone();
-            async move { client.txn(request).await }
-        }))
-        .await
-    }
-
-    async fn alarm(&self, request: AlarmRequest) -> Result<AlarmResponse, Status> {
-        let client = self.upstream.maintenance.clone();
-        self.within(self.upstream.call(Request::new(request), |request| {
-            let mut client = client.clone();
-            async move { client.alarm(request).await }
-        }))
-        .await
-    }
-}
-
-impl Upstream {
-    fn own(&self, timeout: Duration) -> OwnCalls<'_> {
-        OwnCalls {
-            upstream: self,
-            timeout,
-        }
-    }
-
-    /// The upstream's fence record.
-    pub async fn read_fence(&self, timeout: Duration) -> Result<Option<StoredFence>, String> {
-        read_fence_with(&self.own(timeout))
-            .await
-            .map_err(|failure| self.fence_failure(failure))
-    }
-
-    /// The epochs of the write alarms ferry raised on the upstream.
-    pub async fn fence_alarms(&self, timeout: Duration) -> Result<Vec<u64>, String> {
-        raised_fence_alarms(&self.own(timeout))
-            .await
-            .map_err(|status| self.fence_failure(FenceFailure::Call(status)))
-    }
-
-    /// Moves the upstream's fence record (the gateway unfences a plane whose
-    /// migration lost its driver before committing).
-    pub async fn move_fence(
-        &self,
-        wanted: &FenceMove,
+        access: &Self::Access,
         timeout: Duration,
-    ) -> Result<FenceOutcome, String> {
-        move_fence_with(&self.own(timeout), wanted)
-            .await
-            .map_err(|failure| self.fence_failure(failure))
-    }
+    ) -> impl Future<Output = Result<Self, GatewayError>> + Send;
 
-    fn fence_failure(&self, failure: FenceFailure<Status>) -> String {
-        match failure {
-            FenceFailure::Call(status) => format!(
-                "cannot read or write the fence record of {}: {}",
-                self.url,
-                status.message()
-            ),
-            FenceFailure::Unreadable(reason) => format!("{}: {reason}", self.url),
-        }
+    /// The plane's URL as its clients and `ferry migrate` name it, never
+    /// with credentials: for Status, Switch and messages.
+    fn url(&self) -> &str;
+
+    /// What the gateway adds to this plane's positions in what its clients
+    /// see: 0 for the first upstream, the fence record's
+    /// `successor_position_offset` after a switch.
+    fn position_offset(&self) -> i64;
+
+    /// Sets [`UpstreamPlane::position_offset`] (before the plane serves).
+    fn set_position_offset(&mut self, offset: i64);
+
+    /// Reads the position offset the plane keeps for itself (written there
+    /// just before the switch to it was committed) into the offset: a
+    /// gateway started in front of a plane that took over shows its clients
+    /// the same positions as the gateways that followed the switch.
+    fn adopt_plane_offset(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// The plane's fence record (see the contract: without `guard_epochs`);
+    /// the error says what failed, naming the plane.
+    fn fence_record(
+        &self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<FenceState, String>> + Send;
+
+    /// Moves the plane's fence record as `change` says.
+    fn move_fence(
+        &self,
+        change: &FenceMove,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<FenceAnswer, String>> + Send;
+
+    /// Serves the platform's client protocol on `listener` (with TLS from
+    /// the certificate and key in `tls`, when given), forwarding through
+    /// `shared`, until `shutdown` completes or the server fails.
+    fn serve_clients(
+        shared: Arc<Shared<Self>>,
+        listener: TcpListener,
+        tls: Option<(PathBuf, PathBuf)>,
+        limits: Self::ClientLimits,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+}
+
+/// A fence record for messages, in a few words.
+pub(crate) fn describe_record(state: &FenceState) -> String {
+    let successor = successor(state).unwrap_or("?");
+    if !state.recorded {
+        "no fence".to_owned()
+    } else if state.switched {
+        format!("switched to {successor} by epoch {}", state.epoch)
+    } else if state.fenced {
+        format!(
+            "fenced by epoch {}, switching to {successor}, not switched",
+            state.epoch
+        )
+    } else {
+        format!("not fenced (last epoch {})", state.epoch)
     }
 }
 
-/// The client side of TLS: the CA to trust (else the system's roots) and
-/// the gateway's own certificate, read from their files.
-async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, String> {
-    async fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-        let content = tokio::fs::read(path)
-            .await
-            .map_err(|error| format!("cannot read the {what} {}: {error}", path.display()))?;
-        if !content.windows(11).any(|window| window == b"-----BEGIN ") {
-            return Err(format!("the {what} {} is not in PEM form", path.display()));
-        }
-        Ok(content)
-    }
-    let mut config = ClientTlsConfig::new();
-    config = match &files.ca_file {
-        Some(path) => config.ca_certificate(Certificate::from_pem(read(path, "CA file").await?)),
-        None => config.with_native_roots(),
-    };
-    if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
-        config = config.identity(Identity::from_pem(
-            read(cert, "client certificate file").await?,
-            read(key, "client key file").await?,
-        ));
-    }
-    Ok(config)
+/// The plane a fence record names to take over, if it names one.
+pub(crate) fn successor(state: &FenceState) -> Option<&str> {
+    Some(state.successor_url.as_str()).filter(|url| !url.is_empty())
 }
 
-/// An error and its sources, for a message (the transport's own words are
-/// deep in the chain).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        let more = source.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        next = source.source();
+/// Whether a migration fenced the plane and has not decided yet.
+pub(crate) fn in_doubt(state: &FenceState) -> bool {
+    state.fenced && !state.switched
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_described_as_it_stands() {
+        let fenced = FenceState {
+            recorded: true,
+            epoch: 3,
+            fenced: true,
+            successor_url: "new://b".to_owned(),
+            ..FenceState::default()
+        };
+        assert_eq!(describe_record(&FenceState::default()), "no fence");
+        assert_eq!(
+            describe_record(&fenced),
+            "fenced by epoch 3, switching to new://b, not switched"
+        );
+        assert!(in_doubt(&fenced));
+        let switched = FenceState {
+            switched: true,
+            ..fenced.clone()
+        };
+        assert_eq!(describe_record(&switched), "switched to new://b by epoch 3");
+        assert!(!in_doubt(&switched));
+        let unfenced = FenceState {
+            recorded: true,
+            epoch: 4,
+            ..FenceState::default()
+        };
+        assert_eq!(describe_record(&unfenced), "not fenced (last epoch 4)");
+        assert_eq!(successor(&unfenced), None);
+        assert_eq!(
+            describe_record(&FenceState {
+                successor_url: String::new(),
+                ..switched
+            }),
+            "switched to ? by epoch 3"
+        );
     }
-    text
 }

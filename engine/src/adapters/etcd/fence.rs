@@ -66,6 +66,7 @@ use tracing::info;
 use super::client::EtcdClient;
 use super::{EtcdConnection, EtcdError, printable};
 pub use crate::adapters::live::FenceMove as Move;
+use crate::adapters::live::{FenceAnswer, FenceState, Position};
 
 /// Where the fence record lives.
 pub const FENCE_KEY: &[u8] = b"__ferry__/fence";
@@ -171,6 +172,42 @@ pub enum FenceOutcome {
         /// Why, in words a user can act on.
         reason: String,
     },
+}
+
+/// The record as stored (`None`: no migration ever fenced the plane), and
+/// the epochs of ferry's write alarms raised on the plane, in the live
+/// contract's words: what a live source's `fence_state` answers, and what a
+/// gateway reads (with no alarms: it reads the record alone).
+pub fn fence_state(stored: Option<&StoredFence>, guard_epochs: Vec<u64>) -> FenceState {
+    let Some(stored) = stored else {
+        return FenceState {
+            guard_epochs,
+            ..FenceState::default()
+        };
+    };
+    FenceState {
+        recorded: true,
+        epoch: stored.fence.epoch,
+        fenced: stored.fence.fenced,
+        switched: stored.fence.switched,
+        successor_url: stored.fence.successor.clone().unwrap_or_default(),
+        fenced_position: Position(stored.fenced_revision.unwrap_or(0).max(0) as u64),
+        successor_position_offset: stored.fence.successor_revision_offset,
+        guard_epochs,
+    }
+}
+
+impl FenceOutcome {
+    /// The outcome in the live contract's words; a refusal names `plane`
+    /// (the plane's URL, for people).
+    pub fn into_answer(self, plane: &str) -> FenceAnswer {
+        match self {
+            FenceOutcome::Done { revision } => FenceAnswer::Done(Position(revision.max(0) as u64)),
+            FenceOutcome::Refused { reason, .. } => {
+                FenceAnswer::Refused(format!("{plane}: {reason}"))
+            }
+        }
+    }
 }
 
 /// The compare every write of a gateway carries: the plane is not fenced.

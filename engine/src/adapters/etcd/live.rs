@@ -9,9 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::fence::{
-    FenceOutcome, adopt_revision_offset, move_fence, read_fence, read_fence_alarms,
-};
+use super::fence::{adopt_revision_offset, fence_state, move_fence, read_fence, read_fence_alarms};
 use super::{
     EtcdConnection, EtcdError, EtcdSink, EtcdSinkOptions, EtcdSource, EtcdSourceOptions, KIND_KV,
     KIND_LEASE, LeaseKeeper, RevisionOffset, describe_cluster, digest_range, read_checkpoint,
@@ -143,18 +141,10 @@ impl LiveSource for EtcdLiveSource {
     }
 
     async fn move_fence(&self, wanted: FenceMove) -> Result<FenceAnswer> {
-        match move_fence(&self.connection, &wanted)
+        Ok(move_fence(&self.connection, &wanted)
             .await
             .map_err(AdapterError::source)?
-        {
-            FenceOutcome::Done { revision } => {
-                Ok(FenceAnswer::Done(Position(revision.max(0) as u64)))
-            }
-            FenceOutcome::Refused { reason, .. } => Ok(FenceAnswer::Refused(format!(
-                "{}: {reason}",
-                self.connection.display()
-            ))),
-        }
+            .into_answer(&self.connection.display()))
     }
 
     async fn fence_state(&self) -> Result<FenceState> {
@@ -163,22 +153,8 @@ impl LiveSource for EtcdLiveSource {
             read_fence_alarms(&self.connection)
         );
         let guard_epochs = alarms.map_err(AdapterError::source)?;
-        let Some(stored) = stored.map_err(AdapterError::source)? else {
-            return Ok(FenceState {
-                guard_epochs,
-                ..FenceState::default()
-            });
-        };
-        Ok(FenceState {
-            recorded: true,
-            epoch: stored.fence.epoch,
-            fenced: stored.fence.fenced,
-            switched: stored.fence.switched,
-            successor_url: stored.fence.successor.clone().unwrap_or_default(),
-            fenced_position: Position(stored.fenced_revision.unwrap_or(0).max(0) as u64),
-            successor_position_offset: stored.fence.successor_revision_offset,
-            guard_epochs,
-        })
+        let stored = stored.map_err(AdapterError::source)?;
+        Ok(fence_state(stored.as_ref(), guard_epochs))
     }
 
     async fn digest(&self, prefix: &[u8], position: Position) -> Result<PlaneDigest> {

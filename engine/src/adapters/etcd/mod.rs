@@ -35,8 +35,8 @@ pub use digest::{RangeDigest, digest_range};
 pub use fence::{
     FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, FencePlane, Move as FenceMove,
     REVISION_OFFSET_KEY, RevisionOffset, StoredFence, adopt_revision_offset,
-    describe as describe_fence, fence_alarm_epoch, fence_alarm_member, guard_compare, move_fence,
-    move_with as move_fence_with, raised_alarms as raised_fence_alarms, read_fence,
+    describe as describe_fence, fence_alarm_epoch, fence_alarm_member, fence_state, guard_compare,
+    move_fence, move_with as move_fence_with, raised_alarms as raised_fence_alarms, read_fence,
     read_fence_alarms, read_with as read_fence_with,
 };
 pub use keepalive::LeaseKeeper;

@@ -15,8 +15,8 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 
+use super::MAX_MESSAGE_BYTES;
 use super::proxy::EtcdProxy;
-use super::upstream::MAX_MESSAGE_BYTES;
 
 /// What etcd's server takes past `--max-request-bytes` for gRPC's own
 /// framing (etcd's `grpcOverheadBytes`): its `MaxRecvMsgSize` is the sum.

@@ -1,5 +1,6 @@
 //! etcd's v3 API, served by forwarding every call to the current upstream:
-//! reads straight through, writes through the [gate](super::gate).
+//! reads straight through, writes through the
+//! [gate](crate::gateway::gate).
 //!
 //! Writes, by method: Put, DeleteRange, a Txn with any put or delete in
 //! either branch, Compact, LeaseGrant, LeaseRevoke, and the Auth service's
@@ -36,13 +37,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use ferry_engine::adapters::etcd::guard_compare;
 
-use super::Shared;
-use super::gate::{Admission, WritePermit};
 use super::revisions::{
     FromClient, ToClient, WatchUp, compacted_watch, shifted, watch_from_client,
 };
-use super::settle::AfterFence;
-use super::upstream::{TOKEN_KEY, Upstream};
+use super::{EtcdUpstream, TOKEN_KEY};
+use crate::gateway::Shared;
+use crate::gateway::gate::{Admission, WritePermit};
+use crate::gateway::settle::AfterFence;
 
 /// Messages buffered each way on a stream the gateway relays.
 pub(crate) const STREAM_BUFFER: usize = 64;
@@ -59,16 +60,16 @@ pub(crate) type Relayed<T> = ReceiverStream<Result<T, Status>>;
 /// The etcd services. Cheap to clone: the state is shared.
 #[derive(Clone)]
 pub(crate) struct EtcdProxy {
-    shared: Arc<Shared>,
+    shared: Arc<Shared<EtcdUpstream>>,
 }
 
 impl EtcdProxy {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared<EtcdUpstream>>) -> Self {
         Self { shared }
     }
 
     /// The upstream for a read, counted.
-    fn read_upstream(&self) -> Arc<Upstream> {
+    fn read_upstream(&self) -> Arc<EtcdUpstream> {
         self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
         self.shared.upstream.borrow().clone()
     }
@@ -84,7 +85,7 @@ impl EtcdProxy {
     where
         Req: prost::Message + Send + 'static,
         Resp: Send + 'static,
-        Call: FnOnce(Arc<Upstream>, Request<Req>) -> Fut + Send + 'static,
+        Call: FnOnce(Arc<EtcdUpstream>, Request<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
     {
         let request = to_upstream(request);
@@ -201,7 +202,9 @@ impl EtcdProxy {
                         let Some(no_space) = refusal else {
                             return Err(fenced("the fence was lifted meanwhile".to_owned()));
                         };
-                        return Err(shared.no_space_refusal(&upstream, no_space).await);
+                        return Err(upstream
+                            .no_space_refusal(no_space, shared.connect_timeout)
+                            .await);
                     }
                     Err(reason) => return Err(fenced(reason)),
                 }
@@ -215,7 +218,7 @@ impl EtcdProxy {
 
     /// The upstream in force for a new stream, and a receiver that sees
     /// the next switch (subscribed first, so no switch is missed).
-    fn stream_upstream(&self) -> (Arc<Upstream>, watch::Receiver<Arc<Upstream>>) {
+    fn stream_upstream(&self) -> (Arc<EtcdUpstream>, watch::Receiver<Arc<EtcdUpstream>>) {
         let mut switched = self.shared.upstream.subscribe();
         let upstream = switched.borrow_and_update().clone();
         self.shared.reads_forwarded.fetch_add(1, Ordering::Relaxed);
@@ -232,7 +235,7 @@ impl EtcdProxy {
     where
         Req: Send + 'static,
         Resp: ToClient + Send + 'static,
-        Open: FnOnce(Arc<Upstream>, Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
+        Open: FnOnce(Arc<EtcdUpstream>, Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
     {
         let (upstream, switched) = self.stream_upstream();
@@ -334,7 +337,7 @@ impl EtcdProxy {
     /// (then the client gets `UNAVAILABLE`).
     fn relay_responses<UpstreamRequest, Resp, Open, Fut, Down>(
         &self,
-        (upstream, mut switched): (Arc<Upstream>, watch::Receiver<Arc<Upstream>>),
+        (upstream, mut switched): (Arc<EtcdUpstream>, watch::Receiver<Arc<EtcdUpstream>>),
         request: Request<UpstreamRequest>,
         open: Open,
         request_pump: Option<JoinHandle<()>>,
@@ -343,7 +346,7 @@ impl EtcdProxy {
     where
         UpstreamRequest: Send + 'static,
         Resp: Send + 'static,
-        Open: FnOnce(Arc<Upstream>, Request<UpstreamRequest>) -> Fut + Send + 'static,
+        Open: FnOnce(Arc<EtcdUpstream>, Request<UpstreamRequest>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
         Down: FnMut(Resp) -> Vec<Resp> + Send + 'static,
     {
@@ -409,7 +412,7 @@ impl EtcdProxy {
     where
         Req: Send + 'static,
         Resp: ToClient + Send + 'static,
-        Open: FnOnce(Arc<Upstream>, Request<Req>) -> Fut + Send + 'static,
+        Open: FnOnce(Arc<EtcdUpstream>, Request<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>> + Send,
     {
         let (upstream, switched) = self.stream_upstream();

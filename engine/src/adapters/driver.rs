@@ -115,6 +115,10 @@ pub struct SinkDriver<T> {
     held: VecDeque<Op>,
     /// Keys the target holds, as far as this driver knows.
     known: HashSet<Vec<u8>>,
+    /// An op with `deps` has come: from then on applied keys are
+    /// remembered (before, [`TransactionalTarget::exists`] answers; a stream
+    /// without deps, a database's rows, pays nothing per op).
+    deps_seen: bool,
 }
 
 impl<T: TransactionalTarget> SinkDriver<T> {
@@ -131,6 +135,7 @@ impl<T: TransactionalTarget> SinkDriver<T> {
             committed: None,
             held: VecDeque::new(),
             known: HashSet::new(),
+            deps_seen: false,
         }
     }
 
@@ -174,7 +179,9 @@ impl<T: TransactionalTarget> SinkDriver<T> {
         }
         self.target.apply(op).await?;
         self.ops_in_transaction += 1;
-        self.remember(&op.key);
+        if self.deps_seen {
+            self.remember(&op.key);
+        }
         Ok(())
     }
 
@@ -289,6 +296,7 @@ impl<T: TransactionalTarget> Sink for SinkDriver<T> {
             if op.txn_last {
                 self.open_source_transaction = None;
             }
+            self.deps_seen |= !op.deps.is_empty();
             let (seq, position) = (op.seq, op.position);
             // An op of a key an earlier op still waits for waits too: each
             // key's ops keep their order.

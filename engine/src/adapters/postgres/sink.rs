@@ -85,6 +85,11 @@ impl Sink for PgSink {
 /// The rows of one table being copied in.
 struct OpenCopy {
     table: (String, String),
+    /// The row keys' start that names the table (`schema.table/`): a row
+    /// with the same start goes into this copy without parsing its key.
+    key_prefix: Vec<u8>,
+    /// The table's codec, out of [`PgTarget::codecs`] while the copy runs.
+    codec: TableCodec,
     sink: Pin<Box<CopyInSink<Bytes>>>,
     buffer: BytesMut,
     /// The seq of the first row in it: COPY's line N is op `first_seq + N - 1`.
@@ -206,6 +211,7 @@ impl PgTarget {
             copy.sink.as_mut().finish().await
         }
         .await;
+        self.codecs.insert(copy.table.clone(), copy.codec);
         match sent {
             Ok(_) => Ok(()),
             Err(error) => {
@@ -305,47 +311,34 @@ impl PgTarget {
     }
 
     async fn apply_row(&mut self, op: &Op) -> Result<()> {
-        let table = row_table(&op.key)
+        let key_prefix = op
+            .key
+            .iter()
+            .position(|byte| *byte == b'/')
+            .map(|slash| &op.key[..=slash])
             .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
-        if self.copy.as_ref().is_some_and(|copy| copy.table != table) {
+        if self
+            .copy
+            .as_ref()
+            .is_some_and(|copy| copy.key_prefix != key_prefix)
+        {
             self.end_copy().await?;
         }
+        if self.copy.is_none() {
+            self.start_copy(op, key_prefix).await?;
+        }
+        let copy = self.copy.as_mut().expect("started above");
+        let start = copy.buffer.len();
         let mut line = std::mem::take(&mut self.line);
         line.clear();
-        let encoded = self
-            .codec(op, &table)
-            .await?
-            .encoder
-            .encode_row(&op.body, &mut line);
-        if let Err(error) = encoded {
-            return Err(self.bad_op(op, format!("{}.{}: {error}", table.0, table.1)));
-        }
-        if self.copy.is_none() {
-            let statement = self.codec(op, &table).await?.statement.clone();
-            let sink = self
-                .client()?
-                .copy_in(statement.as_str())
-                .await
-                .map_err(|error| {
-                    self.error(PgError::statement(
-                        &self.server,
-                        format!(
-                            "op seq {}: starting the copy into {}.{}",
-                            op.seq, table.0, table.1
-                        ),
-                        &error,
-                    ))
-                })?;
-            self.copy = Some(OpenCopy {
-                table,
-                sink: Box::pin(sink),
-                buffer: BytesMut::with_capacity(COPY_CHUNK * 2),
-                first_seq: op.seq,
-            });
-        }
-        let copy = self.copy.as_mut().expect("opened above");
+        let encoded = copy.codec.encoder.encode_row(&op.body, &mut line);
         copy.buffer.extend_from_slice(&line);
         self.line = line;
+        if let Err(error) = encoded {
+            copy.buffer.truncate(start);
+            let (schema, table) = copy.table.clone();
+            return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+        }
         if copy.buffer.len() >= COPY_CHUNK {
             let chunk = copy.buffer.split().freeze();
             if let Err(error) = copy.sink.send(chunk).await {
@@ -355,6 +348,34 @@ impl PgTarget {
                 return self.end_copy().await;
             }
         }
+        Ok(())
+    }
+
+    /// Starts `COPY ... FROM STDIN` into the table `op`'s key names.
+    async fn start_copy(&mut self, op: &Op, key_prefix: &[u8]) -> Result<()> {
+        let table = row_table(&op.key)
+            .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
+        self.codec(op, &table).await?;
+        let codec = self.codecs.remove(&table).expect("made above");
+        let sink = match self.client()?.copy_in(codec.statement.as_str()).await {
+            Ok(sink) => sink,
+            Err(error) => {
+                let what = format!(
+                    "op seq {}: starting the copy into {}.{}",
+                    op.seq, table.0, table.1
+                );
+                self.codecs.insert(table, codec);
+                return Err(self.error(PgError::statement(&self.server, what, &error)));
+            }
+        };
+        self.copy = Some(OpenCopy {
+            table,
+            key_prefix: key_prefix.to_vec(),
+            codec,
+            sink: Box::pin(sink),
+            buffer: BytesMut::with_capacity(COPY_CHUNK * 2),
+            first_seq: op.seq,
+        });
         Ok(())
     }
 

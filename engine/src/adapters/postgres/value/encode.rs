@@ -63,45 +63,75 @@ impl RowEncoder {
     }
 
     fn encode_into(&mut self, body: &[u8], line: &mut Vec<u8>) -> Result<(), ValueError> {
+        // UTF-8 checked once here; serde_json then reads the text as is.
+        let body = std::str::from_utf8(body).map_err(|error| ValueError::NotAnObject {
+            reason: error.to_string(),
+        })?;
         let row: RowObject =
-            serde_json::from_slice(body).map_err(|error| ValueError::NotAnObject {
+            serde_json::from_str(body).map_err(|error| ValueError::NotAnObject {
                 reason: error.to_string(),
             })?;
-        let mut values: Vec<Option<&RawValue>> = vec![None; self.columns.len()];
-        for (key, value) in row.entries {
-            let index = *self
-                .index_by_name
-                .get(key.as_ref())
-                .ok_or_else(|| ValueError::UnknownColumn { key: excerpt(&key) })?;
-            if values[index].replace(value).is_some() {
-                return Err(ValueError::DuplicateColumn {
+        // The extract writes the columns in the table's order: then no
+        // lookup by name is needed.
+        let in_order = row.entries.len() == self.columns.len()
+            && row
+                .entries
+                .iter()
+                .zip(&self.columns)
+                .all(|((key, _), column)| key.as_ref() == column.name);
+        if in_order {
+            for (index, (_, value)) in row.entries.iter().enumerate() {
+                self.write_field(index, value, line)?;
+            }
+        } else {
+            let mut values: Vec<Option<&RawValue>> = vec![None; self.columns.len()];
+            for (key, value) in row.entries {
+                let index = *self
+                    .index_by_name
+                    .get(key.as_ref())
+                    .ok_or_else(|| ValueError::UnknownColumn { key: excerpt(&key) })?;
+                if values[index].replace(value).is_some() {
+                    return Err(ValueError::DuplicateColumn {
+                        column: self.columns[index].name.clone(),
+                    });
+                }
+            }
+            for (index, value) in values.into_iter().enumerate() {
+                let value = value.ok_or_else(|| ValueError::MissingColumn {
                     column: self.columns[index].name.clone(),
-                });
+                })?;
+                self.write_field(index, value, line)?;
             }
-        }
-        for (index, (column, value)) in self.columns.iter().zip(values).enumerate() {
-            if index > 0 {
-                line.push(b'\t');
-            }
-            let value = value.ok_or_else(|| ValueError::MissingColumn {
-                column: column.name.clone(),
-            })?;
-            if value.get() == "null" {
-                line.extend_from_slice(NULL_FIELD);
-                continue;
-            }
-            self.text.clear();
-            write_text(&column.pg_type, value, &mut self.text, &mut self.element).map_err(
-                |reason| ValueError::BadValue {
-                    column: column.name.clone(),
-                    pg_type: column.pg_type.to_string(),
-                    value: excerpt(value.get()),
-                    reason,
-                },
-            )?;
-            escape_field(self.text.as_bytes(), line);
         }
         line.push(b'\n');
+        Ok(())
+    }
+
+    /// Writes column `index`'s `value`, after a tab unless it is the first.
+    fn write_field(
+        &mut self,
+        index: usize,
+        value: &RawValue,
+        line: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
+        if index > 0 {
+            line.push(b'\t');
+        }
+        if value.get() == "null" {
+            line.extend_from_slice(NULL_FIELD);
+            return Ok(());
+        }
+        let column = &self.columns[index];
+        self.text.clear();
+        write_text(&column.pg_type, value, &mut self.text, &mut self.element).map_err(|reason| {
+            ValueError::BadValue {
+                column: column.name.clone(),
+                pg_type: column.pg_type.to_string(),
+                value: excerpt(value.get()),
+                reason,
+            }
+        })?;
+        escape_field(self.text.as_bytes(), line);
         Ok(())
     }
 }

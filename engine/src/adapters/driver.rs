@@ -81,6 +81,9 @@ pub struct DriverOptions {
     pub known_keys: usize,
     /// The migration attempt (G5); 0 for a restore.
     pub epoch: u64,
+    /// The driver gets one lane of a stream split by its caller (which
+    /// checked G1 on the whole stream): seqs must rise, with gaps.
+    pub lane: bool,
 }
 
 impl Default for DriverOptions {
@@ -90,6 +93,7 @@ impl Default for DriverOptions {
             dep_window: 10_000,
             known_keys: 100_000,
             epoch: 0,
+            lane: false,
         }
     }
 }
@@ -271,6 +275,9 @@ impl<T: TransactionalTarget> Sink for SinkDriver<T> {
         // G1 over the whole batch first: nothing of a broken batch applies.
         let mut tracker = self.tracker;
         for op in &ops {
+            if self.options.lane && op.seq >= tracker.next_seq() {
+                tracker = SeqTracker::starting_at(op.seq);
+            }
             tracker
                 .try_advance(op.seq)
                 .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
@@ -337,6 +344,20 @@ impl<T: TransactionalTarget> Sink for SinkDriver<T> {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        self.finish_stream().await
+    }
+}
+
+impl<T: TransactionalTarget> SinkDriver<T> {
+    /// Commits what is applied, when the stream is between source
+    /// transactions and nothing is held (a lane's caller lines its lanes up
+    /// with it before an op that needs all of them).
+    pub async fn commit_now(&mut self) -> Result<()> {
+        self.commit_if_due(true, false).await
+    }
+
+    /// [`Sink::finish`] without the box.
+    pub async fn finish_stream(&mut self) -> Result<()> {
         if let Some(op) = self.held.front().cloned() {
             let dep = self.missing_dep(&op).await?.unwrap_or_default();
             return Err(self.unmet(&op, &dep, "the stream ended without creating it"));

@@ -83,12 +83,20 @@ pub struct PgRestoreArgs {
     /// killed restore redoes at most this many.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_ROWS_PER_COMMIT, value_parser = clap::value_parser!(u64).range(1..))]
     pub pg_ops_per_commit: u64,
+    /// PostgreSQL: connections loading at once, tables spread over them (each with its own
+    /// checkpoint row); a resumed restore keeps the number it began with.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LANES, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub pg_lanes: u16,
 }
+
+/// Lanes of a restore when not told.
+const DEFAULT_LANES: u16 = 2;
 
 impl Default for PgRestoreArgs {
     fn default() -> Self {
         Self {
             pg_ops_per_commit: DEFAULT_ROWS_PER_COMMIT,
+            pg_lanes: DEFAULT_LANES,
         }
     }
 }
@@ -138,6 +146,7 @@ fn sink(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
             allow_nonempty: options.allow_nonempty,
             ops_per_commit: options.restore.postgres.pg_ops_per_commit as usize,
             epoch: 0,
+            lanes: usize::from(options.restore.postgres.pg_lanes),
         },
     )))
 }

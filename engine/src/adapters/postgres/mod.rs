@@ -47,6 +47,7 @@
 mod args;
 mod catalog;
 mod connection;
+mod lanes;
 pub mod replication;
 mod sink;
 mod source;
@@ -55,8 +56,9 @@ pub mod value;
 
 pub use args::{ADAPTER, PgArgs, PgRestoreArgs, PgSourceArgs};
 pub use connection::{PasswordSources, PgConnection};
+pub use lanes::PgSink;
 pub use replication::{PgTls, SslMode};
-pub use sink::{PgSink, PgSinkOptions};
+pub use sink::PgSinkOptions;
 pub use source::{PgSource, PgSourceOptions};
 
 use crate::adapters::PlatformError;

@@ -28,9 +28,9 @@ use super::{
     FERRY_SCHEMA, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_SEQUENCE, KIND_TABLE,
     KIND_TYPE, PgConnection, PgError, qualified, quote_ident, quote_literal,
 };
-use crate::adapters::driver::{DriverOptions, SinkDriver, TransactionalTarget};
+use crate::adapters::driver::TransactionalTarget;
 use crate::adapters::live::{Applied, Position, StoredStream};
-use crate::adapters::{AdapterError, Sink, StreamInfo};
+use crate::adapters::{AdapterError, StreamInfo};
 use crate::{Op, Result};
 
 /// Bytes of COPY data sent to the server at once.
@@ -45,41 +45,9 @@ pub struct PgSinkOptions {
     pub ops_per_commit: usize,
     /// The migration attempt (G5); 0 for a restore.
     pub epoch: u64,
-}
-
-/// A PostgreSQL database as a [`Sink`]: the shared driver over a
-/// [`PgTarget`].
-pub struct PgSink {
-    driver: SinkDriver<PgTarget>,
-}
-
-impl PgSink {
-    /// A restore into the database `connection` reaches.
-    pub fn new(connection: PgConnection, options: PgSinkOptions) -> Self {
-        let driver_options = DriverOptions {
-            ops_per_commit: options.ops_per_commit.max(1),
-            epoch: options.epoch,
-            ..DriverOptions::default()
-        };
-        Self {
-            driver: SinkDriver::new(PgTarget::new(connection, options), driver_options),
-        }
-    }
-}
-
-#[async_trait]
-impl Sink for PgSink {
-    async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
-        self.driver.begin(stream).await
-    }
-
-    async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        self.driver.apply(ops).await
-    }
-
-    async fn finish(self: Box<Self>) -> Result<()> {
-        Box::new(self.driver).finish().await
-    }
+    /// Connections loading at once, each on its own tables with its own
+    /// checkpoint row (a lane).
+    pub lanes: usize,
 }
 
 /// The rows of one table being copied in.
@@ -117,7 +85,7 @@ pub struct PgTarget {
 }
 
 impl PgTarget {
-    fn new(connection: PgConnection, options: PgSinkOptions) -> Self {
+    pub(crate) fn new(connection: PgConnection, options: PgSinkOptions) -> Self {
         Self {
             server: connection.server(),
             connection,

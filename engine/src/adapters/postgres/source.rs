@@ -428,7 +428,7 @@ fn push_key_part(key: &mut String, text: &[u8]) {
 
 /// `schema.table/`, each name with `%`, `.` and `/` percent-encoded, so
 /// [`super::sink::row_table`] reads the names back whatever they hold.
-fn row_key_prefix(schema: &str, table: &str) -> String {
+pub(crate) fn row_key_prefix(schema: &str, table: &str) -> String {
     let mut prefix = String::new();
     for (index, name) in [schema, table].into_iter().enumerate() {
         if index > 0 {

@@ -123,14 +123,14 @@ impl RowEncoder {
         }
         let column = &self.columns[index];
         self.text.clear();
-        write_text(&column.pg_type, value, &mut self.text, &mut self.element).map_err(|reason| {
-            ValueError::BadValue {
+        write_text(&column.pg_type, value, &mut self.text, &mut self.element).map_err(
+            |reason| ValueError::BadValue {
                 column: column.name.clone(),
                 pg_type: column.pg_type.to_string(),
                 value: excerpt(value.get()),
                 reason,
-            }
-        })?;
+            },
+        )?;
         escape_field(self.text.as_bytes(), line);
         Ok(())
     }

@@ -40,13 +40,13 @@ mod revisions;
 mod router;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ferry_engine::adapters::etcd::{
     EtcdConnection, EtcdTls, FenceFailure, FencePlane, REVISION_OFFSET_KEY, RevisionOffset,
-    fence_state, move_fence_with, raised_fence_alarms, read_fence_with,
+    fence_state, move_fence_with, raised_fence_alarms, read_fence_with, tls_config,
 };
 use ferry_engine::adapters::live::{FenceAnswer, FenceMove, FenceState};
 use ferry_proto::etcd::etcdserverpb::auth_client::AuthClient;
@@ -62,7 +62,7 @@ use ferry_proto::etcd::etcdserverpb::{
 use tokio::net::TcpListener;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::{GatewayError, Shared, UpstreamPlane, listen_address};
@@ -349,7 +349,11 @@ impl UpstreamPlane for EtcdUpstream {
             .map_err(|error| bad(error.to_string()))?;
         let display = connection.display();
         let tls = match &connection.tls {
-            Some(files) => Some(tls_config(files).await.map_err(bad)?),
+            Some(files) => Some(
+                tls_config(files)
+                    .await
+                    .map_err(|error| bad(error.to_string()))?,
+            ),
             None => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -518,32 +522,6 @@ impl UpstreamPlane for EtcdUpstream {
                 reason: error.to_string(),
             })
     }
-}
-
-/// The client side of TLS: the CA to trust (else the system's roots) and
-/// the gateway's own certificate, read from their files.
-async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, String> {
-    async fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-        let content = tokio::fs::read(path)
-            .await
-            .map_err(|error| format!("cannot read the {what} {}: {error}", path.display()))?;
-        if !content.windows(11).any(|window| window == b"-----BEGIN ") {
-            return Err(format!("the {what} {} is not in PEM form", path.display()));
-        }
-        Ok(content)
-    }
-    let mut config = ClientTlsConfig::new();
-    config = match &files.ca_file {
-        Some(path) => config.ca_certificate(Certificate::from_pem(read(path, "CA file").await?)),
-        None => config.with_native_roots(),
-    };
-    if let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) {
-        config = config.identity(Identity::from_pem(
-            read(cert, "client certificate file").await?,
-            read(key, "client key file").await?,
-        ));
-    }
-    Ok(config)
 }
 
 /// An error and its sources, for a message (the transport's own words are

@@ -263,8 +263,9 @@ async fn probe_tls(
 }
 
 /// The client side of TLS: the CA to trust (else the system's roots) and
-/// ferry's own certificate, read from their files.
-async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
+/// ferry's own certificate, read from their files (also the gateway's,
+/// towards its upstreams).
+pub async fn tls_config(files: &EtcdTls) -> Result<ClientTlsConfig, EtcdError> {
     async fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, EtcdError> {
         let content = tokio::fs::read(path)
             .await

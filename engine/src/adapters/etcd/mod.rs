@@ -31,6 +31,7 @@ mod source;
 pub(crate) use source::kv_op;
 
 pub use args::{ADAPTER, EtcdArgs, EtcdRestoreArgs, EtcdTxnArgs};
+pub use client::tls_config;
 pub use digest::{RangeDigest, digest_range};
 pub use fence::{
     FENCE_GUARD_KEY, FENCE_KEY, Fence, FenceFailure, FenceOutcome, FencePlane, Move as FenceMove,

@@ -78,8 +78,9 @@ impl PgSink {
         AdapterError::target(error).into()
     }
 
-    /// The number of lanes `stream` was begun with, when it was.
-    async fn stored_lanes(&self, stream: &StreamInfo) -> Result<Option<usize>> {
+    /// The number of lanes `stream` was begun with, when it was, and
+    /// whether any lane of it committed something.
+    async fn stored_lanes(&self, stream: &StreamInfo) -> Result<Option<(usize, bool)>> {
         let client = self
             .connection
             .connect()
@@ -106,25 +107,31 @@ impl PgSink {
         let row = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FILTER (WHERE stream_id = $1), count(*) FILTER (WHERE starts_with(stream_id, $1 || '/lane-')) FROM {}.streams",
+                    "SELECT count(*) FILTER (WHERE stream_id = $1), count(*) FILTER (WHERE starts_with(stream_id, $1 || '/lane-')), \
+                            coalesce(bool_or(through_seq > 0) FILTER (WHERE stream_id = $1 OR starts_with(stream_id, $1 || '/lane-')), false) \
+                     FROM {}.streams",
                     quote_ident(FERRY_SCHEMA)
                 ),
                 &[&stream.stream_id],
             )
             .await
             .map_err(|error| self.error(PgError::statement(&server, "reading ferry's checkpoints", &error)))?;
-        let (main, others): (i64, i64) = (row.get(0), row.get(1));
-        Ok((main > 0).then_some(others as usize + 1))
+        let (main, others, progress): (i64, i64, bool) = (row.get(0), row.get(1), row.get(2));
+        Ok((main > 0).then_some((others as usize + 1, progress)))
     }
 
     /// Starts lane `index` for `stream`: its driver begun, its task running.
-    async fn start_lane(&self, index: usize, stream: &StreamInfo) -> Result<Lane> {
+    /// `begun`: some lane of the stream committed already.
+    async fn start_lane(&self, index: usize, stream: &StreamInfo, begun: bool) -> Result<Lane> {
         let mut options = self.options.clone();
         let mut lane_stream = stream.clone();
         if index > 0 {
             lane_stream.stream_id = format!("{}/lane-{index}", stream.stream_id);
-            // Lane 0 checked the target was empty before anything of the
-            // stream went in; the others may find its tables.
+        }
+        // The target must be empty once per stream, before anything of it
+        // went in: lane 0 checks it when no lane committed anything; the
+        // others, and a resume, find the stream's own tables.
+        if index > 0 || begun {
             options.allow_nonempty = true;
         }
         let driver_options = DriverOptions {
@@ -241,22 +248,22 @@ fn lane_of(op: &Op, lanes: usize) -> Option<usize> {
 impl Sink for PgSink {
     async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
         let wanted = self.options.lanes.max(1);
-        let lanes = match self.stored_lanes(stream).await? {
-            Some(stored) => {
+        let (lanes, begun) = match self.stored_lanes(stream).await? {
+            Some((stored, begun)) => {
                 if stored != wanted {
                     info!(
                         stored,
                         wanted, "the restore resumes with the lanes it began with"
                     );
                 }
-                stored
+                (stored, begun)
             }
-            None => wanted,
+            None => (wanted, false),
         };
         // Lane 0 first: it checks the target and records the stream.
-        self.lanes.push(self.start_lane(0, stream).await?);
+        self.lanes.push(self.start_lane(0, stream, begun).await?);
         for index in 1..lanes {
-            let lane = self.start_lane(index, stream).await?;
+            let lane = self.start_lane(index, stream, begun).await?;
             self.lanes.push(lane);
         }
         self.pending = vec![Vec::new(); lanes];

@@ -321,54 +321,68 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Ops of the snapshot at `position`, made one by one.
+struct SnapshotOps<'a> {
+    ops: Vec<Op>,
+    position: u64,
+    version: &'a Bytes,
+}
+
+impl SnapshotOps<'_> {
+    fn push<T: serde::Serialize>(
+        &mut self,
+        kind: &'static str,
+        key: String,
+        method: &'static str,
+        body: &T,
+    ) {
+        self.ops.push(op(
+            kind,
+            key,
+            method,
+            json(body),
+            self.position,
+            self.version,
+        ));
+    }
+}
+
 /// The ops that come before any row.
 fn schema_ops(catalog: &Catalog, position: u64, version: &Bytes) -> Vec<Op> {
-    let mut ops = Vec::new();
+    let mut ops = SnapshotOps {
+        ops: Vec::new(),
+        position,
+        version,
+    };
     for extension in &catalog.extensions {
-        ops.push(op(
+        ops.push(
             KIND_EXTENSION,
             format!("extension/{}", extension.name),
             "CREATE",
-            json(extension),
-            position,
-            version,
-        ));
+            extension,
+        );
     }
     for enum_type in &catalog.enums {
-        ops.push(op(
-            KIND_TYPE,
-            format!("type/{}.{}", enum_type.schema, enum_type.name),
-            "CREATE",
-            json(enum_type),
-            position,
-            version,
-        ));
+        let key = format!("type/{}.{}", enum_type.schema, enum_type.name);
+        ops.push(KIND_TYPE, key, "CREATE", enum_type);
     }
     for sequence in catalog
         .sequences
         .iter()
         .filter(|sequence| !sequence.identity)
     {
-        ops.push(op(
-            KIND_SEQUENCE,
-            format!("sequence/{}.{}", sequence.schema, sequence.name),
-            "CREATE",
-            json(sequence),
-            position,
-            version,
-        ));
+        let key = format!("sequence/{}.{}", sequence.schema, sequence.name);
+        ops.push(KIND_SEQUENCE, key, "CREATE", sequence);
     }
     for table in &catalog.tables {
-        ops.push(op(
+        ops.push(
             KIND_TABLE,
             format!("table/{}", table.display_name()),
             "CREATE",
-            json(table),
-            position,
-            version,
-        ));
+            table,
+        );
     }
-    ops
+    ops.ops
 }
 
 /// The ops that come after every row.
@@ -378,41 +392,35 @@ fn closing_ops(
     position: u64,
     version: &Bytes,
 ) -> Vec<Op> {
-    let mut ops = Vec::new();
+    let mut ops = SnapshotOps {
+        ops: Vec::new(),
+        position,
+        version,
+    };
     for index in &catalog.indexes {
-        ops.push(op(
+        ops.push(
             KIND_INDEX,
             format!("index/{}.{}", index.schema, index.name),
             "CREATE",
-            json(index),
-            position,
-            version,
-        ));
+            index,
+        );
     }
     for constraint in &catalog.constraints {
-        ops.push(op(
-            KIND_CONSTRAINT,
-            format!(
-                "constraint/{}.{}.{}",
-                constraint.schema, constraint.table, constraint.name
-            ),
-            "ADD",
-            json(constraint),
-            position,
-            version,
-        ));
+        let key = format!(
+            "constraint/{}.{}.{}",
+            constraint.schema, constraint.table, constraint.name
+        );
+        ops.push(KIND_CONSTRAINT, key, "ADD", constraint);
     }
     for value in values {
-        ops.push(op(
+        ops.push(
             KIND_SEQUENCE,
             format!("sequence/{}.{}", value.schema, value.name),
             "SETVAL",
-            json(value),
-            position,
-            version,
-        ));
+            value,
+        );
     }
-    ops
+    ops.ops
 }
 
 /// Percent-encodes `%` and `/` so a key's parts stay apart.

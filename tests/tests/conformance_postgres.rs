@@ -2,7 +2,9 @@
 //! adapter, against a real PostgreSQL 15 server the test starts on
 //! 127.0.0.1: each plane is a fresh database on it. PostgreSQL is a batch
 //! adapter so far: the five batch checks pass, the live ones answer "not
-//! supported" (until the live source and sink come).
+//! supported" (until the live source and sink come). And the suite's
+//! end-to-end variant: `ferry restore` killed with SIGKILL resumes to the
+//! same data.
 //!
 //! A plane's own clients keep key/value pairs in a table `public.kv (key
 //! text PRIMARY KEY, value text)`, which the first write creates: a put is
@@ -17,8 +19,8 @@ use async_trait::async_trait;
 use ferry_engine::Op;
 use ferry_engine::adapters::SinkOptions;
 use ferry_engine::adapters::live::Position;
+use ferry_engine::adapters::postgres::KIND_ROW;
 use ferry_engine::adapters::postgres::replication::Lsn;
-use ferry_engine::adapters::postgres::{KIND_ROW, PgRestoreArgs};
 use ferry_engine::conformance::{self, CHECKS, Change, Contents, Plane, Planes, Verdict};
 use ferry_tests::pg::PgServer;
 use tokio::sync::Mutex;
@@ -184,9 +186,7 @@ impl Planes for PgDatabases {
     /// between checkpoints, not before the first.
     fn sink_options(&self) -> SinkOptions {
         let mut options = SinkOptions::default();
-        options.restore.postgres = PgRestoreArgs {
-            pg_ops_per_commit: 1,
-        };
+        options.restore.postgres.pg_ops_per_commit = 1;
         options
     }
 

@@ -116,6 +116,9 @@ pub struct Column {
     /// `always` or `by default` for an identity column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// An identity column's sequence: its name and how it counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_sequence: Option<Box<Sequence>>,
     /// The expression of a stored generated column (never copied: the
     /// target computes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -350,6 +353,7 @@ pub async fn read(
             not_null: row.get(10),
             default: if generated { None } else { expression.clone() },
             identity,
+            identity_sequence: None,
             generated: if generated { expression } else { None },
             collation: row.get(14),
         };
@@ -496,6 +500,27 @@ pub async fn read(
             owned_by: owner.map(|(schema, table, column)| [schema, table, column]),
             identity,
         });
+    }
+
+    // An identity column carries its sequence's name and options: the
+    // table creates that sequence.
+    for sequence in catalog
+        .sequences
+        .iter()
+        .filter(|sequence| sequence.identity)
+    {
+        let Some([schema, table, column]) = &sequence.owned_by else {
+            continue;
+        };
+        let column = catalog
+            .tables
+            .iter_mut()
+            .filter(|candidate| &candidate.schema == schema && &candidate.name == table)
+            .flat_map(|table| table.columns.iter_mut())
+            .find(|candidate| &candidate.name == column);
+        if let Some(column) = column {
+            column.identity_sequence = Some(Box::new(sequence.clone()));
+        }
     }
 
     // Enum types: those of the schemas extracted and those a column uses

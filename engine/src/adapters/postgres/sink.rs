@@ -451,6 +451,22 @@ impl PgTarget {
         Ok(())
     }
 
+    /// Refuses a target that holds tables, naming a few.
+    async fn refuse_if_not_empty(&self) -> Result<()> {
+        let tables = self.some_tables().await?;
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let mut shown = tables[..tables.len().min(5)].join(", ");
+        if tables.len() > 5 {
+            shown.push_str(", ...");
+        }
+        Err(self.error(PgError::NotEmpty {
+            server: self.server.clone(),
+            tables: shown,
+        }))
+    }
+
     /// The user tables the target holds outside ferry's schema, a few.
     async fn some_tables(&self) -> Result<Vec<String>> {
         let rows = self
@@ -508,9 +524,18 @@ fn copy_line(error: &tokio_postgres::Error) -> Option<u64> {
 
 fn create_sequence(sequence: &Sequence) -> String {
     format!(
-        "CREATE SEQUENCE {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}",
+        "CREATE SEQUENCE {} AS {} {}",
         qualified(&sequence.schema, &sequence.name),
         sequence.data_type,
+        sequence_options(sequence)
+    )
+}
+
+/// How `sequence` counts, as CREATE SEQUENCE and an identity column's
+/// options write it.
+fn sequence_options(sequence: &Sequence) -> String {
+    format!(
+        "INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}",
         sequence.increment,
         sequence.min,
         sequence.max,
@@ -572,6 +597,26 @@ impl TransactionalTarget for PgTarget {
         self.client = Some(client);
         self.stream_id = stream.stream_id.clone();
         let ferry = quote_ident(FERRY_SCHEMA);
+        // A target ferry never wrote to, and holding tables: refused before
+        // ferry's own tables are made, so nothing is left behind.
+        let fresh: bool = self
+            .client()?
+            .query_one(
+                "SELECT pg_catalog.to_regclass($1) IS NULL",
+                &[&format!("{ferry}.streams")],
+            )
+            .await
+            .map_err(|error| {
+                self.error(PgError::statement(
+                    &self.server,
+                    "looking for ferry's checkpoints",
+                    &error,
+                ))
+            })?
+            .get(0);
+        if fresh && !self.options.allow_nonempty {
+            self.refuse_if_not_empty().await?;
+        }
         self.execute(
             &format!(
                 "SET search_path = ''; \
@@ -656,17 +701,9 @@ impl TransactionalTarget for PgTarget {
         // Nothing of this stream is in yet (also when an earlier attempt
         // failed before its first commit): the target must be empty.
         if applied.is_none() && !self.options.allow_nonempty {
-            let tables = self.some_tables().await?;
-            if !tables.is_empty() {
+            if let Err(error) = self.refuse_if_not_empty().await {
                 let _ = self.execute("ROLLBACK", "rolling back").await;
-                let mut shown = tables[..tables.len().min(5)].join(", ");
-                if tables.len() > 5 {
-                    shown.push_str(", ...");
-                }
-                return Err(self.error(PgError::NotEmpty {
-                    server: self.server.clone(),
-                    tables: shown,
-                }));
+                return Err(error);
             }
         }
         self.execute("COMMIT", "committing the stream's start")
@@ -778,6 +815,7 @@ mod tests {
                     not_null: true,
                     default: None,
                     identity: Some("by default".to_owned()),
+                    identity_sequence: None,
                     generated: None,
                     collation: None,
                 },
@@ -788,6 +826,7 @@ mod tests {
                     not_null: false,
                     default: Some("'x'::character varying".to_owned()),
                     identity: None,
+                    identity_sequence: None,
                     generated: None,
                     collation: None,
                 },

@@ -606,6 +606,8 @@ fn next_chunk(queue: &Mutex<VecDeque<Chunk>>) -> Option<Chunk> {
 
 /// Everything the stream of a started extract needs.
 struct Started {
+    /// The slot `--keep-slot` keeps, dropped again if the extract fails.
+    kept_slot: Option<(PgConnection, String)>,
     catalog: Catalog,
     plans: Vec<Arc<TablePlan>>,
     sequence_values: Vec<SequenceValue>,
@@ -644,14 +646,28 @@ impl PgSource {
             })?;
         let position = exported.slot().consistent_point.0;
         let snapshot = exported.snapshot_name().to_owned();
-        import_snapshot(&leader, &server, &snapshot).await?;
-        let selection = Selection {
-            schemas: self.options.schemas.clone(),
-            tables: self.options.tables.clone(),
+        let read = async {
+            import_snapshot(&leader, &server, &snapshot).await?;
+            let selection = Selection {
+                schemas: self.options.schemas.clone(),
+                tables: self.options.tables.clone(),
+            };
+            let catalog = catalog::read(&leader, &server, &selection).await?;
+            let plans = plan_tables(&catalog, &server)?;
+            let sequence_values = catalog::sequence_values(&leader, &server, &catalog).await?;
+            Ok::<_, PgError>((catalog, plans, sequence_values))
         };
-        let catalog = catalog::read(&leader, &server, &selection).await?;
-        let plans = plan_tables(&catalog, &server)?;
-        let sequence_values = catalog::sequence_values(&leader, &server, &catalog).await?;
+        let (catalog, plans, sequence_values) = match read.await {
+            Ok(read) => read,
+            Err(error) => {
+                // A kept slot must not outlive an extract that failed.
+                drop(exported);
+                if persistence == SlotPersistence::Persistent {
+                    drop_kept_slot(&self.connection, &slot_name).await;
+                }
+                return Err(error);
+            }
+        };
         let mut workers = vec![leader];
         let wanted = self
             .options
@@ -659,9 +675,21 @@ impl PgSource {
             .max(1)
             .min(chunks(&plans).len().max(1));
         while workers.len() < wanted {
-            let worker = self.connection.connect().await?;
-            import_snapshot(&worker, &server, &snapshot).await?;
-            workers.push(worker);
+            let joined = async {
+                let worker = self.connection.connect().await?;
+                import_snapshot(&worker, &server, &snapshot).await?;
+                Ok::<_, PgError>(worker)
+            };
+            match joined.await {
+                Ok(worker) => workers.push(worker),
+                Err(error) => {
+                    drop(exported);
+                    if persistence == SlotPersistence::Persistent {
+                        drop_kept_slot(&self.connection, &slot_name).await;
+                    }
+                    return Err(error);
+                }
+            }
         }
         // Every worker holds the snapshot now: the replication connection
         // may let it go. A temporary slot goes with the connection.
@@ -676,6 +704,8 @@ impl PgSource {
         let version = Bytes::from(facts.version.clone().into_bytes());
         Ok((
             Started {
+                kept_slot: (persistence == SlotPersistence::Persistent)
+                    .then(|| (self.connection.clone(), slot_name.clone())),
                 catalog,
                 plans,
                 sequence_values,
@@ -686,6 +716,31 @@ impl PgSource {
             },
             facts,
         ))
+    }
+}
+
+/// Drops the slot `--keep-slot` made for an extract that failed, waiting
+/// for the connection that made it to let it go. A failure here is logged:
+/// the extract's own error is what the user must see.
+pub(crate) async fn drop_kept_slot(connection: &PgConnection, name: &str) {
+    let dropped = async {
+        let mut replication =
+            ReplicationConnection::connect(&connection.replication_config()).await?;
+        replication.drop_slot(name, WhenActive::Wait).await?;
+        replication.close().await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), dropped).await {
+        Ok(Ok(())) => info!(
+            slot = name,
+            "the extract failed: its kept replication slot is dropped"
+        ),
+        Ok(Err(error)) => {
+            warn!(slot = name, %error, "the extract failed, and its kept replication slot could not be dropped: drop it with SELECT pg_drop_replication_slot(...)")
+        }
+        Err(_) => warn!(
+            slot = name,
+            "the extract failed, and its kept replication slot was still in use after 30 s: drop it with SELECT pg_drop_replication_slot(...)"
+        ),
     }
 }
 
@@ -774,8 +829,28 @@ impl Numbering {
 
 /// Step 4: sends every op, numbered, then ends the stream (or sends the
 /// first error and ends it).
-async fn produce(started: Started, sender: mpsc::Sender<Result<Vec<Op>>>, progress: Arc<Progress>) {
+async fn produce(
+    mut started: Started,
+    sender: mpsc::Sender<Result<Vec<Op>>>,
+    progress: Arc<Progress>,
+) {
+    let kept_slot = started.kept_slot.take();
+    if !produce_ops(started, sender, progress).await
+        && let Some((connection, name)) = kept_slot
+    {
+        drop_kept_slot(&connection, &name).await;
+    }
+}
+
+/// Sends every op; false when the stream ended early (an error, or the
+/// reader went away).
+async fn produce_ops(
+    started: Started,
+    sender: mpsc::Sender<Result<Vec<Op>>>,
+    progress: Arc<Progress>,
+) -> bool {
     let Started {
+        kept_slot: _,
         catalog,
         plans,
         sequence_values,
@@ -792,7 +867,7 @@ async fn produce(started: Started, sender: mpsc::Sender<Result<Vec<Op>>>, progre
     };
     for batch in send_all(schema_ops(&catalog, position, &version)) {
         if sender.send(Ok(numbering.number(batch))).await.is_err() {
-            return;
+            return false;
         }
     }
     let queue = Arc::new(Mutex::new(chunks(&plans)));
@@ -820,7 +895,7 @@ async fn produce(started: Started, sender: mpsc::Sender<Result<Vec<Op>>>, progre
         {
             // The first error ends the stream; the other workers stop.
             tasks.abort_all();
-            return;
+            return false;
         }
     }
     while let Some(joined) = tasks.join_next().await {
@@ -830,14 +905,15 @@ async fn produce(started: Started, sender: mpsc::Sender<Result<Vec<Op>>>, progre
                 reason: format!("a copy worker died: {error}"),
             };
             let _ = sender.send(Err(source_error(died))).await;
-            return;
+            return false;
         }
     }
     for batch in send_all(closing_ops(&catalog, &sequence_values, position, &version)) {
         if sender.send(Ok(numbering.number(batch))).await.is_err() {
-            return;
+            return false;
         }
     }
+    true
 }
 
 #[cfg(test)]

@@ -10,11 +10,14 @@
 //! - [`etcd::EtcdServer`]: a real etcd member (Debian's `etcd-server`).
 //! - [`plane`]: what a test does to an etcd (put, delete, read back, its
 //!   history), and `ferry` and `etcdctl` run as commands.
+//! - [`pg::PgServer`]: a real PostgreSQL server; [`pg_data`]: two
+//!   databases compared through SQL, and `ferry` run against PostgreSQL.
 
 pub mod conformance;
 pub mod etcd;
 pub mod live;
 pub mod pg;
+pub mod pg_data;
 pub mod plane;
 pub mod process;
 pub mod tls;

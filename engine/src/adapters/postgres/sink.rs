@@ -700,11 +700,12 @@ impl TransactionalTarget for PgTarget {
         }
         // Nothing of this stream is in yet (also when an earlier attempt
         // failed before its first commit): the target must be empty.
-        if applied.is_none() && !self.options.allow_nonempty {
-            if let Err(error) = self.refuse_if_not_empty().await {
-                let _ = self.execute("ROLLBACK", "rolling back").await;
-                return Err(error);
-            }
+        if applied.is_none()
+            && !self.options.allow_nonempty
+            && let Err(error) = self.refuse_if_not_empty().await
+        {
+            let _ = self.execute("ROLLBACK", "rolling back").await;
+            return Err(error);
         }
         self.execute("COMMIT", "committing the stream's start")
             .await?;

@@ -235,8 +235,12 @@ impl<T: TransactionalTarget> SinkDriver<T> {
         if !(boundary && due) {
             return Ok(());
         }
-        let Some(through) = self.through else {
-            return Ok(());
+        let through = match self.through {
+            Some(through) => through,
+            // A stream (or a lane of one) that ends with nothing in: its
+            // checkpoint still says it is complete.
+            None if complete => Applied::default(),
+            None => return Ok(()),
         };
         if !self.in_transaction {
             if self.committed == Some(through) && !complete {

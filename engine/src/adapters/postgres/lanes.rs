@@ -3,11 +3,11 @@
 //!
 //! Each lane is a [`SinkDriver`] over its own [`PgTarget`] (a connection)
 //! with its own checkpoint row (`<stream>` for lane 0, `<stream>/lane-N`
-//! for the others), and takes a table's ops in seq order: its `CREATE`,
-//! its rows, its indexes and keys. Ops that concern more than one table
-//! (extensions, enum types, sequences, foreign keys, sequence values) wait
-//! for every lane to commit what came before them, then go through lane 0
-//! and commit before anything after them: a barrier.
+//! for the others), and takes a table's ops in seq order: its rows, its
+//! indexes and keys. The other ops (the schema: extensions, enum types,
+//! sequences, tables; then foreign keys and sequence values) wait for every
+//! lane to commit what came before them, go through lane 0 together, and
+//! commit before any lane goes on: a barrier.
 //!
 //! Exactly once (G4): an op belongs to one lane, always the same one (the
 //! number of lanes is kept with the stream: a resume takes the stored
@@ -20,11 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use super::catalog::{Constraint, Index, Table};
+use super::catalog::{Constraint, Index};
 use super::sink::PgTarget;
 use super::{
-    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_INDEX, KIND_ROW, KIND_TABLE, PgConnection, PgError,
-    PgSinkOptions, quote_ident,
+    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_INDEX, KIND_ROW, PgConnection, PgError, PgSinkOptions,
+    quote_ident,
 };
 use crate::adapters::driver::{DriverOptions, SinkDriver};
 use crate::adapters::{AdapterError, Sink, StreamInfo};
@@ -60,6 +60,10 @@ pub struct PgSink {
     /// Ops gathered for each lane, sent at the end of a batch or before a
     /// barrier.
     pending: Vec<Vec<Op>>,
+    /// The last op went through lane 0 alone (a barrier is behind it):
+    /// ops that span tables run together, in one transaction of lane 0
+    /// as far as `--pg-ops-per-commit` lets them.
+    between_lanes: bool,
 }
 
 impl PgSink {
@@ -71,6 +75,7 @@ impl PgSink {
             lanes: Vec::new(),
             tracker: SeqTracker::new(),
             pending: Vec::new(),
+            between_lanes: false,
         }
     }
 
@@ -216,16 +221,16 @@ impl PgSink {
 }
 
 /// The lane of an op that concerns one table, by the table's row-key
-/// prefix; `None` for an op that needs every lane lined up first.
+/// prefix; `None` for an op that needs every lane lined up first. A
+/// table's CREATE is one of those: the schema (extensions, types,
+/// sequences, tables) goes in as one transaction of lane 0, so a table that
+/// exists on the target already leaves nothing of it behind.
 fn lane_of(op: &Op, lanes: usize) -> Option<usize> {
     let table = |schema: &str, name: &str| Some(super::source::row_key_prefix(schema, name));
     let kind = op.kind.as_ref();
     let prefix = if kind == KIND_ROW.as_bytes() {
         let slash = op.key.iter().position(|byte| *byte == b'/')?;
         Some(String::from_utf8_lossy(&op.key[..=slash]).into_owned())
-    } else if kind == KIND_TABLE.as_bytes() {
-        let body: Table = serde_json::from_slice(&op.body).ok()?;
-        table(&body.schema, &body.name)
     } else if kind == KIND_INDEX.as_bytes() {
         let body: Index = serde_json::from_slice(&op.body).ok()?;
         table(&body.schema, &body.table)
@@ -289,19 +294,27 @@ impl Sink for PgSink {
         for op in ops {
             match lane_of(&op, count) {
                 Some(index) => {
+                    if self.between_lanes {
+                        // What lane 0 did alone is in before any lane
+                        // goes on.
+                        self.flush().await?;
+                        self.commit(0..1).await?;
+                        self.between_lanes = false;
+                    }
                     if op.seq > self.lanes[index].held_through {
                         self.pending[index].push(op);
                     }
                 }
                 None => {
-                    if op.seq <= self.lanes[0].held_through {
-                        continue;
+                    if !self.between_lanes {
+                        // Everything the lanes did before it is in first.
+                        self.flush().await?;
+                        self.commit(0..count).await?;
+                        self.between_lanes = true;
                     }
-                    // Everything before it in, then it alone, committed.
-                    self.flush().await?;
-                    self.commit(0..count).await?;
-                    self.send(0, Work::Ops(vec![op])).await?;
-                    self.commit(0..1).await?;
+                    if op.seq > self.lanes[0].held_through {
+                        self.pending[0].push(op);
+                    }
                 }
             }
         }

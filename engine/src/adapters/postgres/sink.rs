@@ -559,6 +559,13 @@ fn column_sql(column: &Column) -> String {
             "BY DEFAULT"
         };
         sql.push_str(&format!(" GENERATED {identity} AS IDENTITY"));
+        if let Some(sequence) = &column.identity_sequence {
+            sql.push_str(&format!(
+                " (SEQUENCE NAME {} {})",
+                qualified(&sequence.schema, &sequence.name),
+                sequence_options(sequence)
+            ));
+        }
     } else if let Some(default) = &column.default {
         sql.push_str(&format!(" DEFAULT {default}"));
     }

@@ -548,6 +548,7 @@ fn each_adapter_heading_holds_its_own_flags_only() {
         "--table",
         "--keep-slot",
         "--pg-ops-per-commit",
+        "--pg-lanes",
     ];
     for (command, headings) in [
         (&["extract"][..], &["etcd", "PostgreSQL"][..]),

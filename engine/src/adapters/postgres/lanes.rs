@@ -1,13 +1,20 @@
 //! A restore on several connections at once: [`PgSink`] splits the stream
-//! into lanes by table, as `pg_restore -j` loads tables side by side.
+//! into lanes, as `pg_restore -j` loads tables side by side.
 //!
 //! Each lane is a [`SinkDriver`] over its own [`PgTarget`] (a connection)
 //! with its own checkpoint row (`<stream>` for lane 0, `<stream>/lane-N`
-//! for the others), and takes a table's ops in seq order: its rows, its
-//! indexes and keys. The other ops (the schema: extensions, enum types,
-//! sequences, tables; then foreign keys and sequence values) wait for every
-//! lane to commit what came before them, go through lane 0 together, and
-//! commit before any lane goes on: a barrier.
+//! for the others). The stream goes through in phases, with a barrier
+//! (every lane commits what it was given) between two phases:
+//! - the schema (extensions, enum types, sequences, tables), and later the
+//!   foreign keys and sequence values: lane 0 alone; so too every op of a
+//!   source transaction (a snapshot's rows are transactions of one op);
+//! - rows: each in the lane its key hashes to, so every lane loads rows
+//!   side by side however the stream orders its tables (an extract copies
+//!   a large table in page ranges, and a table may fill the stream for a
+//!   long stretch);
+//! - indexes and keys (not foreign keys): each in the lane its table
+//!   hashes to, after every row before it is in; a table's builds one
+//!   after another, other tables' side by side.
 //!
 //! Exactly once (G4): an op belongs to one lane, always the same one (the
 //! number of lanes is kept with the stream: a resume takes the stored
@@ -60,10 +67,10 @@ pub struct PgSink {
     /// Ops gathered for each lane, sent at the end of a batch or before a
     /// barrier.
     pending: Vec<Vec<Op>>,
-    /// The last op went through lane 0 alone (a barrier is behind it):
-    /// ops that span tables run together, in one transaction of lane 0
-    /// as far as `--pg-ops-per-commit` lets them.
-    between_lanes: bool,
+    /// What the lanes are doing: ops of one phase run side by side (or,
+    /// for [`Phase::Alone`], together in lane 0, one transaction as far as
+    /// `--pg-ops-per-commit` lets them); a barrier stands between phases.
+    phase: Phase,
 }
 
 impl PgSink {
@@ -75,7 +82,7 @@ impl PgSink {
             lanes: Vec::new(),
             tracker: SeqTracker::new(),
             pending: Vec::new(),
-            between_lanes: false,
+            phase: Phase::Alone,
         }
     }
 
@@ -220,33 +227,81 @@ impl PgSink {
     }
 }
 
-/// The lane of an op that concerns one table, by the table's row-key
-/// prefix; `None` for an op that needs every lane lined up first. A
-/// table's CREATE is one of those: the schema (extensions, types,
-/// sequences, tables) goes in as one transaction of lane 0, so a table that
-/// exists on the target already leaves nothing of it behind.
-fn lane_of(op: &Op, lanes: usize) -> Option<usize> {
-    let table = |schema: &str, name: &str| Some(super::source::row_key_prefix(schema, name));
-    let kind = op.kind.as_ref();
-    let prefix = if kind == KIND_ROW.as_bytes() {
-        let slash = op.key.iter().position(|byte| *byte == b'/')?;
-        Some(String::from_utf8_lossy(&op.key[..=slash]).into_owned())
-    } else if kind == KIND_INDEX.as_bytes() {
-        let body: Index = serde_json::from_slice(&op.body).ok()?;
-        table(&body.schema, &body.table)
-    } else if kind == KIND_CONSTRAINT.as_bytes() {
-        let body: Constraint = serde_json::from_slice(&op.body).ok()?;
-        // A foreign key needs the key it references, in another lane.
-        if body.kind == "f" {
-            return None;
+/// Where an op goes, and with what it may run side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Needs every lane lined up first, then lane 0 alone: the schema
+    /// (extensions, types, sequences, tables: one transaction, so a table
+    /// that exists on the target already leaves nothing of it behind),
+    /// foreign keys (they read two tables) and sequence values; and every
+    /// op of a source transaction (a transaction is applied whole, and two
+    /// transactions that change one key in the order they came).
+    Alone,
+    /// A row, in the lane its key hashes to: every lane loads rows of
+    /// every table side by side, whatever order the tables come in.
+    Row(usize),
+    /// An index or a key of one table, in the lane its table hashes to:
+    /// the builds of a table run one after another (a key takes the table's
+    /// exclusive lock), those of other tables side by side.
+    TableWork(usize),
+}
+
+impl Route {
+    /// Ops of one phase run side by side; the phase changes at a barrier
+    /// (every lane commits what it was given): a table's indexes and keys
+    /// are built once every lane loaded the rows before them, and rows
+    /// after an index go in once it is built.
+    fn phase(self) -> Phase {
+        match self {
+            Route::Alone => Phase::Alone,
+            Route::Row(_) => Phase::Rows,
+            Route::TableWork(_) => Phase::TableWork,
         }
-        table(&body.schema, &body.table)
+    }
+
+    fn lane(self) -> usize {
+        match self {
+            Route::Alone => 0,
+            Route::Row(lane) | Route::TableWork(lane) => lane,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Alone,
+    Rows,
+    TableWork,
+}
+
+/// The route of `op` over `lanes` lanes. CRC-32C, not std's hasher: a
+/// resume by another build of ferry must route every op to the lane it
+/// went to before.
+fn route(op: &Op, lanes: usize) -> Route {
+    let lane = |bytes: &[u8]| (crc32c::crc32c(bytes) as usize) % lanes;
+    let table = |schema: &str, name: &str| {
+        Route::TableWork(lane(super::source::row_key_prefix(schema, name).as_bytes()))
+    };
+    let kind = op.kind.as_ref();
+    if op.txn != 0 {
+        Route::Alone
+    } else if kind == KIND_ROW.as_bytes() {
+        Route::Row(lane(&op.key))
+    } else if kind == KIND_INDEX.as_bytes() {
+        match serde_json::from_slice::<Index>(&op.body) {
+            Ok(body) => table(&body.schema, &body.table),
+            // Lane 0 alone reports what is wrong with it.
+            Err(_) => Route::Alone,
+        }
+    } else if kind == KIND_CONSTRAINT.as_bytes() {
+        match serde_json::from_slice::<Constraint>(&op.body) {
+            // A foreign key needs the key it references, in another lane.
+            Ok(body) if body.kind != "f" => table(&body.schema, &body.table),
+            _ => Route::Alone,
+        }
     } else {
-        None
-    }?;
-    // CRC-32C, not std's hasher: a resume by another build of ferry must
-    // route every op to the lane it went to before.
-    Some((crc32c::crc32c(prefix.as_bytes()) as usize) % lanes)
+        Route::Alone
+    }
 }
 
 #[async_trait]
@@ -292,30 +347,22 @@ impl Sink for PgSink {
         self.tracker = tracker;
         let count = self.lanes.len();
         for op in ops {
-            match lane_of(&op, count) {
-                Some(index) => {
-                    if self.between_lanes {
-                        // What lane 0 did alone is in before any lane
-                        // goes on.
-                        self.flush().await?;
-                        self.commit(0..1).await?;
-                        self.between_lanes = false;
-                    }
-                    if op.seq > self.lanes[index].held_through {
-                        self.pending[index].push(op);
-                    }
-                }
-                None => {
-                    if !self.between_lanes {
-                        // Everything the lanes did before it is in first.
-                        self.flush().await?;
-                        self.commit(0..count).await?;
-                        self.between_lanes = true;
-                    }
-                    if op.seq > self.lanes[0].held_through {
-                        self.pending[0].push(op);
-                    }
-                }
+            let route = route(&op, count);
+            if route.phase() != self.phase {
+                // Everything before it is in first: what lane 0 did alone,
+                // or what every lane did side by side.
+                self.flush().await?;
+                let lined_up = if self.phase == Phase::Alone {
+                    0..1
+                } else {
+                    0..count
+                };
+                self.commit(lined_up).await?;
+                self.phase = route.phase();
+            }
+            let index = route.lane();
+            if op.seq > self.lanes[index].held_through {
+                self.pending[index].push(op);
             }
         }
         self.flush().await
@@ -341,5 +388,83 @@ impl Sink for PgSink {
             Some(error) => Err(error),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::adapters::postgres::KIND_TABLE;
+
+    fn op(kind: &str, key: &str, body: String) -> Op {
+        Op {
+            kind: Bytes::from(kind.to_owned()),
+            key: Bytes::from(key.to_owned()),
+            body: Bytes::from(body),
+            ..Op::default()
+        }
+    }
+
+    fn constraint(table: &str, kind: &str) -> Op {
+        let body = serde_json::json!({
+            "schema": "public", "table": table, "name": format!("{table}_{kind}"),
+            "type": kind, "definition": "PRIMARY KEY (id)",
+        });
+        op(KIND_CONSTRAINT, "", body.to_string())
+    }
+
+    #[test]
+    fn rows_of_one_table_spread_over_every_lane() {
+        let lanes: BTreeSet<usize> = (0..64)
+            .map(|id| route(&op(KIND_ROW, &format!("public.runs/{id}"), "{}".into()), 4))
+            .map(|route| {
+                assert!(matches!(route, Route::Row(_)), "{route:?}");
+                route.lane()
+            })
+            .collect();
+        assert_eq!(lanes.len(), 4, "{lanes:?}");
+    }
+
+    #[test]
+    fn a_tables_indexes_and_keys_share_a_lane_and_foreign_keys_go_alone() {
+        let index = serde_json::json!({
+            "schema": "public", "table": "runs", "name": "runs_ts",
+            "definition": "CREATE INDEX runs_ts ON public.runs (ts)",
+        });
+        let index = route(&op(KIND_INDEX, "", index.to_string()), 4);
+        assert!(matches!(index, Route::TableWork(_)), "{index:?}");
+        assert_eq!(route(&constraint("runs", "p"), 4), index);
+        assert_eq!(route(&constraint("runs", "u"), 4), index);
+        assert_eq!(route(&constraint("runs", "f"), 4), Route::Alone);
+        assert_eq!(route(&op(KIND_TABLE, "", "{}".into()), 4), Route::Alone);
+        assert_eq!(
+            route(&op(KIND_INDEX, "", "not json".into()), 4),
+            Route::Alone
+        );
+    }
+
+    #[test]
+    fn the_ops_of_a_source_transaction_go_together_in_order() {
+        for id in 0..16 {
+            let mut row = op(KIND_ROW, &format!("public.runs/{id}"), "{}".into());
+            row.txn = 3;
+            assert_eq!(route(&row, 4), Route::Alone, "{id}");
+        }
+    }
+
+    #[test]
+    fn the_route_does_not_change_between_builds() {
+        // A resume by another build must find every op in the lane it went
+        // to before: these are CRC-32C values, fixed.
+        let row = route(&op(KIND_ROW, "public.runs/1", "{}".into()), 7);
+        assert_eq!(
+            row,
+            Route::Row((crc32c::crc32c(b"public.runs/1") as usize) % 7)
+        );
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
     }
 }

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::SinkExt;
 use tokio_postgres::{Client, CopyInSink};
 
@@ -59,9 +59,45 @@ struct OpenCopy {
     /// The table's codec, out of [`PgTarget::codecs`] while the copy runs.
     codec: TableCodec,
     sink: Pin<Box<CopyInSink<Bytes>>>,
-    buffer: BytesMut,
-    /// The seq of the first row in it: COPY's line N is op `first_seq + N - 1`.
-    first_seq: u64,
+    buffer: Vec<u8>,
+    seqs: LineSeqs,
+}
+
+/// The seqs of a copy's lines, as runs `(first seq, lines)`: a lane's rows
+/// of one table need not have consecutive seqs.
+#[derive(Debug, Default)]
+struct LineSeqs(Vec<(u64, u64)>);
+
+impl LineSeqs {
+    /// Counts a line of op `seq`.
+    fn push(&mut self, seq: u64) {
+        match self.0.last_mut() {
+            Some((first, lines)) if *first + *lines == seq => *lines += 1,
+            _ => self.0.push((seq, 1)),
+        }
+    }
+
+    /// The seq of the op of line `line` (from 1, as COPY counts).
+    fn of_line(&self, line: u64) -> Option<u64> {
+        let mut before = 0;
+        for (first, lines) in &self.0 {
+            if line > before && line <= before + lines {
+                return Some(first + (line - before) - 1);
+            }
+            before += lines;
+        }
+        None
+    }
+}
+
+impl OpenCopy {
+    /// The buffered lines, to send.
+    fn take_chunk(&mut self) -> Bytes {
+        Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(COPY_CHUNK * 2),
+        ))
+    }
 }
 
 /// How the rows of one target table are written.
@@ -81,7 +117,6 @@ pub struct PgTarget {
     codecs: HashMap<(String, String), TableCodec>,
     types: Option<TypeCatalog>,
     schemas: HashSet<String>,
-    line: Vec<u8>,
 }
 
 impl PgTarget {
@@ -96,7 +131,6 @@ impl PgTarget {
             codecs: HashMap::new(),
             types: None,
             schemas: HashSet::new(),
-            line: Vec::new(),
         }
     }
 
@@ -174,18 +208,24 @@ impl PgTarget {
         };
         let sent = async {
             if !copy.buffer.is_empty() {
-                copy.sink.send(copy.buffer.split().freeze()).await?;
+                let chunk = copy.take_chunk();
+                copy.sink.send(chunk).await?;
             }
             copy.sink.as_mut().finish().await
         }
         .await;
+        let failed_seq = sent
+            .as_ref()
+            .err()
+            .and_then(copy_line)
+            .and_then(|line| copy.seqs.of_line(line));
         self.codecs.insert(copy.table.clone(), copy.codec);
         match sent {
             Ok(_) => Ok(()),
             Err(error) => {
                 let mut reason = super::describe_error(&error);
-                if let Some(line) = copy_line(&error) {
-                    reason = format!("op seq {}: {reason}", copy.first_seq + line - 1);
+                if let Some(seq) = failed_seq {
+                    reason = format!("op seq {seq}: {reason}");
                 }
                 Err(self.error(PgError::Statement {
                     server: self.server.clone(),
@@ -296,19 +336,13 @@ impl PgTarget {
             self.start_copy(op, key_prefix).await?;
         }
         let copy = self.copy.as_mut().expect("started above");
-        let start = copy.buffer.len();
-        let mut line = std::mem::take(&mut self.line);
-        line.clear();
-        let encoded = copy.codec.encoder.encode_row(&op.body, &mut line);
-        copy.buffer.extend_from_slice(&line);
-        self.line = line;
-        if let Err(error) = encoded {
-            copy.buffer.truncate(start);
+        if let Err(error) = copy.codec.encoder.encode_row(&op.body, &mut copy.buffer) {
             let (schema, table) = copy.table.clone();
             return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
         }
+        copy.seqs.push(op.seq);
         if copy.buffer.len() >= COPY_CHUNK {
-            let chunk = copy.buffer.split().freeze();
+            let chunk = copy.take_chunk();
             if let Err(error) = copy.sink.send(chunk).await {
                 // The server refused the copy: its reason comes with the
                 // end of it.
@@ -341,8 +375,8 @@ impl PgTarget {
             key_prefix: key_prefix.to_vec(),
             codec,
             sink: Box::pin(sink),
-            buffer: BytesMut::with_capacity(COPY_CHUNK * 2),
-            first_seq: op.seq,
+            buffer: Vec::with_capacity(COPY_CHUNK * 2),
+            seqs: LineSeqs::default(),
         });
         Ok(())
     }
@@ -796,6 +830,28 @@ impl TransactionalTarget for PgTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_line_names_the_seq_of_its_op_across_gaps() {
+        let mut seqs = LineSeqs::default();
+        for seq in [7, 8, 9, 20, 31, 32] {
+            seqs.push(seq);
+        }
+        let found: Vec<Option<u64>> = (0..=7).map(|line| seqs.of_line(line)).collect();
+        assert_eq!(
+            found,
+            [
+                None,
+                Some(7),
+                Some(8),
+                Some(9),
+                Some(20),
+                Some(31),
+                Some(32),
+                None
+            ]
+        );
+    }
 
     #[test]
     fn a_row_key_names_its_table_whatever_the_names_hold() {

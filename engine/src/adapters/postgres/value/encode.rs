@@ -21,6 +21,9 @@ use super::{Column, PgType, ValueError, excerpt};
 #[derive(Debug, Clone)]
 pub struct RowEncoder {
     columns: Vec<Column>,
+    /// `{"name":` for the first column, `,"name":` for the others: what
+    /// the extract writes before each value (see [`Self::encode_as_written`]).
+    key_prefixes: Vec<Vec<u8>>,
     index_by_name: HashMap<String, usize>,
     /// The text form of the value being written, before COPY's escapes.
     text: String,
@@ -37,8 +40,19 @@ impl RowEncoder {
             .enumerate()
             .map(|(index, column)| (column.name.clone(), index))
             .collect();
+        let key_prefixes = columns
+            .iter()
+            .enumerate()
+            .map(|(index, column)| {
+                let mut prefix = vec![if index == 0 { b'{' } else { b',' }];
+                json_text::write_string(&column.name, &mut prefix);
+                prefix.push(b':');
+                prefix
+            })
+            .collect();
         Self {
             columns,
+            key_prefixes,
             index_by_name,
             text: String::new(),
             element: String::new(),
@@ -67,6 +81,11 @@ impl RowEncoder {
         let body = std::str::from_utf8(body).map_err(|error| ValueError::NotAnObject {
             reason: error.to_string(),
         })?;
+        let start = line.len();
+        match self.encode_as_written(body, line) {
+            Some(encoded) => return encoded,
+            None => line.truncate(start),
+        }
         let row: RowObject =
             serde_json::from_str(body).map_err(|error| ValueError::NotAnObject {
                 reason: error.to_string(),
@@ -105,6 +124,100 @@ impl RowEncoder {
         }
         line.push(b'\n');
         Ok(())
+    }
+
+    /// The way for a body as the extract writes it: the columns in order,
+    /// no whitespace, `{"a":1,"b":"x"}`. One pass over the body finds each
+    /// value's end; values whose JSON text is their COPY text (numbers,
+    /// strings without escapes, json) are copied as they are, the others go
+    /// through [`Self::write_field`]. `None` when the body has another shape
+    /// (keys in another order, whitespace...): the caller reads it as any
+    /// JSON object. A value the body has but its column's type refuses is
+    /// an error here as there.
+    fn encode_as_written(
+        &mut self,
+        body: &str,
+        line: &mut Vec<u8>,
+    ) -> Option<Result<(), ValueError>> {
+        let bytes = body.as_bytes();
+        let mut at = 0;
+        for index in 0..self.columns.len() {
+            let prefix = &self.key_prefixes[index];
+            if !bytes[at..].starts_with(prefix) {
+                return None;
+            }
+            at += prefix.len();
+            let end = at + json_text::value_len(&bytes[at..])?;
+            let value = &body[at..end];
+            at = end;
+            if self.copy_as_is(index, value, line) {
+                continue;
+            }
+            let value: &RawValue = serde_json::from_str(value).ok()?;
+            if let Err(error) = self.write_field(index, value, line) {
+                return Some(Err(error));
+            }
+        }
+        if &bytes[at..] != b"}" {
+            return None;
+        }
+        line.push(b'\n');
+        Some(Ok(()))
+    }
+
+    /// Writes column `index`'s JSON text `value` when that text, or a
+    /// string's inside, is already its COPY field; false (nothing written)
+    /// otherwise.
+    fn copy_as_is(&mut self, index: usize, value: &str, line: &mut Vec<u8>) -> bool {
+        let bytes = value.as_bytes();
+        // A string with no escape and so no control character (JSON has
+        // none raw in a string) holds nothing COPY escapes either.
+        let plain_string = || {
+            (bytes.len() >= 2 && bytes[0] == b'"' && !bytes[1..].contains(&b'\\'))
+                .then(|| &bytes[1..bytes.len() - 1])
+        };
+        let field: &[u8] = match &self.columns[index].pg_type {
+            _ if value == "null" => NULL_FIELD,
+            PgType::Bool => match value {
+                "true" => b"t",
+                "false" => b"f",
+                _ => return false,
+            },
+            PgType::Int2 | PgType::Int4 | PgType::Int8 | PgType::Oid
+                if json_text::is_integer(value) =>
+            {
+                bytes
+            }
+            PgType::Float4 | PgType::Float8 | PgType::Numeric if json_text::is_number(value) => {
+                bytes
+            }
+            PgType::Numeric
+            | PgType::Text
+            | PgType::Uuid
+            | PgType::Enum
+            | PgType::Time
+            | PgType::Timetz
+            | PgType::Interval
+            | PgType::Other { .. } => match plain_string() {
+                Some(text) => text,
+                None => return false,
+            },
+            PgType::Json | PgType::Jsonb
+                if !value.starts_with('"') && !bytes.starts_with(b"{\"$json\"") =>
+            {
+                if index > 0 {
+                    line.push(b'\t');
+                }
+                escape_field(bytes, line);
+                return true;
+            }
+            _ => return false,
+        };
+        if index > 0 {
+            line.push(b'\t');
+        }
+        line.extend_from_slice(field);
+        true
     }
 
     /// Writes column `index`'s `value`, after a tab unless it is the first.
@@ -420,16 +533,84 @@ mod tests {
         }
     }
 
-    /// The COPY field (no newline) of the JSON `value` of `pg_type`.
+    /// The COPY field (no newline) of the JSON `value` of `pg_type`, the
+    /// same whether the body is as the extract writes it or spaced out (any
+    /// JSON object).
     fn try_encode(pg_type: PgType, value: &str) -> Result<String, ValueError> {
         let mut encoder = RowEncoder::new([column("v", pg_type)]);
+        let mut field = |body: String| {
+            let mut line = Vec::new();
+            encoder.encode_row(body.as_bytes(), &mut line)?;
+            let line = String::from_utf8(line).expect("the encoder writes UTF-8");
+            Ok(line
+                .strip_suffix('\n')
+                .expect("a line ends in a newline")
+                .to_owned())
+        };
+        let as_written = field(format!(r#"{{"v":{value}}}"#));
+        let spaced = field(format!(r#"{{ "v" : {value} }}"#));
+        assert_eq!(
+            format!("{as_written:?}"),
+            format!("{spaced:?}"),
+            "{value}: the extract's shape and any JSON object give the same"
+        );
+        as_written
+    }
+
+    #[test]
+    fn a_row_as_the_extract_writes_it_is_copied_in_one_pass() {
+        let mut encoder = RowEncoder::new([
+            column("id", PgType::Int8),
+            column("name", PgType::Text),
+            column("doc", PgType::Jsonb),
+            column("when", PgType::Timestamptz),
+            column("tags", array_of(PgType::Text)),
+        ]);
         let mut line = Vec::new();
-        encoder.encode_row(format!(r#"{{"v":{value}}}"#).as_bytes(), &mut line)?;
-        let line = String::from_utf8(line).expect("the encoder writes UTF-8");
-        Ok(line
-            .strip_suffix('\n')
-            .expect("a line ends in a newline")
-            .to_owned())
+        encoder
+            .encode_row(
+                br#"{"id":-7,"name":"caf\u00e9\tx","doc":{"a":"}\"\\","b":[1,{"c":null}]},"when":"2024-01-02T03:04:05Z","tags":["a","b c"]}"#,
+                &mut line,
+            )
+            .expect("encodes");
+        assert_eq!(
+            String::from_utf8(line).expect("UTF-8"),
+            "-7\tcaf\u{e9}\\tx\t{\"a\":\"}\\\\\"\\\\\\\\\",\"b\":[1,{\"c\":null}]}\t2024-01-02 03:04:05+00\t{a,\"b c\"}\n"
+        );
+    }
+
+    #[test]
+    fn a_row_not_as_the_extract_writes_it_is_read_as_any_object() {
+        let mut encoder = RowEncoder::new([column("a", PgType::Int4), column("b", PgType::Text)]);
+        for (body, expected) in [
+            (r#"{"b":"x","a":1}"#, Ok("1\tx\n")),
+            (r#"{"a":1,"b":"x","c":2}"#, Err("no column")),
+            (r#"{"a":1}"#, Err("no key for column b")),
+            (r#"{"a":1,"a":2,"b":"x"}"#, Err("twice")),
+            (r#"{"a":1,"b":"x"} "#, Ok("1\tx\n")),
+            (r#"{"a":1,"b":"x"}x"#, Err("not a json object")),
+            ("{\"a\":1,\"b\":\"raw\ttab\"}", Err("not a json object")),
+            (r#"{"a":1,"b":"unterminated}"#, Err("not a json object")),
+            (r#"{"a":1.5,"b":"x"}"#, Err("expected a json integer")),
+        ] {
+            let mut line = b"kept\n".to_vec();
+            let encoded = encoder.encode_row(body.as_bytes(), &mut line);
+            match expected {
+                Ok(text) => {
+                    encoded.unwrap_or_else(|error| panic!("{body}: {error}"));
+                    assert_eq!(
+                        String::from_utf8_lossy(&line),
+                        format!("kept\n{text}"),
+                        "{body}"
+                    );
+                }
+                Err(word) => {
+                    let error = encoded.expect_err(body).to_string();
+                    assert!(error.to_lowercase().contains(word), "{body}: {error}");
+                    assert_eq!(line, b"kept\n", "{body}: nothing of it is written");
+                }
+            }
+        }
     }
 
     fn encode(pg_type: PgType, value: &str) -> String {

@@ -50,6 +50,62 @@ const NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
+/// The length of the JSON value at the start of `bytes`, found without
+/// reading it: a string to its closing quote, an object or array to its
+/// closing bracket (strings inside skipped), anything else to the `,`, `}`
+/// or `]` after it. `None` when it does not end, or when a string holds a
+/// raw control character (not JSON: the caller then reads the whole text
+/// as JSON, and says what is wrong). What lies inside is not checked.
+pub(super) fn value_len(bytes: &[u8]) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'"' => {
+                index += 1 + string_len(&bytes[index + 1..])?;
+                if depth == 0 {
+                    return Some(index);
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(index + 1);
+                }
+            }
+            b',' | b'}' | b']' if depth == 0 => return (index > 0).then_some(index),
+            _ => {}
+        }
+        index += 1;
+    }
+    None
+}
+
+/// The length of the rest of a JSON string after its opening quote, its
+/// closing quote included.
+fn string_len(bytes: &[u8]) -> Option<usize> {
+    let mut index = 0;
+    loop {
+        let found = index + memchr::memchr2(b'"', b'\\', &bytes[index..])?;
+        // A fold, not `any`: no early exit, so it runs on whole vectors.
+        let control = bytes[index..found]
+            .iter()
+            .fold(false, |seen, &byte| seen | (byte < 0x20));
+        if control {
+            return None;
+        }
+        if bytes[found] == b'"' {
+            return Some(found + 1);
+        }
+        match bytes.get(found + 1) {
+            Some(&escaped) if escaped >= 0x20 => index = found + 2,
+            _ => return None,
+        }
+    }
+}
+
 /// True when `text` is a number by JSON's grammar:
 /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
 pub(super) fn is_number(text: &str) -> bool {
@@ -172,6 +228,26 @@ impl<'de> Deserialize<'de> for JsonStr<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_ends_where_json_says() {
+        for (text, expected) in [
+            (r#""a,b}"x"#, Some(6)),
+            (r#""a\"}",x"#, Some(6)),
+            (r#""\\",x"#, Some(4)),
+            (r#"{"a":"}","b":[1,{}]},x"#, Some(20)),
+            (r#"[[1],[2]]}"#, Some(9)),
+            ("-1.5e3,x", Some(6)),
+            ("null}", Some(4)),
+            (",", None),
+            (r#""open"#, None),
+            ("{\"a\":1", None),
+            ("\"raw\ttab\",", None),
+            ("123", None),
+        ] {
+            assert_eq!(value_len(text.as_bytes()), expected, "{text}");
+        }
+    }
 
     fn string(text: &str) -> String {
         let mut out = Vec::new();

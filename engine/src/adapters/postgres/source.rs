@@ -487,18 +487,20 @@ impl RowOps {
             key.push_str(&String::from_utf8_lossy(&line[split + 1..]));
             &line[..split]
         } else {
-            let fields: Vec<_> = split_line(line).collect();
             for (index, column) in self.plan.key_columns.iter().enumerate() {
                 if index > 0 {
                     key.push('/');
                 }
-                let text = fields
-                    .get(*column)
-                    .map(|field| field.unescape(&mut self.scratch).map(<[u8]>::to_vec))
-                    .transpose()
-                    .map_err(|_| self.bad_row(&key, "a field ends in a lone backslash".to_owned()))?
-                    .unwrap_or_default();
-                push_key_part(&mut key, &text);
+                // Key columns are few and near the start: finding each by
+                // splitting again costs less than keeping every field.
+                if let Some(field) = split_line(line).nth(*column) {
+                    let Ok(text) = field.unescape(&mut self.scratch) else {
+                        return Err(
+                            self.bad_row(&key, "a field ends in a lone backslash".to_owned())
+                        );
+                    };
+                    push_key_part(&mut key, text);
+                }
             }
             line
         };

@@ -69,6 +69,39 @@ pub enum PgType {
     },
 }
 
+impl PgType {
+    /// Carried as a JSON string of its text form, as it is (`numeric`,
+    /// the text types, `uuid`, enums, `time`, `timetz`, `interval` and
+    /// every other type).
+    pub fn is_carried_as_text(&self) -> bool {
+        // Every type named: a new one must choose.
+        match self {
+            PgType::Numeric
+            | PgType::Text
+            | PgType::Uuid
+            | PgType::Enum
+            | PgType::Time
+            | PgType::Timetz
+            | PgType::Interval
+            | PgType::Other { .. } => true,
+            PgType::Bool
+            | PgType::Int2
+            | PgType::Int4
+            | PgType::Int8
+            | PgType::Oid
+            | PgType::Float4
+            | PgType::Float8
+            | PgType::Bytea
+            | PgType::Json
+            | PgType::Jsonb
+            | PgType::Timestamptz
+            | PgType::Timestamp
+            | PgType::Date
+            | PgType::Array { .. } => false,
+        }
+    }
+}
+
 impl fmt::Display for PgType {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {

@@ -40,11 +40,9 @@ impl RowDecoder {
         let columns = columns
             .into_iter()
             .enumerate()
-            .map(|(index, column)| {
-                let mut key_prefix = vec![if index == 0 { b'{' } else { b',' }];
-                json_text::write_string(&column.name, &mut key_prefix);
-                key_prefix.push(b':');
-                DecodeColumn { column, key_prefix }
+            .map(|(index, column)| DecodeColumn {
+                key_prefix: json_text::key_prefix(index, &column.name),
+                column,
             })
             .collect();
         Self {

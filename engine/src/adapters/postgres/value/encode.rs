@@ -43,12 +43,7 @@ impl RowEncoder {
         let key_prefixes = columns
             .iter()
             .enumerate()
-            .map(|(index, column)| {
-                let mut prefix = vec![if index == 0 { b'{' } else { b',' }];
-                json_text::write_string(&column.name, &mut prefix);
-                prefix.push(b':');
-                prefix
-            })
+            .map(|(index, column)| json_text::key_prefix(index, &column.name))
             .collect();
         Self {
             columns,
@@ -191,14 +186,7 @@ impl RowEncoder {
             PgType::Float4 | PgType::Float8 | PgType::Numeric if json_text::is_number(value) => {
                 bytes
             }
-            PgType::Numeric
-            | PgType::Text
-            | PgType::Uuid
-            | PgType::Enum
-            | PgType::Time
-            | PgType::Timetz
-            | PgType::Interval
-            | PgType::Other { .. } => match plain_string() {
+            text_like if text_like.is_carried_as_text() => match plain_string() {
                 Some(text) => text,
                 None => return false,
             },

@@ -38,6 +38,16 @@ pub(super) fn write_string(text: &str, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
+/// What comes before the value of the column named `name` at `index` in a
+/// row's object as the extract writes it: `{"name":` for the first column,
+/// `,"name":` for the others.
+pub(super) fn key_prefix(index: usize, name: &str) -> Vec<u8> {
+    let mut prefix = vec![if index == 0 { b'{' } else { b',' }];
+    write_string(name, &mut prefix);
+    prefix.push(b':');
+    prefix
+}
+
 const NEEDS_ESCAPE: [bool; 256] = {
     let mut table = [false; 256];
     let mut byte = 0;

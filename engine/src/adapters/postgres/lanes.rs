@@ -47,6 +47,9 @@ enum Work {
     Ops(Vec<Op>),
     /// Commit what is applied, then answer.
     Commit(oneshot::Sender<()>),
+    /// The stream is over: check nothing waits, commit, mark the lane
+    /// complete.
+    Finish,
 }
 
 struct Lane {
@@ -166,9 +169,13 @@ impl PgSink {
                         driver.commit_now().await?;
                         let _ = done.send(());
                     }
+                    Work::Finish => return driver.finish_stream().await,
                 }
             }
-            driver.finish_stream().await
+            // The sink went away without finishing the stream (it failed,
+            // or was dropped): as after a kill, what is not committed is
+            // not, and nothing is marked complete.
+            Ok(())
         });
         Ok(Lane {
             work,
@@ -304,6 +311,16 @@ fn route(op: &Op, lanes: usize) -> Route {
     }
 }
 
+impl Drop for PgSink {
+    /// A sink dropped before its stream finished stops its lanes at once,
+    /// as a killed restore would: none of them commits anything more.
+    fn drop(&mut self) {
+        for lane in &self.lanes {
+            lane.task.abort();
+        }
+    }
+}
+
 #[async_trait]
 impl Sink for PgSink {
     async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
@@ -370,6 +387,11 @@ impl Sink for PgSink {
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
         self.flush().await?;
+        // Every lane finishes side by side; a lane that stopped already
+        // has its error waiting in its task.
+        for lane in &self.lanes {
+            let _ = lane.work.send(Work::Finish).await;
+        }
         let mut first_error = None;
         for lane in std::mem::take(&mut self.lanes) {
             drop(lane.work);

@@ -32,7 +32,7 @@ use super::catalog::{self, Catalog, Selection, SequenceValue, Table};
 use super::replication::{
     ExportedSnapshot, PGOUTPUT, ReplicationConnection, SlotPersistence, WhenActive,
 };
-use super::value::{Column as ValueColumn, RowDecoder, split_line};
+use super::value::{Column as ValueColumn, CopyField, RowDecoder, split_line};
 use super::{
     KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_SEQUENCE, KIND_TABLE, KIND_TYPE,
     PgConnection, PgError, qualified,
@@ -455,10 +455,21 @@ pub(crate) fn row_key_prefix(schema: &str, table: &str) -> String {
     prefix
 }
 
+/// An empty vector as one of another lifetime, its allocation kept (an
+/// in-place collect).
+fn recycle<'a, 'b>(empty: Vec<CopyField<'a>>) -> Vec<CopyField<'b>> {
+    debug_assert!(empty.is_empty());
+    empty
+        .into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
 /// Turns one table's COPY lines into row ops.
 struct RowOps {
     decoder: RowDecoder,
     plan: Arc<TablePlan>,
+    fields: Vec<CopyField<'static>>,
     scratch: Vec<u8>,
     position: u64,
     version: Bytes,
@@ -470,6 +481,7 @@ impl RowOps {
         Self {
             decoder: RowDecoder::new(plan.columns.iter().cloned()),
             plan,
+            fields: Vec::new(),
             scratch: Vec::new(),
             position,
             version,
@@ -487,20 +499,29 @@ impl RowOps {
             key.push_str(&String::from_utf8_lossy(&line[split + 1..]));
             &line[..split]
         } else {
+            // The fields up to the last key column, in a vector kept from
+            // row to row (empty between rows: it holds no old line).
+            let last = self.plan.key_columns.iter().max().copied().unwrap_or(0);
+            let mut fields: Vec<CopyField<'_>> = recycle(std::mem::take(&mut self.fields));
+            fields.extend(split_line(line).take(last + 1));
+            let mut broken = false;
             for (index, column) in self.plan.key_columns.iter().enumerate() {
                 if index > 0 {
                     key.push('/');
                 }
-                // Key columns are few and near the start: finding each by
-                // splitting again costs less than keeping every field.
-                if let Some(field) = split_line(line).nth(*column) {
-                    let Ok(text) = field.unescape(&mut self.scratch) else {
-                        return Err(
-                            self.bad_row(&key, "a field ends in a lone backslash".to_owned())
-                        );
-                    };
-                    push_key_part(&mut key, text);
+                match fields
+                    .get(*column)
+                    .map(|field| field.unescape(&mut self.scratch))
+                {
+                    Some(Ok(text)) => push_key_part(&mut key, text),
+                    Some(Err(_)) => broken = true,
+                    None => {}
                 }
+            }
+            fields.clear();
+            self.fields = recycle(fields);
+            if broken {
+                return Err(self.bad_row(&key, "a field ends in a lone backslash".to_owned()));
             }
             line
         };
@@ -528,59 +549,52 @@ impl RowOps {
     }
 }
 
-/// Copies chunks from `queue` until it is empty, sending batches of row
-/// ops to `sender`, or the error that stopped it.
-async fn copy_worker(
-    client: Client,
+/// What every copy worker shares.
+#[derive(Clone)]
+struct CopyWork {
     queue: Arc<Mutex<VecDeque<Chunk>>>,
     sender: mpsc::Sender<Result<Vec<Op>>>,
     position: u64,
     version: Bytes,
     server: String,
     progress: Arc<Progress>,
-) {
-    let copied = copy_chunks(
-        client,
+}
+
+/// Copies chunks from the queue until it is empty, sending batches of row
+/// ops, or the error that stopped it.
+async fn copy_worker(client: Client, work: CopyWork) {
+    if let Err(error) = copy_chunks(client, &work).await {
+        let _ = work.sender.send(Err(source_error(error))).await;
+    }
+}
+
+async fn copy_chunks(client: Client, work: &CopyWork) -> Result<(), PgError> {
+    let CopyWork {
         queue,
-        sender.clone(),
+        sender,
         position,
         version,
         server,
         progress,
-    )
-    .await;
-    if let Err(error) = copied {
-        let _ = sender.send(Err(source_error(error))).await;
-    }
-}
-
-async fn copy_chunks(
-    client: Client,
-    queue: Arc<Mutex<VecDeque<Chunk>>>,
-    sender: mpsc::Sender<Result<Vec<Op>>>,
-    position: u64,
-    version: Bytes,
-    server: String,
-    progress: Arc<Progress>,
-) -> Result<(), PgError> {
-    while let Some(chunk) = next_chunk(&queue) {
+    } = work;
+    while let Some(chunk) = next_chunk(queue) {
         let statement = chunk.table.copy_statement(chunk.pages);
         let what = || format!("copying {}", chunk.table.table.display_name());
         let stream = client
             .copy_out(statement.as_str())
             .await
-            .map_err(|error| PgError::statement(&server, what(), &error))?;
+            .map_err(|error| PgError::statement(server, what(), &error))?;
         let mut stream = std::pin::pin!(stream);
         let mut rows = RowOps::new(
             chunk.table.clone(),
-            position,
+            *position,
             version.clone(),
             server.clone(),
         );
         let mut batch = Vec::with_capacity(BATCH_OPS);
         let mut batch_bytes = 0;
         while let Some(line) = stream.next().await {
-            let line = line.map_err(|error| PgError::statement(&server, what(), &error))?;
+            let line = line.map_err(|error| PgError::statement(server, what(), &error))?;
             Progress::add(&progress.bytes_read, line.len() as u64);
             let op = rows.op(&line)?;
             batch_bytes += op.body.len();
@@ -875,18 +889,18 @@ async fn produce_ops(
     let queue = Arc::new(Mutex::new(chunks(&plans)));
     let (rows, mut row_batches) = mpsc::channel(2 * workers.len().max(1));
     let mut tasks = tokio::task::JoinSet::new();
+    let work = CopyWork {
+        queue,
+        sender: rows,
+        position,
+        version: version.clone(),
+        server: server.clone(),
+        progress,
+    };
     for worker in workers {
-        tasks.spawn(copy_worker(
-            worker,
-            queue.clone(),
-            rows.clone(),
-            position,
-            version.clone(),
-            server.clone(),
-            progress.clone(),
-        ));
+        tasks.spawn(copy_worker(worker, work.clone()));
     }
-    drop(rows);
+    drop(work);
     while let Some(batch) = row_batches.recv().await {
         let failed = batch.is_err();
         if sender

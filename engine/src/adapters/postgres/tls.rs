@@ -18,15 +18,6 @@ pub(crate) async fn connect(connection: &PgConnection) -> Result<Client, PgError
         .await
         .map_err(|error| PgError::replication("setting TLS up", error))?;
     let server = connection.server();
-    let spawn = |driver| {
-        let server = server.clone();
-        tokio::spawn(async move {
-            let driver: tokio_postgres::Connection<_, _> = driver;
-            if let Err(error) = driver.await {
-                tracing::debug!(%server, error = %super::describe_error(&error), "a PostgreSQL connection ended");
-            }
-        });
-    };
     let client = match tls {
         None => {
             config.ssl_mode(DriverSslMode::Disable);
@@ -34,7 +25,7 @@ pub(crate) async fn connect(connection: &PgConnection) -> Result<Client, PgError
                 .connect(NoTls)
                 .await
                 .map_err(|error| connection.connect_error(&error))?;
-            spawn_plain(driver, server.clone());
+            spawn_driver(driver, server);
             client
         }
         Some(tls) => {
@@ -48,17 +39,20 @@ pub(crate) async fn connect(connection: &PgConnection) -> Result<Client, PgError
                 .connect(MakeRustlsConnect::new(tls))
                 .await
                 .map_err(|error| connection.connect_error(&error))?;
-            spawn(driver);
+            spawn_driver(driver, server);
             client
         }
     };
     Ok(client)
 }
 
-fn spawn_plain(
-    driver: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    server: String,
-) {
+/// Runs a connection's driver until its client is dropped (or the
+/// connection breaks: the client's next call says how).
+fn spawn_driver<S, T>(driver: tokio_postgres::Connection<S, T>, server: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(error) = driver.await {
             tracing::debug!(%server, error = %super::describe_error(&error), "a PostgreSQL connection ended");

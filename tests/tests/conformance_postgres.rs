@@ -16,13 +16,20 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use ferry_engine::Op;
-use ferry_engine::adapters::SinkOptions;
 use ferry_engine::adapters::live::Position;
 use ferry_engine::adapters::postgres::KIND_ROW;
 use ferry_engine::adapters::postgres::replication::Lsn;
+use ferry_engine::adapters::{
+    SinkOptions, SourceOptions, StreamInfo, sink_from_url, source_from_url,
+};
 use ferry_engine::conformance::{self, CHECKS, Change, Contents, Plane, Planes, Verdict};
+use ferry_engine::progress::Progress;
 use ferry_tests::pg::PgServer;
+use futures::StreamExt;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -285,4 +292,117 @@ async fn a_postgres_restore_killed_with_sigkill_resumes_to_the_same_data() {
         &["--pg-ops-per-commit", "16"],
     )
     .await;
+}
+
+/// A restore that fails (or a test's in-process kill) drops its sink:
+/// from then on nothing of it may commit, and no lane may mark the stream
+/// complete, or a new attempt reading the checkpoints races with it (G4).
+/// Every op is handed to the lanes, the sink is dropped with them still
+/// queued, and once its connections left the server no lane says the
+/// stream is complete and the rows match the checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sink_commits_nothing_more_and_marks_nothing_complete() {
+    let planes = PgDatabases::start().await;
+    let source = planes.start().await;
+    let rows = 20_000;
+    let changes: Vec<Change> = (0..rows)
+        .map(|index| Change::Put {
+            key: format!("key-{index:06}").into_bytes(),
+            value: format!("value-{index}").into_bytes(),
+        })
+        .collect();
+    source
+        .write(&changes)
+        .await
+        .unwrap_or_else(|error| panic!("{}: writing {rows} rows: {error}", source.url()));
+    let extraction = source_from_url(&source.url(), &SourceOptions::default())
+        .unwrap_or_else(|error| panic!("{}: no source: {error}", source.url()))
+        .open(Arc::new(Progress::default()))
+        .await
+        .unwrap_or_else(|error| panic!("{}: the source does not open: {error}", source.url()));
+    let mut ops: Vec<Op> = Vec::new();
+    let mut batches = extraction.ops;
+    while let Some(batch) = batches.next().await {
+        ops.extend(
+            batch.unwrap_or_else(|error| panic!("{}: extract failed: {error}", source.url())),
+        );
+    }
+
+    let target = planes.start().await;
+    let target_db = target
+        .url()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut options = SinkOptions::default();
+    options.restore.postgres.pg_lanes = 2;
+    options.restore.postgres.pg_ops_per_commit = 500;
+    let stream = StreamInfo {
+        stream_id: "dropped".to_owned(),
+        source_identity: Some("conformance".to_owned()),
+        ..StreamInfo::default()
+    };
+    let mut sink = sink_from_url(&target.url(), &options)
+        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
+    sink.begin(&stream)
+        .await
+        .unwrap_or_else(|error| panic!("{}: begin failed: {error}", target.url()));
+    let total = ops.len();
+    sink.apply(ops)
+        .await
+        .unwrap_or_else(|error| panic!("{}: apply failed: {error}", target.url()));
+    drop(sink);
+
+    // Once the sink's connections are gone, nothing of it commits again.
+    let admin = connect(&planes.server.url("postgres")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'ferry'",
+                &[&target_db],
+            )
+            .await
+            .unwrap_or_else(|error| panic!("reading pg_stat_activity: {}", describe(&error)))
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {left} connections of a dropped sink still open after 60 s",
+            target.url()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = connect(&target.url()).await;
+    let lanes = client
+        .query(
+            "SELECT stream_id, through_seq, complete FROM ferry.streams ORDER BY stream_id",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "{}: reading ferry.streams: {}",
+                target.url(),
+                describe(&error)
+            )
+        });
+    let lanes: Vec<(String, i64, bool)> = lanes
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        lanes.len(),
+        2,
+        "{}: one checkpoint per lane: {lanes:?}",
+        target.url()
+    );
+    assert!(
+        lanes.iter().all(|(_, _, complete)| !complete),
+        "{}: a lane of a sink dropped before finish marked the stream of {total} ops complete: {lanes:?}",
+        target.url()
+    );
 }

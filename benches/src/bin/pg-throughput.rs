@@ -4,8 +4,10 @@
 //! server the bench starts.
 //!
 //! `cargo run --release -p ferry-benches --bin pg-throughput [-- --scale S
-//! --growth G --repeat R --jobs N]` (needs Debian's PostgreSQL 15, `apt-get
-//! install -y postgresql`, and GNU time, `apt-get install -y time`).
+//! --growth G --repeat R --jobs N --ferry BINARY]` (needs Debian's
+//! PostgreSQL 15, `apt-get install -y postgresql`, and GNU time, `apt-get
+//! install -y time`). `--ferry` measures another build of ferry (another
+//! commit's, say) against the same tools and data.
 //!
 //! - The data: a Metaflow-like metadata database (flows, runs with jsonb
 //!   tags and text ids, steps, tasks, metadata rows with text values,
@@ -243,6 +245,9 @@ struct Options {
     /// Where to copy the server's log (every statement, with its duration)
     /// at the end.
     log: Option<PathBuf>,
+    /// A `ferry` binary to measure instead of this build's (another
+    /// commit's, to compare two).
+    ferry: Option<PathBuf>,
 }
 
 impl Options {
@@ -253,6 +258,7 @@ impl Options {
             repeat: 3,
             jobs: std::thread::available_parallelism().map_or(2, usize::from),
             log: None,
+            ferry: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -270,8 +276,9 @@ impl Options {
                 "--repeat" => options.repeat = number().max(1) as usize,
                 "--jobs" => options.jobs = number().max(1) as usize,
                 "--log" => options.log = Some(PathBuf::from(value)),
+                "--ferry" => options.ferry = Some(PathBuf::from(value)),
                 _ => panic!(
-                    "unknown argument {flag}: pg-throughput [--scale S] [--growth G] [--repeat R] [--jobs N] [--log FILE]"
+                    "unknown argument {flag}: pg-throughput [--scale S] [--growth G] [--repeat R] [--jobs N] [--log FILE] [--ferry BINARY]"
                 ),
             }
         }
@@ -433,7 +440,10 @@ impl Bench {
             Path::new(GNU_TIME).exists(),
             "{GNU_TIME} is missing: apt-get install -y time"
         );
-        let ferry = ferry_tests::ferry_binary();
+        let ferry = options
+            .ferry
+            .clone()
+            .unwrap_or_else(ferry_tests::ferry_binary);
         assert!(
             ferry
                 .parent()

@@ -47,7 +47,9 @@
 mod args;
 mod catalog;
 mod connection;
+pub mod follow;
 mod lanes;
+pub mod pgoutput;
 pub mod replication;
 mod sink;
 mod source;
@@ -210,6 +212,17 @@ pub enum PgError {
         /// What is wrong.
         reason: String,
     },
+    /// The source's change stream holds what ferry cannot follow.
+    #[error("{server}: the change stream cannot be followed at LSN {lsn}: {reason}")]
+    Follow {
+        /// The server.
+        server: String,
+        /// Where in the stream (the transaction's commit LSN, or the
+        /// message's).
+        lsn: String,
+        /// What, naming the table, and what to do.
+        reason: String,
+    },
 }
 
 impl PgError {
@@ -277,7 +290,8 @@ impl PlatformError for PgError {
             | PgError::File { .. }
             | PgError::Precondition { .. }
             | PgError::NotEmpty { .. }
-            | PgError::Unsupported { .. } => ErrorClass::Precondition,
+            | PgError::Unsupported { .. }
+            | PgError::Follow { .. } => ErrorClass::Precondition,
             PgError::BadUrl { .. } | PgError::BadOp { .. } | PgError::BadRow { .. } => {
                 ErrorClass::Invalid
             }

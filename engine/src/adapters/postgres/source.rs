@@ -178,14 +178,14 @@ struct Chunk {
 
 /// How one table is copied and turned into ops.
 #[derive(Debug)]
-struct TablePlan {
-    table: Table,
+pub(super) struct TablePlan {
+    pub(super) table: Table,
     /// The codec's view of the copied columns.
-    columns: Vec<ValueColumn>,
+    pub(super) columns: Vec<ValueColumn>,
     /// The primary key's columns, as indexes into `columns`.
-    key_columns: Vec<usize>,
+    pub(super) key_columns: Vec<usize>,
     /// `schema.name/`, every row key's start.
-    key_prefix: String,
+    pub(super) key_prefix: String,
 }
 
 impl TablePlan {
@@ -219,7 +219,7 @@ impl TablePlan {
 
 /// Classifies every column of every table, refusing a type ferry cannot
 /// carry by its table and column; warns of tables without a primary key.
-fn plan_tables(catalog: &Catalog, server: &str) -> Result<Vec<Arc<TablePlan>>, PgError> {
+pub(super) fn plan_tables(catalog: &Catalog, server: &str) -> Result<Vec<Arc<TablePlan>>, PgError> {
     let mut plans = Vec::with_capacity(catalog.tables.len());
     let mut keyless = Vec::new();
     for table in &catalog.tables {
@@ -294,7 +294,7 @@ fn chunks(plans: &[Arc<TablePlan>]) -> VecDeque<Chunk> {
 }
 
 /// An op of the extract, numbered later.
-fn op(
+pub(super) fn op(
     kind: &'static str,
     key: String,
     method: &'static str,
@@ -424,7 +424,7 @@ fn closing_ops(
 }
 
 /// Percent-encodes `%` and `/` so a key's parts stay apart.
-fn push_key_part(key: &mut String, text: &[u8]) {
+pub(super) fn push_key_part(key: &mut String, text: &[u8]) {
     for char in String::from_utf8_lossy(text).chars() {
         match char {
             '%' => key.push_str("%25"),

@@ -130,6 +130,82 @@ impl RowDecoder {
     }
 }
 
+/// One column's value as a logical replication stream sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextValue<'a> {
+    /// NULL.
+    Null,
+    /// Not sent (a TOASTed value the change left as it was): the column is
+    /// left out of the object.
+    Absent,
+    /// The value's text form, without COPY's escapes.
+    Text(&'a [u8]),
+}
+
+impl RowDecoder {
+    /// Appends the JSON object of a row given as one [`TextValue`] per
+    /// column, in the decoder's order; [`TextValue::Absent`] columns are
+    /// left out. On an error `out` is left as it was.
+    pub fn decode_values<'a>(
+        &mut self,
+        values: impl ExactSizeIterator<Item = TextValue<'a>>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ValueError> {
+        let expected = self.columns.len();
+        if values.len() != expected {
+            return Err(ValueError::FieldCount {
+                expected,
+                found: values.len(),
+            });
+        }
+        let start = out.len();
+        out.push(b'{');
+        let mut first = true;
+        for (DecodeColumn { column, key_prefix }, value) in self.columns.iter().zip(values) {
+            let text = match value {
+                TextValue::Absent => continue,
+                TextValue::Null => None,
+                TextValue::Text(text) => Some(text),
+            };
+            // The prefix is `{"name":` or `,"name":`: its first byte is
+            // chosen here, by what was written before.
+            if !first {
+                out.push(b',');
+            }
+            out.extend_from_slice(&key_prefix[1..]);
+            first = false;
+            let Some(text) = text else {
+                out.extend_from_slice(b"null");
+                continue;
+            };
+            let bad_value = |reason: String| ValueError::BadValue {
+                column: column.name.clone(),
+                pg_type: column.pg_type.to_string(),
+                value: excerpt(&String::from_utf8_lossy(text)),
+                reason,
+            };
+            let written = std::str::from_utf8(text)
+                .map_err(|error| bad_value(format!("not UTF-8 ({error})")))
+                .and_then(|text| {
+                    write_value(
+                        &column.pg_type,
+                        text,
+                        out,
+                        &mut self.element,
+                        &mut self.bytes,
+                    )
+                    .map_err(bad_value)
+                });
+            if let Err(error) = written {
+                out.truncate(start);
+                return Err(error);
+            }
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 /// Appends the JSON for the text form `text` of a value of `pg_type`.
 fn write_value(
     pg_type: &PgType,
@@ -309,6 +385,65 @@ mod tests {
             element: Box::new(element),
             delimiter: b',',
         }
+    }
+
+    #[test]
+    fn values_of_a_replication_stream_decode_with_absent_ones_left_out() {
+        let mut decoder = RowDecoder::new([
+            column("id", PgType::Int8),
+            column("note", PgType::Text),
+            column("blob", PgType::Bytea),
+            column("tags", array_of(PgType::Text)),
+        ]);
+        let mut out = Vec::new();
+        let values = [
+            TextValue::Text(b"7"),
+            TextValue::Text(b"tab\there\\"),
+            TextValue::Absent,
+            TextValue::Null,
+        ];
+        decoder
+            .decode_values(values.into_iter(), &mut out)
+            .expect("the values decode");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            r#"{"id":7,"note":"tab\there\\","tags":null}"#
+        );
+        out.clear();
+        let first_absent = [
+            TextValue::Absent,
+            TextValue::Null,
+            TextValue::Text(b"\\x00ff"),
+            TextValue::Text(b"{a,\"b c\"}"),
+        ];
+        decoder
+            .decode_values(first_absent.into_iter(), &mut out)
+            .expect("the values decode");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            r#"{"note":null,"blob":"AP8=","tags":["a","b c"]}"#
+        );
+        out.clear();
+        let bad = [
+            TextValue::Text(b"x"),
+            TextValue::Null,
+            TextValue::Null,
+            TextValue::Null,
+        ];
+        let error = decoder.decode_values(bad.into_iter(), &mut out);
+        assert!(
+            matches!(&error, Err(ValueError::BadValue { column, .. }) if column == "id"),
+            "{error:?}"
+        );
+        assert!(out.is_empty(), "nothing is left of a row that failed");
+        let short = decoder.decode_values([TextValue::Null].into_iter(), &mut out);
+        assert!(matches!(
+            short,
+            Err(ValueError::FieldCount {
+                expected: 4,
+                found: 1
+            })
+        ));
     }
 
     /// The JSON of one field of type `pg_type`, as COPY sends it.

@@ -94,7 +94,7 @@ pub use catalog::{PgType, Refused, TypeCatalog, TypeRow};
 pub use copy_text::{
     CopyField, CopyFields, NULL_FIELD, TrailingBackslash, escape_field, split_line,
 };
-pub use decode::RowDecoder;
+pub use decode::{RowDecoder, TextValue};
 pub use encode::RowEncoder;
 
 /// The settings every connection makes before its first `COPY`, as `(name,

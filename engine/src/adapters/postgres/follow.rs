@@ -1,0 +1,656 @@
+//! Following a source after its snapshot: the messages of `pgoutput` (see
+//! [`super::pgoutput`]) turned into ops, one group per source transaction,
+//! in commit order.
+//!
+//! | change | kind | key | method | body |
+//! | --- | --- | --- | --- | --- |
+//! | INSERT | `pg.row` | the new row's key | `INSERT` | the row, as a snapshot's rows |
+//! | UPDATE | `pg.row` | the row's key before the update | `UPDATE` | the new row; a TOASTed value the update did not change (and the server did not send) is left out, never written as NULL |
+//! | DELETE | `pg.row` | the row's key | `DELETE` | empty |
+//! | TRUNCATE | `pg.table` | `table/<schema>.<name>` of the first table | `TRUNCATE` | `{"tables":[{"schema","name"}..],"cascade","restart_identity"}`: the tables truncated together |
+//!
+//! Every op of a transaction has its commit LSN as `position` and as
+//! `txn`; the last has `txn_last`. A transaction is never held whole: each
+//! op goes out once the next one (or the commit) came, so a transaction of
+//! millions of rows passes through in constant memory. A stream resumed
+//! after a transaction whose commit LSN is P starts at P + 1: the server
+//! skips a transaction whose commit record begins before the start.
+//!
+//! The tables are the snapshot's, as its catalog read them: a `Relation`
+//! message that describes a table otherwise (a column added, dropped,
+//! renamed or retyped), or a table the snapshot did not hold, stops the
+//! stream with an error naming the table and the difference.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::pgoutput::{
+    Begin, LogicalMessage, OldTuple, PgOutputMessage, Relation, Tuple, TupleValue,
+};
+use super::replication::Lsn;
+use super::source::{TablePlan, op, push_key_part};
+use super::value::{RowDecoder, TextValue};
+use super::{KIND_ROW, KIND_TABLE, PgError};
+use crate::Op;
+
+/// The prefix of the `pg_logical_emit_message` markers ferry writes (the
+/// fence's): the follower reports them.
+pub(super) const MARKER_PREFIX: &str = "ferry";
+
+/// What one message of the stream gave.
+// Ops are nearly every item: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Decoded {
+    /// An op, complete (the last of its transaction marked).
+    Op(Op),
+    /// A transaction committed; every op of it went out before this.
+    Committed {
+        /// Its commit LSN: the position of its ops.
+        commit_lsn: Lsn,
+        /// The end of its commit record.
+        end_lsn: Lsn,
+    },
+    /// A marker ferry wrote with `pg_logical_emit_message`.
+    Marker(LogicalMessage),
+}
+
+/// Turns `pgoutput` messages into ops (see the module's documentation).
+pub(super) struct ChangeDecoder {
+    server: String,
+    version: Bytes,
+    /// The snapshot's tables, by schema and name.
+    tables: HashMap<(String, String), Arc<TablePlan>>,
+    /// The tables the stream described, by OID.
+    relations: HashMap<u32, FollowedTable>,
+    /// The transaction being read.
+    transaction: Option<Begin>,
+    /// Its last op, out once it is known whether another follows.
+    pending: Option<Op>,
+}
+
+struct FollowedTable {
+    plan: Arc<TablePlan>,
+    decoder: RowDecoder,
+}
+
+impl ChangeDecoder {
+    /// A decoder for a stream of the tables `plans` describe, written as
+    /// ops of `version`.
+    pub(super) fn new(server: &str, version: Bytes, plans: &[Arc<TablePlan>]) -> Self {
+        let tables = plans
+            .iter()
+            .map(|plan| {
+                (
+                    (plan.table.schema.clone(), plan.table.name.clone()),
+                    plan.clone(),
+                )
+            })
+            .collect();
+        Self {
+            server: server.to_owned(),
+            version,
+            tables,
+            relations: HashMap::new(),
+            transaction: None,
+            pending: None,
+        }
+    }
+
+    /// True between a transaction's `Begin` and its `Commit`.
+    pub(super) fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+    }
+
+    fn error(&self, lsn: Lsn, reason: String) -> PgError {
+        PgError::Follow {
+            server: self.server.clone(),
+            lsn: lsn.to_string(),
+            reason,
+        }
+    }
+
+    /// Reads one message, appending what it gave to `out`. `lsn` is where
+    /// the message came from (its `XLogData`'s start), for errors.
+    pub(super) fn decode(
+        &mut self,
+        message: PgOutputMessage,
+        lsn: Lsn,
+        out: &mut Vec<Decoded>,
+    ) -> Result<(), PgError> {
+        match message {
+            PgOutputMessage::Begin(begin) => {
+                if let Some(open) = self.transaction {
+                    return Err(self.error(
+                        begin.final_lsn,
+                        format!(
+                            "a transaction began before the one committing at {} ended",
+                            open.final_lsn
+                        ),
+                    ));
+                }
+                self.transaction = Some(begin);
+            }
+            PgOutputMessage::Commit(commit) => {
+                let Some(begin) = self.transaction.take() else {
+                    return Err(
+                        self.error(commit.commit_lsn, "a commit with no transaction".to_owned())
+                    );
+                };
+                if begin.final_lsn != commit.commit_lsn {
+                    return Err(self.error(
+                        commit.commit_lsn,
+                        format!(
+                            "the transaction announced its commit at {}",
+                            begin.final_lsn
+                        ),
+                    ));
+                }
+                if let Some(mut last) = self.pending.take() {
+                    last.txn_last = true;
+                    out.push(Decoded::Op(last));
+                }
+                out.push(Decoded::Committed {
+                    commit_lsn: commit.commit_lsn,
+                    end_lsn: commit.end_lsn,
+                });
+            }
+            PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } => {}
+            PgOutputMessage::Relation(relation) => {
+                let followed = self
+                    .follow(&relation)
+                    .map_err(|reason| self.error(lsn, reason))?;
+                self.relations.insert(relation.oid, followed);
+            }
+            PgOutputMessage::Insert { relation, new } => {
+                let begin = self.begun(lsn)?;
+                let key = self.row_key(relation, &new, begin)?;
+                let body = self.row_body(relation, &new, begin, &key)?;
+                self.push(
+                    out,
+                    op(KIND_ROW, key, "INSERT", body, 0, &self.version),
+                    begin,
+                );
+            }
+            PgOutputMessage::Update { relation, old, new } => {
+                let begin = self.begun(lsn)?;
+                let identity = old.as_ref().map_or(&new, OldTuple::tuple);
+                let key = self.row_key(relation, identity, begin)?;
+                let body = self.row_body(relation, &new, begin, &key)?;
+                self.push(
+                    out,
+                    op(KIND_ROW, key, "UPDATE", body, 0, &self.version),
+                    begin,
+                );
+            }
+            PgOutputMessage::Delete { relation, old } => {
+                let begin = self.begun(lsn)?;
+                let key = self.row_key(relation, old.tuple(), begin)?;
+                let mut delete = op(KIND_ROW, key, "DELETE", Vec::new(), 0, &self.version);
+                delete.content_type = Bytes::new();
+                self.push(out, delete, begin);
+            }
+            PgOutputMessage::Truncate {
+                cascade,
+                restart_identity,
+                relations,
+            } => {
+                let begin = self.begun(lsn)?;
+                let mut tables = Vec::with_capacity(relations.len());
+                for oid in &relations {
+                    let followed = self.followed(*oid, begin)?;
+                    tables.push(serde_json::json!({
+                        "schema": followed.plan.table.schema,
+                        "name": followed.plan.table.name,
+                    }));
+                }
+                let Some(first) = relations.first() else {
+                    return Ok(());
+                };
+                let key = format!(
+                    "table/{}",
+                    self.followed(*first, begin)?.plan.table.display_name()
+                );
+                let body = serde_json::json!({
+                    "tables": tables,
+                    "cascade": cascade,
+                    "restart_identity": restart_identity,
+                });
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                self.push(
+                    out,
+                    op(KIND_TABLE, key, "TRUNCATE", body, 0, &self.version),
+                    begin,
+                );
+            }
+            PgOutputMessage::Message(message) => {
+                if message.prefix == MARKER_PREFIX {
+                    out.push(Decoded::Marker(message));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The transaction a change belongs to.
+    fn begun(&self, lsn: Lsn) -> Result<Begin, PgError> {
+        self.transaction
+            .ok_or_else(|| self.error(lsn, "a change outside a transaction".to_owned()))
+    }
+
+    fn push(&mut self, out: &mut Vec<Decoded>, mut next: Op, begin: Begin) {
+        next.position = begin.final_lsn.0;
+        next.txn = begin.final_lsn.0;
+        next.txn_last = false;
+        if let Some(previous) = self.pending.replace(next) {
+            out.push(Decoded::Op(previous));
+        }
+    }
+
+    fn followed(&self, oid: u32, begin: Begin) -> Result<&FollowedTable, PgError> {
+        self.relations.get(&oid).ok_or_else(|| {
+            self.error(
+                begin.final_lsn,
+                format!("a change to the table of OID {oid}, which no Relation message described"),
+            )
+        })
+    }
+
+    /// The key of the row `tuple` (a new row, or an old row's key or
+    /// whole).
+    fn row_key(&self, oid: u32, tuple: &Tuple, begin: Begin) -> Result<String, PgError> {
+        let followed = self.followed(oid, begin)?;
+        let plan = &followed.plan;
+        let mut key = plan.key_prefix.clone();
+        for (index, column) in plan.key_columns.iter().enumerate() {
+            if index > 0 {
+                key.push('/');
+            }
+            match tuple.0.get(*column) {
+                Some(TupleValue::Text(text)) => push_key_part(&mut key, text),
+                other => {
+                    let what = match other {
+                        Some(TupleValue::Null) => "NULL",
+                        Some(TupleValue::UnchangedToast) => "not sent",
+                        Some(TupleValue::Binary(_)) => "in binary",
+                        _ => "missing",
+                    };
+                    return Err(self.error(
+                        begin.final_lsn,
+                        format!(
+                            "a change to {} whose key column {} is {what}",
+                            plan.table.display_name(),
+                            plan.columns[*column].name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(key)
+    }
+
+    fn row_body(
+        &mut self,
+        oid: u32,
+        tuple: &Tuple,
+        begin: Begin,
+        key: &str,
+    ) -> Result<Vec<u8>, PgError> {
+        let values = tuple.0.iter().map(|value| match value {
+            TupleValue::Null => TextValue::Null,
+            TupleValue::UnchangedToast => TextValue::Absent,
+            TupleValue::Text(text) | TupleValue::Binary(text) => TextValue::Text(text),
+        });
+        let binary = tuple
+            .0
+            .iter()
+            .any(|value| matches!(value, TupleValue::Binary(_)));
+        let decoded = match self.relations.get_mut(&oid) {
+            _ if binary => Err("a value came in binary".to_owned()),
+            Some(followed) => {
+                let mut body = Vec::new();
+                followed
+                    .decoder
+                    .decode_values(values, &mut body)
+                    .map(|()| body)
+                    .map_err(|error| error.to_string())
+            }
+            None => Err("no Relation message described its table".to_owned()),
+        };
+        decoded.map_err(|reason| {
+            self.error(
+                begin.final_lsn,
+                format!("the change to row {key} cannot be carried: {reason}"),
+            )
+        })
+    }
+
+    /// The snapshot's plan of the table `relation` describes, when the two
+    /// agree; what differs otherwise.
+    fn follow(&self, relation: &Relation) -> Result<FollowedTable, String> {
+        let name = format!("{}.{}", relation.schema, relation.name);
+        let Some(plan) = self
+            .tables
+            .get(&(relation.schema.clone(), relation.name.clone()))
+        else {
+            return Err(format!(
+                "{name} changed, and the snapshot does not hold it (was it created after the snapshot?); a table the migration should carry must exist when it starts"
+            ));
+        };
+        let snapshot: Vec<(&str, u32)> = plan
+            .table
+            .copied_columns()
+            .map(|column| (column.name.as_str(), column.type_oid))
+            .collect();
+        let now: Vec<(&str, u32)> = relation
+            .columns
+            .iter()
+            .map(|column| (column.name.as_str(), column.type_oid))
+            .collect();
+        if snapshot != now {
+            return Err(format!(
+                "the definition of {name} changed since the snapshot: {}; a schema change on the source needs a profile migration that carries it, or a new migration started after it",
+                difference(&snapshot, &now)
+            ));
+        }
+        let identity: Vec<usize> = relation
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, column)| column.key)
+            .map(|(index, _)| index)
+            .collect();
+        let mut key_columns = plan.key_columns.clone();
+        key_columns.sort_unstable();
+        if plan.key_columns.is_empty()
+            || (relation.replica_identity != b'f' && identity != key_columns)
+        {
+            return Err(format!(
+                "{name} has no primary key that its replica identity sends; give it a primary key with REPLICA IDENTITY DEFAULT, or ALTER TABLE {name} REPLICA IDENTITY FULL"
+            ));
+        }
+        Ok(FollowedTable {
+            plan: plan.clone(),
+            decoder: RowDecoder::new(plan.columns.iter().cloned()),
+        })
+    }
+}
+
+/// What differs between two lists of (column, type OID), for people.
+fn difference(before: &[(&str, u32)], after: &[(&str, u32)]) -> String {
+    let mut parts = Vec::new();
+    for (name, oid) in after {
+        match before.iter().find(|(old, _)| old == name) {
+            None => parts.push(format!("column {name} added")),
+            Some((_, old)) if old != oid => {
+                parts.push(format!("column {name} changed type (OID {old} -> {oid})"));
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, _) in before {
+        if !after.iter().any(|(new, _)| new == name) {
+            parts.push(format!("column {name} dropped or renamed"));
+        }
+    }
+    if parts.is_empty() {
+        parts.push("its columns are in another order".to_owned());
+    }
+    parts.join(", ")
+}
+
+/// Where a [`ChangeFeed`] reads from.
+#[derive(Debug, Clone)]
+pub struct FeedOptions {
+    /// The logical slot (made with the `pgoutput` plugin).
+    pub slot: String,
+    /// The publication naming the tables.
+    pub publication: String,
+    /// Transactions whose commit record starts here or later (and after
+    /// the slot's confirmed position) are read.
+    pub start: Lsn,
+    /// The tables, as an extract selects them.
+    pub schemas: Vec<String>,
+    /// Only these tables (`schema.table` or `table`).
+    pub tables: Vec<String>,
+}
+
+/// What a [`ChangeFeed`] read.
+// Ops are nearly every event: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedEvent {
+    /// An op of a transaction (the last of it has `txn_last`).
+    Op(Op),
+    /// A transaction committed; all its ops came before this.
+    Committed {
+        /// Its commit LSN, the position of its ops.
+        commit_lsn: Lsn,
+    },
+    /// A marker ferry wrote with `pg_logical_emit_message` (prefix
+    /// `ferry`).
+    Marker {
+        /// Where it was written.
+        lsn: Lsn,
+        /// What it says.
+        content: Bytes,
+    },
+    /// Nothing new: the server's WAL reaches `head` (sent at each of its
+    /// keepalives).
+    Idle {
+        /// The server's WAL end.
+        head: Lsn,
+    },
+}
+
+/// How often a feed tells the server how far it got, at least (the
+/// server's `wal_sender_timeout` is 60 s by default).
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a feed waits for the server before it looks whether a status
+/// update is due (a newly confirmed position goes out within this).
+const STATUS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The changes of a logical slot as ops: [`ChangeDecoder`] over a
+/// replication stream, telling the server at least every
+/// [`STATUS_INTERVAL`] how far the target holds the changes (see
+/// [`ChangeFeed::confirm`]), so that the slot's WAL is released and a slow
+/// reader is never dropped for `wal_sender_timeout`.
+pub struct ChangeFeed {
+    stream: super::replication::LogicalReplicationStream,
+    decoder: ChangeDecoder,
+    decoded: std::collections::VecDeque<Decoded>,
+    /// Durable on the target through here (the slot's confirmed position).
+    confirmed: Lsn,
+    /// The last commit read.
+    received: Lsn,
+    status_sent: tokio::time::Instant,
+    /// `confirmed` as the server was last told it.
+    confirmed_sent: Lsn,
+    server: String,
+}
+
+impl ChangeFeed {
+    /// Starts reading `options.slot` of the database `connection` reaches;
+    /// the tables are read from the catalog as it is now.
+    pub async fn start(
+        connection: &super::PgConnection,
+        options: &FeedOptions,
+    ) -> crate::Result<Self> {
+        Self::begin(connection, options)
+            .await
+            .map_err(|error| crate::adapters::AdapterError::source(error).into())
+    }
+
+    async fn begin(
+        connection: &super::PgConnection,
+        options: &FeedOptions,
+    ) -> Result<Self, PgError> {
+        let server = connection.server();
+        let client = connection.connect().await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|error| PgError::statement(&server, "reading the catalog", &error))?;
+        let selection = super::catalog::Selection {
+            schemas: options.schemas.clone(),
+            tables: options.tables.clone(),
+        };
+        let catalog = super::catalog::read(&client, &server, &selection).await?;
+        let _ = client.batch_execute("COMMIT").await;
+        let plans = super::source::plan_tables(&catalog, &server)?;
+        let version: String = client
+            .query_one("SELECT pg_catalog.current_setting('server_version')", &[])
+            .await
+            .map_err(|error| PgError::statement(&server, "reading the server's version", &error))?
+            .get(0);
+        Self::open(
+            connection,
+            options,
+            &plans,
+            Bytes::from(version.into_bytes()),
+        )
+        .await
+    }
+
+    /// Starts reading with the tables of `plans` (a snapshot's).
+    pub(super) async fn open(
+        connection: &super::PgConnection,
+        options: &FeedOptions,
+        plans: &[Arc<TablePlan>],
+        version: Bytes,
+    ) -> Result<Self, PgError> {
+        let server = connection.server();
+        let replication =
+            super::replication::ReplicationConnection::connect(&connection.replication_config())
+                .await
+                .map_err(|error| PgError::replication("connecting for replication", error))?;
+        let stream = replication
+            .start_logical_replication(
+                &options.slot,
+                options.start,
+                &[
+                    ("proto_version", "1"),
+                    ("publication_names", &options.publication),
+                    ("messages", "true"),
+                ],
+            )
+            .await
+            .map_err(|error| {
+                PgError::replication(
+                    format!("starting to read replication slot {}", options.slot),
+                    error,
+                )
+            })?;
+        Ok(Self {
+            stream,
+            decoder: ChangeDecoder::new(&server, version, plans),
+            decoded: std::collections::VecDeque::new(),
+            confirmed: Lsn(0),
+            received: options.start,
+            status_sent: tokio::time::Instant::now(),
+            confirmed_sent: Lsn(0),
+            server,
+        })
+    }
+
+    /// The target holds every transaction whose commit LSN is at or below
+    /// `commit_lsn` durably: the slot may release the WAL before it. Told
+    /// to the server with the next status update.
+    pub fn confirm(&mut self, commit_lsn: Lsn) {
+        // A resumed stream starts after the confirmed position's
+        // transaction: past its commit record's start.
+        self.confirmed = self.confirmed.max(Lsn(commit_lsn.0 + 1));
+    }
+
+    /// The next event. Cancel-safe.
+    pub async fn next(&mut self) -> crate::Result<FeedEvent> {
+        self.read()
+            .await
+            .map_err(|error| crate::adapters::AdapterError::source(error).into())
+    }
+
+    async fn read(&mut self) -> Result<FeedEvent, PgError> {
+        use super::replication::ReplicationMessage;
+        loop {
+            if let Some(decoded) = self.decoded.pop_front() {
+                return Ok(match decoded {
+                    Decoded::Op(op) => FeedEvent::Op(op),
+                    Decoded::Committed { commit_lsn, .. } => {
+                        self.received = self.received.max(commit_lsn);
+                        FeedEvent::Committed { commit_lsn }
+                    }
+                    Decoded::Marker(marker) => FeedEvent::Marker {
+                        lsn: marker.lsn,
+                        content: marker.content,
+                    },
+                });
+            }
+            if self.status_sent.elapsed() >= STATUS_INTERVAL
+                || self.confirmed != self.confirmed_sent
+            {
+                self.send_status(false).await?;
+            }
+            let message = tokio::time::timeout(STATUS_CHECK, self.stream.next_message()).await;
+            let Ok(message) = message else {
+                continue;
+            };
+            let message = message
+                .map_err(|error| PgError::replication("reading the change stream", error))?;
+            match message {
+                None => {
+                    return Err(PgError::Unreachable {
+                        server: self.server.clone(),
+                        reason: "the server ended the change stream".to_owned(),
+                    });
+                }
+                Some(ReplicationMessage::Keepalive(keepalive)) => {
+                    if keepalive.reply_requested {
+                        self.send_status(false).await?;
+                    }
+                    if !self.decoder.in_transaction() {
+                        // The target holds all that came: nothing of ours
+                        // lies before the server's end, and the slot may
+                        // let the WAL of other changes go.
+                        if self.confirmed > self.received {
+                            self.confirmed = self.confirmed.max(keepalive.wal_end);
+                        }
+                        return Ok(FeedEvent::Idle {
+                            head: keepalive.wal_end,
+                        });
+                    }
+                }
+                Some(ReplicationMessage::XLogData(data)) => {
+                    let lsn = data.wal_start;
+                    let message =
+                        PgOutputMessage::parse(data.data).map_err(|error| PgError::Follow {
+                            server: self.server.clone(),
+                            lsn: lsn.to_string(),
+                            reason: error.to_string(),
+                        })?;
+                    let mut out = Vec::new();
+                    self.decoder.decode(message, lsn, &mut out)?;
+                    self.decoded.extend(out);
+                }
+            }
+        }
+    }
+
+    async fn send_status(&mut self, reply_requested: bool) -> Result<(), PgError> {
+        let status = super::replication::StandbyStatus {
+            written: self.received,
+            flushed: self.confirmed,
+            applied: self.confirmed,
+            reply_requested,
+        };
+        self.stream
+            .send_standby_status(status)
+            .await
+            .map_err(|error| PgError::replication("telling the server how far ferry got", error))?;
+        self.status_sent = tokio::time::Instant::now();
+        self.confirmed_sent = self.confirmed;
+        Ok(())
+    }
+}

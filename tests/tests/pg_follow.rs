@@ -13,10 +13,14 @@ use std::time::{Duration, Instant};
 use ferry_engine::Op;
 use ferry_engine::adapters::postgres::follow::{ChangeFeed, FeedEvent, FeedOptions};
 use ferry_engine::adapters::postgres::replication::Lsn;
-use ferry_engine::adapters::postgres::{PasswordSources, PgConnection};
+use ferry_engine::adapters::postgres::{PasswordSources, PgConnection, PgSink, PgSinkOptions};
+use ferry_engine::adapters::{Sink, StreamInfo};
 use ferry_tests::pg::PgServer;
 
 const DB: &str = "app";
+
+const TABLES: &str = "CREATE TABLE runs (id bigint PRIMARY KEY, name text, big text); \
+                      CREATE TABLE pair (a int, b text, v int, PRIMARY KEY (b, a));";
 
 fn connection(server: &PgServer) -> PgConnection {
     PgConnection::from_url(&server.url(DB), &PasswordSources::default())
@@ -100,10 +104,10 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     let start: Lsn = server
         .psql(
             DB,
-            "CREATE TABLE runs (id bigint PRIMARY KEY, name text, big text); \
-             CREATE TABLE pair (a int, b text, v int, PRIMARY KEY (b, a)); \
-             CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
-             SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');",
+            &format!(
+                "{TABLES} CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
+             SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');"
+            ),
         )
         .expect("the tables, the publication and the slot")
         .parse()
@@ -172,6 +176,48 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
             assert_eq!(op.txn_last, index + 1 == count, "{op:?}");
         }
     }
+
+    // The ops replayed by ferry's PostgreSQL sink onto a copy of the
+    // tables: the same rows, the TOASTed value the update left out kept.
+    server.create_database("copy").expect("a second database");
+    server.psql("copy", TABLES).expect("the tables on the copy");
+    let mut sink = PgSink::new(
+        PgConnection::from_url(&server.url("copy"), &PasswordSources::default())
+            .expect("the copy's URL"),
+        PgSinkOptions {
+            allow_nonempty: true,
+            ops_per_commit: 100,
+            epoch: 0,
+            lanes: 2,
+        },
+    );
+    sink.begin(&StreamInfo {
+        stream_id: "followed".to_owned(),
+        ..StreamInfo::default()
+    })
+    .await
+    .expect("the sink begins");
+    let mut ops: Vec<Op> = read
+        .iter()
+        .flat_map(|transaction| transaction.ops.clone())
+        .collect();
+    for (index, op) in ops.iter_mut().enumerate() {
+        op.seq = index as u64 + 1;
+    }
+    sink.apply(ops)
+        .await
+        .expect("the sink applies every change");
+    Box::new(sink).finish().await.expect("the sink finishes");
+    let rows = "SELECT id, name, md5(big) FROM runs ORDER BY id; SELECT count(*) FROM pair;";
+    let on_source = server.psql(DB, rows).expect("the source's rows");
+    let big_md5 = server
+        .psql(DB, &format!("SELECT md5({toasted});"))
+        .expect("the big value's md5");
+    assert_eq!(on_source, format!("1|a2|{big_md5}\n10|b|\n0"));
+    assert_eq!(
+        server.psql("copy", rows).expect("the copy's rows"),
+        on_source
+    );
 
     // The target holds the first three transactions: the slot moves past
     // the third's commit, and a feed started again begins with the fourth.

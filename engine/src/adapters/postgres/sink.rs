@@ -104,6 +104,20 @@ impl OpenCopy {
 struct TableCodec {
     encoder: RowEncoder,
     statement: String,
+    /// What an UPDATE or DELETE needs, read at the first.
+    change: Option<ChangeShape>,
+}
+
+/// What an UPDATE or DELETE of a target table needs: its columns, in the
+/// encoder's order, with their types as SQL, and its primary key.
+#[derive(Debug, Clone)]
+struct ChangeShape {
+    /// `"schema"."table"`.
+    table: String,
+    /// Each column's name (quoted) and type (`format_type`).
+    columns: Vec<(String, String)>,
+    /// The primary key's columns in key order, as indexes into `columns`.
+    key: Vec<usize>,
 }
 
 /// One PostgreSQL database under the [`SinkDriver`].
@@ -117,6 +131,8 @@ pub struct PgTarget {
     codecs: HashMap<(String, String), TableCodec>,
     types: Option<TypeCatalog>,
     schemas: HashSet<String>,
+    /// Prepared UPDATE and DELETE statements, by their SQL.
+    statements: HashMap<String, tokio_postgres::Statement>,
 }
 
 impl PgTarget {
@@ -131,6 +147,7 @@ impl PgTarget {
             codecs: HashMap::new(),
             types: None,
             schemas: HashSet::new(),
+            statements: HashMap::new(),
         }
     }
 
@@ -312,6 +329,7 @@ impl PgTarget {
                 TableCodec {
                     encoder: RowEncoder::new(columns),
                     statement,
+                    change: None,
                 },
             );
         }
@@ -351,6 +369,195 @@ impl PgTarget {
             }
         }
         Ok(())
+    }
+
+    /// An UPDATE (the row `op`'s key names, set to what its body gives)
+    /// or a DELETE: exactly one row must match, or the target is not what
+    /// the stream left it as, and the op is refused.
+    async fn apply_change(&mut self, op: &Op) -> Result<()> {
+        self.end_copy().await?;
+        let bad_key = || "a row's key must be SCHEMA.TABLE/KEY".to_owned();
+        let table = row_table(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
+        let key_values = row_key_values(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
+        self.codec(op, &table).await?;
+        if self
+            .codecs
+            .get(&table)
+            .is_some_and(|codec| codec.change.is_none())
+        {
+            let shape = self.change_shape(op, &table).await?;
+            if let Some(codec) = self.codecs.get_mut(&table) {
+                codec.change = Some(shape);
+            }
+        }
+        let Some(TableCodec {
+            encoder,
+            change: Some(shape),
+            ..
+        }) = self.codecs.get_mut(&table)
+        else {
+            return Err(self.bad_op(op, "its table's columns were not read".to_owned()));
+        };
+        let shape = shape.clone();
+        if shape.key.is_empty() || key_values.len() != shape.key.len() {
+            return Err(self.bad_op(
+                op,
+                format!(
+                    "its key has {} part(s) and {} has a primary key of {} column(s)",
+                    key_values.len(),
+                    shape.table,
+                    shape.key.len()
+                ),
+            ));
+        }
+        let update = op.method.as_ref() == b"UPDATE";
+        let set = if update {
+            encoder
+                .text_values(&op.body)
+                .map_err(|error| self.bad_op(op, format!("{}: {error}", shape.table)))?
+        } else {
+            Vec::new()
+        };
+        let mut sql = if update {
+            if set.is_empty() {
+                return Ok(());
+            }
+            let assignments: Vec<String> = set
+                .iter()
+                .enumerate()
+                .map(|(place, (index, _))| {
+                    let (name, type_sql) = &shape.columns[*index];
+                    format!("{name} = ${}::text::{type_sql}", place + 1)
+                })
+                .collect();
+            format!("UPDATE {} SET {}", shape.table, assignments.join(", "))
+        } else {
+            format!("DELETE FROM {}", shape.table)
+        };
+        let conditions: Vec<String> = shape
+            .key
+            .iter()
+            .enumerate()
+            .map(|(place, index)| {
+                let (name, type_sql) = &shape.columns[*index];
+                format!("{name} = ${}::text::{type_sql}", set.len() + place + 1)
+            })
+            .collect();
+        sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
+        let mut params: Vec<Option<&str>> = set.iter().map(|(_, text)| text.as_deref()).collect();
+        params.extend(key_values.iter().map(|text| Some(text.as_str())));
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|param| param as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let what = || {
+            format!(
+                "op seq {} ({} {})",
+                op.seq,
+                String::from_utf8_lossy(&op.method),
+                String::from_utf8_lossy(&op.key)
+            )
+        };
+        let statement = match self.statements.get(&sql) {
+            Some(statement) => statement.clone(),
+            None => {
+                let statement = self.client()?.prepare(&sql).await.map_err(|error| {
+                    self.error(PgError::statement(&self.server, what(), &error))
+                })?;
+                self.statements.insert(sql, statement.clone());
+                statement
+            }
+        };
+        let changed = self
+            .client()?
+            .execute(&statement, &params)
+            .await
+            .map_err(|error| self.error(PgError::statement(&self.server, what(), &error)))?;
+        if changed != 1 {
+            return Err(self.bad_op(
+                op,
+                format!(
+                    "{changed} rows of {} match its key, where the source changed one: the target was changed outside this stream",
+                    shape.table
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads what an UPDATE or DELETE of `table` needs from the target's
+    /// catalog (the columns in the order [`Self::codec`] reads them).
+    async fn change_shape(&self, op: &Op, table: &(String, String)) -> Result<ChangeShape> {
+        let qualified_name = qualified(&table.0, &table.1);
+        let rows = self
+            .client()?
+            .query(
+                "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                        coalesce((SELECT k.n FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY k(attnum, n) \
+                                  WHERE k.attnum = a.attnum), 0)::int \
+                 FROM pg_catalog.pg_attribute a \
+                 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
+                &[&qualified_name],
+            )
+            .await
+            .map_err(|error| {
+                self.error(PgError::statement(
+                    &self.server,
+                    format!("op seq {}: reading the key of {}.{}", op.seq, table.0, table.1),
+                    &error,
+                ))
+            })?;
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut key: Vec<(i32, usize)> = Vec::new();
+        for (index, row) in rows.iter().enumerate() {
+            let name: String = row.get(0);
+            columns.push((quote_ident(&name), row.get::<_, String>(1)));
+            let place: i32 = row.get(2);
+            if place > 0 {
+                key.push((place, index));
+            }
+        }
+        key.sort_unstable();
+        Ok(ChangeShape {
+            table: qualified_name,
+            columns,
+            key: key.into_iter().map(|(_, index)| index).collect(),
+        })
+    }
+
+    /// `TRUNCATE` of the tables a `pg.table TRUNCATE` op names, together.
+    fn truncate_sql(&self, op: &Op) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Truncated {
+            schema: String,
+            name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Truncate {
+            tables: Vec<Truncated>,
+            #[serde(default)]
+            restart_identity: bool,
+        }
+        let truncate: Truncate = self.parse(op)?;
+        if truncate.tables.is_empty() {
+            return Err(self.bad_op(op, "it names no table".to_owned()));
+        }
+        let tables: Vec<String> = truncate
+            .tables
+            .iter()
+            .map(|table| qualified(&table.schema, &table.name))
+            .collect();
+        Ok(format!(
+            "TRUNCATE ONLY {}{}",
+            tables.join(", "),
+            if truncate.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            }
+        ))
     }
 
     /// Starts `COPY ... FROM STDIN` into the table `op`'s key names.
@@ -430,6 +637,8 @@ impl PgTarget {
         } else if kind == KIND_SEQUENCE.as_bytes() && method == b"SETVAL" {
             let value: SequenceValue = self.parse(op)?;
             return self.set_sequence(op, &value).await;
+        } else if kind == KIND_TABLE.as_bytes() && method == b"TRUNCATE" {
+            self.truncate_sql(op)?
         } else {
             return Err(self.bad_op(
                 op,
@@ -526,6 +735,14 @@ pub(crate) fn row_table(key: &[u8]) -> Option<(String, String)> {
     let (table, _) = key.split_once('/')?;
     let (schema, name) = table.split_once('.')?;
     Some((percent_decode(schema)?, percent_decode(name)?))
+}
+
+/// The primary key values a row key holds, in key order: the parts after
+/// the table, each with `%` and `/` percent-decoded.
+fn row_key_values(key: &[u8]) -> Option<Vec<String>> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (_, values) = key.split_once('/')?;
+    values.split('/').map(percent_decode).collect()
 }
 
 fn percent_decode(text: &str) -> Option<String> {
@@ -761,8 +978,11 @@ impl TransactionalTarget for PgTarget {
     }
 
     async fn apply(&mut self, op: &Op) -> Result<()> {
-        if op.kind.as_ref() == KIND_ROW.as_bytes() && op.method.as_ref() == b"INSERT" {
+        let row = op.kind.as_ref() == KIND_ROW.as_bytes();
+        if row && op.method.as_ref() == b"INSERT" {
             self.apply_row(op).await
+        } else if row && matches!(op.method.as_ref(), b"UPDATE" | b"DELETE") {
+            self.apply_change(op).await
         } else {
             self.apply_other(op).await
         }

@@ -121,6 +121,45 @@ impl RowEncoder {
         Ok(())
     }
 
+    /// The columns the JSON object `body` gives (some or all, in any
+    /// order), each as its index and its text form (`None` for NULL), in
+    /// the order written: what an UPDATE sets. A key that is no column, or
+    /// a column given twice, is an error.
+    pub fn text_values(&mut self, body: &[u8]) -> Result<Vec<(usize, Option<String>)>, ValueError> {
+        let row: RowObject =
+            serde_json::from_slice(body).map_err(|error| ValueError::NotAnObject {
+                reason: error.to_string(),
+            })?;
+        let mut values: Vec<(usize, Option<String>)> = Vec::with_capacity(row.entries.len());
+        for (key, value) in row.entries {
+            let index = *self
+                .index_by_name
+                .get(key.as_ref())
+                .ok_or_else(|| ValueError::UnknownColumn { key: excerpt(&key) })?;
+            if values.iter().any(|(given, _)| *given == index) {
+                return Err(ValueError::DuplicateColumn {
+                    column: self.columns[index].name.clone(),
+                });
+            }
+            if value.get() == "null" {
+                values.push((index, None));
+                continue;
+            }
+            let column = &self.columns[index];
+            let mut text = String::new();
+            write_text(&column.pg_type, value, &mut text, &mut self.element).map_err(|reason| {
+                ValueError::BadValue {
+                    column: column.name.clone(),
+                    pg_type: column.pg_type.to_string(),
+                    value: excerpt(value.get()),
+                    reason,
+                }
+            })?;
+            values.push((index, Some(text)));
+        }
+        Ok(values)
+    }
+
     /// The way for a body as the extract writes it: the columns in order,
     /// no whitespace, `{"a":1,"b":"x"}`. One pass over the body finds each
     /// value's end; values whose JSON text is their COPY text (numbers,

@@ -41,7 +41,7 @@ fn options(start: Lsn) -> FeedOptions {
 #[derive(Debug)]
 struct Transaction {
     ops: Vec<Op>,
-    commit_lsn: Lsn,
+    position: Lsn,
     markers: Vec<String>,
 }
 
@@ -61,9 +61,9 @@ async fn transactions(feed: &mut ChangeFeed, count: usize) -> Vec<Transaction> {
             FeedEvent::Marker { content, .. } => {
                 markers.push(String::from_utf8_lossy(&content).into_owned());
             }
-            FeedEvent::Committed { commit_lsn } => read.push(Transaction {
+            FeedEvent::Committed { position } => read.push(Transaction {
                 ops: std::mem::take(&mut ops),
-                commit_lsn,
+                position,
                 markers: std::mem::take(&mut markers),
             }),
             FeedEvent::Idle { .. } => {}
@@ -162,17 +162,17 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     // marker is reported, another prefix is not.
     assert_eq!(read[6].markers, vec!["fence 7".to_owned()]);
     assert!(read[7].markers.is_empty(), "{:?}", read[7].markers);
-    let mut last_commit = start;
+    let mut last_position = start;
     for transaction in &read {
         assert!(
-            transaction.commit_lsn > last_commit,
+            transaction.position > last_position,
             "commit order: {read:#?}"
         );
-        last_commit = transaction.commit_lsn;
+        last_position = transaction.position;
         let count = transaction.ops.len();
         for (index, op) in transaction.ops.iter().enumerate() {
-            assert_eq!(op.position, transaction.commit_lsn.0);
-            assert_eq!(op.txn, transaction.commit_lsn.0);
+            assert_eq!(op.position, transaction.position.0);
+            assert_eq!(op.txn, transaction.position.0);
             assert_eq!(op.txn_last, index + 1 == count, "{op:?}");
         }
     }
@@ -221,8 +221,8 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
 
     // The target holds the first three transactions: the slot moves past
     // the third's commit, and a feed started again begins with the fourth.
-    feed.confirm(read[2].commit_lsn);
-    let confirmed = format!("{}", Lsn(read[2].commit_lsn.0 + 1));
+    feed.confirm(read[2].position);
+    let confirmed = format!("{}", read[2].position);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(2), feed.next()).await;

@@ -9,12 +9,16 @@
 //! | DELETE | `pg.row` | the row's key | `DELETE` | empty |
 //! | TRUNCATE | `pg.table` | `table/<schema>.<name>` of the first table | `TRUNCATE` | `{"tables":[{"schema","name"}..],"cascade","restart_identity"}`: the tables truncated together |
 //!
-//! Every op of a transaction has its commit LSN as `position` and as
-//! `txn`; the last has `txn_last`. A transaction is never held whole: each
-//! op goes out once the next one (or the commit) came, so a transaction of
-//! millions of rows passes through in constant memory. A stream resumed
-//! after a transaction whose commit LSN is P starts at P + 1: the server
-//! skips a transaction whose commit record begins before the start.
+//! Every op of a transaction has as `position` and as `txn` the LSN just
+//! past the start of its commit record (its commit LSN + 1): where a stream
+//! resumed after it starts, since the server skips a transaction whose
+//! commit record begins before the start. So positions of changes are
+//! always above the snapshot's consistent point R, even for a transaction
+//! whose commit record begins at R (which the snapshot does not hold), and
+//! a resume or a confirmed position needs no arithmetic. The last op of a
+//! transaction has `txn_last`. A transaction is never held whole: each op
+//! goes out once the next one (or the commit) came, so a transaction of
+//! millions of rows passes through in constant memory.
 //!
 //! The tables are the snapshot's, as its catalog read them: a `Relation`
 //! message that describes a table otherwise (a column added, dropped,
@@ -48,10 +52,8 @@ pub(super) enum Decoded {
     Op(Op),
     /// A transaction committed; every op of it went out before this.
     Committed {
-        /// Its commit LSN: the position of its ops.
-        commit_lsn: Lsn,
-        /// The end of its commit record.
-        end_lsn: Lsn,
+        /// The position of its ops (its commit LSN + 1).
+        position: Lsn,
     },
     /// A marker ferry wrote with `pg_logical_emit_message`.
     Marker(LogicalMessage),
@@ -153,8 +155,7 @@ impl ChangeDecoder {
                     out.push(Decoded::Op(last));
                 }
                 out.push(Decoded::Committed {
-                    commit_lsn: commit.commit_lsn,
-                    end_lsn: commit.end_lsn,
+                    position: position_of(begin),
                 });
             }
             PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } => {}
@@ -241,8 +242,8 @@ impl ChangeDecoder {
     }
 
     fn push(&mut self, out: &mut Vec<Decoded>, mut next: Op, begin: Begin) {
-        next.position = begin.final_lsn.0;
-        next.txn = begin.final_lsn.0;
+        next.position = position_of(begin).0;
+        next.txn = position_of(begin).0;
         next.txn_last = false;
         if let Some(previous) = self.pending.replace(next) {
             out.push(Decoded::Op(previous));
@@ -378,6 +379,11 @@ impl ChangeDecoder {
     }
 }
 
+/// The position of a transaction's ops: see the module's documentation.
+fn position_of(begin: Begin) -> Lsn {
+    Lsn(begin.final_lsn.0 + 1)
+}
+
 /// What differs between two lists of (column, type OID), for people.
 fn difference(before: &[(&str, u32)], after: &[(&str, u32)]) -> String {
     let mut parts = Vec::new();
@@ -408,8 +414,8 @@ pub struct FeedOptions {
     pub slot: String,
     /// The publication naming the tables.
     pub publication: String,
-    /// Transactions whose commit record starts here or later (and after
-    /// the slot's confirmed position) are read.
+    /// Transactions of positions above this (whose commit records start
+    /// here or later), and above the slot's confirmed position, are read.
     pub start: Lsn,
     /// The tables, as an extract selects them.
     pub schemas: Vec<String>,
@@ -426,8 +432,8 @@ pub enum FeedEvent {
     Op(Op),
     /// A transaction committed; all its ops came before this.
     Committed {
-        /// Its commit LSN, the position of its ops.
-        commit_lsn: Lsn,
+        /// The position of its ops: its commit LSN + 1.
+        position: Lsn,
     },
     /// A marker ferry wrote with `pg_logical_emit_message` (prefix
     /// `ferry`).
@@ -445,12 +451,14 @@ pub enum FeedEvent {
     },
 }
 
-/// How often a feed tells the server how far it got, at least (the
-/// server's `wal_sender_timeout` is 60 s by default).
+/// How often a feed tells the server how far it got, at least: this, or a
+/// quarter of the server's `wal_sender_timeout` (60 s by default) when
+/// that is shorter.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a feed waits for the server before it looks whether a status
-/// update is due (a newly confirmed position goes out within this).
+/// update is due (a newly confirmed position goes out within this), at
+/// most.
 const STATUS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The changes of a logical slot as ops: [`ChangeDecoder`] over a
@@ -464,11 +472,17 @@ pub struct ChangeFeed {
     decoded: std::collections::VecDeque<Decoded>,
     /// Durable on the target through here (the slot's confirmed position).
     confirmed: Lsn,
-    /// The last commit read.
+    /// The position of the last transaction read.
     received: Lsn,
     status_sent: tokio::time::Instant,
     /// `confirmed` as the server was last told it.
     confirmed_sent: Lsn,
+    /// A status update at least this often.
+    status_interval: std::time::Duration,
+    /// Where confirmed positions come from, besides [`ChangeFeed::confirm`].
+    confirmations: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Asks the feed to have the server report its end now.
+    report: Option<Arc<tokio::sync::Notify>>,
     server: String,
 }
 
@@ -523,6 +537,23 @@ impl ChangeFeed {
         version: Bytes,
     ) -> Result<Self, PgError> {
         let server = connection.server();
+        // The server ends a stream that says nothing for this long.
+        let client = connection.connect().await?;
+        let timeout_ms: i32 = client
+            .query_one(
+                "SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
+            .await
+            .map_err(|error| PgError::statement(&server, "reading wal_sender_timeout", &error))?
+            .get(0);
+        drop(client);
+        let status_interval = match u64::try_from(timeout_ms) {
+            Ok(timeout_ms) if timeout_ms > 0 => STATUS_INTERVAL
+                .min(std::time::Duration::from_millis(timeout_ms / 4))
+                .max(std::time::Duration::from_millis(50)),
+            _ => STATUS_INTERVAL,
+        };
         let replication =
             super::replication::ReplicationConnection::connect(&connection.replication_config())
                 .await
@@ -552,17 +583,31 @@ impl ChangeFeed {
             received: options.start,
             status_sent: tokio::time::Instant::now(),
             confirmed_sent: Lsn(0),
+            status_interval,
+            confirmations: None,
+            report: None,
             server,
         })
     }
 
-    /// The target holds every transaction whose commit LSN is at or below
-    /// `commit_lsn` durably: the slot may release the WAL before it. Told
-    /// to the server with the next status update.
-    pub fn confirm(&mut self, commit_lsn: Lsn) {
-        // A resumed stream starts after the confirmed position's
-        // transaction: past its commit record's start.
-        self.confirmed = self.confirmed.max(Lsn(commit_lsn.0 + 1));
+    /// Takes confirmed positions from `confirmations` too (another task's
+    /// [`ChangeFeed::confirm`]).
+    pub fn confirm_from(&mut self, confirmations: tokio::sync::watch::Receiver<u64>) {
+        self.confirmations = Some(confirmations);
+    }
+
+    /// A notification on `report` asks the server for a keepalive at once:
+    /// the next [`FeedEvent::Idle`] says where it stands.
+    pub fn report_on(&mut self, report: Arc<tokio::sync::Notify>) {
+        self.report = Some(report);
+    }
+
+    /// The target holds every transaction of a position at or below
+    /// `position` durably: the slot may release the WAL before it, and a
+    /// stream started again begins after it. Told to the server with the
+    /// next status update.
+    pub fn confirm(&mut self, position: Lsn) {
+        self.confirmed = self.confirmed.max(position);
     }
 
     /// The next event. Cancel-safe.
@@ -578,9 +623,9 @@ impl ChangeFeed {
             if let Some(decoded) = self.decoded.pop_front() {
                 return Ok(match decoded {
                     Decoded::Op(op) => FeedEvent::Op(op),
-                    Decoded::Committed { commit_lsn, .. } => {
-                        self.received = self.received.max(commit_lsn);
-                        FeedEvent::Committed { commit_lsn }
+                    Decoded::Committed { position } => {
+                        self.received = self.received.max(position);
+                        FeedEvent::Committed { position }
                     }
                     Decoded::Marker(marker) => FeedEvent::Marker {
                         lsn: marker.lsn,
@@ -588,12 +633,21 @@ impl ChangeFeed {
                     },
                 });
             }
-            if self.status_sent.elapsed() >= STATUS_INTERVAL
-                || self.confirmed != self.confirmed_sent
-            {
-                self.send_status(false).await?;
-            }
-            let message = tokio::time::timeout(STATUS_CHECK, self.stream.next_message()).await;
+            self.tend_status().await?;
+            let report = self.report.clone();
+            let asked = async {
+                match &report {
+                    Some(report) => report.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let message = tokio::select! {
+                message = tokio::time::timeout(self.check_interval(), self.stream.next_message()) => message,
+                () = asked => {
+                    self.send_status(true).await?;
+                    continue;
+                }
+            };
             let Ok(message) = message else {
                 continue;
             };
@@ -614,7 +668,7 @@ impl ChangeFeed {
                         // The target holds all that came: nothing of ours
                         // lies before the server's end, and the slot may
                         // let the WAL of other changes go.
-                        if self.confirmed > self.received {
+                        if self.confirmed >= self.received {
                             self.confirmed = self.confirmed.max(keepalive.wal_end);
                         }
                         return Ok(FeedEvent::Idle {
@@ -636,6 +690,36 @@ impl ChangeFeed {
                 }
             }
         }
+    }
+
+    /// How often [`ChangeFeed::keep_alive`] must be called while the
+    /// reader does not read.
+    pub fn check_interval(&self) -> std::time::Duration {
+        STATUS_CHECK.min(self.status_interval)
+    }
+
+    /// Tells the server how far the target holds the stream, when a newly
+    /// confirmed position or the status interval says so. A reader that
+    /// stops reading events for a while (its consumer is slow) calls this
+    /// every [`ChangeFeed::check_interval`] meanwhile, so that the server
+    /// never ends the stream for `wal_sender_timeout`.
+    pub async fn keep_alive(&mut self) -> crate::Result<()> {
+        self.tend_status()
+            .await
+            .map_err(|error| crate::adapters::AdapterError::source(error).into())
+    }
+
+    async fn tend_status(&mut self) -> Result<(), PgError> {
+        if let Some(confirmations) = &self.confirmations {
+            let confirmed = Lsn(*confirmations.borrow());
+            self.confirm(confirmed);
+        }
+        if self.status_sent.elapsed() >= self.status_interval
+            || self.confirmed != self.confirmed_sent
+        {
+            self.send_status(false).await?;
+        }
+        Ok(())
     }
 
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), PgError> {

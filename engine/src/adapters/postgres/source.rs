@@ -804,6 +804,25 @@ async fn drop_leftover_slot(
 #[async_trait]
 impl Source for PgSource {
     async fn open(self: Box<Self>, progress: Arc<Progress>) -> Result<Extraction> {
+        let (extraction, _) = self.open_extraction(progress).await?;
+        Ok(extraction)
+    }
+}
+
+/// What a follower of an extract's slot needs of it: the tables read, as
+/// the snapshot saw them, and the server's version (the ops' platform
+/// version).
+pub(super) struct Snapshotted {
+    pub(super) plans: Vec<Arc<TablePlan>>,
+    pub(super) version: Bytes,
+}
+
+impl PgSource {
+    /// The extract, and what following its slot afterwards needs.
+    pub(super) async fn open_extraction(
+        &self,
+        progress: Arc<Progress>,
+    ) -> Result<(Extraction, Snapshotted)> {
         let (started, facts) = self.start().await.map_err(source_error)?;
         let info = SourceInfo {
             platform: "postgres".to_owned(),
@@ -819,12 +838,16 @@ impl Source for PgSource {
                 facts.timeline
             )),
         };
+        let snapshotted = Snapshotted {
+            plans: started.plans.clone(),
+            version: started.version.clone(),
+        };
         let total_pages: u64 = started.plans.iter().map(|plan| plan.table.pages).sum();
         Progress::set(&progress.bytes_read_total, total_pages * 8192);
         let (sender, receiver) = mpsc::channel(4);
         tokio::spawn(produce(started, sender, progress));
         let ops = tokio_stream::wrappers::ReceiverStream::new(receiver).boxed();
-        Ok(Extraction { info, ops })
+        Ok((Extraction { info, ops }, snapshotted))
     }
 }
 

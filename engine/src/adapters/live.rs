@@ -98,8 +98,10 @@ impl LiveFrom {
 /// One event of a live stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LiveEvent {
-    /// Ops, seqs contiguous with the previous batch's, never splitting a
-    /// source transaction (G3).
+    /// Ops, seqs contiguous with the previous batch's. A batch ends inside
+    /// a source transaction only when the transaction is larger than a
+    /// batch may be; the sink holds its target transaction open until the
+    /// op with `txn_last` (G3).
     Batch(Vec<Op>),
     /// The snapshot is complete through `through_seq`; its ops all have
     /// `position` R. Changes follow. Not repeated when a resume skips the

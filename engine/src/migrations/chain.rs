@@ -261,7 +261,9 @@ impl Chain {
             }
             if outputs.is_empty() && txn != 0 && txn_last {
                 // The transaction's last op was dropped: the one before it
-                // (in this batch: batches never split a transaction) ends it.
+                // ends it, when it is in this batch. (A transaction larger
+                // than a batch, whose last op alone is dropped, stays open:
+                // a known gap, see docs/DESIGN.md, "Version migrations".)
                 if let Some(previous) = out.last_mut().filter(|previous| previous.txn == txn) {
                     previous.txn_last = true;
                 }

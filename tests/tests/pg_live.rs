@@ -7,7 +7,11 @@
 //! confirmed position moves the slot; a stream resumed after a change gives
 //! exactly the unbroken stream's ops with the same seqs; a resume inside
 //! the snapshot and a table without a primary key are refused by name; a
-//! stream nobody reads for three times `wal_sender_timeout` lives on.
+//! stream nobody reads for three times `wal_sender_timeout` lives on. The
+//! fence: every write refused by the database (superuser, replica role,
+//! TRUNCATE) with SQLSTATE 25006, F above every acknowledged write and
+//! reached by the stream, idempotent per epoch, undone by an unfence, for
+//! good after a commit.
 
 use std::time::{Duration, Instant};
 
@@ -285,4 +289,148 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
         error.contains("public.keyless has no primary key"),
         "{error}"
     );
+}
+
+/// A write made with psql as the superuser: `Err` with psql's message when
+/// the server refuses it.
+fn write(server: &PgServer, sql: &str) -> Result<String, String> {
+    server.psql(DB, sql).map_err(|error| error.to_string())
+}
+
+#[tokio::test]
+async fn the_fence_refuses_every_write_at_the_database_and_answers_a_position_the_stream_reaches() {
+    use ferry_engine::adapters::live::{FenceAnswer, FenceMove};
+    let server = PgServer::start().expect("PostgreSQL 15");
+    server.create_database(DB).expect("a database");
+    server
+        .psql(
+            DB,
+            "CREATE TABLE runs (id bigint PRIMARY KEY, name text); \
+             CREATE TABLE other (id int PRIMARY KEY); \
+             INSERT INTO runs VALUES (1, 'one');",
+        )
+        .expect("the source's tables");
+    let source = live_source(&server);
+    let mut stream = source
+        .open(LiveFrom::default())
+        .await
+        .expect("the live stream opens");
+    write(&server, "INSERT INTO runs VALUES (2, 'two');").expect("a write before the fence");
+    let before = wal_now(&server);
+    let fence = FenceMove::Fence {
+        epoch: 1,
+        successor: "postgres://new.example:5432/app".to_owned(),
+    };
+    let FenceAnswer::Done(fenced) = source.move_fence(fence.clone()).await.expect("fence") else {
+        panic!("the fence was refused");
+    };
+    assert!(
+        fenced.0 >= before,
+        "F {fenced} is below the last write's end {before}"
+    );
+    // The stream reaches F, with the write before it.
+    let mut ops = Vec::new();
+    read_through(&mut stream, fenced.0, &mut ops).await;
+    let last_write = ops
+        .iter()
+        .find(|op| op.key == "public.runs/2".as_bytes())
+        .expect("the write before the fence is in the stream");
+    assert!(last_write.position <= fenced.0);
+
+    // Every kind of write, by the superuser, with triggers "off", is
+    // refused with SQLSTATE 25006 naming the migration; reads go on.
+    for sql in [
+        "INSERT INTO runs VALUES (3, 'three');",
+        "UPDATE runs SET name = 'x';",
+        "DELETE FROM runs;",
+        "TRUNCATE runs;",
+        "SET session_replication_role = replica; INSERT INTO other VALUES (1);",
+    ] {
+        let error = write(&server, sql).expect_err("a write to a fenced table");
+        assert!(
+            error.contains("is fenced: ferry migration epoch 1") && error.contains("new.example"),
+            "{sql}: {error}"
+        );
+    }
+    let state = server
+        .psql(
+            DB,
+            "\\set VERBOSITY verbose\nINSERT INTO runs VALUES (4, 'four');",
+        )
+        .expect_err("refused");
+    assert!(state.to_string().contains("25006"), "{state}");
+    assert_eq!(
+        server
+            .psql(DB, "SELECT count(*) FROM runs;")
+            .expect("a read"),
+        "2"
+    );
+
+    // Idempotent for its epoch, refused for an older one; the state says so.
+    assert_eq!(
+        source.move_fence(fence).await.expect("fence again"),
+        FenceAnswer::Done(fenced)
+    );
+    let older = source
+        .move_fence(FenceMove::Unfence { epoch: 0 })
+        .await
+        .expect("an older unfence answers");
+    assert!(matches!(older, FenceAnswer::Refused(_)), "{older:?}");
+    let state = source.fence_state().await.expect("fence state");
+    assert!(
+        state.fenced
+            && state.epoch == 1
+            && state.fenced_position == fenced
+            && state.guard_epochs == vec![1],
+        "{state:?}"
+    );
+
+    // Unfenced: writes go on, and nothing of the fence is left.
+    let unfenced = source
+        .move_fence(FenceMove::Unfence { epoch: 1 })
+        .await
+        .expect("unfence");
+    assert!(matches!(unfenced, FenceAnswer::Done(_)), "{unfenced:?}");
+    write(&server, "INSERT INTO runs VALUES (5, 'five');").expect("a write after the unfence");
+    assert_eq!(
+        server
+            .psql(
+                DB,
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'ferry_fence';"
+            )
+            .expect("psql"),
+        "0"
+    );
+
+    // A later attempt fences and commits: the plane stays fenced for good.
+    let FenceAnswer::Done(again) = source
+        .move_fence(FenceMove::Fence {
+            epoch: 2,
+            successor: "postgres://new.example:5432/app".to_owned(),
+        })
+        .await
+        .expect("fence 2")
+    else {
+        panic!("fence 2 refused");
+    };
+    assert!(again > fenced);
+    assert_eq!(
+        source
+            .move_fence(FenceMove::Commit {
+                epoch: 2,
+                successor_position_offset: 0
+            })
+            .await
+            .expect("commit"),
+        FenceAnswer::Done(again)
+    );
+    let rollback = source
+        .move_fence(FenceMove::Unfence { epoch: 2 })
+        .await
+        .expect("an unfence after the switch answers");
+    assert!(
+        matches!(&rollback, FenceAnswer::Refused(reason) if reason.contains("cannot be rolled back")),
+        "{rollback:?}"
+    );
+    write(&server, "INSERT INTO runs VALUES (6, 'six');").expect_err("switched: refused for good");
 }

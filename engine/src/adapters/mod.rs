@@ -12,6 +12,7 @@
 pub mod digest;
 pub mod driver;
 pub mod etcd;
+pub mod fence_record;
 pub mod jsonl;
 pub mod live;
 pub mod postgres;

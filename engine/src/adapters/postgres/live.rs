@@ -16,9 +16,12 @@
 //!   holds durably, so the server keeps no WAL the migration no longer
 //!   needs and a crash loses nothing.
 //!
-//! **Not built yet**: the fence (statement triggers and a marker that is
-//! F), the digest, and dropping the slot and publication after a switch;
-//! the adapter is not offered to `ferry migrate` until they are.
+//! - The fence: statement triggers on every migrated table and a marker
+//!   whose LSN is F (see `fence.rs`).
+//!
+//! **Not built yet**: the digest, and dropping the slot and publication
+//! after a switch; the adapter is not offered to `ferry migrate` until they
+//! are, with the live sink.
 
 use std::sync::Arc;
 
@@ -33,7 +36,10 @@ use super::replication::Lsn;
 use super::source::{PgSource, PgSourceOptions, TablePlan, plan_tables};
 use super::{PgConnection, PgError, qualified, quote_ident};
 use crate::adapters::AdapterError;
-use crate::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position, ProgressRequester};
+use crate::adapters::live::{
+    FenceAnswer, FenceMove, FenceState, LiveEvent, LiveFrom, LiveStream, Position,
+    ProgressRequester,
+};
 use crate::manifest::SourceInfo;
 use crate::progress::Progress;
 use crate::{Op, Result};
@@ -104,6 +110,35 @@ impl PgLiveSource {
                 ),
             })),
         }
+    }
+
+    /// Moves the fence record as `wanted` says: a fence raises the
+    /// triggers that refuse writes on every migrated table and answers F,
+    /// an unfence drops them (see `fence.rs`).
+    pub async fn move_fence(&self, wanted: FenceMove) -> Result<FenceAnswer> {
+        super::fence::move_fence(&self.connection, &self.options.publication, &wanted)
+            .await
+            .map_err(source_error)
+    }
+
+    /// The fence record, and the epoch whose triggers are raised.
+    pub async fn fence_state(&self) -> Result<FenceState> {
+        let server = self.connection.server();
+        let client = self.connection.connect().await.map_err(source_error)?;
+        let stored = super::fence::read_fence(&client, &server)
+            .await
+            .map_err(source_error)?;
+        let raised = super::fence::triggers_raised(&client, &server)
+            .await
+            .map_err(source_error)?;
+        let guard_epochs = match (&stored, raised) {
+            (Some(stored), true) => vec![stored.fence.epoch],
+            _ => Vec::new(),
+        };
+        Ok(crate::adapters::fence_record::fence_state(
+            stored.as_ref(),
+            guard_epochs,
+        ))
     }
 
     fn feed_options(&self, start: Lsn) -> FeedOptions {

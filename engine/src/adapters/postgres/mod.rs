@@ -47,6 +47,7 @@
 mod args;
 mod catalog;
 mod connection;
+mod fence;
 pub mod follow;
 mod lanes;
 mod live;

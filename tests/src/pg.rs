@@ -492,3 +492,38 @@ fn quote_literal(value: &str) -> String {
 fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
+
+/// Replays `ops` (seqs contiguous from 1) into database `db` of `server`
+/// through ferry's PostgreSQL sink, in batches of `batch` ops, as stream
+/// `stream_id`; `allow_nonempty` when the tables are there already.
+pub async fn replay(
+    server: &PgServer,
+    db: &str,
+    stream_id: &str,
+    ops: &[ferry_engine::Op],
+    batch: usize,
+    allow_nonempty: bool,
+) -> ferry_engine::Result<()> {
+    use ferry_engine::adapters::postgres::{PasswordSources, PgConnection, PgSink, PgSinkOptions};
+    use ferry_engine::adapters::{Sink, StreamInfo};
+    let connection = PgConnection::from_url(&server.url(db), &PasswordSources::default())
+        .map_err(ferry_engine::adapters::AdapterError::target)?;
+    let mut sink = PgSink::new(
+        connection,
+        PgSinkOptions {
+            allow_nonempty,
+            ops_per_commit: 1000,
+            epoch: 0,
+            lanes: 2,
+        },
+    );
+    sink.begin(&StreamInfo {
+        stream_id: stream_id.to_owned(),
+        ..StreamInfo::default()
+    })
+    .await?;
+    for part in ops.chunks(batch.max(1)) {
+        sink.apply(part.to_vec()).await?;
+    }
+    Box::new(sink).finish().await
+}

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use ferry_engine::Op;
 use ferry_engine::adapters::postgres::follow::{ChangeFeed, FeedEvent, FeedOptions};
 use ferry_engine::adapters::postgres::replication::Lsn;
-use ferry_engine::adapters::postgres::{PasswordSources, PgConnection, PgSink, PgSinkOptions};
-use ferry_engine::adapters::{Sink, StreamInfo};
-use ferry_tests::pg::PgServer;
+use ferry_engine::adapters::postgres::{PasswordSources, PgConnection};
+use ferry_tests::pg::{PgServer, replay};
 
 const DB: &str = "app";
 
@@ -181,22 +180,6 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     // tables: the same rows, the TOASTed value the update left out kept.
     server.create_database("copy").expect("a second database");
     server.psql("copy", TABLES).expect("the tables on the copy");
-    let mut sink = PgSink::new(
-        PgConnection::from_url(&server.url("copy"), &PasswordSources::default())
-            .expect("the copy's URL"),
-        PgSinkOptions {
-            allow_nonempty: true,
-            ops_per_commit: 100,
-            epoch: 0,
-            lanes: 2,
-        },
-    );
-    sink.begin(&StreamInfo {
-        stream_id: "followed".to_owned(),
-        ..StreamInfo::default()
-    })
-    .await
-    .expect("the sink begins");
     let mut ops: Vec<Op> = read
         .iter()
         .flat_map(|transaction| transaction.ops.clone())
@@ -204,10 +187,9 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     for (index, op) in ops.iter_mut().enumerate() {
         op.seq = index as u64 + 1;
     }
-    sink.apply(ops)
+    replay(&server, "copy", "followed", &ops, 100, true)
         .await
         .expect("the sink applies every change");
-    Box::new(sink).finish().await.expect("the sink finishes");
     let rows = "SELECT id, name, md5(big) FROM runs ORDER BY id; SELECT count(*) FROM pair;";
     let on_source = server.psql(DB, rows).expect("the source's rows");
     let big_md5 = server

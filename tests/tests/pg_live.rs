@@ -18,11 +18,9 @@ use std::time::{Duration, Instant};
 use ferry_engine::Op;
 use ferry_engine::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position};
 use ferry_engine::adapters::postgres::{
-    PasswordSources, PgConnection, PgLiveOptions, PgLiveSource, PgSink, PgSinkOptions,
-    PgSourceOptions,
+    PasswordSources, PgConnection, PgLiveOptions, PgLiveSource, PgSourceOptions,
 };
-use ferry_engine::adapters::{Sink, StreamInfo};
-use ferry_tests::pg::{PgOptions, PgServer};
+use ferry_tests::pg::{PgOptions, PgServer, replay};
 
 const DB: &str = "app";
 
@@ -148,26 +146,9 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
 
     // Replayed into an empty database by ferry's sink: equal.
     server.create_database("copy").expect("a second database");
-    let mut sink = PgSink::new(
-        PgConnection::from_url(&server.url("copy"), &PasswordSources::default())
-            .expect("the copy's URL"),
-        PgSinkOptions {
-            allow_nonempty: false,
-            ops_per_commit: 1000,
-            epoch: 0,
-            lanes: 2,
-        },
-    );
-    sink.begin(&StreamInfo {
-        stream_id: "live".to_owned(),
-        ..StreamInfo::default()
-    })
-    .await
-    .expect("the sink begins");
-    for batch in all.chunks(700) {
-        sink.apply(batch.to_vec()).await.expect("the sink applies");
-    }
-    Box::new(sink).finish().await.expect("the sink finishes");
+    replay(&server, "copy", "live", &all, 700, false)
+        .await
+        .expect("the sink applies the stream");
     let on_source = server.psql(DB, COMPARE).expect("the source's rows");
     assert!(on_source.contains("1000000|bulk|"), "{on_source}");
     assert_eq!(

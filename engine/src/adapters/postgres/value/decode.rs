@@ -95,28 +95,17 @@ impl RowDecoder {
                 out.extend_from_slice(b"null");
                 continue;
             }
-            let bad_value = |reason: String| ValueError::BadValue {
-                column: column.name.clone(),
-                pg_type: column.pg_type.to_string(),
-                value: excerpt(&String::from_utf8_lossy(field.escaped())),
-                reason,
-            };
             let bytes = field
                 .unescape(&mut self.field)
-                .map_err(|error| bad_value(error.to_string()))?;
-            let text = std::str::from_utf8(bytes).map_err(|error| {
-                bad_value(format!(
-                    "not UTF-8 ({error}); is the session's client_encoding UTF8?"
-                ))
-            })?;
-            write_value(
-                &column.pg_type,
-                text,
+                .map_err(|error| bad_value(column, field.escaped(), error.to_string()))?;
+            write_column(
+                column,
+                bytes,
+                field.escaped(),
                 out,
                 &mut self.element,
                 &mut self.bytes,
-            )
-            .map_err(bad_value)?;
+            )?;
         }
         let extra = fields.count();
         if extra != 0 {
@@ -178,24 +167,7 @@ impl RowDecoder {
                 out.extend_from_slice(b"null");
                 continue;
             };
-            let bad_value = |reason: String| ValueError::BadValue {
-                column: column.name.clone(),
-                pg_type: column.pg_type.to_string(),
-                value: excerpt(&String::from_utf8_lossy(text)),
-                reason,
-            };
-            let written = std::str::from_utf8(text)
-                .map_err(|error| bad_value(format!("not UTF-8 ({error})")))
-                .and_then(|text| {
-                    write_value(
-                        &column.pg_type,
-                        text,
-                        out,
-                        &mut self.element,
-                        &mut self.bytes,
-                    )
-                    .map_err(bad_value)
-                });
+            let written = write_column(column, text, text, out, &mut self.element, &mut self.bytes);
             if let Err(error) = written {
                 out.truncate(start);
                 return Err(error);
@@ -204,6 +176,38 @@ impl RowDecoder {
         out.push(b'}');
         Ok(())
     }
+}
+
+/// A value of `column` that does not follow its type's rule, shown as
+/// `shown` (as it came).
+fn bad_value(column: &Column, shown: &[u8], reason: String) -> ValueError {
+    ValueError::BadValue {
+        column: column.name.clone(),
+        pg_type: column.pg_type.to_string(),
+        value: excerpt(&String::from_utf8_lossy(shown)),
+        reason,
+    }
+}
+
+/// Appends the JSON for `text`, the text form of a value of `column`
+/// (`shown` in errors, as it came).
+fn write_column(
+    column: &Column,
+    text: &[u8],
+    shown: &[u8],
+    out: &mut Vec<u8>,
+    element: &mut String,
+    bytes: &mut Vec<u8>,
+) -> Result<(), ValueError> {
+    let text = std::str::from_utf8(text).map_err(|error| {
+        bad_value(
+            column,
+            shown,
+            format!("not UTF-8 ({error}); is the session's client_encoding UTF8?"),
+        )
+    })?;
+    write_value(&column.pg_type, text, out, element, bytes)
+        .map_err(|reason| bad_value(column, shown, reason))
 }
 
 /// Appends the JSON for the text form `text` of a value of `pg_type`.

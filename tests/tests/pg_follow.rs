@@ -6,7 +6,9 @@
 //! truncates, keys that hold `/` and `%`, composite keys in key order, and
 //! ferry's marker. A confirmed position moves the slot, and a feed started
 //! again resumes after it. A column added on the source stops the feed
-//! with an error naming the table and the column.
+//! with an error naming the table and the column. A slot that does not
+//! exist, or that PostgreSQL invalidated (`wal_status = lost`, past
+//! `max_slot_wal_keep_size`), is refused saying what to do.
 
 use std::time::{Duration, Instant};
 
@@ -261,6 +263,76 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     };
     assert!(
         error.contains("public.runs") && error.contains("column extra added"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_or_invalidated_slot_is_refused_saying_what_to_do() {
+    let server = ferry_tests::pg::PgServer::start_with(&ferry_tests::pg::PgOptions {
+        settings: vec![("max_slot_wal_keep_size".to_owned(), "1MB".to_owned())],
+        ..ferry_tests::pg::PgOptions::default()
+    })
+    .expect("PostgreSQL 15");
+    server.create_database(DB).expect("a database");
+    let start: Lsn = server
+        .psql(
+            DB,
+            &format!(
+                "{TABLES} CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
+                 SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');"
+            ),
+        )
+        .expect("the tables, the publication and the slot")
+        .parse()
+        .expect("an LSN");
+    let connection = connection(&server);
+    let missing = FeedOptions {
+        slot: "ferry_nope".to_owned(),
+        ..options(start)
+    };
+    let error = ChangeFeed::start(&connection, &missing)
+        .await
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("ferry_nope does not exist") && error.contains("start the migration over"),
+        "{error}"
+    );
+    // The slot falls more than max_slot_wal_keep_size behind: PostgreSQL
+    // invalidates it at a checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        server
+            .psql(
+                DB,
+                "INSERT INTO runs SELECT g, 'x', repeat('y', 500) FROM generate_series(1, 20000) g \
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name || 'z'; \
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .expect("WAL written");
+        let status = server
+            .psql(
+                DB,
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'ferry_follow';",
+            )
+            .expect("the slot");
+        if status == "lost" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot lost within 60 s (it is {status})"
+        );
+    }
+    let error = ChangeFeed::start(&connection, &options(start))
+        .await
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("was invalidated by PostgreSQL") && error.contains("max_slot_wal_keep_size"),
         "{error}"
     );
 }

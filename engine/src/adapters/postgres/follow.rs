@@ -379,6 +379,45 @@ impl ChangeDecoder {
     }
 }
 
+/// Refuses a slot that is gone, or that PostgreSQL invalidated: the WAL
+/// the stream needs is lost, and only a new snapshot can go on.
+async fn check_slot(
+    client: &tokio_postgres::Client,
+    server: &str,
+    slot: &str,
+) -> Result<(), PgError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin, wal_status, database FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|error| PgError::statement(server, "reading the replication slot", &error))?;
+    let precondition = |reason: String| PgError::Precondition {
+        server: server.to_owned(),
+        reason,
+    };
+    let Some(row) = row else {
+        return Err(precondition(format!(
+            "replication slot {slot} does not exist (dropped, or made on another server): the changes since the snapshot are gone; start the migration over with a new snapshot"
+        )));
+    };
+    let plugin: Option<String> = row.get(0);
+    let wal_status: Option<String> = row.get(1);
+    if wal_status.as_deref() == Some("lost") {
+        return Err(precondition(format!(
+            "replication slot {slot} was invalidated by PostgreSQL (wal_status = lost: it fell further behind than max_slot_wal_keep_size allows), and the WAL the migration needs is gone; start the migration over with a new snapshot, and raise max_slot_wal_keep_size or keep the target closer behind"
+        )));
+    }
+    if plugin.as_deref() != Some(super::replication::PGOUTPUT) {
+        return Err(precondition(format!(
+            "replication slot {slot} decodes with {}, not pgoutput: it is not ferry's; drop it or name another slot",
+            plugin.as_deref().unwrap_or("no plugin (a physical slot)")
+        )));
+    }
+    Ok(())
+}
+
 /// The position of a transaction's ops: see the module's documentation.
 fn position_of(begin: Begin) -> Lsn {
     Lsn(begin.final_lsn.0 + 1)
@@ -547,6 +586,7 @@ impl ChangeFeed {
             .await
             .map_err(|error| PgError::statement(&server, "reading wal_sender_timeout", &error))?
             .get(0);
+        check_slot(&client, &server, &options.slot).await?;
         drop(client);
         let status_interval = match u64::try_from(timeout_ms) {
             Ok(timeout_ms) if timeout_ms > 0 => STATUS_INTERVAL

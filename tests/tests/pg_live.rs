@@ -15,10 +15,14 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_engine::ErrorClass;
 use ferry_engine::Op;
-use ferry_engine::adapters::live::{LiveEvent, LiveFrom, LiveStream, Position};
+use ferry_engine::adapters::StreamInfo;
+use ferry_engine::adapters::live::{
+    Applied, LiveEvent, LiveFrom, LiveSink, LiveSource, LiveStream, Position,
+};
 use ferry_engine::adapters::postgres::{
-    PasswordSources, PgConnection, PgLiveOptions, PgLiveSource, PgSourceOptions,
+    PasswordSources, PgConnection, PgLiveOptions, PgLiveSink, PgLiveSource, PgSourceOptions,
 };
 use ferry_tests::pg::{PgOptions, PgServer, replay};
 
@@ -94,7 +98,7 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
         .expect("the source's tables and rows");
     let source = live_source(&server);
     let mut stream = source
-        .open(LiveFrom::default())
+        .open(b"", LiveFrom::default())
         .await
         .expect("the live stream opens");
     let snapshot = stream.snapshot_position;
@@ -156,9 +160,100 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
         on_source
     );
 
+    // Applied by the live sink, in batches that split the large
+    // transaction, for epoch 2: equal too, and the epoch holds (G5).
+    server.create_database("live").expect("a third database");
+    let sink = PgLiveSink::new(
+        PgConnection::from_url(&server.url("live"), &PasswordSources::default())
+            .expect("the live target's URL"),
+        1000,
+    );
+    let stream_info = StreamInfo {
+        stream_id: "live".to_owned(),
+        ..StreamInfo::default()
+    };
+    let mut apply = sink
+        .open(&stream_info, 2)
+        .await
+        .expect("the live sink opens");
+    assert_eq!(apply.held_through_seq(), 0);
+    let last_group_start = all.len() - groups.last().map_or(0, Vec::len);
+    let ends: Vec<u64> = all
+        .iter()
+        .filter(|op| op.txn == 0 || op.txn_last)
+        .map(|op| op.seq)
+        .collect();
+    for part in all[..last_group_start].chunks(700) {
+        apply
+            .apply(part.to_vec())
+            .await
+            .expect("the live sink applies");
+        // Durable through a transaction's end, never inside one; a batch
+        // that ends inside a transaction leaves it (and what shares its
+        // target transaction) for the next.
+        if let Some(applied) = apply.applied() {
+            assert!(ends.contains(&applied.through_seq), "{applied:?}");
+            assert!(applied.through_seq <= part.last().map_or(0, |op| op.seq));
+        }
+    }
+    assert_eq!(
+        apply.applied().map(|applied| applied.through_seq),
+        Some(all[last_group_start - 1].seq),
+        "a batch that ends at a transaction's end is durable through it"
+    );
+    let stored = sink.stored("live").await.expect("stored");
+    assert_eq!(stored.epoch, 2);
+    assert_eq!(
+        stored.applied.map(|applied| applied.through_seq),
+        Some(all[last_group_start - 1].seq)
+    );
+    let refused = sink
+        .open(&stream_info, 1)
+        .await
+        .err()
+        .expect("epoch 1 after 2 is refused");
+    assert_eq!(refused.class(), ErrorClass::Precondition, "{refused}");
+    let taken = sink.open(&stream_info, 3).await.expect("epoch 3 opens");
+    let stale = apply
+        .apply(all[last_group_start..].to_vec())
+        .await
+        .expect_err("epoch 2 applies nothing once epoch 3 took the target");
+    assert_eq!(stale.class(), ErrorClass::Precondition, "{stale}");
+    drop(taken);
+    let mut third = sink
+        .open(&stream_info, 3)
+        .await
+        .expect("epoch 3 opens again");
+    assert_eq!(third.held_through_seq(), all[last_group_start - 1].seq);
+    third
+        .apply(all[last_group_start..].to_vec())
+        .await
+        .expect("epoch 3 applies the rest");
+    third.finish().await.expect("the live sink finishes");
+    assert_eq!(
+        server
+            .psql("live", COMPARE)
+            .expect("the live target's rows"),
+        on_source
+    );
+    assert_eq!(sink.adopt(3, 0).await.expect("adopt"), Ok(()));
+    assert_eq!(
+        sink.adopt(2, 0).await.expect("an older adopt answers"),
+        Err(3)
+    );
+
     // The target holds the first two changes: the slot moves there.
     let held = groups[1].last().expect("a group");
-    source.confirm(Position(held.position));
+    source
+        .confirm(
+            "live",
+            Applied {
+                through_seq: held.seq,
+                through_position: Position(held.position),
+            },
+        )
+        .await
+        .expect("confirm");
     let wanted = format!(
         "{}",
         ferry_engine::adapters::postgres::replication::Lsn(held.position)
@@ -192,7 +287,7 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut resumed = loop {
         // The server lets the slot go a moment after the old stream.
-        let mut stream = source.open(from).await.expect("the stream resumes");
+        let mut stream = source.open(b"", from).await.expect("the stream resumes");
         let mut ops = Vec::new();
         match tokio::time::timeout(Duration::from_secs(5), async {
             use futures::StreamExt;
@@ -250,7 +345,7 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
         snapshot_through_seq: Some(snapshot_end),
     };
     let error = source
-        .open(inside)
+        .open(b"", inside)
         .await
         .expect_err("a resume inside the snapshot is refused")
         .to_string();
@@ -262,7 +357,7 @@ async fn a_snapshot_then_every_transaction_replays_into_an_equal_database() {
         .psql(DB, "CREATE TABLE keyless (x int);")
         .expect("a table without a key");
     let error = source
-        .open(LiveFrom::default())
+        .open(b"", LiveFrom::default())
         .await
         .expect_err("a table without a primary key is refused")
         .to_string();
@@ -293,7 +388,7 @@ async fn the_fence_refuses_every_write_at_the_database_and_answers_a_position_th
         .expect("the source's tables");
     let source = live_source(&server);
     let mut stream = source
-        .open(LiveFrom::default())
+        .open(b"", LiveFrom::default())
         .await
         .expect("the live stream opens");
     write(&server, "INSERT INTO runs VALUES (2, 'two');").expect("a write before the fence");

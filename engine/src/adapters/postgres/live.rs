@@ -36,10 +36,13 @@ use super::replication::Lsn;
 use super::source::{PgSource, PgSourceOptions, TablePlan, plan_tables};
 use super::{PgConnection, PgError, qualified, quote_ident};
 use crate::adapters::AdapterError;
+use crate::adapters::driver::{DriverOptions, SinkDriver};
 use crate::adapters::live::{
-    FenceAnswer, FenceMove, FenceState, LiveEvent, LiveFrom, LiveStream, Position,
-    ProgressRequester,
+    Applied, Capabilities, FenceAnswer, FenceMove, FenceState, LiveApply, LiveEvent, LiveFrom,
+    LiveSink, LiveSource, LiveStream, PlaneDescription, PlaneDigest, Position, ProgressRequester,
+    StoredStream,
 };
+use crate::adapters::{Sink, StreamInfo};
 use crate::manifest::SourceInfo;
 use crate::progress::Progress;
 use crate::{Op, Result};
@@ -88,7 +91,7 @@ impl PgLiveSource {
     }
 
     /// The target holds every change through `position` durably.
-    pub fn confirm(&self, position: Position) {
+    fn confirm_position(&self, position: Position) {
         self.confirmed.send_if_modified(|confirmed| {
             let moved = position.0 > *confirmed;
             *confirmed = (*confirmed).max(position.0);
@@ -97,7 +100,7 @@ impl PgLiveSource {
     }
 
     /// Opens a stream from `from` (see the module's documentation).
-    pub async fn open(&self, from: LiveFrom) -> Result<LiveStream> {
+    async fn open_from(&self, from: LiveFrom) -> Result<LiveStream> {
         match from.snapshot {
             None => self.open_new().await,
             Some(snapshot) if from.past_snapshot(snapshot) => self.resume(snapshot, from).await,
@@ -115,14 +118,14 @@ impl PgLiveSource {
     /// Moves the fence record as `wanted` says: a fence raises the
     /// triggers that refuse writes on every migrated table and answers F,
     /// an unfence drops them (see `fence.rs`).
-    pub async fn move_fence(&self, wanted: FenceMove) -> Result<FenceAnswer> {
+    async fn move_fence_record(&self, wanted: FenceMove) -> Result<FenceAnswer> {
         super::fence::move_fence(&self.connection, &self.options.publication, &wanted)
             .await
             .map_err(source_error)
     }
 
     /// The fence record, and the epoch whose triggers are raised.
-    pub async fn fence_state(&self) -> Result<FenceState> {
+    async fn read_fence_state(&self) -> Result<FenceState> {
         let server = self.connection.server();
         let client = self.connection.connect().await.map_err(source_error)?;
         let stored = super::fence::read_fence(&client, &server)
@@ -465,5 +468,289 @@ impl Follower {
                 }
             }
         }
+    }
+}
+
+/// What PostgreSQL can do, as a live source and as a live sink.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    position_unit: "LSN",
+    transactions: true,
+    snapshot_reread: false,
+    store_fence: true,
+    server_assigned_ids: false,
+};
+
+/// The plane `connection` reaches, for `Describe`.
+async fn describe(
+    connection: &PgConnection,
+    error: fn(PgError) -> AdapterError,
+) -> Result<PlaneDescription> {
+    let server = connection.server();
+    let client = connection.connect().await.map_err(error)?;
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.current_setting('server_version'), \
+                    (SELECT system_identifier FROM pg_catalog.pg_control_system())::text",
+            &[],
+        )
+        .await
+        .map_err(|failure| {
+            error(PgError::statement(
+                &server,
+                "reading the server's identity",
+                &failure,
+            ))
+        })?;
+    let system_id: String = row.get(1);
+    Ok(PlaneDescription {
+        platform: "postgres".to_owned(),
+        version: row.get(0),
+        identity: format!("{system_id}/{}", connection.dbname),
+        url: format!("postgres://{server}"),
+    })
+}
+
+/// The digest is not built yet: said as an error that names what to do.
+fn no_digest(server: &str, error: fn(PgError) -> AdapterError) -> crate::Error {
+    error(PgError::Precondition {
+        server: server.to_owned(),
+        reason: "comparing PostgreSQL planes (--verify) is not built yet; migrate without --verify and compare with SQL".to_owned(),
+    })
+    .into()
+}
+
+#[async_trait::async_trait]
+impl LiveSource for PgLiveSource {
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn display(&self) -> String {
+        format!("postgres://{}", self.connection.server())
+    }
+
+    async fn describe(&self) -> Result<PlaneDescription> {
+        describe(&self.connection, AdapterError::source).await
+    }
+
+    async fn open(&self, prefix: &[u8], from: LiveFrom) -> Result<LiveStream> {
+        if !prefix.is_empty() {
+            return Err(source_error(PgError::BadUrl {
+                url: self.display(),
+                reason: "a PostgreSQL stream takes no key prefix: choose tables with --schema and --table".to_owned(),
+            }));
+        }
+        self.open_from(from).await
+    }
+
+    async fn move_fence(&self, wanted: FenceMove) -> Result<FenceAnswer> {
+        self.move_fence_record(wanted).await
+    }
+
+    async fn fence_state(&self) -> Result<FenceState> {
+        self.read_fence_state().await
+    }
+
+    async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
+        Err(no_digest(&self.connection.server(), AdapterError::source))
+    }
+
+    async fn confirm(&self, _stream_id: &str, applied: Applied) -> Result<()> {
+        self.confirm_position(applied.through_position);
+        Ok(())
+    }
+}
+
+/// A PostgreSQL database as the new plane of a live migration: one
+/// connection applying the stream in order, each source transaction in one
+/// target transaction with the checkpoint (the restore's target, G3-G5).
+#[derive(Debug, Clone)]
+pub struct PgLiveSink {
+    connection: PgConnection,
+    /// Source transactions' ops per target transaction, at most (when
+    /// they come faster than they are applied).
+    ops_per_commit: usize,
+}
+
+impl PgLiveSink {
+    /// The database `connection` reaches.
+    pub fn new(connection: PgConnection, ops_per_commit: usize) -> Self {
+        Self {
+            connection,
+            ops_per_commit: ops_per_commit.max(1),
+        }
+    }
+}
+
+fn target_error(error: PgError) -> crate::Error {
+    AdapterError::target(error).into()
+}
+
+#[async_trait::async_trait]
+impl LiveSink for PgLiveSink {
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn display(&self) -> String {
+        format!("postgres://{}", self.connection.server())
+    }
+
+    async fn describe(&self) -> Result<PlaneDescription> {
+        describe(&self.connection, AdapterError::target).await
+    }
+
+    async fn stored(&self, stream_id: &str) -> Result<StoredStream> {
+        let server = self.connection.server();
+        let client = self.connection.connect().await.map_err(target_error)?;
+        let failed = |error: tokio_postgres::Error| {
+            target_error(PgError::statement(
+                &server,
+                "reading ferry's checkpoint",
+                &error,
+            ))
+        };
+        let ferry = quote_ident(super::FERRY_SCHEMA);
+        let exists: bool = client
+            .query_one(
+                "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                &[&format!("{ferry}.streams")],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if !exists {
+            return Ok(StoredStream::default());
+        }
+        let epoch: Option<i64> = client
+            .query_opt(
+                &format!("SELECT epoch FROM {ferry}.target WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .map(|row| row.get(0));
+        let applied = client
+            .query_opt(
+                &format!(
+                    "SELECT through_seq, through_position::text FROM {ferry}.streams WHERE stream_id = $1"
+                ),
+                &[&stream_id],
+            )
+            .await
+            .map_err(failed)?
+            .map(|row| Applied {
+                through_seq: row.get::<_, i64>(0).max(0) as u64,
+                through_position: Position(row.get::<_, String>(1).parse().unwrap_or(0)),
+            });
+        Ok(StoredStream {
+            applied,
+            epoch: epoch.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    async fn open(&self, stream: &StreamInfo, epoch: u64) -> Result<Box<dyn LiveApply>> {
+        let target = super::sink::PgTarget::new(
+            self.connection.clone(),
+            super::PgSinkOptions {
+                allow_nonempty: false,
+                ops_per_commit: self.ops_per_commit,
+                epoch,
+                lanes: 1,
+            },
+        );
+        let mut driver = SinkDriver::new(
+            target,
+            DriverOptions {
+                ops_per_commit: self.ops_per_commit,
+                epoch,
+                ..DriverOptions::default()
+            },
+        );
+        let held_through_seq = Sink::begin(&mut driver, stream).await?.unwrap_or(0);
+        Ok(Box::new(PgLiveApply {
+            driver,
+            held_through_seq,
+        }))
+    }
+
+    async fn adopt(&self, epoch: u64, _position_offset: i64) -> Result<Result<(), u64>> {
+        // LSNs are no positions PostgreSQL's clients see: nothing to
+        // offset. The adoption is recorded, and a later one refuses an
+        // earlier (G5).
+        let server = self.connection.server();
+        let mut client = self.connection.connect().await.map_err(target_error)?;
+        let failed = |error: tokio_postgres::Error| {
+            target_error(PgError::statement(
+                &server,
+                "recording the adoption",
+                &error,
+            ))
+        };
+        let ferry = quote_ident(super::FERRY_SCHEMA);
+        let transaction = client.transaction().await.map_err(failed)?;
+        transaction
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {ferry}; \
+                 CREATE TABLE IF NOT EXISTS {ferry}.adoption (id int PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL); \
+                 LOCK TABLE {ferry}.adoption IN EXCLUSIVE MODE"
+            ))
+            .await
+            .map_err(failed)?;
+        let adopted: Option<i64> = transaction
+            .query_opt(
+                &format!("SELECT epoch FROM {ferry}.adoption WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .map(|row| row.get(0));
+        if let Some(later) = adopted.filter(|adopted| *adopted as u64 > epoch) {
+            return Ok(Err(later as u64));
+        }
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO {ferry}.adoption (id, epoch) VALUES (1, $1) \
+                     ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch"
+                ),
+                &[&(epoch as i64)],
+            )
+            .await
+            .map_err(failed)?;
+        transaction.commit().await.map_err(failed)?;
+        Ok(Ok(()))
+    }
+
+    async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
+        Err(no_digest(&self.connection.server(), AdapterError::target))
+    }
+}
+
+/// One stream applied to PostgreSQL.
+struct PgLiveApply {
+    driver: SinkDriver<super::sink::PgTarget>,
+    held_through_seq: u64,
+}
+
+#[async_trait::async_trait]
+impl LiveApply for PgLiveApply {
+    fn held_through_seq(&self) -> u64 {
+        self.held_through_seq
+    }
+
+    async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        Sink::apply(&mut self.driver, ops).await?;
+        // Durable at every apply's end, but inside a source transaction
+        // still open (it waits for the rest).
+        self.driver.commit_now().await
+    }
+
+    fn applied(&self) -> Option<Applied> {
+        self.driver.applied()
+    }
+
+    async fn finish(self: Box<Self>) -> Result<()> {
+        Box::new(self.driver).finish().await
     }
 }

@@ -61,7 +61,7 @@ pub mod value;
 pub use args::{ADAPTER, PgArgs, PgRestoreArgs, PgSourceArgs};
 pub use connection::{PasswordSources, PgConnection};
 pub use lanes::PgSink;
-pub use live::{PgLiveOptions, PgLiveSource};
+pub use live::{CAPABILITIES as LIVE_CAPABILITIES, PgLiveOptions, PgLiveSink, PgLiveSource};
 pub use replication::{PgTls, SslMode};
 pub use sink::PgSinkOptions;
 pub use source::{PgSource, PgSourceOptions};

@@ -93,6 +93,13 @@ pub trait Plane: Send + Sync {
 pub trait Planes: Send + Sync {
     /// An empty plane, and the options its adapter is opened with.
     async fn start(&self) -> Box<dyn Plane>;
+    /// A plane to read from: no data, but what its platform needs before
+    /// a stream of it opens (PostgreSQL: its tables, since a table created
+    /// after the snapshot is not followed). [`Planes::start`] unless the
+    /// adapter says otherwise; targets are always [`Planes::start`]'s.
+    async fn start_source(&self) -> Box<dyn Plane> {
+        self.start().await
+    }
     /// Options for opening a plane as a source (credentials, TLS).
     fn source_options(&self) -> SourceOptions {
         SourceOptions {
@@ -287,7 +294,7 @@ fn assert_contiguous_and_grouped(ops: &[Op], what: &str) {
 }
 
 async fn batch_contiguity_and_order(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let transactions = workload("order");
     write_all(plane.as_ref(), &transactions).await;
     let ops = extract(planes, plane.as_ref()).await;
@@ -366,7 +373,7 @@ fn stream(stream_id: &str) -> StreamInfo {
 }
 
 async fn batch_round_trip(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let transactions = workload("round");
     write_all(plane.as_ref(), &transactions).await;
     let want = expected(&transactions);
@@ -391,7 +398,7 @@ async fn batch_round_trip(planes: &dyn Planes) -> Verdict {
 /// when the adapter is live (they keep the source transactions whole, as a
 /// snapshot need not), else a batch extract.
 async fn source_ops(planes: &dyn Planes, tag: &str) -> (Vec<Op>, Contents) {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let transactions = workload(tag);
     let want = expected(&transactions);
     let Some(source) = live_source(planes, plane.as_ref()) else {
@@ -662,7 +669,7 @@ async fn read_through(
 }
 
 async fn live_contiguity_order_and_transactions(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let Some(source) = live_source(planes, plane.as_ref()) else {
         return no_live(plane.as_ref());
     };
@@ -737,7 +744,7 @@ async fn live_contiguity_order_and_transactions(planes: &dyn Planes) -> Verdict 
 }
 
 async fn live_resume_equals_unbroken(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let Some(source) = live_source(planes, plane.as_ref()) else {
         return no_live(plane.as_ref());
     };
@@ -842,7 +849,7 @@ async fn live_sink_refuses_a_stale_epoch(planes: &dyn Planes) -> Verdict {
 }
 
 async fn fence_then_position(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let Some(source) = live_source(planes, plane.as_ref()) else {
         return no_live(plane.as_ref());
     };
@@ -936,7 +943,7 @@ async fn fence_then_position(planes: &dyn Planes) -> Verdict {
 }
 
 async fn digests_agree(planes: &dyn Planes) -> Verdict {
-    let plane = planes.start().await;
+    let plane = planes.start_source().await;
     let Some(source) = live_source(planes, plane.as_ref()) else {
         return no_live(plane.as_ref());
     };

@@ -3,10 +3,15 @@
 //! file when the adapter is built).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::connection::PasswordSources;
-use super::{PgConnection, PgError, PgSink, PgSinkOptions, PgSource, PgSourceOptions};
+use super::{
+    PgConnection, PgError, PgLiveOptions, PgLiveSink, PgLiveSource, PgSink, PgSinkOptions,
+    PgSource, PgSourceOptions,
+};
 use crate::Result;
+use crate::adapters::live::{LiveSink, LiveSource};
 use crate::adapters::registry::Adapter;
 use crate::adapters::{AdapterError, Sink, SinkOptions, Source, SourceOptions};
 
@@ -17,10 +22,10 @@ pub const ADAPTER: Adapter = Adapter {
     urls: "postgres://[USER@]HOST[:PORT]/DB[?sslmode=MODE]",
     source: Some(source),
     sink: Some(sink),
-    live_source: None,
-    live_sink: None,
+    live_source: Some(live_source),
+    live_sink: Some(live_sink),
     in_place: None,
-    digest_entry: None,
+    digest_entry: Some(super::digest::digest_entry),
 };
 
 /// Credentials and TLS for PostgreSQL: from the environment or files, never
@@ -148,5 +153,53 @@ fn sink(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
             epoch: 0,
             lanes: usize::from(options.restore.postgres.pg_lanes),
         },
+    )))
+}
+
+/// The slot (and publication) a live stream of database `dbname` uses when
+/// `--keep-slot` names none: `ferry_live_` and the database's name, lower
+/// case, other characters as `_` (slot names are global to the server).
+fn default_live_slot(dbname: &str) -> String {
+    let mut name: String = format!("ferry_live_{dbname}")
+        .chars()
+        .map(|char| {
+            if char.is_ascii_alphanumeric() {
+                char.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+fn live_source(url: &str, options: &SourceOptions) -> Result<Arc<dyn LiveSource>> {
+    let connection = connection(url, &options.connection.postgres, AdapterError::source)?;
+    let selection = &options.source.postgres;
+    let slot = selection
+        .keep_slot
+        .clone()
+        .unwrap_or_else(|| default_live_slot(&connection.dbname));
+    Ok(Arc::new(PgLiveSource::new(
+        connection,
+        PgLiveOptions {
+            source: PgSourceOptions {
+                schemas: selection.schemas.clone(),
+                tables: selection.tables.clone(),
+                keep_slot: None,
+                parallel: options.parallel.max(1),
+            },
+            publication: slot.clone(),
+            slot,
+        },
+    )))
+}
+
+fn live_sink(url: &str, options: &SinkOptions) -> Result<Arc<dyn LiveSink>> {
+    let connection = connection(url, &options.connection.postgres, AdapterError::target)?;
+    Ok(Arc::new(PgLiveSink::new(
+        connection,
+        options.restore.postgres.pg_ops_per_commit as usize,
     )))
 }

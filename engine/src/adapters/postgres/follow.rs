@@ -379,6 +379,66 @@ impl ChangeDecoder {
     }
 }
 
+/// Ends the session that reads `slot` and waits, at most 10 s, until the
+/// server lets the slot go.
+async fn take_over_slot(
+    connection: &super::PgConnection,
+    server: &str,
+    slot: &str,
+) -> Result<(), PgError> {
+    let client = connection.connect().await?;
+    let failed = |error: tokio_postgres::Error| {
+        PgError::statement(
+            server,
+            format!("taking over replication slot {slot}"),
+            &error,
+        )
+    };
+    let pid: Option<i32> = client
+        .query_opt(
+            "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .map_err(failed)?
+        .map(|row| row.get(0));
+    let Some(pid) = pid else {
+        return Ok(());
+    };
+    tracing::warn!(
+        slot,
+        pid,
+        "another session reads the slot (a stream this one resumes): ending it"
+    );
+    client
+        .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
+        .await
+        .map_err(failed)?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let active: bool = client
+            .query_one(
+                "SELECT coalesce(bool_or(active), false) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if !active {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(PgError::Precondition {
+                server: server.to_owned(),
+                reason: format!(
+                    "replication slot {slot} is still read by process {pid} after 10 s: end it (SELECT pg_terminate_backend({pid})) and resume"
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Refuses a slot that is gone, or that PostgreSQL invalidated: the WAL
 /// the stream needs is lost, and only a new snapshot can go on.
 async fn check_slot(
@@ -594,27 +654,41 @@ impl ChangeFeed {
                 .max(std::time::Duration::from_millis(50)),
             _ => STATUS_INTERVAL,
         };
-        let replication =
-            super::replication::ReplicationConnection::connect(&connection.replication_config())
-                .await
-                .map_err(|error| PgError::replication("connecting for replication", error))?;
-        let stream = replication
-            .start_logical_replication(
-                &options.slot,
-                options.start,
-                &[
-                    ("proto_version", "1"),
-                    ("publication_names", &options.publication),
-                    ("messages", "true"),
-                ],
+        let mut taken_over = false;
+        let stream = loop {
+            let replication = super::replication::ReplicationConnection::connect(
+                &connection.replication_config(),
             )
             .await
-            .map_err(|error| {
-                PgError::replication(
-                    format!("starting to read replication slot {}", options.slot),
-                    error,
+            .map_err(|error| PgError::replication("connecting for replication", error))?;
+            let started = replication
+                .start_logical_replication(
+                    &options.slot,
+                    options.start,
+                    &[
+                        ("proto_version", "1"),
+                        ("publication_names", &options.publication),
+                        ("messages", "true"),
+                    ],
                 )
-            })?;
+                .await;
+            match started {
+                Ok(stream) => break stream,
+                // Another reader holds the slot: the stream this one
+                // resumes, broken on our side but not yet on the server's.
+                // A resume takes the slot over, once.
+                Err(error) if error.sqlstate() == Some("55006") && !taken_over => {
+                    taken_over = true;
+                    take_over_slot(connection, &server, &options.slot).await?;
+                }
+                Err(error) => {
+                    return Err(PgError::replication(
+                        format!("starting to read replication slot {}", options.slot),
+                        error,
+                    ));
+                }
+            }
+        };
         Ok(Self {
             stream,
             decoder: ChangeDecoder::new(&server, version, plans),

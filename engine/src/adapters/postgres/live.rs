@@ -510,15 +510,6 @@ async fn describe(
     })
 }
 
-/// The digest is not built yet: said as an error that names what to do.
-fn no_digest(server: &str, error: fn(PgError) -> AdapterError) -> crate::Error {
-    error(PgError::Precondition {
-        server: server.to_owned(),
-        reason: "comparing PostgreSQL planes (--verify) is not built yet; migrate without --verify and compare with SQL".to_owned(),
-    })
-    .into()
-}
-
 #[async_trait::async_trait]
 impl LiveSource for PgLiveSource {
     fn capabilities(&self) -> Capabilities {
@@ -552,7 +543,13 @@ impl LiveSource for PgLiveSource {
     }
 
     async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
-        Err(no_digest(&self.connection.server(), AdapterError::source))
+        let selection = super::catalog::Selection {
+            schemas: self.options.source.schemas.clone(),
+            tables: self.options.source.tables.clone(),
+        };
+        super::digest::digest(&self.connection, &selection)
+            .await
+            .map_err(source_error)
     }
 
     async fn confirm(&self, _stream_id: &str, applied: Applied) -> Result<()> {
@@ -723,7 +720,9 @@ impl LiveSink for PgLiveSink {
     }
 
     async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
-        Err(no_digest(&self.connection.server(), AdapterError::target))
+        super::digest::digest(&self.connection, &super::catalog::Selection::default())
+            .await
+            .map_err(target_error)
     }
 }
 

@@ -47,6 +47,7 @@
 mod args;
 mod catalog;
 mod connection;
+mod digest;
 mod fence;
 pub mod follow;
 mod lanes;
@@ -60,6 +61,7 @@ pub mod value;
 
 pub use args::{ADAPTER, PgArgs, PgRestoreArgs, PgSourceArgs};
 pub use connection::{PasswordSources, PgConnection};
+pub use digest::digest_entry;
 pub use lanes::PgSink;
 pub use live::{CAPABILITIES as LIVE_CAPABILITIES, PgLiveOptions, PgLiveSink, PgLiveSource};
 pub use replication::{PgTls, SslMode};

@@ -189,7 +189,7 @@ pub(super) struct TablePlan {
 }
 
 impl TablePlan {
-    fn copy_statement(&self, pages: Option<(u64, Option<u64>)>) -> String {
+    pub(super) fn copy_statement(&self, pages: Option<(u64, Option<u64>)>) -> String {
         let table = qualified(&self.table.schema, &self.table.name);
         let mut columns: Vec<String> = self
             .columns
@@ -466,7 +466,7 @@ fn recycle<'a, 'b>(empty: Vec<CopyField<'a>>) -> Vec<CopyField<'b>> {
 }
 
 /// Turns one table's COPY lines into row ops.
-struct RowOps {
+pub(super) struct RowOps {
     decoder: RowDecoder,
     plan: Arc<TablePlan>,
     fields: Vec<CopyField<'static>>,
@@ -477,7 +477,7 @@ struct RowOps {
 }
 
 impl RowOps {
-    fn new(plan: Arc<TablePlan>, position: u64, version: Bytes, server: String) -> Self {
+    pub(super) fn new(plan: Arc<TablePlan>, position: u64, version: Bytes, server: String) -> Self {
         Self {
             decoder: RowDecoder::new(plan.columns.iter().cloned()),
             plan,
@@ -489,7 +489,7 @@ impl RowOps {
         }
     }
 
-    fn op(&mut self, line: &[u8]) -> Result<Op, PgError> {
+    pub(super) fn op(&mut self, line: &[u8]) -> Result<Op, PgError> {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let mut key = self.plan.key_prefix.clone();
         let row = if self.plan.key_columns.is_empty() {

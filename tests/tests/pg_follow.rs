@@ -28,6 +28,22 @@ fn connection(server: &PgServer) -> PgConnection {
         .expect("the test server's URL")
 }
 
+/// The tables, the publication and the slot, made with psql; the slot's
+/// consistent point.
+fn tables_and_slot(server: &PgServer) -> Lsn {
+    server
+        .psql(
+            DB,
+            &format!(
+                "{TABLES} CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
+                 SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');"
+            ),
+        )
+        .expect("the tables, the publication and the slot")
+        .parse()
+        .expect("an LSN")
+}
+
 fn options(start: Lsn) -> FeedOptions {
     FeedOptions {
         slot: "ferry_follow".to_owned(),
@@ -102,17 +118,7 @@ async fn changes_after_the_slot_come_out_as_ops_in_commit_order() {
     server.create_database(DB).expect("a database");
     // A value stored out of line: over 2 kB after compression.
     let toasted = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)";
-    let start: Lsn = server
-        .psql(
-            DB,
-            &format!(
-                "{TABLES} CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
-             SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');"
-            ),
-        )
-        .expect("the tables, the publication and the slot")
-        .parse()
-        .expect("an LSN");
+    let start = tables_and_slot(&server);
     let big: String = server
         .psql(DB, &format!("SELECT {toasted};"))
         .expect("the big value");
@@ -275,17 +281,7 @@ async fn a_missing_or_invalidated_slot_is_refused_saying_what_to_do() {
     })
     .expect("PostgreSQL 15");
     server.create_database(DB).expect("a database");
-    let start: Lsn = server
-        .psql(
-            DB,
-            &format!(
-                "{TABLES} CREATE PUBLICATION ferry_follow FOR TABLE runs, pair; \
-                 SELECT lsn FROM pg_create_logical_replication_slot('ferry_follow', 'pgoutput');"
-            ),
-        )
-        .expect("the tables, the publication and the slot")
-        .parse()
-        .expect("an LSN");
+    let start = tables_and_slot(&server);
     let connection = connection(&server);
     let missing = FeedOptions {
         slot: "ferry_nope".to_owned(),

@@ -506,8 +506,13 @@ async fn describe(
         platform: "postgres".to_owned(),
         version: row.get(0),
         identity: format!("{system_id}/{}", connection.dbname),
-        url: format!("postgres://{server}"),
+        url: plane_url(connection),
     })
+}
+
+/// The plane's address for people and its clients: no user, no password.
+fn plane_url(connection: &PgConnection) -> String {
+    format!("postgres://{}", connection.server())
 }
 
 #[async_trait::async_trait]
@@ -517,7 +522,7 @@ impl LiveSource for PgLiveSource {
     }
 
     fn display(&self) -> String {
-        format!("postgres://{}", self.connection.server())
+        plane_url(&self.connection)
     }
 
     async fn describe(&self) -> Result<PlaneDescription> {
@@ -590,7 +595,7 @@ impl LiveSink for PgLiveSink {
     }
 
     fn display(&self) -> String {
-        format!("postgres://{}", self.connection.server())
+        plane_url(&self.connection)
     }
 
     async fn describe(&self) -> Result<PlaneDescription> {

@@ -7,8 +7,9 @@
 //! ferry's marker. A confirmed position moves the slot, and a feed started
 //! again resumes after it. A column added on the source stops the feed
 //! with an error naming the table and the column. A slot that does not
-//! exist, or that PostgreSQL invalidated (`wal_status = lost`, past
-//! `max_slot_wal_keep_size`), is refused saying what to do.
+//! exist, belongs to another database, or that PostgreSQL invalidated
+//! (`wal_status = lost`, past `max_slot_wal_keep_size`), is refused saying
+//! what to do.
 
 use std::time::{Duration, Instant};
 
@@ -294,6 +295,19 @@ async fn a_missing_or_invalidated_slot_is_refused_saying_what_to_do() {
         .unwrap_or_default();
     assert!(
         error.contains("ferry_nope does not exist") && error.contains("start the migration over"),
+        "{error}"
+    );
+    // The slot of another database: named as such.
+    server.create_database("other").expect("another database");
+    let elsewhere = PgConnection::from_url(&server.url("other"), &PasswordSources::default())
+        .expect("the other database's URL");
+    let error = ChangeFeed::start(&elsewhere, &options(start))
+        .await
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("ferry_follow belongs to database app"),
         "{error}"
     );
     // The slot falls more than max_slot_wal_keep_size behind: PostgreSQL

@@ -245,6 +245,22 @@ impl Selection {
     }
 }
 
+/// Reads the catalog as it is now, in a read-only transaction of its own
+/// (a live stream's tables, outside any snapshot).
+pub async fn read_now(
+    client: &Client,
+    server: &str,
+    selection: &Selection,
+) -> Result<Catalog, PgError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|error| PgError::statement(server, "reading the catalog", &error))?;
+    let catalog = read(client, server, selection).await;
+    let _ = client.batch_execute("COMMIT").await;
+    catalog
+}
+
 /// Reads the catalog in the client's open transaction (the snapshot).
 pub async fn read(
     client: &Client,

@@ -220,39 +220,30 @@ pub(super) async fn move_fence(
         fenced_at = None;
     }
     let record = serde_json::to_string(&next).unwrap_or_default();
-    transaction
-        .execute(
+    let moved_at: String = transaction
+        .query_one(
             &format!(
                 "INSERT INTO {ferry}.fence (id, record, moved_at, fenced_at) \
                  VALUES (1, $1::text::jsonb, pg_catalog.pg_current_wal_insert_lsn(), $2::text::pg_lsn) \
-                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, moved_at = EXCLUDED.moved_at, fenced_at = EXCLUDED.fenced_at"
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, moved_at = EXCLUDED.moved_at, fenced_at = EXCLUDED.fenced_at \
+                 RETURNING moved_at::text"
             ),
             &[&record, &fenced_at],
         )
         .await
-        .map_err(|error| failed("writing the fence record", error))?;
+        .map_err(|error| failed("writing the fence record", error))?
+        .get(0);
     transaction
         .commit()
         .await
         .map_err(|error| failed("committing the fence record", error))?;
+    // F for a fence or a commit, the record's own write for an unfence.
     let answer = match (wanted, fenced_at) {
-        (Move::Unfence { .. }, _) | (_, None) => {
-            let moved: String = client
-                .query_one(
-                    &format!("SELECT moved_at::text FROM {ferry}.fence WHERE id = 1"),
-                    &[],
-                )
-                .await
-                .map_err(|error| failed("reading the fence record", error))?
-                .get(0);
-            moved
-                .parse::<super::replication::Lsn>()
-                .map_or(0, |lsn| lsn.0)
-        }
-        (_, Some(fenced_at)) => fenced_at
-            .parse::<super::replication::Lsn>()
-            .map_or(0, |lsn| lsn.0),
-    };
+        (Move::Unfence { .. }, _) | (_, None) => moved_at,
+        (_, Some(fenced_at)) => fenced_at,
+    }
+    .parse::<super::replication::Lsn>()
+    .map_or(0, |lsn| lsn.0);
     tracing::info!(?wanted, position = %super::replication::Lsn(answer), "fence record moved");
     Ok(FenceAnswer::Done(Position(answer)))
 }

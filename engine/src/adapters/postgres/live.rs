@@ -125,22 +125,9 @@ impl PgLiveSource {
 
     /// The fence record, and the epoch whose triggers are raised.
     async fn read_fence_state(&self) -> Result<FenceState> {
-        let server = self.connection.server();
-        let client = self.connection.connect().await.map_err(source_error)?;
-        let stored = super::fence::read_fence(&client, &server)
+        super::plane::fence_state(&self.connection)
             .await
-            .map_err(source_error)?;
-        let raised = super::fence::triggers_raised(&client, &server)
-            .await
-            .map_err(source_error)?;
-        let guard_epochs = match (&stored, raised) {
-            (Some(stored), true) => vec![stored.fence.epoch],
-            _ => Vec::new(),
-        };
-        Ok(crate::adapters::fence_record::fence_state(
-            stored.as_ref(),
-            guard_epochs,
-        ))
+            .map_err(source_error)
     }
 
     fn feed_options(&self, start: Lsn) -> FeedOptions {

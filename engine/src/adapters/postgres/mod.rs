@@ -53,6 +53,7 @@ pub mod follow;
 mod lanes;
 mod live;
 pub mod pgoutput;
+pub mod plane;
 pub mod replication;
 mod sink;
 mod source;

@@ -949,7 +949,8 @@ fn refused_at_startup(server: &str, user: &str, error: ServerError) -> Replicati
 // ---------------------------------------------------------------------------
 // The wire
 
-trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+/// A byte stream to a server: TCP, or TLS over TCP.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// A backend message: postgres-protocol's, or the one it does not know.
@@ -1135,25 +1136,6 @@ impl ReplicationConnection {
     }
 
     async fn connect_unbounded(config: &ConnectionConfig) -> Result<Self, ReplicationError> {
-        let server = config.server();
-        let tls_config = tls_client_config(&config.tls).await?;
-        let tcp = TcpStream::connect((config.host.as_str(), config.port))
-            .await
-            .map_err(|error| ReplicationError::Unreachable {
-                server: server.clone(),
-                reason: error.to_string(),
-            })?;
-        // Status updates are small and must not wait for Nagle.
-        tcp.set_nodelay(true)
-            .map_err(|error| ReplicationError::Unreachable {
-                server: server.clone(),
-                reason: error.to_string(),
-            })?;
-        let (stream, channel_binding) = negotiate_tls(tcp, config, tls_config, &server).await?;
-        let tls = channel_binding.is_some();
-        let mut wire = Wire::new(stream, server.clone());
-        let startup = "the connection's startup";
-
         let mut parameters: Vec<(&str, &str)> = vec![
             ("user", &config.user),
             ("database", &config.dbname),
@@ -1161,52 +1143,21 @@ impl ReplicationConnection {
             ("application_name", &config.application_name),
         ];
         parameters.extend_from_slice(SESSION_SETTINGS);
-        frontend::startup_message(parameters, &mut wire.write_buffer).map_err(|error| {
-            ReplicationError::InvalidRequest {
-                reason: format!("cannot send the user, database or application name: {error}"),
-            }
-        })?;
-        wire.send(startup).await?;
-        let authentication =
-            authenticate(&mut wire, config, channel_binding.flatten(), startup).await?;
-
-        let mut server_version = String::new();
-        let mut backend_pid = 0;
-        loop {
-            match wire.receive(startup).await? {
-                Backend::Message(Message::ParameterStatus(body)) => {
-                    if body.name().ok() == Some("server_version") {
-                        server_version = body.value().unwrap_or_default().to_owned();
-                    }
-                }
-                Backend::Message(Message::BackendKeyData(body)) => {
-                    backend_pid = body.process_id();
-                }
-                Backend::Message(Message::NoticeResponse(body)) => {
-                    log_notice(&server, body.fields());
-                }
-                Backend::Message(Message::ReadyForQuery(_)) => break,
-                Backend::Message(Message::ErrorResponse(body)) => {
-                    let error = ServerError::parse(body.fields())
-                        .map_err(|error| wire.malformed(startup, error.to_string()))?;
-                    return Err(refused_at_startup(&server, &config.user, error));
-                }
-                _ => {
-                    return Err(wire.malformed(
-                        startup,
-                        "an unexpected message before ReadyForQuery".to_owned(),
-                    ));
-                }
-            }
-        }
-        debug!(%server_version, backend_pid, ?authentication, tls, "replication connection ready");
+        let (wire, started) = start_session(config, &parameters).await?;
+        let server_version = started
+            .parameters
+            .iter()
+            .find(|(name, _)| name == "server_version")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        debug!(%server_version, backend_pid = started.backend_pid, authentication = ?started.authentication, tls = started.tls, "replication connection ready");
         Ok(Self {
             wire,
             user: config.user.clone(),
             server_version,
-            backend_pid,
-            authentication,
-            tls,
+            backend_pid: started.backend_pid,
+            authentication: started.authentication,
+            tls: started.tls,
             broken: None,
         })
     }
@@ -1649,6 +1600,178 @@ async fn negotiate_tls(
         .and_then(|certificates| certificates.first())
         .and_then(|certificate| tls_server_end_point(certificate));
     Ok((Box::new(stream), Some(channel_binding)))
+}
+
+/// What a server said while a session started: its parameters, its key
+/// for cancel requests, and how the session authenticated.
+#[derive(Debug, Clone)]
+pub struct SessionStart {
+    /// Every `ParameterStatus` the server sent, in order.
+    pub parameters: Vec<(String, String)>,
+    /// The session's process id (`BackendKeyData`).
+    pub backend_pid: i32,
+    /// The secret key of its cancel requests (`BackendKeyData`).
+    pub secret_key: i32,
+    /// How it authenticated.
+    pub authentication: AuthenticationMethod,
+    /// Whether it runs over TLS.
+    pub tls: bool,
+}
+
+/// A session logged in and ready for queries ([`log_in`]): its byte
+/// stream, and what the server sent that was read past `ReadyForQuery`
+/// (nothing, unless the server sent something unasked at once).
+pub struct LoggedIn {
+    /// The stream, TLS or not, after the server's `ReadyForQuery`.
+    pub stream: Box<dyn Transport>,
+    /// Bytes read from the stream past `ReadyForQuery`: they come first.
+    pub buffered: BytesMut,
+    /// What the server said while the session started.
+    pub start: SessionStart,
+}
+
+impl fmt::Debug for LoggedIn {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("LoggedIn")
+            .field("start", &self.start)
+            .field("buffered", &self.buffered.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to `config`'s server over TCP, with TLS as its `sslmode` says,
+/// within its connect timeout, and sends nothing more: for a proxy that
+/// passes a client's own startup and authentication through.
+pub async fn connect_transport(
+    config: &ConnectionConfig,
+) -> Result<Box<dyn Transport>, ReplicationError> {
+    let server = config.server();
+    let connecting = async {
+        let tls_config = tls_client_config(&config.tls).await?;
+        let tcp = TcpStream::connect((config.host.as_str(), config.port))
+            .await
+            .map_err(|error| ReplicationError::Unreachable {
+                server: server.clone(),
+                reason: error.to_string(),
+            })?;
+        tcp.set_nodelay(true)
+            .map_err(|error| ReplicationError::Unreachable {
+                server: server.clone(),
+                reason: error.to_string(),
+            })?;
+        negotiate_tls(tcp, config, tls_config, &server).await
+    };
+    match tokio::time::timeout(config.connect_timeout, connecting).await {
+        Ok(connected) => connected.map(|(stream, _channel_binding)| stream),
+        Err(_elapsed) => Err(ReplicationError::Unreachable {
+            server: server.clone(),
+            reason: format!("not connected within {:?}", config.connect_timeout),
+        }),
+    }
+}
+
+/// Starts an ordinary session (not a replication one) with the startup
+/// `parameters` given (`user` and `database` among them, else `config`'s),
+/// authenticating with `config`'s password, within its connect timeout:
+/// for a proxy that moves a client's session to another server.
+pub async fn log_in(
+    config: &ConnectionConfig,
+    parameters: &[(String, String)],
+) -> Result<LoggedIn, ReplicationError> {
+    let mut startup: Vec<(&str, &str)> = parameters
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    for (name, value) in [("user", &config.user), ("database", &config.dbname)] {
+        if !startup.iter().any(|(given, _)| *given == name) {
+            startup.push((name, value));
+        }
+    }
+    let server = config.server();
+    match tokio::time::timeout(config.connect_timeout, start_session(config, &startup)).await {
+        Ok(started) => started.map(|(wire, start)| LoggedIn {
+            stream: wire.stream,
+            buffered: wire.read_buffer,
+            start,
+        }),
+        Err(_elapsed) => Err(ReplicationError::Unreachable {
+            server,
+            reason: format!(
+                "not connected and logged in within {:?}",
+                config.connect_timeout
+            ),
+        }),
+    }
+}
+
+/// Connects, sends the startup message with `parameters`, authenticates
+/// and reads up to the first `ReadyForQuery`.
+async fn start_session(
+    config: &ConnectionConfig,
+    parameters: &[(&str, &str)],
+) -> Result<(Wire, SessionStart), ReplicationError> {
+    let server = config.server();
+    let tls_config = tls_client_config(&config.tls).await?;
+    let tcp = TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(|error| ReplicationError::Unreachable {
+            server: server.clone(),
+            reason: error.to_string(),
+        })?;
+    // Status updates are small and must not wait for Nagle.
+    tcp.set_nodelay(true)
+        .map_err(|error| ReplicationError::Unreachable {
+            server: server.clone(),
+            reason: error.to_string(),
+        })?;
+    let (stream, channel_binding) = negotiate_tls(tcp, config, tls_config, &server).await?;
+    let tls = channel_binding.is_some();
+    let mut wire = Wire::new(stream, server.clone());
+    let startup = "the connection's startup";
+    frontend::startup_message(parameters.iter().copied(), &mut wire.write_buffer).map_err(
+        |error| ReplicationError::InvalidRequest {
+            reason: format!("cannot send the user, database or application name: {error}"),
+        },
+    )?;
+    wire.send(startup).await?;
+    let authentication =
+        authenticate(&mut wire, config, channel_binding.flatten(), startup).await?;
+    let mut start = SessionStart {
+        parameters: Vec::new(),
+        backend_pid: 0,
+        secret_key: 0,
+        authentication,
+        tls,
+    };
+    loop {
+        match wire.receive(startup).await? {
+            Backend::Message(Message::ParameterStatus(body)) => {
+                let name = body.name().unwrap_or_default().to_owned();
+                let value = body.value().unwrap_or_default().to_owned();
+                start.parameters.push((name, value));
+            }
+            Backend::Message(Message::BackendKeyData(body)) => {
+                start.backend_pid = body.process_id();
+                start.secret_key = body.secret_key();
+            }
+            Backend::Message(Message::NoticeResponse(body)) => {
+                log_notice(&server, body.fields());
+            }
+            Backend::Message(Message::ReadyForQuery(_)) => return Ok((wire, start)),
+            Backend::Message(Message::ErrorResponse(body)) => {
+                let error = ServerError::parse(body.fields())
+                    .map_err(|error| wire.malformed(startup, error.to_string()))?;
+                return Err(refused_at_startup(&server, &config.user, error));
+            }
+            _ => {
+                return Err(wire.malformed(
+                    startup,
+                    "an unexpected message before ReadyForQuery".to_owned(),
+                ));
+            }
+        }
+    }
 }
 
 /// Answers the server's authentication requests until it says OK.

@@ -181,16 +181,16 @@ impl UpstreamKind {
             (EtcdUpstream::KIND, EtcdUpstream::SCHEMES),
             (PgUpstream::KIND, PgUpstream::SCHEMES),
         ]
-            .iter()
-            .map(|(kind, schemes)| {
-                let prefixes: Vec<String> = schemes
-                    .iter()
-                    .map(|scheme| format!("{scheme}://"))
-                    .collect();
-                format!("{kind} ({})", prefixes.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        .iter()
+        .map(|(kind, schemes)| {
+            let prefixes: Vec<String> = schemes
+                .iter()
+                .map(|scheme| format!("{scheme}://"))
+                .collect();
+            format!("{kind} ({})", prefixes.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
         Err(UsageError(
             GatewayError::BadUpstream {
                 url: url.to_owned(),

@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod live;
 pub mod pg;
 pub mod pg_data;
+pub mod pg_live;
 pub mod plane;
 pub mod process;
 pub mod tls;

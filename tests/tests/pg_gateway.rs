@@ -128,7 +128,13 @@ fn psql_and_pgbench_work_through_the_gateway() {
 
     // A replication connection is refused by the gateway itself.
     let replication = client_at("psql", &address, DB)
-        .args(["-X", "-d", "dbname=app replication=database", "-c", "IDENTIFY_SYSTEM"])
+        .args([
+            "-X",
+            "-d",
+            "dbname=app replication=database",
+            "-c",
+            "IDENTIFY_SYSTEM",
+        ])
         .output()
         .expect("psql runs");
     assert!(!replication.status.success());

@@ -20,128 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_tests::live::{migrate_output, spawn_ferry};
-use ferry_tests::pg::{PgOptions, PgServer, client_at};
-use ferry_tests::process::FerryProcess;
-
-const DB: &str = "app";
-
-/// The servers and ferry's processes of one migration.
-struct Upgrade {
-    old: PgServer,
-    new: PgServer,
-    source_agent: FerryProcess,
-    target_agent: FerryProcess,
-    gateway: FerryProcess,
-}
-
-impl Upgrade {
-    fn start() -> Self {
-        let old = PgServer::start().expect("PostgreSQL 15");
-        let new = PgServer::start_with(&PgOptions::pg17()).expect("PostgreSQL 17");
-        for server in [&old, &new] {
-            server.create_database(DB).expect("database");
-        }
-        assert!(
-            new.psql(DB, "SHOW server_version_num;")
-                .expect("psql")
-                .starts_with("17"),
-            "the new server is PostgreSQL 17"
-        );
-        // pgbench's tables, made on 15 only; its history gets the primary
-        // key a live migration needs (ferry refuses a table without one,
-        // naming this fix), and with it a sequence.
-        let init = client_at("pgbench", &format!("127.0.0.1:{}", old.port()), DB)
-            .args(["-i", "-q", "-s", "1"])
-            .output()
-            .expect("pgbench -i");
-        assert!(init.status.success(), "{init:?}");
-        old.psql(
-            DB,
-            "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY; \
-             CREATE TABLE acks (id bigserial PRIMARY KEY, writer int NOT NULL, n int NOT NULL);",
-        )
-        .expect("the schema");
-        let source_agent = FerryProcess::start(
-            &[
-                "agent",
-                "source",
-                "--control-plane",
-                &old.url(DB),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &[],
-        )
-        .expect("source agent");
-        let target_agent = FerryProcess::start(
-            &[
-                "agent",
-                "target",
-                "--control-plane",
-                &new.url(DB),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &[],
-        )
-        .expect("target agent");
-        let gateway = FerryProcess::start(
-            &[
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &old.url(DB),
-            ],
-            &[],
-        )
-        .expect("gateway");
-        Self {
-            old,
-            new,
-            source_agent,
-            target_agent,
-            gateway,
-        }
-    }
-
-    fn migrate_args(&self, status_file: &std::path::Path) -> Vec<String> {
-        [
-            "--output",
-            "json",
-            "migrate",
-            "--live",
-            "--source-agent",
-            &self.source_agent.field("listen"),
-            "--target-agent",
-            &self.target_agent.field("listen"),
-            "--gateway",
-            &self.gateway.field("admin"),
-            "--max-pause",
-            "5s",
-            "--max-lag",
-            "200",
-            "--reconnect-timeout",
-            "30s",
-            "--status-file",
-            &status_file.display().to_string(),
-        ]
-        .iter()
-        .map(|argument| argument.to_string())
-        .collect()
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "source agent: {}\ntarget agent: {}\ngateway: {}\nold: {}\nnew: {}",
-            self.source_agent.stderr(),
-            self.target_agent.stderr(),
-            self.gateway.stderr(),
-            self.old.log(),
-            self.new.log()
-        )
-    }
-}
+use ferry_tests::pg::{PgServer, client_at};
+use ferry_tests::pg_live::{DB, Upgrade};
 
 /// What the writer saw: the `n` of every commit acknowledged, and of every
 /// one that failed.
@@ -168,7 +48,10 @@ async fn writer(address: String, stop: Arc<AtomicBool>) -> Acks {
     let mut client = None;
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
-        if client.as_ref().is_none_or(|client: &tokio_postgres::Client| client.is_closed()) {
+        if client
+            .as_ref()
+            .is_none_or(|client: &tokio_postgres::Client| client.is_closed())
+        {
             match config.connect(tokio_postgres::NoTls).await {
                 Ok((connected, connection)) => {
                     tokio::spawn(connection);
@@ -202,7 +85,7 @@ fn query(server: &PgServer, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
-    let upgrade = Upgrade::start();
+    let upgrade = Upgrade::start(1);
     let address = upgrade.gateway.field("listen");
     let stop = Arc::new(AtomicBool::new(false));
     let writing = tokio::spawn(writer(address.clone(), stop.clone()));
@@ -230,13 +113,14 @@ async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
     let status = tempfile::NamedTempFile::new().expect("status file");
     let migrate = spawn_ferry(&upgrade.migrate_args(status.path()));
     let (report, code, stderr) = migrate_output(migrate).await;
-    let report = report.unwrap_or_else(|stdout| {
-        panic!(
-            "no report: {stdout}\n{stderr}\n{}",
-            upgrade.logs()
-        )
-    });
-    assert_eq!(report["outcome"], "switched", "{report}\n{stderr}\n{}", upgrade.logs());
+    let report =
+        report.unwrap_or_else(|stdout| panic!("no report: {stdout}\n{stderr}\n{}", upgrade.logs()));
+    assert_eq!(
+        report["outcome"],
+        "switched",
+        "{report}\n{stderr}\n{}",
+        upgrade.logs()
+    );
     assert_eq!(code, Some(0));
     let old_history_at_switch = query(&upgrade.old, "SELECT count(*) FROM pgbench_history;");
 
@@ -265,7 +149,10 @@ async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
         .map(|line| line.parse().expect("a number"))
         .collect();
     for n in &acks.acknowledged {
-        assert!(on_new.contains(n), "acknowledged commit {n} is missing on 17");
+        assert!(
+            on_new.contains(n),
+            "acknowledged commit {n} is missing on 17"
+        );
     }
     for n in &acks.failed {
         assert!(!on_new.contains(n), "commit {n} failed and is on 17");
@@ -277,15 +164,24 @@ async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
                      = (SELECT coalesce(sum(delta), 0) FROM pgbench_history);";
     assert_eq!(query(&upgrade.old, invariant), "t");
     assert_eq!(query(&upgrade.new, invariant), "t");
-    let old_rows = query(&upgrade.old, "SELECT id, tid, bid, aid, delta FROM pgbench_history ORDER BY id;");
+    let old_rows = query(
+        &upgrade.old,
+        "SELECT id, tid, bid, aid, delta FROM pgbench_history ORDER BY id;",
+    );
     let new_rows = query(
         &upgrade.new,
         &format!(
             "SELECT id, tid, bid, aid, delta FROM pgbench_history WHERE id <= {} ORDER BY id;",
-            query(&upgrade.old, "SELECT coalesce(max(id), 0) FROM pgbench_history;")
+            query(
+                &upgrade.old,
+                "SELECT coalesce(max(id), 0) FROM pgbench_history;"
+            )
         ),
     );
-    assert_eq!(old_rows, new_rows, "17 holds 15's history as it was at the fence");
+    assert_eq!(
+        old_rows, new_rows,
+        "17 holds 15's history as it was at the fence"
+    );
     // Once switched, 15 took no more writes; 17 did.
     assert_eq!(
         query(&upgrade.old, "SELECT count(*) FROM pgbench_history;"),
@@ -295,7 +191,10 @@ async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
         .parse()
         .expect("a count");
     let old_count: u64 = old_history_at_switch.parse().expect("a count");
-    assert!(new_count > old_count, "no transaction ran on 17 after the switch");
+    assert!(
+        new_count > old_count,
+        "no transaction ran on 17 after the switch"
+    );
     eprintln!(
         "pause {} ms, {} pgbench runs, {} history rows on 15 and {new_count} on 17, writer: {} acknowledged, {} failed, {} connections",
         report["pause_window_ms"],

@@ -747,9 +747,7 @@ mod tests {
         let second = second.await.expect("joins").expect("second");
         assert_eq!(gate.snapshot().in_flight, 2);
         // A hold now waits for both.
-        let (in_flight, _) = gate
-            .begin_hold(2, Duration::from_secs(60))
-            .expect("holds");
+        let (in_flight, _) = gate.begin_hold(2, Duration::from_secs(60)).expect("holds");
         assert_eq!(in_flight, 2);
         drop(first);
         drop(second);

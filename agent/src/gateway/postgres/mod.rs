@@ -269,7 +269,9 @@ fn is_transient(error: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionReset
             | std::io::ErrorKind::Interrupted
             | std::io::ErrorKind::WouldBlock
-    ) || error.raw_os_error().is_some_and(|code| code == 24 || code == 23)
+    ) || error
+        .raw_os_error()
+        .is_some_and(|code| code == 24 || code == 23)
 }
 
 /// The TLS the gateway serves its PostgreSQL clients with.

@@ -17,8 +17,8 @@ use tracing::{debug, info};
 
 use super::wire::{self, Frame, Frames};
 use super::{CancelTarget, PgClientLimits, PgUpstream, Sessions};
-use crate::gateway::UpstreamPlane;
 use crate::gateway::Shared;
+use crate::gateway::UpstreamPlane;
 use crate::gateway::gate::{Admission, GateRefusal, WritePermit};
 
 type Stream = Box<dyn Transport>;
@@ -197,8 +197,12 @@ async fn negotiate(
 /// The startup message's parameters, or the SQLSTATE and message that
 /// refuse it.
 fn startup_parameters(startup: &[u8]) -> Result<Vec<(String, String)>, (&'static str, String)> {
-    let parameters = wire::startup_parameters(startup)
-        .map_err(|error| (PROTOCOL_VIOLATION, format!("invalid startup packet: {error}")))?;
+    let parameters = wire::startup_parameters(startup).map_err(|error| {
+        (
+            PROTOCOL_VIOLATION,
+            format!("invalid startup packet: {error}"),
+        )
+    })?;
     if parameter(&parameters, "user").is_none_or(|user| user.is_empty()) {
         return Err((
             NO_USER,
@@ -302,15 +306,17 @@ async fn relay_startup(
                 };
                 started.pid = body.process_id();
                 started.key = body.secret_key();
-                send(to_client, &wire::backend_key_data(client_key.0, client_key.1)).await?;
+                send(
+                    to_client,
+                    &wire::backend_key_data(client_key.0, client_key.1),
+                )
+                .await?;
             }
             b'S' => {
                 if let Ok(Message::ParameterStatus(body)) = frame.backend()
                     && let (Ok(name), Ok(value)) = (body.name(), body.value())
                 {
-                    started
-                        .parameters
-                        .insert(name.to_owned(), value.to_owned());
+                    started.parameters.insert(name.to_owned(), value.to_owned());
                 }
                 send(to_client, &frame.raw).await?;
             }
@@ -357,7 +363,9 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(to: &mut W, bytes: &[u8]) -> Res
     to.write_all(bytes)
         .await
         .map_err(|error| format!("writing: {error}"))?;
-    to.flush().await.map_err(|error| format!("writing: {error}"))
+    to.flush()
+        .await
+        .map_err(|error| format!("writing: {error}"))
 }
 
 /// Tells the client why the session ends (an `ErrorResponse`).
@@ -423,7 +431,11 @@ enum Event {
 
 impl Session {
     /// Relays both ways until either side ends the session.
-    async fn relay(&mut self, mut from_client: Reader, mut from_server: Reader) -> Result<(), Ended> {
+    async fn relay(
+        &mut self,
+        mut from_client: Reader,
+        mut from_server: Reader,
+    ) -> Result<(), Ended> {
         let mut switches = self.shared.upstream.subscribe();
         loop {
             if self.permit.is_none() && !self.on_upstream_in_force() {

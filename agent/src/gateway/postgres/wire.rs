@@ -302,7 +302,12 @@ mod tests {
         use fallible_iterator::FallibleIterator;
         let fields: Vec<(u8, String)> = body
             .fields()
-            .map(|field| Ok((field.type_(), String::from_utf8_lossy(field.value_bytes()).into_owned())))
+            .map(|field| {
+                Ok((
+                    field.type_(),
+                    String::from_utf8_lossy(field.value_bytes()).into_owned(),
+                ))
+            })
             .collect()
             .expect("fields");
         assert!(fields.contains(&(b'C', "57P01".to_owned())));

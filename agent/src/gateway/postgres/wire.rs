@@ -287,7 +287,7 @@ mod tests {
     }
 
     fn tokio_test_reader<'a>(first: &'a [u8], second: &'a [u8]) -> impl AsyncRead + Unpin + 'a {
-        first.chain(second)
+        tokio::io::AsyncReadExt::chain(first, second)
     }
 
     #[test]

@@ -427,6 +427,12 @@ impl Gate {
             .is_some_and(|hold| hold.epoch == id.epoch && hold.started == id.started)
     }
 
+    /// Returns once no hold is in force (at once when none is).
+    pub async fn until_open(&self) {
+        let mut changes = self.state.subscribe();
+        let _ = changes.wait_for(|state| state.hold.is_none()).await;
+    }
+
     /// Returns once the hold `id` is no longer in force (released, or
     /// replaced by a newer epoch's).
     pub async fn until_released(&self, id: HoldId) {

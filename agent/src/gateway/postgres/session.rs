@@ -380,18 +380,32 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     Err(message.to_owned())
 }
 
-/// Asks the gate to let a unit of work of `bytes` go.
+/// Asks the gate to let a unit of work of `bytes` go. A unit held past
+/// the hold's pause is not refused, as an etcd write is: it waits on until
+/// the release (its client's own timeout bounds the wait), since a
+/// PostgreSQL client that is refused its connection or its next statement
+/// gives up (pgbench aborts the client) where an etcd client retries. It
+/// still never goes to a server that may be fenced: the release comes after
+/// the switch, or after the settle that unfenced the old server.
 async fn admit(shared: &Shared<PgUpstream>, bytes: usize) -> Result<WritePermit, GateRefusal> {
-    let permit = match shared.gate.admit_write(bytes as u64) {
-        Admission::Pass(permit) => permit,
-        Admission::Held(held) => {
-            let mut permit = held.wait().await?;
-            // Released sessions start in the order they arrived, and
-            // then run side by side.
-            permit.leave_line();
-            permit
+    let permit = loop {
+        let refusal = match shared.gate.admit_write(bytes as u64) {
+            Admission::Pass(permit) => break permit,
+            Admission::Held(held) => match held.wait().await {
+                Ok(mut permit) => {
+                    // Released sessions start in the order they arrived,
+                    // and then run side by side.
+                    permit.leave_line();
+                    break permit;
+                }
+                Err(refusal) => refusal,
+            },
+            Admission::Refused(refusal) => refusal,
+        };
+        match refusal {
+            GateRefusal::HoldRanOut { .. } => shared.gate.until_open().await,
+            refusal => return Err(refusal),
         }
-        Admission::Refused(refusal) => return Err(refusal),
     };
     shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
     Ok(permit)

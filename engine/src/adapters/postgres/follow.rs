@@ -107,6 +107,12 @@ impl ChangeDecoder {
     }
 
     fn error(&self, lsn: Lsn, reason: String) -> PgError {
+        // The server leaves the position of some messages (a Relation)
+        // unset: the transaction's commit LSN says where instead.
+        let lsn = match (lsn, self.transaction) {
+            (Lsn(0), Some(open)) => open.final_lsn,
+            _ => lsn,
+        };
         PgError::Follow {
             server: self.server.clone(),
             lsn: lsn.to_string(),

@@ -78,14 +78,7 @@ struct Acks {
 /// connection, reconnecting when the gateway ends the session (as a pool
 /// does), until `stop`.
 async fn writer(address: String, stop: Arc<AtomicBool>) -> Acks {
-    let (host, port) = address.rsplit_once(':').expect("HOST:PORT");
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(host)
-        .port(port.parse().expect("a port"))
-        .user("postgres")
-        .dbname(DB)
-        .connect_timeout(Duration::from_secs(10));
+    let config = client_config(&address);
     let mut acks = Acks::default();
     let mut client = None;
     let mut n = 0;
@@ -108,17 +101,38 @@ async fn writer(address: String, stop: Arc<AtomicBool>) -> Acks {
         }
         let Some(connected) = &client else { continue };
         n += 1;
+        // The simple protocol: the session holds no prepared statement, so
+        // the gateway moves it to the new server without a reconnect.
         match connected
-            .execute("INSERT INTO acks (writer, n) VALUES (1, $1)", &[&n])
+            .simple_query(&format!("INSERT INTO acks (writer, n) VALUES (1, {n})"))
             .await
         {
-            Ok(1) => acks.acknowledged.push(n),
-            Ok(rows) => panic!("an insert wrote {rows} rows"),
+            Ok(messages) => {
+                let rows = messages.iter().find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::CommandComplete(rows) => Some(*rows),
+                    _ => None,
+                });
+                assert_eq!(rows, Some(1), "an insert wrote {rows:?} rows");
+                acks.acknowledged.push(n);
+            }
             Err(_) => acks.failed.push(n),
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     acks
+}
+
+/// tokio-postgres' configuration for the superuser at `address`.
+fn client_config(address: &str) -> tokio_postgres::Config {
+    let (host, port) = address.rsplit_once(':').expect("HOST:PORT");
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port.parse().expect("a port"))
+        .user("postgres")
+        .dbname(DB)
+        .connect_timeout(Duration::from_secs(10));
+    config
 }
 
 /// Runs pgbench and the writer through the gateway, the migration with
@@ -375,8 +389,66 @@ fn assert_stayed_on_the_old_server(upgrade: &Upgrade, outcome: &Outcome) {
 async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let mut upgrade = Upgrade::start(1);
+    // Two sessions opened through the gateway before the migration and
+    // idle through it: one that prepared a named statement (ended with
+    // 57P01 at the switch: its statement stays on 15), one that did not
+    // (moved: the same connection now reaches 17).
+    let config = client_config(&upgrade.gateway.field("listen"));
+    let (prepared, prepared_connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connects through the gateway");
+    let prepared_connection = tokio::spawn(prepared_connection);
+    prepared
+        .prepare("SELECT count(*) FROM acks")
+        .await
+        .expect("prepares");
+    let (plain, plain_connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connects through the gateway");
+    tokio::spawn(plain_connection);
+    let version = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages.into_iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+    };
+    let before = version(
+        plain
+            .simple_query("SHOW server_version_num")
+            .await
+            .expect("asks"),
+    );
+    assert!(before.is_some_and(|version| version.starts_with("15")));
+
     let outcome = migrate_under_load(&mut upgrade, Fault::None, &[]).await;
     assert_switched_without_loss(&upgrade, &outcome);
+    assert_eq!(
+        outcome.acks.reconnects, 1,
+        "the writer's session moved to 17 without a reconnect"
+    );
+    let after = version(
+        plain
+            .simple_query("SHOW server_version_num")
+            .await
+            .expect("the idle session goes on"),
+    );
+    assert!(
+        after
+            .as_deref()
+            .is_some_and(|version| version.starts_with("17")),
+        "{after:?}"
+    );
+    let ended = prepared_connection
+        .await
+        .expect("joins")
+        .expect_err("the session with a prepared statement is ended");
+    assert_eq!(
+        ended.code().map(|code| code.code()),
+        Some("57P01"),
+        "{ended}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,9 @@ enum Fault {
     NewServerFailsAtCutover,
     /// `ALTER TABLE ... ADD COLUMN` on 15 while the migration follows.
     DdlOnSource,
+    /// A session through the gateway begins a transaction, inserts, and
+    /// leaves it open through the cutover.
+    TransactionLeftOpen,
 }
 
 /// What a run saw.
@@ -63,6 +66,13 @@ struct Outcome {
     runs: Vec<std::process::Output>,
     /// 15's history rows when the migration ended.
     old_history_at_end: u64,
+    /// The session of [`Fault::TransactionLeftOpen`]: how its connection
+    /// ended.
+    #[allow(clippy::type_complexity)]
+    left_open: Option<(
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    )>,
 }
 
 /// What the writer saw: the `n` of every commit acknowledged, and of every
@@ -173,6 +183,7 @@ async fn migrate_under_load(upgrade: &mut Upgrade, fault: Fault, extra_args: &[&
         &[&["--source-agent", link.as_str()], extra_args].concat(),
     );
     let migrate = spawn_ferry(&args);
+    let mut left_open = None;
     let restart_target = |upgrade: &mut Upgrade, listen: &str| {
         upgrade.target_agent = FerryProcess::start(
             &[
@@ -218,6 +229,20 @@ async fn migrate_under_load(upgrade: &mut Upgrade, fault: Fault, extra_args: &[&
             tokio::time::sleep(Duration::from_secs(1)).await;
             upgrade.new.pause();
         }
+        Fault::TransactionLeftOpen => {
+            wait_for_phase(&status_file, "following").await;
+            let (client, connection) = client_config(&address)
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("connects through the gateway");
+            let connection = tokio::spawn(connection);
+            client
+                .batch_execute("BEGIN; INSERT INTO acks (writer, n) VALUES (2, -1);")
+                .await
+                .expect("a transaction begins");
+            // The client keeps it open and says nothing more.
+            left_open = Some((client, connection));
+        }
         Fault::DdlOnSource => {
             wait_for_phase(&status_file, "following").await;
             query(
@@ -257,6 +282,7 @@ async fn migrate_under_load(upgrade: &mut Upgrade, fault: Fault, extra_args: &[&
         acks,
         runs,
         old_history_at_end,
+        left_open,
     }
 }
 
@@ -491,6 +517,31 @@ async fn a_new_server_that_fails_at_the_cutover_rolls_back() {
         outcome.report
     );
     assert_stayed_on_the_old_server(&upgrade, &outcome);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_through_the_cutover_is_rolled_back() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut upgrade = Upgrade::start(1);
+    let mut outcome = migrate_under_load(&mut upgrade, Fault::TransactionLeftOpen, &[]).await;
+    assert_switched_without_loss(&upgrade, &outcome);
+    let (_client, connection) = outcome.left_open.take().expect("the session");
+    let ended = connection
+        .await
+        .expect("joins")
+        .expect_err("the session was ended");
+    assert_eq!(
+        ended.code().map(|code| code.code()),
+        Some("57P01"),
+        "{ended}"
+    );
+    for server in [&upgrade.old, &upgrade.new] {
+        assert_eq!(
+            query(server, "SELECT count(*) FROM acks WHERE writer = 2;"),
+            "0",
+            "the open transaction was rolled back"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,12 +15,13 @@
 //! - `confirm` moves the slot's confirmed position to what the target
 //!   holds durably, so the server keeps no WAL the migration no longer
 //!   needs and a crash loses nothing.
-//! - The fence: statement triggers on every migrated table and a marker
-//!   whose LSN is F (see `fence.rs`); the digest: `digest.rs`.
+//! - The fence: statement triggers on every migrated table, the
+//!   sequences' values (logical replication carries no `nextval`) and a
+//!   marker whose LSN is F (see `fence.rs`); the digest: `digest.rs`.
 //!
 //! [`PgLiveSink`] applies the stream on one connection through the shared
 //! driver. **Not built yet**: dropping the slot and publication after a
-//! switch, and copying sequences after the fence.
+//! switch.
 
 use std::sync::Arc;
 
@@ -114,13 +115,27 @@ impl PgLiveSource {
         }
     }
 
+    /// The tables and sequences the stream carries.
+    fn selection(&self) -> super::catalog::Selection {
+        super::catalog::Selection {
+            schemas: self.options.source.schemas.clone(),
+            tables: self.options.source.tables.clone(),
+        }
+    }
+
     /// Moves the fence record as `wanted` says: a fence raises the
-    /// triggers that refuse writes on every migrated table and answers F,
-    /// an unfence drops them (see `fence.rs`).
+    /// triggers that refuse writes on every migrated table, copies the
+    /// sequences and answers F, an unfence drops the triggers (see
+    /// `fence.rs`).
     async fn move_fence_record(&self, wanted: FenceMove) -> Result<FenceAnswer> {
-        super::fence::move_fence(&self.connection, &self.options.publication, &wanted)
-            .await
-            .map_err(source_error)
+        super::fence::move_fence(
+            &self.connection,
+            &self.options.publication,
+            &self.selection(),
+            &wanted,
+        )
+        .await
+        .map_err(source_error)
     }
 
     /// The fence record, and the epoch whose triggers are raised.
@@ -518,11 +533,7 @@ impl LiveSource for PgLiveSource {
     }
 
     async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
-        let selection = super::catalog::Selection {
-            schemas: self.options.source.schemas.clone(),
-            tables: self.options.source.tables.clone(),
-        };
-        super::digest::digest(&self.connection, &selection)
+        super::digest::digest(&self.connection, &self.selection())
             .await
             .map_err(source_error)
     }

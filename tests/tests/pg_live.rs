@@ -11,7 +11,9 @@
 //! fence: every write refused by the database (superuser, replica role,
 //! TRUNCATE) with SQLSTATE 25006, F above every acknowledged write and
 //! reached by the stream, idempotent per epoch, undone by an unfence, for
-//! good after a commit. Sequences, which
+//! good after a commit; an unfence keeps the slot and the publication, a
+//! commit (while a walsender still reads the slot) drops both, and a
+//! stream resumed after it says the migration switched. Sequences, which
 //! logical replication does not carry: the fence copies them (serial,
 //! identity and free-standing ones), the stream carries the copy below F
 //! once, a resume past it does not carry it again, and on the target
@@ -513,6 +515,116 @@ async fn the_fence_refuses_every_write_at_the_database_and_answers_a_position_th
         "{rollback:?}"
     );
     write(&server, "INSERT INTO runs VALUES (6, 'six');").expect_err("switched: refused for good");
+}
+
+/// Whether the source still has the live stream's slot and publication,
+/// as psql sees them.
+fn slot_and_publication(server: &PgServer) -> (bool, bool) {
+    let held = server
+        .psql(
+            DB,
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'ferry_live_test'), \
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'ferry_live_test');",
+        )
+        .expect("psql");
+    (held.starts_with("t|"), held.ends_with("|t"))
+}
+
+#[tokio::test]
+async fn the_slot_and_publication_outlive_an_unfence_and_are_dropped_by_a_commit() {
+    use ferry_engine::adapters::live::{FenceAnswer, FenceMove};
+    let server = PgServer::start().expect("PostgreSQL 15");
+    server.create_database(DB).expect("a database");
+    server
+        .psql(DB, "CREATE TABLE runs (id bigint PRIMARY KEY, name text);")
+        .expect("the source's table");
+    let source = live_source(&server);
+    let mut stream = source
+        .open(b"", LiveFrom::default())
+        .await
+        .expect("the live stream opens");
+    let snapshot = stream.snapshot_position;
+    let fence = |epoch| FenceMove::Fence {
+        epoch,
+        successor: "postgres://new.example:5432/app".to_owned(),
+    };
+
+    // A rolled back attempt keeps both: the next one resumes from the slot.
+    let FenceAnswer::Done(fenced) = source.move_fence(fence(1)).await.expect("fence 1") else {
+        panic!("fence 1 refused");
+    };
+    let mut ops = Vec::new();
+    read_through(&mut stream, fenced.0, &mut ops).await;
+    let unfenced = source
+        .move_fence(FenceMove::Unfence { epoch: 1 })
+        .await
+        .expect("unfence");
+    assert!(matches!(unfenced, FenceAnswer::Done(_)), "{unfenced:?}");
+    assert_eq!(
+        slot_and_publication(&server),
+        (true, true),
+        "after an unfence"
+    );
+    write(&server, "INSERT INTO runs VALUES (1, 'one');").expect("a write after the unfence");
+
+    // A committed switch drops both, though the stream still reads the
+    // slot (its walsender is ended).
+    let FenceAnswer::Done(again) = source.move_fence(fence(2)).await.expect("fence 2") else {
+        panic!("fence 2 refused");
+    };
+    read_through(&mut stream, again.0, &mut ops).await;
+    let active = server
+        .psql(
+            DB,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'ferry_live_test';",
+        )
+        .expect("psql");
+    assert_eq!(active, "t", "the stream reads the slot at the commit");
+    let commit = FenceMove::Commit {
+        epoch: 2,
+        successor_position_offset: 0,
+    };
+    assert_eq!(
+        source.move_fence(commit.clone()).await.expect("commit"),
+        FenceAnswer::Done(again)
+    );
+    assert_eq!(
+        slot_and_publication(&server),
+        (false, false),
+        "after the commit"
+    );
+    // Found committed already: the same answer, nothing left to drop.
+    assert_eq!(
+        source.move_fence(commit).await.expect("commit again"),
+        FenceAnswer::Done(again)
+    );
+    assert_eq!(slot_and_publication(&server), (false, false));
+    drop(stream);
+
+    // A stream resumed now is told why there is nothing to follow.
+    let from = LiveFrom {
+        snapshot: Some(snapshot),
+        from_seq_exclusive: ops.last().map_or(0, |op| op.seq),
+        from_position_exclusive: Position(again.0),
+        snapshot_through_seq: Some(0),
+    };
+    let mut resumed = source.open(b"", from).await.expect("the stream opens");
+    let error = tokio::time::timeout(Duration::from_secs(60), async {
+        use futures::StreamExt;
+        loop {
+            match resumed.events.next().await {
+                Some(Err(error)) => break error.to_string(),
+                Some(Ok(_)) => {}
+                None => panic!("the stream ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("the resumed stream answers within 60 s");
+    assert!(
+        error.contains("was dropped when migration epoch 2 switched"),
+        "{error}"
+    );
 }
 
 /// `SELECT last_value, is_called` of `sequence`, as psql prints it.

@@ -32,7 +32,8 @@
 //! them again.
 //!
 //! An unfence drops the triggers (found by name in the catalog) in the
-//! transaction that writes the record; a commit keeps them for good.
+//! transaction that writes the record; a commit keeps them for good (and
+//! `live.rs` then drops the slot and the publication).
 //! Movers take an advisory lock first, so two never interleave.
 
 use tokio_postgres::Client;

@@ -528,6 +528,16 @@ async fn check_slot(
         reason,
     };
     let Some(row) = row else {
+        // A committed switch drops the slot (`live.rs`): say so.
+        if let Ok(Some(stored)) = super::fence::read_fence(client, server).await
+            && stored.switched()
+        {
+            return Err(precondition(format!(
+                "replication slot {slot} was dropped when migration epoch {} switched this database's clients to {}: there is nothing left to follow",
+                stored.fence.epoch,
+                stored.fence.successor.as_deref().unwrap_or("its successor")
+            )));
+        }
         return Err(precondition(format!(
             "replication slot {slot} does not exist (dropped, or made on another server): the changes since the snapshot are gone; start the migration over with a new snapshot"
         )));

@@ -75,20 +75,12 @@ async fn run(
             return refuse(&mut to_client, "FATAL", code, &message).await;
         }
     };
-    // A startup is work like any other: a hold stops it until the release,
-    // and it then goes to the server in force.
-    let permit = match admit(&shared, startup.len()).await {
-        Ok(permit) => permit,
-        Err(refusal) => {
-            return refuse(
-                &mut to_client,
-                "FATAL",
-                CANNOT_CONNECT_NOW,
-                &refusal.to_string(),
-            )
-            .await;
-        }
-    };
+    // A startup writes nothing and passes a hold: it is the session's
+    // first statement that waits. Holding startups would deadlock a client
+    // that connects synchronously on a thread that also drives sessions in
+    // the middle of a transaction (pgbench -C does): the drain would wait
+    // for a transaction its client cannot finish. A session that started
+    // on the old server before a switch moves before its first statement.
     let upstream = shared.upstream.borrow().clone();
     let server = match connect_transport(&upstream.transport_config()).await {
         Ok(server) => server,
@@ -136,9 +128,6 @@ async fn run(
         named_statements: false,
         cut_for: None,
     };
-    // The startup's permit goes once the server is ready, as any unit of
-    // work's does when the session is idle.
-    drop(permit);
     let ended = session.relay(from_client, from_server).await;
     sessions.remove(client_key);
     ended

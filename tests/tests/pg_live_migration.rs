@@ -481,7 +481,12 @@ async fn postgresql_15_moves_to_17_under_pgbench_without_a_lost_transaction() {
 async fn a_target_agent_killed_while_following_resumes() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let mut upgrade = Upgrade::start(1);
-    let outcome = migrate_under_load(&mut upgrade, Fault::KillTargetAgent, &[]).await;
+    let outcome = migrate_under_load(
+        &mut upgrade,
+        Fault::KillTargetAgent,
+        &["--follow-at-least", "4s"],
+    )
+    .await;
     assert_switched_without_loss(&upgrade, &outcome);
 }
 
@@ -489,7 +494,20 @@ async fn a_target_agent_killed_while_following_resumes() {
 async fn a_target_agent_killed_while_draining_resumes() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let mut upgrade = Upgrade::start(1);
-    let outcome = migrate_under_load(&mut upgrade, Fault::KillTargetAgentWhileDraining, &[]).await;
+    let outcome = migrate_under_load(
+        &mut upgrade,
+        Fault::KillTargetAgentWhileDraining,
+        // The cutover starts while the stopped agent lags.
+        &[
+            "--follow-at-least",
+            "2s",
+            "--max-lag",
+            "1000000000000",
+            "--max-pause",
+            "30s",
+        ],
+    )
+    .await;
     assert_switched_without_loss(&upgrade, &outcome);
 }
 
@@ -497,7 +515,12 @@ async fn a_target_agent_killed_while_draining_resumes() {
 async fn a_cut_link_to_the_source_agent_is_bridged() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let mut upgrade = Upgrade::start(1);
-    let outcome = migrate_under_load(&mut upgrade, Fault::CutSourceLink, &[]).await;
+    let outcome = migrate_under_load(
+        &mut upgrade,
+        Fault::CutSourceLink,
+        &["--follow-at-least", "6s"],
+    )
+    .await;
     assert_switched_without_loss(&upgrade, &outcome);
 }
 

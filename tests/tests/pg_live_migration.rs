@@ -17,7 +17,7 @@
 //!
 //! Then again with faults: the target agent killed with -9 while it
 //! follows and while the cutover drains (restarted, the migration goes
-//! on); the link to the source agent cut for seconds; PostgreSQL 17
+//! on, and `--verify` finds both servers equal at F); the link to the source agent cut for seconds; PostgreSQL 17
 //! stopped during the cutover (rolled back: 15 unfenced, every
 //! acknowledged commit on 15, pgbench going on there); a DDL statement on
 //! 15 mid-migration (the migration stops, naming the table, before
@@ -497,7 +497,9 @@ async fn a_target_agent_killed_while_draining_resumes() {
     let outcome = migrate_under_load(
         &mut upgrade,
         Fault::KillTargetAgentWhileDraining,
-        // The cutover starts while the stopped agent lags.
+        // The cutover starts while the stopped agent lags; the long pause
+        // leaves room for --verify's digests of both servers at F (every
+        // row of every table, read in a debug build).
         &[
             "--follow-at-least",
             "2s",
@@ -505,10 +507,14 @@ async fn a_target_agent_killed_while_draining_resumes() {
             "1000000000000",
             "--max-pause",
             "30s",
+            "--verify",
         ],
     )
     .await;
     assert_switched_without_loss(&upgrade, &outcome);
+    // 100,000 accounts, 10 tellers, 1 branch, and the history and acks.
+    let verified = outcome.report["verified_keys"].as_u64().unwrap_or(0);
+    assert!(verified > 100_011, "{}", outcome.report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -359,6 +359,30 @@ impl PgServer {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Stops every process of the server (SIGSTOP to the postmaster and its
+    /// children): it takes connections and answers nothing until
+    /// [`PgServer::resume`].
+    pub fn pause(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Lets a paused server run again.
+    pub fn resume(&self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_owned))
+            .expect("the server's postmaster.pid");
+        let _ = Command::new("pkill")
+            .arg(signal)
+            .args(["-P", &pid])
+            .status();
+        let _ = Command::new("kill").arg(signal).arg(&pid).status();
+    }
+
     /// The folder of the binaries it runs.
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir

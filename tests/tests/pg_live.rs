@@ -11,7 +11,13 @@
 //! fence: every write refused by the database (superuser, replica role,
 //! TRUNCATE) with SQLSTATE 25006, F above every acknowledged write and
 //! reached by the stream, idempotent per epoch, undone by an unfence, for
-//! good after a commit.
+//! good after a commit; an unfence keeps the slot and the publication, a
+//! commit (while a walsender still reads the slot) drops both, and a
+//! stream resumed after it says the migration switched. Sequences, which
+//! logical replication does not carry: the fence copies them (serial,
+//! identity and free-standing ones), the stream carries the copy below F
+//! once, a resume past it does not carry it again, and on the target
+//! `nextval` answers above every id the source handed out.
 
 use std::time::{Duration, Instant};
 
@@ -509,4 +515,328 @@ async fn the_fence_refuses_every_write_at_the_database_and_answers_a_position_th
         "{rollback:?}"
     );
     write(&server, "INSERT INTO runs VALUES (6, 'six');").expect_err("switched: refused for good");
+}
+
+/// Whether the source still has the live stream's slot and publication,
+/// as psql sees them.
+fn slot_and_publication(server: &PgServer) -> (bool, bool) {
+    let held = server
+        .psql(
+            DB,
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'ferry_live_test'), \
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'ferry_live_test');",
+        )
+        .expect("psql");
+    (held.starts_with("t|"), held.ends_with("|t"))
+}
+
+#[tokio::test]
+async fn the_slot_and_publication_outlive_an_unfence_and_are_dropped_by_a_commit() {
+    use ferry_engine::adapters::live::{FenceAnswer, FenceMove};
+    let server = PgServer::start().expect("PostgreSQL 15");
+    server.create_database(DB).expect("a database");
+    server
+        .psql(DB, "CREATE TABLE runs (id bigint PRIMARY KEY, name text);")
+        .expect("the source's table");
+    let source = live_source(&server);
+    let mut stream = source
+        .open(b"", LiveFrom::default())
+        .await
+        .expect("the live stream opens");
+    let snapshot = stream.snapshot_position;
+    let fence = |epoch| FenceMove::Fence {
+        epoch,
+        successor: "postgres://new.example:5432/app".to_owned(),
+    };
+
+    // A rolled back attempt keeps both: the next one resumes from the slot.
+    let FenceAnswer::Done(fenced) = source.move_fence(fence(1)).await.expect("fence 1") else {
+        panic!("fence 1 refused");
+    };
+    let mut ops = Vec::new();
+    read_through(&mut stream, fenced.0, &mut ops).await;
+    let unfenced = source
+        .move_fence(FenceMove::Unfence { epoch: 1 })
+        .await
+        .expect("unfence");
+    assert!(matches!(unfenced, FenceAnswer::Done(_)), "{unfenced:?}");
+    assert_eq!(
+        slot_and_publication(&server),
+        (true, true),
+        "after an unfence"
+    );
+    write(&server, "INSERT INTO runs VALUES (1, 'one');").expect("a write after the unfence");
+
+    // A committed switch drops both, though the stream still reads the
+    // slot (its walsender is ended).
+    let FenceAnswer::Done(again) = source.move_fence(fence(2)).await.expect("fence 2") else {
+        panic!("fence 2 refused");
+    };
+    read_through(&mut stream, again.0, &mut ops).await;
+    let active = server
+        .psql(
+            DB,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'ferry_live_test';",
+        )
+        .expect("psql");
+    assert_eq!(active, "t", "the stream reads the slot at the commit");
+    let commit = FenceMove::Commit {
+        epoch: 2,
+        successor_position_offset: 0,
+    };
+    assert_eq!(
+        source.move_fence(commit.clone()).await.expect("commit"),
+        FenceAnswer::Done(again)
+    );
+    assert_eq!(
+        slot_and_publication(&server),
+        (false, false),
+        "after the commit"
+    );
+    // Found committed already: the same answer, nothing left to drop.
+    assert_eq!(
+        source.move_fence(commit).await.expect("commit again"),
+        FenceAnswer::Done(again)
+    );
+    assert_eq!(slot_and_publication(&server), (false, false));
+    drop(stream);
+
+    // A stream resumed now is told why there is nothing to follow.
+    let from = LiveFrom {
+        snapshot: Some(snapshot),
+        from_seq_exclusive: ops.last().map_or(0, |op| op.seq),
+        from_position_exclusive: Position(again.0),
+        snapshot_through_seq: Some(0),
+    };
+    let mut resumed = source.open(b"", from).await.expect("the stream opens");
+    let error = tokio::time::timeout(Duration::from_secs(60), async {
+        use futures::StreamExt;
+        loop {
+            match resumed.events.next().await {
+                Some(Err(error)) => break error.to_string(),
+                Some(Ok(_)) => {}
+                None => panic!("the stream ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("the resumed stream answers within 60 s");
+    assert!(
+        error.contains("was dropped when migration epoch 2 switched"),
+        "{error}"
+    );
+}
+
+/// `SELECT last_value, is_called` of `sequence`, as psql prints it.
+fn sequence_state(server: &PgServer, db: &str, sequence: &str) -> String {
+    server
+        .psql(
+            db,
+            &format!("SELECT last_value, is_called FROM {sequence};"),
+        )
+        .expect("the sequence")
+}
+
+#[tokio::test]
+async fn the_fence_copies_the_sequences_so_the_new_server_hands_out_no_id_the_old_one_had() {
+    use ferry_engine::adapters::live::{FenceAnswer, FenceMove};
+    let server = PgServer::start().expect("PostgreSQL 15");
+    server.create_database(DB).expect("a database");
+    server
+        .psql(
+            DB,
+            "CREATE TABLE items (id serial PRIMARY KEY, name text); \
+             CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, what text); \
+             CREATE SEQUENCE tickets; \
+             INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 3) g; \
+             INSERT INTO events (what) VALUES ('a'), ('b'); \
+             SELECT nextval('tickets');",
+        )
+        .expect("the source's tables and sequences");
+    let source = live_source(&server);
+    let mut stream = source
+        .open(b"", LiveFrom::default())
+        .await
+        .expect("the live stream opens");
+    // After the snapshot the sequences move on: rows, a rolled back insert
+    // and bare nextval calls leave gaps only the sequences know about.
+    server
+        .psql(
+            DB,
+            "INSERT INTO items (name) SELECT 'later ' || g FROM generate_series(1, 20) g; \
+             BEGIN; INSERT INTO items (name) VALUES ('rolled back'); ROLLBACK; \
+             SELECT nextval('items_id_seq'); \
+             INSERT INTO events (what) SELECT 'later' FROM generate_series(1, 5); \
+             SELECT nextval('tickets') FROM generate_series(1, 7);",
+        )
+        .expect("changes after the snapshot");
+    let before = wal_now(&server);
+    let FenceAnswer::Done(fenced) = source
+        .move_fence(FenceMove::Fence {
+            epoch: 1,
+            successor: "postgres://new.example:5432/app".to_owned(),
+        })
+        .await
+        .expect("fence")
+    else {
+        panic!("the fence was refused");
+    };
+    let sequences = ["items_id_seq", "events_id_seq", "tickets"];
+    let at_fence: Vec<String> = sequences
+        .iter()
+        .map(|sequence| sequence_state(&server, DB, sequence))
+        .collect();
+    assert_eq!(
+        at_fence[0], "25|t",
+        "3 + 20 rows, one rolled back, one nextval"
+    );
+
+    let mut all = Vec::new();
+    let snapshot_end = read_through(&mut stream, fenced.0, &mut all)
+        .await
+        .expect("the snapshot completes") as usize;
+
+    // One group of SETVAL ops, one per sequence, below F and above every
+    // write before the fence.
+    let changes = &all[snapshot_end..];
+    let copied: Vec<&Op> = changes
+        .iter()
+        .filter(|op| op.kind == "pg.sequence".as_bytes())
+        .collect();
+    let keys: Vec<String> = copied
+        .iter()
+        .map(|op| String::from_utf8_lossy(&op.key).into_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "sequence/public.events_id_seq",
+            "sequence/public.items_id_seq",
+            "sequence/public.tickets"
+        ],
+        "each sequence once"
+    );
+    let position = copied[0].position;
+    assert!(
+        position > before && position < fenced.0,
+        "{position} between {before} and F {fenced}"
+    );
+    for (index, op) in copied.iter().enumerate() {
+        assert_eq!(op.method, "SETVAL".as_bytes());
+        assert_eq!((op.position, op.txn), (position, position));
+        assert_eq!(op.txn_last, index == copied.len() - 1, "one group");
+    }
+    assert!(
+        changes
+            .iter()
+            .filter(|op| op.kind == "pg.row".as_bytes())
+            .all(|op| op.position < position),
+        "every row change before the copy"
+    );
+    let body: serde_json::Value =
+        serde_json::from_slice(&copied[1].body).expect("the body is JSON");
+    assert_eq!(body["last_value"], 25, "{body}");
+    assert_eq!(body["is_called"], true, "{body}");
+
+    // Applied by the live sink on a target that has the sequences from the
+    // snapshot already.
+    server.create_database("new").expect("the target");
+    let sink = PgLiveSink::new(
+        PgConnection::from_url(&server.url("new"), &PasswordSources::default())
+            .expect("the target's URL"),
+        100,
+    );
+    let stream_info = StreamInfo {
+        stream_id: "live".to_owned(),
+        ..StreamInfo::default()
+    };
+    let mut apply = sink.open(&stream_info, 1).await.expect("the sink opens");
+    for part in all.chunks(10) {
+        apply.apply(part.to_vec()).await.expect("the sink applies");
+    }
+    let applied = apply.applied().expect("applied");
+    assert_eq!(applied.through_position, Position(position));
+    apply.finish().await.expect("the sink finishes");
+
+    // On the target: each sequence where the source's stood at the fence,
+    // and nextval above every id the source has.
+    for (sequence, source_state) in sequences.iter().zip(&at_fence) {
+        assert_eq!(
+            &sequence_state(&server, "new", sequence),
+            source_state,
+            "{sequence}"
+        );
+    }
+    let highest = |table: &str| -> i64 {
+        server
+            .psql(DB, &format!("SELECT max(id) FROM {table};"))
+            .expect("the source's ids")
+            .parse()
+            .expect("a number")
+    };
+    let item: i64 = server
+        .psql(
+            "new",
+            "INSERT INTO items (name) VALUES ('on the new server') RETURNING id;",
+        )
+        .expect("an insert on the target")
+        .parse()
+        .expect("an id");
+    assert!(item > highest("items"), "item id {item}");
+    let event: i64 = server
+        .psql(
+            "new",
+            "INSERT INTO events (what) VALUES ('new') RETURNING id;",
+        )
+        .expect("an insert on the target")
+        .parse()
+        .expect("an id");
+    assert!(event > highest("events"), "event id {event}");
+    assert_eq!(
+        server
+            .psql("new", "SELECT nextval('tickets');")
+            .expect("nextval"),
+        "9"
+    );
+
+    // Resumed from where the target holds the stream (the copy's
+    // position): the copy is not carried again.
+    let snapshot = stream.snapshot_position;
+    drop(stream);
+    let from = LiveFrom {
+        snapshot: Some(snapshot),
+        from_seq_exclusive: applied.through_seq,
+        from_position_exclusive: applied.through_position,
+        snapshot_through_seq: Some(snapshot_end as u64),
+    };
+    let through = wal_now(&server);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let mut resumed = source.open(b"", from).await.expect("the stream resumes");
+        let mut ops = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), async {
+            use futures::StreamExt;
+            while let Some(event) = resumed.events.next().await {
+                match event {
+                    Err(error) => return Err(error.to_string()),
+                    Ok(LiveEvent::Batch(batch)) => ops.extend(batch),
+                    Ok(LiveEvent::Progress { position, .. }) if position >= through => {
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                }
+            }
+            Err("the stream ended".to_owned())
+        })
+        .await
+        .expect("the resumed stream reaches the WAL's end within 60 s");
+        match read {
+            Ok(()) => break ops,
+            Err(error) if error.contains("is active") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("the resumed stream failed: {error}"),
+        }
+    };
+    assert!(again.is_empty(), "nothing after the copy: {again:?}");
 }

@@ -427,6 +427,33 @@ impl Gate {
             .is_some_and(|hold| hold.epoch == id.epoch && hold.started == id.started)
     }
 
+    /// Waits until a hold is in force and returns it, with the time its
+    /// pause runs out.
+    pub async fn until_held(&self) -> (HoldId, Instant) {
+        let mut changes = self.state.subscribe();
+        loop {
+            if let Some(hold) = changes.borrow_and_update().hold {
+                return (
+                    HoldId {
+                        epoch: hold.epoch,
+                        started: hold.started,
+                    },
+                    hold.deadline,
+                );
+            }
+            if changes.changed().await.is_err() {
+                // The gate is gone: nothing will ever hold.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Returns once no hold is in force (at once when none is).
+    pub async fn until_open(&self) {
+        let mut changes = self.state.subscribe();
+        let _ = changes.wait_for(|state| state.hold.is_none()).await;
+    }
+
     /// Returns once the hold `id` is no longer in force (released, or
     /// replaced by a newer epoch's).
     pub async fn until_released(&self, id: HoldId) {

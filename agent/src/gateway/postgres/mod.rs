@@ -17,10 +17,15 @@
 //!   first message it sends while idle (or its startup) until the server
 //!   answers `ReadyForQuery` with status idle, every `Sync` and query
 //!   answered. A busy session holds a permit of the gate; an idle one
-//!   holds none. Hold stops the next unit of work of every idle session
-//!   (and every new session's startup) at the gate and returns once every
-//!   busy session is idle: a transaction is never cut by a cutover. Work
-//!   released after a hold goes on in the order it arrived.
+//!   holds none. Hold stops the next unit of work of every idle session at
+//!   the gate and returns once every busy session is idle: a transaction
+//!   is not cut by a cutover. Work released after a hold goes on in the
+//!   order it arrived. New sessions start during a hold (a startup writes
+//!   nothing; holding it would deadlock a client that connects
+//!   synchronously beside its open transactions, as pgbench `-C` does);
+//!   their first statement waits. A transaction still open at half the
+//!   hold's pause is cut so the hold can drain: its running statement is
+//!   cancelled, or, between statements, its session is ended (57P01).
 //! - **Switch**: a session bound to the old server moves to the new one
 //!   when it is idle: the gateway logs in to the new server as the same
 //!   role with the same startup parameters, with its own credentials for

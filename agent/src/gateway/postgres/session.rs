@@ -19,7 +19,7 @@ use super::wire::{self, Frame, Frames};
 use super::{CancelTarget, PgClientLimits, PgUpstream, Sessions};
 use crate::gateway::Shared;
 use crate::gateway::UpstreamPlane;
-use crate::gateway::gate::{Admission, GateRefusal, WritePermit};
+use crate::gateway::gate::{Admission, Gate, GateRefusal, HoldId, WritePermit};
 
 type Stream = Box<dyn Transport>;
 type Reader = Frames<ReadHalf<Stream>>;
@@ -75,20 +75,12 @@ async fn run(
             return refuse(&mut to_client, "FATAL", code, &message).await;
         }
     };
-    // A startup is work like any other: a hold stops it until the release,
-    // and it then goes to the server in force.
-    let permit = match admit(&shared, startup.len()).await {
-        Ok(permit) => permit,
-        Err(refusal) => {
-            return refuse(
-                &mut to_client,
-                "FATAL",
-                CANNOT_CONNECT_NOW,
-                &refusal.to_string(),
-            )
-            .await;
-        }
-    };
+    // A startup writes nothing and passes a hold: it is the session's
+    // first statement that waits. Holding startups would deadlock a client
+    // that connects synchronously on a thread that also drives sessions in
+    // the middle of a transaction (pgbench -C does): the drain would wait
+    // for a transaction its client cannot finish. A session that started
+    // on the old server before a switch moves before its first statement.
     let upstream = shared.upstream.borrow().clone();
     let server = match connect_transport(&upstream.transport_config()).await {
         Ok(server) => server,
@@ -134,10 +126,8 @@ async fn run(
         pending: 0,
         unsynced: false,
         named_statements: false,
+        cut_for: None,
     };
-    // The startup's permit goes once the server is ready, as any unit of
-    // work's does when the session is idle.
-    drop(permit);
     let ended = session.relay(from_client, from_server).await;
     sessions.remove(client_key);
     ended
@@ -233,9 +223,13 @@ fn parameter(parameters: &[(String, String)], name: &str) -> Option<String> {
 
 /// Passes a cancel request on to the server the session runs on now.
 async fn cancel(sessions: &Sessions, packet: &[u8]) {
-    let Some(target) = wire::cancel_key(packet).and_then(|key| sessions.target(key)) else {
-        return;
-    };
+    if let Some(target) = wire::cancel_key(packet).and_then(|key| sessions.target(key)) {
+        cancel_on(target).await;
+    }
+}
+
+/// Sends a cancel request for a session to the server it runs on.
+async fn cancel_on(target: CancelTarget) {
     match connect_transport(&target.server).await {
         Ok(mut server) => {
             let _ = server
@@ -380,18 +374,32 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     Err(message.to_owned())
 }
 
-/// Asks the gate to let a unit of work of `bytes` go.
+/// Asks the gate to let a unit of work of `bytes` go. A unit held past
+/// the hold's pause is not refused, as an etcd write is: it waits on until
+/// the release (its client's own timeout bounds the wait), since a
+/// PostgreSQL client that is refused its connection or its next statement
+/// gives up (pgbench aborts the client) where an etcd client retries. It
+/// still never goes to a server that may be fenced: the release comes after
+/// the switch, or after the settle that unfenced the old server.
 async fn admit(shared: &Shared<PgUpstream>, bytes: usize) -> Result<WritePermit, GateRefusal> {
-    let permit = match shared.gate.admit_write(bytes as u64) {
-        Admission::Pass(permit) => permit,
-        Admission::Held(held) => {
-            let mut permit = held.wait().await?;
-            // Released sessions start in the order they arrived, and
-            // then run side by side.
-            permit.leave_line();
-            permit
+    let permit = loop {
+        let refusal = match shared.gate.admit_write(bytes as u64) {
+            Admission::Pass(permit) => break permit,
+            Admission::Held(held) => match held.wait().await {
+                Ok(mut permit) => {
+                    // Released sessions start in the order they arrived,
+                    // and then run side by side.
+                    permit.leave_line();
+                    break permit;
+                }
+                Err(refusal) => refusal,
+            },
+            Admission::Refused(refusal) => refusal,
+        };
+        match refusal {
+            GateRefusal::HoldRanOut { .. } => shared.gate.until_open().await,
+            refusal => return Err(refusal),
         }
-        Admission::Refused(refusal) => return Err(refusal),
     };
     shared.writes_forwarded.fetch_add(1, Ordering::Relaxed);
     Ok(permit)
@@ -420,6 +428,9 @@ struct Session {
     unsynced: bool,
     /// The client prepared a named statement: the session cannot move.
     named_statements: bool,
+    /// The hold whose pause this session's open transaction outlasted
+    /// half of, once its query was cancelled.
+    cut_for: Option<HoldId>,
 }
 
 /// What woke the relay.
@@ -427,6 +438,22 @@ enum Event {
     Client(Option<Frame>),
     Server(Option<Frame>),
     Switched,
+    /// A hold has lasted half its pause with this session's transaction
+    /// still open.
+    HoldOutlasted(HoldId),
+}
+
+/// Resolves when a hold (other than `skip`) has lasted half its pause.
+async fn hold_half_gone(gate: &Gate, skip: Option<HoldId>) -> HoldId {
+    loop {
+        let (id, deadline) = gate.until_held().await;
+        if Some(id) == skip {
+            gate.until_released(id).await;
+            continue;
+        }
+        tokio::time::sleep_until(id.started + (deadline - id.started) / 2).await;
+        return id;
+    }
 }
 
 impl Session {
@@ -453,6 +480,9 @@ impl Session {
                     Ok(()) => Event::Switched,
                     Err(_) => return Ok(()),
                 },
+                id = hold_half_gone(&self.shared.gate, self.cut_for), if !idle => {
+                    Event::HoldOutlasted(id)
+                }
             };
             match event {
                 Event::Client(None) => {
@@ -486,8 +516,37 @@ impl Session {
                 }
                 // Checked at the top of the loop.
                 Event::Switched => {}
+                Event::HoldOutlasted(id) => {
+                    if self.permit.is_some() && self.shared.gate.is_held_by(id) {
+                        self.cut_transaction(id).await?;
+                    }
+                }
             }
         }
+    }
+
+    /// Cuts this session's open transaction, so that the hold `id` can
+    /// drain within its pause: a statement still running is cancelled (the
+    /// client gets SQLSTATE 57014 and rolls back, as after any error); a
+    /// transaction left open between statements ends with the session
+    /// (FATAL 57P01: the server rolls it back), since nothing can be put
+    /// into the client's conversation.
+    async fn cut_transaction(&mut self, id: HoldId) -> Result<(), Ended> {
+        self.cut_for = Some(id);
+        if self.pending > 0 {
+            info!(user = %self.user, epoch = id.epoch, "cancelling a statement that kept a transaction open through half the hold's pause");
+            if let Some(target) = self.sessions.target(self.client_key) {
+                tokio::spawn(async move { cancel_on(target).await });
+            }
+            return Ok(());
+        }
+        info!(user = %self.user, epoch = id.epoch, "ending a session whose transaction stayed open through half the hold's pause");
+        Err(self
+            .end(&format!(
+                "terminating connection: its transaction stayed open while the control plane was being switched (migration epoch {}), and was rolled back; retry it",
+                id.epoch
+            ))
+            .await)
     }
 
     fn on_upstream_in_force(&self) -> bool {

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
@@ -460,63 +461,12 @@ pub async fn read(
         });
     }
 
-    // Sequences of the schemas extracted, and the identity and serial
-    // columns they belong to.
-    for row in client
-        .query(
-            "SELECT n.nspname, c.relname, pg_catalog.format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, \
-                    s.seqmin, s.seqmax, s.seqcache, s.seqcycle, \
-                    tn.nspname, t.relname, a.attname, d.deptype::text \
-             FROM pg_catalog.pg_sequence s \
-             JOIN pg_catalog.pg_class c ON c.oid = s.seqrelid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             LEFT JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = c.oid \
-                  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype IN ('a', 'i') \
-             LEFT JOIN pg_catalog.pg_class t ON t.oid = d.refobjid \
-             LEFT JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace \
-             LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
-             ORDER BY n.nspname, c.relname",
-            &[],
-        )
-        .await
-        .map_err(|error| failed("reading the sequences", error))?
-    {
-        let schema: String = row.get(0);
-        if !selection.wants_schema(&schema) {
-            continue;
-        }
-        let owner: Option<(String, String, String)> = match (
-            row.get::<_, Option<String>>(9),
-            row.get::<_, Option<String>>(10),
-            row.get::<_, Option<String>>(11),
-        ) {
-            (Some(schema), Some(table), Some(column)) => Some((schema, table, column)),
-            _ => None,
-        };
-        let identity = row.get::<_, Option<String>>(12).as_deref() == Some("i");
-        // A sequence owned by a table left out goes with it.
-        if let Some((owner_schema, owner_table, _)) = &owner
-            && !catalog
-                .tables
-                .iter()
-                .any(|table| &table.schema == owner_schema && &table.name == owner_table)
-        {
-            continue;
-        }
-        catalog.sequences.push(Sequence {
-            schema,
-            name: row.get(1),
-            data_type: row.get(2),
-            start: row.get(3),
-            increment: row.get(4),
-            min: row.get(5),
-            max: row.get(6),
-            cache: row.get(7),
-            cycle: row.get(8),
-            owned_by: owner.map(|(schema, table, column)| [schema, table, column]),
-            identity,
-        });
-    }
+    let tables: Vec<(String, String)> = catalog
+        .tables
+        .iter()
+        .map(|table| (table.schema.clone(), table.name.clone()))
+        .collect();
+    catalog.sequences = read_sequences(client, server, selection, &tables).await?;
 
     // An identity column carries its sequence's name and options: the
     // table creates that sequence.
@@ -572,34 +522,118 @@ pub async fn read(
     Ok(catalog)
 }
 
-/// Where every sequence of `catalog` stands now. Sequences are not
-/// transactional: read inside the snapshot, a value is at least what it was
+/// The sequences of the schemas `selection` picks, with the identity and
+/// serial columns they belong to; a sequence owned by a table that is not
+/// one of `tables` (`schema`, `name`) is left out with it. The extract's
+/// catalog and the live fence (which copies their values) choose alike.
+pub(super) async fn read_sequences(
+    client: &Client,
+    server: &str,
+    selection: &Selection,
+    tables: &[(String, String)],
+) -> Result<Vec<Sequence>, PgError> {
+    let mut sequences = Vec::new();
+    for row in client
+        .query(
+            "SELECT n.nspname, c.relname, pg_catalog.format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, \
+                    s.seqmin, s.seqmax, s.seqcache, s.seqcycle, \
+                    tn.nspname, t.relname, a.attname, d.deptype::text \
+             FROM pg_catalog.pg_sequence s \
+             JOIN pg_catalog.pg_class c ON c.oid = s.seqrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = c.oid \
+                  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype IN ('a', 'i') \
+             LEFT JOIN pg_catalog.pg_class t ON t.oid = d.refobjid \
+             LEFT JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace \
+             LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+             ORDER BY n.nspname, c.relname",
+            &[],
+        )
+        .await
+        .map_err(|error| PgError::statement(server, "reading the sequences", &error))?
+    {
+        let schema: String = row.get(0);
+        if !selection.wants_schema(&schema) {
+            continue;
+        }
+        let owner: Option<(String, String, String)> = match (
+            row.get::<_, Option<String>>(9),
+            row.get::<_, Option<String>>(10),
+            row.get::<_, Option<String>>(11),
+        ) {
+            (Some(schema), Some(table), Some(column)) => Some((schema, table, column)),
+            _ => None,
+        };
+        let identity = row.get::<_, Option<String>>(12).as_deref() == Some("i");
+        // A sequence owned by a table left out goes with it.
+        if let Some((owner_schema, owner_table, _)) = &owner
+            && !tables
+                .iter()
+                .any(|(schema, name)| schema == owner_schema && name == owner_table)
+        {
+            continue;
+        }
+        sequences.push(Sequence {
+            schema,
+            name: row.get(1),
+            data_type: row.get(2),
+            start: row.get(3),
+            increment: row.get(4),
+            min: row.get(5),
+            max: row.get(6),
+            cache: row.get(7),
+            cycle: row.get(8),
+            owned_by: owner.map(|(schema, table, column)| [schema, table, column]),
+            identity,
+        });
+    }
+    Ok(sequences)
+}
+
+/// Where each of `sequences` stands now, in their order. Sequences are not
+/// transactional: read inside a snapshot, a value is at least what it was
 /// at the snapshot, so the target never hands out an id the source had.
+/// The reads go out together (pipelined on the one connection): the live
+/// fence reads them while writes wait.
 pub async fn sequence_values(
     client: &Client,
     server: &str,
-    catalog: &Catalog,
+    sequences: &[Sequence],
 ) -> Result<Vec<SequenceValue>, PgError> {
-    let mut values = Vec::with_capacity(catalog.sequences.len());
-    for sequence in &catalog.sequences {
-        let name = super::qualified(&sequence.schema, &sequence.name);
-        let row = client
-            .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
-            .await
-            .map_err(|error| {
-                PgError::statement(server, format!("reading sequence {name}"), &error)
-            })?;
-        values.push(SequenceValue {
-            schema: sequence.schema.clone(),
-            name: sequence.name.clone(),
-            last_value: row.get(0),
-            is_called: row.get(1),
-            owned_by: sequence.owned_by.clone(),
-            identity: sequence.identity,
-        });
+    // Futures of an `async fn` in a vector, not a closure's: a closure
+    // returning a future makes callers' futures not `Send`.
+    let mut reads = Vec::with_capacity(sequences.len());
+    for sequence in sequences {
+        reads.push(sequence_value(client, server, sequence));
     }
-    Ok(values)
+    futures::stream::iter(reads)
+        .buffered(SEQUENCE_READS_IN_FLIGHT)
+        .try_collect()
+        .await
 }
+
+async fn sequence_value(
+    client: &Client,
+    server: &str,
+    sequence: &Sequence,
+) -> Result<SequenceValue, PgError> {
+    let name = super::qualified(&sequence.schema, &sequence.name);
+    let row = client
+        .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+        .await
+        .map_err(|error| PgError::statement(server, format!("reading sequence {name}"), &error))?;
+    Ok(SequenceValue {
+        schema: sequence.schema.clone(),
+        name: sequence.name.clone(),
+        last_value: row.get(0),
+        is_called: row.get(1),
+        owned_by: sequence.owned_by.clone(),
+        identity: sequence.identity,
+    })
+}
+
+/// Sequence reads in flight on one connection at most.
+const SEQUENCE_READS_IN_FLIGHT: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -18,12 +18,28 @@
 //! position above F. `ALTER DATABASE ... default_transaction_read_only` is
 //! no fence: any session can turn it off.
 //!
+//! Sequences: logical replication carries no `nextval`, so the fence,
+//! once its triggers are created (every writer that could still commit a
+//! row with a later value did so, and none will until the fence ends),
+//! reads where every sequence the stream carries stands (the extract's
+//! selection: those of the selected schemas, less those owned by a table
+//! left out) and writes them, before the marker, in a non-transactional
+//! `pg_logical_emit_message` under `ferry.sequences`
+//! ([`super::follow::SEQUENCES_PREFIX`]), which the stream turns into the
+//! extract's `pg.sequence` `SETVAL` ops below F (why not a transactional
+//! one: `follow.rs`). A fence that fails after it leaves the values copied:
+//! harmless, they are values the source had, and the next fence copies
+//! them again.
+//!
 //! An unfence drops the triggers (found by name in the catalog) in the
-//! transaction that writes the record; a commit keeps them for good.
+//! transaction that writes the record; a commit keeps them for good (and
+//! `live.rs` then drops the slot and the publication).
 //! Movers take an advisory lock first, so two never interleave.
 
 use tokio_postgres::Client;
 
+use super::catalog::{self, Selection};
+use super::follow::{SEQUENCES_PREFIX, SequencesMessage};
 use super::{FERRY_SCHEMA, PgConnection, PgError, qualified, quote_ident, quote_literal};
 use crate::adapters::fence_record::{Decision, Fence, Move, StoredFence, decide};
 use crate::adapters::live::{FenceAnswer, Position};
@@ -108,10 +124,12 @@ pub(super) async fn triggers_raised(client: &Client, server: &str) -> Result<boo
 }
 
 /// Moves the record of the database `connection` reaches as `wanted` says,
-/// fencing the tables of `publication`.
+/// fencing the tables of `publication` and copying the sequences
+/// `selection` picks.
 pub(super) async fn move_fence(
     connection: &PgConnection,
     publication: &str,
+    selection: &Selection,
     wanted: &Move,
 ) -> Result<FenceAnswer, PgError> {
     let server = connection.server();
@@ -167,7 +185,7 @@ pub(super) async fn move_fence(
         .and_then(|stored| stored.fenced_revision)
         .map(|position| super::replication::Lsn(position as u64).to_string());
     if next.fenced && !was_fenced {
-        let tables: Vec<String> = transaction
+        let published: Vec<(String, String)> = transaction
             .query(
                 "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
                 &[&publication],
@@ -175,7 +193,11 @@ pub(super) async fn move_fence(
             .await
             .map_err(|error| failed("reading the migration's tables", error))?
             .iter()
-            .map(|row| qualified(row.get(0), row.get(1)))
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let tables: Vec<String> = published
+            .iter()
+            .map(|(schema, name)| qualified(schema, name))
             .collect();
         if tables.is_empty() {
             return Ok(FenceAnswer::Refused(format!(
@@ -205,6 +227,7 @@ pub(super) async fn move_fence(
             .batch_execute(&sql)
             .await
             .map_err(|error| failed("creating the fence's triggers", error))?;
+        copy_sequences(&transaction, &server, selection, &published, next.epoch).await?;
         let marker = serde_json::json!({ "fence": next.epoch }).to_string();
         let position: String = transaction
             .query_one(
@@ -246,6 +269,42 @@ pub(super) async fn move_fence(
     .map_or(0, |lsn| lsn.0);
     tracing::info!(?wanted, position = %super::replication::Lsn(answer), "fence record moved");
     Ok(FenceAnswer::Done(Position(answer)))
+}
+
+/// Writes where the sequences stand in a non-transactional
+/// [`SEQUENCES_PREFIX`] message (see the module's documentation); nothing
+/// when there is none.
+async fn copy_sequences(
+    transaction: &tokio_postgres::Transaction<'_>,
+    server: &str,
+    selection: &Selection,
+    published: &[(String, String)],
+    epoch: u64,
+) -> Result<(), PgError> {
+    let client = transaction.client();
+    let sequences = catalog::read_sequences(client, server, selection, published).await?;
+    if sequences.is_empty() {
+        return Ok(());
+    }
+    let message = SequencesMessage {
+        fence: epoch,
+        sequences: catalog::sequence_values(client, server, &sequences).await?,
+    };
+    let content = serde_json::to_string(&message).unwrap_or_default();
+    let position: String = client
+        .query_one(
+            "SELECT pg_catalog.pg_logical_emit_message(false, $1::text, $2::text)::text",
+            &[&SEQUENCES_PREFIX, &content],
+        )
+        .await
+        .map_err(|error| PgError::statement(server, "copying the sequences", &error))?
+        .get(0);
+    tracing::info!(
+        sequences = message.sequences.len(),
+        %position,
+        "the fence copied the sequences"
+    );
+    Ok(())
 }
 
 /// Drops ferry's fence trigger from every table that has it.

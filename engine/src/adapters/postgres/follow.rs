@@ -8,6 +8,7 @@
 //! | UPDATE | `pg.row` | the row's key before the update | `UPDATE` | the new row; a TOASTed value the update did not change (and the server did not send) is left out, never written as NULL |
 //! | DELETE | `pg.row` | the row's key | `DELETE` | empty |
 //! | TRUNCATE | `pg.table` | `table/<schema>.<name>` of the first table | `TRUNCATE` | `{"tables":[{"schema","name"}..],"cascade","restart_identity"}`: the tables truncated together |
+//! | the fence's [`SEQUENCES_PREFIX`] message | `pg.sequence` | `sequence/<schema>.<name>` | `SETVAL` | `{"schema","name","last_value","is_called"}`: the extract's closing op, one per sequence |
 //!
 //! Every op of a transaction has as `position` and as `txn` the LSN just
 //! past the start of its commit record (its commit LSN + 1): where a stream
@@ -20,6 +21,21 @@
 //! goes out once the next one (or the commit) came, so a transaction of
 //! millions of rows passes through in constant memory.
 //!
+//! Logical replication carries no `nextval`: the fence copies the
+//! sequences (`fence.rs`) with a non-transactional
+//! `pg_logical_emit_message` under [`SEQUENCES_PREFIX`], which the server
+//! sends as it reads it, outside any transaction. Its ops are one group of
+//! their own whose `position` and `txn` are the message's LSN (the end of
+//! its record, as `pg_logical_emit_message` answers it): a stream resumed
+//! from there skips it (the server skips a non-transactional message whose
+//! record begins before the start), every transaction committed after it
+//! has a higher position, and it lies below the fence's marker F, so a
+//! target that applied through F holds it. (A transactional message would
+//! go out with the fence's transaction, at its commit, above F: the
+//! server's keepalives can report its WAL end past F before that commit
+//! (another database's commit flushes the WAL past F), and a target would
+//! count as drained through F without the sequences.)
+//!
 //! The tables are the snapshot's, as its catalog read them: a `Relation`
 //! message that describes a table otherwise (a column added, dropped,
 //! renamed or retyped), or a table the snapshot did not hold, stops the
@@ -30,11 +46,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::catalog::SequenceValue;
 use super::pgoutput::{
     Begin, LogicalMessage, OldTuple, PgOutputMessage, Relation, Tuple, TupleValue,
 };
 use super::replication::Lsn;
-use super::source::{TablePlan, op, push_key_part};
+use super::source::{TablePlan, op, push_key_part, setval_op};
 use super::value::{RowDecoder, TextValue};
 use super::{KIND_ROW, KIND_TABLE, PgError};
 use crate::Op;
@@ -43,6 +60,22 @@ use crate::Op;
 /// fence's): the follower reports them.
 pub(super) const MARKER_PREFIX: &str = "ferry";
 
+/// The prefix of the non-transactional `pg_logical_emit_message` in which
+/// the fence copies the sequences (a [`SequencesMessage`]), before its
+/// marker: the follower turns it into `pg.sequence` `SETVAL` ops (see the
+/// module's documentation).
+pub(super) const SEQUENCES_PREFIX: &str = "ferry.sequences";
+
+/// What a [`SEQUENCES_PREFIX`] message says, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct SequencesMessage {
+    /// The epoch of the fence that read them.
+    pub(super) fence: u64,
+    /// Every sequence the stream carries, where it stood once the fence's
+    /// triggers held every writer back.
+    pub(super) sequences: Vec<SequenceValue>,
+}
+
 /// What one message of the stream gave.
 // Ops are nearly every item: boxing them would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
@@ -50,7 +83,8 @@ pub(super) const MARKER_PREFIX: &str = "ferry";
 pub(super) enum Decoded {
     /// An op, complete (the last of its transaction marked).
     Op(Op),
-    /// A transaction committed; every op of it went out before this.
+    /// A transaction committed (or the fence's copy of the sequences
+    /// ended); every op of it went out before this.
     Committed {
         /// The position of its ops (its commit LSN + 1).
         position: Lsn,
@@ -107,6 +141,12 @@ impl ChangeDecoder {
     }
 
     fn error(&self, lsn: Lsn, reason: String) -> PgError {
+        // The server leaves the position of some messages (a Relation)
+        // unset: the transaction's commit LSN says where instead.
+        let lsn = match (lsn, self.transaction) {
+            (Lsn(0), Some(open)) => open.final_lsn,
+            _ => lsn,
+        };
         PgError::Follow {
             server: self.server.clone(),
             lsn: lsn.to_string(),
@@ -229,8 +269,43 @@ impl ChangeDecoder {
             PgOutputMessage::Message(message) => {
                 if message.prefix == MARKER_PREFIX {
                     out.push(Decoded::Marker(message));
+                } else if message.prefix == SEQUENCES_PREFIX {
+                    self.sequences(&message, out)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The fence's copy of the sequences, as one group of `SETVAL` ops at
+    /// the message's LSN (see the module's documentation).
+    fn sequences(&self, message: &LogicalMessage, out: &mut Vec<Decoded>) -> Result<(), PgError> {
+        if message.transactional || self.transaction.is_some() {
+            return Err(self.error(
+                message.lsn,
+                format!(
+                    "a {SEQUENCES_PREFIX} message inside a transaction: ferry's fence writes it outside any, so another program wrote it; leave the prefix to ferry"
+                ),
+            ));
+        }
+        let copy: SequencesMessage = serde_json::from_slice(&message.content).map_err(|error| {
+            self.error(
+                message.lsn,
+                format!(
+                    "the {SEQUENCES_PREFIX} message is not ferry's copy of the sequences: {error}"
+                ),
+            )
+        })?;
+        let position = message.lsn;
+        let count = copy.sequences.len();
+        for (index, value) in copy.sequences.iter().enumerate() {
+            let mut setval = setval_op(value, position.0, &self.version);
+            setval.txn = position.0;
+            setval.txn_last = index + 1 == count;
+            out.push(Decoded::Op(setval));
+        }
+        if count > 0 {
+            out.push(Decoded::Committed { position });
         }
         Ok(())
     }
@@ -459,6 +534,16 @@ async fn check_slot(
         reason,
     };
     let Some(row) = row else {
+        // A committed switch drops the slot (`live.rs`): say so.
+        if let Ok(Some(stored)) = super::fence::read_fence(client, server).await
+            && stored.switched()
+        {
+            return Err(precondition(format!(
+                "replication slot {slot} was dropped when migration epoch {} switched this database's clients to {}: there is nothing left to follow",
+                stored.fence.epoch,
+                stored.fence.successor.as_deref().unwrap_or("its successor")
+            )));
+        }
         return Err(precondition(format!(
             "replication slot {slot} does not exist (dropped, or made on another server): the changes since the snapshot are gone; start the migration over with a new snapshot"
         )));
@@ -540,9 +625,11 @@ pub struct FeedOptions {
 pub enum FeedEvent {
     /// An op of a transaction (the last of it has `txn_last`).
     Op(Op),
-    /// A transaction committed; all its ops came before this.
+    /// A transaction committed (or the fence's copy of the sequences
+    /// ended); all its ops came before this.
     Committed {
-        /// The position of its ops: its commit LSN + 1.
+        /// The position of its ops: its commit LSN + 1 (the message's LSN
+        /// for the sequences).
         position: Lsn,
     },
     /// A marker ferry wrote with `pg_logical_emit_message` (prefix
@@ -855,6 +942,100 @@ impl ChangeFeed {
             .map_err(|error| PgError::replication("telling the server how far ferry got", error))?;
         self.status_sent = tokio::time::Instant::now();
         self.confirmed_sent = self.confirmed;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sequences_message(transactional: bool, content: &str) -> PgOutputMessage {
+        PgOutputMessage::Message(LogicalMessage {
+            transactional,
+            lsn: Lsn(0x1000),
+            prefix: SEQUENCES_PREFIX.to_owned(),
+            content: Bytes::from(content.to_owned()),
+        })
+    }
+
+    #[test]
+    fn the_fences_sequences_become_the_extracts_setval_ops_in_one_group_at_the_messages_lsn()
+    -> Result<(), PgError> {
+        let mut decoder = ChangeDecoder::new("test", Bytes::from_static(b"15.0"), &[]);
+        let values = vec![
+            SequenceValue {
+                schema: "public".to_owned(),
+                name: "items_id_seq".to_owned(),
+                last_value: 42,
+                is_called: true,
+                owned_by: Some(["public".to_owned(), "items".to_owned(), "id".to_owned()]),
+                identity: false,
+            },
+            SequenceValue {
+                schema: "app".to_owned(),
+                name: "free".to_owned(),
+                last_value: 1,
+                is_called: false,
+                owned_by: None,
+                identity: false,
+            },
+        ];
+        let content = serde_json::to_string(&SequencesMessage {
+            fence: 3,
+            sequences: values.clone(),
+        })
+        .expect("JSON");
+        let mut out = Vec::new();
+        decoder.decode(sequences_message(false, &content), Lsn(0xf00), &mut out)?;
+        let version = Bytes::from_static(b"15.0");
+        let mut want: Vec<Decoded> = values
+            .iter()
+            .map(|value| {
+                let mut setval = setval_op(value, 0x1000, &version);
+                setval.txn = 0x1000;
+                setval.txn_last = false;
+                Decoded::Op(setval)
+            })
+            .collect();
+        if let Some(Decoded::Op(last)) = want.last_mut() {
+            last.txn_last = true;
+        }
+        want.push(Decoded::Committed {
+            position: Lsn(0x1000),
+        });
+        assert_eq!(out, want);
+        if let Some(Decoded::Op(first)) = out.first() {
+            assert_eq!(first.kind, "pg.sequence".as_bytes());
+            assert_eq!(first.key, "sequence/public.items_id_seq".as_bytes());
+            assert_eq!(first.method, "SETVAL".as_bytes());
+        }
+
+        // No sequence: nothing at all.
+        let mut out = Vec::new();
+        decoder.decode(
+            sequences_message(false, r#"{"fence":3,"sequences":[]}"#),
+            Lsn(0xf00),
+            &mut out,
+        )?;
+        assert!(out.is_empty(), "{out:?}");
+
+        // Inside a transaction, or not ferry's JSON: refused, naming why.
+        let error = decoder
+            .decode(sequences_message(true, &content), Lsn(0xf00), &mut out)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("inside a transaction"), "{error}");
+        let error = decoder
+            .decode(sequences_message(false, "[1, 2]"), Lsn(0xf00), &mut out)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("not ferry's copy of the sequences"),
+            "{error}"
+        );
         Ok(())
     }
 }

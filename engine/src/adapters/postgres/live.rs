@@ -15,12 +15,18 @@
 //! - `confirm` moves the slot's confirmed position to what the target
 //!   holds durably, so the server keeps no WAL the migration no longer
 //!   needs and a crash loses nothing.
-//! - The fence: statement triggers on every migrated table and a marker
-//!   whose LSN is F (see `fence.rs`); the digest: `digest.rs`.
+//! - The fence: statement triggers on every migrated table, the
+//!   sequences' values (logical replication carries no `nextval`) and a
+//!   marker whose LSN is F (see `fence.rs`); the digest: `digest.rs`.
+//! - A committed switch (also one found committed already) drops the slot
+//!   and the publication: the slot would hold the old server's WAL
+//!   forever. A walsender still reading the slot is ended first. A drop
+//!   that fails leaves the commit standing (the switch is decided) and
+//!   logs a warning with the SQL that drops them by hand. An unfence keeps
+//!   both: a later attempt resumes from the slot.
 //!
 //! [`PgLiveSink`] applies the stream on one connection through the shared
-//! driver. **Not built yet**: dropping the slot and publication after a
-//! switch, and copying sequences after the fence.
+//! driver.
 
 use std::sync::Arc;
 
@@ -28,12 +34,12 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::follow::{ChangeFeed, FeedEvent, FeedOptions};
 use super::replication::Lsn;
 use super::source::{PgSource, PgSourceOptions, TablePlan, plan_tables};
-use super::{PgConnection, PgError, qualified, quote_ident};
+use super::{PgConnection, PgError, qualified, quote_ident, quote_literal};
 use crate::adapters::AdapterError;
 use crate::adapters::driver::{DriverOptions, SinkDriver};
 use crate::adapters::live::{
@@ -48,6 +54,9 @@ use crate::{Op, Result};
 
 /// Events a stream reads ahead of its consumer at most.
 const EVENTS_AHEAD: usize = 8;
+/// How long dropping the slot and the publication after a switch may take,
+/// waiting for the walsender that read the slot to end included.
+const RELEASE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// Ops in one batch of changes at most.
 const BATCH_OPS: usize = 1_000;
 /// Bytes of keys and bodies in one batch of changes at most.
@@ -114,13 +123,75 @@ impl PgLiveSource {
         }
     }
 
+    /// The tables and sequences the stream carries.
+    fn selection(&self) -> super::catalog::Selection {
+        super::catalog::Selection {
+            schemas: self.options.source.schemas.clone(),
+            tables: self.options.source.tables.clone(),
+        }
+    }
+
     /// Moves the fence record as `wanted` says: a fence raises the
-    /// triggers that refuse writes on every migrated table and answers F,
-    /// an unfence drops them (see `fence.rs`).
+    /// triggers that refuse writes on every migrated table, copies the
+    /// sequences and answers F, an unfence drops the triggers (see
+    /// `fence.rs`); a commit done (now or before) releases the slot and
+    /// the publication.
     async fn move_fence_record(&self, wanted: FenceMove) -> Result<FenceAnswer> {
-        super::fence::move_fence(&self.connection, &self.options.publication, &wanted)
-            .await
-            .map_err(source_error)
+        let answer = super::fence::move_fence(
+            &self.connection,
+            &self.options.publication,
+            &self.selection(),
+            &wanted,
+        )
+        .await
+        .map_err(source_error)?;
+        if matches!(wanted, FenceMove::Commit { .. }) && matches!(answer, FenceAnswer::Done(_)) {
+            self.release_after_switch().await;
+        }
+        Ok(answer)
+    }
+
+    /// Drops the slot and the publication once the switch is committed;
+    /// a failure is a warning naming the SQL that drops them by hand, never
+    /// an error (the switch is decided).
+    async fn release_after_switch(&self) {
+        let slot = self.options.slot.as_str();
+        let publication = self.options.publication.as_str();
+        let slot_by_hand = format!("SELECT pg_drop_replication_slot({});", quote_literal(slot));
+        let publication_by_hand =
+            format!("DROP PUBLICATION IF EXISTS {};", quote_ident(publication));
+        let released =
+            tokio::time::timeout(RELEASE_WITHIN, release(&self.connection, slot, publication))
+                .await
+                .unwrap_or_else(|_| {
+                    let late = format!(
+                        "not done within {RELEASE_WITHIN:?} (is something else reading the slot?)"
+                    );
+                    (Err(late.clone()), Err(late))
+                });
+        let server = self.connection.server();
+        match released.0 {
+            Ok(true) => {
+                info!(%server, slot, "the migration switched: its replication slot is dropped")
+            }
+            Ok(false) => {
+                info!(%server, slot, "the migration switched: its replication slot was dropped already")
+            }
+            Err(error) => warn!(
+                %server,
+                slot,
+                %error,
+                "the migration switched, but its replication slot could not be dropped, and it holds the old server's WAL until it is: drop it by hand with {slot_by_hand}"
+            ),
+        }
+        if let Err(error) = released.1 {
+            warn!(
+                %server,
+                publication,
+                %error,
+                "the migration switched, but its publication could not be dropped: drop it by hand with {publication_by_hand}"
+            );
+        }
     }
 
     /// The fence record, and the epoch whose triggers are raised.
@@ -428,6 +499,91 @@ impl Follower {
     }
 }
 
+/// Drops replication slot `slot` of this database (ending the walsender
+/// that reads it, if one does) and the publication `publication`: whether
+/// the slot was there, and whether the publication is gone, each failure
+/// as the reason for people.
+async fn release(
+    connection: &PgConnection,
+    slot: &str,
+    publication: &str,
+) -> (
+    std::result::Result<bool, String>,
+    std::result::Result<(), String>,
+) {
+    let server = connection.server();
+    let client = match connection.connect().await {
+        Ok(client) => client,
+        Err(error) => return (Err(error.to_string()), Err(error.to_string())),
+    };
+    let slot_dropped = drop_slot(&client, &server, slot)
+        .await
+        .map_err(|error| error.to_string());
+    let publication_dropped = client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(publication)
+        ))
+        .await
+        .map_err(|error| {
+            PgError::statement(
+                &server,
+                format!("dropping publication {publication}"),
+                &error,
+            )
+            .to_string()
+        });
+    (slot_dropped, publication_dropped)
+}
+
+/// Drops `slot`, if this database has it; a walsender that reads it (the
+/// stream of the migration that switched) is ended, then the drop tried
+/// again (until the caller's deadline).
+async fn drop_slot(
+    client: &tokio_postgres::Client,
+    server: &str,
+    slot: &str,
+) -> std::result::Result<bool, PgError> {
+    let failed = |error: tokio_postgres::Error| {
+        PgError::statement(server, format!("dropping replication slot {slot}"), &error)
+    };
+    loop {
+        let dropped = client
+            .execute(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots \
+                 WHERE slot_name = $1 AND database = pg_catalog.current_database()",
+                &[&slot],
+            )
+            .await;
+        match dropped {
+            Ok(count) => return Ok(count > 0),
+            Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                let pid: Option<i32> = client
+                    .query_opt(
+                        "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(failed)?
+                    .map(|row| row.get(0));
+                if let Some(pid) = pid {
+                    info!(
+                        slot,
+                        pid,
+                        "ending the walsender that still reads the slot of the switched migration"
+                    );
+                    client
+                        .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
+                        .await
+                        .map_err(failed)?;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(failed(error)),
+        }
+    }
+}
+
 /// What PostgreSQL can do, as a live source and as a live sink.
 pub const CAPABILITIES: Capabilities = Capabilities {
     position_unit: "LSN",
@@ -505,11 +661,7 @@ impl LiveSource for PgLiveSource {
     }
 
     async fn digest(&self, _prefix: &[u8], _position: Position) -> Result<PlaneDigest> {
-        let selection = super::catalog::Selection {
-            schemas: self.options.source.schemas.clone(),
-            tables: self.options.source.tables.clone(),
-        };
-        super::digest::digest(&self.connection, &selection)
+        super::digest::digest(&self.connection, &self.selection())
             .await
             .map_err(source_error)
     }

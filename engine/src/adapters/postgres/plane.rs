@@ -31,8 +31,14 @@ pub async fn unfence(
     match wanted {
         FenceMove::Unfence { .. } => {
             // An unfence drops the triggers it finds by name: it needs no
-            // publication.
-            super::fence::move_fence(connection, "", wanted).await
+            // publication, and copies no sequences.
+            super::fence::move_fence(
+                connection,
+                "",
+                &super::catalog::Selection::default(),
+                wanted,
+            )
+            .await
         }
         FenceMove::Fence { epoch, .. } | FenceMove::Commit { epoch, .. } => {
             Ok(FenceAnswer::Refused(format!(

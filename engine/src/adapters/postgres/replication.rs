@@ -1647,22 +1647,7 @@ pub async fn connect_transport(
     config: &ConnectionConfig,
 ) -> Result<Box<dyn Transport>, ReplicationError> {
     let server = config.server();
-    let connecting = async {
-        let tls_config = tls_client_config(&config.tls).await?;
-        let tcp = TcpStream::connect((config.host.as_str(), config.port))
-            .await
-            .map_err(|error| ReplicationError::Unreachable {
-                server: server.clone(),
-                reason: error.to_string(),
-            })?;
-        tcp.set_nodelay(true)
-            .map_err(|error| ReplicationError::Unreachable {
-                server: server.clone(),
-                reason: error.to_string(),
-            })?;
-        negotiate_tls(tcp, config, tls_config, &server).await
-    };
-    match tokio::time::timeout(config.connect_timeout, connecting).await {
+    match tokio::time::timeout(config.connect_timeout, open_stream(config, &server)).await {
         Ok(connected) => connected.map(|(stream, _channel_binding)| stream),
         Err(_elapsed) => Err(ReplicationError::Unreachable {
             server: server.clone(),
@@ -1705,6 +1690,25 @@ pub async fn log_in(
     }
 }
 
+/// Connects over TCP (no Nagle: status updates and a proxy's small
+/// messages must not wait) and negotiates TLS as `config` says: the stream,
+/// and the server certificate's hash for channel binding when over TLS.
+async fn open_stream(
+    config: &ConnectionConfig,
+    server: &str,
+) -> Result<(Box<dyn Transport>, Option<Option<Vec<u8>>>), ReplicationError> {
+    let unreachable = |error: io::Error| ReplicationError::Unreachable {
+        server: server.to_owned(),
+        reason: error.to_string(),
+    };
+    let tls_config = tls_client_config(&config.tls).await?;
+    let tcp = TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .map_err(unreachable)?;
+    tcp.set_nodelay(true).map_err(unreachable)?;
+    negotiate_tls(tcp, config, tls_config, server).await
+}
+
 /// Connects, sends the startup message with `parameters`, authenticates
 /// and reads up to the first `ReadyForQuery`.
 async fn start_session(
@@ -1712,20 +1716,7 @@ async fn start_session(
     parameters: &[(&str, &str)],
 ) -> Result<(Wire, SessionStart), ReplicationError> {
     let server = config.server();
-    let tls_config = tls_client_config(&config.tls).await?;
-    let tcp = TcpStream::connect((config.host.as_str(), config.port))
-        .await
-        .map_err(|error| ReplicationError::Unreachable {
-            server: server.clone(),
-            reason: error.to_string(),
-        })?;
-    // Status updates are small and must not wait for Nagle.
-    tcp.set_nodelay(true)
-        .map_err(|error| ReplicationError::Unreachable {
-            server: server.clone(),
-            reason: error.to_string(),
-        })?;
-    let (stream, channel_binding) = negotiate_tls(tcp, config, tls_config, &server).await?;
+    let (stream, channel_binding) = open_stream(config, &server).await?;
     let tls = channel_binding.is_some();
     let mut wire = Wire::new(stream, server.clone());
     let startup = "the connection's startup";

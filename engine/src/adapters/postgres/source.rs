@@ -413,14 +413,22 @@ fn closing_ops(
         ops.push(KIND_CONSTRAINT, key, "ADD", constraint);
     }
     for value in values {
-        ops.push(
-            KIND_SEQUENCE,
-            format!("sequence/{}.{}", value.schema, value.name),
-            "SETVAL",
-            value,
-        );
+        ops.ops.push(setval_op(value, position, version));
     }
     ops.ops
+}
+
+/// The op that sets a sequence where `value` says: the extract's closing
+/// ops and the live fence's copy (see `follow.rs`) are this one format.
+pub(super) fn setval_op(value: &SequenceValue, position: u64, version: &Bytes) -> Op {
+    op(
+        KIND_SEQUENCE,
+        format!("sequence/{}.{}", value.schema, value.name),
+        "SETVAL",
+        json(value),
+        position,
+        version,
+    )
 }
 
 /// Percent-encodes `%` and `/` so a key's parts stay apart.
@@ -670,7 +678,8 @@ impl PgSource {
             };
             let catalog = catalog::read(&leader, &server, &selection).await?;
             let plans = plan_tables(&catalog, &server)?;
-            let sequence_values = catalog::sequence_values(&leader, &server, &catalog).await?;
+            let sequence_values =
+                catalog::sequence_values(&leader, &server, &catalog.sequences).await?;
             Ok::<_, PgError>((catalog, plans, sequence_values))
         };
         let (catalog, plans, sequence_values) = match read.await {

@@ -217,13 +217,17 @@ fn sample_history_ids(
 /// `to` (since the round's start), taking from each run the share of its
 /// transactions its overlap with the window makes (a run's rate is taken
 /// as even over it); the gaps between runs count as no load.
-fn committed_rate(runs: &[Run], from: Duration, to: Duration) -> f64 {
+fn committed_rate<'a>(
+    runs: impl IntoIterator<Item = &'a Run>,
+    from: Duration,
+    to: Duration,
+) -> f64 {
     let window = to.saturating_sub(from).as_secs_f64();
     if window <= 0.0 {
         return f64::NAN;
     }
     let transactions: f64 = runs
-        .iter()
+        .into_iter()
         .map(|run| {
             let overlap = run.ended.min(to).saturating_sub(run.started.max(from));
             let length = run.ended.saturating_sub(run.started).as_secs_f64();
@@ -415,7 +419,8 @@ struct Round {
     lag_at_hold_bytes: f64,
     /// From the end of the window to the hold: ferry catching up.
     catch_up_seconds: f64,
-    /// pgbench's rate from the end of the window to the hold.
+    /// pgbench's rate under the cutover's load, from its first run to the
+    /// hold.
     cutover_load_transactions_per_second: f64,
 }
 
@@ -595,14 +600,34 @@ async fn round(
         lag_at_hold_ops: last_following.lag_ops as f64,
         lag_at_hold_bytes: last_following.lag_bytes as f64,
         catch_up_seconds: hold_at.saturating_sub(window_end).as_secs_f64(),
-        cutover_load_transactions_per_second: committed_rate(&runs, window_end, hold_at),
+        cutover_load_transactions_per_second: {
+            let under_cutover_load = runs.iter().filter(|run| run.load == cutover_load);
+            match under_cutover_load.clone().next() {
+                Some(first) => committed_rate(under_cutover_load, first.started, hold_at),
+                None => f64::NAN,
+            }
+        },
     };
-    let after_switch: Vec<&Run> = runs.iter().filter(|run| run.started >= ended_at).collect();
-    let failed_after = after_switch.iter().filter(|run| !run.succeeded).count();
-    let failed_before: Vec<&Run> = runs
+    // The runs before the hold, across the cutover (from the hold to the
+    // migration's end), and after it.
+    let before: Vec<&Run> = runs.iter().filter(|run| run.ended <= hold_at).collect();
+    let across: Vec<&Run> = runs
         .iter()
-        .filter(|run| run.ended <= hold_at && (!run.succeeded || run.failed > 0))
+        .filter(|run| run.ended > hold_at && run.started < ended_at)
         .collect();
+    let after: Vec<&Run> = runs.iter().filter(|run| run.started >= ended_at).collect();
+    let failures = |part: &[&Run]| {
+        let failed: Vec<&&Run> = part
+            .iter()
+            .filter(|run| !run.succeeded || run.failed > 0)
+            .collect();
+        let first_error = failed
+            .iter()
+            .find_map(|run| run.error.as_deref())
+            .map(|error| format!(" (first error: {error})"))
+            .unwrap_or_default();
+        format!("{} of {}{first_error}", failed.len(), part.len())
+    };
     let tps_of = |load: u8| {
         let values: Vec<String> = runs
             .iter()
@@ -645,7 +670,7 @@ async fn round(
         measured_round.lag_at_window_end_bytes,
     );
     println!(
-        "  cutover: caught up {:.1} s after the window under {:.0} tx/s, lag at the hold {:.0} ops / {:.0} bytes (17 behind 15 by {:.0} tx), 15's history rows missing on 17: {}; pgbench runs' tps: full [{}], -C [{}], -R [{}]; runs failed before the hold {}, after the switch {failed_after} of {}{}",
+        "  cutover: caught up {:.1} s after the window, under {:.0} tx/s from the cutover's load, lag at the hold {:.0} ops / {:.0} bytes (17 behind 15 by {:.0} tx), 15's history rows missing on 17: {}; pgbench runs' tps: full [{}], -C [{}], -R [{}]; pgbench runs that failed: before the hold {}, across the cutover {}, after it {}",
         measured_round.catch_up_seconds,
         measured_round.cutover_load_transactions_per_second,
         measured_round.lag_at_hold_ops,
@@ -657,17 +682,10 @@ async fn round(
         tps_of(LOAD_FULL),
         tps_of(LOAD_CONNECTION_PER_TRANSACTION),
         tps_of(LOAD_KEPT_OPEN_AT_RATE),
-        failed_before.len(),
-        after_switch.len(),
-        after_switch
-            .iter()
-            .find_map(|run| run.error.as_deref())
-            .map(|error| format!(" (first error: {error})"))
-            .unwrap_or_default(),
+        failures(&before),
+        failures(&across),
+        failures(&after),
     );
-    for run in failed_before {
-        println!("  a run before the hold failed: {run:?}");
-    }
     if !switched {
         let gateway = upgrade.gateway.stderr();
         let lines: Vec<&str> = gateway.lines().collect();
@@ -761,7 +779,7 @@ async fn main() {
         RATE_WINDOW.as_secs(),
     );
     println!(
-        "follow lag: bounded (ferry applied >= 95% of the commit rate) in {} of {} rounds; 17 behind 15 by a median {:.0} tx at the window's start, {:.0} tx at its end, {:.0} tx at the hold; ferry's own lag at the window's end {:.0} ops / {:.0} bytes; caught up a median {:.1} s after the window, under {:.0} tx/s",
+        "follow lag: bounded (ferry applied >= 95% of the commit rate) in {} of {} rounds; 17 behind 15 by a median {:.0} tx at the window's start, {:.0} tx at its end, {:.0} tx at the hold; ferry's own lag at the window's end {:.0} ops / {:.0} bytes; caught up a median {:.1} s after the window, the cutover's load {:.0} tx/s",
         all.iter().filter(|round| round.lag_bounded()).count(),
         all.len(),
         of(|round| round.behind_at_start),

@@ -20,8 +20,10 @@
 //!   its connections kept open but held to [`CUTOVER_RATE`] transactions a
 //!   second (`-R`) in the other (the gateway moves idle sessions to 17);
 //!   ferry cuts over once it has caught up (`--max-lag` as the tests set
-//!   it): the pause window (from the gateway's hold to its release) and its
-//!   parts, whether it switched, and the lag when the hold began;
+//!   it) and followed [`CUTOVER_LEAD`] more: the pause window (from the
+//!   gateway's hold to its release) and its parts, whether it switched,
+//!   and the lag at ferry's last status before the hold (written 4 times a
+//!   second, so up to half a second before it);
 //! - keeps pgbench going on 17 for [`AFTER_SWITCH`] and says whether its
 //!   runs there failed.
 //!
@@ -414,11 +416,11 @@ struct Round {
     behind_at_hold: f64,
     /// History rows of 15 (frozen once switched) that 17 lacks.
     missing_on_17: Option<i64>,
-    /// ferry's own lag at its last sample before the hold.
+    /// ferry's own lag at its last status before the hold.
     lag_at_hold_ops: f64,
     lag_at_hold_bytes: f64,
-    /// From the end of the window to the hold: ferry catching up.
-    catch_up_seconds: f64,
+    /// From the end of the window to the hold (at least [`CUTOVER_LEAD`]).
+    held_after_window_seconds: f64,
     /// pgbench's rate under the cutover's load, from its first run to the
     /// hold.
     cutover_load_transactions_per_second: f64,
@@ -599,7 +601,7 @@ async fn round(
         missing_on_17: switched.then(|| missing_on_17(&upgrade)).flatten(),
         lag_at_hold_ops: last_following.lag_ops as f64,
         lag_at_hold_bytes: last_following.lag_bytes as f64,
-        catch_up_seconds: hold_at.saturating_sub(window_end).as_secs_f64(),
+        held_after_window_seconds: hold_at.saturating_sub(window_end).as_secs_f64(),
         cutover_load_transactions_per_second: {
             let under_cutover_load = runs.iter().filter(|run| run.load == cutover_load);
             match under_cutover_load.clone().next() {
@@ -670,8 +672,9 @@ async fn round(
         measured_round.lag_at_window_end_bytes,
     );
     println!(
-        "  cutover: caught up {:.1} s after the window, under {:.0} tx/s from the cutover's load, lag at the hold {:.0} ops / {:.0} bytes (17 behind 15 by {:.0} tx), 15's history rows missing on 17: {}; pgbench runs' tps: full [{}], -C [{}], -R [{}]; pgbench runs that failed: before the hold {}, across the cutover {}, after it {}",
-        measured_round.catch_up_seconds,
+        "  cutover: held {:.1} s after the window (at least {} s), under {:.0} tx/s from the cutover's load; lag at the last status before the hold {:.0} ops / {:.0} bytes (17 behind 15 by {:.0} tx at the last sample before it); 15's history rows missing on 17: {}; pgbench runs' tps: full [{}], -C [{}], -R [{}]; pgbench runs that failed: before the hold {}, across the cutover {}, after it {}",
+        measured_round.held_after_window_seconds,
+        CUTOVER_LEAD.as_secs(),
         measured_round.cutover_load_transactions_per_second,
         measured_round.lag_at_hold_ops,
         measured_round.lag_at_hold_bytes,
@@ -768,7 +771,7 @@ async fn main() {
     let of = |value: fn(&Round) -> f64| median(all.iter().map(|round| value(round)));
     let committed = of(|round| round.committed_transactions_per_second);
     println!(
-        "follow: pgbench committed {committed:.0} tx/s ({:.0} row changes/s; {:.0} tx/s by its own reports), ferry applied {:.0} ops/s ({:.0} tx/s reached 17), lag at the cutover {:.0} ops / {:.0} bytes (medians of {} rounds; the first {} s of following under pgbench -c 4 -j 2 with connections kept open; the lag when the hold began)",
+        "follow: pgbench committed {committed:.0} tx/s ({:.0} row changes/s; {:.0} tx/s by its own reports), ferry applied {:.0} ops/s ({:.0} tx/s reached 17), lag at the cutover {:.0} ops / {:.0} bytes (medians of {} rounds; the rates over the first {} s of following under pgbench -c 4 -j 2 with connections kept open; the lag at ferry's last status before the hold)",
         committed * ROW_CHANGES_PER_TRANSACTION,
         of(|round| round.pgbench_transactions_per_second),
         of(|round| round.ferry_ops_per_second),
@@ -778,8 +781,17 @@ async fn main() {
         all.len(),
         RATE_WINDOW.as_secs(),
     );
+    let mut ratios: Vec<f64> = all
+        .iter()
+        .map(|round| {
+            round.ferry_ops_per_second
+                / (round.committed_transactions_per_second * ROW_CHANGES_PER_TRANSACTION)
+        })
+        .filter(|ratio| !ratio.is_nan())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "follow lag: bounded (ferry applied >= 95% of the commit rate) in {} of {} rounds; 17 behind 15 by a median {:.0} tx at the window's start, {:.0} tx at its end, {:.0} tx at the hold; ferry's own lag at the window's end {:.0} ops / {:.0} bytes; caught up a median {:.1} s after the window, the cutover's load {:.0} tx/s",
+        "follow lag: bounded (ferry applied >= 95% of the commit rate) in {} of {} rounds; 17 behind 15 by a median {:.0} tx at the window's start, {:.0} tx at its end, {:.0} tx at the hold; ferry's own lag at the window's end {:.0} ops / {:.0} bytes; ferry's ops over 15's row changes in the window: median {:.2}, from {:.2} to {:.2}; held a median {:.1} s after the window, the cutover's load {:.0} tx/s",
         all.iter().filter(|round| round.lag_bounded()).count(),
         all.len(),
         of(|round| round.behind_at_start),
@@ -787,7 +799,10 @@ async fn main() {
         of(|round| round.behind_at_hold),
         of(|round| round.lag_at_window_end_ops),
         of(|round| round.lag_at_window_end_bytes),
-        of(|round| round.catch_up_seconds),
+        median(ratios.iter().copied()),
+        ratios.first().copied().unwrap_or(f64::NAN),
+        ratios.last().copied().unwrap_or(f64::NAN),
+        of(|round| round.held_after_window_seconds),
         of(|round| round.cutover_load_transactions_per_second),
     );
     let missing: Vec<i64> = all.iter().filter_map(|round| round.missing_on_17).collect();

@@ -84,6 +84,46 @@ pub struct PgLiveSource {
     confirmed: watch::Sender<u64>,
 }
 
+/// Drops the slot and the publication once the switch is committed (in
+/// the background, after the commit answered);
+/// a failure is a warning naming the SQL that drops them by hand, never
+/// an error (the switch is decided).
+async fn release_after_switch(connection: PgConnection, slot: String, publication: String) {
+    let (slot, publication) = (slot.as_str(), publication.as_str());
+    let slot_by_hand = format!("SELECT pg_drop_replication_slot({});", quote_literal(slot));
+    let publication_by_hand = format!("DROP PUBLICATION IF EXISTS {};", quote_ident(publication));
+    let released = tokio::time::timeout(RELEASE_WITHIN, release(&connection, slot, publication))
+        .await
+        .unwrap_or_else(|_| {
+            let late =
+                format!("not done within {RELEASE_WITHIN:?} (is something else reading the slot?)");
+            (Err(late.clone()), Err(late))
+        });
+    let server = connection.server();
+    match released.0 {
+        Ok(true) => {
+            info!(%server, slot, "the migration switched: its replication slot is dropped")
+        }
+        Ok(false) => {
+            info!(%server, slot, "the migration switched: its replication slot was dropped already")
+        }
+        Err(error) => warn!(
+            %server,
+            slot,
+            %error,
+            "the migration switched, but its replication slot could not be dropped, and it holds the old server's WAL until it is: drop it by hand with {slot_by_hand}"
+        ),
+    }
+    if let Err(error) = released.1 {
+        warn!(
+            %server,
+            publication,
+            %error,
+            "the migration switched, but its publication could not be dropped: drop it by hand with {publication_by_hand}"
+        );
+    }
+}
+
 fn source_error(error: PgError) -> crate::Error {
     AdapterError::source(error).into()
 }
@@ -146,52 +186,15 @@ impl PgLiveSource {
         .await
         .map_err(source_error)?;
         if matches!(wanted, FenceMove::Commit { .. }) && matches!(answer, FenceAnswer::Done(_)) {
-            self.release_after_switch().await;
+            // After the answer, not inside the pause: the gateways are
+            // switched sooner, and the slot's WAL is freed a moment later.
+            tokio::spawn(release_after_switch(
+                self.connection.clone(),
+                self.options.slot.clone(),
+                self.options.publication.clone(),
+            ));
         }
         Ok(answer)
-    }
-
-    /// Drops the slot and the publication once the switch is committed;
-    /// a failure is a warning naming the SQL that drops them by hand, never
-    /// an error (the switch is decided).
-    async fn release_after_switch(&self) {
-        let slot = self.options.slot.as_str();
-        let publication = self.options.publication.as_str();
-        let slot_by_hand = format!("SELECT pg_drop_replication_slot({});", quote_literal(slot));
-        let publication_by_hand =
-            format!("DROP PUBLICATION IF EXISTS {};", quote_ident(publication));
-        let released =
-            tokio::time::timeout(RELEASE_WITHIN, release(&self.connection, slot, publication))
-                .await
-                .unwrap_or_else(|_| {
-                    let late = format!(
-                        "not done within {RELEASE_WITHIN:?} (is something else reading the slot?)"
-                    );
-                    (Err(late.clone()), Err(late))
-                });
-        let server = self.connection.server();
-        match released.0 {
-            Ok(true) => {
-                info!(%server, slot, "the migration switched: its replication slot is dropped")
-            }
-            Ok(false) => {
-                info!(%server, slot, "the migration switched: its replication slot was dropped already")
-            }
-            Err(error) => warn!(
-                %server,
-                slot,
-                %error,
-                "the migration switched, but its replication slot could not be dropped, and it holds the old server's WAL until it is: drop it by hand with {slot_by_hand}"
-            ),
-        }
-        if let Err(error) = released.1 {
-            warn!(
-                %server,
-                publication,
-                %error,
-                "the migration switched, but its publication could not be dropped: drop it by hand with {publication_by_hand}"
-            );
-        }
     }
 
     /// The fence record, and the epoch whose triggers are raised.

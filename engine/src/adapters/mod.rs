@@ -8,6 +8,7 @@
 //! | `jsonl:///path/file.jsonl`, `jsonl://-` | [`jsonl`]: JSON Lines in a file, or stdin / stdout |
 //! | `etcd://HOST:PORT[,HOST:PORT...]` | [`etcd`]: an etcd v3 cluster (`etcds://` for TLS) |
 //! | `postgres://[USER@]HOST[:PORT]/DB` | [`postgres`]: a PostgreSQL database |
+//! | `mlflow+http://HOST:PORT` | [`mlflow`]: an MLflow tracking server (`mlflow+https://` for TLS) |
 
 pub mod digest;
 pub mod driver;
@@ -15,6 +16,7 @@ pub mod etcd;
 pub mod fence_record;
 pub mod jsonl;
 pub mod live;
+pub mod mlflow;
 pub mod postgres;
 pub mod registry;
 

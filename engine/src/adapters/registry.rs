@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::live::{DigestEntry, LiveSink, LiveSource};
-use super::{AdapterError, Sink, Source, etcd, jsonl, postgres};
+use super::{AdapterError, Sink, Source, etcd, jsonl, mlflow, postgres};
 use crate::migrations::in_place::InPlaceTarget;
 use crate::{Op, Result};
 
@@ -50,7 +50,12 @@ pub struct Adapter {
 }
 
 /// Every adapter ferry has.
-pub const ADAPTERS: &[Adapter] = &[jsonl::ADAPTER, etcd::ADAPTER, postgres::ADAPTER];
+pub const ADAPTERS: &[Adapter] = &[
+    jsonl::ADAPTER,
+    etcd::ADAPTER,
+    postgres::ADAPTER,
+    mlflow::ADAPTER,
+];
 
 /// Credentials and TLS, each adapter's own: from the environment or files,
 /// never from argv.
@@ -62,6 +67,9 @@ pub struct ConnectionArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub postgres: postgres::PgArgs,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub mlflow: mlflow::MlflowArgs,
 }
 
 /// What an extract reads of its source beyond `--prefix`, each adapter's
@@ -90,6 +98,9 @@ pub struct RestoreTuningArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub postgres: postgres::PgRestoreArgs,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub mlflow: mlflow::MlflowRestoreArgs,
 }
 
 /// What a source needs beyond its URL.

@@ -1,0 +1,853 @@
+//! The MLflow sink: replays an MLflow stream's requests onto a tracking
+//! server, runs side by side, exactly once across kills.
+//!
+//! MLflow has no transactions, so exactly-once stands on three things:
+//! - the checkpoint, a tag of the target's experiment 0
+//!   (`ferry.checkpoint.<stream>`: the seq through which every request was
+//!   answered), written only when every lane has finished every op before
+//!   it, and once at `begin` (so a restore killed before its first
+//!   checkpoint is resumed, not refused as a non-empty target);
+//! - the old-to-new id map, whose entries are tags on what the sink made
+//!   (`ferry.source_run_id` on a run, `ferry.source_experiment_id` on an
+//!   experiment), read back at a resume;
+//! - requests that are idempotent after the checkpoint: a run or an
+//!   experiment already made is found and not made again, a model version
+//!   that exists is left alone, a `log-batch` sent twice leaves one copy
+//!   (MLflow's SQL store drops a metric point it already holds; params and
+//!   tags are set to the same values), and what follows a run's deletion
+//!   (only that deletion itself) is skipped on a run already deleted.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::client::MlflowClient;
+use super::source::{array, text};
+use super::{
+    API, CHECKPOINT_TAG_PREFIX, KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG,
+    SOURCE_RUN_TAG,
+};
+use crate::adapters::{AdapterError, Sink, StreamInfo};
+use crate::order::SeqTracker;
+use crate::{Op, Result};
+
+/// How an MLflow restore writes.
+#[derive(Debug, Clone)]
+pub struct MlflowSinkOptions {
+    /// Add to a target that already holds experiments, runs or models.
+    pub allow_nonempty: bool,
+    /// Lanes of runs applied side by side.
+    pub concurrency: usize,
+    /// Ops after which the checkpoint is written (also every 10 s).
+    pub ops_per_checkpoint: usize,
+}
+
+impl Default for MlflowSinkOptions {
+    fn default() -> Self {
+        Self {
+            allow_nonempty: false,
+            concurrency: 8,
+            ops_per_checkpoint: 5_000,
+        }
+    }
+}
+
+/// The longest a checkpoint waits while ops are applied.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// Ops queued on a lane at most.
+const LANE_QUEUE: usize = 256;
+
+/// What every lane shares: the server and the id maps.
+struct Shared {
+    client: Arc<MlflowClient>,
+    /// Source run id to target run id.
+    runs: Mutex<HashMap<String, String>>,
+    /// Source experiment id to target experiment id.
+    experiments: Mutex<HashMap<String, String>>,
+    /// (model, source version) to the target's version, where they differ.
+    versions: Mutex<HashMap<(String, String), String>>,
+    /// The target was empty when the stream began: ids are kept as the
+    /// source's, gaps filled.
+    same_ids: AtomicBool,
+}
+
+enum LaneMessage {
+    Op(Box<Op>),
+    Flush(oneshot::Sender<()>),
+}
+
+struct Lane {
+    sender: mpsc::Sender<LaneMessage>,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+/// Replays an MLflow stream onto a tracking server.
+pub struct MlflowSink {
+    shared: Arc<Shared>,
+    options: MlflowSinkOptions,
+    stream_id: String,
+    tracker: SeqTracker,
+    lanes: Vec<Lane>,
+    /// The lane each run went to (a child run goes to its parent's).
+    run_lanes: HashMap<String, usize>,
+    /// The last op handed out, and ops since the checkpoint.
+    last_seq: u64,
+    since_checkpoint: usize,
+    checkpointed_at: Instant,
+}
+
+impl MlflowSink {
+    /// A sink writing to the server `client` talks to.
+    pub fn new(client: Arc<MlflowClient>, options: MlflowSinkOptions) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                runs: Mutex::new(HashMap::new()),
+                experiments: Mutex::new(HashMap::new()),
+                versions: Mutex::new(HashMap::new()),
+                same_ids: AtomicBool::new(false),
+            }),
+            options,
+            stream_id: String::new(),
+            tracker: SeqTracker::new(),
+            lanes: Vec::new(),
+            run_lanes: HashMap::new(),
+            last_seq: 0,
+            since_checkpoint: 0,
+            checkpointed_at: Instant::now(),
+        }
+    }
+
+    fn client(&self) -> &MlflowClient {
+        &self.shared.client
+    }
+
+    fn checkpoint_tag(&self) -> String {
+        format!("{CHECKPOINT_TAG_PREFIX}{}", self.stream_id)
+    }
+
+    /// The stream's checkpoint on the target, if any.
+    async fn read_checkpoint(&self) -> Result<Option<Value>, MlflowError> {
+        let answer = self
+            .client()
+            .get(&format!("{API}/experiments/get"), &[("experiment_id", "0")])
+            .await
+            .map_err(|error| match error.error_code() {
+                Some("RESOURCE_DOES_NOT_EXIST") => MlflowError::NotEmpty {
+                    server: self.client().name().to_owned(),
+                    what: "it has no experiment 0 (Default), where ferry keeps its checkpoint"
+                        .to_owned(),
+                },
+                _ => error,
+            })?;
+        let tag = self.checkpoint_tag();
+        let Some(found) = array(&answer["experiment"], "tags")
+            .iter()
+            .find(|entry| text(entry, "key") == tag)
+        else {
+            return Ok(None);
+        };
+        let value = super::parse_json(text(found, "value").as_bytes()).map_err(|reason| {
+            MlflowError::BadResponse {
+                server: self.client().name().to_owned(),
+                request: format!("the checkpoint tag {tag} of experiment 0"),
+                reason,
+            }
+        })?;
+        Ok(Some(value))
+    }
+
+    async fn write_checkpoint(&mut self, complete: bool) -> Result<()> {
+        let value = json!({
+            "seq": self.last_seq,
+            "complete": complete,
+            "same_ids": self.shared.same_ids.load(Ordering::Relaxed),
+        });
+        self.client()
+            .post(
+                &format!("{API}/experiments/set-experiment-tag"),
+                &json!({
+                    "experiment_id": "0",
+                    "key": self.checkpoint_tag(),
+                    "value": value.to_string(),
+                }),
+            )
+            .await
+            .map_err(AdapterError::target)?;
+        self.since_checkpoint = 0;
+        self.checkpointed_at = Instant::now();
+        Ok(())
+    }
+
+    /// What the target holds besides experiment 0's emptiness: `None` when
+    /// it is empty.
+    async fn holdings(&self) -> Result<Option<String>, MlflowError> {
+        let experiments = self
+            .client()
+            .post(
+                &format!("{API}/experiments/search"),
+                &json!({ "max_results": 10, "view_type": "ALL" }),
+            )
+            .await?;
+        if let Some(other) = array(&experiments, "experiments")
+            .iter()
+            .find(|experiment| text(experiment, "experiment_id") != "0")
+        {
+            return Ok(Some(format!(
+                "experiment {} ({:?})",
+                text(other, "experiment_id"),
+                text(other, "name")
+            )));
+        }
+        let runs = self
+            .client()
+            .post(
+                &format!("{API}/runs/search"),
+                &json!({ "experiment_ids": ["0"], "run_view_type": "ALL", "max_results": 1 }),
+            )
+            .await?;
+        if !array(&runs, "runs").is_empty() {
+            return Ok(Some("runs in experiment 0".to_owned()));
+        }
+        let models = self
+            .client()
+            .get(
+                &format!("{API}/registered-models/search"),
+                &[("max_results", "1")],
+            )
+            .await?;
+        if let Some(model) = array(&models, "registered_models").first() {
+            return Ok(Some(format!("registered model {:?}", text(model, "name"))));
+        }
+        Ok(None)
+    }
+
+    /// Reads back the id map from the tags the sink left.
+    async fn rebuild_maps(&self) -> Result<(), MlflowError> {
+        let mut experiment_ids = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut request = json!({ "max_results": 1000, "view_type": "ALL" });
+            if let Some(token) = &page_token {
+                request["page_token"] = json!(token);
+            }
+            let page = self
+                .client()
+                .post(&format!("{API}/experiments/search"), &request)
+                .await?;
+            for experiment in array(&page, "experiments") {
+                let id = text(experiment, "experiment_id");
+                if let Some(source) = tag_value(experiment, SOURCE_EXPERIMENT_TAG) {
+                    lock(&self.shared.experiments).insert(source, id.clone());
+                }
+                experiment_ids.push(id);
+            }
+            page_token = next_page(&page);
+            if page_token.is_none() {
+                break;
+            }
+        }
+        for experiment_id in experiment_ids {
+            let mut page_token: Option<String> = None;
+            loop {
+                let mut request = json!({
+                    "experiment_ids": [experiment_id],
+                    "run_view_type": "ALL",
+                    "max_results": 1000,
+                });
+                if let Some(token) = &page_token {
+                    request["page_token"] = json!(token);
+                }
+                let page = self
+                    .client()
+                    .post(&format!("{API}/runs/search"), &request)
+                    .await?;
+                for run in array(&page, "runs") {
+                    if let Some(source) = tag_value(&run["data"], SOURCE_RUN_TAG) {
+                        lock(&self.shared.runs).insert(source, text(&run["info"], "run_id"));
+                    }
+                }
+                page_token = next_page(&page);
+                if page_token.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_lanes(&mut self) {
+        for _ in 0..self.options.concurrency.max(1) {
+            let (sender, mut receiver) = mpsc::channel(LANE_QUEUE);
+            let shared = self.shared.clone();
+            let task = tokio::spawn(async move {
+                while let Some(message) = receiver.recv().await {
+                    match message {
+                        LaneMessage::Op(op) => apply_op(&shared, &op).await?,
+                        LaneMessage::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                Ok(())
+            });
+            self.lanes.push(Lane {
+                sender,
+                task: Some(task),
+            });
+        }
+    }
+
+    /// The error a lane that stopped ended with.
+    async fn lane_error(&mut self, index: usize) -> crate::Error {
+        let failed = match self.lanes[index].task.take() {
+            Some(task) => match task.await {
+                Ok(Err(error)) => return error,
+                Ok(Ok(())) => "it ended".to_owned(),
+                Err(error) => error.to_string(),
+            },
+            None => "it stopped earlier".to_owned(),
+        };
+        AdapterError::target(MlflowError::BadResponse {
+            server: self.client().name().to_owned(),
+            request: format!("lane {index}"),
+            reason: format!("the lane stopped without an error: {failed}"),
+        })
+        .into()
+    }
+
+    /// Waits until every lane has applied everything handed to it.
+    async fn barrier(&mut self) -> Result<()> {
+        let mut waits = Vec::with_capacity(self.lanes.len());
+        for index in 0..self.lanes.len() {
+            let (done, wait) = oneshot::channel();
+            if self.lanes[index]
+                .sender
+                .send(LaneMessage::Flush(done))
+                .await
+                .is_err()
+            {
+                return Err(self.lane_error(index).await);
+            }
+            waits.push(wait);
+        }
+        for (index, wait) in waits.into_iter().enumerate() {
+            if wait.await.is_err() {
+                return Err(self.lane_error(index).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// The lane of a run's op: the run's own, else its parent's, else by
+    /// its id.
+    fn lane_of(&mut self, op: &Op) -> usize {
+        let run = String::from_utf8_lossy(&op.key).into_owned();
+        if let Some(&lane) = self.run_lanes.get(&run) {
+            return lane;
+        }
+        let parent_lane = op.deps.iter().find_map(|dep| {
+            let dep = String::from_utf8_lossy(dep);
+            dep.starts_with("run/")
+                .then(|| self.run_lanes.get(dep.as_ref()).copied())
+                .flatten()
+        });
+        let lane = parent_lane
+            .unwrap_or_else(|| crc32c::crc32c(&op.key) as usize % self.lanes.len().max(1));
+        self.run_lanes.insert(run, lane);
+        lane
+    }
+}
+
+#[async_trait]
+impl Sink for MlflowSink {
+    async fn begin(&mut self, stream: &StreamInfo) -> Result<Option<u64>> {
+        self.stream_id = stream.stream_id.clone();
+        let stored = self.read_checkpoint().await.map_err(AdapterError::target)?;
+        let resumed = match stored {
+            Some(checkpoint) => {
+                let seq = checkpoint["seq"].as_u64().unwrap_or(0);
+                self.shared.same_ids.store(
+                    checkpoint["same_ids"].as_bool().unwrap_or(false),
+                    Ordering::Relaxed,
+                );
+                self.rebuild_maps().await.map_err(AdapterError::target)?;
+                tracing::info!(
+                    stream = %self.stream_id,
+                    through_seq = seq,
+                    runs = lock(&self.shared.runs).len(),
+                    "resuming an MLflow restore from its checkpoint"
+                );
+                self.last_seq = seq;
+                Some(seq)
+            }
+            None => {
+                let holdings = self.holdings().await.map_err(AdapterError::target)?;
+                if let Some(what) = &holdings
+                    && !self.options.allow_nonempty
+                {
+                    return Err(AdapterError::target(MlflowError::NotEmpty {
+                        server: self.client().name().to_owned(),
+                        what: what.clone(),
+                    })
+                    .into());
+                }
+                self.shared
+                    .same_ids
+                    .store(holdings.is_none(), Ordering::Relaxed);
+                self.write_checkpoint(false).await?;
+                None
+            }
+        };
+        self.tracker = SeqTracker::starting_at(self.last_seq + 1);
+        self.start_lanes();
+        Ok(resumed)
+    }
+
+    async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        let mut tracker = self.tracker;
+        for op in &ops {
+            tracker
+                .try_advance(op.seq)
+                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
+        }
+        self.tracker = tracker;
+        for op in ops {
+            let seq = op.seq;
+            if op.kind.as_ref() == KIND_RUN.as_bytes() {
+                let lane = self.lane_of(&op);
+                if self.lanes[lane]
+                    .sender
+                    .send(LaneMessage::Op(Box::new(op)))
+                    .await
+                    .is_err()
+                {
+                    return Err(self.lane_error(lane).await);
+                }
+            } else {
+                // Experiments and the registry: after every run op before
+                // them, one at a time.
+                self.barrier().await?;
+                apply_op(&self.shared, &op).await?;
+            }
+            self.last_seq = seq;
+            self.since_checkpoint += 1;
+        }
+        if self.since_checkpoint >= self.options.ops_per_checkpoint
+            || (self.since_checkpoint > 0 && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
+        {
+            self.barrier().await?;
+            self.write_checkpoint(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<()> {
+        self.barrier().await?;
+        self.write_checkpoint(true).await?;
+        for lane in std::mem::take(&mut self.lanes) {
+            drop(lane.sender);
+            if let Some(task) = lane.task {
+                let _ = task.await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn next_page(page: &Value) -> Option<String> {
+    page.get("next_page_token")
+        .and_then(Value::as_str)
+        .filter(|token| !token.is_empty())
+        .map(str::to_owned)
+}
+
+fn tag_value(holder: &Value, key: &str) -> Option<String> {
+    array(holder, "tags")
+        .iter()
+        .find(|tag| text(tag, "key") == key)
+        .map(|tag| text(tag, "value"))
+}
+
+/// One op, applied: see the module's documentation for what makes each
+/// request idempotent.
+async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
+    let method = String::from_utf8_lossy(&op.method);
+    let bad = |reason: String| -> crate::Error {
+        AdapterError::target(MlflowError::BadOp {
+            server: shared.client.name().to_owned(),
+            seq: op.seq,
+            key: String::from_utf8_lossy(&op.key).into_owned(),
+            method: method.clone().into_owned(),
+            reason,
+        })
+        .into()
+    };
+    let Some(request) = method.strip_prefix(&format!("POST {API}/")) else {
+        return Err(bad(format!(
+            "ferry's MLflow target replays POST {API}/... requests"
+        )));
+    };
+    let body: Value = serde_json::from_slice(&op.body)
+        .map_err(|error| bad(format!("its body is not JSON: {error}")))?;
+    let replay = Replay { shared, op, body };
+    let outcome = match request {
+        "experiments/create" => replay.create_experiment().await,
+        "experiments/delete" => replay.delete_experiment().await,
+        "runs/create" => replay.create_run().await,
+        "runs/log-batch" | "runs/log-inputs" | "runs/update" => replay.log(request).await,
+        "runs/delete" => replay.delete_run().await,
+        "registered-models/create" => replay.create_registered_model().await,
+        "model-versions/create" => replay.create_model_version().await,
+        "model-versions/transition-stage" | "registered-models/alias" => {
+            replay.version_request(request).await
+        }
+        other => Err(Failure::Bad(format!(
+            "{other} is not a request ferry's MLflow target replays"
+        ))),
+    };
+    outcome.map_err(|failure| match failure {
+        Failure::Server(error) => AdapterError::target(error).into(),
+        Failure::Bad(reason) => bad(reason),
+    })
+}
+
+enum Failure {
+    Server(MlflowError),
+    Bad(String),
+}
+
+impl From<MlflowError> for Failure {
+    fn from(error: MlflowError) -> Self {
+        Failure::Server(error)
+    }
+}
+
+struct Replay<'a> {
+    shared: &'a Shared,
+    op: &'a Op,
+    body: Value,
+}
+
+impl Replay<'_> {
+    fn client(&self) -> &MlflowClient {
+        &self.shared.client
+    }
+
+    fn same_ids(&self) -> bool {
+        self.shared.same_ids.load(Ordering::Relaxed)
+    }
+
+    async fn post(&self, request: &str, body: &Value) -> Result<Value, MlflowError> {
+        self.client().post(&format!("{API}/{request}"), body).await
+    }
+
+    /// The target's id of a source experiment.
+    fn experiment(&self, source: &str) -> Result<String, Failure> {
+        lock(&self.shared.experiments)
+            .get(source)
+            .cloned()
+            .ok_or_else(|| {
+                Failure::Bad(format!(
+                    "its experiment {source} is not on the target (the stream lacks its create)"
+                ))
+            })
+    }
+
+    /// The target's id of a source run.
+    fn run(&self, source: &str) -> Result<String, Failure> {
+        lock(&self.shared.runs).get(source).cloned().ok_or_else(|| {
+            Failure::Bad(format!(
+                "its run {source} is not on the target (the stream lacks its create)"
+            ))
+        })
+    }
+
+    async fn experiment_by_name(&self, name: &str) -> Result<Option<Value>, MlflowError> {
+        match self
+            .client()
+            .get(
+                &format!("{API}/experiments/get-by-name"),
+                &[("experiment_name", name)],
+            )
+            .await
+        {
+            Ok(answer) => Ok(Some(answer["experiment"].clone())),
+            Err(error) if error.error_code() == Some("RESOURCE_DOES_NOT_EXIST") => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn create_experiment(&self) -> Result<(), Failure> {
+        let source_id = text(&self.body, "experiment_id");
+        let name = text(&self.body, "name");
+        let mut tags = array(&self.body, "tags").to_vec();
+        tags.push(json!({ "key": SOURCE_EXPERIMENT_TAG, "value": source_id }));
+        loop {
+            let existing = self.experiment_by_name(&name).await?;
+            let (target_id, deleted) = match &existing {
+                Some(experiment) => (
+                    text(experiment, "experiment_id"),
+                    text(experiment, "lifecycle_stage") == "deleted",
+                ),
+                None => {
+                    let created = self
+                        .post("experiments/create", &json!({ "name": name, "tags": tags }))
+                        .await?;
+                    (text(&created, "experiment_id"), false)
+                }
+            };
+            if let (true, Ok(wanted), Ok(got)) = (
+                self.same_ids(),
+                source_id.parse::<u64>(),
+                target_id.parse::<u64>(),
+            ) && got < wanted
+                && got != 0
+            {
+                // An id the source no longer has: fill it as the source
+                // did, with an experiment deleted, under another name.
+                self.post(
+                    "experiments/update",
+                    &json!({
+                        "experiment_id": target_id,
+                        "new_name": format!("ferry-gap-{got}-before-{wanted}"),
+                    }),
+                )
+                .await?;
+                if !deleted {
+                    self.post("experiments/delete", &json!({ "experiment_id": target_id }))
+                        .await?;
+                }
+                continue;
+            }
+            lock(&self.shared.experiments).insert(source_id.clone(), target_id.clone());
+            if existing.is_some() && !deleted {
+                for tag in &tags {
+                    self.post(
+                        "experiments/set-experiment-tag",
+                        &json!({
+                            "experiment_id": target_id,
+                            "key": tag["key"],
+                            "value": tag["value"],
+                        }),
+                    )
+                    .await?;
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    async fn delete_experiment(&self) -> Result<(), Failure> {
+        let target_id = self.experiment(&text(&self.body, "experiment_id"))?;
+        let answer = self
+            .client()
+            .get(
+                &format!("{API}/experiments/get"),
+                &[("experiment_id", target_id.as_str())],
+            )
+            .await?;
+        if text(&answer["experiment"], "lifecycle_stage") != "deleted" {
+            self.post("experiments/delete", &json!({ "experiment_id": target_id }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn source_run(&self) -> String {
+        String::from_utf8_lossy(&self.op.key)
+            .strip_prefix("run/")
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn create_run(&self) -> Result<(), Failure> {
+        let source_run = self.source_run();
+        if lock(&self.shared.runs).contains_key(&source_run) {
+            return Ok(());
+        }
+        let mut body = self.body.clone();
+        body["experiment_id"] = json!(self.experiment(&text(&self.body, "experiment_id"))?);
+        body["tags"] = json!([{ "key": SOURCE_RUN_TAG, "value": source_run }]);
+        let created = self.post("runs/create", &body).await?;
+        let target_run = text(&created["run"]["info"], "run_id");
+        if target_run.is_empty() {
+            return Err(Failure::Bad(
+                "the target's answer to runs/create names no run id".to_owned(),
+            ));
+        }
+        lock(&self.shared.runs).insert(source_run, target_run);
+        Ok(())
+    }
+
+    /// Whether the target's run is deleted: then every request of it in the
+    /// stream was applied before (its deletion is its last).
+    async fn run_deleted(&self, target_run: &str) -> Result<bool, MlflowError> {
+        let answer = self
+            .client()
+            .get(&format!("{API}/runs/get"), &[("run_id", target_run)])
+            .await?;
+        Ok(text(&answer["run"]["info"], "lifecycle_stage") == "deleted")
+    }
+
+    async fn log(&self, request: &str) -> Result<(), Failure> {
+        let target_run = self.run(&self.source_run())?;
+        let mut body = self.body.clone();
+        body["run_id"] = json!(target_run);
+        if let Some(tags) = body.get_mut("tags").and_then(Value::as_array_mut) {
+            for tag in tags {
+                if text(tag, "key") == PARENT_RUN_TAG {
+                    let parent = text(tag, "value");
+                    match lock(&self.shared.runs).get(&parent) {
+                        Some(target_parent) => tag["value"] = json!(target_parent),
+                        None => tracing::warn!(
+                            seq = self.op.seq,
+                            run = %self.source_run(),
+                            parent = %parent,
+                            "the run's parent is not in the stream: its parent tag is kept as the source had it"
+                        ),
+                    }
+                }
+            }
+        }
+        match self.post(request, &body).await {
+            Ok(_) => Ok(()),
+            Err(error @ MlflowError::Refused { .. }) => {
+                if self.run_deleted(&target_run).await? {
+                    Ok(())
+                } else {
+                    Err(error.into())
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn delete_run(&self) -> Result<(), Failure> {
+        let target_run = self.run(&self.source_run())?;
+        if self.run_deleted(&target_run).await? {
+            return Ok(());
+        }
+        self.post("runs/delete", &json!({ "run_id": target_run }))
+            .await?;
+        Ok(())
+    }
+
+    async fn create_registered_model(&self) -> Result<(), Failure> {
+        let name = text(&self.body, "name");
+        let existing = self
+            .client()
+            .get(
+                &format!("{API}/registered-models/get"),
+                &[("name", name.as_str())],
+            )
+            .await;
+        match existing {
+            Ok(_) => {
+                for tag in array(&self.body, "tags") {
+                    self.post(
+                        "registered-models/set-tag",
+                        &json!({ "name": name, "key": tag["key"], "value": tag["value"] }),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            Err(error) if error.error_code() == Some("RESOURCE_DOES_NOT_EXIST") => {
+                self.post("registered-models/create", &self.body).await?;
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The target's number of a source model version.
+    fn version(&self, name: &str, source_version: &str) -> String {
+        lock(&self.shared.versions)
+            .get(&(name.to_owned(), source_version.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| source_version.to_owned())
+    }
+
+    async fn model_version_exists(&self, name: &str, version: &str) -> Result<bool, MlflowError> {
+        match self
+            .client()
+            .get(
+                &format!("{API}/model-versions/get"),
+                &[("name", name), ("version", version)],
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if error.error_code() == Some("RESOURCE_DOES_NOT_EXIST") => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn create_model_version(&self) -> Result<(), Failure> {
+        let name = text(&self.body, "name");
+        let wanted = text(&self.body, "version");
+        if self.same_ids() && self.model_version_exists(&name, &wanted).await? {
+            return Ok(());
+        }
+        let mut body = self.body.clone();
+        if let Some(object) = body.as_object_mut() {
+            object.remove("version");
+        }
+        let source_run = text(&self.body, "run_id");
+        if !source_run.is_empty() {
+            let target_run = self.run(&source_run)?;
+            body["run_id"] = json!(target_run);
+            // The version's source and link name the run: by the target's id.
+            for field in ["source", "run_link"] {
+                let value = text(&self.body, field);
+                if !value.is_empty() {
+                    body[field] = json!(value.replace(&source_run, &target_run));
+                }
+            }
+        }
+        loop {
+            let created = self.post("model-versions/create", &body).await?;
+            let got = text(&created["model_version"], "version");
+            match (wanted.parse::<u64>(), got.parse::<u64>()) {
+                (Ok(wanted_number), Ok(got_number))
+                    if self.same_ids() && got_number < wanted_number =>
+                {
+                    // A number the source deleted: deleted here too.
+                    self.client()
+                        .delete(
+                            &format!("{API}/model-versions/delete"),
+                            &json!({ "name": name, "version": got }),
+                        )
+                        .await?;
+                }
+                _ => {
+                    if got != wanted {
+                        lock(&self.shared.versions).insert((name, wanted), got);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn version_request(&self, request: &str) -> Result<(), Failure> {
+        let name = text(&self.body, "name");
+        let mut body = self.body.clone();
+        body["version"] = json!(self.version(&name, &text(&self.body, "version")));
+        self.post(request, &body).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,881 @@
+//! The MLflow source: a crawl of the server through its REST API, paged,
+//! sent as ops while it goes (see the module's table for the ops).
+//!
+//! Requests: one `experiments/search` page per 1,000 experiments; one
+//! `runs/search` page per 100 runs (params, tags, inputs and the latest
+//! metrics come with it); for each metric key of a page, one bulk history
+//! call per 100 runs (`get-history-bulk`, at most 25,000 points a call:
+//! runs past a full answer are asked again, and a single run whose history
+//! does not fit is read with `get-history` alone); one search per 1,000
+//! registered models and per model's versions.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::client::MlflowClient;
+use super::{
+    API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_MODEL_VERSION, KIND_REGISTERED_MODEL,
+    KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+};
+use crate::adapters::{AdapterError, Extraction, Source};
+use crate::manifest::SourceInfo;
+use crate::progress::Progress;
+use crate::{Op, Result};
+
+/// Runs asked for at once.
+const RUN_PAGE: usize = 100;
+/// Runs a bulk history call takes at most (the server's limit).
+const BULK_RUNS: usize = 100;
+/// Points a bulk history call returns at most (the server's limit).
+const BULK_POINTS: usize = 25_000;
+/// A `log-batch`'s limits (MLflow's own): entities in all, metrics, params
+/// and tags, and bytes (below the server's 1 MB, for the envelope).
+const BATCH_ENTITIES: usize = 1_000;
+const BATCH_PARAMS: usize = 100;
+const BATCH_TAGS: usize = 100;
+const BATCH_BYTES: usize = 900_000;
+/// Ops sent to the stream at once.
+const OPS_PER_BATCH: usize = 1_000;
+
+/// An MLflow tracking server to extract.
+pub struct MlflowSource {
+    client: Arc<MlflowClient>,
+}
+
+impl MlflowSource {
+    /// A source reading the server `client` talks to.
+    pub fn new(client: Arc<MlflowClient>) -> Self {
+        Self { client }
+    }
+}
+
+/// The server's version (`GET /version`).
+pub(super) async fn server_version(client: &MlflowClient) -> Result<String, MlflowError> {
+    let version = client.get_text("/version").await?;
+    if version.is_empty() || version.len() > 64 || version.contains(char::is_whitespace) {
+        return Err(MlflowError::BadResponse {
+            server: client.name().to_owned(),
+            request: "GET /version".to_owned(),
+            reason: format!("{version:?} is not a version: is this an MLflow tracking server?"),
+        });
+    }
+    Ok(version)
+}
+
+#[async_trait]
+impl Source for MlflowSource {
+    async fn open(self: Box<Self>, progress: Arc<Progress>) -> Result<Extraction> {
+        let version = server_version(&self.client)
+            .await
+            .map_err(AdapterError::source)?;
+        let info = SourceInfo {
+            platform: "mlflow".to_owned(),
+            platform_version: Some(version.clone()),
+            identity: None,
+            snapshot_position: None,
+            key_prefix: None,
+            description: Some(format!("MLflow {version} tracking server")),
+        };
+        let (sender, receiver) = mpsc::channel(4);
+        let crawl = Crawl {
+            client: self.client,
+            version: Bytes::from(version),
+            sender,
+            batch: Vec::new(),
+            next_seq: 1,
+            emitted_runs: HashSet::new(),
+            progress,
+        };
+        tokio::spawn(crawl.run());
+        let ops = tokio_stream::wrappers::ReceiverStream::new(receiver).boxed();
+        Ok(Extraction { info, ops })
+    }
+}
+
+/// Why a crawl stopped early.
+enum Halt {
+    /// The server failed: sent down the stream.
+    Failed(MlflowError),
+    /// Whoever read the stream went away.
+    Closed,
+}
+
+impl From<MlflowError> for Halt {
+    fn from(error: MlflowError) -> Self {
+        Halt::Failed(error)
+    }
+}
+
+/// The histories of one page of runs: points by run and key, and the
+/// (run, key) pairs to read alone because they did not fit a bulk call.
+#[derive(Default)]
+struct Histories {
+    points: HashMap<String, BTreeMap<String, Vec<Value>>>,
+    alone: HashSet<(String, String)>,
+}
+
+struct Crawl {
+    client: Arc<MlflowClient>,
+    version: Bytes,
+    sender: mpsc::Sender<Result<Vec<Op>>>,
+    batch: Vec<Op>,
+    next_seq: u64,
+    /// Runs already sent: a child run names its parent in `deps` only when
+    /// the parent's create came first.
+    emitted_runs: HashSet<String>,
+    progress: Arc<Progress>,
+}
+
+impl Crawl {
+    async fn run(mut self) {
+        let outcome = match self.crawl().await {
+            Ok(()) => self.flush().await,
+            Err(halt) => Err(halt),
+        };
+        if let Err(Halt::Failed(error)) = outcome {
+            let _ = self
+                .sender
+                .send(Err(AdapterError::source(error).into()))
+                .await;
+        }
+    }
+
+    async fn crawl(&mut self) -> Result<(), Halt> {
+        let experiments = self.experiments().await?;
+        for experiment in &experiments {
+            let id = text(experiment, "experiment_id");
+            let tags: Vec<Value> = array(experiment, "tags")
+                .iter()
+                .filter(|tag| !is_ferry_tag(&text(tag, "key")))
+                .cloned()
+                .collect();
+            let body = json!({
+                "experiment_id": id,
+                "name": text(experiment, "name"),
+                "artifact_location": text(experiment, "artifact_location"),
+                "tags": tags,
+            });
+            self.push(
+                KIND_EXPERIMENT,
+                format!("experiment/{id}"),
+                "experiments/create",
+                &body,
+                Vec::new(),
+            )
+            .await?;
+        }
+        for experiment in &experiments {
+            self.runs_of(&text(experiment, "experiment_id")).await?;
+        }
+        for experiment in &experiments {
+            if text(experiment, "lifecycle_stage") == "deleted" {
+                let id = text(experiment, "experiment_id");
+                self.push(
+                    KIND_EXPERIMENT,
+                    format!("experiment/{id}"),
+                    "experiments/delete",
+                    &json!({ "experiment_id": id }),
+                    Vec::new(),
+                )
+                .await?;
+            }
+        }
+        self.registered_models().await
+    }
+
+    /// Every experiment, deleted ones too, in id order (numeric where the
+    /// ids are numbers, as a SQL store's are).
+    async fn experiments(&mut self) -> Result<Vec<Value>, Halt> {
+        let mut experiments = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut request = json!({ "max_results": 1000, "view_type": "ALL" });
+            if let Some(token) = &page_token {
+                request["page_token"] = json!(token);
+            }
+            let page = self
+                .client
+                .post(&format!("{API}/experiments/search"), &request)
+                .await?;
+            experiments.extend(array(&page, "experiments").iter().cloned());
+            page_token = next_page(&page);
+            if page_token.is_none() {
+                break;
+            }
+        }
+        experiments.sort_by_key(|experiment| id_order(&text(experiment, "experiment_id")));
+        Ok(experiments)
+    }
+
+    /// The runs of one experiment, in start-time order, a page at a time.
+    async fn runs_of(&mut self, experiment_id: &str) -> Result<(), Halt> {
+        // A child run whose parent has not been sent yet waits for it.
+        let mut waiting: HashMap<String, Vec<(Value, Histories)>> = HashMap::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut request = json!({
+                "experiment_ids": [experiment_id],
+                "run_view_type": "ALL",
+                "max_results": RUN_PAGE,
+                "order_by": ["attributes.start_time ASC"],
+            });
+            if let Some(token) = &page_token {
+                request["page_token"] = json!(token);
+            }
+            let page = self
+                .client
+                .post(&format!("{API}/runs/search"), &request)
+                .await?;
+            let runs = array(&page, "runs").to_vec();
+            let mut histories = self.histories(&runs).await?;
+            for run in runs {
+                let run_id = text(&run["info"], "run_id");
+                let own = Histories {
+                    points: histories
+                        .points
+                        .remove(&run_id)
+                        .map(|points| HashMap::from([(run_id.clone(), points)]))
+                        .unwrap_or_default(),
+                    alone: histories
+                        .alone
+                        .iter()
+                        .filter(|(run, _)| *run == run_id)
+                        .cloned()
+                        .collect(),
+                };
+                match parent_of(&run) {
+                    Some(parent) if !self.emitted_runs.contains(&parent) => {
+                        waiting.entry(parent).or_default().push((run, own));
+                    }
+                    _ => self.send_with_children(run, own, &mut waiting).await?,
+                }
+            }
+            page_token = next_page(&page);
+            if page_token.is_none() {
+                break;
+            }
+        }
+        // Parents that are not in this experiment (or not at all): their
+        // children go now, the parent tag kept as it is.
+        let mut orphans: Vec<(Value, Histories)> = waiting.into_values().flatten().collect();
+        orphans.sort_by_key(|(run, _)| number(&run["info"], "start_time"));
+        let mut none = HashMap::new();
+        for (run, own) in orphans {
+            self.send_with_children(run, own, &mut none).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `run`, then the runs waiting for it, depth first.
+    async fn send_with_children(
+        &mut self,
+        run: Value,
+        histories: Histories,
+        waiting: &mut HashMap<String, Vec<(Value, Histories)>>,
+    ) -> Result<(), Halt> {
+        let mut stack = vec![(run, histories)];
+        while let Some((run, histories)) = stack.pop() {
+            let run_id = text(&run["info"], "run_id");
+            self.send_run(&run, histories).await?;
+            if let Some(children) = waiting.remove(&run_id) {
+                stack.extend(children.into_iter().rev());
+            }
+        }
+        Ok(())
+    }
+
+    /// The metric histories of a page of runs: one bulk call per key per
+    /// 100 runs, again for what a full answer cut off.
+    async fn histories(&mut self, runs: &[Value]) -> Result<Histories, Halt> {
+        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for run in runs {
+            let run_id = text(&run["info"], "run_id");
+            for metric in array(&run["data"], "metrics") {
+                by_key
+                    .entry(text(metric, "key"))
+                    .or_default()
+                    .push(run_id.clone());
+            }
+        }
+        let mut histories = Histories::default();
+        for (key, mut run_ids) in by_key {
+            run_ids.sort();
+            run_ids.dedup();
+            let mut rest: &[String] = &run_ids;
+            while !rest.is_empty() {
+                let chunk = &rest[..rest.len().min(BULK_RUNS)];
+                let mut query: Vec<(&str, &str)> =
+                    chunk.iter().map(|id| ("run_id", id.as_str())).collect();
+                let max_results = BULK_POINTS.to_string();
+                query.push(("metric_key", &key));
+                query.push(("max_results", &max_results));
+                let answer = self
+                    .client
+                    .get("/ajax-api/2.0/mlflow/metrics/get-history-bulk", &query)
+                    .await?;
+                let points = array(&answer, "metrics");
+                let full = points.len() >= BULK_POINTS;
+                // The answer is sorted by run id: every run before the last
+                // one it names is whole; when it is full, the last run and
+                // those after it are asked again.
+                let last_named = points.last().map(|point| text(point, "run_id"));
+                for point in points {
+                    let run_id = text(point, "run_id");
+                    if full && Some(&run_id) == last_named.as_ref() {
+                        continue;
+                    }
+                    let mut point = point.clone();
+                    if let Some(object) = point.as_object_mut() {
+                        object.remove("run_id");
+                    }
+                    histories
+                        .points
+                        .entry(run_id)
+                        .or_default()
+                        .entry(key.clone())
+                        .or_default()
+                        .push(point);
+                }
+                if !full {
+                    rest = &rest[chunk.len()..];
+                    continue;
+                }
+                let last = last_named.unwrap_or_default();
+                let from = rest.iter().position(|id| *id == last).unwrap_or(0);
+                if from == 0 {
+                    // One run's history fills a whole answer: read it alone.
+                    histories.alone.insert((rest[0].clone(), key.clone()));
+                    if let Some(points) = histories.points.get_mut(&rest[0]) {
+                        points.remove(&key);
+                    }
+                    rest = &rest[1..];
+                } else {
+                    rest = &rest[from..];
+                }
+            }
+        }
+        Ok(histories)
+    }
+
+    /// A run's ops: create, its params, tags and metrics in `log-batch`es,
+    /// its dataset inputs, its end, its deletion.
+    async fn send_run(&mut self, run: &Value, mut histories: Histories) -> Result<(), Halt> {
+        let info = &run["info"];
+        let run_id = text(info, "run_id");
+        let experiment_id = text(info, "experiment_id");
+        let key = format!("run/{run_id}");
+        let mut deps = vec![format!("experiment/{experiment_id}")];
+        if let Some(parent) = parent_of(run)
+            && self.emitted_runs.contains(&parent)
+        {
+            deps.push(format!("run/{parent}"));
+        }
+        let mut create = json!({
+            "experiment_id": experiment_id,
+            "start_time": number(info, "start_time"),
+        });
+        for field in ["run_name", "user_id"] {
+            if let Some(value) = info.get(field).filter(|value| !value.is_null()) {
+                create[field] = value.clone();
+            }
+        }
+        self.push(KIND_RUN, key.clone(), "runs/create", &create, deps)
+            .await?;
+        self.emitted_runs.insert(run_id.clone());
+
+        let mut batch = LogBatch::new(&run_id);
+        for param in array(&run["data"], "params") {
+            if let Some(body) = batch.add(Entity::Param, param) {
+                self.push(KIND_RUN, key.clone(), "runs/log-batch", &body, Vec::new())
+                    .await?;
+            }
+        }
+        for tag in array(&run["data"], "tags") {
+            if is_ferry_tag(&text(tag, "key")) {
+                continue;
+            }
+            if let Some(body) = batch.add(Entity::Tag, tag) {
+                self.push(KIND_RUN, key.clone(), "runs/log-batch", &body, Vec::new())
+                    .await?;
+            }
+        }
+        let own_points = histories.points.remove(&run_id).unwrap_or_default();
+        for points in own_points.into_values() {
+            for point in points {
+                if let Some(body) = batch.add(Entity::Metric, &point) {
+                    self.push(KIND_RUN, key.clone(), "runs/log-batch", &body, Vec::new())
+                        .await?;
+                }
+            }
+        }
+        let mut alone: Vec<String> = histories
+            .alone
+            .into_iter()
+            .filter(|(run, _)| *run == run_id)
+            .map(|(_, metric)| metric)
+            .collect();
+        alone.sort();
+        for metric in alone {
+            let mut page_token: Option<String> = None;
+            loop {
+                let mut query = vec![
+                    ("run_id", run_id.as_str()),
+                    ("metric_key", metric.as_str()),
+                    ("max_results", "25000"),
+                ];
+                if let Some(token) = &page_token {
+                    query.push(("page_token", token));
+                }
+                let page = self
+                    .client
+                    .get(&format!("{API}/metrics/get-history"), &query)
+                    .await?;
+                for point in array(&page, "metrics") {
+                    if let Some(body) = batch.add(Entity::Metric, point) {
+                        self.push(KIND_RUN, key.clone(), "runs/log-batch", &body, Vec::new())
+                            .await?;
+                    }
+                }
+                page_token = next_page(&page);
+                if page_token.is_none() {
+                    break;
+                }
+            }
+        }
+        if let Some(body) = batch.finish() {
+            self.push(KIND_RUN, key.clone(), "runs/log-batch", &body, Vec::new())
+                .await?;
+        }
+
+        let inputs = array(&run["inputs"], "dataset_inputs");
+        if !inputs.is_empty() {
+            let body = json!({ "run_id": run_id, "datasets": inputs });
+            self.push(KIND_RUN, key.clone(), "runs/log-inputs", &body, Vec::new())
+                .await?;
+        }
+        let status = text(info, "status");
+        let end_time = info.get("end_time").filter(|value| !value.is_null());
+        if status != "RUNNING" || end_time.is_some() {
+            let mut update = json!({ "run_id": run_id, "status": status });
+            if let Some(end_time) = end_time {
+                update["end_time"] = end_time.clone();
+            }
+            if let Some(name) = info.get("run_name").filter(|value| !value.is_null()) {
+                update["run_name"] = name.clone();
+            }
+            self.push(KIND_RUN, key.clone(), "runs/update", &update, Vec::new())
+                .await?;
+        }
+        if text(info, "lifecycle_stage") == "deleted" {
+            self.push(
+                KIND_RUN,
+                key,
+                "runs/delete",
+                &json!({ "run_id": run_id }),
+                Vec::new(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Registered models, each with its versions in number order, their
+    /// stages, then the model's aliases.
+    async fn registered_models(&mut self) -> Result<(), Halt> {
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut query = vec![("max_results", "1000".to_owned())];
+            if let Some(token) = &page_token {
+                query.push(("page_token", token.clone()));
+            }
+            let query: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let page = self
+                .client
+                .get(&format!("{API}/registered-models/search"), &query)
+                .await?;
+            for model in array(&page, "registered_models").to_vec() {
+                self.registered_model(&model).await?;
+            }
+            page_token = next_page(&page);
+            if page_token.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn registered_model(&mut self, model: &Value) -> Result<(), Halt> {
+        let name = text(model, "name");
+        let key = format!("registered_model/{name}");
+        let mut create = json!({ "name": name, "tags": array(model, "tags") });
+        if let Some(description) = model.get("description").filter(|value| !value.is_null()) {
+            create["description"] = description.clone();
+        }
+        self.push(
+            KIND_REGISTERED_MODEL,
+            key.clone(),
+            "registered-models/create",
+            &create,
+            Vec::new(),
+        )
+        .await?;
+        let filter = name_filter(&name).ok_or_else(|| {
+            Halt::Failed(MlflowError::BadResponse {
+                server: self.client.name().to_owned(),
+                request: "GET model-versions/search".to_owned(),
+                reason: format!(
+                    "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
+                ),
+            })
+        })?;
+        let mut versions = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
+            if let Some(token) = &page_token {
+                query.push(("page_token", token));
+            }
+            let page = self
+                .client
+                .get(&format!("{API}/model-versions/search"), &query)
+                .await?;
+            versions.extend(array(&page, "model_versions").iter().cloned());
+            page_token = next_page(&page);
+            if page_token.is_none() {
+                break;
+            }
+        }
+        versions.sort_by_key(|version| id_order(&text(version, "version")));
+        for version in &versions {
+            let number = text(version, "version");
+            let version_key = format!("model_version/{name}/{number}");
+            let mut create = json!({
+                "name": name,
+                "version": number,
+                "source": text(version, "source"),
+                "tags": array(version, "tags"),
+            });
+            for field in ["run_id", "run_link", "description"] {
+                if let Some(value) = version
+                    .get(field)
+                    .filter(|value| value.as_str().is_some_and(|text| !text.is_empty()))
+                {
+                    create[field] = value.clone();
+                }
+            }
+            let mut deps = vec![key.clone()];
+            let run_id = text(version, "run_id");
+            if self.emitted_runs.contains(&run_id) {
+                deps.push(format!("run/{run_id}"));
+            }
+            self.push(
+                KIND_MODEL_VERSION,
+                version_key.clone(),
+                "model-versions/create",
+                &create,
+                deps,
+            )
+            .await?;
+            let stage = text(version, "current_stage");
+            if !stage.is_empty() && stage != "None" {
+                let body = json!({
+                    "name": name,
+                    "version": number,
+                    "stage": stage,
+                    "archive_existing_versions": false,
+                });
+                self.push(
+                    KIND_MODEL_VERSION,
+                    version_key,
+                    "model-versions/transition-stage",
+                    &body,
+                    Vec::new(),
+                )
+                .await?;
+            }
+        }
+        let mut aliases = array(model, "aliases").to_vec();
+        aliases.sort_by_key(|alias| text(alias, "alias"));
+        for alias in aliases {
+            let body = json!({
+                "name": name,
+                "alias": text(&alias, "alias"),
+                "version": text(&alias, "version"),
+            });
+            self.push(
+                KIND_REGISTERED_MODEL,
+                key.clone(),
+                "registered-models/alias",
+                &body,
+                vec![format!("model_version/{name}/{}", text(&alias, "version"))],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds an op to the stream.
+    async fn push(
+        &mut self,
+        kind: &'static str,
+        key: String,
+        request: &str,
+        body: &Value,
+        deps: Vec<String>,
+    ) -> Result<(), Halt> {
+        let body = serde_json::to_vec(body).map_err(|error| {
+            Halt::Failed(MlflowError::BadResponse {
+                server: self.client.name().to_owned(),
+                request: request.to_owned(),
+                reason: format!("cannot encode the op: {error}"),
+            })
+        })?;
+        let op = Op {
+            seq: self.next_seq,
+            position: 0,
+            txn: 0,
+            txn_last: true,
+            kind: Bytes::from_static(kind.as_bytes()),
+            key: Bytes::from(key),
+            method: Bytes::from(format!("POST {API}/{request}")),
+            body: Bytes::from(body),
+            content_type: Bytes::from_static(b"application/json"),
+            platform_version: self.version.clone(),
+            deps: deps.into_iter().map(Bytes::from).collect(),
+        };
+        self.next_seq += 1;
+        Progress::add(&self.progress.bytes_read, op.body.len() as u64);
+        self.batch.push(op);
+        if self.batch.len() >= OPS_PER_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Halt> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.sender.send(Ok(batch)).await.map_err(|_| Halt::Closed)
+    }
+}
+
+/// What a `log-batch` entry is.
+#[derive(Clone, Copy)]
+enum Entity {
+    Param,
+    Tag,
+    Metric,
+}
+
+/// A run's `log-batch` being filled to MLflow's limits.
+struct LogBatch {
+    run_id: String,
+    params: Vec<Value>,
+    tags: Vec<Value>,
+    metrics: Vec<Value>,
+    bytes: usize,
+}
+
+impl LogBatch {
+    fn new(run_id: &str) -> Self {
+        Self {
+            run_id: run_id.to_owned(),
+            params: Vec::new(),
+            tags: Vec::new(),
+            metrics: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds an entry; the full batch before it when it did not fit.
+    fn add(&mut self, entity: Entity, value: &Value) -> Option<Value> {
+        let value = match entity {
+            Entity::Metric => json!({
+                "key": value["key"],
+                "value": value["value"],
+                "timestamp": value["timestamp"],
+                "step": value.get("step").cloned().unwrap_or(json!(0)),
+            }),
+            Entity::Param | Entity::Tag => json!({
+                "key": value["key"],
+                "value": value.get("value").cloned().unwrap_or(json!("")),
+            }),
+        };
+        let size = value.to_string().len() + 1;
+        let entities = self.params.len() + self.tags.len() + self.metrics.len();
+        let full = entities >= BATCH_ENTITIES
+            || self.bytes + size > BATCH_BYTES
+            || match entity {
+                Entity::Param => self.params.len() >= BATCH_PARAMS,
+                Entity::Tag => self.tags.len() >= BATCH_TAGS,
+                Entity::Metric => false,
+            };
+        let sent = if full { self.finish() } else { None };
+        self.bytes += size;
+        match entity {
+            Entity::Param => self.params.push(value),
+            Entity::Tag => self.tags.push(value),
+            Entity::Metric => self.metrics.push(value),
+        }
+        sent
+    }
+
+    /// The batch so far, when it holds anything; empties it.
+    fn finish(&mut self) -> Option<Value> {
+        if self.params.is_empty() && self.tags.is_empty() && self.metrics.is_empty() {
+            return None;
+        }
+        self.bytes = 0;
+        Some(json!({
+            "run_id": self.run_id,
+            "params": std::mem::take(&mut self.params),
+            "tags": std::mem::take(&mut self.tags),
+            "metrics": std::mem::take(&mut self.metrics),
+        }))
+    }
+}
+
+/// A string field, empty when absent.
+pub(super) fn text(value: &Value, field: &str) -> String {
+    match value.get(field) {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Number(number)) => number.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A number field (MLflow writes int64 as a number or a string).
+fn number(value: &Value, field: &str) -> i64 {
+    match value.get(field) {
+        Some(Value::Number(number)) => number.as_i64().unwrap_or_default(),
+        Some(Value::String(text)) => text.parse().unwrap_or_default(),
+        _ => 0,
+    }
+}
+
+/// An array field, empty when absent.
+pub(super) fn array<'a>(value: &'a Value, field: &str) -> &'a [Value] {
+    value
+        .get(field)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn next_page(page: &Value) -> Option<String> {
+    page.get("next_page_token")
+        .and_then(Value::as_str)
+        .filter(|token| !token.is_empty())
+        .map(str::to_owned)
+}
+
+/// Orders ids as numbers where they are, else as text after them.
+fn id_order(id: &str) -> (u8, u64, String) {
+    match id.parse::<u64>() {
+        Ok(number) => (0, number, String::new()),
+        Err(_) => (1, 0, id.to_owned()),
+    }
+}
+
+/// The run's parent, from its `mlflow.parentRunId` tag.
+fn parent_of(run: &Value) -> Option<String> {
+    array(&run["data"], "tags")
+        .iter()
+        .find(|tag| text(tag, "key") == PARENT_RUN_TAG)
+        .map(|tag| text(tag, "value"))
+        .filter(|parent| !parent.is_empty())
+}
+
+/// ferry's own tags on a plane it restored into, which a backup of that
+/// plane leaves behind.
+fn is_ferry_tag(key: &str) -> bool {
+    key == SOURCE_RUN_TAG || key == SOURCE_EXPERIMENT_TAG || key.starts_with(CHECKPOINT_TAG_PREFIX)
+}
+
+/// `name = '...'` for a model-version search.
+fn name_filter(name: &str) -> Option<String> {
+    if !name.contains('\'') {
+        Some(format!("name = '{name}'"))
+    } else if !name.contains('"') {
+        Some(format!("name = \"{name}\""))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_batches_keep_to_mlflows_limits() {
+        let mut batch = LogBatch::new("r");
+        let mut sent = Vec::new();
+        for index in 0..250 {
+            if let Some(body) = batch.add(
+                Entity::Param,
+                &json!({"key": format!("p{index}"), "value": "v"}),
+            ) {
+                sent.push(body);
+            }
+        }
+        for index in 0..2_500 {
+            if let Some(body) = batch.add(
+                Entity::Metric,
+                &json!({"key": "m", "value": "NaN", "timestamp": index, "step": index}),
+            ) {
+                sent.push(body);
+            }
+        }
+        sent.extend(batch.finish());
+        let count = |body: &Value, field: &str| body[field].as_array().map_or(0, Vec::len);
+        assert_eq!(sent.iter().map(|b| count(b, "params")).sum::<usize>(), 250);
+        assert_eq!(
+            sent.iter().map(|b| count(b, "metrics")).sum::<usize>(),
+            2_500
+        );
+        for body in &sent {
+            assert!(count(body, "params") <= BATCH_PARAMS);
+            assert!(
+                count(body, "params") + count(body, "tags") + count(body, "metrics")
+                    <= BATCH_ENTITIES
+            );
+            assert!(body.to_string().len() < 1_000_000);
+        }
+        assert_eq!(sent[3]["metrics"][0]["value"], "NaN");
+    }
+
+    #[test]
+    fn large_values_split_by_bytes() {
+        let mut batch = LogBatch::new("r");
+        let big = "x".repeat(6_000);
+        let mut sent = Vec::new();
+        for index in 0..400 {
+            if let Some(body) = batch.add(
+                Entity::Tag,
+                &json!({"key": format!("t{index}"), "value": big}),
+            ) {
+                sent.push(body);
+            }
+        }
+        sent.extend(batch.finish());
+        assert!(
+            sent.iter()
+                .all(|body| body.to_string().len() <= BATCH_BYTES + 1_000)
+        );
+        assert_eq!(sent.len(), 4);
+    }
+
+    #[test]
+    fn names_with_quotes_are_filtered_with_the_other_quote() {
+        assert_eq!(name_filter("m").as_deref(), Some("name = 'm'"));
+        assert_eq!(name_filter("it's").as_deref(), Some("name = \"it's\""));
+        assert_eq!(name_filter("a'b\"c"), None);
+    }
+}

@@ -34,7 +34,7 @@
 //! | `mlflow.registered_model` | `registered_model/<name>` | `registered-models/create` | `{"name","description","tags"}` |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/create` | `{"name","version","source","run_id","run_link","description","tags"}`; deps: its model, its run |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/transition-stage` | `{"name","version","stage","archive_existing_versions":false}` |
-//! | `mlflow.registered_model` | `registered_model/<name>` | `registered-models/alias` | `{"name","alias","version"}` |
+//! | `mlflow.model_version` | `model_version/<name>/<version>` | `registered-models/alias` | `{"name","alias","version"}` (after the model's versions) |
 //!
 //! A metric point's `value` is a JSON number, or `"NaN"`, `"Infinity"`,
 //! `"-Infinity"` as protobuf's JSON mapping writes them (and MLflow's own

@@ -607,12 +607,14 @@ impl Crawl {
                 "alias": text(&alias, "alias"),
                 "version": text(&alias, "version"),
             });
+            // An alias is kept with the version it names (one version may
+            // have several; a version chain may add more to it).
             self.push(
-                KIND_REGISTERED_MODEL,
-                key.clone(),
+                KIND_MODEL_VERSION,
+                format!("model_version/{name}/{}", text(&alias, "version")),
                 "registered-models/alias",
                 &body,
-                vec![format!("model_version/{name}/{}", text(&alias, "version"))],
+                Vec::new(),
             )
             .await?;
         }

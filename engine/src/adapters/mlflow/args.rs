@@ -68,12 +68,20 @@ pub struct MlflowRestoreArgs {
     /// run on its parent's).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub mlflow_concurrency: u16,
+    /// MLflow: ops after which the restore's checkpoint is written (also every 10 s); a killed
+    /// restore sends at most this many requests again, each idempotent.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_OPS_PER_CHECKPOINT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mlflow_ops_per_checkpoint: u64,
 }
+
+/// Ops between two checkpoints of a restore when not told.
+const DEFAULT_OPS_PER_CHECKPOINT: u64 = 5_000;
 
 impl Default for MlflowRestoreArgs {
     fn default() -> Self {
         Self {
             mlflow_concurrency: DEFAULT_CONCURRENCY,
+            mlflow_ops_per_checkpoint: DEFAULT_OPS_PER_CHECKPOINT,
         }
     }
 }
@@ -116,7 +124,7 @@ fn sink(url: &str, options: &SinkOptions) -> Result<Box<dyn Sink>> {
         MlflowSinkOptions {
             allow_nonempty: options.allow_nonempty,
             concurrency: usize::from(options.restore.mlflow.mlflow_concurrency),
-            ..MlflowSinkOptions::default()
+            ops_per_checkpoint: options.restore.mlflow.mlflow_ops_per_checkpoint as usize,
         },
     )))
 }

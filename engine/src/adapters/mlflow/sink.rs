@@ -438,12 +438,12 @@ impl Sink for MlflowSink {
             }
             self.last_seq = seq;
             self.since_checkpoint += 1;
-        }
-        if self.since_checkpoint >= self.options.ops_per_checkpoint
-            || (self.since_checkpoint > 0 && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
-        {
-            self.barrier().await?;
-            self.write_checkpoint(false).await?;
+            if self.since_checkpoint >= self.options.ops_per_checkpoint
+                || self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+            {
+                self.barrier().await?;
+                self.write_checkpoint(false).await?;
+            }
         }
         Ok(())
     }

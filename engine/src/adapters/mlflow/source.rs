@@ -40,6 +40,9 @@ const BATCH_ENTITIES: usize = 1_000;
 const BATCH_PARAMS: usize = 100;
 const BATCH_TAGS: usize = 100;
 const BATCH_BYTES: usize = 900_000;
+/// The search filter that finds prompts (registered models and versions
+/// tagged as prompts).
+const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
 /// Ops sent to the stream at once.
 const OPS_PER_BATCH: usize = 1_000;
 
@@ -487,29 +490,36 @@ impl Crawl {
 
     /// Registered models, each with its versions in number order, their
     /// stages, then the model's aliases.
+    /// Then the prompts: registered models tagged as prompts, which MLflow's
+    /// searches leave out unless the filter names that tag.
     async fn registered_models(&mut self) -> Result<(), Halt> {
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut query = vec![("max_results", "1000".to_owned())];
-            if let Some(token) = &page_token {
-                query.push(("page_token", token.clone()));
-            }
-            let query: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let page = self
-                .client
-                .get(&format!("{API}/registered-models/search"), &query)
-                .await?;
-            for model in array(&page, "registered_models").to_vec() {
-                self.registered_model(&model).await?;
-            }
-            page_token = next_page(&page);
-            if page_token.is_none() {
-                return Ok(());
+        for prompts in [false, true] {
+            let mut page_token: Option<String> = None;
+            loop {
+                let mut query = vec![("max_results", "1000")];
+                if prompts {
+                    query.push(("filter", PROMPT_FILTER));
+                }
+                if let Some(token) = &page_token {
+                    query.push(("page_token", token));
+                }
+                let page = self
+                    .client
+                    .get(&format!("{API}/registered-models/search"), &query)
+                    .await?;
+                for model in array(&page, "registered_models").to_vec() {
+                    self.registered_model(&model, prompts).await?;
+                }
+                page_token = next_page(&page);
+                if page_token.is_none() {
+                    break;
+                }
             }
         }
+        Ok(())
     }
 
-    async fn registered_model(&mut self, model: &Value) -> Result<(), Halt> {
+    async fn registered_model(&mut self, model: &Value, prompt: bool) -> Result<(), Halt> {
         let name = text(model, "name");
         let key = format!("registered_model/{name}");
         let mut create = json!({ "name": name, "tags": array(model, "tags") });
@@ -533,6 +543,11 @@ impl Crawl {
                 ),
             })
         })?;
+        let filter = if prompt {
+            format!("{filter} AND {PROMPT_FILTER}")
+        } else {
+            filter
+        };
         let mut versions = Vec::new();
         let mut page_token: Option<String> = None;
         loop {

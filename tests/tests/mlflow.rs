@@ -1,0 +1,177 @@
+//! The MLflow adapter against real servers: data made on MLflow 2.22.5 by
+//! MLflow's own Python client (`tests/mlflow/make_data.py`: nested runs,
+//! every metric edge, a 25,001-point history, 6,000-character params,
+//! deleted runs and experiments, models with a deleted version, aliases,
+//! stages, prompts) is extracted, restored onto an empty 3.17.2 and an empty
+//! 2.22.5, and compared field by field by `tests/mlflow/check.py`, a checker
+//! over the REST API that shares nothing with ferry's adapter. A second
+//! restore makes nothing; a restore killed twice resumes to the same copy.
+
+use std::time::Duration;
+
+use ferry_engine::adapters::mlflow::{Credentials, MlflowClient, RetryPolicy};
+use ferry_tests::mlflow::{CheckReport, MlflowServer, MlflowVersion, check};
+use ferry_tests::pg_data::{RunningFerry, Store, extract, ferry_ok, ferry_with_env, wait_until};
+
+/// Starts servers of these versions side by side (each spends most of its
+/// start in Python imports).
+fn servers<const N: usize>(versions: [MlflowVersion; N]) -> [MlflowServer; N] {
+    let starts: Vec<_> = versions
+        .into_iter()
+        .map(|version| std::thread::spawn(move || MlflowServer::start(version)))
+        .collect();
+    // Every start joined before any is unwrapped: a server left in a
+    // thread's result would outlive a failed test.
+    let started: Vec<_> = starts
+        .into_iter()
+        .map(|start| start.join().expect("the start thread does not panic"))
+        .collect();
+    let started: Vec<MlflowServer> = started
+        .into_iter()
+        .map(|server| server.expect("an MLflow server starts"))
+        .collect();
+    started.try_into().unwrap_or_else(|_| panic!("{N} servers"))
+}
+
+fn restore_args<'a>(store_url: &'a str, id: &'a str, target: &'a str) -> Vec<&'a str> {
+    vec![
+        "restore", "--output", "json", "--from", store_url, "--backup", id, "--target", target,
+    ]
+}
+
+/// The checker's verdict, which must be "equal".
+fn assert_equal(source: &MlflowServer, target: &MlflowServer) -> CheckReport {
+    let report = check(MlflowVersion::V3, &source.url(), &target.url(), &[])
+        .expect("check.py reads both servers");
+    assert!(
+        report.equal,
+        "MLflow {} differs from its source: {:#}",
+        target.version().version(),
+        report.report
+    );
+    report
+}
+
+#[test]
+fn a_2x_server_restores_onto_3x_and_2x_field_for_field_and_a_second_restore_makes_nothing() {
+    let [source, v3, v2] = servers([MlflowVersion::V2, MlflowVersion::V3, MlflowVersion::V2]);
+    let made = source.make_data(1, &[]).expect("make_data.py fills 2.x");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    ferry_ok(&["verify", &store.url(), "--backup", &id]);
+
+    for target in [&v3, &v2] {
+        let printed = ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+        let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
+        assert!(summary["ops"].as_u64() > Some(50), "{summary}");
+        let report = assert_equal(&source, target);
+        // What made the data set was all carried, the long history whole.
+        assert_eq!(
+            report.count("target", "runs"),
+            made["runs"].as_u64().expect("runs made"),
+            "{:#}",
+            report.report
+        );
+        assert!(report.count("target", "metric_points") > 25_001);
+        assert!(
+            report.count("target", "prompts") >= 1,
+            "{:#}",
+            report.report
+        );
+        // Into an empty target, experiment ids are the source's.
+        let ids = &report.report["fidelity"]["experiment_ids_kept"];
+        assert_eq!(ids["kept"], ids["of"], "{:#}", report.report["fidelity"]);
+    }
+
+    // The same restore again finds its checkpoint complete: nothing is sent
+    // twice, no run is made twice.
+    let printed = ferry_ok(&restore_args(&store.url(), &id, &v3.ferry_url()));
+    let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
+    assert_eq!(summary["ops"], 0, "{summary}");
+    assert_equal(&source, &v3);
+
+    // Another backup onto the filled target is refused, naming what is there.
+    let second = extract(&source.ferry_url(), &store.url(), &[]);
+    let refused = ferry_with_env(&restore_args(&store.url(), &second, &v3.ferry_url()), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not empty") && stderr.contains("--allow-nonempty"),
+        "{stderr}"
+    );
+}
+
+/// The seq through which the restore's checkpoint on `target` counts.
+fn checkpoint(target: &MlflowServer) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client");
+        let experiment = client
+            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+            .await
+            .expect("experiment 0");
+        experiment["experiment"]["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|tag| {
+                tag["key"]
+                    .as_str()
+                    .is_some_and(|key| key.starts_with("ferry.checkpoint."))
+            })
+            .filter_map(|tag| {
+                let value: serde_json::Value = serde_json::from_str(tag["value"].as_str()?).ok()?;
+                value["seq"].as_u64()
+            })
+            .max()
+            .unwrap_or(0)
+    })
+}
+
+#[test]
+fn a_restore_killed_twice_resumes_to_exactly_the_copy_one_unbroken_run_makes() {
+    let [source, target] = servers([MlflowVersion::V2, MlflowVersion::V3]);
+    source.make_data(1, &[]).expect("make_data.py fills 2.x");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    let (store_url, target_url) = (store.url(), target.ferry_url());
+    let mut args = restore_args(&store_url, &id, &target_url);
+    // Checkpoints often, and runs side by side: a kill lands between a
+    // checkpoint and requests answered after it, on several lanes.
+    args.extend([
+        "--mlflow-ops-per-checkpoint",
+        "3",
+        "--mlflow-concurrency",
+        "2",
+    ]);
+
+    let mut last = 0;
+    for kill in 1..=2 {
+        let mut restore = RunningFerry::start(&args);
+        wait_until(
+            Duration::from_secs(120),
+            &format!("restore {kill} checkpoints past op {}", last + 3),
+            || checkpoint(&target) > last + 3,
+        );
+        restore.kill();
+        last = checkpoint(&target);
+        println!("kill {kill}: checkpoint at op {last}");
+    }
+    let mut restore = RunningFerry::start(&args);
+    let status = restore.wait();
+    assert!(
+        status.success(),
+        "the resumed restore: {}",
+        restore.stderr()
+    );
+    let report = assert_equal(&source, &target);
+    println!(
+        "after two kills: {} runs, {} metric points, equal",
+        report.count("target", "runs"),
+        report.count("target", "metric_points")
+    );
+}

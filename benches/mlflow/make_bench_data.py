@@ -7,16 +7,19 @@
 Per experiment (with 2 tags): --runs runs, each with a name, a start and end
 time, 10 params, 5 tags and --metrics metric keys of --steps points each,
 written with MLflow's own Python client (log_batch, 1,000 entities a call,
-as a training loop that batches would). Prints a JSON summary.
+as a training loop that batches would), --threads experiments at a time.
+Every value comes from the seed and the experiment's number, so the data set
+is the same whatever the threads. Prints a JSON summary.
 """
 
 import argparse
+import concurrent.futures
 import json
 import random
 import time
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 BASE_TIME_MS = 1_700_000_000_000
 
@@ -28,16 +31,24 @@ def main():
     parser.add_argument("--metrics", type=int, default=20)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    client = MlflowClient()
     started = time.monotonic()
-    points = 0
-    runs = 0
-    for e in range(args.experiments):
-        experiment_id = client.create_experiment(
+
+    # Experiments are made in number order first (ids follow names), then
+    # filled side by side.
+    client = MlflowClient()
+    experiment_ids = [
+        client.create_experiment(
             f"bench-experiment-{e:03d}", tags={"team": f"t{e % 4}", "bench": "mlflow"}
         )
+        for e in range(args.experiments)
+    ]
+
+    def experiment(e):
+        rng = random.Random(args.seed * 1_000_003 + e)
+        client = MlflowClient()
+        experiment_id = experiment_ids[e]
         for r in range(args.runs):
             start = BASE_TIME_MS + (e * args.runs + r) * 60_000
             run = client.create_run(
@@ -47,23 +58,21 @@ def main():
                 tags={f"tag{t}": f"value-{rng.randrange(10**6)}" for t in range(5)},
             )
             run_id = run.info.run_id
-            entities = [Param(f"param{p}", str(rng.random())) for p in range(10)]
-            for m in range(args.metrics):
-                for step in range(args.steps):
-                    entities.append(
-                        Metric(f"metric{m:02d}", rng.gauss(0, 1), start + step * 100, step)
-                    )
-            for first in range(0, len(entities), 1000):
-                chunk = entities[first : first + 1000]
-                client.log_batch(
-                    run_id,
-                    metrics=[x for x in chunk if isinstance(x, Metric)],
-                    params=[x for x in chunk if isinstance(x, Param)],
-                    tags=[x for x in chunk if isinstance(x, RunTag)],
-                )
+            params = [Param(f"param{p}", str(rng.random())) for p in range(10)]
+            metrics = [
+                Metric(f"metric{m:02d}", rng.gauss(0, 1), start + step * 100, step)
+                for m in range(args.metrics)
+                for step in range(args.steps)
+            ]
+            client.log_batch(run_id, metrics=metrics[:990], params=params)
+            for first in range(990, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[first : first + 1000])
             client.set_terminated(run_id, "FINISHED", end_time=start + args.steps * 100 + 1)
-            points += args.metrics * args.steps
-            runs += 1
+
+    with concurrent.futures.ThreadPoolExecutor(args.threads) as pool:
+        list(pool.map(experiment, range(args.experiments)))
+    runs = args.experiments * args.runs
+    points = runs * args.metrics * args.steps
     print(
         json.dumps(
             {

@@ -119,6 +119,7 @@ impl MlflowServer {
             .arg("--serve-artifacts")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--workers", "1"])
+            .args(access_log_args(version))
             .current_dir(root.path())
             .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false");
         without_mlflow_client_environment(&mut command);
@@ -236,6 +237,17 @@ impl MlflowServer {
         lines[lines.len().saturating_sub(LOG_LINES_SHOWN)..].join("\n")
     }
 
+    /// Requests the server has answered so far (health checks left out),
+    /// from its access log: a bench counts what a tool asked as the
+    /// difference between two readings.
+    pub fn requests_logged(&self) -> u64 {
+        std::fs::read_to_string(self.root.path().join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| is_request_line(line))
+            .count() as u64
+    }
+
     /// Runs `tests/mlflow/SCRIPT ARGS` with this server's Python and
     /// `MLFLOW_TRACKING_URI` set to this server; see [`run_script`].
     pub fn run_script(&self, script: &str, args: &[&str]) -> io::Result<String> {
@@ -288,6 +300,27 @@ impl Drop for MlflowServer {
             );
         }
     }
+}
+
+/// A 2.x server (gunicorn) logs no requests unless told; a 3.x server
+/// (uvicorn) logs each one. Both log them, so [`MlflowServer::requests_logged`]
+/// can count what a client asked.
+fn access_log_args(version: MlflowVersion) -> &'static [&'static str] {
+    match version {
+        MlflowVersion::V2 => &["--gunicorn-opts", "--access-logfile=-"],
+        MlflowVersion::V3 => &[],
+    }
+}
+
+/// Whether a line of a server's log is a request it answered (gunicorn's
+/// `... "GET /path HTTP/1.1" 200 ...` or uvicorn's `... - "GET /path
+/// HTTP/1.1" 200 OK`), other than a health check.
+fn is_request_line(line: &str) -> bool {
+    ["\"GET /", "\"POST /", "\"DELETE /", "\"PATCH /", "\"PUT /"]
+        .iter()
+        .any(|method| line.contains(method))
+        && line.contains(" HTTP/1.")
+        && !line.contains(" /health ")
 }
 
 /// The folder of the MLflow tests' Python scripts, `tests/mlflow/`.

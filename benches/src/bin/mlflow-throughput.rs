@@ -1,0 +1,427 @@
+//! MLflow: `ferry extract` + `ferry restore` against `mlflow-export-import`
+//! 1.2.0 (`export-experiments` + `import-experiments`, the tool MLflow's
+//! users pick), and against the target server's own write path (a plain
+//! writer sending full 1,000-metric `log-batch`es at ferry's concurrency),
+//! on the same servers, the same machine, in the same run.
+//!
+//! ```text
+//! cargo build --release -p ferry-cli
+//! cargo run --release -p ferry-benches --bin mlflow-throughput [-- EXPERIMENTS RUNS]
+//! ```
+//!
+//! The data set (`benches/mlflow/make_bench_data.py`, seeded): EXPERIMENTS
+//! (default 20) x RUNS (default 50) runs, each with 20 metrics x 100 steps,
+//! 10 params and 5 tags, on an MLflow 2.22.5 server (SQLite, one worker, as
+//! every server here). Each tool copies it to an empty 2.22.5 server of its
+//! own. Measured: wall time and peak RSS (GNU time), requests (the servers'
+//! access logs), and `tests/mlflow/check.py`'s fidelity for each copy (times
+//! kept, ids kept, differences), then each tool once more onto its copy
+//! (duplicates made by a second run).
+//!
+//! mlflow-export-import runs from its own virtual environment,
+//! `$FERRY_MLFLOW_EXPORT_IMPORT_VENV` or `/opt/ferry/mlflow-export-import-1.2.0`
+//! (`python3 -m venv DIR && DIR/bin/pip install mlflow-export-import==1.2.0
+//! mlflow==2.22.5 'sqlalchemy<2.1' tabulate`); the bench says so if it is
+//! missing. It writes `./mlruns` in its working folder: it runs in a
+//! temporary one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::adapters::mlflow::{Credentials, MlflowClient, RetryPolicy};
+use ferry_tests::mlflow::{CheckReport, MlflowServer, MlflowVersion, check};
+use serde_json::json;
+
+const GNU_TIME: &str = "/usr/bin/time";
+const METRICS: usize = 20;
+const STEPS: usize = 100;
+/// Runs ferry restores side by side (its default), and the ceiling's
+/// writer's requests in flight.
+const CONCURRENCY: usize = 8;
+
+/// What one command cost.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    wall: Duration,
+    peak_rss_kib: u64,
+    requests: u64,
+}
+
+fn export_import_venv() -> PathBuf {
+    std::env::var_os("FERRY_MLFLOW_EXPORT_IMPORT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/ferry/mlflow-export-import-1.2.0"))
+}
+
+/// Runs `program ARGS` under GNU time in `folder` with `environment`; the
+/// requests it made are what `servers` logged meanwhile. Panics with its
+/// output when it fails.
+fn timed(
+    program: &Path,
+    args: &[&str],
+    folder: &Path,
+    environment: &[(&str, &str)],
+    servers: &[&MlflowServer],
+) -> Cost {
+    let report = folder.join("time.txt");
+    let before: u64 = servers.iter().map(|server| server.requests_logged()).sum();
+    let started = Instant::now();
+    let output = Command::new(GNU_TIME)
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&report)
+        .arg(program)
+        .args(args)
+        .current_dir(folder)
+        .envs(environment.iter().copied())
+        .output()
+        .unwrap_or_else(|error| panic!("{GNU_TIME} {} runs: {error}", program.display()));
+    let wall = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed ({}):\n{}\n{}",
+        program.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let peak_rss_kib = std::fs::read_to_string(&report)
+        .unwrap_or_default()
+        .lines()
+        .last()
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap_or(0);
+    // The last requests reach the log a moment after the answer.
+    std::thread::sleep(Duration::from_millis(300));
+    let after: u64 = servers.iter().map(|server| server.requests_logged()).sum();
+    Cost {
+        wall,
+        peak_rss_kib,
+        requests: after - before,
+    }
+}
+
+fn start(version: MlflowVersion) -> MlflowServer {
+    MlflowServer::start(version)
+        .expect("an MLflow server starts (bash scripts/test.sh installs it)")
+}
+
+/// The plain writer: `runs` runs made, then `points` metric points sent in
+/// full 1,000-metric `log-batch`es over them, `CONCURRENCY` requests in
+/// flight. The target's own write rate for what ferry sends most of.
+async fn ceiling(server: &MlflowServer, runs: usize, points: usize) -> Duration {
+    let client = Arc::new(
+        MlflowClient::new(&server.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client"),
+    );
+    let experiment = client
+        .post(
+            "/api/2.0/mlflow/experiments/create",
+            &json!({ "name": "ceiling" }),
+        )
+        .await
+        .expect("experiment");
+    let experiment_id = experiment["experiment_id"]
+        .as_str()
+        .unwrap_or("1")
+        .to_owned();
+    let started = Instant::now();
+    let batches = points.div_ceil(1_000);
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..CONCURRENCY {
+        let client = client.clone();
+        let experiment_id = experiment_id.clone();
+        workers.spawn(async move {
+            let my_runs: Vec<usize> = (worker..runs).step_by(CONCURRENCY).collect();
+            let mut run_ids = Vec::new();
+            for run in &my_runs {
+                let created = client
+                    .post(
+                        "/api/2.0/mlflow/runs/create",
+                        &json!({ "experiment_id": experiment_id, "start_time": 1, "run_name": format!("r{run}") }),
+                    )
+                    .await
+                    .expect("runs/create");
+                run_ids.push(
+                    created["run"]["info"]["run_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            for batch in (worker..batches).step_by(CONCURRENCY) {
+                let run_id = &run_ids[batch % run_ids.len().max(1)];
+                let metrics: Vec<_> = (0..1_000)
+                    .map(|index| {
+                        json!({
+                            "key": format!("m{}", (batch * 1_000 + index) % METRICS),
+                            "value": index as f64 * 0.5,
+                            "timestamp": batch * 1_000 + index,
+                            "step": index,
+                        })
+                    })
+                    .collect();
+                client
+                    .post(
+                        "/api/2.0/mlflow/runs/log-batch",
+                        &json!({ "run_id": run_id, "metrics": metrics }),
+                    )
+                    .await
+                    .expect("log-batch");
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.expect("a ceiling worker");
+    }
+    started.elapsed()
+}
+
+fn fidelity(report: &CheckReport, name: &str) -> String {
+    let entry = &report.report["fidelity"][name];
+    match (entry["kept"].as_u64(), entry["of"].as_u64()) {
+        (Some(kept), Some(of)) => format!("{kept}/{of}"),
+        _ => "-".to_owned(),
+    }
+}
+
+fn main() {
+    let arguments: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|argument| argument.parse().expect("EXPERIMENTS RUNS are numbers"))
+        .collect();
+    let experiments = arguments.first().copied().unwrap_or(20);
+    let runs_per_experiment = arguments.get(1).copied().unwrap_or(50);
+    let runs = experiments * runs_per_experiment;
+    let points = runs * METRICS * STEPS;
+    assert!(
+        Path::new(GNU_TIME).exists(),
+        "{GNU_TIME} is missing: apt-get install -y time"
+    );
+    let ferry = ferry_tests::ferry_binary();
+    assert!(
+        ferry
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|profile| profile == "release"),
+        "{} is not a release build: cargo build --release -p ferry-cli",
+        ferry.display()
+    );
+    let venv = export_import_venv();
+    let export_experiments = venv.join("bin/export-experiments");
+    let import_experiments = venv.join("bin/import-experiments");
+    assert!(
+        export_experiments.exists(),
+        "{} is missing: python3 -m venv {dir} && {dir}/bin/pip install mlflow-export-import==1.2.0 mlflow==2.22.5 'sqlalchemy<2.1' tabulate",
+        export_experiments.display(),
+        dir = venv.display()
+    );
+
+    let starts: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(|| start(MlflowVersion::V2)))
+        .collect();
+    let mut started: Vec<MlflowServer> = starts
+        .into_iter()
+        .map(|start| start.join().expect("a server start"))
+        .collect();
+    let ceiling_target = started.pop().expect("4 servers");
+    let import_target = started.pop().expect("4 servers");
+    let ferry_target = started.pop().expect("4 servers");
+    let source = started.pop().expect("4 servers");
+    let work = tempfile::Builder::new()
+        .prefix("ferry-mlflow-bench-")
+        .tempdir()
+        .expect("a temporary folder");
+
+    println!(
+        "MLflow 2.22.5 (SQLite, one worker) x4; {experiments} experiments x {runs_per_experiment} runs, {METRICS} metrics x {STEPS} steps, 10 params, 5 tags each"
+    );
+    let made_started = Instant::now();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mlflow/make_bench_data.py");
+    let made = Command::new(MlflowVersion::V2.python())
+        .arg(&script)
+        .args([
+            "--experiments",
+            &experiments.to_string(),
+            "--runs",
+            &runs_per_experiment.to_string(),
+        ])
+        .env("MLFLOW_TRACKING_URI", source.url())
+        .output()
+        .expect("make_bench_data.py runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    println!(
+        "data: {} ({:.0} s)",
+        String::from_utf8_lossy(&made.stdout).trim(),
+        made_started.elapsed().as_secs_f64()
+    );
+
+    // ferry: extract into a file store, restore into its own empty server.
+    let store = work.path().join("store");
+    let store_url = format!("file://{}", store.display());
+    let extract = timed(
+        &ferry,
+        &[
+            "extract",
+            "--quiet",
+            "--source",
+            &source.ferry_url(),
+            "--to",
+            &store_url,
+        ],
+        work.path(),
+        &[],
+        &[&source],
+    );
+    let backup = std::fs::read_dir(store.join("backups"))
+        .expect("the store has backups")
+        .next()
+        .expect("one backup")
+        .expect("an entry")
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let restore_args = [
+        "restore",
+        "--quiet",
+        "--from",
+        &store_url,
+        "--backup",
+        &backup,
+        "--target",
+        &ferry_target.ferry_url(),
+    ];
+    let restore = timed(&ferry, &restore_args, work.path(), &[], &[&ferry_target]);
+
+    // mlflow-export-import: export-experiments, import-experiments.
+    let exported = work.path().join("exported");
+    let export = timed(
+        &export_experiments,
+        &[
+            "--experiments",
+            "all",
+            "--output-dir",
+            &exported.to_string_lossy(),
+        ],
+        work.path(),
+        &[("MLFLOW_TRACKING_URI", &source.url())],
+        &[&source],
+    );
+    let import = timed(
+        &import_experiments,
+        &["--input-dir", &exported.to_string_lossy()],
+        work.path(),
+        &[("MLFLOW_TRACKING_URI", &import_target.url())],
+        &[&import_target],
+    );
+
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let ceiling_time = runtime.block_on(ceiling(&ceiling_target, runs, points));
+
+    let ferry_check = check(MlflowVersion::V2, &source.url(), &ferry_target.url(), &[])
+        .expect("check.py reads the ferry copy");
+    let import_check = check(
+        MlflowVersion::V2,
+        &source.url(),
+        &import_target.url(),
+        &["--experiment-ids-may-differ"],
+    )
+    .expect("check.py reads the export-import copy");
+
+    // Each tool once more onto its copy.
+    timed(&ferry, &restore_args, work.path(), &[], &[&ferry_target]);
+    timed(
+        &import_experiments,
+        &["--input-dir", &exported.to_string_lossy()],
+        work.path(),
+        &[("MLFLOW_TRACKING_URI", &import_target.url())],
+        &[&import_target],
+    );
+    let runs_after = |target: &MlflowServer, extra: &[&str]| {
+        check(MlflowVersion::V2, &source.url(), &target.url(), extra)
+            .expect("check.py reads the copy")
+            .count("target", "runs")
+    };
+    let ferry_again = runs_after(&ferry_target, &[]);
+    let import_again = runs_after(&import_target, &["--experiment-ids-may-differ"]);
+
+    let seconds = |cost: &Cost| cost.wall.as_secs_f64();
+    let mib = |cost: &Cost| cost.peak_rss_kib as f64 / 1024.0;
+    println!();
+    println!("| step | tool | wall s | peak RSS MiB | requests | requests/run |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    for (step, tool, cost) in [
+        ("extract", "ferry extract", &extract),
+        ("extract", "export-experiments", &export),
+        ("restore", "ferry restore", &restore),
+        ("restore", "import-experiments", &import),
+    ] {
+        println!(
+            "| {step} | {tool} | {:.1} | {:.0} | {} | {:.1} |",
+            seconds(cost),
+            mib(cost),
+            cost.requests,
+            cost.requests as f64 / runs as f64
+        );
+    }
+    let ferry_total = seconds(&extract) + seconds(&restore);
+    let import_total = seconds(&export) + seconds(&import);
+    let restore_rate = points as f64 / seconds(&restore);
+    let ceiling_rate = points as f64 / ceiling_time.as_secs_f64();
+    println!();
+    println!(
+        "end to end: ferry {ferry_total:.1} s, export-import {import_total:.1} s: ferry {:.1}x faster (target >= 3)",
+        import_total / ferry_total
+    );
+    println!(
+        "extract: {:.1}x faster than export-experiments (target >= 10), {:.2} of its requests (target <= 0.25)",
+        seconds(&export) / seconds(&extract),
+        extract.requests as f64 / export.requests.max(1) as f64
+    );
+    println!(
+        "restore: {restore_rate:.0} metric points/s; the server's log-batch ceiling {ceiling_rate:.0} points/s ({:.1} s for {points} points and {runs} runs at {CONCURRENCY} in flight): {:.2} of it (target >= 0.8)",
+        ceiling_time.as_secs_f64(),
+        restore_rate / ceiling_rate
+    );
+    println!();
+    println!("| fidelity (check.py) | ferry | export-import |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| equal to the source | {} ({} differences) | {} ({} differences) |",
+        ferry_check.equal,
+        ferry_check.report["difference_count"],
+        import_check.equal,
+        import_check.report["difference_count"]
+    );
+    for name in [
+        "experiment_ids_kept",
+        "run_start_times_kept",
+        "run_end_times_kept",
+    ] {
+        println!(
+            "| {name} | {} | {} |",
+            fidelity(&ferry_check, name),
+            fidelity(&import_check, name)
+        );
+    }
+    println!(
+        "| run ids kept | {} | {} |",
+        ferry_check.report["fidelity"]["run_ids_kept"]["kept"],
+        import_check.report["fidelity"]["run_ids_kept"]["kept"]
+    );
+    println!("| runs after a second run (source {runs}) | {ferry_again} | {import_again} |");
+    if !import_check.equal {
+        println!();
+        println!("export-import's first differences:");
+        for difference in import_check.differences().iter().take(5) {
+            println!("  {difference}");
+        }
+    }
+}

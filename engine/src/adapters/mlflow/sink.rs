@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
-use super::source::{array, text};
+use super::source::{all_experiments, array, next_page, text};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG,
     SOURCE_RUN_TAG,
@@ -231,27 +231,12 @@ impl MlflowSink {
     /// Reads back the id map from the tags the sink left.
     async fn rebuild_maps(&self) -> Result<(), MlflowError> {
         let mut experiment_ids = Vec::new();
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut request = json!({ "max_results": 1000, "view_type": "ALL" });
-            if let Some(token) = &page_token {
-                request["page_token"] = json!(token);
+        for experiment in all_experiments(self.client()).await? {
+            let id = text(&experiment, "experiment_id");
+            if let Some(source) = tag_value(&experiment, SOURCE_EXPERIMENT_TAG) {
+                lock(&self.shared.experiments).insert(source, id.clone());
             }
-            let page = self
-                .client()
-                .post(&format!("{API}/experiments/search"), &request)
-                .await?;
-            for experiment in array(&page, "experiments") {
-                let id = text(experiment, "experiment_id");
-                if let Some(source) = tag_value(experiment, SOURCE_EXPERIMENT_TAG) {
-                    lock(&self.shared.experiments).insert(source, id.clone());
-                }
-                experiment_ids.push(id);
-            }
-            page_token = next_page(&page);
-            if page_token.is_none() {
-                break;
-            }
+            experiment_ids.push(id);
         }
         for experiment_id in experiment_ids {
             let mut page_token: Option<String> = None;
@@ -465,13 +450,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn next_page(page: &Value) -> Option<String> {
-    page.get("next_page_token")
-        .and_then(Value::as_str)
-        .filter(|token| !token.is_empty())
-        .map(str::to_owned)
 }
 
 fn tag_value(holder: &Value, key: &str) -> Option<String> {

@@ -58,6 +58,29 @@ impl MlflowSource {
     }
 }
 
+/// Every experiment of the server, deleted ones too, in id order (numeric
+/// where the ids are numbers, as a SQL store's are).
+pub(super) async fn all_experiments(client: &MlflowClient) -> Result<Vec<Value>, MlflowError> {
+    let mut experiments = Vec::new();
+    let mut page_token: Option<String> = None;
+    loop {
+        let mut request = json!({ "max_results": 1000, "view_type": "ALL" });
+        if let Some(token) = &page_token {
+            request["page_token"] = json!(token);
+        }
+        let page = client
+            .post(&format!("{API}/experiments/search"), &request)
+            .await?;
+        experiments.extend(array(&page, "experiments").iter().cloned());
+        page_token = next_page(&page);
+        if page_token.is_none() {
+            break;
+        }
+    }
+    experiments.sort_by_key(|experiment| id_order(&text(experiment, "experiment_id")));
+    Ok(experiments)
+}
+
 /// The server's version (`GET /version`).
 pub(super) async fn server_version(client: &MlflowClient) -> Result<String, MlflowError> {
     let version = client.get_text("/version").await?;
@@ -150,7 +173,7 @@ impl Crawl {
     }
 
     async fn crawl(&mut self) -> Result<(), Halt> {
-        let experiments = self.experiments().await?;
+        let experiments = all_experiments(&self.client).await?;
         for experiment in &experiments {
             let id = text(experiment, "experiment_id");
             let tags: Vec<Value> = array(experiment, "tags")
@@ -190,30 +213,6 @@ impl Crawl {
             }
         }
         self.registered_models().await
-    }
-
-    /// Every experiment, deleted ones too, in id order (numeric where the
-    /// ids are numbers, as a SQL store's are).
-    async fn experiments(&mut self) -> Result<Vec<Value>, Halt> {
-        let mut experiments = Vec::new();
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut request = json!({ "max_results": 1000, "view_type": "ALL" });
-            if let Some(token) = &page_token {
-                request["page_token"] = json!(token);
-            }
-            let page = self
-                .client
-                .post(&format!("{API}/experiments/search"), &request)
-                .await?;
-            experiments.extend(array(&page, "experiments").iter().cloned());
-            page_token = next_page(&page);
-            if page_token.is_none() {
-                break;
-            }
-        }
-        experiments.sort_by_key(|experiment| id_order(&text(experiment, "experiment_id")));
-        Ok(experiments)
     }
 
     /// The runs of one experiment, in start-time order, a page at a time.
@@ -785,7 +784,8 @@ pub(super) fn array<'a>(value: &'a Value, field: &str) -> &'a [Value] {
         .map_or(&[], Vec::as_slice)
 }
 
-fn next_page(page: &Value) -> Option<String> {
+/// The token of the page after `page`, if there is one.
+pub(super) fn next_page(page: &Value) -> Option<String> {
     page.get("next_page_token")
         .and_then(Value::as_str)
         .filter(|token| !token.is_empty())

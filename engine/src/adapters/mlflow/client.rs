@@ -148,13 +148,17 @@ impl MlflowClient {
 
     /// `GET path?query`.
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, MlflowError> {
-        let bytes = self.call(reqwest::Method::GET, path, query, None).await?;
+        let bytes = self
+            .call(reqwest::Method::GET, path, query, &[], None)
+            .await?;
         self.parse(&format!("GET {path}"), &bytes)
     }
 
     /// `GET path`, answered in plain text (`/version`).
     pub async fn get_text(&self, path: &str) -> Result<String, MlflowError> {
-        let bytes = self.call(reqwest::Method::GET, path, &[], None).await?;
+        let bytes = self
+            .call(reqwest::Method::GET, path, &[], &[], None)
+            .await?;
         Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
     }
 
@@ -176,7 +180,7 @@ impl MlflowClient {
             reason: format!("cannot encode the request: {error}"),
         })?;
         let bytes = self
-            .call(reqwest::Method::DELETE, path, &[], Some(encoded))
+            .call(reqwest::Method::DELETE, path, &[], &[], Some(encoded))
             .await?;
         self.parse(&format!("DELETE {path}"), &bytes)
     }
@@ -184,9 +188,22 @@ impl MlflowClient {
     /// `POST path` with a body already encoded as JSON.
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Value, MlflowError> {
         let bytes = self
-            .call(reqwest::Method::POST, path, &[], Some(body))
+            .call(reqwest::Method::POST, path, &[], &[], Some(body))
             .await?;
         self.parse(&format!("POST {path}"), &bytes)
+    }
+
+    /// `METHOD path` with `headers` and a body already encoded, answered
+    /// with bytes that need not be JSON (the artifact proxy's `PUT`, the
+    /// OTLP span endpoint's `POST /v1/traces`, `PATCH` of a 2.x trace).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<bytes::Bytes, MlflowError> {
+        self.call(method, path, &[], headers, Some(body)).await
     }
 
     fn parse(&self, request: &str, bytes: &[u8]) -> Result<Value, MlflowError> {
@@ -202,6 +219,7 @@ impl MlflowClient {
         method: reqwest::Method,
         path: &str,
         query: &[(&str, &str)],
+        headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<bytes::Bytes, MlflowError> {
         let request_name = format!("{method} {path}");
@@ -222,6 +240,9 @@ impl MlflowClient {
                 request = request
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone());
+            }
+            for (name, value) in headers {
+                request = request.header(*name, *value);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let failure = match request.send().await {

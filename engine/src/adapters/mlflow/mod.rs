@@ -35,6 +35,7 @@
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/create` | `{"name","version","source","run_id","run_link","description","tags"}`; deps: its model, its run |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/transition-stage` | `{"name","version","stage","archive_existing_versions":false}` |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `registered-models/alias` | `{"name","alias","version"}` (after the model's versions) |
+//! | `mlflow.trace` | `trace/<trace id>` | `traces` (2.x), or `POST /api/3.0/mlflow/traces` (3.x) | the trace's info and spans (see the `traces` module); deps: its experiment, its run; before deleted experiments are deleted |
 //!
 //! A metric point's `value` is a JSON number, or `"NaN"`, `"Infinity"`,
 //! `"-Infinity"` as protobuf's JSON mapping writes them (and MLflow's own
@@ -51,11 +52,13 @@ mod args;
 mod client;
 mod sink;
 mod source;
+mod traces;
 
 pub use args::{ADAPTER, MlflowArgs, MlflowRestoreArgs};
 pub use client::{Credentials, MlflowClient, RetryPolicy, parse_json};
 pub use sink::{MlflowSink, MlflowSinkOptions};
 pub use source::MlflowSource;
+pub use traces::{Generation, v2_to_v3};
 
 use crate::adapters::PlatformError;
 use crate::error::ErrorClass;
@@ -68,6 +71,8 @@ pub const KIND_RUN: &str = "mlflow.run";
 pub const KIND_REGISTERED_MODEL: &str = "mlflow.registered_model";
 /// The op kind of a model version.
 pub const KIND_MODEL_VERSION: &str = "mlflow.model_version";
+/// The op kind of a trace (see the `traces` module).
+pub const KIND_TRACE: &str = "mlflow.trace";
 
 /// The REST API's prefix.
 pub const API: &str = "/api/2.0/mlflow";
@@ -77,6 +82,8 @@ pub const SOURCE_RUN_TAG: &str = "ferry.source_run_id";
 /// The tag on a target's experiment naming the source experiment it was
 /// made from.
 pub const SOURCE_EXPERIMENT_TAG: &str = "ferry.source_experiment_id";
+/// The tag on a target's trace naming the source trace it was made from.
+pub const SOURCE_TRACE_TAG: &str = "ferry.source_trace_id";
 /// The tag of the target's experiment 0 holding a stream's checkpoint,
 /// followed by the stream's id.
 pub const CHECKPOINT_TAG_PREFIX: &str = "ferry.checkpoint.";

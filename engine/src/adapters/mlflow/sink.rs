@@ -28,10 +28,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
-use super::source::{all_experiments, array, next_page, text};
+use super::source::{all_experiments, array, next_page, server_version, text};
+use super::traces::{self, Generation, TargetIds};
 use super::{
-    API, CHECKPOINT_TAG_PREFIX, KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG,
-    SOURCE_RUN_TAG,
+    API, CHECKPOINT_TAG_PREFIX, KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG,
+    SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
@@ -75,6 +76,8 @@ struct Shared {
     /// The target was empty when the stream began: ids are kept as the
     /// source's, gaps filled.
     same_ids: AtomicBool,
+    /// The target's trace API, asked for at its first trace.
+    trace_generation: tokio::sync::OnceCell<Generation>,
 }
 
 enum LaneMessage {
@@ -112,6 +115,7 @@ impl MlflowSink {
                 experiments: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
                 same_ids: AtomicBool::new(false),
+                trace_generation: tokio::sync::OnceCell::new(),
             }),
             options,
             stream_id: String::new(),
@@ -462,6 +466,11 @@ fn tag_value(holder: &Value, key: &str) -> Option<String> {
 /// One op, applied: see the module's documentation for what makes each
 /// request idempotent.
 async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
+    if op.kind.as_ref() == KIND_TRACE.as_bytes() {
+        return apply_trace(shared, op)
+            .await
+            .map_err(|error| AdapterError::target(error).into());
+    }
     let method = String::from_utf8_lossy(&op.method);
     let bad = |reason: String| -> crate::Error {
         AdapterError::target(MlflowError::BadOp {
@@ -500,6 +509,25 @@ async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
         Failure::Server(error) => AdapterError::target(error).into(),
         Failure::Bad(reason) => bad(reason),
     })
+}
+
+/// A trace op, onto the target's trace API (see the `traces` module).
+async fn apply_trace(shared: &Shared, op: &Op) -> Result<(), MlflowError> {
+    let generation = *shared
+        .trace_generation
+        .get_or_try_init(|| async {
+            server_version(&shared.client)
+                .await
+                .map(|version| Generation::of(&version))
+        })
+        .await?;
+    let experiment = |source: &str| lock(&shared.experiments).get(source).cloned();
+    let run = |source: &str| lock(&shared.runs).get(source).cloned();
+    let ids = TargetIds {
+        experiment: &experiment,
+        run: &run,
+    };
+    traces::apply(&shared.client, generation, op, &ids).await
 }
 
 enum Failure {

@@ -19,9 +19,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::client::MlflowClient;
+use super::traces::{self, Generation};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_MODEL_VERSION, KIND_REGISTERED_MODEL,
-    KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
 };
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
@@ -198,6 +199,9 @@ impl Crawl {
         }
         for experiment in &experiments {
             self.runs_of(&text(experiment, "experiment_id")).await?;
+        }
+        for experiment in &experiments {
+            self.traces_of(&text(experiment, "experiment_id")).await?;
         }
         for experiment in &experiments {
             if text(experiment, "lifecycle_stage") == "deleted" {
@@ -635,6 +639,34 @@ impl Crawl {
         Ok(())
     }
 
+    /// The traces of one experiment, a page at a time, each as one op
+    /// (see the `traces` module).
+    async fn traces_of(&mut self, experiment_id: &str) -> Result<(), Halt> {
+        let generation = Generation::of(&String::from_utf8_lossy(&self.version));
+        let mut page_token: Option<String> = None;
+        loop {
+            let page = traces::page(
+                &self.client,
+                generation,
+                experiment_id,
+                page_token.as_deref(),
+            )
+            .await?;
+            for trace in page.traces {
+                let mut deps = vec![format!("experiment/{experiment_id}")];
+                if let Some(run) = trace.run.filter(|run| self.emitted_runs.contains(run)) {
+                    deps.push(format!("run/{run}"));
+                }
+                self.push_method(KIND_TRACE, trace.key, trace.method, &trace.body, deps)
+                    .await?;
+            }
+            page_token = page.next_page_token;
+            if page_token.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Adds an op to the stream.
     async fn push(
         &mut self,
@@ -644,10 +676,23 @@ impl Crawl {
         body: &Value,
         deps: Vec<String>,
     ) -> Result<(), Halt> {
+        self.push_method(kind, key, format!("POST {API}/{request}"), body, deps)
+            .await
+    }
+
+    /// Adds an op whose method is given whole (`POST /api/3.0/...`).
+    async fn push_method(
+        &mut self,
+        kind: &'static str,
+        key: String,
+        method: String,
+        body: &Value,
+        deps: Vec<String>,
+    ) -> Result<(), Halt> {
         let body = serde_json::to_vec(body).map_err(|error| {
             Halt::Failed(MlflowError::BadResponse {
                 server: self.client.name().to_owned(),
-                request: request.to_owned(),
+                request: method.clone(),
                 reason: format!("cannot encode the op: {error}"),
             })
         })?;
@@ -658,7 +703,7 @@ impl Crawl {
             txn_last: true,
             kind: Bytes::from_static(kind.as_bytes()),
             key: Bytes::from(key),
-            method: Bytes::from(format!("POST {API}/{request}")),
+            method: Bytes::from(method),
             body: Bytes::from(body),
             content_type: Bytes::from_static(b"application/json"),
             platform_version: self.version.clone(),

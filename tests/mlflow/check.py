@@ -27,10 +27,22 @@ What must be equal (every difference is listed, the first 50 in the report):
   target run's);
 - on servers that have them (3.x): logged models, matched by experiment +
   name (or the target's `ferry.source_model_id` tag): status, type, tags,
-  params, metrics, source run (mapped); traces, matched by trace id, else by
-  experiment + request time + name: state, duration, metadata, tags, previews,
-  and every span (ids, parent, name, times, attributes, status). A server
-  without these endpoints (2.x) counts as having none.
+  params, metrics, source run (mapped). A server without these endpoints
+  (2.x) counts as having none;
+- traces, on both versions (2.x: `GET /api/2.0/mlflow/traces` and each
+  trace's `traces.json` through `get-trace-artifact`; 3.x: `traces/search`
+  and `traces/get`), read into one shape so a 2.x trace and its 3.x copy
+  compare: matched by trace id, else by the target's `ferry.source_trace_id`
+  tag, else by experiment + request time + name: experiment, request time
+  (ms), duration (ms), state, previews (2.x: the trace data's request and
+  response, as MLflow's own v2 -> v3 conversion takes them), metadata (a
+  source run id mapped), tags, and every span (span and parent ids, name,
+  start and end in ns, status and its message, attributes decoded from
+  either encoding, events). Where the server keeps spans (the
+  `mlflow.artifactLocation` and `mlflow.trace.spansLocation` tags) is not
+  compared; nor is metadata a 3.x server computes for itself
+  (`mlflow.trace.sizeStats`, `.sizeBytes`, `.infoFinalized`) when the source
+  lacks it. A span attribute repeating the trace's own id counts as equal.
 
 Not failures, reported under "fidelity": what MLflow's REST API gives a
 writer no way to set (experiment creation times, model and version creation
@@ -45,7 +57,9 @@ exits 0 when equal, 1 when not, 2 when a server could not be read.
 """
 
 import argparse
+import base64
 import concurrent.futures
+import datetime
 import json
 import math
 import sys
@@ -59,8 +73,13 @@ IGNORED_TAG_PREFIX = "ferry."
 INTERNAL_TAG_PREFIX = "_mlflow_"
 SOURCE_RUN_ID_TAG = "ferry.source_run_id"
 SOURCE_MODEL_ID_TAG = "ferry.source_model_id"
-# Tags that hold the server's own ids or paths (the trace's artifact folder).
-TRACE_LOCATION_TAGS = {"mlflow.artifactLocation"}
+# Tags that hold the server's own ids or paths (the trace's artifact folder),
+# or where it keeps the spans.
+TRACE_LOCATION_TAGS = {"mlflow.artifactLocation", "mlflow.trace.spansLocation"}
+# Trace metadata a 3.x server computes for itself.
+SERVER_TRACE_METADATA = {"mlflow.trace.sizeStats", "mlflow.trace.sizeBytes", "mlflow.trace.infoFinalized"}
+SOURCE_TRACE_ID_TAG = "ferry.source_trace_id"
+OWN_TRACE_ID = "(the trace's own id)"
 PROMPT_FILTER = "tags.`mlflow.prompt.is_prompt` = 'true'"
 # Page sizes, within each endpoint's limit on 2.22 and 3.x servers.
 EXPERIMENTS_PAGE = 1000
@@ -111,7 +130,9 @@ class Server:
             if response.status_code in (429, 502, 503, 504) and attempt < 4:
                 time.sleep(0.2 * 2**attempt)
                 continue
-            if response.status_code == 404 and optional and "RESOURCE_DOES_NOT_EXIST" not in response.text:
+            if response.status_code == 404 and optional and (
+                "RESOURCE_DOES_NOT_EXIST" not in response.text or "Trace data not found" in response.text
+            ):
                 return None
             if response.status_code != 200:
                 raise ServerError(
@@ -152,7 +173,7 @@ class Snapshot:
         self.versions = {}  # (name, version) -> model version
         self.histories = {}  # (run id, key) -> [(step, timestamp, value)]
         self.logged_models = {}  # model id -> logged model (info, data)
-        self.traces = {}  # trace id -> trace (trace_info, spans)
+        self.traces = {}  # trace id -> {"info", "spans"}, one shape for 2.x and 3.x
         self.max_floats = 0
         self._read(history, workers)
 
@@ -199,15 +220,26 @@ class Snapshot:
             request = {"experiment_ids": chunk}
             for model in server.paged("POST", "logged-models/search", request, "models", LOGGED_MODELS_PAGE, optional=True):
                 self.logged_models[model["info"]["model_id"]] = model
-            locations = [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": id}} for id in chunk]
-            infos = list(
-                server.paged(
-                    "POST", "traces/search", {"locations": locations}, "traces", TRACES_PAGE, version="3.0", optional=True
-                )
-            )
-            for info in infos:
-                answer = server.get("traces/get", {"trace_id": info["trace_id"]}, version="3.0")
-                self.traces[info["trace_id"]] = answer["trace"]
+        self._read_traces(experiment_ids)
+
+    def _read_traces(self, experiment_ids):
+        """Traces of both versions, in one shape (see `_trace_v2`, `_trace_v3`)."""
+        server = self.server
+        if not experiment_ids:
+            return
+        probe = {"locations": [_location(experiment_ids[0])], "max_results": 1}
+        v3 = server.post("traces/search", probe, version="3.0", optional=True) is not None
+        for experiment_id in experiment_ids:
+            if v3:
+                request = {"locations": [_location(experiment_id)]}
+                for info in server.paged("POST", "traces/search", request, "traces", TRACES_PAGE, version="3.0"):
+                    answer = server.get("traces/get", {"trace_id": info["trace_id"], "allow_partial": "true"}, version="3.0")
+                    self.traces[info["trace_id"]] = _trace_v3(answer["trace"])
+            else:
+                request = {"experiment_ids": [experiment_id]}
+                for info in server.paged("GET", "traces", request, "traces", TRACES_PAGE):
+                    data = server.get("get-trace-artifact", {"request_id": info["request_id"]}, api="ajax-api", optional=True)
+                    self.traces[info["request_id"]] = _trace_v2(info, data)
 
     def _read_histories(self, history, workers):
         wanted = [(run_id, key) for run_id, run in self.runs.items() for key in run["metric_keys"]]
@@ -283,7 +315,7 @@ class Snapshot:
             "aliases": sum(len(model.get("aliases", [])) for model in self.models.values()),
             "logged_models": len(self.logged_models),
             "traces": len(self.traces),
-            "spans": sum(len(trace.get("spans", [])) for trace in self.traces.values()),
+            "spans": sum(len(trace["spans"]) for trace in self.traces.values()),
             "requests": self.server.requests,
         }
 
@@ -526,44 +558,47 @@ class Comparison:
 
     def traces(self):
         def identity(snapshot, trace):
-            info = trace["trace_info"]
-            experiment = info.get("trace_location", {}).get("mlflow_experiment", {}).get("experiment_id")
-            name = info.get("tags", {}).get("mlflow.traceName")
-            return (_experiment_name(snapshot, experiment), info.get("request_time"), name)
+            info = trace["info"]
+            return (_experiment_name(snapshot, info["experiment_id"]), info["request_time_ms"], info["tags"].get("mlflow.traceName"))
 
         unmatched = dict(self.target.traces)
-        by_identity = {}
+        by_tag, by_identity = {}, {}
         for trace_id, trace in self.target.traces.items():
+            tagged = trace["info"]["tags"].get(SOURCE_TRACE_ID_TAG)
+            if tagged:
+                by_tag.setdefault(tagged, []).append(trace_id)
             by_identity.setdefault(identity(self.target, trace), []).append(trace_id)
         for trace_id, old in sorted(self.source.traces.items()):
             where = f"trace {trace_id}"
             if trace_id in unmatched:
                 new_id = trace_id
             else:
-                candidates = [id for id in by_identity.get(identity(self.source, old), []) if id in unmatched]
+                candidates = [id for id in by_tag.get(trace_id, []) if id in unmatched]
+                candidates += [id for id in by_identity.get(identity(self.source, old), []) if id in unmatched]
                 if not candidates:
                     self.differ(where, "exists", True, False)
                     continue
                 new_id = candidates[0]
             new = unmatched.pop(new_id)
             self.tally("trace_ids_kept", new_id == trace_id)
-            old_info, new_info = old["trace_info"], new["trace_info"]
-            old_experiment = old_info.get("trace_location", {}).get("mlflow_experiment", {}).get("experiment_id")
-            new_experiment = new_info.get("trace_location", {}).get("mlflow_experiment", {}).get("experiment_id")
-            if _experiment_name(self.source, old_experiment) != _experiment_name(self.target, new_experiment):
-                self.differ(where, "experiment", old_experiment, new_experiment)
-            for field in ("request_time", "execution_duration", "state", "request_preview", "response_preview", "client_request_id"):
+            old_info, new_info = old["info"], new["info"]
+            if _experiment_name(self.source, old_info["experiment_id"]) != _experiment_name(self.target, new_info["experiment_id"]):
+                self.differ(where, "experiment", old_info["experiment_id"], new_info["experiment_id"])
+            for field in ("request_time_ms", "execution_ms", "state", "request_preview", "response_preview", "client_request_id"):
                 if old_info.get(field) != new_info.get(field):
                     self.differ(where, field, old_info.get(field), new_info.get(field))
-            old_metadata = {key: self.mapped_value(value) for key, value in old_info.get("trace_metadata", {}).items()}
-            self.compare_tags(where + " metadata", old_metadata, new_info.get("trace_metadata", {}))
-            old_tags = {key: value for key, value in old_info.get("tags", {}).items() if key not in TRACE_LOCATION_TAGS}
-            new_tags = {key: value for key, value in new_info.get("tags", {}).items() if key not in TRACE_LOCATION_TAGS}
+            old_metadata = {key: self.mapped_value(value) for key, value in old_info["metadata"].items()}
+            new_metadata = {
+                key: value
+                for key, value in new_info["metadata"].items()
+                if key not in SERVER_TRACE_METADATA or key in old_metadata
+            }
+            self.compare_tags(where + " metadata", old_metadata, new_metadata)
+            old_tags = {key: value for key, value in old_info["tags"].items() if key not in TRACE_LOCATION_TAGS}
+            new_tags = {key: value for key, value in new_info["tags"].items() if key not in TRACE_LOCATION_TAGS}
             self.compare_tags(where, old_tags, new_tags, map_run_ids=True)
-            old_spans = [_span(span, trace_id, new_id) for span in old.get("spans", [])]
-            new_spans = [_span(span, new_id, new_id) for span in new.get("spans", [])]
-            if sorted(old_spans, key=json.dumps) != sorted(new_spans, key=json.dumps):
-                self.differ(where, "spans", old_spans, new_spans)
+            if old["spans"] != new["spans"]:
+                self.differ(where, "spans", old["spans"], new["spans"])
         for trace_id in sorted(unmatched):
             self.differ(f"trace {trace_id}", "exists", False, True)
 
@@ -603,17 +638,142 @@ def _dataset_inputs(inputs):
     return sorted(found, key=lambda entry: json.dumps(entry, sort_keys=True))
 
 
-def _span(span, trace_id, as_trace_id):
-    """A span without the trace id it repeats (a restored trace may have a new one)."""
-    shown = {key: value for key, value in span.items() if key not in ("trace_id", "attributes")}
-    attributes = []
-    for attribute in span.get("attributes", []):
-        value = attribute.get("value")
-        if attribute.get("key") == "mlflow.traceRequestId" and value == {"string_value": trace_id}:
-            value = {"string_value": as_trace_id}
-        attributes.append({"key": attribute.get("key"), "value": value})
-    shown["attributes"] = sorted(attributes, key=lambda item: item["key"])
-    return shown
+def _location(experiment_id):
+    return {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": experiment_id}}
+
+
+def _trace_v2(info, data):
+    """A 2.x trace (its info and its traces.json, None when it has none) in the
+    shape both versions are compared in."""
+    data = data or {}
+    trace_id = info["request_id"]
+    state = info.get("status", "")
+    return {
+        "info": {
+            "experiment_id": info.get("experiment_id"),
+            "request_time_ms": int(info.get("timestamp_ms") or 0),
+            "execution_ms": int(info.get("execution_time_ms") or 0),
+            "state": "STATE_UNSPECIFIED" if state in ("", "TRACE_STATUS_UNSPECIFIED") else state,
+            "metadata": _pairs(info.get("request_metadata")),
+            "tags": _pairs(info.get("tags")),
+            "request_preview": data.get("request"),
+            "response_preview": data.get("response"),
+            "client_request_id": None,
+        },
+        "spans": sorted((_span_v2(span, trace_id) for span in data.get("spans", [])), key=lambda span: span["span_id"]),
+    }
+
+
+def _span_v2(span, trace_id):
+    context = span.get("context", {})
+    attributes = {}
+    for key, value in (span.get("attributes") or {}).items():
+        try:
+            attributes[key] = json.loads(value)
+        except (TypeError, ValueError):
+            attributes[key] = value
+    return _span_shape(
+        span_id=context.get("span_id"),
+        parent=span.get("parent_id"),
+        name=span.get("name"),
+        start=span.get("start_time"),
+        end=span.get("end_time"),
+        code=span.get("status_code") or "UNSET",
+        message=span.get("status_message") or "",
+        attributes=attributes,
+        events=[(event.get("name"), int(event.get("timestamp") or 0), event.get("attributes") or {}) for event in span.get("events", [])],
+        trace_id=trace_id,
+    )
+
+
+def _trace_v3(trace):
+    """A 3.x trace (`traces/get`) in the shape both versions are compared in."""
+    info = trace["trace_info"]
+    trace_id = info["trace_id"]
+    return {
+        "info": {
+            "experiment_id": info.get("trace_location", {}).get("mlflow_experiment", {}).get("experiment_id"),
+            "request_time_ms": _rfc3339_ms(info.get("request_time")),
+            "execution_ms": round(float((info.get("execution_duration") or "0s").rstrip("s")) * 1000),
+            "state": info.get("state", "STATE_UNSPECIFIED"),
+            "metadata": dict(info.get("trace_metadata", {})),
+            "tags": dict(info.get("tags", {})),
+            "request_preview": info.get("request_preview"),
+            "response_preview": info.get("response_preview"),
+            "client_request_id": info.get("client_request_id"),
+        },
+        "spans": sorted((_span_v3(span, trace_id) for span in trace.get("spans", [])), key=lambda span: span["span_id"]),
+    }
+
+
+def _span_v3(span, trace_id):
+    status = span.get("status") or {}
+    return _span_shape(
+        span_id=_hex(span.get("span_id")),
+        parent=_hex(span.get("parent_span_id")),
+        name=span.get("name"),
+        start=span.get("start_time_unix_nano"),
+        end=span.get("end_time_unix_nano"),
+        code=(status.get("code") or "STATUS_CODE_UNSET").replace("STATUS_CODE_", ""),
+        message=status.get("message") or "",
+        attributes={item["key"]: _any_value(item.get("value")) for item in span.get("attributes", [])},
+        events=[
+            (
+                event.get("name"),
+                int(event.get("time_unix_nano") or 0),
+                {item["key"]: _any_value(item.get("value")) for item in event.get("attributes", [])},
+            )
+            for event in span.get("events", [])
+        ],
+        trace_id=trace_id,
+    )
+
+
+def _span_shape(span_id, parent, name, start, end, code, message, attributes, events, trace_id):
+    if attributes.get("mlflow.traceRequestId") == trace_id:
+        attributes["mlflow.traceRequestId"] = OWN_TRACE_ID
+    return {
+        "span_id": span_id,
+        "parent_id": parent or None,
+        "name": name,
+        "start_ns": int(start or 0),
+        "end_ns": int(end or 0),
+        "status": code,
+        "status_message": message,
+        "attributes": attributes,
+        "events": events,
+    }
+
+
+def _hex(base64_id):
+    return base64.b64decode(base64_id).hex() if base64_id else None
+
+
+def _any_value(value):
+    """An OTLP any-value (as MLflow 3.x's traces/get writes it) as a Python value."""
+    value = value or {}
+    if "string_value" in value:
+        return value["string_value"]
+    if "int_value" in value:
+        return int(value["int_value"])
+    if "double_value" in value:
+        return float(value["double_value"])
+    if "bool_value" in value:
+        return bool(value["bool_value"])
+    if "array_value" in value:
+        return [_any_value(item) for item in value["array_value"].get("values", [])]
+    if "kvlist_value" in value:
+        return {item["key"]: _any_value(item.get("value")) for item in value["kvlist_value"].get("values", [])}
+    if "bytes_value" in value:
+        return value["bytes_value"]
+    return None
+
+
+def _rfc3339_ms(text):
+    if not text:
+        return 0
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
 
 
 def _number(value):

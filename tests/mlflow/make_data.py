@@ -28,7 +28,13 @@ What it makes, per `--scale` (1 is small, for tests):
   a deleted version (so numbers have a gap), aliases and stages;
 - a prompt (two versions) from MLflow's prompt registry.
 
-`--v3-extras` (3.x servers only) adds a logged model and traces.
+`--traces` adds traces made with MLflow's tracing API (`mlflow.start_span`,
+on either version): nested spans with attributes of every JSON type, inputs
+and outputs, trace tags, a span that raises (an ERROR trace with an
+exception event), and a trace made inside a run (linked to it). Their ids
+and times are the server's and the clock's, not the seed's.
+
+`--v3-extras` (3.x servers only) adds a logged model, and the traces.
 
 It ends by printing a JSON summary of what it made.
 """
@@ -69,6 +75,11 @@ def main():
         help="also make what only 3.x servers hold: a logged model, traces",
     )
     parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="also make traces (2.x and 3.x)",
+    )
+    parser.add_argument(
         "--no-long-history",
         action="store_true",
         help=f"leave out the key with {LONG_HISTORY_POINTS} points (faster)",
@@ -83,6 +94,8 @@ def main():
     # stdout is for the summary.
     with contextlib.redirect_stdout(sys.stderr):
         maker.make(long_history=not arguments.no_long_history)
+        if arguments.traces or arguments.v3_extras:
+            maker.make_traces()
         if arguments.v3_extras:
             maker.make_v3_extras()
     print(json.dumps(maker.summary, sort_keys=True))
@@ -320,20 +333,73 @@ class Maker:
         )
         self.client.finalize_logged_model(model.model_id, "READY")
         self.summary["logged_models"] = 1
-        experiment_id = run["experiment_id"]
+
+    def make_traces(self):
+        """Traces through MLflow's tracing API, as an application's code makes them."""
+        _let_mlflow_2_export_traces()
+        experiment_id = self.runs[1]["experiment_id"]
         mlflow.set_experiment(experiment_id=experiment_id)
         for number in range(2):
-            with mlflow.start_span(name=f"ferry-trace-{number}") as span:
-                span.set_inputs({"question": f"q{number}"})
-                with mlflow.start_span(name="child") as child:
+            with mlflow.start_span(name=f"ferry-trace-{number}", span_type="CHAIN") as span:
+                span.set_inputs({"question": f"q{number}", "history": [1, 2.5, None, True]})
+                mlflow.update_current_trace(tags={"user_tag": f"value-{number}", "unicode": "é ✓"})
+                with mlflow.start_span(name="retrieve", span_type="RETRIEVER") as child:
+                    child.set_inputs(f"query {number}")
                     child.set_attribute("number", number)
+                    child.set_attribute("ratio", 0.25 + number)
+                    child.set_attribute("flag", number == 0)
+                    child.set_attribute("names", ["a", "b"])
+                    with mlflow.start_span(name="embed") as grandchild:
+                        grandchild.set_attribute("dimensions", 768)
+                        grandchild.set_outputs([0.5, -1.25])
+                    child.set_outputs({"documents": [{"id": number, "text": "doc é"}]})
                 span.set_outputs({"answer": f"a{number}"})
-        mlflow.flush_trace_async_logging() if hasattr(mlflow, "flush_trace_async_logging") else None
-        self.summary["traces"] = 2
+            self.summary["traces"] = self.summary.get("traces", 0) + 1
+        # A trace whose span raises: status ERROR, an exception event.
+        try:
+            with mlflow.start_span(name="ferry-failing") as span:
+                span.set_inputs({"question": "fail"})
+                raise ValueError("ferry's deliberate failure")
+        except ValueError:
+            pass
+        self.summary["traces"] += 1
+        # A trace made inside a run: its metadata names the run.
+        run = self.client.create_run(experiment_id, start_time=self.tick(), run_name="traced-run")
+        self.summary["runs"] += 1
+        with mlflow.start_run(run_id=run.info.run_id):
+            with mlflow.start_span(name="ferry-in-run") as span:
+                span.set_inputs({"x": 1})
+                span.set_outputs({"y": 2})
+        self.summary["traces"] += 1
+        mlflow.flush_trace_async_logging()
 
     def text(self, length):
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 "
         return "".join(self.rng.choice(alphabet) for _ in range(length))
+
+
+def _let_mlflow_2_export_traces():
+    """MLflow 2.22.5's span processor subclasses OpenTelemetry's
+    SimpleSpanProcessor without calling its __init__; with the
+    opentelemetry-sdk its environment resolves to (1.45), on_end then fails
+    on the missing `_shutdown` and every trace stays IN_PROGRESS with no
+    spans (see NOTES.md). Calling the base __init__ first is all it lacks;
+    MLflow still makes and exports every trace itself."""
+    if not mlflow.__version__.startswith("2."):
+        return
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from mlflow.tracing.processor.mlflow import MlflowSpanProcessor
+
+    if getattr(MlflowSpanProcessor, "_ferry_patched", False):
+        return
+    original = MlflowSpanProcessor.__init__
+
+    def __init__(self, span_exporter, *args, **kwargs):
+        SimpleSpanProcessor.__init__(self, span_exporter)
+        original(self, span_exporter, *args, **kwargs)
+
+    MlflowSpanProcessor.__init__ = __init__
+    MlflowSpanProcessor._ferry_patched = True
 
 
 if __name__ == "__main__":

@@ -175,3 +175,174 @@ fn a_restore_killed_twice_resumes_to_exactly_the_copy_one_unbroken_run_makes() {
         report.count("target", "metric_points")
     );
 }
+
+/// Sets the restore's checkpoint on `target` back to `seq`, as if every op
+/// after it had not been answered: a restore run again replays them.
+fn rewind_checkpoint(target: &MlflowServer, seq: u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client");
+        let experiment = client
+            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+            .await
+            .expect("experiment 0");
+        let tags = experiment["experiment"]["tags"].as_array().cloned();
+        for tag in tags.into_iter().flatten() {
+            let key = tag["key"].as_str().unwrap_or_default();
+            if !key.starts_with("ferry.checkpoint.") {
+                continue;
+            }
+            let mut value: serde_json::Value =
+                serde_json::from_str(tag["value"].as_str().unwrap_or_default())
+                    .expect("a checkpoint is JSON");
+            value["seq"] = serde_json::json!(seq);
+            value["complete"] = serde_json::json!(false);
+            client
+                .post(
+                    "/api/2.0/mlflow/experiments/set-experiment-tag",
+                    &serde_json::json!({
+                        "experiment_id": "0",
+                        "key": key,
+                        "value": value.to_string(),
+                    }),
+                )
+                .await
+                .expect("the checkpoint is set back");
+        }
+    });
+}
+
+#[test]
+fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_none_twice() {
+    let [source, v3, v2] = servers([MlflowVersion::V2, MlflowVersion::V3, MlflowVersion::V2]);
+    let made = source
+        .make_data(1, &["--no-long-history", "--traces"])
+        .expect("make_data.py fills 2.x, traces too");
+    let traces = made["traces"].as_u64().expect("traces made");
+    assert!(traces >= 4, "{made}");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+
+    for target in [&v3, &v2] {
+        ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+        let report = assert_equal(&source, target);
+        // Every trace is there with every span: the checker read 2.x's
+        // traces.json and the target's spans (3.x: from its database).
+        assert_eq!(
+            report.count("source", "traces"),
+            traces,
+            "{:#}",
+            report.report
+        );
+        assert_eq!(
+            report.count("target", "traces"),
+            traces,
+            "{:#}",
+            report.report
+        );
+        assert!(report.count("source", "spans") > traces);
+        assert_eq!(
+            report.count("target", "spans"),
+            report.count("source", "spans"),
+            "{:#}",
+            report.report
+        );
+        // Neither version lets a writer keep a 2.x request id: 2.x assigns
+        // one, 3.x names a trace after its spans' trace id.
+        let ids = &report.report["fidelity"]["trace_ids_kept"];
+        assert_eq!(ids["of"], traces, "{:#}", report.report["fidelity"]);
+        assert_eq!(ids["kept"], 0, "{:#}", report.report["fidelity"]);
+    }
+
+    // The whole stream replayed onto 3.x (its checkpoint set back to the
+    // start): every trace is found by the id it got, none made twice.
+    rewind_checkpoint(&v3, 0);
+    let printed = ferry_ok(&restore_args(&store.url(), &id, &v3.ferry_url()));
+    let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
+    assert!(summary["ops"].as_u64() > Some(50), "{summary}");
+    let report = assert_equal(&source, &v3);
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+
+    // Onto 2.x, from just before the traces: a replay of the runs' ops
+    // from the start fails there today on a metric batch holding NaN (see
+    // NOTES.md), which is not what this test is about. The stream ends
+    // with the traces, then 16 ops: the deleted experiment's deletion, and
+    // the registry (model a: create, 3 live versions, 3 stages, 2 aliases;
+    // model b: create, 1 version, 1 alias; the prompt: create, 2 versions).
+    let complete = checkpoint(&v2);
+    let lookups = |server: &MlflowServer| {
+        server
+            .log()
+            .lines()
+            .filter(|line| line.contains("/api/2.0/mlflow/traces?") && line.contains("filter="))
+            .count() as u64
+    };
+    let starts = |server: &MlflowServer| {
+        server
+            .log()
+            .lines()
+            .filter(|line| line.contains("\"POST /api/2.0/mlflow/traces HTTP"))
+            .count() as u64
+    };
+    let (lookups_before, starts_before) = (lookups(&v2), starts(&v2));
+    assert_eq!(starts_before, traces, "one start per trace");
+    rewind_checkpoint(&v2, complete - 16 - traces);
+    ferry_ok(&restore_args(&store.url(), &id, &v2.ferry_url()));
+    // Each trace was looked up by its ferry.source_trace_id again, found,
+    // and not started a second time.
+    assert_eq!(lookups(&v2) - lookups_before, traces);
+    assert_eq!(starts(&v2), starts_before);
+    let report = assert_equal(&source, &v2);
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+}
+
+#[test]
+fn traces_made_on_3x_restore_onto_3x_with_their_ids() {
+    let [source, target] = servers([MlflowVersion::V3, MlflowVersion::V3]);
+    let made = source
+        .make_data(1, &["--no-long-history", "--traces"])
+        .expect("make_data.py fills 3.x, traces too");
+    let traces = made["traces"].as_u64().expect("traces made");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+    let report = assert_equal(&source, &target);
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+    assert_eq!(
+        report.count("target", "spans"),
+        report.count("source", "spans"),
+        "{:#}",
+        report.report
+    );
+    let ids = &report.report["fidelity"]["trace_ids_kept"];
+    assert_eq!(ids["kept"], traces, "{:#}", report.report["fidelity"]);
+
+    rewind_checkpoint(&target, 0);
+    ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+    let report = assert_equal(&source, &target);
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+}

@@ -901,6 +901,52 @@ mod tests {
         assert_eq!(artifact_path("/tmp/mlruns/6/traces/ab/artifacts"), None);
     }
 
+    /// The profile's `up` (jq) and the sink's own mapping make the same
+    /// 3.x trace of a 2.x one: a restore with the profile and one without
+    /// write the same thing.
+    #[test]
+    fn the_profile_maps_a_2x_trace_as_the_sink_does() {
+        use crate::migrations::chain::Chain;
+        use crate::migrations::profile::Profile;
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("examples/profiles/mlflow");
+        let profile = Profile::load(&dir).expect("the mlflow profile loads");
+        let mut chain = Chain::new(profile, "2", "3").expect("a chain from 2 to 3");
+        for body in [v2_trace(), {
+            let mut unended = v2_trace();
+            unended
+                .as_object_mut()
+                .map(|object| object.remove("trace_data"));
+            unended["status"] = json!("IN_PROGRESS");
+            unended["execution_time_ms"] = json!(0);
+            unended
+        }] {
+            let op = Op {
+                seq: 1,
+                position: 0,
+                txn: 0,
+                txn_last: true,
+                kind: bytes::Bytes::from_static(b"mlflow.trace"),
+                key: bytes::Bytes::from("trace/2c0e9f29e8fc444dbc40088a8b95d59c"),
+                method: bytes::Bytes::from(format!("POST {V2_TRACES}")),
+                body: bytes::Bytes::from(body.to_string()),
+                content_type: bytes::Bytes::from_static(b"application/json"),
+                platform_version: bytes::Bytes::from_static(b"2.22.5"),
+                deps: Vec::new(),
+            };
+            let out = chain.transform_op(op).expect("the chain takes a trace op");
+            assert_eq!(out.len(), 1);
+            assert_eq!(
+                out[0].method.as_ref(),
+                format!("POST {V3_TRACES}").as_bytes()
+            );
+            let migrated: Value = serde_json::from_slice(&out[0].body).expect("JSON");
+            assert_eq!(migrated, v2_to_v3(&body).expect("converts"), "{body}");
+        }
+    }
+
     #[test]
     fn versions_name_their_trace_api() {
         assert_eq!(Generation::of("2.22.5"), Generation::V2);

@@ -331,6 +331,10 @@ class Maker:
             tags={"framework": "none"},
             params={"alpha": "0.5"},
         )
+        # A metric of the model (also a point of its run).
+        self.client.log_metric(
+            run["run_id"], "model_accuracy", 0.91, timestamp=self.tick(), step=0, model_id=model.model_id
+        )
         self.client.finalize_logged_model(model.model_id, "READY")
         self.summary["logged_models"] = 1
 

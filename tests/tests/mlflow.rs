@@ -311,11 +311,11 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
 }
 
 #[test]
-fn traces_made_on_3x_restore_onto_3x_with_their_ids() {
-    let [source, target] = servers([MlflowVersion::V3, MlflowVersion::V3]);
+fn logged_models_and_traces_made_on_3x_restore_onto_3x_and_2x_refuses_them_by_name_first() {
+    let [source, target, v2] = servers([MlflowVersion::V3, MlflowVersion::V3, MlflowVersion::V2]);
     let made = source
-        .make_data(1, &["--no-long-history", "--traces"])
-        .expect("make_data.py fills 3.x, traces too");
+        .make_data(1, &["--no-long-history", "--v3-extras"])
+        .expect("make_data.py fills 3.x, a logged model and traces too");
     let traces = made["traces"].as_u64().expect("traces made");
     let store = Store::new();
     let id = extract(&source.ferry_url(), &store.url(), &[]);
@@ -333,15 +333,53 @@ fn traces_made_on_3x_restore_onto_3x_with_their_ids() {
         "{:#}",
         report.report
     );
+    // 3.x lets a writer keep a 3.x trace's id.
     let ids = &report.report["fidelity"]["trace_ids_kept"];
     assert_eq!(ids["kept"], traces, "{:#}", report.report["fidelity"]);
+    // The logged model is there once, with its params, tags, metric,
+    // status and source run (checked by the checker, matched by
+    // ferry.source_model_id: the target gave it a new id).
+    assert_eq!(report.count("source", "logged_models"), 1);
+    assert_eq!(report.count("target", "logged_models"), 1);
+    let model_ids = &report.report["fidelity"]["logged_model_ids_kept"];
+    assert_eq!(model_ids["of"], 1, "{:#}", report.report["fidelity"]);
 
+    // The whole stream again, its checkpoint set back to the start: the
+    // model and the traces are found, none is made twice.
     rewind_checkpoint(&target, 0);
     ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
     let report = assert_equal(&source, &target);
     assert_eq!(
         report.count("target", "traces"),
         traces,
+        "{:#}",
+        report.report
+    );
+    assert_eq!(report.count("target", "logged_models"), 1);
+
+    // MLflow 2.x has no logged models: the restore stops at the stream's
+    // first op, naming the model, before it makes any experiment or run.
+    let refused = ferry_with_env(&restore_args(&store.url(), &id, &v2.ferry_url()), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("logged model ferry-logged-model (m-")
+            && stderr.contains("MLflow 2.x has no logged models")
+            && stderr.contains("op seq 1 "),
+        "{stderr}"
+    );
+    let report = check(MlflowVersion::V3, &source.url(), &v2.url(), &[])
+        .expect("check.py reads both servers");
+    assert_eq!(
+        report.count("target", "experiments"),
+        1,
+        "only Default: {:#}",
+        report.report
+    );
+    assert_eq!(report.count("target", "runs"), 0, "{:#}", report.report);
+    assert_eq!(
+        report.count("target", "registered_models"),
+        0,
         "{:#}",
         report.report
     );

@@ -35,6 +35,8 @@
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/create` | `{"name","version","source","run_id","run_link","description","tags"}`; deps: its model, its run |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/transition-stage` | `{"name","version","stage","archive_existing_versions":false}` |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `registered-models/alias` | `{"name","alias","version"}` (after the model's versions) |
+//! | `mlflow.requirement` | `requirement/logged_models` | `GET /version` | `{"major_at_least":3,"what","count","named"}`: first, when a 3.x source holds logged models; a 2.x target refuses it by name |
+//! | `mlflow.logged_model` | `logged_model/<model id>` | `logged-models` | `{"model_id","experiment_id","name","model_type","source_run_id","params","tags","status","metrics"}`; deps: its experiment, its run (after every run) |
 //! | `mlflow.trace` | `trace/<trace id>` | `traces` (2.x), or `POST /api/3.0/mlflow/traces` (3.x) | the trace's info and spans (see the `traces` module); deps: its experiment, its run; before deleted experiments are deleted |
 //!
 //! A metric point's `value` is a JSON number, or `"NaN"`, `"Infinity"`,
@@ -50,6 +52,7 @@
 
 mod args;
 mod client;
+mod logged_models;
 mod sink;
 mod source;
 mod traces;
@@ -73,6 +76,11 @@ pub const KIND_REGISTERED_MODEL: &str = "mlflow.registered_model";
 pub const KIND_MODEL_VERSION: &str = "mlflow.model_version";
 /// The op kind of a trace (see the `traces` module).
 pub const KIND_TRACE: &str = "mlflow.trace";
+/// The op kind of a logged model (3.x; see the `logged_models` module).
+pub const KIND_LOGGED_MODEL: &str = "mlflow.logged_model";
+/// The op kind of what a stream needs of its target, first in the stream
+/// (a 3.x stream with logged models: see the `logged_models` module).
+pub const KIND_REQUIREMENT: &str = "mlflow.requirement";
 
 /// The REST API's prefix.
 pub const API: &str = "/api/2.0/mlflow";
@@ -82,6 +90,9 @@ pub const SOURCE_RUN_TAG: &str = "ferry.source_run_id";
 /// The tag on a target's experiment naming the source experiment it was
 /// made from.
 pub const SOURCE_EXPERIMENT_TAG: &str = "ferry.source_experiment_id";
+/// The tag on a target's logged model naming the source model it was made
+/// from.
+pub const SOURCE_MODEL_TAG: &str = "ferry.source_model_id";
 /// The tag on a target's trace naming the source trace it was made from.
 pub const SOURCE_TRACE_TAG: &str = "ferry.source_trace_id";
 /// The tag of the target's experiment 0 holding a stream's checkpoint,

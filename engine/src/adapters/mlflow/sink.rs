@@ -28,11 +28,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
+use super::logged_models;
 use super::source::{all_experiments, array, next_page, server_version, text};
 use super::traces::{self, Generation, TargetIds};
 use super::{
-    API, CHECKPOINT_TAG_PREFIX, KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG,
-    SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    API, CHECKPOINT_TAG_PREFIX, KIND_LOGGED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE,
+    MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
@@ -466,8 +467,11 @@ fn tag_value(holder: &Value, key: &str) -> Option<String> {
 /// One op, applied: see the module's documentation for what makes each
 /// request idempotent.
 async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
-    if op.kind.as_ref() == KIND_TRACE.as_bytes() {
-        return apply_trace(shared, op)
+    if [KIND_TRACE, KIND_LOGGED_MODEL, KIND_REQUIREMENT]
+        .iter()
+        .any(|kind| op.kind.as_ref() == kind.as_bytes())
+    {
+        return apply_version_dependent(shared, op)
             .await
             .map_err(|error| AdapterError::target(error).into());
     }
@@ -511,8 +515,10 @@ async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
     })
 }
 
-/// A trace op, onto the target's trace API (see the `traces` module).
-async fn apply_trace(shared: &Shared, op: &Op) -> Result<(), MlflowError> {
+/// An op whose request depends on the target's major version: a trace
+/// (see the `traces` module), a logged model or a requirement (see the
+/// `logged_models` module).
+async fn apply_version_dependent(shared: &Shared, op: &Op) -> Result<(), MlflowError> {
     let generation = *shared
         .trace_generation
         .get_or_try_init(|| async {
@@ -527,7 +533,13 @@ async fn apply_trace(shared: &Shared, op: &Op) -> Result<(), MlflowError> {
         experiment: &experiment,
         run: &run,
     };
-    traces::apply(&shared.client, generation, op, &ids).await
+    if op.kind.as_ref() == KIND_REQUIREMENT.as_bytes() {
+        logged_models::check_requirement(&shared.client, generation, op)
+    } else if op.kind.as_ref() == KIND_LOGGED_MODEL.as_bytes() {
+        logged_models::apply(&shared.client, generation, op, &ids).await
+    } else {
+        traces::apply(&shared.client, generation, op, &ids).await
+    }
 }
 
 enum Failure {

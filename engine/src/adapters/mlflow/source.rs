@@ -19,10 +19,12 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::client::MlflowClient;
+use super::logged_models::{self, LOGGED_MODELS_REQUIREMENT};
 use super::traces::{self, Generation};
 use super::{
-    API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_MODEL_VERSION, KIND_REGISTERED_MODEL,
-    KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_LOGGED_MODEL, KIND_MODEL_VERSION,
+    KIND_REGISTERED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG,
+    SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
 };
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
@@ -175,6 +177,23 @@ impl Crawl {
 
     async fn crawl(&mut self) -> Result<(), Halt> {
         let experiments = all_experiments(&self.client).await?;
+        let generation = Generation::of(&String::from_utf8_lossy(&self.version));
+        let experiment_ids: Vec<String> = experiments
+            .iter()
+            .map(|experiment| text(experiment, "experiment_id"))
+            .collect();
+        if generation == Generation::V3
+            && let Some(body) = logged_models::requirement(&self.client, &experiment_ids).await?
+        {
+            self.push_method(
+                KIND_REQUIREMENT,
+                LOGGED_MODELS_REQUIREMENT.to_owned(),
+                "GET /version".to_owned(),
+                &body,
+                Vec::new(),
+            )
+            .await?;
+        }
         for experiment in &experiments {
             let id = text(experiment, "experiment_id");
             let tags: Vec<Value> = array(experiment, "tags")
@@ -199,6 +218,11 @@ impl Crawl {
         }
         for experiment in &experiments {
             self.runs_of(&text(experiment, "experiment_id")).await?;
+        }
+        if generation == Generation::V3 {
+            for experiment_id in &experiment_ids {
+                self.logged_models_of(experiment_id).await?;
+            }
         }
         for experiment in &experiments {
             self.traces_of(&text(experiment, "experiment_id")).await?;
@@ -637,6 +661,39 @@ impl Crawl {
             .await?;
         }
         Ok(())
+    }
+
+    /// The logged models of one experiment (3.x), a page at a time.
+    async fn logged_models_of(&mut self, experiment_id: &str) -> Result<(), Halt> {
+        let mut page_token: Option<String> = None;
+        loop {
+            let (models, next) = logged_models::page(
+                &self.client,
+                &[experiment_id.to_owned()],
+                page_token.as_deref(),
+            )
+            .await?;
+            for model in models {
+                let body = logged_models::op_body(&model);
+                let mut deps = vec![format!("experiment/{experiment_id}")];
+                let run = text(&body, "source_run_id");
+                if self.emitted_runs.contains(&run) {
+                    deps.push(format!("run/{run}"));
+                }
+                self.push_method(
+                    KIND_LOGGED_MODEL,
+                    format!("logged_model/{}", text(&body, "model_id")),
+                    format!("POST {API}/logged-models"),
+                    &body,
+                    deps,
+                )
+                .await?;
+            }
+            page_token = next;
+            if page_token.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// The traces of one experiment, a page at a time, each as one op

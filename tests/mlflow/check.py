@@ -40,9 +40,10 @@ What must be equal (every difference is listed, the first 50 in the report):
   start and end in ns, status and its message, attributes decoded from
   either encoding, events). Where the server keeps spans (the
   `mlflow.artifactLocation` and `mlflow.trace.spansLocation` tags) is not
-  compared; nor is metadata a 3.x server computes for itself
-  (`mlflow.trace.sizeStats`, `.sizeBytes`, `.infoFinalized`) when the source
-  lacks it. A span attribute repeating the trace's own id counts as equal.
+  compared, nor `mlflow.trace.infoFinalized` (a 3.x server's flag that its
+  start_trace ran, on every trace it holds, never on 2.x); metadata a 3.x
+  server computes (`mlflow.trace.sizeStats`, `.sizeBytes`) only when the
+  source has it. A span attribute repeating the trace's own id counts as equal.
 
 Not failures, reported under "fidelity": what MLflow's REST API gives a
 writer no way to set (experiment creation times, model and version creation
@@ -76,8 +77,12 @@ SOURCE_MODEL_ID_TAG = "ferry.source_model_id"
 # Tags that hold the server's own ids or paths (the trace's artifact folder),
 # or where it keeps the spans.
 TRACE_LOCATION_TAGS = {"mlflow.artifactLocation", "mlflow.trace.spansLocation"}
-# Trace metadata a 3.x server computes for itself.
-SERVER_TRACE_METADATA = {"mlflow.trace.sizeStats", "mlflow.trace.sizeBytes", "mlflow.trace.infoFinalized"}
+# Trace metadata a 3.x server computes for itself: compared only when the
+# source has it.
+SERVER_TRACE_METADATA = {"mlflow.trace.sizeStats", "mlflow.trace.sizeBytes"}
+# A 3.x server's own flag that its start_trace has run: every trace it
+# holds has it, no 2.x server writes it; never compared.
+TRACE_FINALIZED_METADATA = "mlflow.trace.infoFinalized"
 SOURCE_TRACE_ID_TAG = "ferry.source_trace_id"
 OWN_TRACE_ID = "(the trace's own id)"
 PROMPT_FILTER = "tags.`mlflow.prompt.is_prompt` = 'true'"
@@ -587,11 +592,15 @@ class Comparison:
             for field in ("request_time_ms", "execution_ms", "state", "request_preview", "response_preview", "client_request_id"):
                 if old_info.get(field) != new_info.get(field):
                     self.differ(where, field, old_info.get(field), new_info.get(field))
-            old_metadata = {key: self.mapped_value(value) for key, value in old_info["metadata"].items()}
+            old_metadata = {
+                key: self.mapped_value(value)
+                for key, value in old_info["metadata"].items()
+                if key != TRACE_FINALIZED_METADATA
+            }
             new_metadata = {
                 key: value
                 for key, value in new_info["metadata"].items()
-                if key not in SERVER_TRACE_METADATA or key in old_metadata
+                if key != TRACE_FINALIZED_METADATA and (key not in SERVER_TRACE_METADATA or key in old_metadata)
             }
             self.compare_tags(where + " metadata", old_metadata, new_metadata)
             old_tags = {key: value for key, value in old_info["tags"].items() if key not in TRACE_LOCATION_TAGS}

@@ -384,3 +384,35 @@ fn logged_models_and_traces_made_on_3x_restore_onto_3x_and_2x_refuses_them_by_na
         report.report
     );
 }
+
+#[test]
+fn traces_made_on_3x_restore_onto_2x_span_for_span() {
+    let [source, target] = servers([MlflowVersion::V3, MlflowVersion::V2]);
+    let made = source
+        .make_data(1, &["--no-long-history", "--traces"])
+        .expect("make_data.py fills 3.x, traces too");
+    let traces = made["traces"].as_u64().expect("traces made");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+    // 2.x keeps the spans as a traces.json in 2.x's encoding (hex ids,
+    // attributes as JSON text): the checker reads both and finds every
+    // span, attribute and event equal.
+    let report = assert_equal(&source, &target);
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+    assert!(report.count("source", "spans") > traces);
+    assert_eq!(
+        report.count("target", "spans"),
+        report.count("source", "spans"),
+        "{:#}",
+        report.report
+    );
+    // 2.x assigns trace ids.
+    let ids = &report.report["fidelity"]["trace_ids_kept"];
+    assert_eq!(ids["kept"], 0, "{:#}", report.report["fidelity"]);
+}

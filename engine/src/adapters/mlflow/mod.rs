@@ -37,7 +37,7 @@
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `registered-models/alias` | `{"name","alias","version"}` (after the model's versions) |
 //! | `mlflow.requirement` | `requirement/logged_models` | `GET /version` | `{"major_at_least":3,"what","count","named"}`: first, when a 3.x source holds logged models; a 2.x target refuses it by name |
 //! | `mlflow.logged_model` | `logged_model/<model id>` | `logged-models` | `{"model_id","experiment_id","name","model_type","source_run_id","params","tags","status","metrics"}`; deps: its experiment, its run (after every run) |
-//! | `mlflow.trace` | `trace/<trace id>` | `traces` (2.x), or `POST /api/3.0/mlflow/traces` (3.x) | the trace's info and spans (see the `traces` module); deps: its experiment, its run; before deleted experiments are deleted |
+//! | `mlflow.trace` | `trace/<trace id>` | `traces` (from 2.x), or `POST /api/3.0/mlflow/traces` (from 3.x); either version takes either | the trace's info and spans (see the `traces` module); deps: its experiment, its run; before deleted experiments are deleted |
 //!
 //! A metric point's `value` is a JSON number, or `"NaN"`, `"Infinity"`,
 //! `"-Infinity"` as protobuf's JSON mapping writes them (and MLflow's own
@@ -61,7 +61,7 @@ pub use args::{ADAPTER, MlflowArgs, MlflowRestoreArgs};
 pub use client::{Credentials, MlflowClient, RetryPolicy, parse_json};
 pub use sink::{MlflowSink, MlflowSinkOptions};
 pub use source::MlflowSource;
-pub use traces::{Generation, v2_to_v3};
+pub use traces::{Generation, v2_to_v3, v3_to_v2};
 
 use crate::adapters::PlatformError;
 use crate::error::ErrorClass;

@@ -27,7 +27,8 @@
 //!
 //! A 3.x target takes both (a 2.x op is turned into a 3.x one by
 //! [`v2_to_v3`], as the profile `examples/profiles/mlflow` does); a 2.x
-//! target takes 2.x ops and refuses 3.x ones by name.
+//! target takes both too (a 3.x op turned into a 2.x one by [`v3_to_v2`],
+//! the trace getting the id the 2.x server assigns).
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
@@ -347,22 +348,181 @@ pub(super) async fn apply(
             } else {
                 return Err(bad("it is not a trace request ferry replays".to_owned()));
             };
-            write_v3(client, &body, ids).await.map_err(|failure| match failure {
-                Failure::Server(error) => error,
-                Failure::Bad(reason) => bad(reason),
-            })
+            write_v3(client, &body, ids)
+                .await
+                .map_err(|failure| match failure {
+                    Failure::Server(error) => error,
+                    Failure::Bad(reason) => bad(reason),
+                })
         }
         Generation::V2 if method == v2 => {
-            write_v2(client, &body, ids).await.map_err(|failure| match failure {
-                Failure::Server(error) => error,
-                Failure::Bad(reason) => bad(reason),
-            })
+            write_v2(client, &body, ids)
+                .await
+                .map_err(|failure| match failure {
+                    Failure::Server(error) => error,
+                    Failure::Bad(reason) => bad(reason),
+                })
         }
-        Generation::V2 => Err(bad(
-            "it is an MLflow 3.x trace, which ferry does not write onto an MLflow 2.x server (restore it onto 3.x)"
-                .to_owned(),
-        )),
+        Generation::V2 if method == v3 => {
+            let body = v3_to_v2(&body).map_err(&bad)?;
+            write_v2(client, &body, ids)
+                .await
+                .map_err(|failure| match failure {
+                    Failure::Server(error) => error,
+                    Failure::Bad(reason) => bad(reason),
+                })
+        }
+        Generation::V2 => Err(bad("it is not a trace request ferry replays".to_owned())),
     }
+}
+
+/// A 3.x trace op's body as the 2.x op that makes the same trace on a 2.x
+/// server, the way MLflow's own `TraceInfoV2.from_v3` maps the fields, the
+/// spans written in 2.x's encoding (hex ids, attributes as JSON text) into
+/// the `traces.json` it keeps, the previews as its `request`/`response`.
+pub fn v3_to_v2(body: &Value) -> Result<Value, String> {
+    let trace = &body["trace"];
+    let info = &trace["trace_info"];
+    let trace_id = text(info, "trace_id");
+    if trace_id.is_empty() {
+        return Err("the 3.x trace names no trace_id".to_owned());
+    }
+    let pairs = |field: &str| -> Vec<Value> {
+        info[field]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| field != "tags" || is_carried_tag(key))
+            .filter(|(key, _)| !SERVER_METADATA.contains(&key.as_str()))
+            .map(|(key, value)| json!({ "key": key, "value": value }))
+            .collect()
+    };
+    let spans = array(trace, "spans")
+        .iter()
+        .map(v2_span)
+        .collect::<Result<Vec<_>, _>>()?;
+    let status = match text(info, "state").as_str() {
+        "STATE_UNSPECIFIED" | "" => "TRACE_STATUS_UNSPECIFIED".to_owned(),
+        other => other.to_owned(),
+    };
+    let mut data = json!({ "spans": spans, "request": null, "response": null });
+    for (from, to) in [
+        ("request_preview", "request"),
+        ("response_preview", "response"),
+    ] {
+        if let Some(preview) = info.get(from).filter(|value| value.is_string()) {
+            data[to] = preview.clone();
+        }
+    }
+    Ok(json!({
+        "request_id": trace_id,
+        "experiment_id": text(&info["trace_location"]["mlflow_experiment"], "experiment_id"),
+        "timestamp_ms": rfc3339_to_ms(&text(info, "request_time"))?,
+        "execution_time_ms": duration_ms(&text(info, "execution_duration"))?,
+        "status": status,
+        "request_metadata": pairs("trace_metadata"),
+        "tags": pairs("tags"),
+        "trace_data": data,
+    }))
+}
+
+/// A span of 3.x's `traces/get` in MLflow 2.x's encoding.
+fn v2_span(span: &Value) -> Result<Value, String> {
+    let attributes: Map<String, Value> = array(span, "attributes")
+        .iter()
+        .map(|entry| {
+            (
+                text(entry, "key"),
+                json!(from_any_value(&entry["value"]).to_string()),
+            )
+        })
+        .collect();
+    let events: Vec<Value> = array(span, "events")
+        .iter()
+        .map(|event| {
+            let attributes: Map<String, Value> = array(event, "attributes")
+                .iter()
+                .map(|entry| (text(entry, "key"), from_any_value(&entry["value"])))
+                .collect();
+            json!({
+                "name": text(event, "name"),
+                "timestamp": integer(event, "time_unix_nano"),
+                "attributes": attributes,
+            })
+        })
+        .collect();
+    let parent = text(span, "parent_span_id");
+    let code = text(&span["status"], "code");
+    Ok(json!({
+        "name": text(span, "name"),
+        "context": {
+            "span_id": base64_id(&text(span, "span_id"))?,
+            "trace_id": base64_id(&text(span, "trace_id"))?,
+        },
+        "parent_id": if parent.is_empty() { Value::Null } else { json!(base64_id(&parent)?) },
+        "start_time": integer(span, "start_time_unix_nano"),
+        "end_time": integer(span, "end_time_unix_nano"),
+        "status_code": code.strip_prefix("STATUS_CODE_").unwrap_or(if code.is_empty() { "UNSET" } else { &code }),
+        "status_message": text(&span["status"], "message"),
+        "attributes": attributes,
+        "events": events,
+    }))
+}
+
+/// An OTLP any-value (as 3.x's `traces/get` writes it) as plain JSON.
+fn from_any_value(value: &Value) -> Value {
+    if let Some(text) = value.get("string_value") {
+        return text.clone();
+    }
+    if let Some(number) = value.get("int_value") {
+        return match number {
+            Value::String(text) => text
+                .parse::<i64>()
+                .map_or_else(|_| number.clone(), |n| json!(n)),
+            other => other.clone(),
+        };
+    }
+    if let Some(number) = value.get("double_value") {
+        return number.clone();
+    }
+    if let Some(flag) = value.get("bool_value") {
+        return flag.clone();
+    }
+    if let Some(items) = value.get("array_value") {
+        return Value::Array(array(items, "values").iter().map(from_any_value).collect());
+    }
+    if let Some(fields) = value.get("kvlist_value") {
+        return Value::Object(
+            array(fields, "values")
+                .iter()
+                .map(|entry| (text(entry, "key"), from_any_value(&entry["value"])))
+                .collect(),
+        );
+    }
+    if let Some(bytes) = value.get("bytes_value") {
+        return bytes.clone();
+    }
+    Value::Null
+}
+
+/// RFC 3339 (`2023-11-14T22:13:20.123Z`) as milliseconds since the epoch.
+fn rfc3339_to_ms(at: &str) -> Result<i64, String> {
+    let parsed = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .map_err(|error| format!("its request_time {at:?} is not RFC 3339: {error}"))?;
+    i64::try_from(parsed.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("its request_time {at:?} is out of range"))
+}
+
+/// A protobuf duration (`"0.141s"`) as milliseconds.
+fn duration_ms(duration: &str) -> Result<i64, String> {
+    if duration.is_empty() {
+        return Ok(0);
+    }
+    let seconds: f64 = duration
+        .strip_suffix('s')
+        .and_then(|number| number.parse().ok())
+        .ok_or_else(|| format!("its execution_duration {duration:?} is not a duration"))?;
+    Ok((seconds * 1000.0).round() as i64)
 }
 
 enum Failure {
@@ -945,6 +1105,78 @@ mod tests {
             let migrated: Value = serde_json::from_slice(&out[0].body).expect("JSON");
             assert_eq!(migrated, v2_to_v3(&body).expect("converts"), "{body}");
         }
+    }
+
+    #[test]
+    fn a_3x_trace_becomes_the_2x_trace_mlflow_would_keep() {
+        let v3 = json!({"trace": {
+            "trace_info": {
+                "trace_id": "tr-c4c88ce400f9f62082d939cafdf6e97c",
+                "trace_location": {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": "1"}},
+                "request_time": "2023-11-14T22:13:20.123Z",
+                "execution_duration": "0.141s",
+                "state": "ERROR",
+                "trace_metadata": {"mlflow.user": "root", "mlflow.trace.infoFinalized": "true"},
+                "tags": {"mlflow.traceName": "root", "mlflow.trace.spansLocation": "TRACKING_STORE"},
+                "request_preview": "{\"q\": \"x\"}",
+            },
+            "spans": [{
+                "trace_id": "xMiM5AD59iCC2TnK/fbpfA==",
+                "span_id": "r7rBj/Rhh8E=",
+                "parent_span_id": "Je85reF9s4Y=",
+                "name": "child",
+                "start_time_unix_nano": 5,
+                "end_time_unix_nano": "7",
+                "attributes": [
+                    {"key": "n", "value": {"int_value": 2}},
+                    {"key": "inputs", "value": {"kvlist_value": {"values": [{"key": "q", "value": {"string_value": "x"}}]}}},
+                ],
+                "status": {"code": "STATUS_CODE_ERROR", "message": "boom"},
+                "events": [{"name": "exception", "time_unix_nano": 6, "attributes": [{"key": "exception.type", "value": {"string_value": "ValueError"}}]}],
+            }],
+        }});
+        let v2 = v3_to_v2(&v3).expect("converts");
+        assert_eq!(v2["request_id"], "tr-c4c88ce400f9f62082d939cafdf6e97c");
+        assert_eq!(v2["experiment_id"], "1");
+        assert_eq!(v2["timestamp_ms"], 1_700_000_000_123_i64);
+        assert_eq!(v2["execution_time_ms"], 141);
+        assert_eq!(v2["status"], "ERROR");
+        assert_eq!(
+            v2["request_metadata"],
+            json!([{"key": "mlflow.user", "value": "root"}])
+        );
+        assert_eq!(
+            v2["tags"],
+            json!([{"key": "mlflow.traceName", "value": "root"}])
+        );
+        let data = &v2["trace_data"];
+        assert_eq!(data["request"], "{\"q\": \"x\"}");
+        let span = &data["spans"][0];
+        assert_eq!(span["context"]["span_id"], "afbac18ff46187c1");
+        assert_eq!(
+            span["context"]["trace_id"],
+            "c4c88ce400f9f62082d939cafdf6e97c"
+        );
+        assert_eq!(span["parent_id"], "25ef39ade17db386");
+        assert_eq!(span["end_time"], 7);
+        assert_eq!(span["status_code"], "ERROR");
+        assert_eq!(span["attributes"]["n"], "2");
+        assert_eq!(span["attributes"]["inputs"], "{\"q\":\"x\"}");
+        assert_eq!(
+            span["events"][0]["attributes"]["exception.type"],
+            "ValueError"
+        );
+        assert_eq!(span["events"][0]["timestamp"], 6);
+        // And back: the spans as OTLP are the ones it came from.
+        let (trace_id, otlp) = otlp_span(span).expect("converts");
+        assert_eq!(trace_id, "c4c88ce400f9f62082d939cafdf6e97c");
+        let n = otlp["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| entry["key"] == "n")
+            .map(|entry| entry["value"].clone());
+        assert_eq!(n, Some(json!({"intValue": "2"})));
     }
 
     #[test]

@@ -251,10 +251,12 @@ impl MlflowClient {
                     let retry_after = retry_after(&response);
                     match response.bytes().await {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
-                        Ok(bytes) if retryable(status) => Failure {
-                            what: format!("HTTP {status}: {}", server_message(&bytes)),
-                            retry_after,
-                        },
+                        Ok(bytes) if retryable(status) || database_busy(status, &bytes) => {
+                            Failure {
+                                what: format!("HTTP {status}: {}", server_message(&bytes)),
+                                retry_after,
+                            }
+                        }
                         Ok(bytes) => return Err(self.refusal(&request_name, status, &bytes)),
                         Err(error) => Failure {
                             what: format!("the answer broke off: {error}"),
@@ -335,6 +337,16 @@ struct Failure {
 /// client retries the same.
 fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// A 400 that is the server's database pool running dry, not a refusal:
+/// MLflow answers SQLAlchemy's pool timeout ("QueuePool limit of size 5
+/// overflow 10 reached, connection timed out") as `BAD_REQUEST` (seen on
+/// 3.17.2 under load); the same request succeeds once the server has caught
+/// up.
+fn database_busy(status: StatusCode, body: &[u8]) -> bool {
+    status == StatusCode::BAD_REQUEST
+        && String::from_utf8_lossy(body).contains("QueuePool limit of size")
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is taken as absent).
@@ -499,6 +511,28 @@ mod tests {
             .expect("answered on the third try");
         assert_eq!(answer["ok"], 1);
         assert_eq!(client.requests(), 3);
+    }
+
+    /// Regression: a 3.17.2 server under load answered a `log-batch` with
+    /// 400 "QueuePool limit of size 5 overflow 10 reached", and the restore
+    /// stopped on what was only a busy server.
+    #[tokio::test]
+    async fn a_database_pool_running_dry_is_tried_again() {
+        let base = scripted_server(vec![
+            (
+                "400 Bad Request",
+                "",
+                "{\"error_code\":\"BAD_REQUEST\",\"message\":\"QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00\"}",
+            ),
+            ("200 OK", "content-type: application/json\r\n", "{}"),
+        ])
+        .await;
+        let client = MlflowClient::new(&base, Credentials::None, quick()).expect("client");
+        client
+            .post("/api/2.0/mlflow/runs/log-batch", &serde_json::json!({}))
+            .await
+            .expect("answered on the second try");
+        assert_eq!(client.requests(), 2);
     }
 
     #[tokio::test]

@@ -62,6 +62,8 @@ impl Default for MlflowSinkOptions {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Ops queued on a lane at most.
 const LANE_QUEUE: usize = 256;
+/// The most ops of one source transaction held until its last op comes.
+const MAX_TRANSACTION_OPS: usize = 100_000;
 
 /// What every lane shares: the server and the id maps.
 struct Shared {
@@ -100,6 +102,21 @@ pub struct MlflowSink {
     last_seq: u64,
     since_checkpoint: usize,
     checkpointed_at: Instant,
+    /// The ops of a source transaction whose last op has not come yet.
+    open_transaction: Vec<Op>,
+}
+
+impl Drop for MlflowSink {
+    /// A sink dropped without `finish` (its restore stopped) sends
+    /// nothing more: what its lanes still held is cancelled, as a kill
+    /// would, and the next restore resumes from the checkpoint.
+    fn drop(&mut self) {
+        for lane in &self.lanes {
+            if let Some(task) = &lane.task {
+                task.abort();
+            }
+        }
+    }
 }
 
 impl MlflowSink {
@@ -121,6 +138,7 @@ impl MlflowSink {
             last_seq: 0,
             since_checkpoint: 0,
             checkpointed_at: Instant::now(),
+            open_transaction: Vec::new(),
         }
     }
 
@@ -330,6 +348,37 @@ impl MlflowSink {
         Ok(())
     }
 
+    /// Sends `op` to its lane (a run's), or applies it after every lane
+    /// is idle (experiments, the registry), and checkpoints when due.
+    async fn dispatch(&mut self, op: Op) -> Result<()> {
+        let seq = op.seq;
+        if op.kind.as_ref() == KIND_RUN.as_bytes() {
+            let lane = self.lane_of(&op);
+            if self.lanes[lane]
+                .sender
+                .send(LaneMessage::Op(Box::new(op)))
+                .await
+                .is_err()
+            {
+                return Err(self.lane_error(lane).await);
+            }
+        } else {
+            // Experiments and the registry: after every run op before
+            // them, one at a time.
+            self.barrier().await?;
+            apply_op(&self.shared, &op).await?;
+        }
+        self.last_seq = seq;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.options.ops_per_checkpoint
+            || self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+        {
+            self.barrier().await?;
+            self.write_checkpoint(false).await?;
+        }
+        Ok(())
+    }
+
     /// The lane of a run's op: the run's own, else its parent's, else by
     /// its id.
     fn lane_of(&mut self, op: &Op) -> usize {
@@ -396,44 +445,58 @@ impl Sink for MlflowSink {
     }
 
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        let mut tracker = self.tracker;
-        for op in &ops {
-            tracker
-                .try_advance(op.seq)
-                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-        }
-        self.tracker = tracker;
+        self.tracker
+            .try_advance_all(ops.iter().map(|op| op.seq))
+            .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
         for op in ops {
-            let seq = op.seq;
-            if op.kind.as_ref() == KIND_RUN.as_bytes() {
-                let lane = self.lane_of(&op);
-                if self.lanes[lane]
-                    .sender
-                    .send(LaneMessage::Op(Box::new(op)))
-                    .await
-                    .is_err()
-                {
-                    return Err(self.lane_error(lane).await);
-                }
-            } else {
-                // Experiments and the registry: after every run op before
-                // them, one at a time.
-                self.barrier().await?;
-                apply_op(&self.shared, &op).await?;
-            }
-            self.last_seq = seq;
-            self.since_checkpoint += 1;
-            if self.since_checkpoint >= self.options.ops_per_checkpoint
-                || self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+            // G3 without server transactions: a source transaction's
+            // requests are held until its last op came, then sent; a
+            // stream cut inside one leaves none of it on the target.
+            if let Some(open) = self.open_transaction.first().map(|first| first.txn)
+                && op.txn != open
             {
-                self.barrier().await?;
-                self.write_checkpoint(false).await?;
+                return Err(AdapterError::BrokenTransaction {
+                    target_name: self.client().name().to_owned(),
+                    seq: op.seq,
+                    txn: open,
+                }
+                .into());
+            }
+            if op.txn == 0 || op.txn_last && self.open_transaction.is_empty() {
+                self.dispatch(op).await?;
+                continue;
+            }
+            if self.open_transaction.len() >= MAX_TRANSACTION_OPS {
+                return Err(AdapterError::target(MlflowError::BadResponse {
+                    server: self.client().name().to_owned(),
+                    request: format!("op seq {} of source transaction {}", op.seq, op.txn),
+                    reason: format!(
+                        "a source transaction of more than {MAX_TRANSACTION_OPS} ops cannot be held to be sent whole: MLflow has no transactions"
+                    ),
+                })
+                .into());
+            }
+            let last = op.txn_last;
+            self.open_transaction.push(op);
+            if last {
+                for op in std::mem::take(&mut self.open_transaction) {
+                    self.dispatch(op).await?;
+                }
             }
         }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        if let Some(open) = self.open_transaction.first() {
+            return Err(AdapterError::target(MlflowError::BadResponse {
+                server: self.client().name().to_owned(),
+                request: format!("source transaction {} from op seq {}", open.txn, open.seq),
+                reason: "the stream ended before the transaction's last op: none of it was sent"
+                    .to_owned(),
+            })
+            .into());
+        }
         self.barrier().await?;
         self.write_checkpoint(true).await?;
         for lane in std::mem::take(&mut self.lanes) {

@@ -175,3 +175,111 @@ fn a_restore_killed_twice_resumes_to_exactly_the_copy_one_unbroken_run_makes() {
         report.count("target", "metric_points")
     );
 }
+
+/// Rewinds every restore checkpoint on `target` to its begin (seq 0, not
+/// complete): the next restore sends every request again, as one killed
+/// right after its first checkpoint would.
+fn rewind_checkpoints(target: &MlflowServer) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client");
+        let experiment = client
+            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+            .await
+            .expect("experiment 0");
+        let mut rewound = 0;
+        for tag in experiment["experiment"]["tags"].as_array().into_iter().flatten() {
+            let key = tag["key"].as_str().unwrap_or_default();
+            if !key.starts_with("ferry.checkpoint.") {
+                continue;
+            }
+            let mut value: serde_json::Value =
+                serde_json::from_str(tag["value"].as_str().expect("a text value"))
+                    .expect("a JSON checkpoint");
+            value["seq"] = 0.into();
+            value["complete"] = false.into();
+            client
+                .post(
+                    "/api/2.0/mlflow/experiments/set-experiment-tag",
+                    &serde_json::json!({ "experiment_id": "0", "key": key, "value": value.to_string() }),
+                )
+                .await
+                .expect("the checkpoint rewound");
+            rewound += 1;
+        }
+        assert_eq!(rewound, 1, "one restore's checkpoint on the target");
+    });
+}
+
+#[test]
+fn into_a_target_that_was_not_empty_a_replay_from_the_first_op_makes_nothing_twice() {
+    let [source, target] = servers([MlflowVersion::V2, MlflowVersion::V3]);
+    source.make_data(1, &[]).expect("make_data.py fills 2.x");
+    // The target holds an experiment of its own: the source's experiment
+    // ids and version numbers (a deleted version left a gap) are mapped.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client")
+            .post(
+                "/api/2.0/mlflow/experiments/create",
+                &serde_json::json!({ "name": "the target's own" }),
+            )
+            .await
+            .expect("an experiment of the target's own");
+    });
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    let (store_url, target_url) = (store.url(), target.ferry_url());
+    let mut args = restore_args(&store_url, &id, &target_url);
+    args.push("--allow-nonempty");
+    ferry_ok(&args);
+    let compare = || {
+        check(
+            MlflowVersion::V3,
+            &source.url(),
+            &target.url(),
+            &["--experiment-ids-may-differ"],
+        )
+        .expect("check.py reads both servers")
+    };
+    let first = compare();
+    assert_eq!(
+        first.count("target", "runs"),
+        first.count("source", "runs"),
+        "{:#}",
+        first.report
+    );
+
+    // Every request again, after the checkpoint: each finds its own work
+    // (runs and experiments by their tags, versions by
+    // `ferry.source_version`), and the stages and aliases name the same
+    // versions.
+    rewind_checkpoints(&target);
+    let printed = ferry_ok(&args);
+    let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
+    assert!(summary["ops"].as_u64() > Some(50), "{summary}");
+    let second = compare();
+    let counts = |report: &CheckReport| {
+        let mut counts = report.report["counts"]["target"].clone();
+        counts.as_object_mut().expect("counts").remove("requests");
+        counts
+    };
+    assert_eq!(
+        counts(&second),
+        counts(&first),
+        "what the target holds after the replay"
+    );
+    assert_eq!(
+        second.differences(),
+        first.differences(),
+        "the replay changed what differs from the source"
+    );
+}

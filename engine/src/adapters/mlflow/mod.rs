@@ -77,6 +77,9 @@ pub const SOURCE_RUN_TAG: &str = "ferry.source_run_id";
 /// The tag on a target's experiment naming the source experiment it was
 /// made from.
 pub const SOURCE_EXPERIMENT_TAG: &str = "ferry.source_experiment_id";
+/// The tag on a target's model version naming the source's version number,
+/// where they differ (a restore into a target that was not empty).
+pub const SOURCE_VERSION_TAG: &str = "ferry.source_version";
 /// The tag of the target's experiment 0 holding a stream's checkpoint,
 /// followed by the stream's id.
 pub const CHECKPOINT_TAG_PREFIX: &str = "ferry.checkpoint.";

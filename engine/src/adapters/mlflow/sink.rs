@@ -17,7 +17,7 @@
 //!   tags are set to the same values), and what follows a run's deletion
 //!   (only that deletion itself) is skipped on a run already deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,10 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
-use super::source::{all_experiments, array, next_page, text};
+use super::source::{PROMPT_FILTER, all_experiments, array, name_filter, next_page, text};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG,
-    SOURCE_RUN_TAG,
+    SOURCE_RUN_TAG, SOURCE_VERSION_TAG,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
@@ -74,6 +74,8 @@ struct Shared {
     experiments: Mutex<HashMap<String, String>>,
     /// (model, source version) to the target's version, where they differ.
     versions: Mutex<HashMap<(String, String), String>>,
+    /// Models whose versions on the target were read into `versions`.
+    versions_read: Mutex<HashSet<String>>,
     /// The target was empty when the stream began: ids are kept as the
     /// source's, gaps filled.
     same_ids: AtomicBool,
@@ -128,6 +130,7 @@ impl MlflowSink {
                 runs: Mutex::new(HashMap::new()),
                 experiments: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
+                versions_read: Mutex::new(HashSet::new()),
                 same_ids: AtomicBool::new(false),
             }),
             options,
@@ -815,11 +818,58 @@ impl Replay<'_> {
     }
 
     /// The target's number of a source model version.
-    fn version(&self, name: &str, source_version: &str) -> String {
-        lock(&self.shared.versions)
+    /// The target's number of a source's model version: the same into a
+    /// target that was empty, else what the map says, read back from the
+    /// versions' `ferry.source_version` tags after a resume.
+    async fn version(&self, name: &str, source_version: &str) -> Result<String, MlflowError> {
+        if !self.same_ids() {
+            self.read_versions(name).await?;
+        }
+        Ok(lock(&self.shared.versions)
             .get(&(name.to_owned(), source_version.to_owned()))
             .cloned()
-            .unwrap_or_else(|| source_version.to_owned())
+            .unwrap_or_else(|| source_version.to_owned()))
+    }
+
+    /// Reads into the map, once per model, which of the target's versions
+    /// of `name` were made from which source version (their tag).
+    async fn read_versions(&self, name: &str) -> Result<(), MlflowError> {
+        if lock(&self.shared.versions_read).contains(name) {
+            return Ok(());
+        }
+        let filter = name_filter(name).ok_or_else(|| MlflowError::BadResponse {
+            server: self.client().name().to_owned(),
+            request: "GET model-versions/search".to_owned(),
+            reason: format!(
+                "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
+            ),
+        })?;
+        // A prompt's versions are found only by a filter naming its tag.
+        for filter in [filter.clone(), format!("{filter} AND {PROMPT_FILTER}")] {
+            let mut page_token: Option<String> = None;
+            loop {
+                let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
+                if let Some(token) = &page_token {
+                    query.push(("page_token", token));
+                }
+                let page = self
+                    .client()
+                    .get(&format!("{API}/model-versions/search"), &query)
+                    .await?;
+                for version in array(&page, "model_versions") {
+                    if let Some(source) = tag_value(version, SOURCE_VERSION_TAG) {
+                        lock(&self.shared.versions)
+                            .insert((name.to_owned(), source), text(version, "version"));
+                    }
+                }
+                page_token = next_page(&page);
+                if page_token.is_none() {
+                    break;
+                }
+            }
+        }
+        lock(&self.shared.versions_read).insert(name.to_owned());
+        Ok(())
     }
 
     async fn model_version_exists(&self, name: &str, version: &str) -> Result<bool, MlflowError> {
@@ -840,23 +890,41 @@ impl Replay<'_> {
     async fn create_model_version(&self) -> Result<(), Failure> {
         let name = text(&self.body, "name");
         let wanted = text(&self.body, "version");
-        if self.same_ids() && self.model_version_exists(&name, &wanted).await? {
-            return Ok(());
+        if self.same_ids() {
+            if self.model_version_exists(&name, &wanted).await? {
+                return Ok(());
+            }
+        } else {
+            self.read_versions(&name).await?;
+            if lock(&self.shared.versions).contains_key(&(name.clone(), wanted.clone())) {
+                return Ok(());
+            }
         }
         let mut body = self.body.clone();
         if let Some(object) = body.as_object_mut() {
             object.remove("version");
         }
+        if !self.same_ids() {
+            // Numbers may differ: the version says which source version it
+            // is, in the request that makes it, so a replay finds it.
+            let mut tags = array(&self.body, "tags").to_vec();
+            tags.push(json!({ "key": SOURCE_VERSION_TAG, "value": wanted }));
+            body["tags"] = json!(tags);
+        }
         let source_run = text(&self.body, "run_id");
         if !source_run.is_empty() {
             let target_run = self.run(&source_run)?;
             body["run_id"] = json!(target_run);
-            // The version's source and link name the run: by the target's id.
-            for field in ["source", "run_link"] {
-                let value = text(&self.body, field);
-                if !value.is_empty() {
-                    body[field] = json!(value.replace(&source_run, &target_run));
-                }
+            let source = text(&self.body, "source");
+            if !source.is_empty() {
+                body["source"] = json!(
+                    self.version_source(&source, &source_run, &target_run)
+                        .await?
+                );
+            }
+            let link = text(&self.body, "run_link");
+            if !link.is_empty() {
+                body["run_link"] = json!(self.run_link(&link, &source_run, &target_run)?);
             }
         }
         loop {
@@ -875,19 +943,64 @@ impl Replay<'_> {
                         .await?;
                 }
                 _ => {
-                    if got != wanted {
-                        lock(&self.shared.versions).insert((name, wanted), got);
-                    }
+                    lock(&self.shared.versions).insert((name, wanted), got);
                     return Ok(());
                 }
             }
         }
     }
 
+    /// A version's source on the target: under the target run's
+    /// artifacts where it was under the source run's (the server checks
+    /// that the run holds it, and with mapped ids the experiment in the
+    /// path differs too), else with the run's id replaced.
+    async fn version_source(
+        &self,
+        source: &str,
+        source_run: &str,
+        target_run: &str,
+    ) -> Result<String, Failure> {
+        let artifacts = format!("/{source_run}/artifacts");
+        match source.find(&artifacts) {
+            Some(at) if !self.same_ids() => {
+                let run = self
+                    .client()
+                    .get(&format!("{API}/runs/get"), &[("run_id", target_run)])
+                    .await?;
+                let artifact_uri = text(&run["run"]["info"], "artifact_uri");
+                Ok(format!("{artifact_uri}{}", &source[at + artifacts.len()..]))
+            }
+            _ => Ok(source.replace(source_run, target_run)),
+        }
+    }
+
+    /// A version's link to its run (`.../#/experiments/<id>/runs/<id>`)
+    /// with the target's ids.
+    fn run_link(&self, link: &str, source_run: &str, target_run: &str) -> Result<String, Failure> {
+        let run_part = format!("/runs/{source_run}");
+        let Some(at) = link.find(&run_part) else {
+            return Ok(link.replace(source_run, target_run));
+        };
+        let before = &link[..at];
+        let experiment_at = before
+            .rfind("/experiments/")
+            .map(|found| found + "/experiments/".len());
+        let rest = &link[at + run_part.len()..];
+        Ok(match experiment_at {
+            Some(start)
+                if !self.same_ids() && before[start..].bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                let experiment = self.experiment(&before[start..])?;
+                format!("{}{experiment}/runs/{target_run}{rest}", &before[..start])
+            }
+            _ => format!("{before}/runs/{target_run}{rest}"),
+        })
+    }
+
     async fn version_request(&self, request: &str) -> Result<(), Failure> {
         let name = text(&self.body, "name");
         let mut body = self.body.clone();
-        body["version"] = json!(self.version(&name, &text(&self.body, "version")));
+        body["version"] = json!(self.version(&name, &text(&self.body, "version")).await?);
         self.post(request, &body).await?;
         Ok(())
     }

@@ -22,6 +22,7 @@ use super::client::MlflowClient;
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_MODEL_VERSION, KIND_REGISTERED_MODEL,
     KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    SOURCE_VERSION_TAG,
 };
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
@@ -42,7 +43,7 @@ const BATCH_TAGS: usize = 100;
 const BATCH_BYTES: usize = 900_000;
 /// The search filter that finds prompts (registered models and versions
 /// tagged as prompts).
-const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
+pub(super) const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
 /// Ops sent to the stream at once.
 const OPS_PER_BATCH: usize = 1_000;
 
@@ -176,11 +177,7 @@ impl Crawl {
         let experiments = all_experiments(&self.client).await?;
         for experiment in &experiments {
             let id = text(experiment, "experiment_id");
-            let tags: Vec<Value> = array(experiment, "tags")
-                .iter()
-                .filter(|tag| !is_ferry_tag(&text(tag, "key")))
-                .cloned()
-                .collect();
+            let tags = without_ferry_tags(array(experiment, "tags"));
             let body = json!({
                 "experiment_id": id,
                 "name": text(experiment, "name"),
@@ -572,7 +569,7 @@ impl Crawl {
                 "name": name,
                 "version": number,
                 "source": text(version, "source"),
-                "tags": array(version, "tags"),
+                "tags": without_ferry_tags(array(version, "tags")),
             });
             for field in ["run_id", "run_link", "description"] {
                 if let Some(value) = version
@@ -809,14 +806,25 @@ fn parent_of(run: &Value) -> Option<String> {
         .filter(|parent| !parent.is_empty())
 }
 
+/// `tags` without ferry's own.
+fn without_ferry_tags(tags: &[Value]) -> Vec<Value> {
+    tags.iter()
+        .filter(|tag| !is_ferry_tag(&text(tag, "key")))
+        .cloned()
+        .collect()
+}
+
 /// ferry's own tags on a plane it restored into, which a backup of that
 /// plane leaves behind.
 fn is_ferry_tag(key: &str) -> bool {
-    key == SOURCE_RUN_TAG || key == SOURCE_EXPERIMENT_TAG || key.starts_with(CHECKPOINT_TAG_PREFIX)
+    key == SOURCE_RUN_TAG
+        || key == SOURCE_EXPERIMENT_TAG
+        || key == SOURCE_VERSION_TAG
+        || key.starts_with(CHECKPOINT_TAG_PREFIX)
 }
 
 /// `name = '...'` for a model-version search.
-fn name_filter(name: &str) -> Option<String> {
+pub(super) fn name_filter(name: &str) -> Option<String> {
     if !name.contains('\'') {
         Some(format!("name = '{name}'"))
     } else if !name.contains('"') {

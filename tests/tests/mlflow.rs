@@ -101,32 +101,49 @@ fn a_2x_server_restores_onto_3x_and_2x_field_for_field_and_a_second_restore_make
     );
 }
 
-/// The seq through which the restore's checkpoint on `target` counts.
-fn checkpoint(target: &MlflowServer) -> u64 {
+/// Runs `work` with a REST client of `target`.
+fn with_client<F: std::future::Future>(
+    target: &MlflowServer,
+    work: impl FnOnce(MlflowClient) -> F,
+) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
-    runtime.block_on(async {
-        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
-            .expect("a client");
-        let experiment = client
-            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+    let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+        .expect("a client");
+    runtime.block_on(work(client))
+}
+
+/// The restore checkpoints on the target: the tags of experiment 0 named
+/// `ferry.checkpoint.<stream>`, with their values.
+async fn checkpoints(client: &MlflowClient) -> Vec<(String, serde_json::Value)> {
+    let experiment = client
+        .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+        .await
+        .expect("experiment 0");
+    experiment["experiment"]["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|tag| {
+            let key = tag["key"].as_str()?;
+            key.starts_with("ferry.checkpoint.").then(|| {
+                let value = serde_json::from_str(tag["value"].as_str().unwrap_or_default())
+                    .expect("a JSON checkpoint");
+                (key.to_owned(), value)
+            })
+        })
+        .collect()
+}
+
+/// The seq through which the restore's checkpoint on `target` counts.
+fn checkpoint(target: &MlflowServer) -> u64 {
+    with_client(target, |client| async move {
+        checkpoints(&client)
             .await
-            .expect("experiment 0");
-        experiment["experiment"]["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|tag| {
-                tag["key"]
-                    .as_str()
-                    .is_some_and(|key| key.starts_with("ferry.checkpoint."))
-            })
-            .filter_map(|tag| {
-                let value: serde_json::Value = serde_json::from_str(tag["value"].as_str()?).ok()?;
-                value["seq"].as_u64()
-            })
+            .iter()
+            .filter_map(|(_, value)| value["seq"].as_u64())
             .max()
             .unwrap_or(0)
     })
@@ -180,26 +197,10 @@ fn a_restore_killed_twice_resumes_to_exactly_the_copy_one_unbroken_run_makes() {
 /// complete): the next restore sends every request again, as one killed
 /// right after its first checkpoint would.
 fn rewind_checkpoints(target: &MlflowServer) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
-            .expect("a client");
-        let experiment = client
-            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
-            .await
-            .expect("experiment 0");
-        let mut rewound = 0;
-        for tag in experiment["experiment"]["tags"].as_array().into_iter().flatten() {
-            let key = tag["key"].as_str().unwrap_or_default();
-            if !key.starts_with("ferry.checkpoint.") {
-                continue;
-            }
-            let mut value: serde_json::Value =
-                serde_json::from_str(tag["value"].as_str().expect("a text value"))
-                    .expect("a JSON checkpoint");
+    with_client(target, |client| async move {
+        let found = checkpoints(&client).await;
+        assert_eq!(found.len(), 1, "one restore's checkpoint on the target");
+        for (key, mut value) in found {
             value["seq"] = 0.into();
             value["complete"] = false.into();
             client
@@ -209,9 +210,7 @@ fn rewind_checkpoints(target: &MlflowServer) {
                 )
                 .await
                 .expect("the checkpoint rewound");
-            rewound += 1;
         }
-        assert_eq!(rewound, 1, "one restore's checkpoint on the target");
     });
 }
 
@@ -221,13 +220,8 @@ fn into_a_target_that_was_not_empty_a_replay_from_the_first_op_makes_nothing_twi
     source.make_data(1, &[]).expect("make_data.py fills 2.x");
     // The target holds an experiment of its own: the source's experiment
     // ids and version numbers (a deleted version left a gap) are mapped.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
-            .expect("a client")
+    with_client(&target, |client| async move {
+        client
             .post(
                 "/api/2.0/mlflow/experiments/create",
                 &serde_json::json!({ "name": "the target's own" }),

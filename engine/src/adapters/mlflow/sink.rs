@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
-use super::source::{PROMPT_FILTER, all_experiments, array, name_filter, next_page, text};
+use super::source::{all_experiments, array, model_versions, next_page, text};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_RUN, MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG,
     SOURCE_RUN_TAG, SOURCE_VERSION_TAG,
@@ -837,34 +837,12 @@ impl Replay<'_> {
         if lock(&self.shared.versions_read).contains(name) {
             return Ok(());
         }
-        let filter = name_filter(name).ok_or_else(|| MlflowError::BadResponse {
-            server: self.client().name().to_owned(),
-            request: "GET model-versions/search".to_owned(),
-            reason: format!(
-                "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
-            ),
-        })?;
-        // A prompt's versions are found only by a filter naming its tag.
-        for filter in [filter.clone(), format!("{filter} AND {PROMPT_FILTER}")] {
-            let mut page_token: Option<String> = None;
-            loop {
-                let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
-                if let Some(token) = &page_token {
-                    query.push(("page_token", token));
-                }
-                let page = self
-                    .client()
-                    .get(&format!("{API}/model-versions/search"), &query)
-                    .await?;
-                for version in array(&page, "model_versions") {
-                    if let Some(source) = tag_value(version, SOURCE_VERSION_TAG) {
-                        lock(&self.shared.versions)
-                            .insert((name.to_owned(), source), text(version, "version"));
-                    }
-                }
-                page_token = next_page(&page);
-                if page_token.is_none() {
-                    break;
+        // A prompt's versions are found only by a search naming its tag.
+        for prompt in [false, true] {
+            for version in model_versions(self.client(), name, prompt).await? {
+                if let Some(source) = tag_value(&version, SOURCE_VERSION_TAG) {
+                    lock(&self.shared.versions)
+                        .insert((name.to_owned(), source), text(&version, "version"));
                 }
             }
         }

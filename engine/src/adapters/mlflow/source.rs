@@ -43,7 +43,7 @@ const BATCH_TAGS: usize = 100;
 const BATCH_BYTES: usize = 900_000;
 /// The search filter that finds prompts (registered models and versions
 /// tagged as prompts).
-pub(super) const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
+const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
 /// Ops sent to the stream at once.
 const OPS_PER_BATCH: usize = 1_000;
 
@@ -83,6 +83,43 @@ pub(super) async fn all_experiments(client: &MlflowClient) -> Result<Vec<Value>,
 }
 
 /// The server's version (`GET /version`).
+/// Every version of the registered model `name` (of the prompt `name`
+/// when `prompt`: a search finds a prompt's versions only by their tag).
+pub(super) async fn model_versions(
+    client: &MlflowClient,
+    name: &str,
+    prompt: bool,
+) -> Result<Vec<Value>, MlflowError> {
+    let filter = name_filter(name).ok_or_else(|| MlflowError::BadResponse {
+        server: client.name().to_owned(),
+        request: "GET model-versions/search".to_owned(),
+        reason: format!(
+            "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
+        ),
+    })?;
+    let filter = if prompt {
+        format!("{filter} AND {PROMPT_FILTER}")
+    } else {
+        filter
+    };
+    let mut versions = Vec::new();
+    let mut page_token: Option<String> = None;
+    loop {
+        let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
+        if let Some(token) = &page_token {
+            query.push(("page_token", token));
+        }
+        let page = client
+            .get(&format!("{API}/model-versions/search"), &query)
+            .await?;
+        versions.extend(array(&page, "model_versions").iter().cloned());
+        page_token = next_page(&page);
+        if page_token.is_none() {
+            return Ok(versions);
+        }
+    }
+}
+
 pub(super) async fn server_version(client: &MlflowClient) -> Result<String, MlflowError> {
     let version = client.get_text("/version").await?;
     if version.is_empty() || version.len() > 64 || version.contains(char::is_whitespace) {
@@ -530,37 +567,7 @@ impl Crawl {
             Vec::new(),
         )
         .await?;
-        let filter = name_filter(&name).ok_or_else(|| {
-            Halt::Failed(MlflowError::BadResponse {
-                server: self.client.name().to_owned(),
-                request: "GET model-versions/search".to_owned(),
-                reason: format!(
-                    "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
-                ),
-            })
-        })?;
-        let filter = if prompt {
-            format!("{filter} AND {PROMPT_FILTER}")
-        } else {
-            filter
-        };
-        let mut versions = Vec::new();
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
-            if let Some(token) = &page_token {
-                query.push(("page_token", token));
-            }
-            let page = self
-                .client
-                .get(&format!("{API}/model-versions/search"), &query)
-                .await?;
-            versions.extend(array(&page, "model_versions").iter().cloned());
-            page_token = next_page(&page);
-            if page_token.is_none() {
-                break;
-            }
-        }
+        let mut versions = model_versions(&self.client, &name, prompt).await?;
         versions.sort_by_key(|version| id_order(&text(version, "version")));
         for version in &versions {
             let number = text(version, "version");
@@ -824,7 +831,7 @@ fn is_ferry_tag(key: &str) -> bool {
 }
 
 /// `name = '...'` for a model-version search.
-pub(super) fn name_filter(name: &str) -> Option<String> {
+fn name_filter(name: &str) -> Option<String> {
     if !name.contains('\'') {
         Some(format!("name = '{name}'"))
     } else if !name.contains('"') {

@@ -230,7 +230,7 @@ impl MlflowClient {
                     let retry_after = retry_after(&response);
                     match response.bytes().await {
                         Ok(bytes) if status.is_success() => return Ok(bytes),
-                        Ok(bytes) if retryable(status) => Failure {
+                        Ok(bytes) if retryable(status) || pool_timed_out(&bytes) => Failure {
                             what: format!("HTTP {status}: {}", server_message(&bytes)),
                             retry_after,
                         },
@@ -314,6 +314,23 @@ struct Failure {
 /// client retries the same.
 fn retryable(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// What SQLAlchemy says when no database connection of the server's
+/// pool came free in time (`sqlalchemy.exc.TimeoutError`).
+const POOL_TIMEOUT: &str = "QueuePool limit of size";
+
+/// A 400 that is a busy server, not a bad request: MLflow answers a
+/// timeout waiting for a connection of its database pool (seen on 3.17.2
+/// under load) as `BAD_REQUEST` with SQLAlchemy's message. Nothing was
+/// written; the same request later may pass.
+fn pool_timed_out(body: &[u8]) -> bool {
+    parse_json(body).is_ok_and(|value| {
+        value["error_code"] == "BAD_REQUEST"
+            && value["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(POOL_TIMEOUT))
+    })
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is taken as absent).
@@ -477,6 +494,40 @@ mod tests {
             .await
             .expect("answered on the third try");
         assert_eq!(answer["ok"], 1);
+        assert_eq!(client.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_database_pool_timeout_answered_as_a_bad_request_is_tried_again() {
+        let base = scripted_server(vec![
+            (
+                "400 Bad Request",
+                "content-type: application/json\r\n",
+                r#"{"error_code": "BAD_REQUEST", "message": "QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"}"#,
+            ),
+            ("200 OK", "content-type: application/json\r\n", "{\"ok\":1}"),
+            (
+                "400 Bad Request",
+                "content-type: application/json\r\n",
+                r#"{"error_code": "BAD_REQUEST", "message": "Invalid value"}"#,
+            ),
+        ])
+        .await;
+        let client = MlflowClient::new(&base, Credentials::None, quick()).expect("client");
+        let answer = client
+            .post("/api/2.0/mlflow/runs/log-batch", &serde_json::json!({}))
+            .await
+            .expect("answered on the second try");
+        assert_eq!(answer["ok"], 1);
+        // Any other bad request stops at once.
+        let error = client
+            .post("/api/2.0/mlflow/runs/log-batch", &serde_json::json!({}))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(error, MlflowError::Refused { status: 400, .. }),
+            "{error}"
+        );
         assert_eq!(client.requests(), 3);
     }
 

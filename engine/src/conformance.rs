@@ -522,21 +522,20 @@ async fn sink_resumes_exactly_once(planes: &dyn Planes) -> Verdict {
     Verdict::Passed
 }
 
-/// Makes the first run of adjacent ops that are transactions of their own
-/// and each change what a plane shows (three at most) one transaction, for
-/// a source that makes no transaction of several ops (a batch snapshot):
-/// a sink applies whole every transaction a stream carries, whoever made
-/// it. Returns the index of its first op; `None` when no two such ops are
-/// adjacent.
+/// Makes an op that changes what a plane shows and the ops right after it
+/// that are transactions of their own (three ops at most) one
+/// transaction, for a source that makes no transaction of several ops (a
+/// batch snapshot): a sink applies whole every transaction a stream
+/// carries, whoever made it. Returns the index of its first op; `None`
+/// when no such op has another after it.
 fn make_a_transaction(planes: &dyn Planes, ops: &mut [Op]) -> Option<usize> {
-    let alone_and_visible = |op: &Op| op.txn == 0 && planes.change_made_by(op).is_some();
-    let first = ops
-        .windows(2)
-        .position(|pair| alone_and_visible(&pair[0]) && alone_and_visible(&pair[1]))?;
+    let first = ops.windows(2).position(|pair| {
+        pair[0].txn == 0 && planes.change_made_by(&pair[0]).is_some() && pair[1].txn == 0
+    })?;
     let length = ops[first..]
         .iter()
         .take(3)
-        .take_while(|op| alone_and_visible(op))
+        .take_while(|op| op.txn == 0)
         .count();
     let txn = ops.iter().map(|op| op.txn).max().unwrap_or(0) + 1;
     for (index, op) in ops[first..first + length].iter_mut().enumerate() {
@@ -554,7 +553,7 @@ async fn sink_split_transaction(planes: &dyn Planes) -> Verdict {
             Some(first) => first,
             None => {
                 return Verdict::NotSupported(
-                    "the source makes no transaction of several ops, nor two adjacent ops that change what a plane shows".to_owned(),
+                    "the source makes no transaction of several ops, nor an op that changes what a plane shows with another after it".to_owned(),
                 );
             }
         },

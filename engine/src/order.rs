@@ -61,6 +61,20 @@ impl SeqTracker {
         }
     }
 
+    /// Accepts a whole batch of seqs, or none of them: on an error the
+    /// tracker is as it was, so nothing of a broken batch counts as seen.
+    pub fn try_advance_all(
+        &mut self,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<(), OrderError> {
+        let mut ahead = *self;
+        for seq in seqs {
+            ahead.try_advance(seq)?;
+        }
+        *self = ahead;
+        Ok(())
+    }
+
     /// The seq the next op must carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -81,6 +95,21 @@ impl Default for SeqTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_with_a_gap_advances_nothing() {
+        let mut tracker = SeqTracker::starting_at(5);
+        assert_eq!(
+            tracker.try_advance_all([5, 6, 8]),
+            Err(OrderError::Gap {
+                expected: 7,
+                found: 8
+            })
+        );
+        assert_eq!(tracker.next_seq(), 5);
+        tracker.try_advance_all([5, 6, 7]).expect("in order");
+        assert_eq!(tracker.last_seq(), 7);
+    }
 
     #[test]
     fn accepts_a_contiguous_run() {

@@ -101,32 +101,49 @@ fn a_2x_server_restores_onto_3x_and_2x_field_for_field_and_a_second_restore_make
     );
 }
 
-/// The seq through which the restore's checkpoint on `target` counts.
-fn checkpoint(target: &MlflowServer) -> u64 {
+/// Runs `work` with a REST client of `target`.
+fn with_client<F: std::future::Future>(
+    target: &MlflowServer,
+    work: impl FnOnce(MlflowClient) -> F,
+) -> F::Output {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
-    runtime.block_on(async {
-        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
-            .expect("a client");
-        let experiment = client
-            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+    let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
+        .expect("a client");
+    runtime.block_on(work(client))
+}
+
+/// The restore checkpoints on the target: the tags of experiment 0 named
+/// `ferry.checkpoint.<stream>`, with their values.
+async fn checkpoints(client: &MlflowClient) -> Vec<(String, serde_json::Value)> {
+    let experiment = client
+        .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
+        .await
+        .expect("experiment 0");
+    experiment["experiment"]["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|tag| {
+            let key = tag["key"].as_str()?;
+            key.starts_with("ferry.checkpoint.").then(|| {
+                let value = serde_json::from_str(tag["value"].as_str().unwrap_or_default())
+                    .expect("a JSON checkpoint");
+                (key.to_owned(), value)
+            })
+        })
+        .collect()
+}
+
+/// The seq through which the restore's checkpoint on `target` counts.
+fn checkpoint(target: &MlflowServer) -> u64 {
+    with_client(target, |client| async move {
+        checkpoints(&client)
             .await
-            .expect("experiment 0");
-        experiment["experiment"]["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|tag| {
-                tag["key"]
-                    .as_str()
-                    .is_some_and(|key| key.starts_with("ferry.checkpoint."))
-            })
-            .filter_map(|tag| {
-                let value: serde_json::Value = serde_json::from_str(tag["value"].as_str()?).ok()?;
-                value["seq"].as_u64()
-            })
+            .iter()
+            .filter_map(|(_, value)| value["seq"].as_u64())
             .max()
             .unwrap_or(0)
     })
@@ -176,44 +193,108 @@ fn a_restore_killed_twice_resumes_to_exactly_the_copy_one_unbroken_run_makes() {
     );
 }
 
-/// Sets the restore's checkpoint on `target` back to `seq`, as if every op
-/// after it had not been answered: a restore run again replays them.
+/// Sets the restore's checkpoint on `target` back to `seq` (not complete),
+/// as if no op after it had been answered: a restore run again replays
+/// them.
 fn rewind_checkpoint(target: &MlflowServer, seq: u64) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let client = MlflowClient::new(&target.url(), Credentials::None, RetryPolicy::default())
-            .expect("a client");
-        let experiment = client
-            .get("/api/2.0/mlflow/experiments/get", &[("experiment_id", "0")])
-            .await
-            .expect("experiment 0");
-        let tags = experiment["experiment"]["tags"].as_array().cloned();
-        for tag in tags.into_iter().flatten() {
-            let key = tag["key"].as_str().unwrap_or_default();
-            if !key.starts_with("ferry.checkpoint.") {
-                continue;
-            }
-            let mut value: serde_json::Value =
-                serde_json::from_str(tag["value"].as_str().unwrap_or_default())
-                    .expect("a checkpoint is JSON");
-            value["seq"] = serde_json::json!(seq);
-            value["complete"] = serde_json::json!(false);
+    with_client(target, |client| async move {
+        for (key, mut value) in checkpoints(&client).await {
+            value["seq"] = seq.into();
+            value["complete"] = false.into();
             client
                 .post(
                     "/api/2.0/mlflow/experiments/set-experiment-tag",
-                    &serde_json::json!({
-                        "experiment_id": "0",
-                        "key": key,
-                        "value": value.to_string(),
-                    }),
+                    &serde_json::json!({ "experiment_id": "0", "key": key, "value": value.to_string() }),
                 )
                 .await
-                .expect("the checkpoint is set back");
+                .expect("the checkpoint set back");
         }
     });
+}
+
+/// Rewinds every restore checkpoint on `target` to its begin (seq 0, not
+/// complete): the next restore sends every request again, as one killed
+/// right after its first checkpoint would.
+fn rewind_checkpoints(target: &MlflowServer) {
+    with_client(target, |client| async move {
+        let found = checkpoints(&client).await;
+        assert_eq!(found.len(), 1, "one restore's checkpoint on the target");
+        for (key, mut value) in found {
+            value["seq"] = 0.into();
+            value["complete"] = false.into();
+            client
+                .post(
+                    "/api/2.0/mlflow/experiments/set-experiment-tag",
+                    &serde_json::json!({ "experiment_id": "0", "key": key, "value": value.to_string() }),
+                )
+                .await
+                .expect("the checkpoint rewound");
+        }
+    });
+}
+
+#[test]
+fn into_a_target_that_was_not_empty_a_replay_from_the_first_op_makes_nothing_twice() {
+    let [source, target] = servers([MlflowVersion::V2, MlflowVersion::V3]);
+    source.make_data(1, &[]).expect("make_data.py fills 2.x");
+    // The target holds an experiment of its own: the source's experiment
+    // ids and version numbers (a deleted version left a gap) are mapped.
+    with_client(&target, |client| async move {
+        client
+            .post(
+                "/api/2.0/mlflow/experiments/create",
+                &serde_json::json!({ "name": "the target's own" }),
+            )
+            .await
+            .expect("an experiment of the target's own");
+    });
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    let (store_url, target_url) = (store.url(), target.ferry_url());
+    let mut args = restore_args(&store_url, &id, &target_url);
+    args.push("--allow-nonempty");
+    ferry_ok(&args);
+    let compare = || {
+        check(
+            MlflowVersion::V3,
+            &source.url(),
+            &target.url(),
+            &["--experiment-ids-may-differ"],
+        )
+        .expect("check.py reads both servers")
+    };
+    let first = compare();
+    assert_eq!(
+        first.count("target", "runs"),
+        first.count("source", "runs"),
+        "{:#}",
+        first.report
+    );
+
+    // Every request again, after the checkpoint: each finds its own work
+    // (runs and experiments by their tags, versions by
+    // `ferry.source_version`), and the stages and aliases name the same
+    // versions.
+    rewind_checkpoints(&target);
+    let printed = ferry_ok(&args);
+    let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
+    assert!(summary["ops"].as_u64() > Some(50), "{summary}");
+    let second = compare();
+    let counts = |report: &CheckReport| {
+        let mut counts = report.report["counts"]["target"].clone();
+        counts.as_object_mut().expect("counts").remove("requests");
+        counts
+    };
+    assert_eq!(
+        counts(&second),
+        counts(&first),
+        "what the target holds after the replay"
+    );
+    assert_eq!(
+        second.differences(),
+        first.differences(),
+        "the replay changed what differs from the source"
+    );
 }
 
 #[test]

@@ -114,11 +114,9 @@ impl JsonlSink {
 #[async_trait]
 impl Sink for JsonlSink {
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        for op in &ops {
-            self.tracker
-                .try_advance(op.seq)
-                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-        }
+        self.tracker
+            .try_advance_all(ops.iter().map(|op| op.seq))
+            .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
         let sender = self
             .sender
             .as_ref()

@@ -90,6 +90,9 @@ pub const SOURCE_RUN_TAG: &str = "ferry.source_run_id";
 /// The tag on a target's experiment naming the source experiment it was
 /// made from.
 pub const SOURCE_EXPERIMENT_TAG: &str = "ferry.source_experiment_id";
+/// The tag on a target's model version naming the source's version number,
+/// where they differ (a restore into a target that was not empty).
+pub const SOURCE_VERSION_TAG: &str = "ferry.source_version";
 /// The tag on a target's logged model naming the source model it was made
 /// from.
 pub const SOURCE_MODEL_TAG: &str = "ferry.source_model_id";

@@ -17,7 +17,7 @@
 //!   tags are set to the same values), and what follows a run's deletion
 //!   (only that deletion itself) is skipped on a run already deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,11 +29,11 @@ use tokio::task::JoinHandle;
 
 use super::client::MlflowClient;
 use super::logged_models;
-use super::source::{all_experiments, array, next_page, server_version, text};
+use super::source::{all_experiments, array, model_versions, next_page, server_version, text};
 use super::traces::{self, Generation, TargetIds};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_LOGGED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE,
-    MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG, SOURCE_VERSION_TAG,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
 use crate::order::SeqTracker;
@@ -64,6 +64,8 @@ impl Default for MlflowSinkOptions {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Ops queued on a lane at most.
 const LANE_QUEUE: usize = 256;
+/// The most ops of one source transaction held until its last op comes.
+const MAX_TRANSACTION_OPS: usize = 100_000;
 
 /// What every lane shares: the server and the id maps.
 struct Shared {
@@ -74,6 +76,8 @@ struct Shared {
     experiments: Mutex<HashMap<String, String>>,
     /// (model, source version) to the target's version, where they differ.
     versions: Mutex<HashMap<(String, String), String>>,
+    /// Models whose versions on the target were read into `versions`.
+    versions_read: Mutex<HashSet<String>>,
     /// The target was empty when the stream began: ids are kept as the
     /// source's, gaps filled.
     same_ids: AtomicBool,
@@ -104,6 +108,21 @@ pub struct MlflowSink {
     last_seq: u64,
     since_checkpoint: usize,
     checkpointed_at: Instant,
+    /// The ops of a source transaction whose last op has not come yet.
+    open_transaction: Vec<Op>,
+}
+
+impl Drop for MlflowSink {
+    /// A sink dropped without `finish` (its restore stopped) sends
+    /// nothing more: what its lanes still held is cancelled, as a kill
+    /// would, and the next restore resumes from the checkpoint.
+    fn drop(&mut self) {
+        for lane in &self.lanes {
+            if let Some(task) = &lane.task {
+                task.abort();
+            }
+        }
+    }
 }
 
 impl MlflowSink {
@@ -115,6 +134,7 @@ impl MlflowSink {
                 runs: Mutex::new(HashMap::new()),
                 experiments: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
+                versions_read: Mutex::new(HashSet::new()),
                 same_ids: AtomicBool::new(false),
                 trace_generation: tokio::sync::OnceCell::new(),
             }),
@@ -126,6 +146,7 @@ impl MlflowSink {
             last_seq: 0,
             since_checkpoint: 0,
             checkpointed_at: Instant::now(),
+            open_transaction: Vec::new(),
         }
     }
 
@@ -335,6 +356,37 @@ impl MlflowSink {
         Ok(())
     }
 
+    /// Sends `op` to its lane (a run's), or applies it after every lane
+    /// is idle (experiments, the registry), and checkpoints when due.
+    async fn dispatch(&mut self, op: Op) -> Result<()> {
+        let seq = op.seq;
+        if op.kind.as_ref() == KIND_RUN.as_bytes() {
+            let lane = self.lane_of(&op);
+            if self.lanes[lane]
+                .sender
+                .send(LaneMessage::Op(Box::new(op)))
+                .await
+                .is_err()
+            {
+                return Err(self.lane_error(lane).await);
+            }
+        } else {
+            // Experiments and the registry: after every run op before
+            // them, one at a time.
+            self.barrier().await?;
+            apply_op(&self.shared, &op).await?;
+        }
+        self.last_seq = seq;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.options.ops_per_checkpoint
+            || self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+        {
+            self.barrier().await?;
+            self.write_checkpoint(false).await?;
+        }
+        Ok(())
+    }
+
     /// The lane of a run's op: the run's own, else its parent's, else by
     /// its id.
     fn lane_of(&mut self, op: &Op) -> usize {
@@ -401,44 +453,58 @@ impl Sink for MlflowSink {
     }
 
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        let mut tracker = self.tracker;
-        for op in &ops {
-            tracker
-                .try_advance(op.seq)
-                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-        }
-        self.tracker = tracker;
+        self.tracker
+            .try_advance_all(ops.iter().map(|op| op.seq))
+            .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
         for op in ops {
-            let seq = op.seq;
-            if op.kind.as_ref() == KIND_RUN.as_bytes() {
-                let lane = self.lane_of(&op);
-                if self.lanes[lane]
-                    .sender
-                    .send(LaneMessage::Op(Box::new(op)))
-                    .await
-                    .is_err()
-                {
-                    return Err(self.lane_error(lane).await);
-                }
-            } else {
-                // Experiments and the registry: after every run op before
-                // them, one at a time.
-                self.barrier().await?;
-                apply_op(&self.shared, &op).await?;
-            }
-            self.last_seq = seq;
-            self.since_checkpoint += 1;
-            if self.since_checkpoint >= self.options.ops_per_checkpoint
-                || self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY
+            // G3 without server transactions: a source transaction's
+            // requests are held until its last op came, then sent; a
+            // stream cut inside one leaves none of it on the target.
+            if let Some(open) = self.open_transaction.first().map(|first| first.txn)
+                && op.txn != open
             {
-                self.barrier().await?;
-                self.write_checkpoint(false).await?;
+                return Err(AdapterError::BrokenTransaction {
+                    target_name: self.client().name().to_owned(),
+                    seq: op.seq,
+                    txn: open,
+                }
+                .into());
+            }
+            if op.txn == 0 || op.txn_last && self.open_transaction.is_empty() {
+                self.dispatch(op).await?;
+                continue;
+            }
+            if self.open_transaction.len() >= MAX_TRANSACTION_OPS {
+                return Err(AdapterError::target(MlflowError::BadResponse {
+                    server: self.client().name().to_owned(),
+                    request: format!("op seq {} of source transaction {}", op.seq, op.txn),
+                    reason: format!(
+                        "a source transaction of more than {MAX_TRANSACTION_OPS} ops cannot be held to be sent whole: MLflow has no transactions"
+                    ),
+                })
+                .into());
+            }
+            let last = op.txn_last;
+            self.open_transaction.push(op);
+            if last {
+                for op in std::mem::take(&mut self.open_transaction) {
+                    self.dispatch(op).await?;
+                }
             }
         }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        if let Some(open) = self.open_transaction.first() {
+            return Err(AdapterError::target(MlflowError::BadResponse {
+                server: self.client().name().to_owned(),
+                request: format!("source transaction {} from op seq {}", open.txn, open.seq),
+                reason: "the stream ended before the transaction's last op: none of it was sent"
+                    .to_owned(),
+            })
+            .into());
+        }
         self.barrier().await?;
         self.write_checkpoint(true).await?;
         for lane in std::mem::take(&mut self.lanes) {
@@ -792,11 +858,36 @@ impl Replay<'_> {
     }
 
     /// The target's number of a source model version.
-    fn version(&self, name: &str, source_version: &str) -> String {
-        lock(&self.shared.versions)
+    /// The target's number of a source's model version: the same into a
+    /// target that was empty, else what the map says, read back from the
+    /// versions' `ferry.source_version` tags after a resume.
+    async fn version(&self, name: &str, source_version: &str) -> Result<String, MlflowError> {
+        if !self.same_ids() {
+            self.read_versions(name).await?;
+        }
+        Ok(lock(&self.shared.versions)
             .get(&(name.to_owned(), source_version.to_owned()))
             .cloned()
-            .unwrap_or_else(|| source_version.to_owned())
+            .unwrap_or_else(|| source_version.to_owned()))
+    }
+
+    /// Reads into the map, once per model, which of the target's versions
+    /// of `name` were made from which source version (their tag).
+    async fn read_versions(&self, name: &str) -> Result<(), MlflowError> {
+        if lock(&self.shared.versions_read).contains(name) {
+            return Ok(());
+        }
+        // A prompt's versions are found only by a search naming its tag.
+        for prompt in [false, true] {
+            for version in model_versions(self.client(), name, prompt).await? {
+                if let Some(source) = tag_value(&version, SOURCE_VERSION_TAG) {
+                    lock(&self.shared.versions)
+                        .insert((name.to_owned(), source), text(&version, "version"));
+                }
+            }
+        }
+        lock(&self.shared.versions_read).insert(name.to_owned());
+        Ok(())
     }
 
     async fn model_version_exists(&self, name: &str, version: &str) -> Result<bool, MlflowError> {
@@ -817,23 +908,41 @@ impl Replay<'_> {
     async fn create_model_version(&self) -> Result<(), Failure> {
         let name = text(&self.body, "name");
         let wanted = text(&self.body, "version");
-        if self.same_ids() && self.model_version_exists(&name, &wanted).await? {
-            return Ok(());
+        if self.same_ids() {
+            if self.model_version_exists(&name, &wanted).await? {
+                return Ok(());
+            }
+        } else {
+            self.read_versions(&name).await?;
+            if lock(&self.shared.versions).contains_key(&(name.clone(), wanted.clone())) {
+                return Ok(());
+            }
         }
         let mut body = self.body.clone();
         if let Some(object) = body.as_object_mut() {
             object.remove("version");
         }
+        if !self.same_ids() {
+            // Numbers may differ: the version says which source version it
+            // is, in the request that makes it, so a replay finds it.
+            let mut tags = array(&self.body, "tags").to_vec();
+            tags.push(json!({ "key": SOURCE_VERSION_TAG, "value": wanted }));
+            body["tags"] = json!(tags);
+        }
         let source_run = text(&self.body, "run_id");
         if !source_run.is_empty() {
             let target_run = self.run(&source_run)?;
             body["run_id"] = json!(target_run);
-            // The version's source and link name the run: by the target's id.
-            for field in ["source", "run_link"] {
-                let value = text(&self.body, field);
-                if !value.is_empty() {
-                    body[field] = json!(value.replace(&source_run, &target_run));
-                }
+            let source = text(&self.body, "source");
+            if !source.is_empty() {
+                body["source"] = json!(
+                    self.version_source(&source, &source_run, &target_run)
+                        .await?
+                );
+            }
+            let link = text(&self.body, "run_link");
+            if !link.is_empty() {
+                body["run_link"] = json!(self.run_link(&link, &source_run, &target_run)?);
             }
         }
         loop {
@@ -852,19 +961,64 @@ impl Replay<'_> {
                         .await?;
                 }
                 _ => {
-                    if got != wanted {
-                        lock(&self.shared.versions).insert((name, wanted), got);
-                    }
+                    lock(&self.shared.versions).insert((name, wanted), got);
                     return Ok(());
                 }
             }
         }
     }
 
+    /// A version's source on the target: under the target run's
+    /// artifacts where it was under the source run's (the server checks
+    /// that the run holds it, and with mapped ids the experiment in the
+    /// path differs too), else with the run's id replaced.
+    async fn version_source(
+        &self,
+        source: &str,
+        source_run: &str,
+        target_run: &str,
+    ) -> Result<String, Failure> {
+        let artifacts = format!("/{source_run}/artifacts");
+        match source.find(&artifacts) {
+            Some(at) if !self.same_ids() => {
+                let run = self
+                    .client()
+                    .get(&format!("{API}/runs/get"), &[("run_id", target_run)])
+                    .await?;
+                let artifact_uri = text(&run["run"]["info"], "artifact_uri");
+                Ok(format!("{artifact_uri}{}", &source[at + artifacts.len()..]))
+            }
+            _ => Ok(source.replace(source_run, target_run)),
+        }
+    }
+
+    /// A version's link to its run (`.../#/experiments/<id>/runs/<id>`)
+    /// with the target's ids.
+    fn run_link(&self, link: &str, source_run: &str, target_run: &str) -> Result<String, Failure> {
+        let run_part = format!("/runs/{source_run}");
+        let Some(at) = link.find(&run_part) else {
+            return Ok(link.replace(source_run, target_run));
+        };
+        let before = &link[..at];
+        let experiment_at = before
+            .rfind("/experiments/")
+            .map(|found| found + "/experiments/".len());
+        let rest = &link[at + run_part.len()..];
+        Ok(match experiment_at {
+            Some(start)
+                if !self.same_ids() && before[start..].bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                let experiment = self.experiment(&before[start..])?;
+                format!("{}{experiment}/runs/{target_run}{rest}", &before[..start])
+            }
+            _ => format!("{before}/runs/{target_run}{rest}"),
+        })
+    }
+
     async fn version_request(&self, request: &str) -> Result<(), Failure> {
         let name = text(&self.body, "name");
         let mut body = self.body.clone();
-        body["version"] = json!(self.version(&name, &text(&self.body, "version")));
+        body["version"] = json!(self.version(&name, &text(&self.body, "version")).await?);
         self.post(request, &body).await?;
         Ok(())
     }

@@ -24,7 +24,7 @@ use super::traces::{self, Generation};
 use super::{
     API, CHECKPOINT_TAG_PREFIX, KIND_EXPERIMENT, KIND_LOGGED_MODEL, KIND_MODEL_VERSION,
     KIND_REGISTERED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE, MlflowError, PARENT_RUN_TAG,
-    SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG,
+    SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG, SOURCE_VERSION_TAG,
 };
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
@@ -85,6 +85,43 @@ pub(super) async fn all_experiments(client: &MlflowClient) -> Result<Vec<Value>,
 }
 
 /// The server's version (`GET /version`).
+/// Every version of the registered model `name` (of the prompt `name`
+/// when `prompt`: a search finds a prompt's versions only by their tag).
+pub(super) async fn model_versions(
+    client: &MlflowClient,
+    name: &str,
+    prompt: bool,
+) -> Result<Vec<Value>, MlflowError> {
+    let filter = name_filter(name).ok_or_else(|| MlflowError::BadResponse {
+        server: client.name().to_owned(),
+        request: "GET model-versions/search".to_owned(),
+        reason: format!(
+            "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
+        ),
+    })?;
+    let filter = if prompt {
+        format!("{filter} AND {PROMPT_FILTER}")
+    } else {
+        filter
+    };
+    let mut versions = Vec::new();
+    let mut page_token: Option<String> = None;
+    loop {
+        let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
+        if let Some(token) = &page_token {
+            query.push(("page_token", token));
+        }
+        let page = client
+            .get(&format!("{API}/model-versions/search"), &query)
+            .await?;
+        versions.extend(array(&page, "model_versions").iter().cloned());
+        page_token = next_page(&page);
+        if page_token.is_none() {
+            return Ok(versions);
+        }
+    }
+}
+
 pub(super) async fn server_version(client: &MlflowClient) -> Result<String, MlflowError> {
     let version = client.get_text("/version").await?;
     if version.is_empty() || version.len() > 64 || version.contains(char::is_whitespace) {
@@ -196,11 +233,7 @@ impl Crawl {
         }
         for experiment in &experiments {
             let id = text(experiment, "experiment_id");
-            let tags: Vec<Value> = array(experiment, "tags")
-                .iter()
-                .filter(|tag| !is_ferry_tag(&text(tag, "key")))
-                .cloned()
-                .collect();
+            let tags = without_ferry_tags(array(experiment, "tags"));
             let body = json!({
                 "experiment_id": id,
                 "name": text(experiment, "name"),
@@ -561,37 +594,7 @@ impl Crawl {
             Vec::new(),
         )
         .await?;
-        let filter = name_filter(&name).ok_or_else(|| {
-            Halt::Failed(MlflowError::BadResponse {
-                server: self.client.name().to_owned(),
-                request: "GET model-versions/search".to_owned(),
-                reason: format!(
-                    "registered model {name:?} holds both kinds of quote, which MLflow's search filter cannot name"
-                ),
-            })
-        })?;
-        let filter = if prompt {
-            format!("{filter} AND {PROMPT_FILTER}")
-        } else {
-            filter
-        };
-        let mut versions = Vec::new();
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut query = vec![("filter", filter.as_str()), ("max_results", "1000")];
-            if let Some(token) = &page_token {
-                query.push(("page_token", token));
-            }
-            let page = self
-                .client
-                .get(&format!("{API}/model-versions/search"), &query)
-                .await?;
-            versions.extend(array(&page, "model_versions").iter().cloned());
-            page_token = next_page(&page);
-            if page_token.is_none() {
-                break;
-            }
-        }
+        let mut versions = model_versions(&self.client, &name, prompt).await?;
         versions.sort_by_key(|version| id_order(&text(version, "version")));
         for version in &versions {
             let number = text(version, "version");
@@ -600,7 +603,7 @@ impl Crawl {
                 "name": name,
                 "version": number,
                 "source": text(version, "source"),
-                "tags": array(version, "tags"),
+                "tags": without_ferry_tags(array(version, "tags")),
             });
             for field in ["run_id", "run_link", "description"] {
                 if let Some(value) = version
@@ -911,10 +914,21 @@ fn parent_of(run: &Value) -> Option<String> {
         .filter(|parent| !parent.is_empty())
 }
 
+/// `tags` without ferry's own.
+fn without_ferry_tags(tags: &[Value]) -> Vec<Value> {
+    tags.iter()
+        .filter(|tag| !is_ferry_tag(&text(tag, "key")))
+        .cloned()
+        .collect()
+}
+
 /// ferry's own tags on a plane it restored into, which a backup of that
 /// plane leaves behind.
 fn is_ferry_tag(key: &str) -> bool {
-    key == SOURCE_RUN_TAG || key == SOURCE_EXPERIMENT_TAG || key.starts_with(CHECKPOINT_TAG_PREFIX)
+    key == SOURCE_RUN_TAG
+        || key == SOURCE_EXPERIMENT_TAG
+        || key == SOURCE_VERSION_TAG
+        || key.starts_with(CHECKPOINT_TAG_PREFIX)
 }
 
 /// `name = '...'` for a model-version search.

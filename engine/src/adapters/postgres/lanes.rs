@@ -355,13 +355,9 @@ impl Sink for PgSink {
     }
 
     async fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
-        let mut tracker = self.tracker;
-        for op in &ops {
-            tracker
-                .try_advance(op.seq)
-                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-        }
-        self.tracker = tracker;
+        self.tracker
+            .try_advance_all(ops.iter().map(|op| op.seq))
+            .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
         let count = self.lanes.len();
         for op in ops {
             let route = route(&op, count);

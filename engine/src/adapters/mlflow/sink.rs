@@ -517,6 +517,21 @@ impl Sink for MlflowSink {
     }
 }
 
+/// The server refused a write because a row with the same primary key is
+/// there (SQLite's, PostgreSQL's and MySQL's words for it).
+fn holds_again(error: &MlflowError) -> bool {
+    let MlflowError::Refused { message, .. } = error else {
+        return false;
+    };
+    [
+        "UNIQUE constraint failed",
+        "duplicate key value violates unique constraint",
+        "Duplicate entry",
+    ]
+    .iter()
+    .any(|words| message.contains(words))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -811,12 +826,47 @@ impl Replay<'_> {
             Err(error @ MlflowError::Refused { .. }) => {
                 if self.run_deleted(&target_run).await? {
                     Ok(())
+                } else if request == "runs/log-batch" && holds_again(&error) {
+                    self.log_nan_points_one_by_one(body).await
                 } else {
                     Err(error.into())
                 }
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// A `log-batch` sent again after a kill, refused by a 2.x server
+    /// because a NaN point of it is already there (its check for points it
+    /// holds never matches NaN, then the insert breaks the primary key, and
+    /// the whole batch is rolled back): the batch again without its NaN
+    /// points, then each NaN point alone, where "already there" means it
+    /// is.
+    async fn log_nan_points_one_by_one(&self, mut body: Value) -> Result<(), Failure> {
+        let metrics = std::mem::take(&mut body["metrics"]);
+        let (nan, others): (Vec<Value>, Vec<Value>) = metrics
+            .as_array()
+            .into_iter()
+            .flatten()
+            .cloned()
+            .partition(|metric| metric["value"] == "NaN");
+        if nan.is_empty() {
+            return Err(Failure::Bad(
+                "the server says a point of this log-batch is already there, and none is NaN"
+                    .to_owned(),
+            ));
+        }
+        body["metrics"] = json!(others);
+        self.post("runs/log-batch", &body).await?;
+        for point in nan {
+            let alone = json!({ "run_id": body["run_id"], "metrics": [point] });
+            match self.post("runs/log-batch", &alone).await {
+                Ok(_) => {}
+                Err(error @ MlflowError::Refused { .. }) if holds_again(&error) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
     }
 
     async fn delete_run(&self) -> Result<(), Failure> {

@@ -34,6 +34,10 @@ const RUN_PAGE: usize = 100;
 const BULK_RUNS: usize = 100;
 /// Points a bulk history call returns at most (the server's limit).
 const BULK_POINTS: usize = 25_000;
+/// Bulk history calls in flight at once. A one-worker server answers one
+/// at a time: a second in flight keeps it busy while ferry reads the
+/// answer before; more serve servers with more workers.
+const HISTORY_CALLS_IN_FLIGHT: usize = 4;
 /// A `log-batch`'s limits (MLflow's own): entities in all, metrics, params
 /// and tags, and bytes (below the server's 1 MB, for the envelope).
 const BATCH_ENTITIES: usize = 1_000;
@@ -116,6 +120,7 @@ impl Source for MlflowSource {
             batch: Vec::new(),
             next_seq: 1,
             emitted_runs: HashSet::new(),
+            pages: None,
             progress,
         };
         tokio::spawn(crawl.run());
@@ -146,6 +151,28 @@ struct Histories {
     alone: HashSet<(String, String)>,
 }
 
+impl Histories {
+    /// The histories of `runs`, taken out.
+    fn take_runs(&mut self, runs: &[Value]) -> Histories {
+        let run_ids: HashSet<String> = runs
+            .iter()
+            .map(|run| text(&run["info"], "run_id"))
+            .collect();
+        let mut taken = Histories::default();
+        for run_id in &run_ids {
+            if let Some(points) = self.points.remove(run_id) {
+                taken.points.insert(run_id.clone(), points);
+            }
+        }
+        let (theirs, ours) = std::mem::take(&mut self.alone)
+            .into_iter()
+            .partition(|(run_id, _)| run_ids.contains(run_id));
+        taken.alone = theirs;
+        self.alone = ours;
+        taken
+    }
+}
+
 struct Crawl {
     client: Arc<MlflowClient>,
     version: Bytes,
@@ -155,6 +182,8 @@ struct Crawl {
     /// Runs already sent: a child run names its parent in `deps` only when
     /// the parent's create came first.
     emitted_runs: HashSet<String>,
+    /// The experiments' runs, read a page ahead.
+    pages: Option<PageReader>,
     progress: Arc<Progress>,
 }
 
@@ -196,9 +225,17 @@ impl Crawl {
             )
             .await?;
         }
+        self.pages = Some(PageReader::spawn(
+            self.client.clone(),
+            experiments
+                .iter()
+                .map(|experiment| text(experiment, "experiment_id"))
+                .collect(),
+        ));
         for experiment in &experiments {
             self.runs_of(&text(experiment, "experiment_id")).await?;
         }
+        self.pages = None;
         for experiment in &experiments {
             if text(experiment, "lifecycle_stage") == "deleted" {
                 let id = text(experiment, "experiment_id");
@@ -215,42 +252,38 @@ impl Crawl {
         self.registered_models().await
     }
 
-    /// The runs of one experiment, in start-time order, a page at a time.
+    /// The runs of one experiment, in start-time order, a page at a time,
+    /// as the page reader (a page ahead of this) gives them.
     async fn runs_of(&mut self, experiment_id: &str) -> Result<(), Halt> {
         // A child run whose parent has not been sent yet waits for it.
         let mut waiting: HashMap<String, Vec<(Value, Histories)>> = HashMap::new();
-        let mut page_token: Option<String> = None;
         loop {
-            let mut request = json!({
-                "experiment_ids": [experiment_id],
-                "run_view_type": "ALL",
-                "max_results": RUN_PAGE,
-                "order_by": ["attributes.start_time ASC"],
-            });
-            if let Some(token) = &page_token {
-                request["page_token"] = json!(token);
+            let Some(pages) = self.pages.as_mut() else {
+                return Err(Halt::Failed(
+                    self.out_of_step(experiment_id, "no page reader"),
+                ));
+            };
+            let page = match pages.receiver.recv().await {
+                Some(Ok(page)) => page,
+                Some(Err(error)) => return Err(Halt::Failed(error)),
+                None => {
+                    return Err(Halt::Failed(
+                        self.out_of_step(experiment_id, "the page reader ended"),
+                    ));
+                }
+            };
+            if page.experiment_id != experiment_id {
+                let reason = format!("the page reader is at experiment {}", page.experiment_id);
+                return Err(Halt::Failed(self.out_of_step(experiment_id, &reason)));
             }
-            let page = self
-                .client
-                .post(&format!("{API}/runs/search"), &request)
-                .await?;
-            let runs = array(&page, "runs").to_vec();
-            let mut histories = self.histories(&runs).await?;
+            let RunPage {
+                runs,
+                mut histories,
+                last,
+                ..
+            } = page;
             for run in runs {
-                let run_id = text(&run["info"], "run_id");
-                let own = Histories {
-                    points: histories
-                        .points
-                        .remove(&run_id)
-                        .map(|points| HashMap::from([(run_id.clone(), points)]))
-                        .unwrap_or_default(),
-                    alone: histories
-                        .alone
-                        .iter()
-                        .filter(|(run, _)| *run == run_id)
-                        .cloned()
-                        .collect(),
-                };
+                let own = histories.take_runs(std::slice::from_ref(&run));
                 match parent_of(&run) {
                     Some(parent) if !self.emitted_runs.contains(&parent) => {
                         waiting.entry(parent).or_default().push((run, own));
@@ -258,8 +291,7 @@ impl Crawl {
                     _ => self.send_with_children(run, own, &mut waiting).await?,
                 }
             }
-            page_token = next_page(&page);
-            if page_token.is_none() {
+            if last {
                 break;
             }
         }
@@ -272,6 +304,17 @@ impl Crawl {
             self.send_with_children(run, own, &mut none).await?;
         }
         Ok(())
+    }
+
+    /// The page reader is not where the crawl is: a bug, said as one.
+    fn out_of_step(&self, experiment_id: &str, reason: &str) -> MlflowError {
+        MlflowError::BadResponse {
+            server: self.client.name().to_owned(),
+            request: format!("POST {API}/runs/search of experiment {experiment_id}"),
+            reason: format!(
+                "ferry's page reader is out of step with its crawl ({reason}): a bug in ferry"
+            ),
+        }
     }
 
     /// Sends `run`, then the runs waiting for it, depth first.
@@ -290,79 +333,6 @@ impl Crawl {
             }
         }
         Ok(())
-    }
-
-    /// The metric histories of a page of runs: one bulk call per key per
-    /// 100 runs, again for what a full answer cut off.
-    async fn histories(&mut self, runs: &[Value]) -> Result<Histories, Halt> {
-        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for run in runs {
-            let run_id = text(&run["info"], "run_id");
-            for metric in array(&run["data"], "metrics") {
-                by_key
-                    .entry(text(metric, "key"))
-                    .or_default()
-                    .push(run_id.clone());
-            }
-        }
-        let mut histories = Histories::default();
-        for (key, mut run_ids) in by_key {
-            run_ids.sort();
-            run_ids.dedup();
-            let mut rest: &[String] = &run_ids;
-            while !rest.is_empty() {
-                let chunk = &rest[..rest.len().min(BULK_RUNS)];
-                let mut query: Vec<(&str, &str)> =
-                    chunk.iter().map(|id| ("run_id", id.as_str())).collect();
-                let max_results = BULK_POINTS.to_string();
-                query.push(("metric_key", &key));
-                query.push(("max_results", &max_results));
-                let answer = self
-                    .client
-                    .get("/ajax-api/2.0/mlflow/metrics/get-history-bulk", &query)
-                    .await?;
-                let points = array(&answer, "metrics");
-                let full = points.len() >= BULK_POINTS;
-                // The answer is sorted by run id: every run before the last
-                // one it names is whole; when it is full, the last run and
-                // those after it are asked again.
-                let last_named = points.last().map(|point| text(point, "run_id"));
-                for point in points {
-                    let run_id = text(point, "run_id");
-                    if full && Some(&run_id) == last_named.as_ref() {
-                        continue;
-                    }
-                    let mut point = point.clone();
-                    if let Some(object) = point.as_object_mut() {
-                        object.remove("run_id");
-                    }
-                    histories
-                        .points
-                        .entry(run_id)
-                        .or_default()
-                        .entry(key.clone())
-                        .or_default()
-                        .push(point);
-                }
-                if !full {
-                    rest = &rest[chunk.len()..];
-                    continue;
-                }
-                let last = last_named.unwrap_or_default();
-                let from = rest.iter().position(|id| *id == last).unwrap_or(0);
-                if from == 0 {
-                    // One run's history fills a whole answer: read it alone.
-                    histories.alone.insert((rest[0].clone(), key.clone()));
-                    if let Some(points) = histories.points.get_mut(&rest[0]) {
-                        points.remove(&key);
-                    }
-                    rest = &rest[1..];
-                } else {
-                    rest = &rest[from..];
-                }
-            }
-        }
-        Ok(histories)
     }
 
     /// A run's ops: create, its params, tags and metrics in `log-batch`es,
@@ -680,6 +650,224 @@ impl Crawl {
         let batch = std::mem::take(&mut self.batch);
         self.sender.send(Ok(batch)).await.map_err(|_| Halt::Closed)
     }
+}
+
+/// One page of an experiment's runs with their metric histories, read
+/// ahead of the ops being sent.
+struct RunPage {
+    experiment_id: String,
+    runs: Vec<Value>,
+    histories: Histories,
+    /// The experiment's last page.
+    last: bool,
+}
+
+/// The task reading runs and their histories ahead of the crawl
+/// (experiment after experiment, in the crawl's order), so the server is
+/// asked for the next runs while the current ones are turned into ops.
+///
+/// A bulk history call costs the server a scan of every point of its key
+/// (SQLite's index leads with the key, not the run), so the reader fills
+/// its calls: it gathers pages, of one experiment or several, until they
+/// hold [`BULK_RUNS`] runs, reads their histories together, then hands the
+/// pages over one by one. It holds at most the pages of one such gathering
+/// (under twice [`BULK_RUNS`] runs) besides the one in the channel and the
+/// crawl's.
+struct PageReader {
+    receiver: mpsc::Receiver<Result<RunPage, MlflowError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PageReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PageReader {
+    fn spawn(client: Arc<MlflowClient>, experiment_ids: Vec<String>) -> Self {
+        let (sender, receiver) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            if let Err(error) = read_pages(&client, experiment_ids, &sender).await {
+                let _ = sender.send(Err(error)).await;
+            }
+        });
+        Self { receiver, task }
+    }
+}
+
+/// The page reader's work; stops quietly when the crawl went away.
+async fn read_pages(
+    client: &MlflowClient,
+    experiment_ids: Vec<String>,
+    sender: &mpsc::Sender<Result<RunPage, MlflowError>>,
+) -> Result<(), MlflowError> {
+    let mut gathered: Vec<RunPage> = Vec::new();
+    let mut gathered_runs = 0;
+    let count = experiment_ids.len();
+    for (index, experiment_id) in experiment_ids.into_iter().enumerate() {
+        let mut page_token: Option<String> = None;
+        loop {
+            let (page, next) = run_page(client, &experiment_id, page_token.as_deref()).await?;
+            gathered_runs += page.runs.len();
+            gathered.push(page);
+            page_token = next;
+            let end = page_token.is_none() && index + 1 == count;
+            if gathered_runs >= BULK_RUNS || end {
+                let runs: Vec<&Value> = gathered.iter().flat_map(|page| &page.runs).collect();
+                let mut histories = histories(client, &runs).await?;
+                for mut page in gathered.drain(..) {
+                    page.histories = histories.take_runs(&page.runs);
+                    if sender.send(Ok(page)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                gathered_runs = 0;
+            }
+            if page_token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A page of an experiment's runs, in start-time order (their histories
+/// not read yet); the next page's token.
+async fn run_page(
+    client: &MlflowClient,
+    experiment_id: &str,
+    page_token: Option<&str>,
+) -> Result<(RunPage, Option<String>), MlflowError> {
+    let mut request = json!({
+        "experiment_ids": [experiment_id],
+        "run_view_type": "ALL",
+        "max_results": RUN_PAGE,
+        "order_by": ["attributes.start_time ASC"],
+    });
+    if let Some(token) = page_token {
+        request["page_token"] = json!(token);
+    }
+    let mut page = client.post(&format!("{API}/runs/search"), &request).await?;
+    let runs = match page.get_mut("runs").map(Value::take) {
+        Some(Value::Array(runs)) => runs,
+        _ => Vec::new(),
+    };
+    let next = next_page(&page);
+    Ok((
+        RunPage {
+            experiment_id: experiment_id.to_owned(),
+            runs,
+            histories: Histories::default(),
+            last: next.is_none(),
+        },
+        next,
+    ))
+}
+
+/// The metric histories of some runs: one bulk call per key per 100
+/// runs, again for what a full answer cut off; keys read side by side,
+/// [`HISTORY_CALLS_IN_FLIGHT`] at a time.
+async fn histories(client: &MlflowClient, runs: &[&Value]) -> Result<Histories, MlflowError> {
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for run in runs {
+        let run_id = text(&run["info"], "run_id");
+        for metric in array(&run["data"], "metrics") {
+            by_key
+                .entry(text(metric, "key"))
+                .or_default()
+                .push(run_id.clone());
+        }
+    }
+    let mut keys = futures::stream::iter(by_key)
+        .map(|(key, run_ids)| key_history(client, key, run_ids))
+        .buffer_unordered(HISTORY_CALLS_IN_FLIGHT);
+    let mut histories = Histories::default();
+    // Each key's points are whole when its read ends; the order keys end
+    // in does not matter (a run's keys are sent in key order).
+    while let Some(read) = keys.next().await {
+        let read = read?;
+        for (run_id, points) in read.points {
+            histories
+                .points
+                .entry(run_id)
+                .or_default()
+                .insert(read.key.clone(), points);
+        }
+        histories.alone.extend(
+            read.alone
+                .into_iter()
+                .map(|run_id| (run_id, read.key.clone())),
+        );
+    }
+    Ok(histories)
+}
+
+/// One key's history over a page's runs: points by run, and the runs whose
+/// history of it did not fit a bulk call.
+struct KeyHistory {
+    key: String,
+    points: HashMap<String, Vec<Value>>,
+    alone: Vec<String>,
+}
+
+async fn key_history(
+    client: &MlflowClient,
+    key: String,
+    mut run_ids: Vec<String>,
+) -> Result<KeyHistory, MlflowError> {
+    run_ids.sort();
+    run_ids.dedup();
+    let mut read = KeyHistory {
+        key,
+        points: HashMap::new(),
+        alone: Vec::new(),
+    };
+    let max_results = BULK_POINTS.to_string();
+    let mut rest: &[String] = &run_ids;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BULK_RUNS)];
+        let mut query: Vec<(&str, &str)> = chunk.iter().map(|id| ("run_id", id.as_str())).collect();
+        query.push(("metric_key", &read.key));
+        query.push(("max_results", &max_results));
+        let mut answer = client
+            .get("/ajax-api/2.0/mlflow/metrics/get-history-bulk", &query)
+            .await?;
+        let points = match answer.get_mut("metrics").map(Value::take) {
+            Some(Value::Array(points)) => points,
+            _ => Vec::new(),
+        };
+        let full = points.len() >= BULK_POINTS;
+        // The answer is sorted by run id: every run before the last one it
+        // names is whole; when it is full, the last run and those after it
+        // are asked again.
+        let last_named = points.last().map(|point| text(point, "run_id"));
+        for mut point in points {
+            let run_id = text(&point, "run_id");
+            if full && Some(&run_id) == last_named.as_ref() {
+                continue;
+            }
+            if let Some(object) = point.as_object_mut() {
+                object.remove("run_id");
+            }
+            read.points.entry(run_id).or_default().push(point);
+        }
+        if !full {
+            rest = &rest[chunk.len()..];
+            continue;
+        }
+        let last = last_named.unwrap_or_default();
+        let from = rest.iter().position(|id| *id == last).unwrap_or(0);
+        if from == 0 {
+            // One run's history fills a whole answer: read it alone.
+            read.alone.push(rest[0].clone());
+            read.points.remove(&rest[0]);
+            rest = &rest[1..];
+        } else {
+            rest = &rest[from..];
+        }
+    }
+    Ok(read)
 }
 
 /// What a `log-batch` entry is.

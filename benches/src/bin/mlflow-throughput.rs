@@ -84,6 +84,13 @@ fn timed(
         .output()
         .unwrap_or_else(|error| panic!("{GNU_TIME} {} runs: {error}", program.display()));
     let wall = started.elapsed();
+    // Each step as it ends, so a long run shows its numbers before the table.
+    eprintln!(
+        "{} {}: {:.1} s",
+        program.file_name().unwrap_or_default().to_string_lossy(),
+        args.first().copied().unwrap_or_default(),
+        wall.as_secs_f64()
+    );
     assert!(
         output.status.success(),
         "{} {args:?} failed ({}):\n{}\n{}",
@@ -393,7 +400,9 @@ fn main() {
 
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let ceiling_time = runtime.block_on(ceiling(&ceiling_target, runs, points));
+    eprintln!("log-batch ceiling: {:.1} s", ceiling_time.as_secs_f64());
     let read_ceiling_time = runtime.block_on(read_ceiling(&source));
+    eprintln!("read ceiling: {:.1} s", read_ceiling_time.as_secs_f64());
 
     let ferry_check = check(MlflowVersion::V2, &source.url(), &ferry_target.url(), &[])
         .expect("check.py reads the ferry copy");

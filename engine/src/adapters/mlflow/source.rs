@@ -9,7 +9,7 @@
 //! does not fit is read with `get-history` alone); one search per 1,000
 //! registered models and per model's versions.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -34,6 +34,14 @@ const RUN_PAGE: usize = 100;
 const BULK_RUNS: usize = 100;
 /// Points a bulk history call returns at most (the server's limit).
 const BULK_POINTS: usize = 25_000;
+/// The bytes of a bulk history call's request line its run ids may take
+/// (gunicorn's limit is 4,094 for the whole line: the path, a key of up to
+/// [`BULK_KEY_BYTES`] encoded, and `max_results` take the rest). 32-hex
+/// run ids: 80 a call.
+const BULK_RUN_ID_BYTES: usize = 3_200;
+/// A metric key's encoded bytes the request line leaves room for besides
+/// the run ids; a longer key takes run ids' room.
+const BULK_KEY_BYTES: usize = 750;
 /// Bulk history calls in flight at once. A one-worker server answers one
 /// at a time: a second in flight keeps it busy while ferry reads the
 /// answer before; more serve servers with more workers.
@@ -697,32 +705,56 @@ impl PageReader {
 }
 
 /// The page reader's work; stops quietly when the crawl went away.
+///
+/// Runs are taken in the crawl's order across pages and experiments; a
+/// bulk call is made for as many of them as fit one (by count and by the
+/// request line's length), and a page is handed over once all its runs are
+/// read.
 async fn read_pages(
     client: &MlflowClient,
     experiment_ids: Vec<String>,
     sender: &mpsc::Sender<Result<RunPage, MlflowError>>,
 ) -> Result<(), MlflowError> {
-    let mut gathered: Vec<RunPage> = Vec::new();
-    let mut gathered_runs = 0;
+    let mut pending: VecDeque<RunPage> = VecDeque::new();
+    // Runs at the front of `pending` whose histories are read, into `read`.
+    let mut read_through = 0;
+    let mut read = Histories::default();
     let count = experiment_ids.len();
     for (index, experiment_id) in experiment_ids.into_iter().enumerate() {
         let mut page_token: Option<String> = None;
         loop {
             let (page, next) = run_page(client, &experiment_id, page_token.as_deref()).await?;
-            gathered_runs += page.runs.len();
-            gathered.push(page);
+            pending.push_back(page);
             page_token = next;
             let end = page_token.is_none() && index + 1 == count;
-            if gathered_runs >= BULK_RUNS || end {
-                let runs: Vec<&Value> = gathered.iter().flat_map(|page| &page.runs).collect();
-                let mut histories = histories(client, &runs).await?;
-                for mut page in gathered.drain(..) {
-                    page.histories = histories.take_runs(&page.runs);
-                    if sender.send(Ok(page)).await.is_err() {
-                        return Ok(());
-                    }
+            loop {
+                let unread: Vec<&Value> = pending
+                    .iter()
+                    .flat_map(|page| &page.runs)
+                    .skip(read_through)
+                    .collect();
+                let fits = runs_per_call(unread.iter().map(|run| run_id_of(run)), 0);
+                let full = fits < unread.len() || fits == BULK_RUNS;
+                if unread.is_empty() || !(full || end) {
+                    break;
                 }
-                gathered_runs = 0;
+                let chunk = histories(client, &unread[..fits]).await?;
+                read.points.extend(chunk.points);
+                read.alone.extend(chunk.alone);
+                read_through += fits;
+            }
+            while pending
+                .front()
+                .is_some_and(|page| page.runs.len() <= read_through)
+            {
+                let Some(mut page) = pending.pop_front() else {
+                    break;
+                };
+                read_through -= page.runs.len();
+                page.histories = read.take_runs(&page.runs);
+                if sender.send(Ok(page)).await.is_err() {
+                    return Ok(());
+                }
             }
             if page_token.is_none() {
                 break;
@@ -730,6 +762,44 @@ async fn read_pages(
         }
     }
     Ok(())
+}
+
+/// How many of `run_ids` (from the first) one bulk call takes: at most
+/// [`BULK_RUNS`], and no more than fit [`BULK_RUN_ID_BYTES`] of its
+/// request line, less what a long key takes beyond its room
+/// (`key_excess`; a gunicorn server refuses a line over 4,094 bytes); one
+/// at least.
+fn runs_per_call<'a>(run_ids: impl Iterator<Item = &'a str>, key_excess: usize) -> usize {
+    let budget = BULK_RUN_ID_BYTES.saturating_sub(key_excess);
+    let mut bytes = 0;
+    let mut fits = 0;
+    for run_id in run_ids.take(BULK_RUNS) {
+        // `run_id=ID&`, the id as it is encoded.
+        bytes += "run_id=&".len() + encoded_len(run_id);
+        if bytes > budget && fits > 0 {
+            break;
+        }
+        fits += 1;
+    }
+    fits
+}
+
+/// The length of `text` in a URL's query, at most (every byte that is not
+/// left as it is takes three).
+fn encoded_len(text: &str) -> usize {
+    text.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
+fn run_id_of(run: &Value) -> &str {
+    run["info"]["run_id"].as_str().unwrap_or_default()
 }
 
 /// A page of an experiment's runs, in start-time order (their histories
@@ -826,7 +896,10 @@ async fn key_history(
     let max_results = BULK_POINTS.to_string();
     let mut rest: &[String] = &run_ids;
     while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(BULK_RUNS)];
+        // A long key leaves fewer run ids room in the request line.
+        let key_excess = encoded_len(&read.key).saturating_sub(BULK_KEY_BYTES);
+        let fits = runs_per_call(rest.iter().map(String::as_str), key_excess);
+        let chunk = &rest[..fits];
         let mut query: Vec<(&str, &str)> = chunk.iter().map(|id| ("run_id", id.as_str())).collect();
         query.push(("metric_key", &read.key));
         query.push(("max_results", &max_results));
@@ -1075,6 +1148,54 @@ mod tests {
                 .all(|body| body.to_string().len() <= BATCH_BYTES + 1_000)
         );
         assert_eq!(sent.len(), 4);
+    }
+
+    /// Regression: 100 run ids in one bulk history call made a request line
+    /// of 4,096 bytes, which gunicorn refuses (400 "Request Line is too
+    /// large").
+    #[test]
+    fn bulk_calls_keep_their_request_line_under_gunicorns_limit() {
+        let ids: Vec<String> = (0..250).map(|index| format!("{index:032x}")).collect();
+        let fits = runs_per_call(ids.iter().map(String::as_str), 0);
+        assert_eq!(fits, 80);
+        let key = "k".repeat(250);
+        let line = |fits: usize, key: &str| {
+            let mut query: Vec<String> = ids[..fits]
+                .iter()
+                .map(|id| format!("run_id={id}"))
+                .collect();
+            query.push(format!("metric_key={key}"));
+            query.push("max_results=25000".to_owned());
+            format!(
+                "GET /ajax-api/2.0/mlflow/metrics/get-history-bulk?{} HTTP/1.1",
+                query.join("&")
+            )
+            .len()
+        };
+        assert!(line(fits, &key) < 4_094, "{}", line(fits, &key));
+        let odd_key = "é/".repeat(250);
+        let fewer = runs_per_call(
+            ids.iter().map(String::as_str),
+            encoded_len(&odd_key).saturating_sub(BULK_KEY_BYTES),
+        );
+        assert!(fewer < fits && line(fewer, &urlencode(&odd_key)) < 4_094);
+        assert_eq!(
+            runs_per_call(std::iter::once("x".repeat(5_000).as_str()), 0),
+            1
+        );
+        assert_eq!(runs_per_call(ids[..7].iter().map(String::as_str), 0), 7);
+    }
+
+    fn urlencode(text: &str) -> String {
+        text.bytes()
+            .map(|byte| {
+                if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+                    (byte as char).to_string()
+                } else {
+                    format!("%{byte:02X}")
+                }
+            })
+            .collect()
     }
 
     #[test]

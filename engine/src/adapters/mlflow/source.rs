@@ -3,11 +3,13 @@
 //!
 //! Requests: one `experiments/search` page per 1,000 experiments; one
 //! `runs/search` page per 100 runs (params, tags, inputs and the latest
-//! metrics come with it); for each metric key of a page, one bulk history
-//! call per 100 runs (`get-history-bulk`, at most 25,000 points a call:
-//! runs past a full answer are asked again, and a single run whose history
-//! does not fit is read with `get-history` alone); one search per 1,000
-//! registered models and per model's versions.
+//! metrics come with it); for each metric key, one bulk history call per
+//! 80 runs (`get-history-bulk`: as many run ids as its request line holds,
+//! taken across pages and experiments; at most 25,000 points a call: runs
+//! past a full answer are asked again, and a single run whose history does
+//! not fit is read with `get-history` alone), 4 calls in flight, a page
+//! ahead of the ops; one search per 1,000 registered models and per
+//! model's versions.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -676,11 +678,11 @@ struct RunPage {
 ///
 /// A bulk history call costs the server a scan of every point of its key
 /// (SQLite's index leads with the key, not the run), so the reader fills
-/// its calls: it gathers pages, of one experiment or several, until they
-/// hold [`BULK_RUNS`] runs, reads their histories together, then hands the
-/// pages over one by one. It holds at most the pages of one such gathering
-/// (under twice [`BULK_RUNS`] runs) besides the one in the channel and the
-/// crawl's.
+/// its calls: it takes runs in the crawl's order across pages and
+/// experiments, as many a call as fit (see [`runs_per_call`]), and hands a
+/// page over once all its runs are read. It holds at most one call's runs
+/// and the page that overflowed it, besides the page in the channel and
+/// the crawl's.
 struct PageReader {
     receiver: mpsc::Receiver<Result<RunPage, MlflowError>>,
     task: tokio::task::JoinHandle<()>,

@@ -1,8 +1,9 @@
 //! MLflow: `ferry extract` + `ferry restore` against `mlflow-export-import`
 //! 1.2.0 (`export-experiments` + `import-experiments`, the tool MLflow's
 //! users pick), and against the target server's own write path (a plain
-//! writer sending full 1,000-metric `log-batch`es at ferry's concurrency),
-//! on the same servers, the same machine, in the same run.
+//! writer sending full 1,000-metric `log-batch`es at ferry's concurrency)
+//! and the source's own read path (a plain reader asking the bulk history
+//! endpoint for every key of every run, 100 runs a call), on the same servers, the same machine, in the same run.
 //!
 //! ```text
 //! cargo build --release -p ferry-cli
@@ -40,6 +41,9 @@ const STEPS: usize = 100;
 /// Runs ferry restores side by side (its default), and the ceiling's
 /// writer's requests in flight.
 const CONCURRENCY: usize = 8;
+/// The read ceiling's requests in flight (ferry's extract keeps 4 bulk
+/// history calls in flight).
+const READ_CONCURRENCY: usize = 4;
 
 /// What one command cost.
 #[derive(Debug, Clone, Copy, Default)]
@@ -80,6 +84,13 @@ fn timed(
         .output()
         .unwrap_or_else(|error| panic!("{GNU_TIME} {} runs: {error}", program.display()));
     let wall = started.elapsed();
+    // Each step as it ends, so a long run shows its numbers before the table.
+    eprintln!(
+        "{} {}: {:.1} s",
+        program.file_name().unwrap_or_default().to_string_lossy(),
+        args.first().copied().unwrap_or_default(),
+        wall.as_secs_f64()
+    );
     assert!(
         output.status.success(),
         "{} {args:?} failed ({}):\n{}\n{}",
@@ -177,6 +188,71 @@ async fn ceiling(server: &MlflowServer, runs: usize, points: usize) -> Duration 
     while let Some(done) = workers.join_next().await {
         done.expect("a ceiling worker");
     }
+    started.elapsed()
+}
+
+/// The plain reader: every run listed (`runs/search`, one page per
+/// experiment), then every metric history read with the bulk endpoint, one
+/// call per key per 100 runs, `READ_CONCURRENCY` in flight, the answers
+/// parsed and dropped. The source's own read rate for what ferry's extract
+/// asks most of (its calls take every run of the page reader's gathering).
+async fn read_ceiling(server: &MlflowServer) -> Duration {
+    use futures::StreamExt;
+    let client = Arc::new(
+        MlflowClient::new(&server.url(), Credentials::None, RetryPolicy::default())
+            .expect("a client"),
+    );
+    let started = Instant::now();
+    let experiments = client
+        .post(
+            "/api/2.0/mlflow/experiments/search",
+            &json!({ "max_results": 1000, "view_type": "ALL" }),
+        )
+        .await
+        .expect("experiments/search");
+    let mut run_ids = Vec::new();
+    for experiment in experiments["experiments"].as_array().into_iter().flatten() {
+        let runs = client
+            .post(
+                "/api/2.0/mlflow/runs/search",
+                &json!({ "experiment_ids": [experiment["experiment_id"]], "max_results": 1000, "run_view_type": "ALL" }),
+            )
+            .await
+            .expect("runs/search");
+        for run in runs["runs"].as_array().into_iter().flatten() {
+            run_ids.push(
+                run["info"]["run_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    let calls: Vec<(usize, Vec<String>)> = (0..METRICS)
+        .flat_map(|metric| {
+            run_ids
+                .chunks(100)
+                .map(move |chunk| (metric, chunk.to_vec()))
+        })
+        .collect();
+    futures::stream::iter(calls)
+        .map(|(metric, chunk)| {
+            let client = client.clone();
+            async move {
+                let key = format!("metric{metric:02}");
+                let mut query: Vec<(&str, &str)> =
+                    chunk.iter().map(|id| ("run_id", id.as_str())).collect();
+                query.push(("metric_key", &key));
+                query.push(("max_results", "25000"));
+                client
+                    .get("/ajax-api/2.0/mlflow/metrics/get-history-bulk", &query)
+                    .await
+                    .expect("get-history-bulk");
+            }
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
     started.elapsed()
 }
 
@@ -324,6 +400,9 @@ fn main() {
 
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let ceiling_time = runtime.block_on(ceiling(&ceiling_target, runs, points));
+    eprintln!("log-batch ceiling: {:.1} s", ceiling_time.as_secs_f64());
+    let read_ceiling_time = runtime.block_on(read_ceiling(&source));
+    eprintln!("read ceiling: {:.1} s", read_ceiling_time.as_secs_f64());
 
     let ferry_check = check(MlflowVersion::V2, &source.url(), &ferry_target.url(), &[])
         .expect("check.py reads the ferry copy");
@@ -384,6 +463,13 @@ fn main() {
         "extract: {:.1}x faster than export-experiments (target >= 10), {:.2} of its requests (target <= 0.25)",
         seconds(&export) / seconds(&extract),
         extract.requests as f64 / export.requests.max(1) as f64
+    );
+    println!(
+        "extract: {:.0} metric points/s; the source's bulk-history read ceiling {:.0} points/s ({:.1} s, {READ_CONCURRENCY} in flight): {:.2} of it",
+        points as f64 / seconds(&extract),
+        points as f64 / read_ceiling_time.as_secs_f64(),
+        read_ceiling_time.as_secs_f64(),
+        read_ceiling_time.as_secs_f64() / seconds(&extract)
     );
     println!(
         "restore: {restore_rate:.0} metric points/s; the server's log-batch ceiling {ceiling_rate:.0} points/s ({:.1} s for {points} points and {runs} runs at {CONCURRENCY} in flight): {:.2} of it (target >= 0.8)",

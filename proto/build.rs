@@ -19,7 +19,11 @@ const ETCD_PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not baked in when it is compiled: a target
+    // folder shared by two checkouts would otherwise compile one's protos
+    // from the other's (or from a checkout since removed).
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = Path::new(&manifest_dir);
     let vendor = root.join("vendor");
     println!("cargo:rerun-if-changed={}", root.join("ferry").display());
     println!("cargo:rerun-if-changed={}", vendor.display());

@@ -52,6 +52,23 @@ fn assert_equal(source: &MlflowServer, target: &MlflowServer) -> CheckReport {
     report
 }
 
+/// Every one of the `traces` traces made is on the target, with as many
+/// spans as the source's (the checker compared them one by one).
+fn assert_traces_carried(report: &CheckReport, traces: u64) {
+    assert_eq!(
+        report.count("target", "traces"),
+        traces,
+        "{:#}",
+        report.report
+    );
+    assert_eq!(
+        report.count("target", "spans"),
+        report.count("source", "spans"),
+        "{:#}",
+        report.report
+    );
+}
+
 #[test]
 fn a_2x_server_restores_onto_3x_and_2x_field_for_field_and_a_second_restore_makes_nothing() {
     let [source, v3, v2] = servers([MlflowVersion::V2, MlflowVersion::V3, MlflowVersion::V2]);
@@ -319,19 +336,8 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
             "{:#}",
             report.report
         );
-        assert_eq!(
-            report.count("target", "traces"),
-            traces,
-            "{:#}",
-            report.report
-        );
         assert!(report.count("source", "spans") > traces);
-        assert_eq!(
-            report.count("target", "spans"),
-            report.count("source", "spans"),
-            "{:#}",
-            report.report
-        );
+        assert_traces_carried(&report, traces);
         // Neither version lets a writer keep a 2.x request id: 2.x assigns
         // one, 3.x names a trace after its spans' trace id.
         let ids = &report.report["fidelity"]["trace_ids_kept"];
@@ -346,12 +352,7 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
     let summary: serde_json::Value = serde_json::from_str(&printed).expect("JSON summary");
     assert!(summary["ops"].as_u64() > Some(50), "{summary}");
     let report = assert_equal(&source, &v3);
-    assert_eq!(
-        report.count("target", "traces"),
-        traces,
-        "{:#}",
-        report.report
-    );
+    assert_traces_carried(&report, traces);
 
     // The whole stream replayed onto 2.x too: its runs' metric batches
     // with NaN points already there (2.22.5 refuses such a batch as a
@@ -379,12 +380,7 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
     assert_eq!(lookups(&v2) - lookups_before, traces);
     assert_eq!(starts(&v2), starts_before);
     let report = assert_equal(&source, &v2);
-    assert_eq!(
-        report.count("target", "traces"),
-        traces,
-        "{:#}",
-        report.report
-    );
+    assert_traces_carried(&report, traces);
 }
 
 #[test]
@@ -398,18 +394,7 @@ fn logged_models_and_traces_made_on_3x_restore_onto_3x_and_2x_refuses_them_by_na
     let id = extract(&source.ferry_url(), &store.url(), &[]);
     ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
     let report = assert_equal(&source, &target);
-    assert_eq!(
-        report.count("target", "traces"),
-        traces,
-        "{:#}",
-        report.report
-    );
-    assert_eq!(
-        report.count("target", "spans"),
-        report.count("source", "spans"),
-        "{:#}",
-        report.report
-    );
+    assert_traces_carried(&report, traces);
     // 3.x lets a writer keep a 3.x trace's id.
     let ids = &report.report["fidelity"]["trace_ids_kept"];
     assert_eq!(ids["kept"], traces, "{:#}", report.report["fidelity"]);
@@ -426,12 +411,7 @@ fn logged_models_and_traces_made_on_3x_restore_onto_3x_and_2x_refuses_them_by_na
     rewind_checkpoint(&target, 0);
     ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
     let report = assert_equal(&source, &target);
-    assert_eq!(
-        report.count("target", "traces"),
-        traces,
-        "{:#}",
-        report.report
-    );
+    assert_traces_carried(&report, traces);
     assert_eq!(report.count("target", "logged_models"), 1);
 
     // MLflow 2.x has no logged models: the restore stops at the stream's
@@ -476,19 +456,8 @@ fn traces_made_on_3x_restore_onto_2x_span_for_span() {
     // attributes as JSON text): the checker reads both and finds every
     // span, attribute and event equal.
     let report = assert_equal(&source, &target);
-    assert_eq!(
-        report.count("target", "traces"),
-        traces,
-        "{:#}",
-        report.report
-    );
     assert!(report.count("source", "spans") > traces);
-    assert_eq!(
-        report.count("target", "spans"),
-        report.count("source", "spans"),
-        "{:#}",
-        report.report
-    );
+    assert_traces_carried(&report, traces);
     // 2.x assigns trace ids.
     let ids = &report.report["fidelity"]["trace_ids_kept"];
     assert_eq!(ids["kept"], 0, "{:#}", report.report["fidelity"]);

@@ -185,6 +185,18 @@ impl MlflowClient {
         self.parse(&format!("DELETE {path}"), &bytes)
     }
 
+    /// `PATCH path` with a JSON body (a 2.x trace's end, a logged model's
+    /// status), answered with bytes that need not be JSON.
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<bytes::Bytes, MlflowError> {
+        let encoded = serde_json::to_vec(body).map_err(|error| MlflowError::BadResponse {
+            server: self.name.clone(),
+            request: format!("PATCH {path}"),
+            reason: format!("cannot encode the request: {error}"),
+        })?;
+        self.call(reqwest::Method::PATCH, path, &[], &[], Some(encoded))
+            .await
+    }
+
     /// `POST path` with a body already encoded as JSON.
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Value, MlflowError> {
         let bytes = self
@@ -195,7 +207,7 @@ impl MlflowClient {
 
     /// `METHOD path` with `headers` and a body already encoded, answered
     /// with bytes that need not be JSON (the artifact proxy's `PUT`, the
-    /// OTLP span endpoint's `POST /v1/traces`, `PATCH` of a 2.x trace).
+    /// OTLP span endpoint's `POST /v1/traces`).
     pub async fn send(
         &self,
         method: reqwest::Method,

@@ -287,14 +287,10 @@ pub(super) async fn apply(
     }
     let status = text(&body, "status");
     if !status.is_empty() && status != "LOGGED_MODEL_PENDING" {
-        let encoded = serde_json::to_vec(&json!({ "model_id": target_id, "status": status }))
-            .map_err(|error| bad(client, op, format!("cannot encode its status: {error}")))?;
         client
-            .send(
-                reqwest::Method::PATCH,
+            .patch(
                 &format!("{API}/logged-models/{target_id}"),
-                &[],
-                encoded,
+                &json!({ "model_id": target_id, "status": status }),
             )
             .await?;
     }

@@ -236,6 +236,34 @@ impl PlatformError for MlflowError {
     }
 }
 
+/// Why replaying one op failed: the server refused it or could not be
+/// reached (`Server`), or the op cannot be replayed as it is (`Bad`, a reason
+/// its caller names with the op's seq and key).
+pub(super) enum Failure {
+    Server(MlflowError),
+    Bad(String),
+}
+
+impl From<MlflowError> for Failure {
+    fn from(error: MlflowError) -> Self {
+        Failure::Server(error)
+    }
+}
+
+impl Failure {
+    /// The caller's error: `server` of a server's, `bad` of an op's reason.
+    pub(super) fn into_error<E>(
+        self,
+        server: impl FnOnce(MlflowError) -> E,
+        bad: impl FnOnce(String) -> E,
+    ) -> E {
+        match self {
+            Failure::Server(error) => server(error),
+            Failure::Bad(reason) => bad(reason),
+        }
+    }
+}
+
 /// The server's base URL (`http://HOST:PORT[/PATH]`) of an adapter URL,
 /// `mlflow+http://HOST:PORT[/PATH]` or `mlflow+https://...`. Credentials in
 /// the URL are refused: they would show in argv and logs.

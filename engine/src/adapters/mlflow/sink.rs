@@ -32,7 +32,7 @@ use super::logged_models;
 use super::source::{all_experiments, array, model_versions, next_page, server_version, text};
 use super::traces::{self, Generation, TargetIds};
 use super::{
-    API, CHECKPOINT_TAG_PREFIX, KIND_LOGGED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE,
+    API, CHECKPOINT_TAG_PREFIX, Failure, KIND_LOGGED_MODEL, KIND_REQUIREMENT, KIND_RUN, KIND_TRACE,
     MlflowError, PARENT_RUN_TAG, SOURCE_EXPERIMENT_TAG, SOURCE_RUN_TAG, SOURCE_VERSION_TAG,
 };
 use crate::adapters::{AdapterError, Sink, StreamInfo};
@@ -590,10 +590,7 @@ async fn apply_op(shared: &Shared, op: &Op) -> Result<()> {
             "{other} is not a request ferry's MLflow target replays"
         ))),
     };
-    outcome.map_err(|failure| match failure {
-        Failure::Server(error) => AdapterError::target(error).into(),
-        Failure::Bad(reason) => bad(reason),
-    })
+    outcome.map_err(|failure| failure.into_error(|error| AdapterError::target(error).into(), bad))
 }
 
 /// An op whose request depends on the target's major version: a trace
@@ -620,17 +617,6 @@ async fn apply_version_dependent(shared: &Shared, op: &Op) -> Result<(), MlflowE
         logged_models::apply(&shared.client, generation, op, &ids).await
     } else {
         traces::apply(&shared.client, generation, op, &ids).await
-    }
-}
-
-enum Failure {
-    Server(MlflowError),
-    Bad(String),
-}
-
-impl From<MlflowError> for Failure {
-    fn from(error: MlflowError) -> Self {
-        Failure::Server(error)
     }
 }
 

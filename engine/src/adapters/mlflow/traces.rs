@@ -35,7 +35,7 @@ use serde_json::{Map, Value, json};
 
 use super::client::MlflowClient;
 use super::source::{array, next_page, text};
-use super::{MlflowError, SOURCE_TRACE_TAG};
+use super::{Failure, MlflowError, SOURCE_TRACE_TAG};
 use crate::Op;
 
 /// The 2.x trace endpoint (also answered by 3.x servers).
@@ -339,7 +339,7 @@ pub(super) async fn apply(
         .map_err(|error| bad(format!("its body is not JSON: {error}")))?;
     let v2 = format!("POST {V2_TRACES}");
     let v3 = format!("POST {V3_TRACES}");
-    match target {
+    let written = match target {
         Generation::V3 => {
             let body = if method == v2 {
                 v2_to_v3(&body).map_err(&bad)?
@@ -348,32 +348,16 @@ pub(super) async fn apply(
             } else {
                 return Err(bad("it is not a trace request ferry replays".to_owned()));
             };
-            write_v3(client, &body, ids)
-                .await
-                .map_err(|failure| match failure {
-                    Failure::Server(error) => error,
-                    Failure::Bad(reason) => bad(reason),
-                })
+            write_v3(client, &body, ids).await
         }
-        Generation::V2 if method == v2 => {
-            write_v2(client, &body, ids)
-                .await
-                .map_err(|failure| match failure {
-                    Failure::Server(error) => error,
-                    Failure::Bad(reason) => bad(reason),
-                })
-        }
+        Generation::V2 if method == v2 => write_v2(client, &body, ids).await,
         Generation::V2 if method == v3 => {
             let body = v3_to_v2(&body).map_err(&bad)?;
-            write_v2(client, &body, ids)
-                .await
-                .map_err(|failure| match failure {
-                    Failure::Server(error) => error,
-                    Failure::Bad(reason) => bad(reason),
-                })
+            write_v2(client, &body, ids).await
         }
-        Generation::V2 => Err(bad("it is not a trace request ferry replays".to_owned())),
-    }
+        Generation::V2 => return Err(bad("it is not a trace request ferry replays".to_owned())),
+    };
+    written.map_err(|failure| failure.into_error(|error| error, bad))
 }
 
 /// A 3.x trace op's body as the 2.x op that makes the same trace on a 2.x
@@ -523,17 +507,6 @@ fn duration_ms(duration: &str) -> Result<i64, String> {
         .and_then(|number| number.parse().ok())
         .ok_or_else(|| format!("its execution_duration {duration:?} is not a duration"))?;
     Ok((seconds * 1000.0).round() as i64)
-}
-
-enum Failure {
-    Server(MlflowError),
-    Bad(String),
-}
-
-impl From<MlflowError> for Failure {
-    fn from(error: MlflowError) -> Self {
-        Failure::Server(error)
-    }
 }
 
 /// A source run id in trace metadata, as the target's.
@@ -743,15 +716,8 @@ async fn write_v2(client: &MlflowClient, body: &Value, ids: &TargetIds<'_>) -> R
             "request_metadata": [],
             "tags": [],
         });
-        let encoded = serde_json::to_vec(&end)
-            .map_err(|error| Failure::Bad(format!("cannot encode its end: {error}")))?;
         client
-            .send(
-                reqwest::Method::PATCH,
-                &format!("{V2_TRACES}/{target_id}"),
-                &[],
-                encoded,
-            )
+            .patch(&format!("{V2_TRACES}/{target_id}"), &end)
             .await?;
     }
     Ok(())

@@ -241,11 +241,17 @@ impl MlflowServer {
     /// from its access log: a bench counts what a tool asked as the
     /// difference between two readings.
     pub fn requests_logged(&self) -> u64 {
+        self.requests().len() as u64
+    }
+
+    /// The requests the server has answered so far (health checks left
+    /// out), in the order of its access log.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
         std::fs::read_to_string(self.root.path().join("server.log"))
             .unwrap_or_default()
             .lines()
-            .filter(|line| is_request_line(line))
-            .count() as u64
+            .filter_map(LoggedRequest::parse)
+            .collect()
     }
 
     /// Runs `tests/mlflow/SCRIPT ARGS` with this server's Python and
@@ -302,25 +308,60 @@ impl Drop for MlflowServer {
     }
 }
 
-/// A 2.x server (gunicorn) logs no requests unless told; a 3.x server
-/// (uvicorn) logs each one. Both log them, so [`MlflowServer::requests_logged`]
-/// can count what a client asked.
+/// A 2.x server (gunicorn) logs no requests unless told, here with the
+/// time each took (gunicorn's `%(L)s`, seconds); a 3.x server (uvicorn)
+/// logs each one, without times. Both log them, so
+/// [`MlflowServer::requests_logged`] can count what a client asked.
 fn access_log_args(version: MlflowVersion) -> &'static [&'static str] {
     match version {
-        MlflowVersion::V2 => &["--gunicorn-opts", "--access-logfile=-"],
+        MlflowVersion::V2 => &[
+            "--gunicorn-opts",
+            // MLflow splits these with shlex.
+            r#"--access-logfile=- '--access-logformat=%(h)s "%(r)s" %(s)s %(L)s'"#,
+        ],
         MlflowVersion::V3 => &[],
     }
 }
 
-/// Whether a line of a server's log is a request it answered (gunicorn's
-/// `... "GET /path HTTP/1.1" 200 ...` or uvicorn's `... - "GET /path
-/// HTTP/1.1" 200 OK`), other than a health check.
-fn is_request_line(line: &str) -> bool {
-    ["\"GET /", "\"POST /", "\"DELETE /", "\"PATCH /", "\"PUT /"]
-        .iter()
-        .any(|method| line.contains(method))
-        && line.contains(" HTTP/1.")
-        && !line.contains(" /health ")
+/// A request a server's access log shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRequest {
+    /// `POST`, `GET`...
+    pub method: String,
+    /// The path, without its query.
+    pub path: String,
+    /// How long the server took to answer it (2.x servers only).
+    pub seconds: Option<f64>,
+}
+
+impl LoggedRequest {
+    /// A line of a server's log as the request it answered (gunicorn's
+    /// `... "GET /path HTTP/1.1" 200 0.012345` or uvicorn's `... - "GET
+    /// /path HTTP/1.1" 200 OK`), unless it is a health check or no request.
+    fn parse(line: &str) -> Option<LoggedRequest> {
+        let (_, rest) = line.split_once('"')?;
+        let (request, after) = rest.split_once('"')?;
+        let mut parts = request.split(' ');
+        let (method, target, protocol) = (parts.next()?, parts.next()?, parts.next()?);
+        if !["GET", "POST", "DELETE", "PATCH", "PUT"].contains(&method)
+            || !protocol.starts_with("HTTP/1.")
+        {
+            return None;
+        }
+        let path = target.split_once('?').map_or(target, |(path, _)| path);
+        if path == "/health" {
+            return None;
+        }
+        let seconds = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|time| time.parse().ok());
+        Some(LoggedRequest {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            seconds,
+        })
+    }
 }
 
 /// The folder of the MLflow tests' Python scripts, `tests/mlflow/`.
@@ -466,4 +507,42 @@ fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoggedRequest;
+
+    #[test]
+    fn access_log_lines_of_both_servers_are_read_as_requests() {
+        let gunicorn = LoggedRequest::parse(
+            r#"127.0.0.1 "POST /api/2.0/mlflow/runs/log-batch HTTP/1.1" 200 0.123456"#,
+        );
+        assert_eq!(
+            gunicorn,
+            Some(LoggedRequest {
+                method: "POST".to_owned(),
+                path: "/api/2.0/mlflow/runs/log-batch".to_owned(),
+                seconds: Some(0.123456),
+            })
+        );
+        let uvicorn = LoggedRequest::parse(
+            r#"INFO:     127.0.0.1:40112 - "GET /api/2.0/mlflow/runs/get?run_id=abc HTTP/1.1" 200 OK"#,
+        );
+        assert_eq!(
+            uvicorn,
+            Some(LoggedRequest {
+                method: "GET".to_owned(),
+                path: "/api/2.0/mlflow/runs/get".to_owned(),
+                seconds: None,
+            })
+        );
+        for not_a_request in [
+            r#"127.0.0.1 "GET /health HTTP/1.1" 200 0.000300"#,
+            r#"[INFO] Booting worker with pid: 12 "quoted" text"#,
+            "Listening at: http://127.0.0.1:5000",
+        ] {
+            assert_eq!(LoggedRequest::parse(not_a_request), None, "{not_a_request}");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! users pick), and against the target server's own write path (a plain
 //! writer sending full 1,000-metric `log-batch`es at ferry's concurrency)
 //! and the source's own read path (a plain reader asking the bulk history
-//! endpoint for every key of every run, 100 runs a call), on the same servers, the same machine, in the same run.
+//! endpoint for every key of every run, 80 runs a call), on the same servers, the same machine, in the same run.
 //!
 //! ```text
 //! cargo build --release -p ferry-cli
@@ -44,13 +44,70 @@ const CONCURRENCY: usize = 8;
 /// The read ceiling's requests in flight (ferry's extract keeps 4 bulk
 /// history calls in flight).
 const READ_CONCURRENCY: usize = 4;
+/// Runs a bulk history call asks for: gunicorn refuses a request line over
+/// 4,094 bytes, and 100 run ids make 4,096 (ferry's extract takes 80 too).
+const RUN_IDS_PER_CALL: usize = 80;
 
 /// What one command cost.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Cost {
     wall: Duration,
     peak_rss_kib: u64,
     requests: u64,
+    /// What the servers spent answering them, by request.
+    served: Served,
+}
+
+/// Requests a server answered, and the time it took, by method and path
+/// (from its access log: gunicorn's request time).
+#[derive(Debug, Clone, Default)]
+struct Served(std::collections::BTreeMap<String, (u64, f64)>);
+
+impl Served {
+    /// What `servers` answered after their first `before` requests each.
+    fn since(servers: &[&MlflowServer], before: &[usize]) -> Served {
+        let mut served = Served::default();
+        for (server, before) in servers.iter().zip(before) {
+            for request in server.requests().into_iter().skip(*before) {
+                let path = request.path.trim_start_matches("/api/2.0/mlflow/");
+                let entry = served
+                    .0
+                    .entry(format!("{} {path}", request.method))
+                    .or_default();
+                entry.0 += 1;
+                entry.1 += request.seconds.unwrap_or(0.0);
+            }
+        }
+        served
+    }
+
+    /// Seconds the servers spent answering.
+    fn busy(&self) -> f64 {
+        self.0.values().map(|(_, seconds)| seconds).sum()
+    }
+
+    /// `POST runs/log-batch 3000 x 81 ms = 243.0 s; ...`, the costliest first.
+    fn summary(&self) -> String {
+        let mut rows: Vec<_> = self.0.iter().collect();
+        rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        rows.iter()
+            .map(|(request, (count, seconds))| {
+                format!(
+                    "{request} {count} x {:.0} ms = {seconds:.1} s",
+                    seconds * 1000.0 / *count as f64
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// How many requests each server has answered so far.
+fn answered(servers: &[&MlflowServer]) -> Vec<usize> {
+    servers
+        .iter()
+        .map(|server| server.requests().len())
+        .collect()
 }
 
 fn export_import_venv() -> PathBuf {
@@ -70,7 +127,7 @@ fn timed(
     servers: &[&MlflowServer],
 ) -> Cost {
     let report = folder.join("time.txt");
-    let before: u64 = servers.iter().map(|server| server.requests_logged()).sum();
+    let before = answered(servers);
     let started = Instant::now();
     let output = Command::new(GNU_TIME)
         .arg("-f")
@@ -107,11 +164,12 @@ fn timed(
         .unwrap_or(0);
     // The last requests reach the log a moment after the answer.
     std::thread::sleep(Duration::from_millis(300));
-    let after: u64 = servers.iter().map(|server| server.requests_logged()).sum();
+    let served = Served::since(servers, &before);
     Cost {
         wall,
         peak_rss_kib,
-        requests: after - before,
+        requests: served.0.values().map(|(count, _)| count).sum(),
+        served,
     }
 }
 
@@ -193,7 +251,7 @@ async fn ceiling(server: &MlflowServer, runs: usize, points: usize) -> Duration 
 
 /// The plain reader: every run listed (`runs/search`, one page per
 /// experiment), then every metric history read with the bulk endpoint, one
-/// call per key per 100 runs, `READ_CONCURRENCY` in flight, the answers
+/// call per key per `RUN_IDS_PER_CALL` runs, `READ_CONCURRENCY` in flight, the answers
 /// parsed and dropped. The source's own read rate for what ferry's extract
 /// asks most of (its calls take every run of the page reader's gathering).
 async fn read_ceiling(server: &MlflowServer) -> Duration {
@@ -231,7 +289,7 @@ async fn read_ceiling(server: &MlflowServer) -> Duration {
     let calls: Vec<(usize, Vec<String>)> = (0..METRICS)
         .flat_map(|metric| {
             run_ids
-                .chunks(100)
+                .chunks(RUN_IDS_PER_CALL)
                 .map(move |chunk| (metric, chunk.to_vec()))
         })
         .collect();
@@ -399,7 +457,10 @@ fn main() {
     );
 
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let ceiling_before = answered(&[&ceiling_target]);
     let ceiling_time = runtime.block_on(ceiling(&ceiling_target, runs, points));
+    std::thread::sleep(Duration::from_millis(300));
+    let ceiling_served = Served::since(&[&ceiling_target], &ceiling_before);
     eprintln!("log-batch ceiling: {:.1} s", ceiling_time.as_secs_f64());
     let read_ceiling_time = runtime.block_on(read_ceiling(&source));
     eprintln!("read ceiling: {:.1} s", read_ceiling_time.as_secs_f64());
@@ -434,8 +495,8 @@ fn main() {
     let seconds = |cost: &Cost| cost.wall.as_secs_f64();
     let mib = |cost: &Cost| cost.peak_rss_kib as f64 / 1024.0;
     println!();
-    println!("| step | tool | wall s | peak RSS MiB | requests | requests/run |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| step | tool | wall s | server busy s | peak RSS MiB | requests | requests/run |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for (step, tool, cost) in [
         ("extract", "ferry extract", &extract),
         ("extract", "export-experiments", &export),
@@ -443,8 +504,9 @@ fn main() {
         ("restore", "import-experiments", &import),
     ] {
         println!(
-            "| {step} | {tool} | {:.1} | {:.0} | {} | {:.1} |",
+            "| {step} | {tool} | {:.1} | {:.1} | {:.0} | {} | {:.1} |",
             seconds(cost),
+            cost.served.busy(),
             mib(cost),
             cost.requests,
             cost.requests as f64 / runs as f64
@@ -476,6 +538,27 @@ fn main() {
         ceiling_time.as_secs_f64(),
         restore_rate / ceiling_rate
     );
+    // Where the one-worker servers' time went: a tool that keeps its
+    // server busy all along is bound by what it asks of it.
+    println!();
+    for (name, wall, served) in [
+        ("ferry restore", seconds(&restore), &restore.served),
+        ("import-experiments", seconds(&import), &import.served),
+        (
+            "log-batch ceiling",
+            ceiling_time.as_secs_f64(),
+            &ceiling_served,
+        ),
+        ("ferry extract", seconds(&extract), &extract.served),
+        ("export-experiments", seconds(&export), &export.served),
+    ] {
+        println!(
+            "{name}: its server busy {:.1} s of {wall:.1} s ({:.0}%): {}",
+            served.busy(),
+            100.0 * served.busy() / wall,
+            served.summary()
+        );
+    }
     println!();
     println!("| fidelity (check.py) | ferry | export-import |");
     println!("| --- | --- | --- |");

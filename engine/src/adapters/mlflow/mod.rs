@@ -4,8 +4,8 @@
 //! - [`MlflowSource`]: crawls the server, paged: experiments (deleted ones
 //!   too) with their tags; each experiment's runs (deleted ones too) in
 //!   start-time order with their params, tags, dataset inputs and every
-//!   point of every metric's history (the bulk history endpoint, 100 runs a
-//!   call, where the server has it; paged `get-history` where a history
+//!   point of every metric's history (the bulk history endpoint, up to 80 runs
+//!   a call, where the server has it; paged `get-history` where a history
 //!   does not fit one call); registered models with their versions, stages,
 //!   aliases, tags and descriptions.
 //! - [`MlflowSink`]: replays those requests onto another server, runs side

@@ -942,8 +942,8 @@ async fn run_page(
     ))
 }
 
-/// The metric histories of some runs: one bulk call per key per 100
-/// runs, again for what a full answer cut off; keys read side by side,
+/// The metric histories of some runs: one bulk call per key per up to
+/// 80 runs (see [`runs_per_call`]), again for what a full answer cut off; keys read side by side,
 /// [`HISTORY_CALLS_IN_FLIGHT`] at a time.
 async fn histories(client: &MlflowClient, runs: &[&Value]) -> Result<Histories, MlflowError> {
     let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -61,24 +61,38 @@ fn tag<'a>(holder: &'a Value, key: &str) -> Option<&'a str> {
 impl MlflowPlane {
     /// `POST /api/2.0/mlflow/<request>` with a JSON body; `Err` with the
     /// server's answer when it is not a 200.
+    /// `POST request`. A busy server's "QueuePool limit ... timed out"
+    /// (MLflow answers its SQLAlchemy pool's timeout with 400) and 503 are
+    /// asked again, a few times, as any client of a loaded server must.
     async fn post(&self, request: &str, body: &Value) -> Result<Value, String> {
-        let answer = self
-            .http
-            .post(format!("{}/api/2.0/mlflow/{request}", self.server.url()))
-            .header("Content-Type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|error| format!("{request}: {error}"))?;
-        let status = answer.status();
-        let body = answer
-            .text()
-            .await
-            .map_err(|error| format!("{request}: {error}"))?;
-        if !status.is_success() {
-            return Err(format!("{request}: {status}: {body}"));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let answer = self
+                .http
+                .post(format!("{}/api/2.0/mlflow/{request}", self.server.url()))
+                .header("Content-Type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|error| format!("{request}: {error}"))?;
+            let status = answer.status();
+            let text = answer
+                .text()
+                .await
+                .map_err(|error| format!("{request}: {error}"))?;
+            let busy = status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || text.contains("QueuePool limit");
+            if busy && attempt < 5 {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(format!("{request}: {status}: {text}"));
+            }
+            return serde_json::from_str(&text)
+                .map_err(|error| format!("{request}: {error}: {text}"));
         }
-        serde_json::from_str(&body).map_err(|error| format!("{request}: {error}: {body}"))
     }
 
     async fn experiment_id(&self, state: &mut ClientState) -> Result<String, String> {

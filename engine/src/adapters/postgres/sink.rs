@@ -36,6 +36,16 @@ use crate::{Op, Result};
 /// Bytes of COPY data sent to the server at once.
 const COPY_CHUNK: usize = 256 * 1024;
 
+/// A table's parked rows that make a copy of their own: a backup holds the
+/// tables' rows interleaved (the extract's workers write side by side), and
+/// a copy ended and another started is a stop for both sides, so a table's
+/// rows wait (encoded) until there are this many bytes of them.
+const PARK_SWITCH: usize = 4 * 1024 * 1024;
+
+/// Bytes of parked rows, all tables together, at most: past it the table
+/// with the most waiting gets the copy.
+const PARK_LIMIT: usize = 16 * 1024 * 1024;
+
 /// How a restore writes.
 #[derive(Debug, Clone)]
 pub struct PgSinkOptions {
@@ -90,6 +100,16 @@ impl LineSeqs {
     }
 }
 
+/// Rows of a table other than the open copy's, encoded, waiting for a copy
+/// of their own (a connection has one copy open at a time). Only rows of
+/// no source transaction wait: they go in together at the next commit
+/// anyway, while a transaction's rows keep their order.
+struct Parked {
+    table: (String, String),
+    buffer: Vec<u8>,
+    seqs: LineSeqs,
+}
+
 impl OpenCopy {
     /// The buffered lines, to send.
     fn take_chunk(&mut self) -> Bytes {
@@ -128,6 +148,10 @@ pub struct PgTarget {
     client: Option<Client>,
     stream_id: String,
     copy: Option<OpenCopy>,
+    /// Parked rows by their keys' table prefix (`schema.table/`).
+    parked: HashMap<Vec<u8>, Parked>,
+    /// Bytes in `parked`.
+    parked_bytes: usize,
     codecs: HashMap<(String, String), TableCodec>,
     types: Option<TypeCatalog>,
     schemas: HashSet<String>,
@@ -144,6 +168,8 @@ impl PgTarget {
             client: None,
             stream_id: String::new(),
             copy: None,
+            parked: HashMap::new(),
+            parked_bytes: 0,
             codecs: HashMap::new(),
             types: None,
             schemas: HashSet::new(),
@@ -343,15 +369,24 @@ impl PgTarget {
             .position(|byte| *byte == b'/')
             .map(|slash| &op.key[..=slash])
             .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
-        if self
+        let open_here = self
             .copy
             .as_ref()
-            .is_some_and(|copy| copy.key_prefix != key_prefix)
-        {
-            self.end_copy().await?;
-        }
-        if self.copy.is_none() {
-            self.start_copy(op, key_prefix).await?;
+            .is_some_and(|copy| copy.key_prefix == key_prefix);
+        if !open_here {
+            // A table's columns are read on the connection, which an open
+            // copy holds: the first row of a table starts its copy.
+            let known = self.parked.contains_key(key_prefix)
+                || row_table(&op.key).is_some_and(|table| self.codecs.contains_key(&table));
+            if op.txn == 0 && known && (self.copy.is_some() || !self.parked.is_empty()) {
+                return self.park(op, key_prefix).await;
+            }
+            self.end_copies().await?;
+            let table = row_table(&op.key).ok_or_else(|| {
+                self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned())
+            })?;
+            self.codec(op, &table).await?;
+            self.start_copy(table, key_prefix, op.seq).await?;
         }
         let copy = self.copy.as_mut().expect("started above");
         if let Err(error) = copy.codec.encoder.encode_row(&op.body, &mut copy.buffer) {
@@ -359,6 +394,14 @@ impl PgTarget {
             return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
         }
         copy.seqs.push(op.seq);
+        self.send_chunk().await
+    }
+
+    /// Sends the open copy's buffered lines once they make a chunk.
+    async fn send_chunk(&mut self) -> Result<()> {
+        let Some(copy) = self.copy.as_mut() else {
+            return Ok(());
+        };
         if copy.buffer.len() >= COPY_CHUNK {
             let chunk = copy.take_chunk();
             if let Err(error) = copy.sink.send(chunk).await {
@@ -371,11 +414,75 @@ impl PgTarget {
         Ok(())
     }
 
+    /// Encodes row `op` of a table whose copy is not open into that table's
+    /// parked rows; once they are many, they get the copy.
+    async fn park(&mut self, op: &Op, key_prefix: &[u8]) -> Result<()> {
+        if !self.parked.contains_key(key_prefix) {
+            let table = row_table(&op.key).ok_or_else(|| {
+                self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned())
+            })?;
+            self.parked.insert(
+                key_prefix.to_vec(),
+                Parked {
+                    table,
+                    buffer: Vec::new(),
+                    seqs: LineSeqs::default(),
+                },
+            );
+        }
+        let parked = self.parked.get_mut(key_prefix).expect("inserted above");
+        let codec = self
+            .codecs
+            .get_mut(&parked.table)
+            .expect("a table is parked only once its codec is made, and it is not the open copy's");
+        let before = parked.buffer.len();
+        if let Err(error) = codec.encoder.encode_row(&op.body, &mut parked.buffer) {
+            let (schema, table) = parked.table.clone();
+            return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+        }
+        parked.seqs.push(op.seq);
+        self.parked_bytes += parked.buffer.len() - before;
+        if parked.buffer.len() >= PARK_SWITCH || self.parked_bytes >= PARK_LIMIT {
+            let fullest = self
+                .parked
+                .iter()
+                .max_by_key(|(_, parked)| parked.buffer.len())
+                .map(|(prefix, _)| prefix.clone())
+                .expect("a table is parked");
+            self.end_copy().await?;
+            self.open_parked(&fullest).await?;
+        }
+        Ok(())
+    }
+
+    /// Opens the copy of the parked rows under `key_prefix`, with them.
+    async fn open_parked(&mut self, key_prefix: &[u8]) -> Result<()> {
+        let parked = self.parked.remove(key_prefix).expect("a parked table");
+        self.parked_bytes -= parked.buffer.len();
+        let first_seq = parked.seqs.0.first().map_or(0, |(seq, _)| *seq);
+        self.start_copy(parked.table, key_prefix, first_seq).await?;
+        let copy = self.copy.as_mut().expect("started above");
+        copy.buffer = parked.buffer;
+        copy.seqs = parked.seqs;
+        self.send_chunk().await
+    }
+
+    /// Ends the open copy, then copies every table's parked rows: all rows
+    /// given so far are in.
+    async fn end_copies(&mut self) -> Result<()> {
+        self.end_copy().await?;
+        while let Some(key_prefix) = self.parked.keys().next().cloned() {
+            self.open_parked(&key_prefix).await?;
+            self.end_copy().await?;
+        }
+        Ok(())
+    }
+
     /// An UPDATE (the row `op`'s key names, set to what its body gives)
     /// or a DELETE: exactly one row must match, or the target is not what
     /// the stream left it as, and the op is refused.
     async fn apply_change(&mut self, op: &Op) -> Result<()> {
-        self.end_copy().await?;
+        self.end_copies().await?;
         let bad_key = || "a row's key must be SCHEMA.TABLE/KEY".to_owned();
         let table = row_table(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
         let key_values = row_key_values(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
@@ -560,18 +667,24 @@ impl PgTarget {
         ))
     }
 
-    /// Starts `COPY ... FROM STDIN` into the table `op`'s key names.
-    async fn start_copy(&mut self, op: &Op, key_prefix: &[u8]) -> Result<()> {
-        let table = row_table(&op.key)
-            .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
-        self.codec(op, &table).await?;
-        let codec = self.codecs.remove(&table).expect("made above");
+    /// Starts `COPY ... FROM STDIN` into `table`, whose rows' keys start
+    /// with `key_prefix`, for op `seq` (named if it fails).
+    async fn start_copy(
+        &mut self,
+        table: (String, String),
+        key_prefix: &[u8],
+        seq: u64,
+    ) -> Result<()> {
+        let codec = self
+            .codecs
+            .remove(&table)
+            .expect("a table's codec is made before its copy starts");
         let sink = match self.client()?.copy_in(codec.statement.as_str()).await {
             Ok(sink) => sink,
             Err(error) => {
                 let what = format!(
-                    "op seq {}: starting the copy into {}.{}",
-                    op.seq, table.0, table.1
+                    "op seq {seq}: starting the copy into {}.{}",
+                    table.0, table.1
                 );
                 self.codecs.insert(table, codec);
                 return Err(self.error(PgError::statement(&self.server, what, &error)));
@@ -589,7 +702,7 @@ impl PgTarget {
     }
 
     async fn apply_other(&mut self, op: &Op) -> Result<()> {
-        self.end_copy().await?;
+        self.end_copies().await?;
         let kind = op.kind.as_ref();
         let method = op.method.as_ref();
         let sql = if kind == KIND_EXTENSION.as_bytes() && method == b"CREATE" {
@@ -989,7 +1102,7 @@ impl TransactionalTarget for PgTarget {
     }
 
     async fn commit(&mut self, applied: Applied, complete: bool) -> Result<()> {
-        self.end_copy().await?;
+        self.end_copies().await?;
         let ferry = quote_ident(FERRY_SCHEMA);
         let client = self.client()?;
         let failed = |error: tokio_postgres::Error| {

@@ -206,6 +206,12 @@ impl PgTarget {
         })
     }
 
+    /// The table row `op`'s key names.
+    fn table_of(&self, op: &Op) -> Result<(String, String)> {
+        row_table(&op.key)
+            .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))
+    }
+
     fn parse<T: serde::de::DeserializeOwned>(&self, op: &Op) -> Result<T> {
         serde_json::from_slice(&op.body).map_err(|error| {
             self.bad_op(
@@ -374,17 +380,27 @@ impl PgTarget {
             .as_ref()
             .is_some_and(|copy| copy.key_prefix == key_prefix);
         if !open_here {
+            if op.txn == 0 && self.parked.contains_key(key_prefix) {
+                return self.park(op, key_prefix).await;
+            }
+            let table = self.table_of(op)?;
             // A table's columns are read on the connection, which an open
             // copy holds: the first row of a table starts its copy.
-            let known = self.parked.contains_key(key_prefix)
-                || row_table(&op.key).is_some_and(|table| self.codecs.contains_key(&table));
-            if op.txn == 0 && known && (self.copy.is_some() || !self.parked.is_empty()) {
+            if op.txn == 0
+                && self.codecs.contains_key(&table)
+                && (self.copy.is_some() || !self.parked.is_empty())
+            {
+                self.parked.insert(
+                    key_prefix.to_vec(),
+                    Parked {
+                        table,
+                        buffer: Vec::new(),
+                        seqs: LineSeqs::default(),
+                    },
+                );
                 return self.park(op, key_prefix).await;
             }
             self.end_copies().await?;
-            let table = row_table(&op.key).ok_or_else(|| {
-                self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned())
-            })?;
             self.codec(op, &table).await?;
             self.start_copy(table, key_prefix, op.seq).await?;
         }
@@ -414,23 +430,13 @@ impl PgTarget {
         Ok(())
     }
 
-    /// Encodes row `op` of a table whose copy is not open into that table's
-    /// parked rows; once they are many, they get the copy.
+    /// Encodes row `op` into the parked rows under `key_prefix` (a table
+    /// whose copy is not open); once they are many, they get the copy.
     async fn park(&mut self, op: &Op, key_prefix: &[u8]) -> Result<()> {
-        if !self.parked.contains_key(key_prefix) {
-            let table = row_table(&op.key).ok_or_else(|| {
-                self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned())
-            })?;
-            self.parked.insert(
-                key_prefix.to_vec(),
-                Parked {
-                    table,
-                    buffer: Vec::new(),
-                    seqs: LineSeqs::default(),
-                },
-            );
-        }
-        let parked = self.parked.get_mut(key_prefix).expect("inserted above");
+        let parked = self
+            .parked
+            .get_mut(key_prefix)
+            .expect("parked by the caller");
         let codec = self
             .codecs
             .get_mut(&parked.table)
@@ -483,9 +489,9 @@ impl PgTarget {
     /// the stream left it as, and the op is refused.
     async fn apply_change(&mut self, op: &Op) -> Result<()> {
         self.end_copies().await?;
-        let bad_key = || "a row's key must be SCHEMA.TABLE/KEY".to_owned();
-        let table = row_table(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
-        let key_values = row_key_values(&op.key).ok_or_else(|| self.bad_op(op, bad_key()))?;
+        let table = self.table_of(op)?;
+        let key_values = row_key_values(&op.key)
+            .ok_or_else(|| self.bad_op(op, "a row's key must be SCHEMA.TABLE/KEY".to_owned()))?;
         self.codec(op, &table).await?;
         if self
             .codecs
@@ -1087,6 +1093,9 @@ impl TransactionalTarget for PgTarget {
     }
 
     async fn begin(&mut self) -> Result<()> {
+        // Rows parked in a transaction that never committed are not in.
+        self.parked.clear();
+        self.parked_bytes = 0;
         self.execute("BEGIN", "beginning a transaction").await
     }
 

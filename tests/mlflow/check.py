@@ -36,7 +36,8 @@ What must be equal (every difference is listed, the first 50 in the report):
   tag, else by experiment + request time + name: experiment, request time
   (ms), duration (ms), state, previews (2.x: the trace data's request and
   response, as MLflow's own v2 -> v3 conversion takes them), metadata (a
-  source run id mapped), tags, and every span (span and parent ids, name,
+  source run id mapped), tags, assessments (3.x: every field, ids and
+  times included; 2.x has none), and every span (span and parent ids, name,
   start and end in ns, status and its message, attributes decoded from
   either encoding, events). Where the server keeps spans (the
   `mlflow.artifactLocation` and `mlflow.trace.spansLocation` tags) is not
@@ -589,7 +590,7 @@ class Comparison:
             old_info, new_info = old["info"], new["info"]
             if _experiment_name(self.source, old_info["experiment_id"]) != _experiment_name(self.target, new_info["experiment_id"]):
                 self.differ(where, "experiment", old_info["experiment_id"], new_info["experiment_id"])
-            for field in ("request_time_ms", "execution_ms", "state", "request_preview", "response_preview", "client_request_id"):
+            for field in ("request_time_ms", "execution_ms", "state", "request_preview", "response_preview", "client_request_id", "assessments"):
                 if old_info.get(field) != new_info.get(field):
                     self.differ(where, field, old_info.get(field), new_info.get(field))
             old_metadata = {
@@ -668,6 +669,7 @@ def _trace_v2(info, data):
             "request_preview": data.get("request"),
             "response_preview": data.get("response"),
             "client_request_id": None,
+            "assessments": [],
         },
         "spans": sorted((_span_v2(span, trace_id) for span in data.get("spans", [])), key=lambda span: span["span_id"]),
     }
@@ -710,9 +712,19 @@ def _trace_v3(trace):
             "request_preview": info.get("request_preview"),
             "response_preview": info.get("response_preview"),
             "client_request_id": info.get("client_request_id"),
+            "assessments": _assessments(info.get("assessments", [])),
         },
         "spans": sorted((_span_v3(span, trace_id) for span in trace.get("spans", [])), key=lambda span: span["span_id"]),
     }
+
+
+def _assessments(assessments):
+    """A 3.x trace's assessments, every field but the trace id (the trace's
+    own, compared through the trace), by id."""
+    return sorted(
+        ({key: value for key, value in assessment.items() if key != "trace_id"} for assessment in assessments),
+        key=lambda assessment: assessment.get("assessment_id", ""),
+    )
 
 
 def _span_v3(span, trace_id):

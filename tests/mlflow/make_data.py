@@ -36,6 +36,11 @@ and times are the server's and the clock's, not the seed's.
 
 `--v3-extras` (3.x servers only) adds a logged model, and the traces.
 
+`--assessments` (3.x servers only) adds the traces, and on the first one a
+feedback (a number, a rationale, a human source, metadata) and an
+expectation (a JSON object), with MLflow's `log_feedback` and
+`log_expectation`: what MLflow 2.x cannot keep.
+
 It ends by printing a JSON summary of what it made.
 """
 
@@ -80,6 +85,11 @@ def main():
         help="also make traces (2.x and 3.x)",
     )
     parser.add_argument(
+        "--assessments",
+        action="store_true",
+        help="also make traces, and assessments on one of them (3.x only)",
+    )
+    parser.add_argument(
         "--no-long-history",
         action="store_true",
         help=f"leave out the key with {LONG_HISTORY_POINTS} points (faster)",
@@ -94,8 +104,10 @@ def main():
     # stdout is for the summary.
     with contextlib.redirect_stdout(sys.stderr):
         maker.make(long_history=not arguments.no_long_history)
-        if arguments.traces or arguments.v3_extras:
+        if arguments.traces or arguments.v3_extras or arguments.assessments:
             maker.make_traces()
+        if arguments.assessments:
+            maker.make_assessments()
         if arguments.v3_extras:
             maker.make_v3_extras()
     print(json.dumps(maker.summary, sort_keys=True))
@@ -376,6 +388,29 @@ class Maker:
                 span.set_outputs({"y": 2})
         self.summary["traces"] += 1
         mlflow.flush_trace_async_logging()
+
+    def make_assessments(self):
+        """A feedback and an expectation on the first trace (3.x only)."""
+        from mlflow.entities import AssessmentSource
+
+        experiment_id = self.runs[1]["experiment_id"]
+        traces = self.client.search_traces(locations=[experiment_id], order_by=["timestamp_ms ASC"])
+        trace_id = traces[0].info.trace_id
+        mlflow.log_feedback(
+            trace_id=trace_id,
+            name="relevance",
+            value=0.75,
+            rationale="cites the right document",
+            source=AssessmentSource(source_type="HUMAN", source_id="alice"),
+            metadata={"reviewed": "yes"},
+        )
+        mlflow.log_expectation(
+            trace_id=trace_id,
+            name="expected_answer",
+            value={"answer": "a0", "sources": [1, 2]},
+            source=AssessmentSource(source_type="HUMAN", source_id="bob"),
+        )
+        self.summary["assessments"] = 2
 
     def text(self, length):
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 "

@@ -387,12 +387,14 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
 fn logged_models_and_traces_made_on_3x_restore_onto_3x_and_2x_refuses_them_by_name_first() {
     let [source, target, v2] = servers([MlflowVersion::V3, MlflowVersion::V3, MlflowVersion::V2]);
     let made = source
-        .make_data(1, &["--no-long-history", "--v3-extras"])
-        .expect("make_data.py fills 3.x, a logged model and traces too");
+        .make_data(1, &["--no-long-history", "--v3-extras", "--assessments"])
+        .expect("make_data.py fills 3.x, a logged model, traces and assessments too");
+    assert_eq!(made["assessments"], 2, "{made}");
     let traces = made["traces"].as_u64().expect("traces made");
     let store = Store::new();
     let id = extract(&source.ferry_url(), &store.url(), &[]);
     ferry_ok(&restore_args(&store.url(), &id, &target.ferry_url()));
+    // The checker compares each trace's assessments, every field.
     let report = assert_equal(&source, &target);
     assert_traces_carried(&report, traces);
     // 3.x lets a writer keep a 3.x trace's id.
@@ -461,4 +463,31 @@ fn traces_made_on_3x_restore_onto_2x_span_for_span() {
     // 2.x assigns trace ids.
     let ids = &report.report["fidelity"]["trace_ids_kept"];
     assert_eq!(ids["kept"], 0, "{:#}", report.report["fidelity"]);
+}
+
+#[test]
+fn trace_assessments_made_on_3x_are_refused_by_name_onto_2x_before_anything_is_written() {
+    let [source, v2] = servers([MlflowVersion::V3, MlflowVersion::V2]);
+    let made = source
+        .make_data(1, &["--no-long-history", "--assessments"])
+        .expect("make_data.py fills 3.x, traces and assessments too");
+    assert_eq!(made["assessments"], 2, "{made}");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    let refused = ferry_with_env(&restore_args(&store.url(), &id, &v2.ferry_url()), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    for named in [
+        "assessment relevance (",
+        "assessment expected_answer (",
+        ") of trace tr-",
+        "MLflow 2.x has no trace assessments",
+        "op seq 1 ",
+    ] {
+        assert!(stderr.contains(named), "{named:?} not in: {stderr}");
+    }
+    let report = check(MlflowVersion::V3, &source.url(), &v2.url(), &[])
+        .expect("check.py reads both servers");
+    assert_eq!(report.count("target", "runs"), 0, "{:#}", report.report);
+    assert_eq!(report.count("target", "traces"), 0, "{:#}", report.report);
 }

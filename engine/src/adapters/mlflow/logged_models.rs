@@ -25,7 +25,7 @@ use super::client::MlflowClient;
 use super::source::{array, next_page, text};
 use super::{API, MlflowError, SOURCE_MODEL_TAG};
 use crate::Op;
-use crate::adapters::mlflow::traces::{Generation, TargetIds};
+use crate::adapters::mlflow::traces::{self, Generation, TargetIds};
 
 /// Models asked for at once.
 const MODEL_PAGE: u64 = 100;
@@ -123,8 +123,9 @@ fn bad(client: &MlflowClient, op: &Op, reason: String) -> MlflowError {
     }
 }
 
-/// A requirement op: a 2.x target refuses the stream, naming what it
-/// cannot hold.
+/// A requirement op (logged models, or trace assessments: see
+/// `traces::assessments_requirement`): a 2.x target refuses the stream,
+/// naming what it cannot hold.
 pub(super) fn check_requirement(
     client: &MlflowClient,
     target: Generation,
@@ -137,24 +138,30 @@ pub(super) fn check_requirement(
     }
     let named = array(&body, "named");
     let count = body["count"].as_u64().unwrap_or(named.len() as u64);
+    let what = match text(&body, "what") {
+        what if what == traces::ASSESSMENTS => what,
+        _ => "logged models".to_owned(),
+    };
     let listed: Vec<String> = named
         .iter()
-        .map(|model| {
-            format!(
-                "logged model {} ({})",
-                text(model, "name"),
-                text(model, "model_id")
-            )
+        .map(|named| {
+            if what == traces::ASSESSMENTS {
+                traces::assessment_label(named)
+            } else {
+                format!(
+                    "logged model {} ({})",
+                    text(named, "name"),
+                    text(named, "model_id")
+                )
+            }
         })
         .collect();
     let more = count.saturating_sub(listed.len() as u64);
-    let mut reason = format!("{}: MLflow 2.x has no logged models", listed.join(", "));
+    let mut reason = format!("{}: MLflow 2.x has no {what}", listed.join(", "));
     if more > 0 {
         reason.push_str(&format!(" ({more} more not named)"));
     }
-    reason.push_str(
-        "; nothing was restored: restore this backup onto an MLflow 3.x server, or extract without them",
-    );
+    reason.push_str("; nothing was restored: restore this backup onto an MLflow 3.x server");
     Err(bad(client, op, reason))
 }
 

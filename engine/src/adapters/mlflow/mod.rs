@@ -36,6 +36,7 @@
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `model-versions/transition-stage` | `{"name","version","stage","archive_existing_versions":false}` |
 //! | `mlflow.model_version` | `model_version/<name>/<version>` | `registered-models/alias` | `{"name","alias","version"}` (after the model's versions) |
 //! | `mlflow.requirement` | `requirement/logged_models` | `GET /version` | `{"major_at_least":3,"what","count","named"}`: first, when a 3.x source holds logged models; a 2.x target refuses it by name |
+//! | `mlflow.requirement` | `requirement/trace_assessments` | `GET /version` | the same, `"what":"trace assessments"`, each named with its trace: first (after the one above), when a 3.x source's traces hold assessments; a 2.x target refuses it by name |
 //! | `mlflow.logged_model` | `logged_model/<model id>` | `logged-models` | `{"model_id","experiment_id","name","model_type","source_run_id","params","tags","status","metrics"}`; deps: its experiment, its run (after every run) |
 //! | `mlflow.trace` | `trace/<trace id>` | `traces` (from 2.x), or `POST /api/3.0/mlflow/traces` (from 3.x); either version takes either | the trace's info and spans (see the `traces` module); deps: its experiment, its run; before deleted experiments are deleted |
 //!

@@ -258,17 +258,27 @@ impl Crawl {
             .iter()
             .map(|experiment| text(experiment, "experiment_id"))
             .collect();
-        if generation == Generation::V3
-            && let Some(body) = logged_models::requirement(&self.client, &experiment_ids).await?
-        {
-            self.push_method(
-                KIND_REQUIREMENT,
-                LOGGED_MODELS_REQUIREMENT.to_owned(),
-                "GET /version".to_owned(),
-                &body,
-                Vec::new(),
-            )
-            .await?;
+        if generation == Generation::V3 {
+            // What a 2.x target cannot keep is said first, so a restore
+            // onto one refuses before it writes anything.
+            let models = logged_models::requirement(&self.client, &experiment_ids).await?;
+            let assessments =
+                traces::assessments_requirement(&self.client, &experiment_ids).await?;
+            for (key, body) in [
+                (LOGGED_MODELS_REQUIREMENT, models),
+                (traces::ASSESSMENTS_REQUIREMENT, assessments),
+            ] {
+                if let Some(body) = body {
+                    self.push_method(
+                        KIND_REQUIREMENT,
+                        key.to_owned(),
+                        "GET /version".to_owned(),
+                        &body,
+                        Vec::new(),
+                    )
+                    .await?;
+                }
+            }
         }
         for experiment in &experiments {
             let id = text(experiment, "experiment_id");

@@ -48,6 +48,11 @@ const OTLP_TRACES: &str = "/v1/traces";
 const EXPERIMENT_HEADER: &str = "x-mlflow-experiment-id";
 /// Traces asked for at once.
 const TRACE_PAGE: &str = "100";
+/// Assessments a requirement op names (the rest are counted).
+const NAMED_IN_REQUIREMENT: usize = 20;
+/// The key of the requirement op a stream whose traces hold assessments
+/// starts with.
+pub(super) const ASSESSMENTS_REQUIREMENT: &str = "requirement/trace_assessments";
 /// Trace tags a server writes for itself (where it keeps the spans):
 /// never carried, the target writes its own.
 const SERVER_TAGS: [&str; 2] = ["mlflow.artifactLocation", "mlflow.trace.spansLocation"];
@@ -181,19 +186,7 @@ async fn page_v3(
     experiment_id: &str,
     page_token: Option<&str>,
 ) -> Result<TracePage, MlflowError> {
-    let mut request = json!({
-        "locations": [{
-            "type": "MLFLOW_EXPERIMENT",
-            "mlflow_experiment": { "experiment_id": experiment_id },
-        }],
-        "max_results": TRACE_PAGE.parse::<u32>().unwrap_or(100),
-    });
-    if let Some(token) = page_token {
-        request["page_token"] = json!(token);
-    }
-    let answer = client
-        .post(&format!("{V3_TRACES}/search"), &request)
-        .await?;
+    let answer = search_v3(client, experiment_id, page_token).await?;
     let mut traces = Vec::new();
     for info in array(&answer, "traces") {
         let trace_id = text(info, "trace_id");
@@ -221,6 +214,82 @@ async fn page_v3(
         traces,
         next_page_token: next_page(&answer),
     })
+}
+
+/// One page of `traces/search` over the experiment `experiment_id` (3.x):
+/// the trace infos, assessments included, without their spans.
+async fn search_v3(
+    client: &MlflowClient,
+    experiment_id: &str,
+    page_token: Option<&str>,
+) -> Result<Value, MlflowError> {
+    let mut request = json!({
+        "locations": [{
+            "type": "MLFLOW_EXPERIMENT",
+            "mlflow_experiment": { "experiment_id": experiment_id },
+        }],
+        "max_results": TRACE_PAGE.parse::<u32>().unwrap_or(100),
+    });
+    if let Some(token) = page_token {
+        request["page_token"] = json!(token);
+    }
+    client.post(&format!("{V3_TRACES}/search"), &request).await
+}
+
+/// How [`v3_to_v2`] and a requirement op name what 2.x cannot keep.
+pub(super) const ASSESSMENTS: &str = "trace assessments";
+
+/// The requirement op's body for a 3.x server whose traces hold
+/// assessments (feedback, expectations), which MLflow 2.x cannot keep, or
+/// `None` when none does: the count and the first ones by name, id and
+/// trace. One search page per 100 traces, before the stream begins, so a
+/// restore onto 2.x refuses before it writes anything.
+pub(super) async fn assessments_requirement(
+    client: &MlflowClient,
+    experiment_ids: &[String],
+) -> Result<Option<Value>, MlflowError> {
+    let mut count = 0_u64;
+    let mut named = Vec::new();
+    for experiment_id in experiment_ids {
+        let mut page_token: Option<String> = None;
+        loop {
+            let answer = search_v3(client, experiment_id, page_token.as_deref()).await?;
+            for info in array(&answer, "traces") {
+                for assessment in array(info, "assessments") {
+                    count += 1;
+                    if named.len() < NAMED_IN_REQUIREMENT {
+                        named.push(json!({
+                            "name": text(assessment, "assessment_name"),
+                            "assessment_id": text(assessment, "assessment_id"),
+                            "trace_id": text(info, "trace_id"),
+                        }));
+                    }
+                }
+            }
+            page_token = next_page(&answer);
+            if page_token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok((count > 0).then(|| {
+        json!({
+            "major_at_least": 3,
+            "what": ASSESSMENTS,
+            "count": count,
+            "named": named,
+        })
+    }))
+}
+
+/// How a requirement op names one assessment it lists.
+pub(super) fn assessment_label(named: &Value) -> String {
+    format!(
+        "assessment {} ({}) of trace {}",
+        text(named, "name"),
+        text(named, "assessment_id"),
+        text(named, "trace_id")
+    )
 }
 
 /// Whether a trace tag is the trace's own (not the server's location, not
@@ -370,6 +439,24 @@ pub fn v3_to_v2(body: &Value) -> Result<Value, String> {
     let trace_id = text(info, "trace_id");
     if trace_id.is_empty() {
         return Err("the 3.x trace names no trace_id".to_owned());
+    }
+    let assessments = array(info, "assessments");
+    if !assessments.is_empty() {
+        let names: Vec<String> = assessments
+            .iter()
+            .map(|assessment| {
+                format!(
+                    "{} ({})",
+                    text(assessment, "assessment_name"),
+                    text(assessment, "assessment_id")
+                )
+            })
+            .collect();
+        return Err(format!(
+            "trace {trace_id} holds {} assessment(s), {}: MLflow 2.x has no {ASSESSMENTS}",
+            names.len(),
+            names.join(", ")
+        ));
     }
     let pairs = |field: &str| -> Vec<Value> {
         info[field]
@@ -1071,6 +1158,33 @@ mod tests {
             let migrated: Value = serde_json::from_slice(&out[0].body).expect("JSON");
             assert_eq!(migrated, v2_to_v3(&body).expect("converts"), "{body}");
         }
+    }
+
+    #[test]
+    fn a_3x_trace_with_assessments_is_refused_for_2x_naming_them() {
+        let v3 = json!({"trace": {
+            "trace_info": {
+                "trace_id": "tr-c4c88ce400f9f62082d939cafdf6e97c",
+                "trace_location": {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": "1"}},
+                "request_time": "2023-11-14T22:13:20.123Z",
+                "execution_duration": "0.141s",
+                "state": "OK",
+                "assessments": [
+                    {"assessment_id": "a-1", "assessment_name": "relevance", "feedback": {"value": 0.75}},
+                    {"assessment_id": "a-2", "assessment_name": "expected_answer", "expectation": {"value": "a0"}},
+                ],
+            },
+            "spans": [],
+        }});
+        let refused = v3_to_v2(&v3).expect_err("2.x keeps no assessment");
+        assert_eq!(
+            refused,
+            "trace tr-c4c88ce400f9f62082d939cafdf6e97c holds 2 assessment(s), relevance (a-1), \
+             expected_answer (a-2): MLflow 2.x has no trace assessments"
+        );
+        let mut none = v3;
+        none["trace"]["trace_info"]["assessments"] = json!([]);
+        v3_to_v2(&none).expect("no assessment, nothing refused");
     }
 
     #[test]

@@ -210,7 +210,10 @@ impl PgSink {
     async fn flush(&mut self) -> Result<()> {
         for index in 0..self.lanes.len() {
             if !self.pending[index].is_empty() {
-                let ops = std::mem::take(&mut self.pending[index]);
+                // The next batch is as large: made at its size, not grown
+                // by doubling (each growth a fresh allocation to fault in).
+                let capacity = self.pending[index].len();
+                let ops = std::mem::replace(&mut self.pending[index], Vec::with_capacity(capacity));
                 self.send(index, Work::Ops(ops)).await?;
             }
         }

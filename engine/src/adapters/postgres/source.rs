@@ -609,7 +609,10 @@ async fn copy_chunks(client: Client, work: &CopyWork) -> Result<(), PgError> {
             batch.push(op);
             if batch.len() >= BATCH_OPS || batch_bytes >= BATCH_BYTES {
                 batch_bytes = 0;
-                if sender.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                // The next batch made at its size, not grown by doubling
+                // (each growth a fresh allocation the kernel zeroes).
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_OPS));
+                if sender.send(Ok(full)).await.is_err() {
                     // The reader went away: the extract stops.
                     return Ok(());
                 }

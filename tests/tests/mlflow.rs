@@ -7,6 +7,7 @@
 //! over the REST API that shares nothing with ferry's adapter. A second
 //! restore makes nothing; a restore killed twice resumes to the same copy.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_engine::adapters::mlflow::{Credentials, MlflowClient, RetryPolicy};
@@ -316,7 +317,12 @@ fn into_a_target_that_was_not_empty_a_replay_from_the_first_op_makes_nothing_twi
 
 #[test]
 fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_none_twice() {
-    let [source, v3, v2] = servers([MlflowVersion::V2, MlflowVersion::V3, MlflowVersion::V2]);
+    let [source, v3, v2, chained] = servers([
+        MlflowVersion::V2,
+        MlflowVersion::V3,
+        MlflowVersion::V2,
+        MlflowVersion::V3,
+    ]);
     let made = source
         .make_data(1, &["--no-long-history", "--traces"])
         .expect("make_data.py fills 2.x, traces too");
@@ -381,6 +387,68 @@ fn traces_made_on_2x_restore_onto_3x_and_2x_span_for_span_and_a_replay_makes_non
     assert_eq!(starts(&v2), starts_before);
     let report = assert_equal(&source, &v2);
     assert_traces_carried(&report, traces);
+
+    // Through the profile chain (examples/profiles/mlflow, 2 -> 3): its jq
+    // makes each trace a 3.x one (the sink's own mapping is not needed),
+    // and a version in Staging or Production also gets the alias staging
+    // or production. The checker finds exactly that: every trace equal,
+    // and the one model with versions in those stages has two aliases more.
+    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/profiles/mlflow");
+    let (store_url, chained_url) = (store.url(), chained.ferry_url());
+    let mut args = restore_args(&store_url, &id, &chained_url);
+    args.extend([
+        "--migrations",
+        profile,
+        "--from-version",
+        "2",
+        "--to-version",
+        "3",
+    ]);
+    ferry_ok(&args);
+    let report = check(MlflowVersion::V3, &source.url(), &chained.url(), &[])
+        .expect("check.py reads both servers");
+    assert_traces_carried(&report, traces);
+    let differences = report.differences();
+    assert_eq!(differences.len(), 1, "{:#}", report.report);
+    let aliases = &differences[0];
+    assert_eq!(
+        aliases["where"], "registered model 'ferry-model-a'",
+        "{aliases}"
+    );
+    assert_eq!(aliases["field"], "aliases", "{aliases}");
+    let (before, after) = (
+        aliases["source"].as_object().expect("the source's aliases"),
+        aliases["target"].as_object().expect("the target's aliases"),
+    );
+    let added: BTreeMap<&str, &str> = after
+        .iter()
+        .filter(|(alias, _)| !before.contains_key(*alias))
+        .map(|(alias, version)| (alias.as_str(), version.as_str().unwrap_or_default()))
+        .collect();
+    assert!(
+        before
+            .iter()
+            .all(|(alias, version)| after.get(alias) == Some(version)),
+        "{aliases}"
+    );
+    assert_eq!(
+        added.keys().copied().collect::<Vec<_>>(),
+        ["production", "staging"],
+        "{aliases}"
+    );
+    for (alias, stage) in [("production", "Production"), ("staging", "Staging")] {
+        let version = added[alias].to_owned();
+        let answer = with_client(&chained, |client| async move {
+            client
+                .get(
+                    "/api/2.0/mlflow/model-versions/get",
+                    &[("name", "ferry-model-a"), ("version", version.as_str())],
+                )
+                .await
+        })
+        .expect("the aliased version");
+        assert_eq!(answer["model_version"]["current_stage"], stage, "{answer}");
+    }
 }
 
 #[test]

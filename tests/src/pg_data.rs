@@ -381,6 +381,11 @@ impl RunningFerry {
         self.child.wait().expect("wait");
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for it to end by itself.
     pub fn wait(&mut self) -> ExitStatus {
         self.child.wait().expect("wait")

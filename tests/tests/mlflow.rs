@@ -8,6 +8,11 @@
 //! restore makes nothing; a restore killed twice resumes to the same copy.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use ferry_engine::adapters::mlflow::{Credentials, MlflowClient, RetryPolicy};
@@ -558,4 +563,124 @@ fn trace_assessments_made_on_3x_are_refused_by_name_onto_2x_before_anything_is_w
         .expect("check.py reads both servers");
     assert_eq!(report.count("target", "runs"), 0, "{:#}", report.report);
     assert_eq!(report.count("target", "traces"), 0, "{:#}", report.report);
+}
+
+/// A TCP proxy in front of an MLflow server that SIGKILLs a ferry the
+/// moment the server has answered the first request whose line starts with
+/// `trigger`, before the answer reaches ferry: the server did the request's
+/// work, ferry never learns it. One thread a direction a connection.
+struct KillingProxy {
+    port: u16,
+    /// Set once the kill was sent.
+    fired: Arc<AtomicBool>,
+    /// The process to kill, set once it runs.
+    victim: Arc<AtomicU32>,
+}
+
+impl KillingProxy {
+    fn start(server_port: u16, trigger: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("its address").port();
+        let fired = Arc::new(AtomicBool::new(false));
+        let victim = Arc::new(AtomicU32::new(0));
+        let (proxy_fired, proxy_victim) = (fired.clone(), victim.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    return;
+                };
+                let asked = Arc::new(AtomicBool::new(false));
+                let (mut from_client, mut to_server) = (
+                    client.try_clone().expect("a socket"),
+                    server.try_clone().expect("a socket"),
+                );
+                let client_asked = asked.clone();
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(read) = from_client.read(&mut buffer) {
+                        if read == 0 {
+                            break;
+                        }
+                        if buffer[..read].starts_with(trigger.as_bytes()) {
+                            client_asked.store(true, Ordering::SeqCst);
+                        }
+                        if to_server.write_all(&buffer[..read]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown(Shutdown::Both);
+                });
+                let (fired, victim) = (proxy_fired.clone(), proxy_victim.clone());
+                let (mut from_server, mut to_client) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(read) = from_server.read(&mut buffer) {
+                        if read == 0 {
+                            break;
+                        }
+                        if asked.load(Ordering::SeqCst) && !fired.swap(true, Ordering::SeqCst) {
+                            // Never `kill 0` (the whole process group).
+                            let mut pid = victim.load(Ordering::SeqCst);
+                            while pid == 0 {
+                                std::thread::sleep(Duration::from_millis(10));
+                                pid = victim.load(Ordering::SeqCst);
+                            }
+                            let _ = Command::new("kill")
+                                .args(["-KILL", &pid.to_string()])
+                                .status();
+                            break;
+                        }
+                        if to_client.write_all(&buffer[..read]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_client.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self {
+            port,
+            fired,
+            victim,
+        }
+    }
+
+    fn ferry_url(&self) -> String {
+        format!("mlflow+http://127.0.0.1:{}", self.port)
+    }
+}
+
+#[test]
+fn a_restore_killed_inside_a_trace_resumes_to_one_copy_of_it() {
+    let [source, v3, v2] = servers([MlflowVersion::V2, MlflowVersion::V3, MlflowVersion::V2]);
+    let made = source
+        .make_data(1, &["--no-long-history", "--traces"])
+        .expect("make_data.py fills 2.x, traces too");
+    let traces = made["traces"].as_u64().expect("traces made");
+    let store = Store::new();
+    let id = extract(&source.ferry_url(), &store.url(), &[]);
+    let store_url = store.url();
+    // 3.x: the spans of a trace in (OTLP), its info not; 2.x: a trace
+    // started (the server named it), its spans and its end not.
+    for (target, trigger) in [
+        (&v3, "POST /v1/traces "),
+        (&v2, "POST /api/2.0/mlflow/traces "),
+    ] {
+        let proxy = KillingProxy::start(target.port(), trigger);
+        let proxy_url = proxy.ferry_url();
+        let mut killed = RunningFerry::start(&restore_args(&store_url, &id, &proxy_url));
+        proxy.victim.store(killed.pid(), Ordering::SeqCst);
+        let status = killed.wait();
+        assert!(
+            proxy.fired.load(Ordering::SeqCst) && !status.success(),
+            "ferry was to be killed inside a trace ({trigger:?}): {status}, {}",
+            killed.stderr()
+        );
+        let target_url = target.ferry_url();
+        ferry_ok(&restore_args(&store_url, &id, &target_url));
+        // Every trace once, every span once, every field equal.
+        let report = assert_equal(&source, target);
+        assert_traces_carried(&report, traces);
+    }
 }

@@ -124,6 +124,11 @@ impl EtcdServer {
         }
         if let Some(quota) = options.quota_backend_bytes {
             command.arg(format!("--quota-backend-bytes={quota}"));
+            // etcd checks the quota against the size its backend last
+            // committed, every 100 ms by default: a writer fast enough
+            // slipped megabytes past it in one interval. A commit after
+            // every write keeps the size it checks current.
+            command.arg("--backend-batch-limit=1");
         }
         let child = command
             .arg("--name=ferry-test")

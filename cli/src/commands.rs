@@ -1,6 +1,7 @@
 //! The commands: parse arguments into engine calls, print what came back.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
@@ -10,7 +11,9 @@ use ferry_engine::adapters::{
     ConnectionArgs, SinkOptions, SourceArgs, SourceOptions, TargetLimitArgs, sink_from_url,
     source_from_url,
 };
-use ferry_engine::backup::{ExtractOptions, RestoreOptions, find_backup, verify_backup};
+use ferry_engine::backup::{
+    ExtractOptions, FollowOptions, RestoreOptions, find_backup, verify_backup,
+};
 use ferry_engine::pipeline;
 use ferry_engine::progress::Progress;
 use ferry_engine::segment::{SegmentLimits, SegmentOptions};
@@ -73,6 +76,20 @@ pub struct RestoreArgs {
     /// Write even when the target range already holds keys.
     #[arg(long)]
     allow_nonempty: bool,
+    /// Restore a backup while its extract is still writing it: each segment as it is
+    /// sealed, all of them checked against the manifest when it lands. Without --backup,
+    /// the backup being written in the store (waiting for one to start).
+    #[arg(long)]
+    follow: bool,
+    /// With --follow: how long to wait for the backup to start, and then for each next
+    /// segment, before stopping (a killed extract writes nothing more).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "follow"
+    )]
+    follow_timeout: u64,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -210,7 +227,8 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
 }
 
 pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
-    let store = BackupStore::open(&args.from, false).map_err(ferry_engine::Error::from)?;
+    // A follower may start before the extract makes the store's folder.
+    let store = BackupStore::open(&args.from, args.follow).map_err(ferry_engine::Error::from)?;
     let rewrite_prefix = match &args.rewrite_prefix {
         Some(rewrite) => match rewrite.split_once('=') {
             Some((from, to)) if !from.is_empty() => {
@@ -243,15 +261,36 @@ pub async fn restore(args: RestoreArgs, global: GlobalOptions) -> Result<u8> {
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), Measure::Ops, global.quiet, "restore");
     let migrations = args.migrations.load()?;
-    let summary = pipeline::restore_migrated(
-        &store,
-        args.backup.as_deref(),
-        sink,
-        options,
-        progress,
-        migrations,
-    )
-    .await?;
+    let summary = if args.follow {
+        if migrations.is_some() {
+            anyhow::bail!(UsageError(
+                "--follow cannot take --migrations: a restore through a version chain checks every op of the sealed backup before it writes one; restore the sealed backup instead".to_owned()
+            ));
+        }
+        let follow = FollowOptions {
+            stall_timeout: Duration::from_secs(args.follow_timeout),
+            ..FollowOptions::default()
+        };
+        pipeline::restore_following(
+            &store,
+            args.backup.as_deref(),
+            sink,
+            options,
+            follow,
+            progress,
+        )
+        .await?
+    } else {
+        pipeline::restore_migrated(
+            &store,
+            args.backup.as_deref(),
+            sink,
+            options,
+            progress,
+            migrations,
+        )
+        .await?
+    };
     drop(display);
     let seconds = summary.elapsed.as_secs_f64();
     if global.quiet {

@@ -263,3 +263,71 @@ impl Manifest {
         self.segments.last().map_or(0, |entry| entry.last_seq)
     }
 }
+
+/// What an extract writes before its first segment (`started.json`), so a
+/// restore can follow the backup while it is being written (`ferry restore
+/// --follow`): the stream's id and source, everything a sink's `begin`
+/// needs. It seals nothing: the manifest, written last, still does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRecord {
+    /// The manifest format the extract will seal with.
+    pub format_version: u32,
+    /// The backup's id.
+    pub backup_id: String,
+    /// When the extract started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The ferry writing it.
+    pub tool: ToolInfo,
+    /// What is being extracted.
+    pub source: SourceInfo,
+    /// The segment format of every segment.
+    pub segment_format_version: u32,
+}
+
+impl StartRecord {
+    /// Parses a start record read from `backups/<backup_id>/`.
+    pub fn from_json(backup_id: &str, json: &[u8]) -> Result<Self, ManifestError> {
+        let record: StartRecord =
+            serde_json::from_slice(json).map_err(|source| ManifestError::Parse {
+                backup_id: backup_id.to_owned(),
+                source,
+            })?;
+        if record.format_version == 0 || record.format_version > MANIFEST_FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion {
+                backup_id: backup_id.to_owned(),
+                version: record.format_version,
+            });
+        }
+        if record.backup_id != backup_id {
+            return Err(ManifestError::Inconsistent {
+                backup_id: backup_id.to_owned(),
+                segment: "started.json".to_owned(),
+                reason: format!("it names backup {}", record.backup_id),
+            });
+        }
+        Ok(record)
+    }
+
+    /// The record as people read it.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(self).expect("a start record always serializes");
+        json.push(b'\n');
+        json
+    }
+}
+
+/// What an extract that stopped on an error writes (`failed.json`), so a
+/// restore following the backup stops at once with the extract's reason
+/// instead of waiting for segments that will never come. An extract that
+/// is killed writes nothing; a follower finds that by the time it waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// The backup's id.
+    pub backup_id: String,
+    /// When the extract stopped.
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: OffsetDateTime,
+    /// The extract's error, as it reported it.
+    pub reason: String,
+}

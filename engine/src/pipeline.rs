@@ -8,7 +8,10 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tracing::info;
 
 use crate::adapters::{Sink, Source, StreamInfo};
-use crate::backup::{ExtractOptions, RestoreOptions, find_backup, read_backup, write_backup};
+use crate::backup::{
+    ExtractOptions, FollowOptions, Followed, RestoreOptions, find_backup, find_backup_to_follow,
+    follow_backup, read_backup, write_backup,
+};
 use crate::manifest::Manifest;
 use crate::migrations::chain::{Chain, KeyCheck};
 use crate::migrations::profile::Profile;
@@ -125,10 +128,27 @@ pub async fn restore_migrated(
     // holds already included: a resume trusts the backup no more than a
     // first run does.
     let segments = read_backup(store.clone(), manifest.clone(), options);
-    let mut batches = match chain {
+    let batches = match chain {
         None => segments.boxed(),
         Some(chain) => through_the_chain_ahead(segments, chain).boxed(),
     };
+    let ops = apply_after(sink, batches, resume_after, &progress).await?;
+    info!(backup_id = %manifest.backup_id, ops, "restore finished");
+    Ok(RestoreSummary {
+        manifest: Arc::unwrap_or_clone(manifest),
+        ops,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Applies the ops after `resume_after` to `sink`, then finishes it; the
+/// ops applied.
+async fn apply_after(
+    mut sink: Box<dyn Sink>,
+    mut batches: futures::stream::BoxStream<'static, Result<Vec<Op>>>,
+    resume_after: u64,
+    progress: &Progress,
+) -> Result<u64> {
     let mut ops = 0u64;
     while let Some(mut batch) = batches.try_next().await? {
         batch.retain(|op| op.seq > resume_after);
@@ -141,9 +161,54 @@ pub async fn restore_migrated(
         Progress::add(&progress.ops, count);
     }
     sink.finish().await?;
+    Ok(ops)
+}
+
+/// Restores a backup while it is still being written (`ferry restore
+/// --follow`): `backup_id`, or the one being written in the store, waiting
+/// for it to start. Its segments are applied as they are sealed, each on
+/// its own checks, and all of them against the manifest once it lands; a
+/// backup already sealed is restored as [`restore`] does. See
+/// [`crate::backup::follow_backup`] for what stops it.
+pub async fn restore_following(
+    store: &BackupStore,
+    backup_id: Option<&str>,
+    mut sink: Box<dyn Sink>,
+    options: RestoreOptions,
+    follow: FollowOptions,
+    progress: Arc<Progress>,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let start = match find_backup_to_follow(store, backup_id, follow).await? {
+        Followed::Sealed(manifest) => {
+            let backup_id = manifest.backup_id.clone();
+            return restore(store, Some(&backup_id), sink, options, progress).await;
+        }
+        Followed::Writing(start) => start,
+    };
+    info!(backup_id = %start.backup_id, "following a backup being written");
+    let resume_after = sink
+        .begin(&StreamInfo {
+            stream_id: start.backup_id.clone(),
+            source_identity: start.source.identity.clone(),
+            ops_total: None,
+            key_prefix: start.source.key_prefix.clone().map(String::into_bytes),
+        })
+        .await?
+        .unwrap_or(0);
+    if resume_after > 0 {
+        info!(backup_id = %start.backup_id, applied_through_seq = resume_after, "the target holds part of this backup already; resuming");
+        Progress::set(&progress.ops, resume_after);
+    }
+    let (batches, sealed) = follow_backup(store.clone(), start, options, follow);
+    let ops = apply_after(sink, batches.boxed(), resume_after, &progress).await?;
+    let manifest = sealed
+        .await
+        .expect("a followed stream that ends without error was sealed");
+    Progress::set(&progress.ops_total, manifest.totals.ops);
     info!(backup_id = %manifest.backup_id, ops, "restore finished");
     Ok(RestoreSummary {
-        manifest: Arc::unwrap_or_clone(manifest),
+        manifest,
         ops,
         elapsed: started.elapsed(),
     })

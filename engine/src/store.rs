@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <root>/backups/<backup-id>/segments/<first-seq:020>-<last-seq:020>.ops.zst
-//! <root>/backups/<backup-id>/manifest.json
+//! <root>/backups/<backup-id>/started.json   (written first: what `restore --follow` begins from)
+//! <root>/backups/<backup-id>/manifest.json  (written last: seals the backup)
+//! <root>/backups/<backup-id>/failed.json    (only when the extract stopped on an error)
 //! ```
 //!
 //! URLs: `file:///dir` (or a plain path; the default for one machine),
@@ -23,7 +25,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use time::OffsetDateTime;
 
 use crate::error::ErrorKind;
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{FailureRecord, Manifest, ManifestError, StartRecord};
 use crate::segment::{SealedSegment, SegmentName};
 
 /// How segments are uploaded.
@@ -90,6 +92,11 @@ impl StoreError {
         }
     }
 }
+
+/// A backup's start record, relative to its folder.
+const START_RECORD: &str = "started.json";
+/// The record of a failed extract, relative to its backup's folder.
+const FAILURE_RECORD: &str = "failed.json";
 
 /// One backup as listed in a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +310,101 @@ impl BackupStore {
             }),
             Err(error) => Err(self.failed("write", &path, error)),
         }
+    }
+
+    /// Writes a backup's start record (`started.json`), create-only: an
+    /// extract writes it before its first segment.
+    pub async fn put_start_record(&self, record: &StartRecord) -> Result<(), StoreError> {
+        let path = self.object_path(&record.backup_id, START_RECORD);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(record.to_json()), options)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(StoreError::AlreadyExists {
+                path: path.to_string(),
+                store: self.display.clone(),
+            }),
+            Err(error) => Err(self.failed("write", &path, error)),
+        }
+    }
+
+    /// Reads a backup's start record; `Ok(None)` when it has none (not
+    /// started yet, or written by a ferry older than `restore --follow`).
+    pub async fn get_start_record(
+        &self,
+        backup_id: &str,
+    ) -> Result<Option<StartRecord>, crate::Error> {
+        match self.get_object(backup_id, START_RECORD).await? {
+            Some(json) => Ok(Some(StartRecord::from_json(backup_id, &json)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records that a backup's extract stopped on an error (`failed.json`).
+    pub async fn put_failure(&self, record: &FailureRecord) -> Result<(), StoreError> {
+        let path = self.object_path(&record.backup_id, FAILURE_RECORD);
+        let json = serde_json::to_vec_pretty(record).expect("a failure record always serializes");
+        self.store
+            .put(&path, PutPayload::from(json))
+            .await
+            .map_err(|error| self.failed("write", &path, error))?;
+        Ok(())
+    }
+
+    /// Reads the record of a failed extract; `Ok(None)` when there is none.
+    pub async fn get_failure(&self, backup_id: &str) -> Result<Option<FailureRecord>, StoreError> {
+        let Some(json) = self.get_object(backup_id, FAILURE_RECORD).await? else {
+            return Ok(None);
+        };
+        // A record that does not parse still says the extract failed.
+        Ok(Some(serde_json::from_slice(&json).unwrap_or_else(|_| {
+            FailureRecord {
+                backup_id: backup_id.to_owned(),
+                failed_at: OffsetDateTime::UNIX_EPOCH,
+                reason: String::from_utf8_lossy(&json).into_owned(),
+            }
+        })))
+    }
+
+    /// The segment objects of a backup whose names sort after `after` (all
+    /// of them without it), by name, with their sizes: what a restore that
+    /// follows a backup being written lists, so each look costs the new
+    /// segments only.
+    pub async fn list_segments_after(
+        &self,
+        backup_id: &str,
+        after: Option<&SegmentName>,
+    ) -> Result<Vec<(SegmentName, u64)>, StoreError> {
+        let Some(after) = after else {
+            return self.list_segments(backup_id).await;
+        };
+        let prefix = self.object_path(backup_id, "segments");
+        let offset = prefix.clone().join(after.file_name());
+        let objects: Vec<_> = self
+            .store
+            .list_with_offset(Some(&prefix), &offset)
+            .try_collect()
+            .await
+            .map_err(|error| self.failed("list", &prefix, error))?;
+        let mut segments: Vec<(SegmentName, u64)> = objects
+            .iter()
+            .filter_map(|meta| {
+                let name = SegmentName::parse_file_name(meta.location.filename()?)?;
+                Some((name, meta.size))
+            })
+            .filter(|(name, _)| name > after)
+            .collect();
+        segments.sort();
+        Ok(segments)
     }
 
     /// Reads an object of a backup; `Ok(None)` when it does not exist.

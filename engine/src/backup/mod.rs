@@ -2,10 +2,12 @@
 //! reading it back in order with every check ([`read_backup`]), and checking
 //! a whole backup without restoring it ([`verify_backup`]).
 
+mod follow;
 mod read;
 mod verify;
 mod write;
 
+pub use follow::{FollowOptions, Followed, find_backup_to_follow, follow_backup};
 pub use read::{RestoreOptions, find_backup, read_backup, read_segment};
 pub use verify::{SegmentProblem, VerifyReport, verify_backup};
 pub use write::{ExtractOptions, write_backup};
@@ -93,6 +95,65 @@ pub enum BackupError {
         /// The gap or repeat.
         source: OrderError,
     },
+    /// A followed backup's extract stopped on an error.
+    #[error(
+        "the extract writing backup {backup_id} stopped: {reason}; the target holds the ops restored before it stopped (its checkpoint says which); take a new backup"
+    )]
+    ExtractFailed {
+        /// The backup.
+        backup_id: String,
+        /// The extract's error, as it recorded it.
+        reason: String,
+    },
+    /// A followed backup got no new segment and no manifest for too long.
+    #[error(
+        "backup {backup_id} got no new segment and no manifest for {waited_secs} s after {last}: its extract is gone or stuck (a killed extract records nothing); the target holds the ops through seq {applied_through}, and this restore, run again, resumes there once the backup is sealed; or take a new backup (--follow-timeout sets the wait)"
+    )]
+    Stalled {
+        /// The backup.
+        backup_id: String,
+        /// The last segment restored, or the start record.
+        last: String,
+        /// The last seq read from the backup.
+        applied_through: u64,
+        /// How long the restore waited.
+        waited_secs: u64,
+    },
+    /// `--follow` found no backup being written.
+    #[error(
+        "no backup started in {store} in the {waited_secs} s this restore waited for one; start `ferry extract --to {store}`, or name the backup with --backup"
+    )]
+    NothingToFollow {
+        /// The store.
+        store: String,
+        /// How long the restore waited.
+        waited_secs: u64,
+    },
+    /// `--follow` found more than one backup being written.
+    #[error(
+        "{} backups are being written in {store} ({}); name the one to follow with --backup",
+        backup_ids.len(),
+        backup_ids.join(", ")
+    )]
+    SeveralToFollow {
+        /// The store.
+        store: String,
+        /// The backups being written.
+        backup_ids: Vec<String>,
+    },
+    /// A segment restored while its backup was being written is not the
+    /// one the manifest sealed.
+    #[error(
+        "segment {segment} of backup {backup_id} was restored while the backup was being written, and the manifest that sealed it disagrees: {reason}; the target may hold ops the sealed backup does not, restore another backup onto an empty target"
+    )]
+    FollowedDiffers {
+        /// The backup.
+        backup_id: String,
+        /// The segment, by name.
+        segment: String,
+        /// What differs.
+        reason: String,
+    },
     /// The extract's counts disagree with what was written.
     #[error("backup {backup_id}: {reason}")]
     Internal {
@@ -108,7 +169,11 @@ impl BackupError {
         match self {
             BackupError::NoCompleteBackup { .. }
             | BackupError::NotFound { .. }
-            | BackupError::Incomplete { .. } => ErrorKind::NotFound,
+            | BackupError::Incomplete { .. }
+            | BackupError::NothingToFollow { .. } => ErrorKind::NotFound,
+            BackupError::ExtractFailed { .. } | BackupError::Stalled { .. } => ErrorKind::Source,
+            BackupError::SeveralToFollow { .. } => ErrorKind::Usage,
+            BackupError::FollowedDiffers { .. } => ErrorKind::Damaged,
             BackupError::SegmentMissing { .. }
             | BackupError::Sha256Mismatch { .. }
             | BackupError::SegmentDisagrees { .. }

@@ -99,18 +99,22 @@ pub fn read_backup(
                 })?;
             // The segment checks its own ops; resume after its last.
             tracker = SeqTracker::starting_at(segment.header.last_seq + 1);
-            let mut ops = segment.ops();
-            let batches = std::iter::from_fn(move || {
-                let batch: Result<Vec<Op>, _> = ops.by_ref().take(BATCH_OPS).collect();
-                match batch {
-                    Ok(batch) if batch.is_empty() => None,
-                    Ok(batch) => Some(Ok(batch)),
-                    Err(error) => Some(Err(crate::Error::from(error))),
-                }
-            });
-            Ok::<_, crate::Error>(futures::stream::iter(batches))
+            Ok::<_, crate::Error>(futures::stream::iter(batches_of(segment)))
         })
         .try_flatten()
+}
+
+/// A checked segment's ops in batches, decoded as they are taken.
+pub(super) fn batches_of(segment: DecodedSegment) -> impl Iterator<Item = Result<Vec<Op>>> {
+    let mut ops = segment.ops();
+    std::iter::from_fn(move || {
+        let batch: Result<Vec<Op>, _> = ops.by_ref().take(BATCH_OPS).collect();
+        match batch {
+            Ok(batch) if batch.is_empty() => None,
+            Ok(batch) => Some(Ok(batch)),
+            Err(error) => Some(Err(crate::Error::from(error))),
+        }
+    })
 }
 
 /// Fetches one segment of a backup and checks it in full (everything but

@@ -6,15 +6,18 @@
 
 use std::sync::Arc;
 
-use futures::stream::FuturesUnordered;
+use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{StreamExt, TryStreamExt};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 use super::{BackupError, new_backup_id};
 use crate::adapters::{AdapterError, Extraction};
-use crate::manifest::{MANIFEST_FORMAT_VERSION, Manifest, SegmentEntry, ToolInfo, Totals};
+use crate::manifest::{
+    FailureRecord, MANIFEST_FORMAT_VERSION, Manifest, SegmentEntry, SourceInfo, StartRecord,
+    ToolInfo, Totals,
+};
 use crate::order::SeqTracker;
 use crate::progress::Progress;
 use crate::segment::{FORMAT_VERSION, SealedSegment, SegmentEncoder, SegmentOptions};
@@ -59,11 +62,48 @@ pub async fn write_backup(
 ) -> Result<Manifest> {
     let created_at = OffsetDateTime::now_utc();
     let backup_id = new_backup_id(created_at);
+    let Extraction { info: source, ops } = extraction;
+    // Written first, so a restore can follow the backup as it is written.
+    store
+        .put_start_record(&StartRecord {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id: backup_id.clone(),
+            created_at,
+            tool: ToolInfo::current(),
+            source: source.clone(),
+            segment_format_version: FORMAT_VERSION,
+        })
+        .await?;
     info!(backup_id = %backup_id, "backup started");
-    let Extraction {
-        info: source,
-        mut ops,
-    } = extraction;
+    let written = write_segments(
+        store, &backup_id, created_at, source, ops, options, progress,
+    )
+    .await;
+    if let Err(error) = &written {
+        // A follower stops on this at once; the backup stays unsealed.
+        let record = FailureRecord {
+            backup_id: backup_id.clone(),
+            failed_at: OffsetDateTime::now_utc(),
+            reason: error.to_string(),
+        };
+        if let Err(unrecorded) = store.put_failure(&record).await {
+            warn!(backup_id = %backup_id, error = %unrecorded, "could not record the extract's failure in the store");
+        }
+    }
+    written
+}
+
+/// The body of [`write_backup`] once its start record is written.
+async fn write_segments(
+    store: &BackupStore,
+    backup_id: &str,
+    created_at: OffsetDateTime,
+    source: SourceInfo,
+    mut ops: BoxStream<'static, Result<Vec<Op>>>,
+    options: ExtractOptions,
+    progress: Arc<Progress>,
+) -> Result<Manifest> {
+    let backup_id = backup_id.to_owned();
 
     let (op_sender, op_receiver) = mpsc::channel::<Vec<Op>>(OP_BATCH_QUEUE);
     let (segment_sender, segment_receiver) = mpsc::channel::<SealedSegment>(SEGMENT_QUEUE);

@@ -1,0 +1,400 @@
+//! Following a backup while it is being written (`ferry restore --follow`):
+//! a restore that starts on the first sealed segment instead of waiting for
+//! the manifest, so an extract and a restore on different servers overlap
+//! (a migration or a DR drill in about the time of the slower of the two).
+//!
+//! The extract writes a start record first (`started.json`: the stream's id
+//! and source, what a sink's `begin` needs), then segments, each one object
+//! put whole, then the manifest. The follower takes the segments in seq
+//! order as they appear. A segment is applied on its own checks (magic,
+//! header checksum, CRC-32C, zstd's content checksum, the backup it was
+//! written for, seq continuity from the one before); its SHA-256 and sizes
+//! are kept, and when the manifest lands every segment already applied is
+//! checked against it before the restore calls the stream complete. The
+//! rest are read as a sealed backup is. An extract that fails records why
+//! (`failed.json`) and the follower stops with that reason; one that is
+//! killed records nothing, and the follower stops after waiting
+//! `stall_timeout` for a new segment, naming the last one. Either way the
+//! target holds a prefix of the stream with its checkpoint (G4).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info};
+
+use super::read::{batches_of, read_segment};
+use super::{BackupError, RestoreOptions, created_at_of_id};
+use crate::manifest::{Manifest, SegmentEntry, StartRecord};
+use crate::segment::{DecodedSegment, SegmentLimits, SegmentName, decode_segment};
+use crate::store::BackupStore;
+use crate::{Op, Result};
+
+/// How a restore follows a backup being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowOptions {
+    /// How long to wait for a backup to start, and then for each next
+    /// segment (or the manifest), before giving up.
+    pub stall_timeout: Duration,
+    /// The longest pause between two looks at the store.
+    pub max_poll_interval: Duration,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        Self {
+            stall_timeout: Duration::from_secs(300),
+            max_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The backup a following restore found.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    /// Sealed already: restored as any sealed backup is.
+    Sealed(Manifest),
+    /// Still being written: followed.
+    Writing(StartRecord),
+}
+
+/// Finds the backup to follow: `backup_id`, waiting for it to start; or,
+/// without one, the backup being written in the store, waiting for one to
+/// start. A backup counts as being written when it started after this call
+/// (sealed or not by the time it is seen), or when it has a start record, no
+/// manifest and an id less than `stall_timeout` old, so an extract that was
+/// killed long ago is never taken. More than one is refused: name it.
+pub async fn find_backup_to_follow(
+    store: &BackupStore,
+    backup_id: Option<&str>,
+    follow: FollowOptions,
+) -> Result<Followed> {
+    let started = Instant::now();
+    let mut pause = Pause::new(follow);
+    if let Some(backup_id) = backup_id {
+        loop {
+            if let Some(manifest) = store.get_manifest(backup_id).await? {
+                return Ok(Followed::Sealed(manifest));
+            }
+            if let Some(record) = store.get_start_record(backup_id).await? {
+                return Ok(Followed::Writing(record));
+            }
+            if started.elapsed() >= follow.stall_timeout {
+                // Segments and no start record: an older ferry's extract.
+                return Err(BackupError::Incomplete {
+                    backup_id: backup_id.to_owned(),
+                    segments_found: store.list_segments(backup_id).await?.len() as u64,
+                }
+                .into());
+            }
+            pause.wait().await;
+        }
+    }
+    let known: BTreeSet<String> = store.backup_ids().await?.into_iter().collect();
+    let recent_since = OffsetDateTime::now_utc() - follow.stall_timeout;
+    loop {
+        let mut candidates = Vec::new();
+        for id in store.backup_ids().await? {
+            let new = !known.contains(&id);
+            let recent = created_at_of_id(&id).is_some_and(|created| created >= recent_since);
+            if !new && !recent {
+                continue;
+            }
+            if let Some(manifest) = store.get_manifest(&id).await? {
+                if new {
+                    candidates.push(Followed::Sealed(manifest));
+                }
+            } else if let Some(record) = store.get_start_record(&id).await? {
+                candidates.push(Followed::Writing(record));
+            }
+        }
+        match candidates.len() {
+            0 if started.elapsed() >= follow.stall_timeout => {
+                return Err(BackupError::NothingToFollow {
+                    store: store.display().to_owned(),
+                    waited_secs: started.elapsed().as_secs(),
+                }
+                .into());
+            }
+            0 => pause.wait().await,
+            1 => return Ok(candidates.pop().expect("one")),
+            _ => {
+                return Err(BackupError::SeveralToFollow {
+                    store: store.display().to_owned(),
+                    backup_ids: candidates
+                        .iter()
+                        .map(|followed| match followed {
+                            Followed::Sealed(manifest) => manifest.backup_id.clone(),
+                            Followed::Writing(record) => record.backup_id.clone(),
+                        })
+                        .collect(),
+                }
+                .into());
+            }
+        }
+    }
+}
+
+/// Batches ahead of the sink, at most.
+const BATCHES_AHEAD: usize = 4;
+
+/// Streams the ops of a backup being written, in seq order, as its segments
+/// appear; the manifest that sealed it comes through the receiver once the
+/// last op has been handed out and every segment checked against it. The
+/// stream ends early with an error when a segment fails its checks, the
+/// extract records a failure, or nothing new comes for `stall_timeout`.
+pub fn follow_backup(
+    store: BackupStore,
+    start: StartRecord,
+    options: RestoreOptions,
+    follow: FollowOptions,
+) -> (
+    impl Stream<Item = Result<Vec<Op>>> + Send + 'static,
+    oneshot::Receiver<Manifest>,
+) {
+    let (sender, receiver) = mpsc::channel(BATCHES_AHEAD);
+    let (sealed_sender, sealed) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut follower = Follower {
+            store,
+            backup_id: start.backup_id,
+            limits: options.limits,
+            follow,
+            applied: Vec::new(),
+            sender,
+        };
+        match follower.run().await {
+            Ok(Some(manifest)) => {
+                let _ = sealed_sender.send(manifest);
+            }
+            // The sink stopped reading; its own error says why.
+            Ok(None) => {}
+            Err(error) => {
+                let _ = follower.sender.send(Err(error)).await;
+            }
+        }
+    });
+    (
+        tokio_stream::wrappers::ReceiverStream::new(receiver),
+        sealed,
+    )
+}
+
+struct Follower {
+    store: BackupStore,
+    backup_id: String,
+    limits: SegmentLimits,
+    follow: FollowOptions,
+    /// The segments handed out before the manifest was seen, as the
+    /// manifest must list them.
+    applied: Vec<SegmentEntry>,
+    sender: mpsc::Sender<Result<Vec<Op>>>,
+}
+
+impl Follower {
+    /// Follows to the end: `Ok(Some(manifest))` once sealed and checked,
+    /// `Ok(None)` when the receiver went away.
+    async fn run(&mut self) -> Result<Option<Manifest>> {
+        let mut last_new = Instant::now();
+        let mut pause = Pause::new(self.follow);
+        loop {
+            let after = self.applied.last().map(|entry| SegmentName {
+                first_seq: entry.first_seq,
+                last_seq: entry.last_seq,
+            });
+            let next_seq = after.map_or(1, |name| name.last_seq + 1);
+            let listed = self
+                .store
+                .list_segments_after(&self.backup_id, after.as_ref())
+                .await?;
+            if let Some((name, _)) = listed.iter().find(|(name, _)| name.first_seq == next_seq) {
+                let (entry, segment) = self.read_unsealed(*name).await?;
+                debug!(backup_id = %self.backup_id, segment = %entry.name, "segment restored before the backup was sealed");
+                self.applied.push(entry);
+                if !self.hand_out(segment).await {
+                    return Ok(None);
+                }
+                last_new = Instant::now();
+                pause = Pause::new(self.follow);
+                continue;
+            }
+            if let Some(manifest) = self.store.get_manifest(&self.backup_id).await? {
+                return self.finish_sealed(manifest).await;
+            }
+            if let Some(failure) = self.store.get_failure(&self.backup_id).await? {
+                return Err(BackupError::ExtractFailed {
+                    backup_id: self.backup_id.clone(),
+                    reason: failure.reason,
+                }
+                .into());
+            }
+            if last_new.elapsed() >= self.follow.stall_timeout {
+                return Err(BackupError::Stalled {
+                    backup_id: self.backup_id.clone(),
+                    last: self.applied.last().map_or_else(
+                        || "its start record".to_owned(),
+                        |entry| format!("segment {}", entry.name),
+                    ),
+                    applied_through: next_seq - 1,
+                    waited_secs: last_new.elapsed().as_secs(),
+                }
+                .into());
+            }
+            pause.wait().await;
+        }
+    }
+
+    /// Reads a segment no manifest lists yet, on its own checks.
+    async fn read_unsealed(&self, name: SegmentName) -> Result<(SegmentEntry, DecodedSegment)> {
+        let path = format!("segments/{}", name.file_name());
+        let object = self
+            .store
+            .get_object(&self.backup_id, &path)
+            .await?
+            .ok_or_else(|| BackupError::SegmentMissing {
+                backup_id: self.backup_id.clone(),
+                segment: name.to_string(),
+            })?;
+        let backup_id = self.backup_id.clone();
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || check_unsealed(&backup_id, name, path, object, limits))
+            .await
+            .expect("segment checks do not panic")
+    }
+
+    /// Hands a checked segment's ops to the sink; false when it went away.
+    async fn hand_out(&self, segment: DecodedSegment) -> bool {
+        for batch in batches_of(segment) {
+            let failed = batch.is_err();
+            if self.sender.send(batch).await.is_err() || failed {
+                return !failed;
+            }
+        }
+        true
+    }
+
+    /// The manifest has landed: what was applied must be its first
+    /// segments, byte for byte; the rest are read as a sealed backup's.
+    async fn finish_sealed(&mut self, manifest: Manifest) -> Result<Option<Manifest>> {
+        for (index, applied) in self.applied.iter().enumerate() {
+            let differs = |reason: String| BackupError::FollowedDiffers {
+                backup_id: self.backup_id.clone(),
+                segment: applied.name.clone(),
+                reason,
+            };
+            let Some(sealed) = manifest.segments.get(index) else {
+                return Err(differs(format!(
+                    "the manifest lists {} segments, ending at seq {}",
+                    manifest.segments.len(),
+                    manifest.last_seq()
+                ))
+                .into());
+            };
+            if sealed != applied {
+                return Err(differs(format!(
+                    "restored as seq {}..={} with SHA-256 {}, sealed as {} (seq {}..={}, SHA-256 {})",
+                    applied.first_seq,
+                    applied.last_seq,
+                    applied.sha256,
+                    sealed.name,
+                    sealed.first_seq,
+                    sealed.last_seq,
+                    sealed.sha256
+                ))
+                .into());
+            }
+        }
+        info!(
+            backup_id = %self.backup_id,
+            followed = self.applied.len(),
+            segments = manifest.segments.len(),
+            "the backup was sealed; every segment restored before agrees with its manifest"
+        );
+        let mut next_seq = self.applied.last().map_or(1, |entry| entry.last_seq + 1);
+        for entry in &manifest.segments[self.applied.len()..] {
+            let segment = read_segment(&self.store, &self.backup_id, entry, self.limits).await?;
+            if segment.header.first_seq != next_seq {
+                return Err(BackupError::SegmentDisagrees {
+                    backup_id: self.backup_id.clone(),
+                    segment: entry.name.clone(),
+                    reason: format!(
+                        "it starts at seq {} where seq {next_seq} was expected",
+                        segment.header.first_seq
+                    ),
+                }
+                .into());
+            }
+            next_seq = segment.header.last_seq + 1;
+            if !self.hand_out(segment).await {
+                return Ok(None);
+            }
+        }
+        Ok(Some(manifest))
+    }
+}
+
+/// A segment's own checks (so damage is named for what it is), that it was
+/// written for this backup and holds the range its name says; its manifest
+/// entry as the extract will write it.
+fn check_unsealed(
+    backup_id: &str,
+    name: SegmentName,
+    path: String,
+    object: Bytes,
+    limits: SegmentLimits,
+) -> Result<(SegmentEntry, DecodedSegment)> {
+    let sha256 = hex::encode(Sha256::digest(&object));
+    let compressed_bytes = object.len() as u64;
+    let decoded = decode_segment(&name.to_string(), object, limits)?;
+    let header = &decoded.header;
+    let disagrees = |reason: String| BackupError::SegmentDisagrees {
+        backup_id: backup_id.to_owned(),
+        segment: name.to_string(),
+        reason,
+    };
+    if header.stream_id != backup_id {
+        return Err(disagrees(format!("it was written for backup {}", header.stream_id)).into());
+    }
+    if (header.first_seq, header.last_seq) != (name.first_seq, name.last_seq) {
+        return Err(disagrees(format!(
+            "it holds seq {}..={}, its name says seq {}..={}",
+            header.first_seq, header.last_seq, name.first_seq, name.last_seq
+        ))
+        .into());
+    }
+    let entry = SegmentEntry {
+        name: name.to_string(),
+        path,
+        first_seq: header.first_seq,
+        last_seq: header.last_seq,
+        ops: header.op_count,
+        uncompressed_bytes: header.uncompressed_bytes,
+        compressed_bytes,
+        sha256,
+    };
+    Ok((entry, decoded))
+}
+
+/// Pauses between looks at the store: 20 ms doubling to the options' most.
+struct Pause {
+    next: Duration,
+    most: Duration,
+}
+
+impl Pause {
+    fn new(follow: FollowOptions) -> Self {
+        Self {
+            next: Duration::from_millis(20).min(follow.max_poll_interval),
+            most: follow.max_poll_interval,
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.most);
+    }
+}

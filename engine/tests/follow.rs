@@ -77,6 +77,7 @@ fn quick(stall_timeout: Duration) -> FollowOptions {
     FollowOptions {
         stall_timeout,
         max_poll_interval: Duration::from_millis(50),
+        grace_for_earlier: Duration::from_millis(200),
     }
 }
 

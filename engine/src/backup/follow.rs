@@ -42,6 +42,10 @@ pub struct FollowOptions {
     pub stall_timeout: Duration,
     /// The longest pause between two looks at the store.
     pub max_poll_interval: Duration,
+    /// Without a backup named: how long to wait for a backup to start
+    /// before taking one that was being written already (an extract killed
+    /// a moment ago looks like one still writing).
+    pub grace_for_earlier: Duration,
 }
 
 impl Default for FollowOptions {
@@ -49,6 +53,7 @@ impl Default for FollowOptions {
         Self {
             stall_timeout: Duration::from_secs(300),
             max_poll_interval: Duration::from_secs(1),
+            grace_for_earlier: Duration::from_secs(10),
         }
     }
 }
@@ -66,8 +71,11 @@ pub enum Followed {
 /// without one, the backup being written in the store, waiting for one to
 /// start. A backup counts as being written when it started after this call
 /// (sealed or not by the time it is seen), or when it has a start record, no
-/// manifest and an id less than `stall_timeout` old, so an extract that was
-/// killed long ago is never taken. More than one is refused: name it.
+/// manifest, no failure record and an id less than `stall_timeout` old, so
+/// an extract that was killed long ago is never taken. One that starts
+/// after this call is taken over those there before, which are taken only
+/// when none starts within `grace_for_earlier` (an extract killed a moment ago
+/// looks like one still writing). Several of a kind are refused: name one.
 pub async fn find_backup_to_follow(
     store: &BackupStore,
     backup_id: Option<&str>,
@@ -106,12 +114,34 @@ pub async fn find_backup_to_follow(
             }
             if let Some(manifest) = store.get_manifest(&id).await? {
                 if new {
-                    candidates.push(Followed::Sealed(manifest));
+                    candidates.push((new, Followed::Sealed(manifest)));
                 }
-            } else if let Some(record) = store.get_start_record(&id).await? {
-                candidates.push(Followed::Writing(record));
+            } else if let Some(record) = store.get_start_record(&id).await?
+                && store.get_failure(&id).await?.is_none()
+            {
+                candidates.push((new, Followed::Writing(record)));
             }
         }
+        // One that started after this restore did is the one it waits for,
+        // whatever else was being written (or died) before. One that was
+        // there already is taken only after a grace: an extract killed a
+        // moment ago looks the same as one still writing, and the new
+        // extract may be starting.
+        let new: Vec<Followed> = candidates
+            .iter()
+            .filter(|(new, _)| *new)
+            .map(|(_, followed)| followed.clone())
+            .collect();
+        let mut candidates: Vec<Followed> = match new.len() {
+            0 if started.elapsed() < follow.stall_timeout.min(follow.grace_for_earlier) => {
+                Vec::new()
+            }
+            0 => candidates
+                .into_iter()
+                .map(|(_, followed)| followed)
+                .collect(),
+            _ => new,
+        };
         match candidates.len() {
             0 if started.elapsed() >= follow.stall_timeout => {
                 return Err(BackupError::NothingToFollow {

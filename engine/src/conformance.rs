@@ -30,7 +30,11 @@ use crate::adapters::{
     SinkOptions, SourceOptions, StreamInfo, adapter_for, live_sink_from_url, live_source_from_url,
     sink_from_url, source_from_url,
 };
+use crate::backup::{ExtractOptions, FollowOptions, RestoreOptions};
+use crate::pipeline;
 use crate::progress::Progress;
+use crate::segment::SegmentOptions;
+use crate::store::BackupStore;
 use crate::{ErrorClass, Op};
 
 /// A change a plane's own clients make: a put or a delete of a key.
@@ -149,6 +153,7 @@ pub enum Verdict {
 pub const CHECKS: &[&str] = &[
     "batch_contiguity_and_order",
     "batch_round_trip",
+    "batch_restore_follows_its_extract",
     "sink_refuses_a_gap",
     "sink_resumes_exactly_once_after_a_kill",
     "sink_applies_a_transaction_split_across_batches_whole",
@@ -167,17 +172,21 @@ pub async fn run(planes: &dyn Planes) -> Vec<(&'static str, Verdict)> {
     let checks: Vec<(&'static str, CheckFuture<'_>)> = vec![
         (CHECKS[0], Box::pin(batch_contiguity_and_order(planes))),
         (CHECKS[1], Box::pin(batch_round_trip(planes))),
-        (CHECKS[2], Box::pin(sink_refuses_a_gap(planes))),
-        (CHECKS[3], Box::pin(sink_resumes_exactly_once(planes))),
-        (CHECKS[4], Box::pin(sink_split_transaction(planes))),
         (
-            CHECKS[5],
+            CHECKS[2],
+            Box::pin(batch_restore_follows_its_extract(planes)),
+        ),
+        (CHECKS[3], Box::pin(sink_refuses_a_gap(planes))),
+        (CHECKS[4], Box::pin(sink_resumes_exactly_once(planes))),
+        (CHECKS[5], Box::pin(sink_split_transaction(planes))),
+        (
+            CHECKS[6],
             Box::pin(live_contiguity_order_and_transactions(planes)),
         ),
-        (CHECKS[6], Box::pin(live_resume_equals_unbroken(planes))),
-        (CHECKS[7], Box::pin(live_sink_refuses_a_stale_epoch(planes))),
-        (CHECKS[8], Box::pin(fence_then_position(planes))),
-        (CHECKS[9], Box::pin(digests_agree(planes))),
+        (CHECKS[7], Box::pin(live_resume_equals_unbroken(planes))),
+        (CHECKS[8], Box::pin(live_sink_refuses_a_stale_epoch(planes))),
+        (CHECKS[9], Box::pin(fence_then_position(planes))),
+        (CHECKS[10], Box::pin(digests_agree(planes))),
     ];
     let mut verdicts = Vec::new();
     for (name, check) in checks {
@@ -389,6 +398,85 @@ async fn batch_round_trip(planes: &dyn Planes) -> Verdict {
         target.read_all().await,
         want,
         "{}: a restore does not hold what the source held",
+        target.url()
+    );
+    Verdict::Passed
+}
+
+/// `ferry restore --follow` through the adapter: a restore started before
+/// its extract, through a store, takes the backup as it is written (a
+/// segment per op, so it follows many) and ends holding what the source
+/// held, sealed by the extract's manifest. Every sink must begin from the
+/// extract's start record alone (no op count, no manifest).
+async fn batch_restore_follows_its_extract(planes: &dyn Planes) -> Verdict {
+    let plane = planes.start_source().await;
+    let transactions = workload("follow");
+    write_all(plane.as_ref(), &transactions).await;
+    let want = expected(&transactions);
+    let target = planes.start().await;
+    let store = BackupStore::open("memory://", true).expect("an in-memory store opens");
+    let sink = sink_from_url(&target.url(), &planes.sink_options())
+        .unwrap_or_else(|error| panic!("{}: no sink: {error}", target.url()));
+    let follow = FollowOptions {
+        stall_timeout: Duration::from_secs(120),
+        max_poll_interval: Duration::from_millis(20),
+        ..FollowOptions::default()
+    };
+    let restoring = tokio::spawn({
+        let store = store.clone();
+        async move {
+            pipeline::restore_following(
+                &store,
+                None,
+                sink,
+                RestoreOptions::default(),
+                follow,
+                Arc::new(Progress::default()),
+            )
+            .await
+        }
+    });
+    let source = source_from_url(&plane.url(), &planes.source_options())
+        .unwrap_or_else(|error| panic!("{}: no source: {error}", plane.url()));
+    let one_op_a_segment = ExtractOptions {
+        segment: SegmentOptions {
+            target_uncompressed_bytes: 1,
+            compression_level: 1,
+        },
+        ..ExtractOptions::default()
+    };
+    let extracted = pipeline::extract(
+        source,
+        &store,
+        one_op_a_segment,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{}: extract failed: {error}", plane.url()));
+    let restored = restoring
+        .await
+        .expect("the following restore does not panic")
+        .unwrap_or_else(|error| {
+            panic!(
+                "{}: the restore following the extract failed: {error}",
+                target.url()
+            )
+        });
+    assert!(
+        extracted.manifest.totals.segments > 1,
+        "{}: the extract made one segment; the check needs several",
+        plane.url()
+    );
+    assert_eq!(
+        restored.manifest,
+        extracted.manifest,
+        "{}: the restore names another backup than the one extracted",
+        target.url()
+    );
+    assert_eq!(
+        target.read_all().await,
+        want,
+        "{}: a restore that followed its extract does not hold what the source held",
         target.url()
     );
     Verdict::Passed

@@ -110,6 +110,7 @@ async fn jsonl_passes_the_conformance_suite() {
         [
             "batch_contiguity_and_order",
             "batch_round_trip",
+            "batch_restore_follows_its_extract",
             "sink_refuses_a_gap",
             "sink_resumes_exactly_once_after_a_kill",
             "sink_applies_a_transaction_split_across_batches_whole",

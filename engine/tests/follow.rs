@@ -331,8 +331,15 @@ async fn a_segment_that_is_not_the_one_the_manifest_sealed_is_named_when_the_man
 #[tokio::test]
 async fn a_follower_takes_only_the_backup_being_written_and_refuses_two() {
     let (dir, store) = common::file_store();
-    // A sealed backup and an extract killed long ago are not followed.
-    common::backup_of(&store, common::ops(100)).await;
+    // A backup sealed a moment before the follower looked (an extract
+    // launched with it, and quicker) is the one it follows...
+    let quick_one = common::backup_of(&store, common::ops(100)).await;
+    let found = find_backup_to_follow(&store, None, quick(Duration::from_millis(300)))
+        .await
+        .expect("the backup just sealed");
+    assert!(matches!(found, Followed::Sealed(sealed) if sealed == quick_one));
+    // ... but not seconds later; nor is an extract killed long ago.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let old_id = "20200101T000000Z-0000abcd";
     let old = dir.path().join("backups").join(old_id);
     std::fs::create_dir_all(&old).expect("old backup");

@@ -70,7 +70,8 @@ pub enum Followed {
 /// Finds the backup to follow: `backup_id`, waiting for it to start; or,
 /// without one, the backup being written in the store, waiting for one to
 /// start. A backup counts as being written when it started after this call
-/// (sealed or not by the time it is seen), or when it has a start record, no
+/// (first seen after it, or its id's time within two seconds before it;
+/// sealed or not by the time it is seen), or when it has a start record, no
 /// manifest, no failure record and an id less than `stall_timeout` old, so
 /// an extract that was killed long ago is never taken. One that starts
 /// after this call is taken over those there before, which are taken only
@@ -102,13 +103,20 @@ pub async fn find_backup_to_follow(
             pause.wait().await;
         }
     }
+    let now = OffsetDateTime::now_utc();
     let known: BTreeSet<String> = store.backup_ids().await?.into_iter().collect();
-    let recent_since = OffsetDateTime::now_utc() - follow.stall_timeout;
+    let recent_since = now - follow.stall_timeout;
+    // Ids carry their start to the second: one started in the second or two
+    // before this call (an extract launched with it, and quicker to list)
+    // counts as started after it, even if it is there at the first look.
+    let alongside_since = now - Duration::from_secs(2);
     loop {
         let mut candidates = Vec::new();
         for id in store.backup_ids().await? {
-            let new = !known.contains(&id);
-            let recent = created_at_of_id(&id).is_some_and(|created| created >= recent_since);
+            let created = created_at_of_id(&id);
+            let new =
+                !known.contains(&id) || created.is_some_and(|created| created >= alongside_since);
+            let recent = created.is_some_and(|created| created >= recent_since);
             if !new && !recent {
                 continue;
             }

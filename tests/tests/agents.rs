@@ -958,10 +958,18 @@ async fn a_stream_with_a_gap_is_refused_naming_the_seq_by_each_consumer() {
     .await
     .expect_err("a gap is refused");
     assert!(error.to_string().contains("seq 3 is missing"), "{error}");
+    // Its start record is there, with the extract's failure beside it.
+    let listings = store.list_backups().await.expect("list");
     assert!(
-        store.backup_ids().await.expect("list").is_empty(),
+        listings.iter().all(|listing| !listing.is_complete()),
         "no backup was sealed"
     );
+    let failure = store
+        .get_failure(&listings[0].backup_id)
+        .await
+        .expect("read")
+        .expect("the failure is recorded");
+    assert!(failure.reason.contains("seq 3 is missing"), "{failure:?}");
 
     // The etcd sink.
     let sink_etcd = EtcdServer::start().expect("etcd");

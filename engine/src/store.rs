@@ -290,14 +290,19 @@ impl BackupStore {
     /// Seals a backup: writes its manifest with a create-only put, so a
     /// sealed backup is never overwritten.
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        let path = self.manifest_path(&manifest.backup_id);
+        self.put_create_only(self.manifest_path(&manifest.backup_id), manifest.to_json())
+            .await
+    }
+
+    /// Writes `bytes` at `path` unless an object is there already.
+    async fn put_create_only(&self, path: Path, bytes: Vec<u8>) -> Result<(), StoreError> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
         match self
             .store
-            .put_opts(&path, PutPayload::from(manifest.to_json()), options)
+            .put_opts(&path, PutPayload::from(bytes), options)
             .await
         {
             Ok(_) => Ok(()),
@@ -315,26 +320,11 @@ impl BackupStore {
     /// Writes a backup's start record (`started.json`), create-only: an
     /// extract writes it before its first segment.
     pub async fn put_start_record(&self, record: &StartRecord) -> Result<(), StoreError> {
-        let path = self.object_path(&record.backup_id, START_RECORD);
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(record.to_json()), options)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Err(StoreError::AlreadyExists {
-                path: path.to_string(),
-                store: self.display.clone(),
-            }),
-            Err(error) => Err(self.failed("write", &path, error)),
-        }
+        self.put_create_only(
+            self.object_path(&record.backup_id, START_RECORD),
+            record.to_json(),
+        )
+        .await
     }
 
     /// Reads a backup's start record; `Ok(None)` when it has none (not
@@ -384,14 +374,14 @@ impl BackupStore {
         backup_id: &str,
         after: Option<&SegmentName>,
     ) -> Result<Vec<(SegmentName, u64)>, StoreError> {
-        let Some(after) = after else {
-            return self.list_segments(backup_id).await;
-        };
         let prefix = self.object_path(backup_id, "segments");
-        let offset = prefix.clone().join(after.file_name());
-        let objects: Vec<_> = self
-            .store
-            .list_with_offset(Some(&prefix), &offset)
+        let listing = match after {
+            Some(after) => self
+                .store
+                .list_with_offset(Some(&prefix), &prefix.clone().join(after.file_name())),
+            None => self.store.list(Some(&prefix)),
+        };
+        let objects: Vec<_> = listing
             .try_collect()
             .await
             .map_err(|error| self.failed("list", &prefix, error))?;
@@ -401,7 +391,7 @@ impl BackupStore {
                 let name = SegmentName::parse_file_name(meta.location.filename()?)?;
                 Some((name, meta.size))
             })
-            .filter(|(name, _)| name > after)
+            .filter(|(name, _)| after.is_none_or(|after| name > after))
             .collect();
         segments.sort();
         Ok(segments)
@@ -467,22 +457,7 @@ impl BackupStore {
         &self,
         backup_id: &str,
     ) -> Result<Vec<(SegmentName, u64)>, StoreError> {
-        let prefix = self.object_path(backup_id, "segments");
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|error| self.failed("list", &prefix, error))?;
-        let mut segments: Vec<(SegmentName, u64)> = objects
-            .iter()
-            .filter_map(|meta| {
-                let name = SegmentName::parse_file_name(meta.location.filename()?)?;
-                Some((name, meta.size))
-            })
-            .collect();
-        segments.sort();
-        Ok(segments)
+        self.list_segments_after(backup_id, None).await
     }
 
     /// Lists every backup, oldest first, with its manifest when it has one.

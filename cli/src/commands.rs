@@ -46,6 +46,10 @@ pub struct ExtractArgs {
     /// Bytes of encoded ops per segment, before compression.
     #[arg(long, value_name = "BYTES", default_value_t = SegmentOptions::default().target_uncompressed_bytes)]
     segment_bytes: usize,
+    /// Seal a segment that has held ops this long even short of its size, so a restore following
+    /// the backup (`restore --follow`) gets a slow source's ops soon; 0 seals by size only.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::gateway::parse_duration)]
+    seal_after: Duration,
     /// zstd level: 1 is fastest, 19 smallest.
     #[arg(long, value_name = "LEVEL", default_value_t = SegmentOptions::default().compression_level,
           value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -181,6 +185,7 @@ pub async fn extract(args: ExtractArgs, global: GlobalOptions) -> Result<u8> {
             target_uncompressed_bytes: args.segment_bytes.max(1),
             compression_level: args.compression_level,
         },
+        seal_after: Some(args.seal_after).filter(|after| !after.is_zero()),
         ..ExtractOptions::default()
     };
     let progress = Arc::new(Progress::default());

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{
-    BackupError, FollowOptions, Followed, RestoreOptions, find_backup_to_follow, follow_backup,
-    write_backup,
+    BackupError, ExtractOptions, FollowOptions, Followed, RestoreOptions, find_backup_to_follow,
+    follow_backup, write_backup,
 };
 use ferry_engine::manifest::{Manifest, SourceInfo, StartRecord};
 use ferry_engine::progress::Progress;
@@ -32,6 +32,10 @@ struct Extract {
 
 impl Extract {
     fn start(store: &BackupStore) -> Self {
+        Self::start_with(store, common::small_segments())
+    }
+
+    fn start_with(store: &BackupStore, options: ExtractOptions) -> Self {
         let (feed, ops) = mpsc::channel(1);
         let extraction = Extraction {
             info: SourceInfo {
@@ -43,13 +47,7 @@ impl Extract {
         };
         let store = store.clone();
         let writer = tokio::spawn(async move {
-            write_backup(
-                &store,
-                extraction,
-                common::small_segments(),
-                Arc::new(Progress::default()),
-            )
-            .await
+            write_backup(&store, extraction, options, Arc::new(Progress::default())).await
         });
         Self { feed, writer }
     }
@@ -400,4 +398,56 @@ async fn a_follower_takes_only_the_backup_being_written_and_refuses_two() {
     .expect("named");
     assert!(matches!(named, Followed::Sealed(sealed) if sealed == manifest));
     two.seal().await;
+}
+
+/// Segments of 8 MiB that a few ops never fill.
+fn big_segments(seal_after: Option<Duration>) -> ExtractOptions {
+    ExtractOptions {
+        seal_after,
+        ..ExtractOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_source_s_ops_are_sealed_after_seal_after_and_followed_before_more_come() {
+    let (dir, store) = common::file_store();
+    let ops = common::ops(40);
+    let extract = Extract::start_with(&store, big_segments(Some(Duration::from_millis(200))));
+    extract.send(&ops[..10]).await;
+    // The source says nothing more until the follower has its 10 ops: only
+    // the open segment's age can seal them.
+    let start = being_written(&store).await;
+    let backup_id = start.backup_id.clone();
+    let (followed, sealed) = follow_backup(
+        store.clone(),
+        start,
+        RestoreOptions::default(),
+        quick(Duration::from_secs(30)),
+    );
+    let mut followed = Box::pin(followed);
+    let mut taken = Vec::new();
+    take_through(&mut followed, 10, &mut taken).await;
+    assert_eq!(segment_files(dir.path(), &backup_id).len(), 1);
+    extract.send(&ops[10..25]).await;
+    take_through(&mut followed, 25, &mut taken).await;
+    extract.send(&ops[25..]).await;
+    let manifest = extract.seal().await;
+    taken.extend(rest(followed).await.expect("the follower ends well"));
+    assert_eq!(taken, ops);
+    assert_eq!(manifest.totals.segments, 3, "{:?}", manifest.segments);
+    assert_eq!(sealed.await.expect("the manifest comes"), manifest);
+}
+
+#[tokio::test]
+async fn without_seal_after_a_quiet_source_s_ops_wait_for_a_full_segment() {
+    let (dir, store) = common::file_store();
+    let ops = common::ops(10);
+    let extract = Extract::start_with(&store, big_segments(None));
+    extract.send(&ops).await;
+    let backup_id = being_written(&store).await.backup_id;
+    // The control for the test above: the same quiet source, no timer.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(segment_files(dir.path(), &backup_id).is_empty());
+    let manifest = extract.seal().await;
+    assert_eq!(manifest.totals.segments, 1);
 }

@@ -60,6 +60,8 @@ const FOLLOWER_HEAD_START: Duration = Duration::from_millis(200);
 struct Cost {
     wall: Duration,
     peak_rss_kib: u64,
+    /// User and system CPU time of the command.
+    cpu: Duration,
     requests: u64,
     /// What the servers spent answering them, by request.
     served: Served,
@@ -143,7 +145,7 @@ fn timed(
     let started = Instant::now();
     let output = Command::new(GNU_TIME)
         .arg("-f")
-        .arg("%M")
+        .arg("%M %U %S")
         .arg("-o")
         .arg(&report)
         .arg(program)
@@ -168,18 +170,26 @@ fn timed(
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let peak_rss_kib = std::fs::read_to_string(&report)
+    // `%M %U %S`: peak RSS in KiB, user and system seconds.
+    let measured: Vec<f64> = std::fs::read_to_string(&report)
         .unwrap_or_default()
         .lines()
         .last()
-        .and_then(|line| line.trim().parse().ok())
-        .unwrap_or(0);
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|field| field.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let peak_rss_kib = measured.first().copied().unwrap_or(0.0) as u64;
+    let cpu = Duration::from_secs_f64(measured.iter().skip(1).sum());
     // The last requests reach the log a moment after the answer.
     std::thread::sleep(Duration::from_millis(300));
     let served = Served::since(servers, &before);
     Cost {
         wall,
         peak_rss_kib,
+        cpu,
         requests: served.0.values().map(|(count, _)| count).sum(),
         served,
     }
@@ -485,7 +495,9 @@ fn main() {
     // ferry again, as a migration runs: the restore follows the extract
     // (`restore --follow`, started first), each segment restored as it is
     // sealed, so the two servers work at once.
-    let follow_store_url = format!("file://{}", work.path().join("store-follow").display());
+    let follow_store = work.path().join("store-follow");
+    let follow_store_url = format!("file://{}", follow_store.display());
+    let mut follow_extract_started = std::time::SystemTime::now();
     let (follow_extract, follow_restore) = std::thread::scope(|scope| {
         let restore = scope.spawn(|| {
             timed(
@@ -505,6 +517,7 @@ fn main() {
             )
         });
         std::thread::sleep(FOLLOWER_HEAD_START);
+        follow_extract_started = std::time::SystemTime::now();
         let extract = timed(
             &ferry,
             &[
@@ -526,6 +539,10 @@ fn main() {
         .wall
         .max(FOLLOWER_HEAD_START + follow_extract.wall)
         .as_secs_f64();
+    // What the follower waited for before its first op.
+    let first_segment = first_segment_stored(&follow_store)
+        .duration_since(follow_extract_started)
+        .unwrap_or_default();
 
     // mlflow-export-import: export-experiments, import-experiments.
     let exported = work.path().join("exported");
@@ -587,8 +604,10 @@ fn main() {
     let seconds = |cost: &Cost| cost.wall.as_secs_f64();
     let mib = |cost: &Cost| cost.peak_rss_kib as f64 / 1024.0;
     println!();
-    println!("| step | tool | wall s | server busy s | peak RSS MiB | requests | requests/run |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| step | tool | wall s | server busy s | CPU s | peak RSS MiB | requests | requests/run |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (step, tool, cost) in [
         ("extract", "ferry extract", &extract),
         ("extract", "export-experiments", &export),
@@ -598,9 +617,10 @@ fn main() {
         ("both at once", "ferry restore --follow", &follow_restore),
     ] {
         println!(
-            "| {step} | {tool} | {:.1} | {:.1} | {:.0} | {} | {:.1} |",
+            "| {step} | {tool} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {:.1} |",
             seconds(cost),
             cost.served.busy(),
+            cost.cpu.as_secs_f64(),
             mib(cost),
             cost.requests,
             cost.requests as f64 / runs as f64
@@ -612,15 +632,16 @@ fn main() {
     let ceiling_rate = points as f64 / ceiling_time.as_secs_f64();
     println!();
     println!(
-        "end to end, the restore following the extract: ferry {follow_total:.1} s, export-import {import_total:.1} s: ferry {:.1}x faster (target >= 3)",
-        import_total / follow_total
+        "end to end, the restore following the extract: ferry {follow_total:.1} s, export-import {import_total:.1} s: ferry {:.2}x faster (target >= 3); its first segment stored {:.1} s after the extract started",
+        import_total / follow_total,
+        first_segment.as_secs_f64()
     );
     println!(
-        "end to end, extract then restore: ferry {ferry_total:.1} s, export-import {import_total:.1} s: ferry {:.1}x faster",
+        "end to end, extract then restore: ferry {ferry_total:.1} s, export-import {import_total:.1} s: ferry {:.2}x faster",
         import_total / ferry_total
     );
     println!(
-        "extract: {:.1}x faster than export-experiments (target >= 10), {:.2} of its requests (target <= 0.25)",
+        "extract: {:.2}x faster than export-experiments (target >= 10), {:.2} of its requests (target <= 0.25)",
         seconds(&export) / seconds(&extract),
         extract.requests as f64 / export.requests.max(1) as f64
     );
@@ -697,4 +718,23 @@ fn main() {
             println!("  {difference}");
         }
     }
+}
+
+/// When the first segment of the one backup in `store` was stored.
+fn first_segment_stored(store: &Path) -> std::time::SystemTime {
+    let backups = std::fs::read_dir(store.join("backups")).expect("the store has a backup");
+    backups
+        .flat_map(|backup| {
+            let segments = backup.expect("an entry").path().join("segments");
+            std::fs::read_dir(segments).expect("the backup has segments")
+        })
+        .map(|segment| {
+            segment
+                .expect("an entry")
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .expect("a stored segment's time")
+        })
+        .min()
+        .expect("a segment")
 }

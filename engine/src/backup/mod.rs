@@ -10,7 +10,7 @@ mod write;
 pub use follow::{FollowOptions, Followed, find_backup_to_follow, follow_backup};
 pub use read::{RestoreOptions, find_backup, read_backup, read_segment};
 pub use verify::{SegmentProblem, VerifyReport, verify_backup};
-pub use write::{ExtractOptions, write_backup};
+pub use write::{DEFAULT_SEAL_AFTER, ExtractOptions, write_backup};
 
 use time::OffsetDateTime;
 use time::macros::format_description;

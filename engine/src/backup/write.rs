@@ -5,6 +5,7 @@
 //! few sealed segments whatever the size of the source.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, FuturesUnordered};
 use futures::{StreamExt, TryStreamExt};
@@ -28,12 +29,19 @@ use crate::{Error, Op, Result};
 const OP_BATCH_QUEUE: usize = 4;
 /// Sealed segments waiting for an upload slot.
 const SEGMENT_QUEUE: usize = 1;
+/// How long a segment holding ops stays open by default (`ferry extract
+/// --seal-after` says the same).
+pub const DEFAULT_SEAL_AFTER: Duration = Duration::from_secs(2);
 
 /// How an extract writes its backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExtractOptions {
     /// Segment size and compression level.
     pub segment: SegmentOptions,
+    /// A segment holding ops is sealed once it has been open this long,
+    /// short of its size, so a restore following the backup gets the ops of
+    /// a slow source within about this time (`None`: sealed by size only).
+    pub seal_after: Option<Duration>,
     /// Multipart settings.
     pub upload: UploadOptions,
     /// Segments uploading at once.
@@ -44,6 +52,7 @@ impl Default for ExtractOptions {
     fn default() -> Self {
         Self {
             segment: SegmentOptions::default(),
+            seal_after: Some(DEFAULT_SEAL_AFTER),
             upload: UploadOptions::default(),
             upload_concurrency: 2,
         }
@@ -105,12 +114,12 @@ async fn write_segments(
 ) -> Result<Manifest> {
     let backup_id = backup_id.to_owned();
 
-    let (op_sender, op_receiver) = mpsc::channel::<Vec<Op>>(OP_BATCH_QUEUE);
+    let (op_sender, op_receiver) = mpsc::channel::<ToEncoder>(OP_BATCH_QUEUE);
     let (segment_sender, segment_receiver) = mpsc::channel::<SealedSegment>(SEGMENT_QUEUE);
     let encoder = {
         let backup_id = backup_id.clone();
         tokio::task::spawn_blocking(move || {
-            encode_segments(&backup_id, options.segment, op_receiver, segment_sender)
+            encode_segments(&backup_id, options, op_receiver, segment_sender)
         })
     };
     let uploader = tokio::spawn(upload_segments(
@@ -122,10 +131,34 @@ async fn write_segments(
     ));
 
     let mut ops_fed = 0u64;
+    // The encoder looks at its open segment's age on every message; a quiet
+    // source still sends it one a tick.
+    let mut ticks = options
+        .seal_after
+        .filter(|after| !after.is_zero())
+        .map(|after| {
+            // A quarter: a quiet source's segment is sealed within 1.25 x `after`.
+            let period = after / 4;
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
     let fed: Result<()> = async {
-        while let Some(batch) = ops.try_next().await? {
-            let count = batch.len() as u64;
-            if op_sender.send(batch).await.is_err() {
+        loop {
+            let message = tokio::select! {
+                batch = ops.try_next() => match batch? {
+                    Some(batch) => batch,
+                    None => break,
+                },
+                _ = async { ticks.as_mut().expect("guarded").tick().await }, if ticks.is_some() => {
+                    if op_sender.send(ToEncoder::Tick).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let count = message.len() as u64;
+            if op_sender.send(ToEncoder::Ops(message)).await.is_err() {
                 // The encoder or the uploader stopped; their error says why.
                 break;
             }
@@ -185,38 +218,67 @@ async fn write_segments(
     Ok(manifest)
 }
 
+/// What the encoder thread is handed.
+enum ToEncoder {
+    /// The source's next ops.
+    Ops(Vec<Op>),
+    /// Time passed: seal the open segment if it is old enough.
+    Tick,
+}
+
 /// The encoder thread: checks the source's seq order (G1) and cuts sealed
-/// segments. Returns early, without error, when the uploader has stopped.
+/// segments, when full or when open `seal_after`. Returns early, without
+/// error, when the uploader has stopped.
 fn encode_segments(
     backup_id: &str,
-    options: SegmentOptions,
-    mut op_receiver: mpsc::Receiver<Vec<Op>>,
+    options: ExtractOptions,
+    mut op_receiver: mpsc::Receiver<ToEncoder>,
     segment_sender: mpsc::Sender<SealedSegment>,
 ) -> Result<()> {
     let mut tracker = SeqTracker::new();
-    let mut encoder: Option<SegmentEncoder> = None;
-    while let Some(batch) = op_receiver.blocking_recv() {
-        for op in &batch {
-            tracker
-                .try_advance(op.seq)
-                .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
-            let current = match encoder.as_mut() {
-                Some(current) => current,
-                None => encoder.insert(SegmentEncoder::new(backup_id, options)?),
-            };
-            current.push(op)?;
-            if current.is_full() {
-                let sealed = encoder.take().expect("just filled").seal()?;
-                debug!(segment = %sealed.name, bytes = sealed.len(), "segment sealed");
-                if segment_sender.blocking_send(sealed).is_err() {
-                    return Ok(());
+    let mut open: Option<(SegmentEncoder, Instant)> = None;
+    let seal = |encoder: SegmentEncoder| -> Result<bool> {
+        let sealed = encoder.seal()?;
+        debug!(segment = %sealed.name, bytes = sealed.len(), "segment sealed");
+        Ok(segment_sender.blocking_send(sealed).is_ok())
+    };
+    while let Some(message) = op_receiver.blocking_recv() {
+        if let ToEncoder::Ops(batch) = message {
+            for op in &batch {
+                tracker
+                    .try_advance(op.seq)
+                    .map_err(|source| AdapterError::SourceOutOfOrder { source })?;
+                let (current, _) = match open.as_mut() {
+                    Some(current) => current,
+                    None => open.insert((
+                        SegmentEncoder::new(backup_id, options.segment)?,
+                        Instant::now(),
+                    )),
+                };
+                current.push(op)?;
+                if current.is_full() {
+                    let (full, _) = open.take().expect("just filled");
+                    if !seal(full)? {
+                        return Ok(());
+                    }
                 }
             }
         }
+        let old_enough = |(encoder, opened): &(SegmentEncoder, Instant)| {
+            options
+                .seal_after
+                .is_some_and(|after| !encoder.is_empty() && opened.elapsed() >= after)
+        };
+        if open.as_ref().is_some_and(old_enough) {
+            let (due, _) = open.take().expect("just checked");
+            if !seal(due)? {
+                return Ok(());
+            }
+        }
     }
-    if let Some(last) = encoder.filter(|encoder| !encoder.is_empty()) {
+    if let Some((last, _)) = open.filter(|(encoder, _)| !encoder.is_empty()) {
         // A closed uploader has its own error to report.
-        let _ = segment_sender.blocking_send(last.seal()?);
+        let _ = seal(last)?;
     }
     Ok(())
 }

@@ -317,6 +317,23 @@ impl StartRecord {
     }
 }
 
+/// What an extract rewrites every few seconds while it runs (`alive.json`),
+/// so a restore following the backup tells a dead extract (killed, or its
+/// machine gone: the beat stops) from a slow one (the beat goes on) without
+/// waiting out its whole timeout. Followers compare beats, never clocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The backup's id.
+    pub backup_id: String,
+    /// Counts up from 1, once a beat.
+    pub beat: u64,
+    /// The extract's clock at this beat, for people.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Milliseconds between beats.
+    pub every_ms: u64,
+}
+
 /// What an extract that stopped on an error writes (`failed.json`), so a
 /// restore following the backup stops at once with the extract's reason
 /// instead of waiting for segments that will never come. An extract that

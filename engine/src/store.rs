@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/backups/<backup-id>/segments/<first-seq:020>-<last-seq:020>.ops.zst
 //! <root>/backups/<backup-id>/started.json   (written first: what `restore --follow` begins from)
+//! <root>/backups/<backup-id>/alive.json     (rewritten every 2 s while the extract runs)
 //! <root>/backups/<backup-id>/manifest.json  (written last: seals the backup)
 //! <root>/backups/<backup-id>/failed.json    (only when the extract stopped on an error)
 //! ```
@@ -25,7 +26,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use time::OffsetDateTime;
 
 use crate::error::ErrorKind;
-use crate::manifest::{FailureRecord, Manifest, ManifestError, StartRecord};
+use crate::manifest::{FailureRecord, Heartbeat, Manifest, ManifestError, StartRecord};
 use crate::segment::{SealedSegment, SegmentName};
 
 /// How segments are uploaded.
@@ -97,6 +98,8 @@ impl StoreError {
 const START_RECORD: &str = "started.json";
 /// The record of a failed extract, relative to its backup's folder.
 const FAILURE_RECORD: &str = "failed.json";
+/// A running extract's heartbeat, relative to its backup's folder.
+const HEARTBEAT: &str = "alive.json";
 
 /// One backup as listed in a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,6 +351,25 @@ impl BackupStore {
             .await
             .map_err(|error| self.failed("write", &path, error))?;
         Ok(())
+    }
+
+    /// Writes a running extract's heartbeat (`alive.json`) over the last.
+    pub async fn put_heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+        let path = self.object_path(&heartbeat.backup_id, HEARTBEAT);
+        let json = serde_json::to_vec(heartbeat).expect("a heartbeat always serializes");
+        self.store
+            .put(&path, PutPayload::from(json))
+            .await
+            .map_err(|error| self.failed("write", &path, error))?;
+        Ok(())
+    }
+
+    /// Reads an extract's last heartbeat; `Ok(None)` when it has none (not
+    /// beating yet, or written by a ferry older than heartbeats) or one that
+    /// does not parse (a follower then waits out its timeout, as without).
+    pub async fn get_heartbeat(&self, backup_id: &str) -> Result<Option<Heartbeat>, StoreError> {
+        let json = self.get_object(backup_id, HEARTBEAT).await?;
+        Ok(json.and_then(|json| serde_json::from_slice(&json).ok()))
     }
 
     /// Reads the record of a failed extract; `Ok(None)` when there is none.

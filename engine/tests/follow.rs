@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_engine::adapters::Extraction;
 use ferry_engine::backup::{
-    BackupError, ExtractOptions, FollowOptions, Followed, RestoreOptions, find_backup_to_follow,
-    follow_backup, write_backup,
+    BackupError, ExtractOptions, FollowOptions, Followed, RestoreOptions, SILENT_BEATS,
+    find_backup_to_follow, follow_backup, write_backup,
 };
 use ferry_engine::manifest::{Manifest, SourceInfo, StartRecord};
 use ferry_engine::progress::Progress;
@@ -450,4 +450,91 @@ async fn without_seal_after_a_quiet_source_s_ops_wait_for_a_full_segment() {
     assert!(segment_files(dir.path(), &backup_id).is_empty());
     let manifest = extract.seal().await;
     assert_eq!(manifest.totals.segments, 1);
+}
+
+fn beating_every(every: Duration, options: ExtractOptions) -> ExtractOptions {
+    ExtractOptions {
+        heartbeat_every: every,
+        ..options
+    }
+}
+
+#[tokio::test]
+async fn a_killed_extract_s_heartbeat_stops_its_follower_long_before_the_timeout() {
+    let (dir, store) = common::file_store();
+    let ops = common::ops(2_000);
+    let every = Duration::from_millis(200);
+    let extract = Extract::start_with(&store, beating_every(every, common::small_segments()));
+    extract.send(&ops[..1_000]).await;
+    let start = being_written(&store).await;
+    let backup_id = start.backup_id.clone();
+    wait_for_segments(dir.path(), &backup_id, 2).await;
+    // Killed: no failure record, no manifest, no more beats.
+    extract.writer.abort();
+    let _ = extract.writer.await;
+    // Only the silent heartbeat can stop it: the timeout is a minute.
+    let (followed, _sealed) = follow_backup(
+        store.clone(),
+        start,
+        RestoreOptions::default(),
+        quick(Duration::from_secs(60)),
+    );
+    let mut followed = Box::pin(followed);
+    let mut taken = Vec::new();
+    let error = loop {
+        match followed
+            .next()
+            .await
+            .expect("the follower ends with an error")
+        {
+            Ok(batch) => taken.extend(batch),
+            Err(error) => break error,
+        }
+    };
+    let last = taken.last().map_or(0, |op| op.seq);
+    assert!(last > 0, "the stored segments were handed out");
+    assert_eq!(taken, ops[..last as usize].to_vec());
+    match &error {
+        Error::Backup(BackupError::ExtractSilent {
+            backup_id: silent,
+            last: named,
+            applied_through,
+            silent_secs,
+            every_ms,
+        }) => {
+            assert_eq!(silent, &backup_id);
+            assert_eq!(*applied_through, last);
+            assert!(named.ends_with(&format!("{last:020}")), "{error}");
+            assert!(*silent_secs < 60, "{error}");
+            assert_eq!(*every_ms, 200);
+        }
+        other => panic!("expected a silent heartbeat, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_extract_that_beats_is_waited_for() {
+    let (_dir, store) = common::file_store();
+    let ops = common::ops(30);
+    let every = Duration::from_millis(500);
+    let options = beating_every(every, big_segments(Some(Duration::from_millis(100))));
+    let extract = Extract::start_with(&store, options);
+    extract.send(&ops[..10]).await;
+    let start = being_written(&store).await;
+    let (followed, sealed) = follow_backup(
+        store.clone(),
+        start,
+        RestoreOptions::default(),
+        quick(Duration::from_secs(60)),
+    );
+    let mut followed = Box::pin(followed);
+    let mut taken = Vec::new();
+    take_through(&mut followed, 10, &mut taken).await;
+    // Quiet for twice the silence that calls an extract dead: it beats.
+    tokio::time::sleep(every * SILENT_BEATS * 2).await;
+    extract.send(&ops[10..]).await;
+    let manifest = extract.seal().await;
+    taken.extend(rest(followed).await.expect("the follower waited"));
+    assert_eq!(taken, ops);
+    assert_eq!(sealed.await.expect("the manifest comes"), manifest);
 }

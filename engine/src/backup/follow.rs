@@ -13,9 +13,11 @@
 //! checked against it before the restore calls the stream complete. The
 //! rest are read as a sealed backup is. An extract that fails records why
 //! (`failed.json`) and the follower stops with that reason; one that is
-//! killed records nothing, and the follower stops after waiting
-//! `stall_timeout` for a new segment, naming the last one. Either way the
-//! target holds a prefix of the stream with its checkpoint (G4).
+//! killed records nothing: its heartbeat (`alive.json`, rewritten every 2 s)
+//! stops, and the follower stops once the beat has not changed for
+//! [`SILENT_BEATS`] beats, or, from an extract without a heartbeat, after
+//! waiting `stall_timeout` for a new segment, naming the last one. Either
+//! way the target holds a prefix of the stream with its checkpoint (G4).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -179,6 +181,10 @@ pub async fn find_backup_to_follow(
 
 /// Batches ahead of the sink, at most.
 const BATCHES_AHEAD: usize = 4;
+/// Beats an extract's heartbeat may miss, as its follower sees them, before
+/// the follower calls the extract dead: a store slow to take a put or a busy
+/// machine delays a beat, a dead extract stops them all.
+pub const SILENT_BEATS: u32 = 6;
 
 /// Streams the ops of a backup being written, in seq order, as its segments
 /// appear; the manifest that sealed it comes through the receiver once the
@@ -203,6 +209,7 @@ pub fn follow_backup(
             limits: options.limits,
             follow,
             applied: Vec::new(),
+            heard: None,
             sender,
         };
         match follower.run().await {
@@ -230,6 +237,8 @@ struct Follower {
     /// The segments handed out before the manifest was seen, as the
     /// manifest must list them.
     applied: Vec<SegmentEntry>,
+    /// The extract's last heartbeat and when this follower first saw it.
+    heard: Option<(u64, Instant)>,
     sender: mpsc::Sender<Result<Vec<Op>>>,
 }
 
@@ -270,13 +279,22 @@ impl Follower {
                 }
                 .into());
             }
+            if let Some((silent, every)) = self.silence().await?
+                && silent >= every * SILENT_BEATS
+            {
+                return Err(BackupError::ExtractSilent {
+                    backup_id: self.backup_id.clone(),
+                    last: self.last_applied(),
+                    applied_through: next_seq - 1,
+                    silent_secs: silent.as_secs(),
+                    every_ms: every.as_millis() as u64,
+                }
+                .into());
+            }
             if last_new.elapsed() >= self.follow.stall_timeout {
                 return Err(BackupError::Stalled {
                     backup_id: self.backup_id.clone(),
-                    last: self.applied.last().map_or_else(
-                        || "its start record".to_owned(),
-                        |entry| format!("segment {}", entry.name),
-                    ),
+                    last: self.last_applied(),
                     applied_through: next_seq - 1,
                     waited_secs: last_new.elapsed().as_secs(),
                 }
@@ -284,6 +302,32 @@ impl Follower {
             }
             pause.wait().await;
         }
+    }
+
+    /// The last segment restored, or the start record, as errors name it.
+    fn last_applied(&self) -> String {
+        self.applied.last().map_or_else(
+            || "its start record".to_owned(),
+            |entry| format!("segment {}", entry.name),
+        )
+    }
+
+    /// How long the extract's heartbeat has gone unchanged, as this follower
+    /// saw it, and how often it beats; `None` without a heartbeat (an
+    /// extract not beating yet, or older than heartbeats).
+    async fn silence(&mut self) -> Result<Option<(Duration, Duration)>> {
+        let Some(heartbeat) = self.store.get_heartbeat(&self.backup_id).await? else {
+            return Ok(None);
+        };
+        let heard = match self.heard {
+            Some((beat, since)) if beat == heartbeat.beat => since,
+            _ => {
+                self.heard = Some((heartbeat.beat, Instant::now()));
+                return Ok(None);
+            }
+        };
+        let every = Duration::from_millis(heartbeat.every_ms.max(1));
+        Ok(Some((heard.elapsed(), every)))
     }
 
     /// Reads a segment no manifest lists yet, on its own checks.

@@ -7,10 +7,10 @@ mod read;
 mod verify;
 mod write;
 
-pub use follow::{FollowOptions, Followed, find_backup_to_follow, follow_backup};
+pub use follow::{FollowOptions, Followed, SILENT_BEATS, find_backup_to_follow, follow_backup};
 pub use read::{RestoreOptions, find_backup, read_backup, read_segment};
 pub use verify::{SegmentProblem, VerifyReport, verify_backup};
-pub use write::{DEFAULT_SEAL_AFTER, ExtractOptions, write_backup};
+pub use write::{DEFAULT_HEARTBEAT_EVERY, DEFAULT_SEAL_AFTER, ExtractOptions, write_backup};
 
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -119,6 +119,23 @@ pub enum BackupError {
         /// How long the restore waited.
         waited_secs: u64,
     },
+    /// A followed backup's extract stopped beating: killed, or its machine
+    /// gone.
+    #[error(
+        "the extract writing backup {backup_id} stopped: its heartbeat has not changed for {silent_secs} s (it beat every {every_ms} ms), after {last}; a killed extract records nothing else. The target holds the ops through seq {applied_through}, and this restore, run again, resumes there once the backup is sealed; or take a new backup"
+    )]
+    ExtractSilent {
+        /// The backup.
+        backup_id: String,
+        /// The last segment restored, or the start record.
+        last: String,
+        /// The last seq read from the backup.
+        applied_through: u64,
+        /// How long the heartbeat has not changed, as the restore saw it.
+        silent_secs: u64,
+        /// How often it beat.
+        every_ms: u64,
+    },
     /// `--follow` found no backup being written.
     #[error(
         "no backup started in {store} in the {waited_secs} s this restore waited for one; start `ferry extract --to {store}`, or name the backup with --backup"
@@ -171,7 +188,9 @@ impl BackupError {
             | BackupError::NotFound { .. }
             | BackupError::Incomplete { .. }
             | BackupError::NothingToFollow { .. } => ErrorKind::NotFound,
-            BackupError::ExtractFailed { .. } | BackupError::Stalled { .. } => ErrorKind::Source,
+            BackupError::ExtractFailed { .. }
+            | BackupError::Stalled { .. }
+            | BackupError::ExtractSilent { .. } => ErrorKind::Source,
             BackupError::SeveralToFollow { .. } => ErrorKind::Usage,
             BackupError::FollowedDiffers { .. } => ErrorKind::Damaged,
             BackupError::SegmentMissing { .. }

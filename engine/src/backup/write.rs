@@ -16,8 +16,8 @@ use tracing::{debug, info, instrument, warn};
 use super::{BackupError, new_backup_id};
 use crate::adapters::{AdapterError, Extraction};
 use crate::manifest::{
-    FailureRecord, MANIFEST_FORMAT_VERSION, Manifest, SegmentEntry, SourceInfo, StartRecord,
-    ToolInfo, Totals,
+    FailureRecord, Heartbeat, MANIFEST_FORMAT_VERSION, Manifest, SegmentEntry, SourceInfo,
+    StartRecord, ToolInfo, Totals,
 };
 use crate::order::SeqTracker;
 use crate::progress::Progress;
@@ -29,6 +29,8 @@ use crate::{Error, Op, Result};
 const OP_BATCH_QUEUE: usize = 4;
 /// Sealed segments waiting for an upload slot.
 const SEGMENT_QUEUE: usize = 1;
+/// How often a running extract rewrites its heartbeat by default.
+pub const DEFAULT_HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a segment holding ops stays open by default (`ferry extract
 /// --seal-after` says the same).
 pub const DEFAULT_SEAL_AFTER: Duration = Duration::from_secs(2);
@@ -42,6 +44,8 @@ pub struct ExtractOptions {
     /// short of its size, so a restore following the backup gets the ops of
     /// a slow source within about this time (`None`: sealed by size only).
     pub seal_after: Option<Duration>,
+    /// How often the extract rewrites its heartbeat (`alive.json`).
+    pub heartbeat_every: Duration,
     /// Multipart settings.
     pub upload: UploadOptions,
     /// Segments uploading at once.
@@ -53,6 +57,7 @@ impl Default for ExtractOptions {
         Self {
             segment: SegmentOptions::default(),
             seal_after: Some(DEFAULT_SEAL_AFTER),
+            heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
             upload: UploadOptions::default(),
             upload_concurrency: 2,
         }
@@ -84,10 +89,12 @@ pub async fn write_backup(
         })
         .await?;
     info!(backup_id = %backup_id, "backup started");
-    let written = write_segments(
-        store, &backup_id, created_at, source, ops, options, progress,
-    )
-    .await;
+    // The beat lasts as long as the writing: it stops with it, and with a
+    // killed or aborted extract.
+    let written = tokio::select! {
+        written = write_segments(store, &backup_id, created_at, source, ops, options, progress) => written,
+        never = beat(store, &backup_id, options.heartbeat_every) => match never {},
+    };
     if let Err(error) = &written {
         // A follower stops on this at once; the backup stays unsealed.
         let record = FailureRecord {
@@ -100,6 +107,28 @@ pub async fn write_backup(
         }
     }
     written
+}
+
+/// Rewrites the backup's heartbeat every `every`, for ever. A beat the store
+/// refuses is logged and the next one tried: the segments' own puts fail
+/// the extract when the store is gone.
+async fn beat(store: &BackupStore, backup_id: &str, every: Duration) -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = 0u64;
+    loop {
+        ticks.tick().await;
+        beat += 1;
+        let heartbeat = Heartbeat {
+            backup_id: backup_id.to_owned(),
+            beat,
+            at: OffsetDateTime::now_utc(),
+            every_ms: every.as_millis() as u64,
+        };
+        if let Err(error) = store.put_heartbeat(&heartbeat).await {
+            warn!(backup_id, beat, %error, "could not write the extract's heartbeat");
+        }
+    }
 }
 
 /// The body of [`write_backup`] once its start record is written.

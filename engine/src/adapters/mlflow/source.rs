@@ -60,8 +60,12 @@ const BATCH_BYTES: usize = 900_000;
 /// The search filter that finds prompts (registered models and versions
 /// tagged as prompts).
 const PROMPT_FILTER: &str = "tags.`mlflow.prompt.is_prompt` = 'true'";
-/// Ops sent to the stream at once.
+/// Ops sent to the stream at once, at most.
 const OPS_PER_BATCH: usize = 1_000;
+/// Bytes of op bodies sent to the stream at once, about: a run's metric
+/// batches are up to 900 kB each, so a count alone would hold tens of MB
+/// (and hold them back from a restore following the extract).
+const BATCH_BODY_BYTES: usize = 1 << 20;
 
 /// An MLflow tracking server to extract.
 pub struct MlflowSource {
@@ -168,6 +172,7 @@ impl Source for MlflowSource {
             version: Bytes::from(version),
             sender,
             batch: Vec::new(),
+            batch_bytes: 0,
             next_seq: 1,
             emitted_runs: HashSet::new(),
             pages: None,
@@ -228,6 +233,8 @@ struct Crawl {
     version: Bytes,
     sender: mpsc::Sender<Result<Vec<Op>>>,
     batch: Vec<Op>,
+    /// The bodies' bytes in `batch`.
+    batch_bytes: usize,
     next_seq: u64,
     /// Runs already sent: a child run names its parent in `deps` only when
     /// the parent's create came first.
@@ -298,6 +305,9 @@ impl Crawl {
             )
             .await?;
         }
+        // The experiments go now: the first runs wait for a bulk call's
+        // worth of histories, and a following restore can start on these.
+        self.flush().await?;
         self.pages = Some(PageReader::spawn(
             self.client.clone(),
             experiments
@@ -372,6 +382,8 @@ impl Crawl {
                     _ => self.send_with_children(run, own, &mut waiting).await?,
                 }
             }
+            // A page's ops go as it ends, not when a thousand have piled up.
+            self.flush().await?;
             if last {
                 break;
             }
@@ -761,8 +773,9 @@ impl Crawl {
         };
         self.next_seq += 1;
         Progress::add(&self.progress.bytes_read, op.body.len() as u64);
+        self.batch_bytes += op.body.len();
         self.batch.push(op);
-        if self.batch.len() >= OPS_PER_BATCH {
+        if self.batch.len() >= OPS_PER_BATCH || self.batch_bytes >= BATCH_BODY_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -773,6 +786,7 @@ impl Crawl {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         self.sender.send(Ok(batch)).await.map_err(|_| Halt::Closed)
     }
 }

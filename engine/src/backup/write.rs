@@ -166,8 +166,9 @@ async fn write_segments(
         .seal_after
         .filter(|after| !after.is_zero())
         .map(|after| {
-            // A quarter: a quiet source's segment is sealed within 1.25 x `after`.
-            let period = after / 4;
+            // A quarter: a quiet source's segment is sealed within 1.25 x
+            // `after` (and no tick closer than 10 ms, whatever was asked).
+            let period = (after / 4).max(Duration::from_millis(10));
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks

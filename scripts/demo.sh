@@ -32,7 +32,10 @@ fi
 # CI sets FERRY_DEMO_PROFILE=dev to reuse the test build instead of a release one.
 profile=${FERRY_DEMO_PROFILE:-release}
 cargo build --profile "$profile" --quiet -p ferry-cli
-if [ "$profile" = dev ]; then ferry=$PWD/target/debug/ferry; else ferry=$PWD/target/$profile/ferry; fi
+# Where cargo put it: CARGO_TARGET_DIR when set (relative to here), else ./target.
+target=${CARGO_TARGET_DIR:-target}
+case $target in /*) ;; *) target=$PWD/$target ;; esac
+if [ "$profile" = dev ]; then ferry=$target/debug/ferry; else ferry=$target/$profile/ferry; fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
 pids=()
 cleanup() {

@@ -391,19 +391,22 @@ struct Step {
 enum StepName {
     FerryExtract,
     FerryRestore,
+    FerryCopyExtract,
+    FerryCopyRestore,
     PgDump,
     PgRestore,
     CopyOut,
     CopyIn,
 }
 
-const STEP_COUNT: usize = 6;
+const STEP_COUNT: usize = 8;
 
 /// What one repetition measured.
 #[derive(Debug, Clone, Default)]
 struct Repetition {
     steps: [Step; STEP_COUNT],
     ferry_backup_bytes: u64,
+    ferry_copy_backup_bytes: u64,
     dump_bytes: u64,
     copy_file_bytes: u64,
     /// Differences between a restored database and the source.
@@ -700,18 +703,23 @@ impl Bench {
         }
     }
 
-    /// One repetition of the three ways on `source_db`, each restoring into
-    /// a fresh database that is checked and dropped.
-    fn repetition(&self, source_db: &str, source: &Fingerprint, pre_data: &str) -> Repetition {
+    /// ferry extract (rows as `row_format`) to a file:// store, then
+    /// restore into an empty database, checked: the backup's bytes.
+    fn ferry_round(
+        &self,
+        source_db: &str,
+        source: &Fingerprint,
+        row_format: &str,
+        extract: StepName,
+        restore: StepName,
+        repetition: &mut Repetition,
+    ) -> u64 {
         let jobs = self.options.jobs.to_string();
-        let mut repetition = Repetition::default();
-
-        // ferry: extract to a file:// store, restore into an empty database.
         let store = self.work.path().join("ferry-store");
         let store_url = format!("file://{}", store.display());
         let target = "ferry_target";
         self.recreate_database(target);
-        repetition.steps[StepName::FerryExtract as usize] = self.step(|| {
+        repetition.steps[extract as usize] = self.step(|| {
             self.timed(
                 &self.ferry,
                 &strings(&[
@@ -722,6 +730,8 @@ impl Bench {
                     &store_url,
                     "--parallel",
                     &jobs,
+                    "--row-format",
+                    row_format,
                     "--quiet",
                 ]),
             )
@@ -735,8 +745,8 @@ impl Bench {
                 "ferry extract: replication slots left on the source: {slots}"
             ));
         }
-        repetition.ferry_backup_bytes = folder_bytes(&store);
-        repetition.steps[StepName::FerryRestore as usize] = self.step(|| {
+        let bytes = folder_bytes(&store);
+        repetition.steps[restore as usize] = self.step(|| {
             self.timed(
                 &self.ferry,
                 &strings(&[
@@ -749,11 +759,38 @@ impl Bench {
                 ]),
             )
         });
-        repetition
-            .problems
-            .extend(self.differences("ferry", target, source));
+        repetition.problems.extend(self.differences(
+            &format!("ferry (--row-format {row_format})"),
+            target,
+            source,
+        ));
         self.drop_database(target);
         std::fs::remove_dir_all(&store).expect("the store goes");
+        bytes
+    }
+
+    /// One repetition of the four ways on `source_db`, each restoring into
+    /// a fresh database that is checked and dropped.
+    fn repetition(&self, source_db: &str, source: &Fingerprint, pre_data: &str) -> Repetition {
+        let jobs = self.options.jobs.to_string();
+        let mut repetition = Repetition::default();
+
+        // ferry, rows as JSON (the default) then as COPY text.
+        for (format, extract, restore) in [
+            ("json", StepName::FerryExtract, StepName::FerryRestore),
+            (
+                "copy",
+                StepName::FerryCopyExtract,
+                StepName::FerryCopyRestore,
+            ),
+        ] {
+            let bytes =
+                self.ferry_round(source_db, source, format, extract, restore, &mut repetition);
+            match format {
+                "json" => repetition.ferry_backup_bytes = bytes,
+                _ => repetition.ferry_copy_backup_bytes = bytes,
+            }
+        }
 
         // pg_dump -Fd -j N, pg_restore -j N into an empty database.
         let dump = self.work.path().join("dump");
@@ -847,10 +884,13 @@ impl Bench {
             .map(|index| {
                 let repetition = self.repetition(source_db, &source, &pre_data);
                 eprintln!(
-                    "scale {scale}, repetition {}/{repeat}: ferry {:.2} s, pg_dump+pg_restore {:.2} s, COPY {:.2} s",
+                    "scale {scale}, repetition {}/{repeat}: ferry {:.2} s (COPY text {:.2} s), pg_dump+pg_restore {:.2} s, COPY {:.2} s",
                     index + 1,
                     (repetition.step(StepName::FerryExtract).cost.wall
                         + repetition.step(StepName::FerryRestore).cost.wall)
+                        .as_secs_f64(),
+                    (repetition.step(StepName::FerryCopyExtract).cost.wall
+                        + repetition.step(StepName::FerryCopyRestore).cost.wall)
                         .as_secs_f64(),
                     (repetition.step(StepName::PgDump).cost.wall
                         + repetition.step(StepName::PgRestore).cost.wall)
@@ -963,6 +1003,14 @@ impl Measurement {
                 StepName::FerryExtract,
             ),
             ("ferry restore".to_owned(), StepName::FerryRestore),
+            (
+                format!("ferry extract --parallel {jobs} --row-format copy"),
+                StepName::FerryCopyExtract,
+            ),
+            (
+                "ferry restore (of COPY text)".to_owned(),
+                StepName::FerryCopyRestore,
+            ),
             (format!("pg_dump -Fd -j {jobs}"), StepName::PgDump),
             (format!("pg_restore -j {jobs}"), StepName::PgRestore),
             (
@@ -987,6 +1035,7 @@ impl Measurement {
         }
         for (label, steps) in [
             ("ferry extract + restore", FERRY),
+            ("ferry extract + restore, COPY text", FERRY_COPY),
             ("pg_dump + pg_restore", PG_DUMP_RESTORE),
             ("COPY ceiling: out + in", COPY_CEILING),
         ] {
@@ -1000,8 +1049,9 @@ impl Measurement {
         }
         let last = self.repetitions.last().expect("a repetition");
         println!(
-            "written: ferry's backup {}, pg_dump's directory {}, the COPY files {}",
+            "written: ferry's backup {} (COPY text {}), pg_dump's directory {}, the COPY files {}",
             mib(last.ferry_backup_bytes),
+            mib(last.ferry_copy_backup_bytes),
             mib(last.dump_bytes),
             mib(last.copy_file_bytes)
         );
@@ -1020,21 +1070,21 @@ impl Measurement {
                 time.total().as_secs_f64(),
             );
         }
-        println!(
-            "ratio pg_dump+pg_restore / ferry extract+restore = {:.2} (target >= 1.0: ferry at least as fast)",
-            self.ratio(PG_DUMP_RESTORE, FERRY)
-        );
-        println!(
-            "ratio pg_dump / ferry extract = {:.2}, pg_restore / ferry restore = {:.2}",
-            self.ratio(&[StepName::PgDump], &[StepName::FerryExtract]),
-            self.ratio(&[StepName::PgRestore], &[StepName::FerryRestore]),
-        );
-        println!(
-            "ferry extract+restore reaches {:.2} of the COPY ceiling (ceiling time / ferry time; out {:.2}, in {:.2})",
-            self.ratio(COPY_CEILING, FERRY),
-            self.ratio(&[StepName::CopyOut], &[StepName::FerryExtract]),
-            self.ratio(&[StepName::CopyIn], &[StepName::FerryRestore]),
-        );
+        for (label, ferry) in [("rows as JSON", FERRY), ("rows as COPY text", FERRY_COPY)] {
+            let (extract, restore) = (&ferry[..1], &ferry[1..]);
+            println!(
+                "{label}: ratio pg_dump+pg_restore / ferry extract+restore = {:.2} (target >= 1.0: ferry at least as fast); pg_dump / ferry extract = {:.2}, pg_restore / ferry restore = {:.2}",
+                self.ratio(PG_DUMP_RESTORE, ferry),
+                self.ratio(&[StepName::PgDump], extract),
+                self.ratio(&[StepName::PgRestore], restore),
+            );
+            println!(
+                "{label}: ferry extract+restore reaches {:.2} of the COPY ceiling (ceiling time / ferry time; out {:.2}, in {:.2}; target >= 0.6)",
+                self.ratio(COPY_CEILING, ferry),
+                self.ratio(&[StepName::CopyOut], extract),
+                self.ratio(&[StepName::CopyIn], restore),
+            );
+        }
         for problem in self.problems() {
             println!("RESTORE CHECK FAILED: {problem}");
         }
@@ -1047,6 +1097,7 @@ impl Measurement {
 }
 
 const FERRY: &[StepName] = &[StepName::FerryExtract, StepName::FerryRestore];
+const FERRY_COPY: &[StepName] = &[StepName::FerryCopyExtract, StepName::FerryCopyRestore];
 const PG_DUMP_RESTORE: &[StepName] = &[StepName::PgDump, StepName::PgRestore];
 const COPY_CEILING: &[StepName] = &[StepName::CopyOut, StepName::CopyIn];
 
@@ -1114,11 +1165,14 @@ fn main() {
 
     println!();
     let mut summary = format!(
-        "summary: scale {}: ferry extract+restore {:.2} s vs pg_dump+pg_restore {:.2} s (ratio {:.2}, target >= 1.0), {:.2} of the COPY ceiling ({:.2} s)",
+        "summary: scale {}: ferry extract+restore {:.2} s with rows as COPY text, {:.2} s as JSON, vs pg_dump+pg_restore {:.2} s (ratio {:.2} and {:.2}, target >= 1.0); {:.2} and {:.2} of the COPY ceiling ({:.2} s, target >= 0.6)",
         main.scale,
+        main.median(FERRY_COPY).as_secs_f64(),
         main.median(FERRY).as_secs_f64(),
         main.median(PG_DUMP_RESTORE).as_secs_f64(),
+        main.ratio(PG_DUMP_RESTORE, FERRY_COPY),
         main.ratio(PG_DUMP_RESTORE, FERRY),
+        main.ratio(COPY_CEILING, FERRY_COPY),
         main.ratio(COPY_CEILING, FERRY),
         main.median(COPY_CEILING).as_secs_f64(),
     );
@@ -1127,6 +1181,8 @@ fn main() {
         for (label, name) in [
             ("extract", StepName::FerryExtract),
             ("restore", StepName::FerryRestore),
+            ("extract --row-format copy", StepName::FerryCopyExtract),
+            ("restore of COPY text", StepName::FerryCopyRestore),
         ] {
             let (small, large) = (main.peak_rss_kib(name), grown.peak_rss_kib(name));
             let growth = large as f64 / small.max(1) as f64;

@@ -66,13 +66,19 @@ pub trait TransactionalTarget: Send {
     async fn commit(&mut self, applied: Applied, complete: bool) -> Result<()>;
     /// Whether the target holds `key` (the open transaction seen).
     async fn exists(&mut self, key: &[u8]) -> Result<bool>;
+    /// What `op` counts for against [`DriverOptions::ops_per_commit`]: 1,
+    /// or more for an op that writes many records (a run of rows).
+    fn weight(&self, _op: &Op) -> usize {
+        1
+    }
 }
 
 /// How a [`SinkDriver`] groups and waits.
 #[derive(Debug, Clone, Copy)]
 pub struct DriverOptions {
     /// Ops after which the target transaction commits, at the next end of
-    /// a source transaction.
+    /// a source transaction (each op counted by its
+    /// [`TransactionalTarget::weight`]).
     pub ops_per_commit: usize,
     /// Ops held back at most, each waiting for a key named in its `deps`.
     pub dep_window: usize,
@@ -182,7 +188,7 @@ impl<T: TransactionalTarget> SinkDriver<T> {
             self.ops_in_transaction = 0;
         }
         self.target.apply(op).await?;
-        self.ops_in_transaction += 1;
+        self.ops_in_transaction += self.target.weight(op);
         if self.deps_seen {
             self.remember(&op.key);
         }

@@ -128,7 +128,24 @@ pub fn plan(profile: &Profile, from: &str, to: &str) -> Result<Plan, MigrationEr
 }
 
 /// Runs `steps` on one op: every op it becomes, in the last step's version.
+///
+/// A run of PostgreSQL rows as COPY text (`pg.rows`) is refused by any
+/// step: its rows are out of every filter's sight (filters read rows as
+/// JSON objects), so a migration that changes rows would pass them by
+/// unchanged, whatever its match says.
 pub fn run_steps(steps: &[Step], op: Op) -> Result<Vec<Op>, MigrationError> {
+    if let Some(step) = steps.first()
+        && op.kind.as_ref() == crate::adapters::postgres::KIND_ROWS.as_bytes()
+    {
+        return Err(MigrationError::Transform {
+            id: step.migration.id().to_owned(),
+            direction: step.direction,
+            seq: op.seq,
+            key: super::printable(&op.key),
+            reason: "it carries PostgreSQL rows as COPY text (ferry extract --row-format copy), which no filter can read: extract again with --row-format json (the default) to restore through a version chain".to_owned(),
+            filter: step.migration.describe(step.direction),
+        });
+    }
     let mut current = vec![op];
     for step in steps {
         let mut next = Vec::with_capacity(current.len());

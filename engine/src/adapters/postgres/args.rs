@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::connection::PasswordSources;
 use super::{
     PgConnection, PgError, PgLiveOptions, PgLiveSink, PgLiveSource, PgSink, PgSinkOptions,
-    PgSource, PgSourceOptions,
+    PgSource, PgSourceOptions, RowFormat,
 };
 use crate::Result;
 use crate::adapters::live::{LiveSink, LiveSource};
@@ -75,6 +75,11 @@ pub struct PgSourceArgs {
     /// goes away with the extract, also when it fails or is killed.
     #[arg(long, value_name = "NAME")]
     pub keep_slot: Option<String>,
+    /// PostgreSQL: how rows are carried: `json`, an op a row (what a version chain and the
+    /// live path read), or `copy`, COPY text as the server printed it (a backup restored as
+    /// fast as pg_restore restores a dump; it cannot go through a version chain).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = RowFormat::Json)]
+    pub row_format: RowFormat,
 }
 
 /// Rows a restore commits at once when not told.
@@ -131,6 +136,7 @@ fn source(url: &str, options: &SourceOptions) -> Result<Box<dyn Source>> {
             tables: selection.tables.clone(),
             keep_slot: selection.keep_slot.clone(),
             parallel: options.parallel.max(1),
+            row_format: selection.row_format,
         },
     )))
 }
@@ -177,6 +183,13 @@ fn default_live_slot(dbname: &str) -> String {
 fn live_source(url: &str, options: &SourceOptions) -> Result<Arc<dyn LiveSource>> {
     let connection = connection(url, &options.connection.postgres, AdapterError::source)?;
     let selection = &options.source.postgres;
+    if selection.row_format != RowFormat::Json {
+        return Err(AdapterError::BadUrl {
+            url: url.to_owned(),
+            reason: "--row-format copy is for backups: a live migration carries rows as JSON (its changes are rows, and a version chain reads them)".to_owned(),
+        }
+        .into());
+    }
     let slot = selection
         .keep_slot
         .clone()
@@ -189,6 +202,7 @@ fn live_source(url: &str, options: &SourceOptions) -> Result<Arc<dyn LiveSource>
                 tables: selection.tables.clone(),
                 keep_slot: None,
                 parallel: options.parallel.max(1),
+                row_format: RowFormat::Json,
             },
             publication: slot.clone(),
             slot,

@@ -21,17 +21,20 @@ use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
 
 use super::catalog::{self, Selection};
-use super::source::{RowOps, TablePlan, plan_tables};
-use super::{KIND_ROW, PgConnection, PgError};
+use super::source::{RowFormat, RowOps, TablePlan, plan_tables};
+use super::{KIND_ROW, KIND_ROWS, PgConnection, PgError};
 use crate::Op;
 use crate::adapters::digest::{SetDigest, hash_entry};
 use crate::adapters::live::{DigestEntry, PlaneDigest, Position};
 
 /// What a PostgreSQL op counts as in [`digest`]: an inserted row its key
 /// and body; the schema, indexes, keys and sequences nothing; an update or
-/// delete cannot be compared.
+/// delete, or a run of rows as COPY text (whose rows have no keys), cannot
+/// be compared.
 pub fn digest_entry(op: &Op) -> DigestEntry<'_> {
-    if op.kind.as_ref() != KIND_ROW.as_bytes() {
+    if op.kind.as_ref() == KIND_ROWS.as_bytes() {
+        DigestEntry::Unverifiable
+    } else if op.kind.as_ref() != KIND_ROW.as_bytes() {
         DigestEntry::Uncounted
     } else if op.method.as_ref() == b"INSERT" {
         DigestEntry::Entry {
@@ -73,7 +76,7 @@ pub(super) async fn digest(
         let name = plan.table.display_name();
         let what = format!("reading {name} for the digest");
         let stream = client
-            .copy_out(plan.copy_statement(None).as_str())
+            .copy_out(plan.copy_statement(None, RowFormat::Json).as_str())
             .await
             .map_err(|error| failed(&what, error))?;
         let mut stream = std::pin::pin!(stream);

@@ -30,8 +30,8 @@ use tracing::info;
 use super::catalog::{Constraint, Index};
 use super::sink::PgTarget;
 use super::{
-    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_INDEX, KIND_ROW, PgConnection, PgError, PgSinkOptions,
-    quote_ident,
+    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_INDEX, KIND_ROW, KIND_ROWS, PgConnection, PgError,
+    PgSinkOptions, quote_ident,
 };
 use crate::adapters::driver::{DriverOptions, SinkDriver};
 use crate::adapters::{AdapterError, Sink, StreamInfo};
@@ -295,7 +295,7 @@ fn route(op: &Op, lanes: usize) -> Route {
     let kind = op.kind.as_ref();
     if op.txn != 0 {
         Route::Alone
-    } else if kind == KIND_ROW.as_bytes() {
+    } else if kind == KIND_ROW.as_bytes() || kind == KIND_ROWS.as_bytes() {
         Route::Row(lane(&op.key))
     } else if kind == KIND_INDEX.as_bytes() {
         match serde_json::from_slice::<Index>(&op.body) {

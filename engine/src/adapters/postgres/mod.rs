@@ -26,6 +26,7 @@
 //! | `pg.sequence` | `sequence/<schema>.<name>` | `CREATE` | `{"schema","name","type","start","increment","min","max","cache","cycle"}` |
 //! | `pg.table` | `table/<schema>.<name>` | `CREATE` | `{"schema","name","columns":[{"name","type","not_null","default","identity","generated","collation"}]}` |
 //! | `pg.row` | `<schema>.<table>/<primary key>` | `INSERT` | the row as a JSON object (see [`value`]) |
+//! | `pg.rows` | `<schema>.<table>/#<first page>.<n>` | `COPY` | rows as COPY text, the server's own (`--row-format copy`, below) |
 //! | `pg.index` | `index/<schema>.<name>` | `CREATE` | `{"schema","table","name","definition"}` (`pg_get_indexdef`) |
 //! | `pg.constraint` | `constraint/<schema>.<table>.<name>` | `ADD` | `{"schema","table","name","type","definition"}` (`pg_get_constraintdef`) |
 //! | `pg.sequence` | `sequence/<schema>.<name>` | `SETVAL` | `{"schema","name","last_value","is_called"}` |
@@ -37,6 +38,18 @@
 //! with keys made of its rows' places when read (`public.log/@(0,1)`), which
 //! identify nothing on the target; the extract names such tables in a
 //! warning.
+//!
+//! `ferry extract --row-format copy` carries rows as the server printed
+//! them, for backups: a `pg.rows` op holds up to [`ROWS_OP_BYTES`] of one
+//! table's rows in COPY's text format, its first line the columns' names
+//! (COPY text fields, tab-separated), and a restore forwards them into its
+//! `COPY ... FROM STDIN` untouched. Nothing is converted on either side, so
+//! every type the server can print is carried exactly, and a restore costs
+//! what `pg_restore` costs. What it gives up: a row has no key of its own
+//! (verify and `inspect` count ops, not rows; `migrate --verify` cannot
+//! sum such a stream), and a version chain's filters, which read rows as
+//! JSON objects, refuse `pg.rows` ops by their seq. `pg.row` (the default)
+//! is what the live path and the version chain need.
 //!
 //! Identifiers in SQL are always quoted (`quote_ident`), values always
 //! bound or sent through COPY: nothing from a backup is spliced into SQL
@@ -67,7 +80,7 @@ pub use lanes::PgSink;
 pub use live::{CAPABILITIES as LIVE_CAPABILITIES, PgLiveOptions, PgLiveSink, PgLiveSource};
 pub use replication::{PgTls, SslMode};
 pub use sink::PgSinkOptions;
-pub use source::{PgSource, PgSourceOptions};
+pub use source::{PgSource, PgSourceOptions, RowFormat};
 
 use crate::adapters::PlatformError;
 use crate::error::ErrorClass;
@@ -85,6 +98,13 @@ pub const KIND_SEQUENCE: &str = "pg.sequence";
 pub const KIND_TABLE: &str = "pg.table";
 /// The op kind of a row.
 pub const KIND_ROW: &str = "pg.row";
+/// The op kind of a run of rows carried as COPY text (`--row-format copy`).
+pub const KIND_ROWS: &str = "pg.rows";
+/// The content type of a [`KIND_ROWS`] op's body.
+pub const COPY_TEXT: &str = "text/x-postgresql-copy";
+/// Bytes of COPY text in one [`KIND_ROWS`] op, about (a row is never split:
+/// a longer row makes an op of its own).
+pub const ROWS_OP_BYTES: usize = 256 * 1024;
 /// The op kind of an index that backs no constraint.
 pub const KIND_INDEX: &str = "pg.index";
 /// The op kind of a constraint: primary key, unique, foreign key, check,

@@ -23,10 +23,10 @@ use futures::SinkExt;
 use tokio_postgres::{Client, CopyInSink};
 
 use super::catalog::{Column, EnumType, Extension, Sequence, SequenceValue, Table};
-use super::value::{Column as ValueColumn, RowEncoder, TypeCatalog, TypeRow};
+use super::value::{Column as ValueColumn, RowEncoder, TypeCatalog, TypeRow, escape_field};
 use super::{
-    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_SEQUENCE, KIND_TABLE,
-    KIND_TYPE, PgConnection, PgError, qualified, quote_ident, quote_literal,
+    FERRY_SCHEMA, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_ROWS, KIND_SEQUENCE,
+    KIND_TABLE, KIND_TYPE, PgConnection, PgError, qualified, quote_ident, quote_literal,
 };
 use crate::adapters::driver::TransactionalTarget;
 use crate::adapters::live::{Applied, Position, StoredStream};
@@ -73,31 +73,111 @@ struct OpenCopy {
     seqs: LineSeqs,
 }
 
-/// The seqs of a copy's lines, as runs `(first seq, lines)`: a lane's rows
-/// of one table need not have consecutive seqs.
+/// The seqs of a copy's lines, as runs `(first seq, ops, lines each op)`:
+/// a lane's rows of one table need not have consecutive seqs, and a
+/// `pg.rows` op is many lines.
 #[derive(Debug, Default)]
-struct LineSeqs(Vec<(u64, u64)>);
+struct LineSeqs(Vec<(u64, u64, u64)>);
 
 impl LineSeqs {
-    /// Counts a line of op `seq`.
-    fn push(&mut self, seq: u64) {
+    /// Counts `lines` lines of op `seq`.
+    fn push(&mut self, seq: u64, lines: u64) {
+        if lines == 0 {
+            return;
+        }
         match self.0.last_mut() {
-            Some((first, lines)) if *first + *lines == seq => *lines += 1,
-            _ => self.0.push((seq, 1)),
+            Some((first, ops, 1)) if lines == 1 && *first + *ops == seq => *ops += 1,
+            _ => self.0.push((seq, 1, lines)),
         }
     }
 
     /// The seq of the op of line `line` (from 1, as COPY counts).
     fn of_line(&self, line: u64) -> Option<u64> {
         let mut before = 0;
-        for (first, lines) in &self.0 {
-            if line > before && line <= before + lines {
-                return Some(first + (line - before) - 1);
+        for (first, ops, each) in &self.0 {
+            let span = ops * each;
+            if line > before && line <= before + span {
+                return Some(first + (line - before - 1) / each);
             }
-            before += lines;
+            before += span;
         }
         None
     }
+}
+
+/// The rows an insert op brings, as a copy takes them.
+enum RowData<'a> {
+    /// A `pg.row`: one row, a JSON object, encoded on the way in.
+    Json(&'a [u8]),
+    /// A `pg.rows`: COPY text lines, forwarded, with the line naming their
+    /// columns that came first in the op.
+    Copy { header: &'a [u8], lines: &'a [u8] },
+}
+
+impl<'a> RowData<'a> {
+    fn of(op: &'a Op) -> std::result::Result<Self, String> {
+        if op.kind.as_ref() != KIND_ROWS.as_bytes() {
+            return Ok(Self::Json(&op.body));
+        }
+        let body = op.body.as_ref();
+        let split = memchr::memchr(b'\n', body)
+            .ok_or_else(|| "a pg.rows op starts with a line naming its columns".to_owned())?;
+        let (header, lines) = body.split_at(split + 1);
+        if !lines.is_empty() && !lines.ends_with(b"\n") {
+            return Err("its last row does not end its line: the op was cut".to_owned());
+        }
+        // COPY's end-of-data line would end the copy there, the rows after
+        // it dropped without a word: the server never prints it as a row.
+        if lines.starts_with(b"\\.\n") || memchr::memmem::find(lines, b"\n\\.\n").is_some() {
+            return Err(
+                "it holds COPY's end-of-data line (\\.), which no server prints as a row"
+                    .to_owned(),
+            );
+        }
+        Ok(Self::Copy { header, lines })
+    }
+
+    /// Writes the rows into `buffer` as `codec`'s copy takes them; the
+    /// number of lines written.
+    fn write(
+        &self,
+        codec: &mut TableCodec,
+        buffer: &mut Vec<u8>,
+    ) -> std::result::Result<u64, String> {
+        match self {
+            Self::Json(body) => {
+                codec
+                    .encoder
+                    .encode_row(body, buffer)
+                    .map_err(|error| error.to_string())?;
+                Ok(1)
+            }
+            Self::Copy { header, lines } => {
+                if *header != codec.header.as_slice() {
+                    return Err(format!(
+                        "its rows are the columns {} and the target table's are {}: restore into a table of the source's columns, in its order",
+                        show_header(header),
+                        show_header(&codec.header)
+                    ));
+                }
+                buffer.extend_from_slice(lines);
+                Ok(memchr::memchr_iter(b'\n', lines).count() as u64)
+            }
+        }
+    }
+}
+
+/// A header line, for a message: `(a, b, c)`.
+fn show_header(header: &[u8]) -> String {
+    let text = String::from_utf8_lossy(header.strip_suffix(b"\n").unwrap_or(header));
+    format!("({})", text.replace('\t', ", "))
+}
+
+/// The rows in a `pg.rows` op: its lines but the first.
+pub(super) fn rows_in(op: &Op) -> usize {
+    memchr::memchr_iter(b'\n', &op.body)
+        .count()
+        .saturating_sub(1)
 }
 
 /// Rows of a table other than the open copy's, encoded, waiting for a copy
@@ -124,6 +204,9 @@ impl OpenCopy {
 struct TableCodec {
     encoder: RowEncoder,
     statement: String,
+    /// The copied columns' names as a COPY text line, as a `pg.rows` op of
+    /// this table starts.
+    header: Vec<u8>,
     /// What an UPDATE or DELETE needs, read at the first.
     change: Option<ChangeShape>,
 }
@@ -356,11 +439,20 @@ impl PgTarget {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            let mut header = Vec::new();
+            for (index, column) in columns.iter().enumerate() {
+                if index > 0 {
+                    header.push(b'\t');
+                }
+                escape_field(column.name.as_bytes(), &mut header);
+            }
+            header.push(b'\n');
             self.codecs.insert(
                 table.clone(),
                 TableCodec {
                     encoder: RowEncoder::new(columns),
                     statement,
+                    header,
                     change: None,
                 },
             );
@@ -369,6 +461,7 @@ impl PgTarget {
     }
 
     async fn apply_row(&mut self, op: &Op) -> Result<()> {
+        let data = RowData::of(op).map_err(|reason| self.bad_op(op, reason))?;
         let key_prefix = op
             .key
             .iter()
@@ -381,7 +474,7 @@ impl PgTarget {
             .is_some_and(|copy| copy.key_prefix == key_prefix);
         if !open_here {
             if op.txn == 0 && self.parked.contains_key(key_prefix) {
-                return self.park(op, key_prefix).await;
+                return self.park(op, &data, key_prefix).await;
             }
             let table = self.table_of(op)?;
             // A table's columns are read on the connection, which an open
@@ -398,18 +491,20 @@ impl PgTarget {
                         seqs: LineSeqs::default(),
                     },
                 );
-                return self.park(op, key_prefix).await;
+                return self.park(op, &data, key_prefix).await;
             }
             self.end_copies().await?;
             self.codec(op, &table).await?;
             self.start_copy(table, key_prefix, op.seq).await?;
         }
         let copy = self.copy.as_mut().expect("started above");
-        if let Err(error) = copy.codec.encoder.encode_row(&op.body, &mut copy.buffer) {
-            let (schema, table) = copy.table.clone();
-            return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+        match data.write(&mut copy.codec, &mut copy.buffer) {
+            Ok(lines) => copy.seqs.push(op.seq, lines),
+            Err(error) => {
+                let (schema, table) = copy.table.clone();
+                return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+            }
         }
-        copy.seqs.push(op.seq);
         self.send_chunk().await
     }
 
@@ -432,7 +527,7 @@ impl PgTarget {
 
     /// Encodes row `op` into the parked rows under `key_prefix` (a table
     /// whose copy is not open); once they are many, they get the copy.
-    async fn park(&mut self, op: &Op, key_prefix: &[u8]) -> Result<()> {
+    async fn park(&mut self, op: &Op, data: &RowData<'_>, key_prefix: &[u8]) -> Result<()> {
         let parked = self
             .parked
             .get_mut(key_prefix)
@@ -442,11 +537,13 @@ impl PgTarget {
             .get_mut(&parked.table)
             .expect("a table is parked only once its codec is made, and it is not the open copy's");
         let before = parked.buffer.len();
-        if let Err(error) = codec.encoder.encode_row(&op.body, &mut parked.buffer) {
-            let (schema, table) = parked.table.clone();
-            return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+        match data.write(codec, &mut parked.buffer) {
+            Ok(lines) => parked.seqs.push(op.seq, lines),
+            Err(error) => {
+                let (schema, table) = parked.table.clone();
+                return Err(self.bad_op(op, format!("{schema}.{table}: {error}")));
+            }
         }
-        parked.seqs.push(op.seq);
         self.parked_bytes += parked.buffer.len() - before;
         if parked.buffer.len() >= PARK_SWITCH || self.parked_bytes >= PARK_LIMIT {
             let fullest = self
@@ -465,7 +562,7 @@ impl PgTarget {
     async fn open_parked(&mut self, key_prefix: &[u8]) -> Result<()> {
         let parked = self.parked.remove(key_prefix).expect("a parked table");
         self.parked_bytes -= parked.buffer.len();
-        let first_seq = parked.seqs.0.first().map_or(0, |(seq, _)| *seq);
+        let first_seq = parked.seqs.0.first().map_or(0, |(seq, _, _)| *seq);
         self.start_copy(parked.table, key_prefix, first_seq).await?;
         let copy = self.copy.as_mut().expect("started above");
         copy.buffer = parked.buffer;
@@ -1101,7 +1198,9 @@ impl TransactionalTarget for PgTarget {
 
     async fn apply(&mut self, op: &Op) -> Result<()> {
         let row = op.kind.as_ref() == KIND_ROW.as_bytes();
-        if row && op.method.as_ref() == b"INSERT" {
+        if (row && op.method.as_ref() == b"INSERT")
+            || (op.kind.as_ref() == KIND_ROWS.as_bytes() && op.method.as_ref() == b"COPY")
+        {
             self.apply_row(op).await
         } else if row && matches!(op.method.as_ref(), b"UPDATE" | b"DELETE") {
             self.apply_change(op).await
@@ -1158,6 +1257,14 @@ impl TransactionalTarget for PgTarget {
         self.execute("COMMIT", "committing").await
     }
 
+    fn weight(&self, op: &Op) -> usize {
+        if op.kind.as_ref() == KIND_ROWS.as_bytes() {
+            rows_in(op).max(1)
+        } else {
+            1
+        }
+    }
+
     async fn exists(&mut self, key: &[u8]) -> Result<bool> {
         Err(self.error(PgError::Precondition {
             server: self.server.clone(),
@@ -1177,7 +1284,7 @@ mod tests {
     fn a_copy_line_names_the_seq_of_its_op_across_gaps() {
         let mut seqs = LineSeqs::default();
         for seq in [7, 8, 9, 20, 31, 32] {
-            seqs.push(seq);
+            seqs.push(seq, 1);
         }
         let found: Vec<Option<u64>> = (0..=7).map(|line| seqs.of_line(line)).collect();
         assert_eq!(
@@ -1193,6 +1300,65 @@ mod tests {
                 None
             ]
         );
+    }
+
+    #[test]
+    fn a_copy_line_of_a_run_of_rows_names_the_seq_of_its_op() {
+        let mut seqs = LineSeqs::default();
+        // seq 4: one row; 5: three; 6: none (only its header); 7, 8: one
+        // each; 9: two.
+        for (seq, lines) in [(4, 1), (5, 3), (6, 0), (7, 1), (8, 1), (9, 2)] {
+            seqs.push(seq, lines);
+        }
+        let found: Vec<Option<u64>> = (0..=9).map(|line| seqs.of_line(line)).collect();
+        assert_eq!(
+            found,
+            [
+                None,
+                Some(4),
+                Some(5),
+                Some(5),
+                Some(5),
+                Some(7),
+                Some(8),
+                Some(9),
+                Some(9),
+                None
+            ]
+        );
+    }
+
+    fn rows_op(body: &[u8]) -> Op {
+        Op {
+            kind: Bytes::from_static(KIND_ROWS.as_bytes()),
+            method: Bytes::from_static(b"COPY"),
+            key: Bytes::from_static(b"public.t/#0.1"),
+            body: Bytes::copy_from_slice(body),
+            ..Op::default()
+        }
+    }
+
+    #[test]
+    fn a_run_of_rows_is_refused_when_cut_or_ended_early() {
+        let whole = rows_op(b"id\tname\n1\ta\n2\tb\n");
+        match RowData::of(&whole) {
+            Ok(RowData::Copy { header, lines }) => {
+                assert_eq!(header, b"id\tname\n");
+                assert_eq!(lines, b"1\ta\n2\tb\n");
+            }
+            _ => panic!("a whole run is taken"),
+        }
+        assert_eq!(rows_in(&whole), 2);
+        let refused = |body: &[u8]| match RowData::of(&rows_op(body)) {
+            Err(reason) => reason,
+            Ok(_) => panic!("{:?} was taken", String::from_utf8_lossy(body)),
+        };
+        assert!(refused(b"id\tname").contains("naming its columns"));
+        assert!(refused(b"id\n1\n2").contains("cut"));
+        assert!(refused(b"id\n1\n\\.\n2\n").contains("end-of-data"));
+        assert!(refused(b"id\n\\.\n").contains("end-of-data"));
+        // An escaped backslash before a dot is a value, not the end.
+        assert!(RowData::of(&rows_op(b"id\n\\\\.\n")).is_ok());
     }
 
     #[test]

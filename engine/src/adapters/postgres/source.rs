@@ -32,10 +32,11 @@ use super::catalog::{self, Catalog, Selection, SequenceValue, Table};
 use super::replication::{
     ExportedSnapshot, PGOUTPUT, ReplicationConnection, SlotPersistence, WhenActive,
 };
+use super::value::escape_field;
 use super::value::{Column as ValueColumn, CopyField, RowDecoder, split_line};
 use super::{
-    KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_SEQUENCE, KIND_TABLE, KIND_TYPE,
-    PgConnection, PgError, qualified,
+    COPY_TEXT, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_ROWS, KIND_SEQUENCE,
+    KIND_TABLE, KIND_TYPE, PgConnection, PgError, ROWS_OP_BYTES, qualified,
 };
 use crate::adapters::{AdapterError, Extraction, Source};
 use crate::manifest::SourceInfo;
@@ -63,6 +64,20 @@ pub struct PgSourceOptions {
     pub keep_slot: Option<String>,
     /// Worker connections copying at once.
     pub parallel: usize,
+    /// How rows are carried.
+    pub row_format: RowFormat,
+}
+
+/// How an extract carries rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowFormat {
+    /// A `pg.row` op a row, the row a JSON object: what the live path and
+    /// a version chain read.
+    #[default]
+    Json,
+    /// `pg.rows` ops of COPY text, as the server printed it: for backups,
+    /// restored by forwarding it (no version chain).
+    Copy,
 }
 
 /// A PostgreSQL database as a [`Source`].
@@ -189,14 +204,21 @@ pub(super) struct TablePlan {
 }
 
 impl TablePlan {
-    pub(super) fn copy_statement(&self, pages: Option<(u64, Option<u64>)>) -> String {
+    /// The COPY that reads the table's rows (those of `pages` only, when
+    /// given); for [`RowFormat::Json`], a keyless table's rows end with
+    /// their ctid, which keys them.
+    pub(super) fn copy_statement(
+        &self,
+        pages: Option<(u64, Option<u64>)>,
+        format: RowFormat,
+    ) -> String {
         let table = qualified(&self.table.schema, &self.table.name);
         let mut columns: Vec<String> = self
             .columns
             .iter()
             .map(|column| super::quote_ident(&column.name))
             .collect();
-        let keyless = self.key_columns.is_empty();
+        let keyless = self.key_columns.is_empty() && format == RowFormat::Json;
         if pages.is_none() && !keyless {
             return format!("COPY {table} ({}) TO STDOUT", columns.join(", "));
         }
@@ -566,6 +588,111 @@ struct CopyWork {
     version: Bytes,
     server: String,
     progress: Arc<Progress>,
+    row_format: RowFormat,
+}
+
+/// The ops of one chunk's COPY lines, in the extract's row format.
+enum ChunkOps {
+    Json(RowOps),
+    Copy(RowRuns),
+}
+
+impl ChunkOps {
+    fn new(chunk: &Chunk, work: &CopyWork) -> Self {
+        let (position, version) = (work.position, work.version.clone());
+        match work.row_format {
+            RowFormat::Json => Self::Json(RowOps::new(
+                chunk.table.clone(),
+                position,
+                version,
+                work.server.clone(),
+            )),
+            RowFormat::Copy => Self::Copy(RowRuns::new(chunk, position, version)),
+        }
+    }
+
+    /// The op `line` makes or completes, if any.
+    fn push(&mut self, line: &[u8]) -> Result<Option<Op>, PgError> {
+        match self {
+            Self::Json(rows) => rows.op(line).map(Some),
+            Self::Copy(runs) => Ok(runs.push(line)),
+        }
+    }
+
+    /// The op of the lines not yet in one, if any.
+    fn finish(&mut self) -> Option<Op> {
+        match self {
+            Self::Json(_) => None,
+            Self::Copy(runs) => runs.take(),
+        }
+    }
+}
+
+/// Turns one chunk's COPY lines into `pg.rows` ops of about
+/// [`ROWS_OP_BYTES`] each, the lines untouched.
+pub(super) struct RowRuns {
+    /// The columns' names as a COPY text line: every op's first line.
+    header: Vec<u8>,
+    /// `schema.table/#<first page>.`: the ops' keys, numbered after it.
+    key_base: String,
+    next: u64,
+    body: Vec<u8>,
+    position: u64,
+    version: Bytes,
+}
+
+impl RowRuns {
+    fn new(chunk: &Chunk, position: u64, version: Bytes) -> Self {
+        let plan = &chunk.table;
+        let mut header = Vec::new();
+        for (index, column) in plan.columns.iter().enumerate() {
+            if index > 0 {
+                header.push(b'\t');
+            }
+            escape_field(column.name.as_bytes(), &mut header);
+        }
+        header.push(b'\n');
+        let first_page = chunk.pages.map_or(0, |(from, _)| from);
+        Self {
+            header,
+            key_base: format!("{}#{first_page}.", plan.key_prefix),
+            next: 0,
+            body: Vec::new(),
+            position,
+            version,
+        }
+    }
+
+    fn push(&mut self, line: &[u8]) -> Option<Op> {
+        if self.body.is_empty() {
+            self.body.reserve(ROWS_OP_BYTES + ROWS_OP_BYTES / 4);
+            self.body.extend_from_slice(&self.header);
+        }
+        self.body.extend_from_slice(line);
+        if !line.ends_with(b"\n") {
+            self.body.push(b'\n');
+        }
+        (self.body.len() >= ROWS_OP_BYTES)
+            .then(|| self.take())
+            .flatten()
+    }
+
+    fn take(&mut self) -> Option<Op> {
+        if self.body.is_empty() {
+            return None;
+        }
+        self.next += 1;
+        let mut op = op(
+            KIND_ROWS,
+            format!("{}{}", self.key_base, self.next),
+            "COPY",
+            std::mem::take(&mut self.body),
+            self.position,
+            &self.version,
+        );
+        op.content_type = Bytes::from_static(COPY_TEXT.as_bytes());
+        Some(op)
+    }
 }
 
 /// Copies chunks from the queue until it is empty, sending batches of row
@@ -580,31 +707,31 @@ async fn copy_chunks(client: Client, work: &CopyWork) -> Result<(), PgError> {
     let CopyWork {
         queue,
         sender,
-        position,
-        version,
         server,
         progress,
+        row_format,
+        ..
     } = work;
     while let Some(chunk) = next_chunk(queue) {
-        let statement = chunk.table.copy_statement(chunk.pages);
+        let statement = chunk.table.copy_statement(chunk.pages, *row_format);
         let what = || format!("copying {}", chunk.table.table.display_name());
         let stream = client
             .copy_out(statement.as_str())
             .await
             .map_err(|error| PgError::statement(server, what(), &error))?;
         let mut stream = std::pin::pin!(stream);
-        let mut rows = RowOps::new(
-            chunk.table.clone(),
-            *position,
-            version.clone(),
-            server.clone(),
-        );
+        let mut rows = ChunkOps::new(&chunk, work);
         let mut batch = Vec::with_capacity(BATCH_OPS);
         let mut batch_bytes = 0;
-        while let Some(line) = stream.next().await {
-            let line = line.map_err(|error| PgError::statement(server, what(), &error))?;
+        loop {
+            let line = match stream.next().await {
+                Some(line) => line.map_err(|error| PgError::statement(server, what(), &error))?,
+                None => break,
+            };
             Progress::add(&progress.bytes_read, line.len() as u64);
-            let op = rows.op(&line)?;
+            let Some(op) = rows.push(&line)? else {
+                continue;
+            };
             batch_bytes += op.body.len();
             batch.push(op);
             if batch.len() >= BATCH_OPS || batch_bytes >= BATCH_BYTES {
@@ -618,6 +745,7 @@ async fn copy_chunks(client: Client, work: &CopyWork) -> Result<(), PgError> {
                 }
             }
         }
+        batch.extend(rows.finish());
         if !batch.is_empty() && sender.send(Ok(batch)).await.is_err() {
             return Ok(());
         }
@@ -642,6 +770,7 @@ struct Started {
     position: u64,
     version: Bytes,
     server: String,
+    row_format: RowFormat,
 }
 
 impl PgSource {
@@ -741,6 +870,7 @@ impl PgSource {
                 position,
                 version,
                 server,
+                row_format: self.options.row_format,
             },
             facts,
         ))
@@ -909,6 +1039,7 @@ async fn produce_ops(
         position,
         version,
         server,
+        row_format,
     } = started;
     let mut numbering = Numbering { next: 1 };
     let send_all = |ops: Vec<Op>| {
@@ -931,6 +1062,7 @@ async fn produce_ops(
         version: version.clone(),
         server: server.clone(),
         progress,
+        row_format,
     };
     for worker in workers {
         tasks.spawn(copy_worker(worker, work.clone()));

@@ -344,21 +344,27 @@ impl BackupStore {
 
     /// Records that a backup's extract stopped on an error (`failed.json`).
     pub async fn put_failure(&self, record: &FailureRecord) -> Result<(), StoreError> {
-        let path = self.object_path(&record.backup_id, FAILURE_RECORD);
         let json = serde_json::to_vec_pretty(record).expect("a failure record always serializes");
-        self.store
-            .put(&path, PutPayload::from(json))
+        self.put_object(&record.backup_id, FAILURE_RECORD, json)
             .await
-            .map_err(|error| self.failed("write", &path, error))?;
-        Ok(())
     }
 
     /// Writes a running extract's heartbeat (`alive.json`) over the last.
     pub async fn put_heartbeat(&self, heartbeat: &Heartbeat) -> Result<(), StoreError> {
-        let path = self.object_path(&heartbeat.backup_id, HEARTBEAT);
         let json = serde_json::to_vec(heartbeat).expect("a heartbeat always serializes");
+        self.put_object(&heartbeat.backup_id, HEARTBEAT, json).await
+    }
+
+    /// Writes object `name` of backup `backup_id`, over any before it.
+    async fn put_object(
+        &self,
+        backup_id: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let path = self.object_path(backup_id, name);
         self.store
-            .put(&path, PutPayload::from(json))
+            .put(&path, PutPayload::from(bytes))
             .await
             .map_err(|error| self.failed("write", &path, error))?;
         Ok(())

@@ -111,6 +111,31 @@ async fn take_through(
     .expect("the follower hands out the ops of sealed segments before the backup is sealed");
 }
 
+/// Follows until the follower's error, checking that the ops it handed
+/// out before are a prefix of `ops` and not empty: the last seq handed
+/// out, and the error.
+async fn follow_to_error(
+    followed: impl Stream<Item = ferry_engine::Result<Vec<Op>>>,
+    ops: &[Op],
+) -> (u64, Error) {
+    let mut followed = Box::pin(followed);
+    let mut taken = Vec::new();
+    let error = loop {
+        match followed
+            .next()
+            .await
+            .expect("the follower ends with an error")
+        {
+            Ok(batch) => taken.extend(batch),
+            Err(error) => break error,
+        }
+    };
+    let last = taken.last().map_or(0, |op| op.seq);
+    assert!(last > 0, "the stored segments were handed out");
+    assert_eq!(taken, ops[..last as usize].to_vec());
+    (last, error)
+}
+
 async fn rest(ops: impl Stream<Item = ferry_engine::Result<Vec<Op>>>) -> Result<Vec<Op>, Error> {
     let batches: Vec<ferry_engine::Result<Vec<Op>>> = ops.collect().await;
     let mut all = Vec::new();
@@ -225,21 +250,7 @@ async fn a_follower_of_a_killed_extract_stops_after_its_timeout_naming_the_last_
         RestoreOptions::default(),
         quick(Duration::from_millis(500)),
     );
-    let mut followed = Box::pin(followed);
-    let mut taken = Vec::new();
-    let error = loop {
-        match followed
-            .next()
-            .await
-            .expect("the follower ends with an error")
-        {
-            Ok(batch) => taken.extend(batch),
-            Err(error) => break error,
-        }
-    };
-    let last = taken.last().map_or(0, |op| op.seq);
-    assert!(last > 0, "the stored segments were handed out");
-    assert_eq!(taken, ops[..last as usize].to_vec());
+    let (last, error) = follow_to_error(followed, &ops).await;
     match &error {
         Error::Backup(BackupError::Stalled {
             backup_id: stalled,
@@ -479,21 +490,7 @@ async fn a_killed_extract_s_heartbeat_stops_its_follower_long_before_the_timeout
         RestoreOptions::default(),
         quick(Duration::from_secs(60)),
     );
-    let mut followed = Box::pin(followed);
-    let mut taken = Vec::new();
-    let error = loop {
-        match followed
-            .next()
-            .await
-            .expect("the follower ends with an error")
-        {
-            Ok(batch) => taken.extend(batch),
-            Err(error) => break error,
-        }
-    };
-    let last = taken.last().map_or(0, |op| op.seq);
-    assert!(last > 0, "the stored segments were handed out");
-    assert_eq!(taken, ops[..last as usize].to_vec());
+    let (last, error) = follow_to_error(followed, &ops).await;
     match &error {
         Error::Backup(BackupError::ExtractSilent {
             backup_id: silent,

@@ -547,6 +547,7 @@ fn each_adapter_heading_holds_its_own_flags_only() {
         "--schema",
         "--table",
         "--keep-slot",
+        "--row-format",
         "--pg-ops-per-commit",
         "--pg-lanes",
     ];

@@ -15,6 +15,9 @@
 //!   three foreign keys, three sequences), loaded with `INSERT ... SELECT
 //!   generate_series`: scale 1 is 4,000 runs, 604,080 rows, about 300 MB on
 //!   disk.
+//! - ferry runs twice a repetition: rows as JSON (`pg.row`, the default),
+//!   then as COPY text (`--row-format copy`, `pg.rows`); each is printed
+//!   and compared on its own.
 //! - Each tool restores into its own fresh, empty database, which is then
 //!   checked against the source: every table's row count and a hash of its
 //!   rows, and (ferry and pg_restore) every column, index, constraint and

@@ -23,7 +23,7 @@ use futures::SinkExt;
 use tokio_postgres::{Client, CopyInSink};
 
 use super::catalog::{Column, EnumType, Extension, Sequence, SequenceValue, Table};
-use super::value::{Column as ValueColumn, RowEncoder, TypeCatalog, TypeRow, escape_field};
+use super::value::{Column as ValueColumn, RowEncoder, TypeCatalog, TypeRow, names_line};
 use super::{
     FERRY_SCHEMA, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_ROWS, KIND_SEQUENCE,
     KIND_TABLE, KIND_TYPE, PgConnection, PgError, qualified, quote_ident, quote_literal,
@@ -439,14 +439,7 @@ impl PgTarget {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let mut header = Vec::new();
-            for (index, column) in columns.iter().enumerate() {
-                if index > 0 {
-                    header.push(b'\t');
-                }
-                escape_field(column.name.as_bytes(), &mut header);
-            }
-            header.push(b'\n');
+            let header = names_line(columns.iter().map(|column| column.name.as_str()));
             self.codecs.insert(
                 table.clone(),
                 TableCodec {

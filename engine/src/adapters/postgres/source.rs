@@ -32,8 +32,7 @@ use super::catalog::{self, Catalog, Selection, SequenceValue, Table};
 use super::replication::{
     ExportedSnapshot, PGOUTPUT, ReplicationConnection, SlotPersistence, WhenActive,
 };
-use super::value::escape_field;
-use super::value::{Column as ValueColumn, CopyField, RowDecoder, split_line};
+use super::value::{Column as ValueColumn, CopyField, RowDecoder, names_line, split_line};
 use super::{
     COPY_TEXT, KIND_CONSTRAINT, KIND_EXTENSION, KIND_INDEX, KIND_ROW, KIND_ROWS, KIND_SEQUENCE,
     KIND_TABLE, KIND_TYPE, PgConnection, PgError, ROWS_OP_BYTES, qualified,
@@ -630,7 +629,7 @@ impl ChunkOps {
 
 /// Turns one chunk's COPY lines into `pg.rows` ops of about
 /// [`ROWS_OP_BYTES`] each, the lines untouched.
-pub(super) struct RowRuns {
+struct RowRuns {
     /// The columns' names as a COPY text line: every op's first line.
     header: Vec<u8>,
     /// `schema.table/#<first page>.`: the ops' keys, numbered after it.
@@ -644,14 +643,7 @@ pub(super) struct RowRuns {
 impl RowRuns {
     fn new(chunk: &Chunk, position: u64, version: Bytes) -> Self {
         let plan = &chunk.table;
-        let mut header = Vec::new();
-        for (index, column) in plan.columns.iter().enumerate() {
-            if index > 0 {
-                header.push(b'\t');
-            }
-            escape_field(column.name.as_bytes(), &mut header);
-        }
-        header.push(b'\n');
+        let header = names_line(plan.columns.iter().map(|column| column.name.as_str()));
         let first_page = chunk.pages.map_or(0, |(from, _)| from);
         Self {
             header,
@@ -723,11 +715,8 @@ async fn copy_chunks(client: Client, work: &CopyWork) -> Result<(), PgError> {
         let mut rows = ChunkOps::new(&chunk, work);
         let mut batch = Vec::with_capacity(BATCH_OPS);
         let mut batch_bytes = 0;
-        loop {
-            let line = match stream.next().await {
-                Some(line) => line.map_err(|error| PgError::statement(server, what(), &error))?,
-                None => break,
-            };
+        while let Some(line) = stream.next().await {
+            let line = line.map_err(|error| PgError::statement(server, what(), &error))?;
             Progress::add(&progress.bytes_read, line.len() as u64);
             let Some(op) = rows.push(&line)? else {
                 continue;

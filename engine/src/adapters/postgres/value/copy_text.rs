@@ -162,6 +162,20 @@ fn hex_value(digit: u8) -> Option<u8> {
     }
 }
 
+/// `names` as one COPY text line (fields escaped, tab-separated, ended by
+/// a newline): the line that names the columns of a run of rows.
+pub fn names_line<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut line = Vec::new();
+    for (index, name) in names.into_iter().enumerate() {
+        if index > 0 {
+            line.push(b'\t');
+        }
+        escape_field(name.as_bytes(), &mut line);
+    }
+    line.push(b'\n');
+    line
+}
+
 /// Appends `text` as one COPY text field, escaped exactly as PostgreSQL's
 /// `COPY TO` escapes it: backslash and the control bytes `\b \f \n \r \t
 /// \v`; every other byte as it is.
@@ -264,5 +278,18 @@ mod tests {
         let mut line = Vec::new();
         escape_field(b"a\tb\nc\\d\re\x08\x0c\x0b\x01\x7f\\N", &mut line);
         assert_eq!(line, b"a\\tb\\nc\\\\d\\re\\b\\f\\v\x01\x7f\\\\N");
+    }
+
+    #[test]
+    fn a_names_line_splits_back_into_the_names() {
+        let names = ["id", "Some Column", "tab\there", "back\\slash", ""];
+        let line = names_line(names);
+        assert!(line.ends_with(b"\n"));
+        let mut scratch = Vec::new();
+        let back: Vec<Vec<u8>> = split_line(&line)
+            .map(|field| field.unescape(&mut scratch).expect("whole").to_vec())
+            .collect();
+        let expected: Vec<Vec<u8>> = names.iter().map(|name| name.as_bytes().to_vec()).collect();
+        assert_eq!(back, expected);
     }
 }

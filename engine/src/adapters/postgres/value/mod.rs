@@ -92,7 +92,7 @@ mod round_trip_tests;
 
 pub use catalog::{PgType, Refused, TypeCatalog, TypeRow};
 pub use copy_text::{
-    CopyField, CopyFields, NULL_FIELD, TrailingBackslash, escape_field, split_line,
+    CopyField, CopyFields, NULL_FIELD, TrailingBackslash, escape_field, names_line, split_line,
 };
 pub use decode::{RowDecoder, TextValue};
 pub use encode::RowEncoder;

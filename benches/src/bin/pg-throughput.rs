@@ -28,7 +28,10 @@
 //!   primary key, index, unique or foreign key), N tables at a time. It
 //!   leaves out the schema, index and constraint builds, sequence values,
 //!   compression and the consistent snapshot, which both tools do: the
-//!   plain cost of moving the rows out and in.
+//!   plain cost of moving the rows out and in. Then, on the loaded tables,
+//!   `pg_restore --section=post-data -j N` of a schema-only archive builds
+//!   the same indexes and keys: the ceiling with the builds, the least any
+//!   restore of this database does, scheduled by PostgreSQL's own tool.
 //! - Every step is timed around the client program, which runs under
 //!   `/usr/bin/time` for its CPU time and peak RSS. With
 //!   `log_min_duration_statement = 0`, the server's log says how long each
@@ -400,9 +403,10 @@ enum StepName {
     PgRestore,
     CopyOut,
     CopyIn,
+    CopyBuilds,
 }
 
-const STEP_COUNT: usize = 8;
+const STEP_COUNT: usize = 9;
 
 /// What one repetition measured.
 #[derive(Debug, Clone, Default)]
@@ -774,7 +778,15 @@ impl Bench {
 
     /// One repetition of the four ways on `source_db`, each restoring into
     /// a fresh database that is checked and dropped.
-    fn repetition(&self, source_db: &str, source: &Fingerprint, pre_data: &str) -> Repetition {
+    /// `schema`: the source's schema as a `pg_dump -Fc --schema-only`
+    /// archive, for the ceiling's index and key builds.
+    fn repetition(
+        &self,
+        source_db: &str,
+        source: &Fingerprint,
+        pre_data: &str,
+        schema: &Path,
+    ) -> Repetition {
         let jobs = self.options.jobs.to_string();
         let mut repetition = Repetition::default();
 
@@ -845,6 +857,22 @@ impl Bench {
         repetition.copy_file_bytes = folder_bytes(&files);
         repetition.steps[StepName::CopyIn as usize] =
             self.step(|| self.timed_pool(copy(target, "FROM")));
+        // Then the same indexes and keys, built as PostgreSQL's own
+        // parallel restore builds them: what every restore must do after
+        // the rows, at the rate of the server's tool.
+        repetition.steps[StepName::CopyBuilds as usize] = self.step(|| {
+            let mut args = self.connection_args();
+            args.extend(strings(&[
+                "-d",
+                target,
+                "-j",
+                &jobs,
+                "--section=post-data",
+                "--exit-on-error",
+            ]));
+            args.push(schema.display().to_string());
+            self.timed(&self.tool("pg_restore"), &args)
+        });
         let rows_only = Fingerprint {
             rows: source.rows.clone(),
             schema: BTreeSet::new(),
@@ -883,9 +911,15 @@ impl Bench {
         args.push(source_db.to_owned());
         self.timed(&self.tool("pg_dump"), &args);
         let pre_data = std::fs::read_to_string(&pre_data_file).expect("pre-data schema");
+        let schema = self.work.path().join("schema.dump");
+        let mut args = self.connection_args();
+        args.extend(strings(&["--schema-only", "-Fc", "-f"]));
+        args.push(schema.display().to_string());
+        args.push(source_db.to_owned());
+        self.timed(&self.tool("pg_dump"), &args);
         let repetitions = (0..repeat)
             .map(|index| {
-                let repetition = self.repetition(source_db, &source, &pre_data);
+                let repetition = self.repetition(source_db, &source, &pre_data, &schema);
                 eprintln!(
                     "scale {scale}, repetition {}/{repeat}: ferry {:.2} s (COPY text {:.2} s), pg_dump+pg_restore {:.2} s, COPY {:.2} s",
                     index + 1,
@@ -1024,6 +1058,10 @@ impl Measurement {
                 format!("COPY ceiling: \\copy FROM files, {jobs} at once"),
                 StepName::CopyIn,
             ),
+            (
+                format!("then pg_restore --section=post-data -j {jobs}"),
+                StepName::CopyBuilds,
+            ),
         ];
         for (label, name) in &rows {
             let wall = self.median(&[*name]);
@@ -1041,6 +1079,7 @@ impl Measurement {
             ("ferry extract + restore, COPY text", FERRY_COPY),
             ("pg_dump + pg_restore", PG_DUMP_RESTORE),
             ("COPY ceiling: out + in", COPY_CEILING),
+            ("COPY ceiling with the builds", COPY_CEILING_BUILDS),
         ] {
             let wall = self.median(steps);
             println!(
@@ -1087,6 +1126,11 @@ impl Measurement {
                 self.ratio(&[StepName::CopyOut], extract),
                 self.ratio(&[StepName::CopyIn], restore),
             );
+            println!(
+                "{label}: ferry extract+restore reaches {:.2} of the COPY ceiling with the index and key builds (out + in + post-data; in + post-data / ferry restore = {:.2})",
+                self.ratio(COPY_CEILING_BUILDS, ferry),
+                self.ratio(&COPY_CEILING_BUILDS[1..], restore),
+            );
         }
         for problem in self.problems() {
             println!("RESTORE CHECK FAILED: {problem}");
@@ -1103,6 +1147,10 @@ const FERRY: &[StepName] = &[StepName::FerryExtract, StepName::FerryRestore];
 const FERRY_COPY: &[StepName] = &[StepName::FerryCopyExtract, StepName::FerryCopyRestore];
 const PG_DUMP_RESTORE: &[StepName] = &[StepName::PgDump, StepName::PgRestore];
 const COPY_CEILING: &[StepName] = &[StepName::CopyOut, StepName::CopyIn];
+/// The ceiling and the index and key builds every restore does after the
+/// rows: what a restore could take at least, one tool's scheduling aside.
+const COPY_CEILING_BUILDS: &[StepName] =
+    &[StepName::CopyOut, StepName::CopyIn, StepName::CopyBuilds];
 
 fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
@@ -1158,6 +1206,10 @@ fn main() {
         "COPY ceiling = psql \\copy public.T TO a local file (text format, uncompressed) for each table, then \\copy public.T FROM it into the tables created empty (pg_dump --section=pre-data: no primary key, index, unique or foreign key), {} tables at once; not included: schema, index and constraint builds, sequence values, compression, the snapshot",
         options.jobs
     );
+    println!(
+        "COPY ceiling with the builds = the same, then the source's indexes and keys built on the loaded tables by pg_restore --section=post-data -j {} (from a pg_dump -Fc --schema-only archive): the work every restore does after the rows, scheduled by PostgreSQL's own tool",
+        options.jobs
+    );
     let main = bench.measure(options.scale, options.repeat);
     main.print(options.jobs);
     let grown = (options.growth > 1).then(|| {
@@ -1168,7 +1220,7 @@ fn main() {
 
     println!();
     let mut summary = format!(
-        "summary: scale {}: ferry extract+restore {:.2} s with rows as COPY text, {:.2} s as JSON, vs pg_dump+pg_restore {:.2} s (ratio {:.2} and {:.2}, target >= 1.0); {:.2} and {:.2} of the COPY ceiling ({:.2} s, target >= 0.6)",
+        "summary: scale {}: ferry extract+restore {:.2} s with rows as COPY text, {:.2} s as JSON, vs pg_dump+pg_restore {:.2} s (ratio {:.2} and {:.2}, target >= 1.0); {:.2} and {:.2} of the COPY ceiling ({:.2} s, target >= 0.6); {:.2} and {:.2} of it with the builds ({:.2} s)",
         main.scale,
         main.median(FERRY_COPY).as_secs_f64(),
         main.median(FERRY).as_secs_f64(),
@@ -1178,6 +1230,9 @@ fn main() {
         main.ratio(COPY_CEILING, FERRY_COPY),
         main.ratio(COPY_CEILING, FERRY),
         main.median(COPY_CEILING).as_secs_f64(),
+        main.ratio(COPY_CEILING_BUILDS, FERRY_COPY),
+        main.ratio(COPY_CEILING_BUILDS, FERRY),
+        main.median(COPY_CEILING_BUILDS).as_secs_f64(),
     );
     if let Some(grown) = &grown {
         let mut flat = true;

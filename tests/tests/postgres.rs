@@ -673,6 +673,75 @@ fn restore_killed_twice(lanes: u16, row_format: &str) {
     assert_same_database(&source, "store", &target, "store");
 }
 
+/// A restore killed while its lanes build indexes side by side, with a
+/// build committed and another running, resumes and builds each once: no
+/// checkpoint counts a build (whichever lane is free builds it), the
+/// catalog does. Without that, the resumed restore would fail on an index
+/// that exists already, or end without one (the schema comparison).
+#[test]
+fn a_restore_killed_among_its_index_builds_builds_each_once() {
+    let source = server_with(
+        "store",
+        "CREATE TABLE items (id serial PRIMARY KEY, code text NOT NULL, name text NOT NULL, payload text);
+         INSERT INTO items (code, name, payload)
+           SELECT md5(g::text), 'item ' || g, repeat(md5((g * 3)::text), 2) FROM generate_series(1, 300000) g;
+         CREATE UNIQUE INDEX items_code ON items (code);
+         CREATE INDEX items_name ON items (name);
+         CREATE INDEX items_payload ON items (payload);
+         CREATE TABLE tags (item int NOT NULL REFERENCES items, tag text NOT NULL, UNIQUE (item, tag));
+         INSERT INTO tags SELECT g, md5((g * 7)::text) FROM generate_series(1, 300000) g;
+         CREATE INDEX tags_tag ON tags (tag);",
+    );
+    let indexes = "SELECT count(*) FROM pg_catalog.pg_indexes WHERE schemaname = 'public';";
+    let total: u32 = scalar(&source, "store", indexes).parse().expect("a count");
+    let target = empty_target("store");
+    let store = Store::new();
+    let id = extract(&source.url("store"), &store.url(), &[]);
+    let args = restore_args(
+        &store.url(),
+        &id,
+        &target.url("store"),
+        &["--pg-lanes", "2"],
+    );
+
+    let mut restore = RunningFerry::start(&args);
+    let building = format!(
+        "SELECT ({}) || '|' || (SELECT count(*) FROM pg_catalog.pg_stat_activity \
+           WHERE state = 'active' AND (query LIKE 'CREATE %INDEX%' OR query LIKE 'ALTER TABLE%'));",
+        indexes.trim_end_matches(';')
+    );
+    wait_until(
+        PATIENCE,
+        "the restore has a build committed and another running",
+        || {
+            let state = target.psql("store", &building).unwrap_or_default();
+            let (built, running) = state.trim().split_once('|').unwrap_or(("0", "0"));
+            built.parse::<u32>().unwrap_or(0) >= 1 && running.parse::<u32>().unwrap_or(0) >= 1
+        },
+    );
+    restore.kill();
+    let built: u32 = scalar(&target, "store", indexes).parse().expect("a count");
+    assert_eq!(
+        scalar(
+            &target,
+            "store",
+            "SELECT bool_and(complete) FROM ferry.streams;"
+        ),
+        "f",
+        "the killed restore is not complete"
+    );
+    println!("killed with {built} of {total} indexes built");
+
+    let mut last = RunningFerry::start(&args);
+    let status = last.wait();
+    assert!(
+        status.success(),
+        "the resumed restore ends well: {status}\n{}",
+        last.stderr()
+    );
+    assert_same_database(&source, "store", &target, "store");
+}
+
 #[test]
 fn a_wrong_password_names_the_user_and_the_server() {
     let options = PgOptions {

@@ -159,6 +159,18 @@ impl<T: TransactionalTarget> SinkDriver<T> {
         &self.target
     }
 
+    /// The target, for work outside the stream between two of its
+    /// transactions (see [`Self::in_transaction`]): a PostgreSQL lane
+    /// builds indexes in transactions of its own.
+    pub fn target_mut(&mut self) -> &mut T {
+        &mut self.target
+    }
+
+    /// True while a target transaction is open (begun, not committed).
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
     fn remember(&mut self, key: &[u8]) {
         if self.known.len() >= self.options.known_keys {
             self.known.clear();

@@ -12,15 +12,31 @@
 //!   side by side however the stream orders its tables (an extract copies
 //!   a large table in page ranges, and a table may fill the stream for a
 //!   long stretch);
-//! - indexes and keys (not foreign keys): each in the lane its table
-//!   hashes to, after every row before it is in; a table's builds one
-//!   after another, other tables' side by side.
+//! - indexes and keys (not foreign keys): after every row before them is
+//!   in, built side by side: every lane takes the next table's builds
+//!   (largest table first) as soon as it is free, a table's builds one
+//!   after another, each in a transaction of its own (see "Builds" below).
+//!   The ops then go through the lane their table hashes to, as any op.
 //!
 //! Exactly once (G4): an op belongs to one lane, always the same one (the
 //! number of lanes is kept with the stream: a resume takes the stored
 //! number, whatever `--pg-lanes` says), and a lane applies only the ops
 //! after its own checkpoint. The stream resumes after the lowest lane's
 //! checkpoint; each lane skips what it holds already.
+//!
+//! Builds: the lane that builds an index is whichever is free, not the
+//! op's own, so a build is not counted by a checkpoint. The catalog counts
+//! it: a build commits in a transaction of its own (under the epoch, as a
+//! checkpoint), and an index or key the target holds already is skipped,
+//! by the builders and by the op's lane. A restore killed among the
+//! builds resumes before them (no checkpoint passed them yet) and builds
+//! what is missing. Placing whole tables on free lanes, largest first, is
+//! what `pg_restore -j` does: with one lane per table by hash, the lane
+//! given the two largest tables' builds ran a second after the other went
+//! idle.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
@@ -50,7 +66,14 @@ enum Work {
     /// The stream is over: check nothing waits, commit, mark the lane
     /// complete.
     Finish,
+    /// Between two of the lane's transactions: take the next table's
+    /// builds from the queue, build them (each in a transaction of its
+    /// own), again until the queue is empty; then answer.
+    Build(Arc<BuildQueue>, oneshot::Sender<()>),
 }
+
+/// The builds of a phase, a table's together, the largest table first.
+type BuildQueue = Mutex<VecDeque<Vec<Op>>>;
 
 struct Lane {
     work: mpsc::Sender<Work>,
@@ -74,6 +97,9 @@ pub struct PgSink {
     /// for [`Phase::Alone`], together in lane 0, one transaction as far as
     /// `--pg-ops-per-commit` lets them); a barrier stands between phases.
     phase: Phase,
+    /// Indexes and keys of the current [`Phase::TableWork`], built side
+    /// by side when the phase ends, then sent to their lanes.
+    builds: Vec<Op>,
 }
 
 impl PgSink {
@@ -86,6 +112,7 @@ impl PgSink {
             tracker: SeqTracker::new(),
             pending: Vec::new(),
             phase: Phase::Alone,
+            builds: Vec::new(),
         }
     }
 
@@ -161,6 +188,7 @@ impl PgSink {
         );
         let held_through = Sink::begin(&mut driver, &lane_stream).await?.unwrap_or(0);
         let (work, mut queue) = mpsc::channel(LANE_QUEUE);
+        let server = self.connection.server();
         let task = tokio::spawn(async move {
             while let Some(work) = queue.recv().await {
                 match work {
@@ -170,6 +198,25 @@ impl PgSink {
                         let _ = done.send(());
                     }
                     Work::Finish => return driver.finish_stream().await,
+                    Work::Build(queue, done) => {
+                        if driver.in_transaction() {
+                            return Err(AdapterError::target(PgError::Unreachable {
+                                server: server.clone(),
+                                reason: format!(
+                                    "lane {index} was asked to build while in a transaction"
+                                ),
+                            })
+                            .into());
+                        }
+                        loop {
+                            let table = queue.lock().expect("the build queue").pop_front();
+                            let Some(table) = table else { break };
+                            for op in &table {
+                                driver.target_mut().build_alone(op).await?;
+                            }
+                        }
+                        let _ = done.send(());
+                    }
                 }
             }
             // The sink went away without finishing the stream (it failed,
@@ -218,6 +265,67 @@ impl PgSink {
             }
         }
         Ok(())
+    }
+
+    /// Builds the indexes and keys held in [`Self::builds`] side by side on
+    /// every lane (see the module's documentation), then hands the ops to
+    /// their lanes, which find them built.
+    async fn build_held(&mut self) -> Result<()> {
+        if self.builds.is_empty() {
+            return Ok(());
+        }
+        let builds = std::mem::take(&mut self.builds);
+        let tables: BTreeSet<String> = builds.iter().filter_map(build_table).collect();
+        let sizes = self.table_sizes(tables.into_iter().collect()).await?;
+        let order = build_order(&builds, &sizes);
+        info!(
+            builds = builds.len(),
+            tables = order.len(),
+            lanes = self.lanes.len(),
+            "building indexes and keys side by side, the largest tables first"
+        );
+        let queue: Arc<BuildQueue> = Arc::new(Mutex::new(order));
+        let mut answers = Vec::new();
+        for index in 0..self.lanes.len() {
+            let (done, answer) = oneshot::channel();
+            self.send(index, Work::Build(queue.clone(), done)).await?;
+            answers.push((index, answer));
+        }
+        for (index, answer) in answers {
+            if answer.await.is_err() {
+                return Err(self.lane_failure(index).await);
+            }
+        }
+        let count = self.lanes.len();
+        for op in builds {
+            self.pending[route(&op, count).lane()].push(op);
+        }
+        Ok(())
+    }
+
+    /// The size on disk of each of `tables` (qualified names) on the
+    /// target, 0 for one it does not hold.
+    async fn table_sizes(&self, tables: Vec<String>) -> Result<BTreeMap<String, i64>> {
+        let client = self
+            .connection
+            .connect()
+            .await
+            .map_err(|error| self.error(error))?;
+        let rows = client
+            .query(
+                "SELECT name, coalesce(pg_catalog.pg_relation_size(pg_catalog.to_regclass(name)), 0) \
+                 FROM unnest($1::text[]) AS name",
+                &[&tables],
+            )
+            .await
+            .map_err(|error| {
+                self.error(PgError::statement(
+                    &self.connection.server(),
+                    "reading the sizes of the tables to index",
+                    &error,
+                ))
+            })?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
     }
 
     /// Waits until each of `lanes` has committed everything sent to it.
@@ -282,6 +390,41 @@ enum Phase {
     Alone,
     Rows,
     TableWork,
+}
+
+/// `builds` (index and key ops) as the lanes take them: a table's
+/// together, in stream order; the tables by their size on the target
+/// (`sizes`, 0 when missing) times their number of builds, the largest
+/// first, a tie in stream order.
+fn build_order(builds: &[Op], sizes: &BTreeMap<String, i64>) -> VecDeque<Vec<Op>> {
+    let mut tables: BTreeMap<String, Vec<Op>> = BTreeMap::new();
+    for op in builds {
+        let table = build_table(op).unwrap_or_default();
+        tables.entry(table).or_default().push(op.clone());
+    }
+    let mut order: Vec<(i64, Vec<Op>)> = tables
+        .into_iter()
+        .map(|(table, ops)| {
+            let size = sizes.get(&table).copied().unwrap_or(0);
+            (size.saturating_mul(ops.len() as i64), ops)
+        })
+        .collect();
+    order.sort_by(|(a, a_ops), (b, b_ops)| b.cmp(a).then(a_ops[0].seq.cmp(&b_ops[0].seq)));
+    order.into_iter().map(|(_, ops)| ops).collect()
+}
+
+/// The table (qualified) of an index or key op, as [`route`] reads it.
+fn build_table(op: &Op) -> Option<String> {
+    let kind = op.kind.as_ref();
+    if kind == KIND_INDEX.as_bytes() {
+        let index: Index = serde_json::from_slice(&op.body).ok()?;
+        Some(super::qualified(&index.schema, &index.table))
+    } else if kind == KIND_CONSTRAINT.as_bytes() {
+        let constraint: Constraint = serde_json::from_slice(&op.body).ok()?;
+        Some(super::qualified(&constraint.schema, &constraint.table))
+    } else {
+        None
+    }
 }
 
 /// The route of `op` over `lanes` lanes. CRC-32C, not std's hasher: a
@@ -367,6 +510,7 @@ impl Sink for PgSink {
             if route.phase() != self.phase {
                 // Everything before it is in first: what lane 0 did alone,
                 // or what every lane did side by side.
+                self.build_held().await?;
                 self.flush().await?;
                 let lined_up = if self.phase == Phase::Alone {
                     0..1
@@ -377,7 +521,11 @@ impl Sink for PgSink {
                 self.phase = route.phase();
             }
             let index = route.lane();
-            if op.seq > self.lanes[index].held_through {
+            if op.seq <= self.lanes[index].held_through {
+                // The lane holds it already.
+            } else if route.phase() == Phase::TableWork && count > 1 {
+                self.builds.push(op);
+            } else {
                 self.pending[index].push(op);
             }
         }
@@ -385,6 +533,7 @@ impl Sink for PgSink {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<()> {
+        self.build_held().await?;
         self.flush().await?;
         // Every lane finishes side by side; a lane that stopped already
         // has its error waiting in its task.
@@ -466,6 +615,46 @@ mod tests {
             route(&op(KIND_INDEX, "", "not json".into()), 4),
             Route::Alone
         );
+    }
+
+    #[test]
+    fn builds_go_by_table_the_largest_first_a_tables_in_stream_order() {
+        let index = |seq: u64, table: &str, name: &str| {
+            let body = serde_json::json!({
+                "schema": "public", "table": table, "name": name,
+                "definition": format!("CREATE INDEX {name} ON public.{table} (x)"),
+            });
+            let mut op = op(KIND_INDEX, "", body.to_string());
+            op.seq = seq;
+            op
+        };
+        let mut key = constraint("big", "p");
+        key.seq = 5;
+        let builds = [
+            index(1, "small", "small_x"),
+            index(2, "big", "big_x"),
+            index(3, "two", "two_x"),
+            index(4, "two", "two_y"),
+            key,
+            index(6, "gone", "gone_x"),
+            index(7, "tie", "tie_x"),
+        ];
+        let sizes: BTreeMap<String, i64> = [
+            ("\"public\".\"small\"", 10),
+            ("\"public\".\"big\"", 1000),
+            ("\"public\".\"two\"", 600),
+            ("\"public\".\"tie\"", 10),
+        ]
+        .into_iter()
+        .map(|(name, size)| (name.to_owned(), size))
+        .collect();
+        let order: Vec<Vec<u64>> = build_order(&builds, &sizes)
+            .into_iter()
+            .map(|table| table.iter().map(|op| op.seq).collect())
+            .collect();
+        // big: 1000 x 2; two: 600 x 2; small and tie: 10 (stream order);
+        // gone: not on the target, last.
+        assert_eq!(order, [vec![2, 5], vec![3, 4], vec![1], vec![7], vec![6]]);
     }
 
     #[test]

@@ -834,9 +834,27 @@ impl PgTarget {
             create_table(&table)
         } else if kind == KIND_INDEX.as_bytes() && method == b"CREATE" {
             let index: super::catalog::Index = self.parse(op)?;
+            let holds = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index \
+                         WHERE indexrelid = pg_catalog.to_regclass($1) AND indrelid = pg_catalog.to_regclass($2))";
+            let names = [
+                qualified(&index.schema, &index.name),
+                qualified(&index.schema, &index.table),
+            ];
+            if self.holds(op, holds, &names).await? {
+                return Ok(());
+            }
             index.definition
         } else if kind == KIND_CONSTRAINT.as_bytes() && method == b"ADD" {
             let constraint: super::catalog::Constraint = self.parse(op)?;
+            let holds = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
+                         WHERE conrelid = pg_catalog.to_regclass($1) AND conname = $2)";
+            let names = [
+                qualified(&constraint.schema, &constraint.table),
+                constraint.name.clone(),
+            ];
+            if self.holds(op, holds, &names).await? {
+                return Ok(());
+            }
             format!(
                 "ALTER TABLE {} ADD CONSTRAINT {} {}",
                 qualified(&constraint.schema, &constraint.table),
@@ -859,6 +877,85 @@ impl PgTarget {
             ));
         };
         self.run_for(op, &sql).await
+    }
+
+    /// True when the target holds `op`'s index or key already (`query`
+    /// on `names` says so): a lane built it on its own (see
+    /// [`Self::build_alone`]) before the op reached the lane in the stream.
+    /// The catalog, not the checkpoint, makes a build exactly once.
+    async fn holds(&self, op: &Op, query: &str, names: &[String; 2]) -> Result<bool> {
+        let what = format!(
+            "op seq {} ({} {}): looking for it on the target",
+            op.seq,
+            String::from_utf8_lossy(&op.method),
+            String::from_utf8_lossy(&op.key)
+        );
+        Ok(self
+            .client()?
+            .query_one(query, &[&names[0], &names[1]])
+            .await
+            .map_err(|error| self.error(PgError::statement(&self.server, what, &error)))?
+            .get(0))
+    }
+
+    /// Builds `op`, an index or a key, in a transaction of its own, outside
+    /// the stream's checkpoint: the lanes of a restore build a phase's
+    /// indexes and keys side by side, each taking the next table when it is
+    /// free (see `lanes.rs`), and the ops then pass through their lanes as
+    /// usual, finding them built. Refused, as a commit is, once a later
+    /// restore took the target. Only between two of the stream's
+    /// transactions.
+    pub(super) async fn build_alone(&mut self, op: &Op) -> Result<()> {
+        self.execute("BEGIN", "beginning a build").await?;
+        let built = match self.check_epoch().await {
+            Ok(()) => self.apply_other(op).await,
+            Err(error) => Err(error),
+        };
+        match built {
+            Ok(()) => {
+                self.execute(
+                    "COMMIT",
+                    format!("committing the build of op seq {}", op.seq),
+                )
+                .await
+            }
+            Err(error) => {
+                let _ = self.execute("ROLLBACK", "rolling back").await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Refuses, rolling back, once a later restore raised the target's
+    /// epoch (G5); holds the epoch row until the transaction ends, so a
+    /// later restore's open waits for this transaction.
+    async fn check_epoch(&self) -> Result<()> {
+        let ferry = quote_ident(FERRY_SCHEMA);
+        let stored: i64 = self
+            .client()?
+            .query_one(
+                &format!("SELECT epoch FROM {ferry}.target WHERE id = 1 FOR SHARE"),
+                &[],
+            )
+            .await
+            .map_err(|error| {
+                self.error(PgError::statement(
+                    &self.server,
+                    "reading the target's epoch",
+                    &error,
+                ))
+            })?
+            .get(0);
+        if stored as u64 != self.options.epoch {
+            let _ = self.execute("ROLLBACK", "rolling back").await;
+            return Err(AdapterError::StaleEpoch {
+                target_name: self.name(),
+                stored: stored as u64,
+                offered: self.options.epoch,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     async fn set_sequence(&mut self, op: &Op, value: &SequenceValue) -> Result<()> {
@@ -1216,23 +1313,7 @@ impl TransactionalTarget for PgTarget {
         // Under a lock a later attempt's open must wait for: either it
         // took the target before (and this commits nothing), or it reads
         // this checkpoint after.
-        let stored: i64 = client
-            .query_one(
-                &format!("SELECT epoch FROM {ferry}.target WHERE id = 1 FOR SHARE"),
-                &[],
-            )
-            .await
-            .map_err(failed)?
-            .get(0);
-        if stored as u64 != self.options.epoch {
-            let _ = self.execute("ROLLBACK", "rolling back").await;
-            return Err(AdapterError::StaleEpoch {
-                target_name: self.name(),
-                stored: stored as u64,
-                offered: self.options.epoch,
-            }
-            .into());
-        }
+        self.check_epoch().await?;
         client
             .execute(
                 &format!(

@@ -742,6 +742,70 @@ fn a_restore_killed_among_its_index_builds_builds_each_once() {
     assert_same_database(&source, "store", &target, "store");
 }
 
+/// A build the server refuses (its temporary files over
+/// `temp_file_limit`, as a full disk would refuse them) stops the restore,
+/// naming the op and the server's reason; the same command, once the
+/// limit is lifted, builds what is missing and ends equal.
+#[test]
+fn a_build_the_server_refuses_stops_the_restore_by_op_and_a_rerun_finishes_it() {
+    let source = server_with(
+        "store",
+        "CREATE TABLE items (id serial PRIMARY KEY, code text NOT NULL, payload text);
+         INSERT INTO items (code, payload) SELECT md5(g::text), repeat(md5((g * 3)::text), 2) FROM generate_series(1, 200000) g;
+         CREATE INDEX items_code ON items (code);
+         CREATE TABLE small (id int PRIMARY KEY, name text);
+         INSERT INTO small SELECT g, 'small ' || g FROM generate_series(1, 100) g;",
+    );
+    let target = empty_target("store");
+    let store = Store::new();
+    let id = extract(&source.url("store"), &store.url(), &[]);
+    // Sorts spill to temporary files at once, and may not write more
+    // than 1 MiB of them: a build of `items` cannot finish.
+    target
+        .psql(
+            "postgres",
+            "ALTER DATABASE store SET maintenance_work_mem = '1MB'; \
+             ALTER DATABASE store SET temp_file_limit = '1MB';",
+        )
+        .expect("limits set");
+    let args = restore_args(
+        &store.url(),
+        &id,
+        &target.url("store"),
+        &["--pg-lanes", "2"],
+    );
+
+    let output = ferry_with_env(&args, &[]);
+    let stderr = failure(&output, 6, "a restore whose index build the server refuses");
+    assert!(
+        stderr.contains("op seq") && stderr.contains("items") && stderr.contains("temp_file_limit"),
+        "the failure names the op and the server's reason: {stderr}"
+    );
+    assert_eq!(
+        scalar(
+            &target,
+            "store",
+            "SELECT bool_and(complete) FROM ferry.streams;"
+        ),
+        "f",
+        "the failed restore is not complete"
+    );
+
+    target
+        .psql(
+            "postgres",
+            "ALTER DATABASE store RESET maintenance_work_mem; ALTER DATABASE store RESET temp_file_limit;",
+        )
+        .expect("limits lifted");
+    let output = ferry_with_env(&args, &[]);
+    assert!(
+        output.status.success(),
+        "the same restore, run again, ends well:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_same_database(&source, "store", &target, "store");
+}
+
 #[test]
 fn a_wrong_password_names_the_user_and_the_server() {
     let options = PgOptions {

@@ -212,7 +212,12 @@ impl PgSink {
                             let table = queue.lock().expect("the build queue").pop_front();
                             let Some(table) = table else { break };
                             for op in &table {
-                                driver.target_mut().build_alone(op).await?;
+                                if let Err(error) = driver.target_mut().build_alone(op).await {
+                                    // The other lanes stop after the build
+                                    // they are on: the error comes first.
+                                    queue.lock().expect("the build queue").clear();
+                                    return Err(error);
+                                }
                             }
                         }
                         let _ = done.send(());

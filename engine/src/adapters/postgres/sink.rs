@@ -907,8 +907,11 @@ impl PgTarget {
     /// transactions.
     pub(super) async fn build_alone(&mut self, op: &Op) -> Result<()> {
         self.execute("BEGIN", "beginning a build").await?;
-        let built = match self.check_epoch().await {
-            Ok(()) => self.apply_other(op).await,
+        // The epoch last, as a commit checks it: a later restore's open
+        // waits for the epoch row only as long as a commit takes, not for
+        // a build.
+        let built = match self.apply_other(op).await {
+            Ok(()) => self.check_epoch().await,
             Err(error) => Err(error),
         };
         match built {

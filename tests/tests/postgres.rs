@@ -568,6 +568,12 @@ fn through_seq(target: &PgServer, db: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether every lane of the target's stream is marked complete: `t` or
+/// `f`.
+fn stream_complete(target: &PgServer, db: &str) -> String {
+    scalar(target, db, "SELECT bool_and(complete) FROM ferry.streams;")
+}
+
 /// One lane: the rows in after each kill are exactly those its checkpoint
 /// counts.
 #[test]
@@ -643,11 +649,7 @@ fn restore_killed_twice(lanes: u16, row_format: &str) {
             );
         }
         assert_eq!(
-            scalar(
-                &target,
-                "store",
-                "SELECT bool_and(complete) FROM ferry.streams;"
-            ),
+            stream_complete(&target, "store"),
             "f",
             "kill {kill}: the stream is not complete"
         );
@@ -662,14 +664,7 @@ fn restore_killed_twice(lanes: u16, row_format: &str) {
         "the third restore ends well: {status}\n{}",
         last.stderr()
     );
-    assert_eq!(
-        scalar(
-            &target,
-            "store",
-            "SELECT bool_and(complete) FROM ferry.streams;"
-        ),
-        "t"
-    );
+    assert_eq!(stream_complete(&target, "store"), "t");
     assert_same_database(&source, "store", &target, "store");
 }
 
@@ -722,11 +717,7 @@ fn a_restore_killed_among_its_index_builds_builds_each_once() {
     restore.kill();
     let built: u32 = scalar(&target, "store", indexes).parse().expect("a count");
     assert_eq!(
-        scalar(
-            &target,
-            "store",
-            "SELECT bool_and(complete) FROM ferry.streams;"
-        ),
+        stream_complete(&target, "store"),
         "f",
         "the killed restore is not complete"
     );
@@ -782,11 +773,7 @@ fn a_build_the_server_refuses_stops_the_restore_by_op_and_a_rerun_finishes_it() 
         "the failure names the op and the server's reason: {stderr}"
     );
     assert_eq!(
-        scalar(
-            &target,
-            "store",
-            "SELECT bool_and(complete) FROM ferry.streams;"
-        ),
+        stream_complete(&target, "store"),
         "f",
         "the failed restore is not complete"
     );

@@ -310,13 +310,7 @@ impl PgTarget {
 
     /// Runs `sql` for `op`, its failure naming the op.
     async fn run_for(&self, op: &Op, sql: &str) -> Result<()> {
-        let what = format!(
-            "op seq {} ({} {})",
-            op.seq,
-            String::from_utf8_lossy(&op.method),
-            String::from_utf8_lossy(&op.key)
-        );
-        self.execute(sql, what).await
+        self.execute(sql, op_label(op)).await
     }
 
     async fn ensure_schema(&mut self, op: &Op, schema: &str) -> Result<()> {
@@ -653,14 +647,7 @@ impl PgTarget {
             .iter()
             .map(|param| param as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let what = || {
-            format!(
-                "op seq {} ({} {})",
-                op.seq,
-                String::from_utf8_lossy(&op.method),
-                String::from_utf8_lossy(&op.key)
-            )
-        };
+        let what = || op_label(op);
         let statement = match self.statements.get(&sql) {
             Some(statement) => statement.clone(),
             None => {
@@ -884,12 +871,7 @@ impl PgTarget {
     /// [`Self::build_alone`]) before the op reached the lane in the stream.
     /// The catalog, not the checkpoint, makes a build exactly once.
     async fn holds(&self, op: &Op, query: &str, names: &[String; 2]) -> Result<bool> {
-        let what = format!(
-            "op seq {} ({} {}): looking for it on the target",
-            op.seq,
-            String::from_utf8_lossy(&op.method),
-            String::from_utf8_lossy(&op.key)
-        );
+        let what = format!("{}: looking for it on the target", op_label(op));
         Ok(self
             .client()?
             .query_one(query, &[&names[0], &names[1]])
@@ -1146,6 +1128,16 @@ fn create_table(table: &Table) -> String {
             .map(column_sql)
             .collect::<Vec<_>>()
             .join(", ")
+    )
+}
+
+/// `op seq N (METHOD key)`: how a failure names its op.
+fn op_label(op: &Op) -> String {
+    format!(
+        "op seq {} ({} {})",
+        op.seq,
+        String::from_utf8_lossy(&op.method),
+        String::from_utf8_lossy(&op.key)
     )
 }
 
